@@ -1,0 +1,186 @@
+"""Run-folder layout: run info, final LoRA, checkpoints written atomically, and finding them again.
+
+```
+runs/<name>/
+  config.toml                      resolved config, written before step 0
+  run.json                         model, family, prompts, rank/alpha, steps done
+  metrics.jsonl                    one line per logged step
+  lora/pytorch_lora_weights.safetensors      final LoRA, diffusers format with adapter metadata
+  checkpoints/step-000200/         lora/ + state.safetensors + state.json (optimizer, LR schedule, scaler, step)
+  samples/                         sample grids
+```
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dreamlora.errors import ConfigError, ExportError
+from dreamlora.lora import LORA_FILE
+
+RUN_INFO = "run.json"
+CONFIG_FILE = "config.toml"
+METRICS_FILE = "metrics.jsonl"
+LORA_DIR = "lora"
+CHECKPOINTS_DIR = "checkpoints"
+STATE_TENSORS = "state.safetensors"
+STATE_JSON = "state.json"
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary file in the same folder, flush to disk, then rename into place."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def write_json(path: Path, value: Any) -> None:
+    write_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"))
+
+
+def create_run_dir(path: Path, auto_named: bool) -> Path:
+    """A new run folder. An explicit existing folder is refused; an automatic name gets the next free suffix."""
+    if path.exists():
+        if not auto_named:
+            raise ConfigError(f"run folder '{path}' already exists and is never overwritten; choose another --out, or add --resume to continue it")
+        n = 2
+        while path.with_name(f"{path.name}-{n}").exists():
+            n += 1
+        path = path.with_name(f"{path.name}-{n}")
+    path.mkdir(parents=True)
+    return path
+
+
+def read_run_info(run_dir: Path) -> dict[str, Any]:
+    path = Path(run_dir) / RUN_INFO
+    if not path.is_file():
+        raise ExportError(f"'{run_dir}' is not a dreamlora run folder (no {RUN_INFO}); pass a folder under runs/")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def latest_run(runs_root: Path = Path("runs")) -> Path:
+    """The most recently updated run under `runs/`."""
+    runs = [p.parent for p in Path(runs_root).glob(f"*/{RUN_INFO}")]
+    if not runs:
+        raise ExportError(f"no runs found in '{runs_root}/'; train one with `dreamlora train`, or pass --run PATH")
+    return max(runs, key=lambda p: (p / RUN_INFO).stat().st_mtime)
+
+
+def checkpoint_dir(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS_DIR / f"step-{step:06d}"
+
+
+def list_checkpoints(run_dir: Path) -> list[tuple[int, Path]]:
+    """Complete checkpoints, oldest first; a folder without its state.json (written last) is not complete."""
+    found = []
+    for path in (Path(run_dir) / CHECKPOINTS_DIR).glob("step-*"):
+        if path.is_dir() and (path / STATE_JSON).is_file() and path.name[5:].isdigit():
+            found.append((int(path.name[5:]), path))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: Path) -> Path | None:
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+def find_lora(path: Path, step: int | None = None) -> Path:
+    """The LoRA file of a run folder (final, or at `step`), a checkpoint folder, or a file given directly."""
+    path = Path(path)
+    if path.is_file():
+        return path
+    if step is not None:
+        folder = checkpoint_dir(path, step)
+        if not (folder / STATE_JSON).is_file():
+            have = ", ".join(str(s) for s, _ in list_checkpoints(path)) or "none"
+            raise ExportError(f"run '{path}' has no complete checkpoint at step {step}; checkpoints: {have}")
+        return folder / LORA_DIR / LORA_FILE
+    for candidate in (path / LORA_DIR / LORA_FILE, path / LORA_FILE):
+        if candidate.is_file():
+            return candidate
+    latest = latest_checkpoint(path)
+    if latest is not None:
+        return latest / LORA_DIR / LORA_FILE
+    raise ExportError(f"run '{path}' has no LoRA weights yet (no final LoRA, no checkpoint); train it first or pass --step")
+
+
+def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors, scalars = {}, {}
+    for index, values in state["state"].items():
+        for name, value in values.items():
+            if torch.is_tensor(value):
+                tensors[f"optimizer.{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        if key.startswith("optimizer."):
+            _, index, name = key.split(".", 2)
+            state.setdefault(int(index), {})[name] = value
+    for key, value in meta["scalars"].items():
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": meta["param_groups"]}
+
+
+def save_checkpoint(run_dir: Path, step: int, write_lora: Any, training_state: dict[str, Any], keep: int) -> Path:
+    """Write a checkpoint into a temporary folder, then rename it into place; prune to the newest `keep`.
+
+    `write_lora(folder)` writes the LoRA file; `training_state` holds `optimizer` (a state dict),
+    and JSON-able `lr_scheduler`, `scaler` and anything else needed to continue exactly.
+    """
+    from safetensors.torch import save_file
+
+    final = checkpoint_dir(run_dir, step)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        write_lora(tmp / LORA_DIR)
+        state = dict(training_state)
+        tensors, optimizer_meta = _flatten_optimizer(state.pop("optimizer"))
+        save_file(tensors, str(tmp / STATE_TENSORS))
+        write_json(tmp / STATE_JSON, {"step": step, "optimizer": optimizer_meta, **state})
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    for _, old in list_checkpoints(run_dir)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def load_checkpoint_state(folder: Path) -> dict[str, Any]:
+    """The training state of a checkpoint folder, with the optimizer state dict rebuilt."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / STATE_JSON).is_file():
+        raise ConfigError(f"'{folder}' is not a complete dreamlora checkpoint (no {STATE_JSON}); pass a folder under runs/<name>/checkpoints/")
+    state = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+    state["optimizer"] = _unflatten_optimizer(load_file(str(folder / STATE_TENSORS)), state["optimizer"])
+    return state
+
+
+def json_line(record: dict[str, Any]) -> str:
+    return json.dumps(record, sort_keys=True) + "\n"

@@ -1,0 +1,330 @@
+"""Run configuration: frozen, validated dataclasses loaded from TOML plus command-line overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import os
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dreamlora.errors import ConfigError
+
+DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+PRECISIONS = ("auto", "fp16", "bf16", "fp32")
+ATTENTIONS = ("auto", "sdpa", "xformers")
+LR_SCHEDULERS = ("constant", "cosine", "linear")
+UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+def _default_model() -> str:
+    return os.environ.get("DREAMLORA_MODEL") or DEFAULT_MODEL
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    _check(value in choices, f"{name} must be one of {', '.join(choices)}; got {value!r}")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which base model to load and how to run it."""
+
+    name: str = field(default_factory=_default_model)  # hub id, local diffusers folder, `tiny`, `toy` or `random:sd15`
+    precision: str = "auto"  # auto: bf16 where supported, else fp16 on CUDA; fp32 on CPU
+    attention: str = "auto"  # auto: xformers when its kernels really run, else PyTorch SDPA
+    allow_pickle: bool = False  # refuse .bin/.ckpt/.pt weights unless set
+
+    def __post_init__(self) -> None:
+        _check(bool(self.name.strip()), "model.name is empty; pass a hub id, a local diffusers folder or `tiny`")
+        _check_choice("model.precision", self.precision, PRECISIONS)
+        _check_choice("model.attention", self.attention, ATTENTIONS)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Instance and class images and the prompts that describe them."""
+
+    instance_dir: str = ""
+    class_dir: str = ""  # empty: found in priors/ or trained without prior preservation
+    token: str = "sks"  # the rare identifier bound to the subject
+    class_name: str = ""  # e.g. `dog`; read from the prior set when empty
+    instance_prompt: str = ""  # default `a photo of {token} {class_name}`
+    class_prompt: str = ""  # default: the prior set's prompt
+    resolution: int = 512
+    center_crop: bool = True  # False: random crop (latents are then encoded every step)
+    flip: bool = False  # random horizontal flip (both orientations are cached)
+
+    def __post_init__(self) -> None:
+        _check(bool(self.token.strip()), "data.token is empty; pass a rare word such as `sks`")
+        _check(" " not in self.token.strip(), f"data.token {self.token!r} has a space; use one rare word such as `sks`")
+        _check(
+            self.resolution >= 8 and self.resolution % 8 == 0,
+            f"data.resolution must be a positive multiple of 8; got {self.resolution}",
+        )
+
+    def resolved_instance_prompt(self) -> str:
+        if self.instance_prompt:
+            return self.instance_prompt.replace("{token}", self.token)
+        return " ".join(part for part in ("a photo of", self.token, self.class_name) if part)
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """Class-prior image generation with the base model."""
+
+    class_name: str = ""
+    prompt: str = ""  # default `a photo of {class_name}`
+    negative_prompt: str = ""
+    num_images: int = 200
+    steps: int = 25
+    guidance: float = 7.5
+    scheduler: str = "dpm++"  # dpm++ or pndm (the reference script's default)
+    batch_size: int = 0  # 0: automatic (large on GPU, small on CPU)
+    seed: int = 0
+    out: str = ""  # default priors/<class_name>
+
+    def __post_init__(self) -> None:
+        _check(self.num_images >= 1, f"prior.num_images must be at least 1; got {self.num_images}")
+        _check(1 <= self.steps <= 1000, f"prior.steps must be in 1..1000; got {self.steps}")
+        _check(self.guidance >= 0, f"prior.guidance must be >= 0; got {self.guidance}")
+        _check(self.batch_size >= 0, f"prior.batch_size must be >= 0 (0 = automatic); got {self.batch_size}")
+        _check_choice("prior.scheduler", self.scheduler, ("dpm++", "pndm", "ddim", "euler"))
+
+    def resolved_prompt(self) -> str:
+        return self.prompt or f"a photo of {self.class_name}"
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """LoRA adapters on the UNet attention projections and the text encoder."""
+
+    rank: int = 4
+    alpha: float = 0.0  # 0: equal to rank
+    train_text_encoder: bool = True
+    unet_targets: tuple[str, ...] = UNET_TARGETS
+    text_encoder_targets: tuple[str, ...] = TEXT_ENCODER_TARGETS
+    dropout: float = 0.0
+    init: str = "default"  # default: zero up-weights; gaussian; nonzero (tests: adapted differs from base at step 0)
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.rank <= 1024, f"adapter.rank must be in 1..1024; got {self.rank}")
+        _check(self.alpha >= 0, f"adapter.alpha must be >= 0 (0 = rank); got {self.alpha}")
+        _check(0 <= self.dropout < 1, f"adapter.dropout must be in [0, 1); got {self.dropout}")
+        _check(bool(self.unet_targets), "adapter.unet_targets is empty; the UNet needs at least one LoRA target")
+        _check_choice("adapter.init", self.init, ("default", "gaussian", "nonzero"))
+
+    @property
+    def resolved_alpha(self) -> float:
+        return float(self.alpha or self.rank)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation loop and the run folder it writes."""
+
+    out: str = ""  # default runs/<token>-<class>-<n>
+    max_steps: int = 800
+    batch_size: int = 1  # instance images per step (as many class images join them)
+    gradient_accumulation: int = 1
+    lr: float = 1e-4
+    text_encoder_lr: float = 0.0  # 0: same as lr
+    lr_scheduler: str = "constant"
+    warmup_steps: int = 0
+    prior_weight: float = 1.0
+    seed: int = 0
+    gradient_checkpointing: bool = True
+    max_grad_norm: float = 1.0
+    checkpoint_every: int = 0  # 0: only the final save
+    keep_checkpoints: int = 2
+    sample_every: int = 0  # 0: samples only at the end
+    num_samples: int = 4
+    log_every: int = 10
+    compile: bool = False
+
+    def __post_init__(self) -> None:
+        _check(1 <= self.max_steps <= 1_000_000, f"train.max_steps must be in 1..1000000; got {self.max_steps}")
+        _check(1 <= self.batch_size <= 256, f"train.batch_size must be in 1..256; got {self.batch_size}")
+        _check(self.gradient_accumulation >= 1, f"train.gradient_accumulation must be >= 1; got {self.gradient_accumulation}")
+        _check(0 < self.lr < 1, f"train.lr must be in (0, 1); got {self.lr}")
+        _check(0 <= self.text_encoder_lr < 1, f"train.text_encoder_lr must be in [0, 1) (0 = lr); got {self.text_encoder_lr}")
+        _check_choice("train.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0; got {self.warmup_steps}")
+        _check(self.prior_weight >= 0, f"train.prior_weight must be >= 0; got {self.prior_weight}")
+        _check(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0; got {self.checkpoint_every}")
+        _check(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1; got {self.keep_checkpoints}")
+        _check(self.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (0 = no clipping); got {self.max_grad_norm}")
+
+    @property
+    def resolved_text_encoder_lr(self) -> float:
+        return self.text_encoder_lr or self.lr
+
+
+EXPORT_FORMATS = ("a1111", "diffusers", "merged")
+EXPORT_DTYPES = ("fp16", "bf16", "fp32")
+
+
+@dataclass(frozen=True)
+class ExportConfig:
+    """How `dreamlora export` writes a run's LoRA."""
+
+    format: str = "a1111"
+    dtype: str = "fp16"
+    out: str = ""  # default exports/<run name>-<format>[.safetensors]
+    scale: float = 1.0  # merged: LoRA strength fused into the weights
+    single_file: bool = False  # merged: one original-layout checkpoint .safetensors instead of a diffusers folder
+    verify: bool = True  # load the written file back through diffusers and compare with the run's LoRA
+
+    def __post_init__(self) -> None:
+        _check_choice("export format", self.format, EXPORT_FORMATS)
+        _check_choice("export dtype", self.dtype, EXPORT_DTYPES)
+        _check(not (self.single_file and self.format != "merged"), "--single-file only applies to --format merged")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything one `dreamlora train` or `dreamlora prior` run needs."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    prior: PriorConfig = field(default_factory=PriorConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+_SECTION_CLASSES = {
+    "model": ModelConfig,
+    "data": DataConfig,
+    "prior": PriorConfig,
+    "adapter": AdapterConfig,
+    "train": TrainConfig,
+}
+
+
+def _closest(name: str, options: list[str]) -> str:
+    match = difflib.get_close_matches(name, options, n=1, cutoff=0.5)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(options)}"
+
+
+def _coerce(value: Any, annotation: Any, key: str) -> Any:
+    """Convert a TOML or command-line value to the field's type, refusing what does not fit."""
+    hint = typing.get_origin(annotation) or annotation
+    try:
+        if hint is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.lower() in ("true", "1", "yes", "on", "false", "0", "no", "off"):
+                return value.lower() in ("true", "1", "yes", "on")
+            raise ValueError
+        if hint is int:
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if hint is float:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        if hint is str:
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+        if hint is tuple:
+            if isinstance(value, str):
+                value = [part.strip() for part in value.split(",") if part.strip()]
+            return tuple(str(v) for v in value)
+    except (TypeError, ValueError):
+        pass
+    else:
+        return value
+    expected = getattr(hint, "__name__", str(hint))
+    raise ConfigError(f"{key} must be a {expected}; got {value!r}")
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _build_section(section: str, values: dict[str, Any]) -> Any:
+    cls = _SECTION_CLASSES[section]
+    types_ = _field_types(cls)
+    kwargs = {}
+    for key, value in values.items():
+        if key not in types_:
+            raise ConfigError(f"unknown config key {section}.{key}{_closest(key, list(types_))}")
+        kwargs[key] = _coerce(value, types_[key], f"{section}.{key}")
+    return cls(**kwargs)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a config file, turning a missing or malformed file into a ConfigError."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file '{path}' does not exist; pass an existing .toml file (see samples/tiny.toml)")
+    try:
+        return tomllib.loads(path.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as error:
+        raise ConfigError(f"config file '{path}' is not valid TOML: {error}; fix the line it names") from error
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Defaults < TOML file < overrides (`section.key` -> value). Unknown keys raise, naming the closest valid key."""
+    raw: dict[str, dict[str, Any]] = {name: {} for name in _SECTION_CLASSES}
+    if path is not None:
+        for section, values in read_toml(path).items():
+            if section not in raw:
+                raise ConfigError(f"unknown config section [{section}]{_closest(section, list(raw))}")
+            if not isinstance(values, dict):
+                raise ConfigError(f"config entry {section!r} must be a [section] table")
+            raw[section].update(values)
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if section not in raw or not key:
+            all_keys = [f"{s}.{k}" for s, c in _SECTION_CLASSES.items() for k in _field_types(c)]
+            raise ConfigError(f"unknown config key {dotted!r}{_closest(dotted, all_keys)}")
+        raw[section][key] = value
+    return RunConfig(**{section: _build_section(section, values) for section, values in raw.items()})
+
+
+def parse_set_options(items: list[str]) -> dict[str, str]:
+    """`--set section.key=value` strings to an overrides mapping."""
+    overrides = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise ConfigError(f"--set expects section.key=value; got {item!r}")
+        overrides[key.strip()] = value.strip()
+    return overrides
+
+
+def replace(cfg: Any, **changes: Any) -> Any:
+    """A copy of a frozen config with some fields changed (validated again)."""
+    return dataclasses.replace(cfg, **changes)
+
+
+def to_dict(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    return {name: {k: (list(v) if isinstance(v, tuple) else v) for k, v in dataclasses.asdict(getattr(cfg, name)).items()} for name in _SECTION_CLASSES}
+
+
+def to_toml(cfg: RunConfig) -> str:
+    import tomli_w
+
+    return tomli_w.dumps(to_dict(cfg))
+
+
+def to_json(cfg: RunConfig) -> str:
+    return json.dumps(to_dict(cfg), indent=2, sort_keys=True)
+
+
+def from_dict(values: dict[str, dict[str, Any]]) -> RunConfig:
+    return RunConfig(**{section: _build_section(section, values.get(section, {})) for section in _SECTION_CLASSES})
+

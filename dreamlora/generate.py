@@ -1,0 +1,172 @@
+"""Images from a base model plus LoRAs at fixed seeds: user generation, training samples and picture files."""
+
+from __future__ import annotations
+
+import json
+import logging
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from PIL import Image, ImageDraw
+
+from dreamlora.errors import ConfigError
+from dreamlora.models import Components, build_pipeline
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GenerateResult:
+    images: list[Path]
+    grid: Path
+
+
+def generate_images(pipeline: Any, prompt: str, seeds: list[int], steps: int, guidance: float, resolution: int, negative_prompt: str = "") -> list[Image.Image]:
+    """One image per seed; the same seed gives the same image whatever the batch."""
+    device = pipeline.device
+    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+    with torch.no_grad():
+        return pipeline(
+            prompt=[prompt] * len(seeds),
+            negative_prompt=[negative_prompt] * len(seeds) if negative_prompt else None,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=resolution,
+            width=resolution,
+            generator=generators,
+        ).images
+
+
+def make_grid(rows: list[list[Image.Image]], labels: list[str] | None = None, label_width: int = 0) -> Image.Image:
+    """Rows of equally sized images in one picture, with an optional text label left of each row."""
+    width, height = rows[0][0].size
+    columns = max(len(r) for r in rows)
+    label_width = label_width or (max(160, 6 * max((len(s) for s in labels), default=0)) if labels else 0)
+    grid = Image.new("RGB", (label_width + columns * width, len(rows) * height), "white")
+    draw = ImageDraw.Draw(grid)
+    for r, row in enumerate(rows):
+        if labels:
+            draw.text((4, r * height + height // 2 - 6), labels[r], fill="black")
+        for c, image in enumerate(row):
+            grid.paste(image, (label_width + c * width, r * height))
+    return grid
+
+
+@contextmanager
+def adapters_disabled(models: list[torch.nn.Module]) -> Iterator[None]:
+    """Run the base model: switch LoRA adapters off, then back on."""
+    adapted = [m for m in models if getattr(m, "peft_config", None)]
+    for model in adapted:
+        model.disable_adapters()
+    try:
+        yield
+    finally:
+        for model in adapted:
+            model.enable_adapters()
+
+
+def comparison_grid(components: Components, prompts: list[str], n: int, seed: int, steps: int, guidance: float, resolution: int) -> Image.Image:
+    """For each prompt, a row from the base model and a row with the LoRA, at the same seeds."""
+    pipeline = build_pipeline(components)
+    seeds = list(range(seed, seed + n))
+    rows, labels = [], []
+    for prompt in prompts:
+        with adapters_disabled([components.unet, components.text_encoder]):
+            rows.append(generate_images(pipeline, prompt, seeds, steps, guidance, resolution))
+        labels.append(f"base: {prompt}")
+        rows.append(generate_images(pipeline, prompt, seeds, steps, guidance, resolution))
+        labels.append(f"LoRA: {prompt}")
+    return make_grid(_upscale_small(rows), labels)
+
+
+def _upscale_small(rows: list[list[Image.Image]], minimum: int = 128) -> list[list[Image.Image]]:
+    """Tiny-model images (32-64 px) are enlarged with nearest neighbour so a person can see them."""
+    size = rows[0][0].width
+    if size >= minimum:
+        return rows
+    factor = -(-minimum // size)
+    return [[im.resize((size * factor, size * factor), Image.Resampling.NEAREST) for im in row] for row in rows]
+
+
+def load_loras(pipeline: Any, loras: list[tuple[Path, float]]) -> None:
+    """Load each LoRA (a run folder, a diffusers or an A1111 file) through diffusers' own loader at its scale."""
+    from dreamlora.checkpoint import find_lora
+
+    names, scales = [], []
+    for index, (path, scale) in enumerate(loras):
+        file = find_lora(Path(path))
+        name = f"lora{index}"
+        try:
+            pipeline.load_lora_weights(str(file), adapter_name=name)
+        except (ValueError, KeyError, OSError) as error:
+            raise ConfigError(f"LoRA '{path}' could not be loaded ({error}); check it was trained for this base model (`dreamlora inspect {path}`)") from error
+        names.append(name)
+        scales.append(scale)
+    if names:
+        pipeline.set_adapters(names, adapter_weights=scales)
+
+
+def generate(
+    components: Components,
+    prompt: str,
+    out_dir: Path,
+    loras: list[tuple[Path, float]],
+    num_images: int,
+    seed: int,
+    steps: int,
+    guidance: float,
+    resolution: int,
+    negative_prompt: str = "",
+    compare: bool = False,
+) -> GenerateResult:
+    """Save `num_images` images and a grid; with `compare`, the grid shows base vs LoRA at the same seeds."""
+    pipeline = build_pipeline(components)
+    seeds = list(range(seed, seed + num_images))
+    base_images = None
+    if compare:
+        if not loras:
+            raise ConfigError("--compare needs at least one --lora to compare with the base model")
+        base_images = generate_images(pipeline, prompt, seeds, steps, guidance, resolution, negative_prompt)
+    load_loras(pipeline, loras)
+    images = generate_images(pipeline, prompt, seeds, steps, guidance, resolution, negative_prompt)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for s, image in zip(seeds, images):
+        path = out_dir / f"seed-{s}.png"
+        image.save(path)
+        paths.append(path)
+    rows = [base_images, images] if base_images else [images]
+    labels = ["base", "LoRA"] if base_images else None
+    grid_path = out_dir / "grid.png"
+    make_grid(_upscale_small(rows), labels).save(grid_path)
+    return GenerateResult(paths, grid_path)
+
+
+def plot_metrics(metrics_path: Path, out: Path) -> Path | None:
+    """Loss (instance and prior terms) and learning rate against steps, as a PNG."""
+    if not metrics_path.is_file():
+        return None
+    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not records:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [r["step"] for r in records]
+    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
+    for key, label in (("loss", "total"), ("instance_loss", "instance"), ("prior_loss", "prior")):
+        ax_loss.plot(steps, [r.get(key, float("nan")) for r in records], label=label)
+    ax_loss.set_ylabel("loss")
+    ax_loss.legend()
+    ax_lr.plot(steps, [r["lr"] for r in records], color="tab:green")
+    ax_lr.set_ylabel("learning rate")
+    ax_lr.set_xlabel("step")
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    plt.close(fig)
+    return out

@@ -1,0 +1,154 @@
+"""LoRA adapters through PEFT: attach, list trainable parameters, read, save and load their weights."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dreamlora.config import AdapterConfig
+from dreamlora.errors import ExportError
+
+log = logging.getLogger(__name__)
+
+ADAPTER_NAME = "default"
+LORA_FILE = "pytorch_lora_weights.safetensors"
+GROUPS = ("unet", "text_encoder")  # the models a LoRA file can adapt, in file-prefix order
+
+
+def lora_config(adapter_cfg: AdapterConfig, targets: tuple[str, ...]) -> Any:
+    from peft import LoraConfig
+
+    init: bool | str = {"default": True, "gaussian": "gaussian", "nonzero": False}[adapter_cfg.init]
+    return LoraConfig(
+        r=adapter_cfg.rank,
+        lora_alpha=adapter_cfg.resolved_alpha,
+        lora_dropout=adapter_cfg.dropout,
+        target_modules=list(targets),
+        init_lora_weights=init,
+    )
+
+
+def attach_adapters(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, adapter_cfg: AdapterConfig) -> None:
+    """Freeze the base weights and add LoRA adapters; adapter weights are fp32 whatever the base dtype."""
+    unet.requires_grad_(False)
+    unet.add_adapter(lora_config(adapter_cfg, adapter_cfg.unet_targets))
+    if text_encoder is not None:
+        text_encoder.requires_grad_(False)
+        if adapter_cfg.train_text_encoder:
+            text_encoder.add_adapter(lora_config(adapter_cfg, adapter_cfg.text_encoder_targets))
+    for model in (unet, text_encoder):
+        if model is None:
+            continue
+        for param in model.parameters():
+            if param.requires_grad:
+                param.data = param.data.float()
+
+
+def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def has_adapter(model: torch.nn.Module | None) -> bool:
+    return model is not None and bool(getattr(model, "peft_config", None))
+
+
+def adapter_state_dicts(models: dict[str, torch.nn.Module | None]) -> dict[str, dict[str, torch.Tensor]]:
+    """PEFT-keyed LoRA weights (`…to_q.lora_A.weight`) per adapted model, without the adapter name."""
+    from peft.utils import get_peft_model_state_dict
+
+    return {
+        name: {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model, save_embedding_layers=False).items()}
+        for name, model in models.items()
+        if has_adapter(model)
+    }
+
+
+def adapter_metadata(model: torch.nn.Module) -> dict[str, Any]:
+    """The LoRA config diffusers needs to restore alpha on load (without it alpha silently becomes rank)."""
+    config = model.peft_config[ADAPTER_NAME].to_dict()
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+
+
+def save_diffusers_lora(folder: Path, state_dicts: dict[str, dict[str, torch.Tensor]], metadata: dict[str, dict[str, Any]], dtype: torch.dtype | None = None) -> Path:
+    """Write `pytorch_lora_weights.safetensors` as diffusers' `load_lora_weights` reads it: `unet.`/`text_encoder.` keys and adapter metadata."""
+    from diffusers import StableDiffusionPipeline
+
+    def cast(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {k: (v.to(dtype) if dtype is not None else v).cpu().contiguous() for k, v in sd.items()}
+
+    folder.mkdir(parents=True, exist_ok=True)
+    StableDiffusionPipeline.save_lora_weights(
+        folder,
+        unet_lora_layers=cast(state_dicts["unet"]),
+        text_encoder_lora_layers=cast(state_dicts["text_encoder"]) if "text_encoder" in state_dicts else None,
+        unet_lora_adapter_metadata=metadata.get("unet"),
+        text_encoder_lora_adapter_metadata=metadata.get("text_encoder"),
+        safe_serialization=True,
+    )
+    return folder / LORA_FILE
+
+
+def read_diffusers_lora(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, Any]]]:
+    """Split a diffusers LoRA file into per-model PEFT state dicts and their adapter configs."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / LORA_FILE
+    if not path.is_file():
+        raise ExportError(f"no LoRA weights at '{path}'; pass a run folder with a finished run or a .safetensors file")
+    state_dicts: dict[str, dict[str, torch.Tensor]] = {}
+    with safe_open(str(path), framework="pt") as handle:
+        raw_meta = (handle.metadata() or {}).get("lora_adapter_metadata")
+        for key in handle.keys():
+            group, _, rest = key.partition(".")
+            if group not in GROUPS:
+                raise ExportError(f"'{path}' is not a diffusers LoRA file (key {key!r}); use `dreamlora convert` for other layouts")
+            state_dicts.setdefault(group, {})[rest] = handle.get_tensor(key)
+    metadata: dict[str, dict[str, Any]] = {}
+    if raw_meta:
+        flat = json.loads(raw_meta)
+        for group in GROUPS:
+            prefix = f"{group}."
+            sub = {k[len(prefix):]: v for k, v in flat.items() if k.startswith(prefix)}
+            if sub:
+                metadata[group] = sub
+    return state_dicts, metadata
+
+
+def load_adapters(models: dict[str, torch.nn.Module | None], state_dicts: dict[str, dict[str, torch.Tensor]], metadata: dict[str, dict[str, Any]]) -> None:
+    """Attach adapters described by `metadata` and load their weights exactly (for resume and generation)."""
+    from peft import LoraConfig
+    from peft.utils import set_peft_model_state_dict
+
+    for group, state_dict in state_dicts.items():
+        model = models.get(group)
+        if model is None:
+            continue
+        if group not in metadata:
+            raise ExportError(f"the LoRA file has no adapter metadata for {group}; its alpha is unknown")
+        if not has_adapter(model):
+            model.add_adapter(LoraConfig(**metadata[group]))
+        result = set_peft_model_state_dict(model, state_dict, adapter_name=ADAPTER_NAME)
+        unexpected = getattr(result, "unexpected_keys", []) or []
+        if unexpected:
+            raise ExportError(f"{len(unexpected)} LoRA keys for {group} match no module (first: {unexpected[0]}); was the LoRA trained on another model?")
+
+
+def lora_summary(state_dicts: dict[str, dict[str, torch.Tensor]], metadata: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Modules, rank and alpha per adapted model."""
+    summary = {}
+    for group, sd in state_dicts.items():
+        downs = [v for k, v in sd.items() if "lora_A" in k]
+        meta = metadata.get(group, {})
+        summary[group] = {
+            "modules": len(downs),
+            "rank": int(downs[0].shape[0]) if downs else 0,
+            "alpha": meta.get("lora_alpha"),
+            "nonzero_up": sum(int(v.abs().sum() > 0) for k, v in sd.items() if "lora_B" in k),
+        }
+    return summary

@@ -1,0 +1,439 @@
+"""DreamBooth-LoRA training: the recipe from a RunConfig to a run folder with the trained LoRA."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dreamlora import __version__
+from dreamlora import checkpoint as ckpt
+from dreamlora.config import RunConfig, replace, to_toml
+from dreamlora.data import ImageFolderDataset, batch_indices, list_images
+from dreamlora.errors import ConfigError, TrainingError
+from dreamlora.lora import adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, save_diffusers_lora, trainable_parameters
+from dreamlora.models import Components, encode_prompt, load_components, resolve_precision, select_attention, tokenize
+from dreamlora.prior import MANIFEST, read_prior_set, safe_name
+
+log = logging.getLogger(__name__)
+
+COMMON_WORDS = {"a", "an", "the", "dog", "cat", "man", "woman", "person", "photo", "car", "toy", "of", "and", "my", "style"}
+MAX_BAD_STEPS = 5
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    final_loss: float
+    seconds: float
+    lora_path: Path
+    attention: str
+    precision: str
+    with_prior: bool
+    skipped_steps: int = 0
+    samples: list[Path] = field(default_factory=list)
+
+
+def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int, prior_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MSE on the instance half plus `prior_weight` x MSE on the class half (rows after `n_instance`), in fp32."""
+    pred, target = pred.float(), target.float()
+    instance_loss = F.mse_loss(pred[:n_instance], target[:n_instance])
+    if pred.shape[0] == n_instance:
+        return instance_loss, instance_loss, torch.zeros_like(instance_loss)
+    prior_loss = F.mse_loss(pred[n_instance:], target[n_instance:])
+    return instance_loss + prior_weight * prior_loss, instance_loss, prior_loss
+
+
+def diffusion_target(noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet learns to predict, read from the scheduler's `prediction_type`."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return noise
+    if prediction_type == "v_prediction":
+        return noise_scheduler.get_velocity(latents, noise, timesteps)
+    raise TrainingError(f"unsupported prediction_type {prediction_type!r} in the model's scheduler; dreamlora trains epsilon and v_prediction models")
+
+
+# --- data resolution ------------------------------------------------------------------------------
+
+
+def resolve_data(cfg: RunConfig, priors_root: Path = Path("priors")) -> tuple[RunConfig, bool]:
+    """Fill in class folder, class name and prompts; return the config and whether a prior set must be generated first."""
+    data = cfg.data
+    if not data.instance_dir:
+        raise ConfigError("no instance folder; pass --instance ./photos (a folder of 3-20 photos of the subject)")
+    list_images(data.instance_dir, "instance")
+    if data.token.lower() in COMMON_WORDS:
+        log.warning("token %r is a common word the model already knows; a rare token such as `sks` personalizes better", data.token)
+    needs_prior = False
+    class_dir, class_name, class_prompt = data.class_dir, data.class_name, data.class_prompt
+    if not class_dir and class_name:
+        class_dir = str(priors_root / safe_name(class_name))
+        needs_prior = not (Path(class_dir) / MANIFEST).is_file() or len(read_prior_set(Path(class_dir))["files"]) < cfg.prior.num_images
+    elif not class_dir:
+        sets = sorted(p.parent for p in priors_root.glob(f"*/{MANIFEST}"))
+        if len(sets) == 1:
+            class_dir = str(sets[0])
+            log.info("using the prior set in %s for prior preservation", class_dir)
+        elif len(sets) > 1:
+            names = ", ".join(p.name for p in sets)
+            raise ConfigError(f"several prior sets in {priors_root}/ ({names}); choose one with --class NAME")
+        else:
+            log.warning("no prior set found in %s/: training without prior preservation (the class may drift); run `dreamlora prior --class NAME` first to keep it", priors_root)
+    if class_dir and (Path(class_dir) / MANIFEST).is_file():
+        manifest = read_prior_set(Path(class_dir))
+        class_name = class_name or manifest.get("class_name", "")
+        class_prompt = class_prompt or manifest["prompt"]
+    if class_dir and not needs_prior:
+        list_images(class_dir, "class")
+        if not class_prompt:
+            raise ConfigError(f"class folder '{class_dir}' has no manifest.json; pass --class-prompt (e.g. 'a photo of dog')")
+    data = replace(data, class_dir=class_dir, class_name=class_name, class_prompt=class_prompt)
+    prior = replace(cfg.prior, class_name=cfg.prior.class_name or class_name, out=cfg.prior.out or class_dir)
+    if needs_prior and not prior.class_name:
+        raise ConfigError("a prior set must be generated but no class name is known; pass --class NAME")
+    return replace(cfg, data=data, prior=prior), needs_prior
+
+
+def default_run_dir(cfg: RunConfig, runs_root: Path = Path("runs")) -> tuple[Path, bool]:
+    """The run folder and whether its name was chosen automatically (then a free suffix is added)."""
+    if cfg.train.out:
+        return Path(cfg.train.out), False
+    name = "-".join(safe_name(part) for part in (cfg.data.token, cfg.data.class_name or "subject"))
+    return runs_root / name, True
+
+
+# --- latent cache --------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def encode_latent_stats(vae: torch.nn.Module, pixels: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE posterior for each image; a step then samples latents without running the VAE."""
+    means, stds = [], []
+    for start in range(0, pixels.shape[0], batch_size):
+        chunk = pixels[start : start + batch_size].to(vae.device, vae.dtype)
+        dist = vae.encode(chunk).latent_dist
+        means.append(dist.mean.float())
+        stds.append(dist.std.float())
+    return torch.cat(means), torch.cat(stds)
+
+
+class LatentSource:
+    """Latents of one image folder: cached posterior statistics (and their flips), or encoded per step for random crops."""
+
+    def __init__(self, dataset: ImageFolderDataset, vae: torch.nn.Module, flip: bool, cache: bool) -> None:
+        self.dataset, self.vae, self.flip, self.cache = dataset, vae, flip, cache
+        self.scaling = vae.config.scaling_factor
+        self.shift = getattr(vae.config, "shift_factor", None) or 0.0
+        if cache:
+            pixels = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
+            views = [pixels, pixels.flip(-1)] if flip else [pixels]
+            stats = [encode_latent_stats(vae, view) for view in views]
+            self.means = torch.stack([s[0] for s in stats])  # (views, N, C, h, w)
+            self.stds = torch.stack([s[1] for s in stats])
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def sample(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+        device = generator.device
+        flips = torch.randint(0, 2, (len(indices),), generator=generator, device=device) if self.flip else torch.zeros(len(indices), dtype=torch.long, device=device)
+        if self.cache:
+            index = torch.tensor(indices, device=self.means.device)
+            mean = self.means[flips.to(self.means.device), index]
+            std = self.stds[flips.to(self.means.device), index]
+        else:
+            pixels = torch.stack([self.dataset.random_crop(i, torch.Generator().manual_seed(int(generator.initial_seed()) + i)) for i in indices])
+            pixels = torch.where(flips.cpu().view(-1, 1, 1, 1).bool(), pixels.flip(-1), pixels)
+            mean, std = encode_latent_stats(self.vae, pixels)
+        eps = torch.randn(mean.shape, generator=generator, device=device)
+        return ((mean.to(device) + std.to(device) * eps) - self.shift) * self.scaling
+
+
+# --- the recipe ----------------------------------------------------------------------------------
+
+
+def _make_accelerator(cfg: RunConfig) -> tuple[Any, str, torch.dtype]:
+    from accelerate import Accelerator
+
+    probe_device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision, weight_dtype = resolve_precision(cfg.model.precision, probe_device)
+    mixed = {"fp16": "fp16", "bf16": "bf16", "fp32": "no"}[precision]
+    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.train.gradient_accumulation)
+    return accelerator, precision, weight_dtype
+
+
+def _enable_checkpointing(components: Components, train_text_encoder: bool) -> None:
+    # Non-reentrant checkpointing, explicitly: with reentrant checkpointing a text-encoder LoRA can get no gradients.
+    from torch.utils.checkpoint import checkpoint
+
+    components.unet.enable_gradient_checkpointing(functools.partial(checkpoint, use_reentrant=False))
+    if train_text_encoder:
+        components.text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def check_gradients(groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, float]:
+    """Every trained LoRA group must have finite, non-zero gradients after the first step; fail loudly otherwise."""
+    norms = {}
+    for name, params in groups.items():
+        grads = [p.grad.detach().float() for p in params if p.grad is not None]
+        norm = torch.sqrt(sum((g**2).sum() for g in grads)).item() if grads else 0.0
+        if not math.isfinite(norm) or norm == 0.0:
+            raise TrainingError(f"the {name} LoRA received {'no' if norm == 0.0 else 'non-finite'} gradients in the first step ({len(grads)}/{len(params)} tensors have a gradient); this is a bug, please report it with --debug output")
+        norms[name] = norm
+    return norms
+
+
+def _run_info(cfg: RunConfig, components: Components, run_dir: Path, steps: int, status: str) -> dict[str, Any]:
+    model = cfg.model.name
+    if Path(model).expanduser().exists() and model not in ("tiny", "tiny-v", "toy"):
+        model = Path(model).expanduser().resolve().name  # never record absolute paths of the user's machine
+    return {
+        "name": run_dir.name,
+        "model": model,
+        "family": components.family.name,
+        "base_model_version": components.family.base_model_version,
+        "prediction_type": components.prediction_type,
+        "resolution": cfg.data.resolution,
+        "steps": steps,
+        "max_steps": cfg.train.max_steps,
+        "token": cfg.data.token,
+        "class_name": cfg.data.class_name,
+        "instance_prompt": cfg.data.resolved_instance_prompt(),
+        "class_prompt": cfg.data.class_prompt,
+        "with_prior": bool(cfg.data.class_dir),
+        "rank": cfg.adapter.rank,
+        "alpha": cfg.adapter.resolved_alpha,
+        "train_text_encoder": cfg.adapter.train_text_encoder,
+        "seed": cfg.train.seed,
+        "dreamlora_version": __version__,
+        "status": status,
+    }
+
+
+def train(
+    cfg: RunConfig,
+    components: Components | None = None,
+    on_log: Callable[[dict[str, Any]], None] | None = None,
+    resume_from: Path | None = None,
+    run_dir: Path | None = None,
+) -> TrainResult:
+    """Train UNet (and text-encoder) LoRAs with prior preservation; write the run folder; return what was done."""
+    accelerator, precision, weight_dtype = _make_accelerator(cfg)
+    device = accelerator.device
+    torch.manual_seed(cfg.train.seed)  # adapter initialisation
+    if components is None:
+        components = load_components(cfg.model.name, dtype=weight_dtype, device=device, allow_pickle=cfg.model.allow_pickle)
+    unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
+    attention = select_attention(components, cfg.model.attention, device)
+    vae.requires_grad_(False)
+    train_te = cfg.adapter.train_text_encoder
+    attach_adapters(unet, text_encoder, cfg.adapter)
+    if cfg.train.gradient_checkpointing:
+        _enable_checkpointing(components, train_te)
+
+    # Data: instance and class latents cached once (each image and its flip), prompts tokenized once.
+    data = cfg.data
+    with_prior = bool(data.class_dir)
+    instance = ImageFolderDataset(list_images(data.instance_dir, "instance"), data.resolved_instance_prompt(), data.resolution, "instance", data.center_crop)
+    sources = [LatentSource(instance, vae, data.flip, cache=data.center_crop)]
+    prompts = [data.resolved_instance_prompt()]
+    if with_prior:
+        class_set = ImageFolderDataset(list_images(data.class_dir, "class"), data.class_prompt, data.resolution, "class", data.center_crop)
+        sources.append(LatentSource(class_set, vae, data.flip, cache=data.center_crop))
+        prompts.append(data.class_prompt)
+    input_ids = tokenize(components.tokenizer, prompts).to(device)
+    if not train_te:
+        with torch.no_grad():
+            cached_context = encode_prompt(text_encoder, input_ids)
+
+    # Optimizer: separate groups (and learning rates) for UNet and text encoder.
+    groups = {"unet": trainable_parameters(unet)}
+    if train_te:
+        groups["text_encoder"] = trainable_parameters(text_encoder)
+    lrs = {"unet": cfg.train.lr, "text_encoder": cfg.train.resolved_text_encoder_lr}
+    optimizer = torch.optim.AdamW(
+        [{"params": params, "lr": lrs[name]} for name, params in groups.items()],
+        betas=(0.9, 0.999),
+        weight_decay=1e-2,
+        eps=1e-8,
+        fused=device.type == "cuda",
+    )
+    from diffusers.optimization import get_scheduler
+
+    lr_scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.max_steps)
+    models = [unet, text_encoder] if train_te else [unet]
+    prepared = accelerator.prepare(*models, optimizer)
+    unet = prepared[0]
+    if train_te:
+        text_encoder = prepared[1]
+    optimizer = prepared[-1]
+
+    # Run folder: created by the main process, its path shared with the others.
+    start_step = 0
+    if run_dir is None:
+        path, auto = default_run_dir(cfg)
+        run_dir = ckpt.create_run_dir(path, auto) if accelerator.is_main_process else path
+        run_dir = _broadcast_path(accelerator, run_dir)
+    if resume_from is not None:
+        start_step = _restore(resume_from, accelerator, unet, text_encoder, optimizer, lr_scheduler)
+    if accelerator.is_main_process:
+        (run_dir / ckpt.CONFIG_FILE).write_text(to_toml(cfg), encoding="utf-8")
+        ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, start_step, "running"))
+
+    def unwrapped() -> dict[str, torch.nn.Module]:
+        out = {"unet": accelerator.unwrap_model(unet)}
+        if train_te:
+            out["text_encoder"] = accelerator.unwrap_model(text_encoder)
+        return out
+
+    def write_lora(folder: Path) -> Path:
+        parts = unwrapped()
+        return save_diffusers_lora(folder, adapter_state_dicts(parts), {k: adapter_metadata(m) for k, m in parts.items()})
+
+    def training_state(step: int) -> dict[str, Any]:
+        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
+        return {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler, "config": ckpt_config(cfg)}
+
+    noise_scheduler = components.noise_scheduler
+    n_train_timesteps = noise_scheduler.config.num_train_timesteps
+    bsz = cfg.train.batch_size
+    accum = cfg.train.gradient_accumulation
+    world, rank = accelerator.num_processes, accelerator.process_index
+    metrics_path = run_dir / ckpt.METRICS_FILE
+    started = time.perf_counter()
+    bad_steps, skipped, loss_value = 0, 0, float("nan")
+    unet.train()
+    for step in range(start_step, cfg.train.max_steps):
+        for micro in range(accum):
+            # Every random draw of a micro-step comes from a generator seeded by (seed, step, rank): resume is exact.
+            position = (step * accum + micro) * world + rank
+            generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 7_919 + position)
+            latents = [sources[0].sample(batch_indices(position, bsz, len(sources[0]), cfg.train.seed), generator)]
+            rows = [0] * bsz
+            if with_prior:
+                latents.append(sources[1].sample(batch_indices(position, bsz, len(sources[1]), cfg.train.seed + 1), generator))
+                rows += [1] * bsz
+            latents = torch.cat(latents)
+            noise = torch.randn(latents.shape, generator=generator, device=device)
+            timesteps = torch.randint(0, n_train_timesteps, (latents.shape[0],), generator=generator, device=device)
+            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+            with accelerator.accumulate(*models), accelerator.autocast():
+                # Encode each distinct prompt once and index it: gradients still reach every row.
+                context = encode_prompt(text_encoder, input_ids) if train_te else cached_context
+                context = context[torch.tensor(rows, device=device)]
+                pred = unet(noisy.to(weight_dtype), timesteps, context.to(weight_dtype)).sample
+                loss, instance_loss, prior_loss = dreambooth_loss(pred, target, bsz, cfg.train.prior_weight)
+                if not torch.isfinite(loss):
+                    # A non-finite loss must not reach the weights: skip the step and stop after several in a row.
+                    optimizer.zero_grad(set_to_none=True)
+                    continue
+                accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    if step == start_step:
+                        check_gradients(groups)
+                    if cfg.train.max_grad_norm > 0:
+                        accelerator.clip_grad_norm_([p for ps in groups.values() for p in ps], cfg.train.max_grad_norm)
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            bad_steps, skipped = bad_steps + 1, skipped + 1
+            log.warning("step %d: non-finite loss, step skipped", step + 1)
+            if bad_steps >= MAX_BAD_STEPS:
+                raise TrainingError(f"the loss was non-finite {bad_steps} steps in a row (step {step + 1}); lower --lr or use --precision bf16. The last checkpoint is kept in {run_dir}")
+        else:
+            bad_steps = 0
+        lr_scheduler.step()
+        done = step + 1
+        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps or done == start_step + 1:
+            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
+            elapsed = time.perf_counter() - started
+            record = {
+                "step": done,
+                "loss": loss_value,
+                "instance_loss": accelerator.reduce(instance_loss.detach(), reduction="mean").item(),
+                "prior_loss": accelerator.reduce(prior_loss.detach(), reduction="mean").item(),
+                "lr": lr_scheduler.get_last_lr()[0],
+                "time": round(elapsed, 3),
+                "it_s": (done - start_step) / elapsed if elapsed > 0 else 0.0,
+            }
+            if accelerator.is_main_process:
+                with metrics_path.open("a", encoding="utf-8") as handle:
+                    handle.write(ckpt.json_line(record))
+                if on_log:
+                    on_log({**record, "max_steps": cfg.train.max_steps})
+        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < cfg.train.max_steps:
+            accelerator.wait_for_everyone()
+            if accelerator.is_main_process:
+                ckpt.save_checkpoint(run_dir, done, write_lora, training_state(done), cfg.train.keep_checkpoints)
+                ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, done, "running"))
+
+    accelerator.wait_for_everyone()
+    seconds = time.perf_counter() - started
+    lora_path = run_dir / ckpt.LORA_DIR / "pytorch_lora_weights.safetensors"
+    samples: list[Path] = []
+    if accelerator.is_main_process:
+        lora_path = write_lora(run_dir / ckpt.LORA_DIR)
+        ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, cfg.train.max_steps, "finished"))
+        samples = _final_pictures(cfg, components, unwrapped(), run_dir)
+    accelerator.end_training()
+    return TrainResult(run_dir, cfg.train.max_steps, loss_value, seconds, lora_path, attention, precision, with_prior, skipped, samples)
+
+
+def ckpt_config(cfg: RunConfig) -> dict[str, Any]:
+    from dreamlora.config import to_dict
+
+    return to_dict(cfg)
+
+
+def _broadcast_path(accelerator: Any, path: Path) -> Path:
+    if accelerator.num_processes == 1:
+        return path
+    from accelerate.utils import broadcast_object_list
+
+    holder = [str(path)]
+    broadcast_object_list(holder, from_process=0)
+    return Path(holder[0])
+
+
+def _restore(folder: Path, accelerator: Any, unet: Any, text_encoder: Any, optimizer: Any, lr_scheduler: Any) -> int:
+    """Load LoRA weights, optimizer, LR schedule and scaler from a checkpoint; return its step."""
+    from dreamlora.lora import read_diffusers_lora
+
+    state = ckpt.load_checkpoint_state(folder)
+    state_dicts, metadata = read_diffusers_lora(folder / ckpt.LORA_DIR)
+    load_adapters({"unet": accelerator.unwrap_model(unet), "text_encoder": accelerator.unwrap_model(text_encoder)}, state_dicts, metadata)
+    optimizer.load_state_dict(state["optimizer"])
+    lr_scheduler.load_state_dict(state["lr_scheduler"])
+    if state.get("scaler") and accelerator.scaler is not None:
+        accelerator.scaler.load_state_dict(state["scaler"])
+    return int(state["step"])
+
+
+def _final_pictures(cfg: RunConfig, components: Components, models: dict[str, torch.nn.Module], run_dir: Path) -> list[Path]:
+    """Sample grid (base vs trained, instance and class prompts) and the loss curve."""
+    from dreamlora.generate import comparison_grid, plot_metrics
+
+    written = []
+    for model in models.values():
+        model.eval()
+    prompts = [cfg.data.resolved_instance_prompt()] + ([cfg.data.class_prompt] if cfg.data.class_prompt else [])
+    grid = comparison_grid(components, prompts, cfg.train.num_samples, cfg.train.seed, cfg.prior.steps, cfg.prior.guidance, cfg.data.resolution)
+    samples_dir = run_dir / "samples"
+    samples_dir.mkdir(exist_ok=True)
+    grid.save(samples_dir / "final.png")
+    written.append(samples_dir / "final.png")
+    plot = plot_metrics(run_dir / ckpt.METRICS_FILE, run_dir / "loss.png")
+    if plot is not None:
+        written.append(plot)
+    return written
