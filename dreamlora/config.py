@@ -60,7 +60,7 @@ class DataConfig:
     class_name: str = ""  # e.g. `dog`; read from the prior set when empty
     instance_prompt: str = ""  # default `a photo of {token} {class_name}`
     class_prompt: str = ""  # default: the prior set's prompt
-    resolution: int = 512
+    resolution: int = 0  # 0: the model's native resolution (512 for SD 1.x)
     center_crop: bool = True  # False: random crop (latents are then encoded every step)
     flip: bool = False  # random horizontal flip (both orientations are cached)
 
@@ -68,8 +68,8 @@ class DataConfig:
         _check(bool(self.token.strip()), "data.token is empty; pass a rare word such as `sks`")
         _check(" " not in self.token.strip(), f"data.token {self.token!r} has a space; use one rare word such as `sks`")
         _check(
-            self.resolution >= 8 and self.resolution % 8 == 0,
-            f"data.resolution must be a positive multiple of 8; got {self.resolution}",
+            self.resolution == 0 or (self.resolution >= 8 and self.resolution % 8 == 0),
+            f"data.resolution must be a positive multiple of 8 (or 0 for the model's native size); got {self.resolution}",
         )
 
     def resolved_instance_prompt(self) -> str:

@@ -62,6 +62,11 @@ class Components:
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def native_resolution(self) -> int:
+        """The image size the UNet was built for (512 for SD 1.x, 32 for the tiny preset)."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
 
 def detect_family(text_encoder_config: Any, unet_config: Any) -> ModelFamily:
     """SD 2.x uses OpenCLIP-H (1024 wide) and head dims per block; everything else with one text encoder is SD 1.x-shaped."""
@@ -287,7 +292,7 @@ def load_components(ref: str, dtype: torch.dtype = torch.float32, device: torch.
     tokenizer, text_encoder, unet, vae, noise_scheduler = parts
     family = detect_family(text_encoder.config, dict(unet.config))
     for module in (unet, vae, text_encoder):
-        module.to(device=device)
+        module.to(device=device).requires_grad_(False)  # base weights never train; adapters opt in
     return Components(ref, family, tokenizer, text_encoder, unet, vae, noise_scheduler, source if local else None)
 
 
@@ -323,9 +328,17 @@ def build_random(arch: str, dtype: torch.dtype = torch.float32, device: torch.de
         text_encoder = CLIPTextModel(CLIPTextConfig(**read("text_encoder")))
     noise_scheduler = DDPMScheduler.from_config(read("scheduler"))
     for module in (unet, vae, text_encoder):
-        module.to(dtype=dtype)
+        module.to(dtype=dtype).requires_grad_(False)
     family = detect_family(text_encoder.config, dict(unet.config))
     return Components(f"random:{arch}", family, tokenizer, text_encoder, unet, vae, noise_scheduler)
+
+
+def public_model_ref(ref: str) -> str:
+    """The model reference as recorded in run metadata: a local path keeps only its folder name."""
+    if ref in TINY_PRESETS or ref == "toy" or ref.startswith("random:"):
+        return ref
+    path = Path(ref).expanduser()
+    return path.resolve().name if path.exists() else ref
 
 
 def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:

@@ -140,3 +140,33 @@ def generate_class_images(
     entries = [{"file": files[i], "index": i, "seed": image_seed(prior_cfg.seed, i)} for i in sorted(files)]
     write_json(out_dir / MANIFEST, {**settings, "class_name": prior_cfg.class_name, "num_images": len(entries), "files": entries})
     return PriorResult(out_dir, prior_cfg.num_images - len(missing), len(missing), seconds)
+
+
+def run_prior(
+    prior_cfg: PriorConfig,
+    model_cfg: Any,
+    resolution: int = 0,
+    priors_root: Path = Path("priors"),
+    on_progress: Callable[[int, int], None] | None = None,
+) -> PriorResult:
+    """Load the base model and top up the class folder; also writes a contact sheet beside it."""
+    from dreamlora.generate import make_grid
+    from dreamlora.models import build_pipeline, load_components, public_model_ref, resolve_precision, select_attention
+
+    if not prior_cfg.class_name and not prior_cfg.out:
+        raise ConfigError("no class given; pass --class NAME (e.g. --class dog)")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, dtype = resolve_precision(model_cfg.precision, device)
+    components = load_components(model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle)
+    select_attention(components, model_cfg.attention, device)
+    pipeline = build_pipeline(components, prior_cfg.scheduler)
+    out_dir = Path(prior_cfg.out) if prior_cfg.out else priors_root / safe_name(prior_cfg.class_name)
+    result = generate_class_images(pipeline, prior_cfg, resolution or components.native_resolution, out_dir, public_model_ref(model_cfg.name), on_progress)
+    from PIL import Image
+
+    names = sorted(out_dir.glob("[0-9]" * 5 + ".png"))[:32]
+    if names:
+        thumbs = [Image.open(p).convert("RGB").resize((96, 96)) for p in names]
+        rows = [thumbs[i : i + 8] for i in range(0, len(thumbs), 8)]
+        make_grid(rows).save(out_dir.parent / f"{out_dir.name}-preview.png")
+    return result

@@ -20,7 +20,7 @@ from dreamlora.config import RunConfig, replace, to_toml
 from dreamlora.data import ImageFolderDataset, batch_indices, list_images
 from dreamlora.errors import ConfigError, TrainingError
 from dreamlora.lora import adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, save_diffusers_lora, trainable_parameters
-from dreamlora.models import Components, encode_prompt, load_components, resolve_precision, select_attention, tokenize
+from dreamlora.models import Components, encode_prompt, load_components, public_model_ref, resolve_precision, select_attention, tokenize
 from dreamlora.prior import MANIFEST, read_prior_set, safe_name
 
 log = logging.getLogger(__name__)
@@ -194,12 +194,9 @@ def check_gradients(groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, fl
 
 
 def _run_info(cfg: RunConfig, components: Components, run_dir: Path, steps: int, status: str) -> dict[str, Any]:
-    model = cfg.model.name
-    if Path(model).expanduser().exists() and model not in ("tiny", "tiny-v", "toy"):
-        model = Path(model).expanduser().resolve().name  # never record absolute paths of the user's machine
     return {
         "name": run_dir.name,
-        "model": model,
+        "model": public_model_ref(cfg.model.name),  # never an absolute path of the user's machine
         "family": components.family.name,
         "base_model_version": components.family.base_model_version,
         "prediction_type": components.prediction_type,
@@ -233,6 +230,8 @@ def train(
     torch.manual_seed(cfg.train.seed)  # adapter initialisation
     if components is None:
         components = load_components(cfg.model.name, dtype=weight_dtype, device=device, allow_pickle=cfg.model.allow_pickle)
+    if not cfg.data.resolution:
+        cfg = replace(cfg, data=replace(cfg.data, resolution=components.native_resolution))
     unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
     attention = select_attention(components, cfg.model.attention, device)
     vae.requires_grad_(False)
@@ -286,6 +285,8 @@ def train(
         run_dir = _broadcast_path(accelerator, run_dir)
     if resume_from is not None:
         start_step = _restore(resume_from, accelerator, unet, text_encoder, optimizer, lr_scheduler)
+        if accelerator.is_main_process:
+            _truncate_metrics(run_dir / ckpt.METRICS_FILE, start_step)
     if accelerator.is_main_process:
         (run_dir / ckpt.CONFIG_FILE).write_text(to_toml(cfg), encoding="utf-8")
         ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, start_step, "running"))
@@ -437,3 +438,55 @@ def _final_pictures(cfg: RunConfig, components: Components, models: dict[str, to
     if plot is not None:
         written.append(plot)
     return written
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop metric lines past the checkpoint a run resumes from (they are recomputed)."""
+    import json
+
+    if path.is_file():
+        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        ckpt.write_atomic(path, "".join(line + "\n" for line in lines).encode("utf-8"))
+
+
+# Keys that may differ when resuming without changing the result.
+RESUME_FREE_KEYS = {
+    "train.out", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.sample_every",
+    "train.num_samples", "model.attention", "prior.batch_size", "train.compile",
+}
+
+
+def resume_point(run_dir: Path | None, resume_from: Path | None, runs_root: Path = Path("runs")) -> tuple[Path, Path]:
+    """The run folder and checkpoint to continue: `--resume-from PATH`, or the latest checkpoint of a run."""
+    if resume_from is not None:
+        folder = Path(resume_from)
+        ckpt.load_checkpoint_state(folder)  # validates the folder
+        return folder.parent.parent, folder
+    if run_dir is None:
+        try:
+            run_dir = ckpt.latest_run(runs_root)
+        except Exception as error:  # noqa: BLE001 - re-raised with the resume wording
+            raise ConfigError(f"--resume found nothing to resume: {error}") from error
+    if not (Path(run_dir) / ckpt.CONFIG_FILE).is_file():
+        raise ConfigError(f"--resume: '{run_dir}' is not a dreamlora run folder; pass --out runs/NAME of an earlier run")
+    latest = ckpt.latest_checkpoint(run_dir)
+    if latest is None:
+        raise ConfigError(f"--resume: run '{run_dir}' has no complete checkpoint to resume from; start a new run (use --checkpoint-every N to make checkpoints)")
+    return Path(run_dir), latest
+
+
+def changed_keys(saved: RunConfig, new: RunConfig) -> list[str]:
+    """Settings that differ between a saved run and a resume request and would change its result."""
+    from dreamlora.config import to_dict
+
+    before, after = to_dict(saved), to_dict(new)
+    keys = []
+    for section, values in after.items():
+        for key, value in values.items():
+            dotted = f"{section}.{key}"
+            if dotted in RESUME_FREE_KEYS or before[section].get(key) == value:
+                continue
+            if dotted == "train.max_steps" and new.train.lr_scheduler == "constant" and new.train.warmup_steps < min(saved.train.max_steps, new.train.max_steps):
+                continue  # a constant schedule does not depend on the step budget
+            keys.append(f"{dotted}: {before[section].get(key)!r} -> {value!r}")
+    return keys

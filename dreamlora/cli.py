@@ -1,0 +1,465 @@
+"""Command line: options to config, one library call per command, results rendered with rich."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.panel import Panel
+from rich.table import Table
+
+app = typer.Typer(
+    name="dreamlora",
+    help="DreamBooth + LoRA for Stable Diffusion: `prior`, `train`, `export`.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True)
+out = Console()
+
+Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and debug logs.")]
+ConfigPath = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file; flags override it.")]
+SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key: section.key=value (repeatable).")]
+Model = Annotated[Optional[str], typer.Option("--model", help="Hub id, local diffusers folder, `tiny` or `toy` (default: $DREAMLORA_MODEL or SD 1.5).")]
+Precision = Annotated[Optional[str], typer.Option("--precision", help="auto|fp16|bf16|fp32")]
+
+
+def _setup_logging(debug: bool) -> None:
+    from rich.logging import RichHandler
+
+    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(message)s", handlers=[RichHandler(console=console, show_path=debug, show_time=False)], force=True)
+    for noisy in ("matplotlib", "PIL", "urllib3", "filelock", "httpx", "httpcore", "huggingface_hub", "accelerate", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if not debug:
+        import warnings
+
+        warnings.filterwarnings("ignore")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        try:
+            import diffusers.utils.logging as dlog
+            import transformers.utils.logging as tlog
+
+            tlog.set_verbosity_error()
+            tlog.disable_progress_bar()
+            dlog.set_verbosity_error()
+            dlog.disable_progress_bar()
+        except ImportError:
+            pass
+
+
+def _run(debug: bool, action: Callable[[], Any]) -> Any:
+    """Run a command body; user errors become one red panel and exit 2, runtime failures exit 1."""
+    from dreamlora.errors import DreamloraError
+
+    _setup_logging(debug)
+    try:
+        return action()
+    except DreamloraError as error:
+        if debug:
+            traceback.print_exc()
+        console.print(Panel(str(error), title=f"[bold]{type(error).__name__}", border_style="red"))
+        raise typer.Exit(error.exit_code) from None
+    except KeyboardInterrupt:
+        console.print("[yellow]interrupted[/]")
+        raise typer.Exit(130) from None
+    except Exception as error:  # noqa: BLE001 - the last line of defence: no traceback without --debug
+        if _is_oom(error):
+            message = _oom_message(error)
+        else:
+            message = f"{type(error).__name__}: {error}\nRun again with --debug to see the traceback, and report it if it looks like a bug."
+        if debug:
+            traceback.print_exc()
+        console.print(Panel(message, title="[bold]error", border_style="red"))
+        raise typer.Exit(1) from None
+
+
+def _is_oom(error: Exception) -> bool:
+    return type(error).__name__ == "OutOfMemoryError" or "out of memory" in str(error).lower()
+
+
+def _oom_message(error: Exception) -> str:
+    peak = ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            peak = f" (peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB of {torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB)"
+    except Exception:  # noqa: BLE001
+        pass
+    return (
+        f"the GPU ran out of memory{peak}. Levers: --batch-size 1, a lower --resolution, keep gradient checkpointing on "
+        "(drop --no-gradient-checkpointing), a smaller --rank, --no-text-encoder, --precision bf16/fp16. "
+        "Checkpoints already written are kept; continue with --resume."
+    )
+
+
+def _overrides(set_items: list[str] | None, flags: dict[str, Any]) -> dict[str, Any]:
+    from dreamlora.config import parse_set_options
+
+    overrides: dict[str, Any] = parse_set_options(set_items or [])
+    overrides.update({k: v for k, v in flags.items() if v is not None})
+    return overrides
+
+
+def _progress() -> Any:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+        console=console,
+        transient=False,
+    )
+
+
+def _summary(title: str, rows: list[tuple[str, Any]]) -> None:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column(style="bold")
+    table.add_column()
+    for key, value in rows:
+        table.add_row(key, str(value))
+    out.print(table)
+
+
+# --- prior ------------------------------------------------------------------------------------
+
+
+def _prior_with_progress(prior_cfg: Any, model_cfg: Any, resolution: int) -> Any:
+    import time
+
+    from dreamlora.prior import run_prior
+
+    with _progress() as progress:
+        task = progress.add_task("class images", total=None, rate="", info="")
+        started = [time.perf_counter()]
+
+        def on_progress(done: int, total: int) -> None:
+            if done == 0:
+                started[0] = time.perf_counter()  # the rate counts generation, not model loading
+            elapsed = time.perf_counter() - started[0]
+            rate = f"{done / elapsed:.2f} img/s" if done and elapsed > 0 else ""
+            progress.update(task, completed=done, total=total, rate=rate)
+
+        return run_prior(prior_cfg, model_cfg, resolution, on_progress=on_progress)
+
+
+@app.command()
+def prior(
+    class_name: Annotated[Optional[str], typer.Option("--class", help="The class word, e.g. dog.")] = None,
+    num_images: Annotated[Optional[int], typer.Option("--num-images", "-n", help="How many class images (default 200).")] = None,
+    prompt: Annotated[Optional[str], typer.Option(help="Prompt (default 'a photo of <class>').")] = None,
+    negative_prompt: Annotated[Optional[str], typer.Option()] = None,
+    resolution: Annotated[Optional[int], typer.Option(help="Image size (default: the model's, 512 for SD 1.5).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default 25, DPM-Solver++).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance (default 7.5).")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="dpm++|pndm|ddim|euler")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per batch (default: automatic).")] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    out_dir: Annotated[Optional[str], typer.Option("--out", help="Folder (default priors/<class>).")] = None,
+    model: Model = None,
+    precision: Precision = None,
+    config: ConfigPath = None,
+    set_: SetOption = None,
+    debug: Debug = False,
+) -> None:
+    """Generate class-prior images with the base model (topping up an existing set)."""
+
+    def action() -> None:
+        from dreamlora.config import load_config
+
+        cfg = load_config(
+            config,
+            _overrides(set_, {
+                "prior.class_name": class_name, "prior.num_images": num_images, "prior.prompt": prompt,
+                "prior.negative_prompt": negative_prompt, "prior.steps": steps, "prior.guidance": guidance,
+                "prior.scheduler": scheduler, "prior.batch_size": batch_size, "prior.seed": seed, "prior.out": out_dir,
+                "model.name": model, "model.precision": precision, "data.resolution": resolution,
+            }),
+        )
+        result = _prior_with_progress(cfg.prior, cfg.model, cfg.data.resolution)
+        _summary("prior set", [
+            ("folder", result.out_dir), ("already there", result.existing), ("generated", result.generated),
+            ("speed", f"{result.images_per_second:.2f} images/s"), ("preview", result.out_dir.parent / f"{result.out_dir.name}-preview.png"),
+        ])
+
+    _run(debug, action)
+
+
+# --- train ------------------------------------------------------------------------------------
+
+
+@app.command()
+def train(
+    instance: Annotated[Optional[str], typer.Option("--instance", "-i", help="Folder of 3-20 photos of the subject.")] = None,
+    token: Annotated[Optional[str], typer.Option(help="Rare identifier for the subject (default sks).")] = None,
+    class_name: Annotated[Optional[str], typer.Option("--class", help="Class word; generates priors/<class> if missing.")] = None,
+    class_dir: Annotated[Optional[str], typer.Option(help="Folder of class images (default: the prior set).")] = None,
+    instance_prompt: Annotated[Optional[str], typer.Option(help="Default 'a photo of <token> <class>'.")] = None,
+    class_prompt: Annotated[Optional[str], typer.Option(help="Default: the prior set's prompt.")] = None,
+    prior_weight: Annotated[Optional[float], typer.Option(help="Weight of the class (prior) loss (default 1.0).")] = None,
+    num_class_images: Annotated[Optional[int], typer.Option(help="Prior set size when one is generated (default 200).")] = None,
+    rank: Annotated[Optional[int], typer.Option(help="LoRA rank (default 4).")] = None,
+    alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default = rank).")] = None,
+    lr: Annotated[Optional[float], typer.Option(help="UNet LoRA learning rate (default 1e-4).")] = None,
+    text_encoder_lr: Annotated[Optional[float], typer.Option(help="Text-encoder LoRA learning rate (default = --lr).")] = None,
+    no_text_encoder: Annotated[bool, typer.Option("--no-text-encoder", help="Train the UNet LoRA alone.")] = False,
+    no_gradient_checkpointing: Annotated[bool, typer.Option("--no-gradient-checkpointing", help="Faster, more memory.")] = False,
+    attention: Annotated[Optional[str], typer.Option(help="auto|sdpa|xformers")] = None,
+    precision: Precision = None,
+    lr_scheduler: Annotated[Optional[str], typer.Option(help="constant|cosine|linear")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option()] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default 800).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Instance images per step; as many class images join.")] = None,
+    gradient_accumulation: Annotated[Optional[int], typer.Option()] = None,
+    seed: Annotated[Optional[int], typer.Option()] = None,
+    resolution: Annotated[Optional[int], typer.Option(help="Training size (default: the model's).")] = None,
+    random_crop: Annotated[bool, typer.Option("--random-crop", help="Random instead of centre crops.")] = False,
+    flip: Annotated[bool, typer.Option("--flip", help="Random horizontal flips.")] = False,
+    out_dir: Annotated[Optional[str], typer.Option("--out", help="Run folder (default runs/<token>-<class>); never overwritten.")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option(help="Save a resumable checkpoint every N steps.")] = None,
+    keep_checkpoints: Annotated[Optional[int], typer.Option(help="Newest checkpoints to keep (default 2).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out (or the latest run) from its last checkpoint.")] = False,
+    resume_from: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint folder.")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Resume even when settings that change the result differ.")] = False,
+    model: Model = None,
+    config: ConfigPath = None,
+    set_: SetOption = None,
+    debug: Debug = False,
+) -> None:
+    """Train UNet and text-encoder LoRAs with prior preservation."""
+
+    flags = {
+        "data.instance_dir": instance, "data.token": token, "data.class_name": class_name, "data.class_dir": class_dir,
+        "data.instance_prompt": instance_prompt, "data.class_prompt": class_prompt, "train.prior_weight": prior_weight,
+        "prior.num_images": num_class_images, "adapter.rank": rank, "adapter.alpha": alpha, "train.lr": lr,
+        "train.text_encoder_lr": text_encoder_lr, "adapter.train_text_encoder": False if no_text_encoder else None,
+        "train.gradient_checkpointing": False if no_gradient_checkpointing else None, "model.attention": attention,
+        "model.precision": precision, "train.lr_scheduler": lr_scheduler, "train.warmup_steps": warmup_steps,
+        "train.max_steps": max_steps, "train.batch_size": batch_size, "train.gradient_accumulation": gradient_accumulation,
+        "train.seed": seed, "data.resolution": resolution, "data.center_crop": False if random_crop else None,
+        "data.flip": True if flip else None, "train.out": out_dir, "train.checkpoint_every": checkpoint_every,
+        "train.keep_checkpoints": keep_checkpoints, "model.name": model,
+    }
+
+    def action() -> None:
+        from dreamlora import train as training
+        from dreamlora.config import load_config
+
+        overrides = _overrides(set_, flags)
+        if resume or resume_from:
+            run_dir, checkpoint = training.resume_point(Path(out_dir) if out_dir else None, resume_from)
+            saved = load_config(run_dir / "config.toml")
+            cfg = load_config(run_dir / "config.toml", overrides)
+            changed = training.changed_keys(saved, cfg)
+            if changed and not force:
+                from dreamlora.errors import ConfigError
+
+                raise ConfigError("resuming with settings that change the result:\n  " + "\n  ".join(changed) + "\nrerun without them, or add --force")
+            console.print(f"resuming [bold]{run_dir}[/] from {checkpoint.name}")
+            _train_with_progress(training, cfg, run_dir=run_dir, resume_from=checkpoint)
+            return
+        cfg = load_config(config, overrides)
+        cfg, needs_prior = training.resolve_data(cfg)
+        if needs_prior:
+            console.print(f"no prior set for [bold]{cfg.prior.class_name}[/] yet: generating {cfg.prior.num_images} class images first")
+            _prior_with_progress(cfg.prior, cfg.model, cfg.data.resolution)
+            cfg, _ = training.resolve_data(cfg)
+        _train_with_progress(training, cfg)
+
+    _run(debug, action)
+
+
+def _train_with_progress(training: Any, cfg: Any, **kwargs: Any) -> None:
+    with _progress() as progress:
+        task = progress.add_task("training", total=cfg.train.max_steps, rate="", info="")
+
+        def on_log(record: dict[str, Any]) -> None:
+            progress.update(
+                task,
+                completed=record["step"],
+                rate=f"{record['it_s']:.2f} it/s",
+                info=f"loss {record['loss']:.4f} lr {record['lr']:.2e}",
+            )
+
+        result = training.train(cfg, on_log=on_log, **kwargs)
+    _summary("training finished", [
+        ("run folder", result.run_dir), ("steps", result.steps), ("final loss", f"{result.final_loss:.4f}"),
+        ("time", f"{result.seconds:.1f} s"), ("attention", result.attention), ("precision", result.precision),
+        ("prior preservation", "yes" if result.with_prior else "no"), ("LoRA", result.lora_path),
+        *[("picture", p) for p in result.samples],
+    ])
+
+
+# --- export, inspect, convert --------------------------------------------------------------------
+
+
+@app.command()
+def export(
+    fmt: Annotated[str, typer.Option("--format", "-f", help="a1111|diffusers|merged")] = "a1111",
+    run: Annotated[Optional[Path], typer.Option("--run", help="Run folder (default: the latest under runs/).")] = None,
+    step: Annotated[Optional[int], typer.Option(help="Export this checkpoint instead of the final LoRA.")] = None,
+    out_path: Annotated[Optional[str], typer.Option("--out", help="Output file or folder (default under exports/).")] = None,
+    dtype: Annotated[str, typer.Option(help="fp16|bf16|fp32")] = "fp16",
+    scale: Annotated[float, typer.Option(help="merged: LoRA strength fused into the weights.")] = 1.0,
+    single_file: Annotated[bool, typer.Option("--single-file", help="merged: one original-layout checkpoint file.")] = False,
+    no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip loading the file back to check it.")] = False,
+    debug: Debug = False,
+) -> None:
+    """Export a run's LoRA for A1111/ComfyUI/kohya tools or diffusers."""
+
+    def action() -> None:
+        from dreamlora.checkpoint import latest_run
+        from dreamlora.config import ExportConfig
+        from dreamlora.export import export_run
+
+        cfg = ExportConfig(format=fmt, dtype=dtype, out=out_path or "", scale=scale, single_file=single_file, verify=not no_verify)
+        run_dir = run or latest_run()
+        result = export_run(run_dir, cfg, step=step)
+        _render_export(result)
+
+    _run(debug, action)
+
+
+def _render_export(result: Any) -> None:
+    rows: list[tuple[str, Any]] = [("file", result.path), ("format", result.format), ("dtype", result.dtype)]
+    rows += [(f"{group} modules", n) for group, n in result.key_counts.items()]
+    report = result.verify
+    if report is None:
+        rows.append(("verification", "not run (--no-verify)"))
+    else:
+        rows.append(("verification", f"{report.status} ({report.loader})" if report.loader else report.status))
+        for group, diff in report.max_abs_diff.items():
+            tolerance, effect = report.tolerance.get(group), report.lora_effect.get(group)
+            detail = f"max |diff| {diff:.2e}" + (f" (tolerance {tolerance:.0e})" if tolerance is not None else "") + (f", LoRA effect {effect:.2e}" if effect is not None else "")
+            rows.append((f"  {group}", detail))
+        rows += [("warning", w) for w in report.warnings]
+    rows += [("note", note) for note in result.notes]
+    _summary("export", rows)
+
+
+@app.command()
+def convert(
+    src: Annotated[Path, typer.Argument(help="A LoRA file trained elsewhere (kohya/A1111 or diffusers).")],
+    dst: Annotated[Path, typer.Argument(help="Output file (a1111) or folder (diffusers).")],
+    to: Annotated[str, typer.Option("--to", help="a1111|diffusers")] = "a1111",
+    model: Model = None,
+    debug: Debug = False,
+) -> None:
+    """Convert a LoRA from another trainer, verified against the base model."""
+
+    def action() -> None:
+        from dreamlora.export import convert_lora
+
+        _render_export(convert_lora(src, dst, to, model))
+
+    _run(debug, action)
+
+
+@app.command()
+def inspect(
+    path: Annotated[Path, typer.Argument(help="A run folder or a LoRA .safetensors file.")],
+    debug: Debug = False,
+) -> None:
+    """Report a LoRA's format, ranks, alphas, modules, metadata and problems."""
+
+    def action() -> None:
+        from dreamlora.inspection import inspect_path
+
+        report = inspect_path(path)
+        problems = report.pop("problems", [])
+        groups = report.pop("groups", {}) or {}
+        metadata = report.pop("metadata", {}) or {}
+        report.pop("adapter_metadata", None)
+        run = report.pop("run", None) or {}
+        rows = [(k, v) for k, v in report.items() if v not in (None, "", {})]
+        for group, info in groups.items():
+            ranks = ", ".join(str(r) for r in info.get("ranks", []))
+            alphas = ", ".join(f"{a:g}" for a in info.get("alphas", []) if a is not None) or "missing"
+            rows.append((group, f"{info.get('modules')} modules, rank {ranks}, alpha {alphas}"))
+        for key in ("token", "class_name", "steps", "resolution", "model", "status"):
+            if key in run:
+                rows.append((f"run {key}", run[key]))
+        for key in sorted(metadata):
+            value = str(metadata[key])
+            rows.append((key, value if len(value) < 70 else value[:67] + "..."))
+        _summary(f"inspect {path}", rows)
+        for problem in problems:
+            out.print(f"[yellow]problem:[/] {problem}")
+        if not problems:
+            out.print("[green]no problems found[/]")
+
+    _run(debug, action)
+
+
+# --- generate ---------------------------------------------------------------------------------
+
+
+@app.command()
+def generate(
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="e.g. 'a photo of sks dog'.")],
+    lora: Annotated[Optional[list[str]], typer.Option("--lora", help="Run folder or LoRA file, optionally PATH:SCALE (repeatable).")] = None,
+    scale: Annotated[float, typer.Option(help="Scale of LoRAs given without :SCALE.")] = 1.0,
+    num_images: Annotated[int, typer.Option("--num-images", "-n")] = 4,
+    seed: Annotated[int, typer.Option()] = 0,
+    steps: Annotated[int, typer.Option()] = 25,
+    guidance: Annotated[float, typer.Option()] = 7.5,
+    negative_prompt: Annotated[str, typer.Option()] = "",
+    resolution: Annotated[Optional[int], typer.Option(help="Default: the model's.")] = None,
+    compare: Annotated[bool, typer.Option("--compare", help="Grid of base vs LoRA at the same seeds.")] = False,
+    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("samples-out"),
+    model: Model = None,
+    precision: Precision = None,
+    debug: Debug = False,
+) -> None:
+    """Generate images with the base model and LoRAs, saved with a grid."""
+
+    def action() -> None:
+        import torch
+
+        from dreamlora.config import ModelConfig
+        from dreamlora.generate import generate as run_generate
+        from dreamlora.models import load_components, resolve_precision
+
+        model_cfg = ModelConfig(**{k: v for k, v in {"name": model, "precision": precision}.items() if v is not None})
+        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        _, dtype = resolve_precision(model_cfg.precision, device)
+        loras = [_parse_lora(item, scale) for item in lora or []]
+        components = load_components(model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle)
+        result = run_generate(components, prompt, out_dir, loras, num_images, seed, steps, guidance, resolution or components.native_resolution, negative_prompt, compare)
+        _summary("generated", [("images", len(result.images)), ("folder", out_dir), ("grid", result.grid)])
+
+    _run(debug, action)
+
+
+def _parse_lora(item: str, default_scale: float) -> tuple[Path, float]:
+    path, sep, value = item.rpartition(":")
+    if sep and path and not Path(item).exists():
+        try:
+            return Path(path), float(value)
+        except ValueError:
+            pass
+    return Path(item), default_scale
+
+
+def main() -> None:  # pragma: no cover - console-script entry
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(app())

@@ -1,0 +1,95 @@
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dreamlora.data import ImageFolderDataset, batch_indices, collate_dreambooth, list_images, open_image
+from dreamlora.errors import DataError
+
+
+def test_missing_empty_and_non_image_folders(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        list_images(tmp_path / "nope", "instance")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="has no images"):
+        list_images(tmp_path / "empty", "instance")
+    only_text = tmp_path / "text"
+    only_text.mkdir()
+    (only_text / "notes.md").write_text("hi")
+    with pytest.raises(DataError, match="has no images"):
+        list_images(only_text, "instance")
+    (tmp_path / "file.png").write_bytes(b"x")
+    with pytest.raises(DataError, match="is a file"):
+        list_images(tmp_path / "file.png", "instance")
+
+
+def test_non_images_are_skipped_with_a_note(instance_dir: Path) -> None:
+    (instance_dir / "notes.md").write_text("x")
+    (instance_dir / ".DS_Store").write_bytes(b"\0")
+    folder = list_images(instance_dir, "instance")
+    assert len(folder.paths) == 4
+    assert folder.skipped == ("notes.md (not an image)",)
+
+
+def test_corrupt_truncated_and_empty_images_name_the_file(tmp_path: Path, instance_dir: Path) -> None:
+    (tmp_path / "zero.png").write_bytes(b"")
+    with pytest.raises(DataError, match="zero.png.*0 bytes"):
+        open_image(tmp_path / "zero.png")
+    (tmp_path / "junk.jpg").write_bytes(b"not a jpeg at all")
+    with pytest.raises(DataError, match="junk.jpg.*corrupt"):
+        open_image(tmp_path / "junk.jpg")
+    data = (instance_dir / "photo0.png").read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="cut.png"):
+        open_image(tmp_path / "cut.png")
+
+
+def test_exif_rotation_and_modes(tmp_path: Path) -> None:
+    image = Image.new("RGB", (40, 20), (255, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotate 90 degrees when shown
+    image.save(tmp_path / "rotated.jpg", exif=exif)
+    assert open_image(tmp_path / "rotated.jpg").size == (20, 40)
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")
+    rgba = open_image(tmp_path / "clear.png")
+    assert rgba.mode == "RGB" and rgba.getpixel((0, 0)) == (255, 255, 255)
+    Image.new("P", (8, 8)).save(tmp_path / "palette.bmp")
+    assert open_image(tmp_path / "palette.bmp").mode == "RGB"
+
+
+def test_decompression_bomb_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    Image.new("L", (300, 300)).save(tmp_path / "big.png")
+    monkeypatch.setattr("dreamlora.data.MAX_PIXELS", 10_000)
+    with pytest.raises(DataError, match="too large"):
+        open_image(tmp_path / "big.png")
+
+
+def test_dataset_shapes_range_and_collate_order(instance_dir: Path, class_dir: Path) -> None:
+    instance = ImageFolderDataset(list_images(instance_dir, "instance"), "a photo of sks dog", 32, "instance")
+    klass = ImageFolderDataset(list_images(class_dir, "class"), "a photo of dog", 32, "class")
+    example = instance[0]
+    assert example["pixel_values"].shape == (3, 32, 32)
+    assert -1.0 <= example["pixel_values"].min() and example["pixel_values"].max() <= 1.0
+    assert example["pixel_values"].min() < 0 < example["pixel_values"].max()
+    batch = collate_dreambooth([instance[0], instance[1]], [klass[0], klass[1]])
+    assert batch["pixel_values"].shape == (4, 3, 32, 32)
+    assert batch["prompts"] == ["a photo of sks dog"] * 2 + ["a photo of dog"] * 2
+    assert batch["n_instance"] == 2
+    assert torch.equal(batch["pixel_values"][0], instance[0]["pixel_values"])
+
+
+def test_random_crop_is_seeded(tmp_path: Path) -> None:
+    Image.new("RGB", (64, 32), (10, 20, 30)).save(tmp_path / "wide.png")
+    dataset = ImageFolderDataset(list_images(tmp_path, "instance"), "p", 32, "instance", center_crop=False)
+    a = dataset.random_crop(0, torch.Generator().manual_seed(1))
+    b = dataset.random_crop(0, torch.Generator().manual_seed(1))
+    assert a.shape == (3, 32, 32) and torch.equal(a, b)
+
+
+def test_batch_indices_cover_each_epoch_and_are_pure() -> None:
+    epoch = [batch_indices(step, 1, 5, seed=3)[0] for step in range(5)]
+    assert sorted(epoch) == list(range(5))
+    assert batch_indices(7, 2, 5, seed=3) == batch_indices(7, 2, 5, seed=3)
+    first, second = [batch_indices(s, 1, 10, seed=3)[0] for s in range(10)], [batch_indices(s, 1, 10, seed=3)[0] for s in range(10, 20)]
+    assert sorted(second) == list(range(10)) and first != second  # each epoch is reshuffled
