@@ -1,0 +1,852 @@
+"""Export: write a run's LoRA as an A1111/kohya file, a diffusers folder or a merged model, convert LoRAs between layouts, and verify what was written.
+
+Key mapping is pure (`kohya_module_name`, `kohya_state_dict`, `modules_from_kohya`, `ldm_unet_module_name`,
+`peft_state_dicts`, `ldm_checkpoint_state_dict`); writing files and loading models happen in the functions below them.
+Every format goes through one intermediate: a list of `LoraModule` (diffusers module name, down/up weights, alpha).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import tempfile
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+
+from dreamlora.checkpoint import CONFIG_FILE, find_lora, read_run_info, write_atomic
+from dreamlora.config import ExportConfig
+from dreamlora.errors import ConfigError, ExportError, ModelLoadError
+from dreamlora.lora import GROUPS, LORA_FILE, load_adapters, read_diffusers_lora, save_diffusers_lora
+
+log = logging.getLogger(__name__)
+
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+KOHYA_UNET_PREFIX = "lora_unet_"
+KOHYA_TE_PREFIX = "lora_te_"  # SD 1.x/2.x; SDXL's lora_te1_/lora_te2_ are ignored by A1111 on SD 1.x
+TE_CANONICAL_ROOT = "text_model."  # A1111 and original checkpoints name CLIP modules under text_model
+# Output differences allowed, relative to the LoRA's effect (files) or the output size (merged), per export dtype.
+TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 8e-2}
+SD15_CONFIGS = Path(__file__).resolve().parent / "configs" / "sd15"
+
+
+@dataclass
+class LoraModule:
+    """One adapted layer: `module` is its diffusers/transformers module name in `group` (unet or text_encoder)."""
+
+    group: str
+    module: str
+    down: torch.Tensor  # [rank, in] or conv [rank, in, k, k]
+    up: torch.Tensor  # [out, rank] or conv [out, rank, 1, 1]
+    alpha: float
+
+    @property
+    def rank(self) -> int:
+        return int(self.down.shape[0])
+
+
+@dataclass
+class VerifyReport:
+    """How the written file compared with the run's LoRA loaded exactly."""
+
+    status: str  # passed, skipped
+    max_abs_diff: dict[str, float] = field(default_factory=dict)  # unet, text_encoder
+    tolerance: dict[str, float] = field(default_factory=dict)
+    lora_effect: dict[str, float] = field(default_factory=dict)  # max |adapted - base|: what a wrong alpha would show
+    loader: str = ""
+    warnings: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ExportResult:
+    """What `export_run` or `convert_lora` wrote."""
+
+    path: Path
+    format: str
+    dtype: str
+    key_counts: dict[str, int]  # LoRA modules per group (unet, text_encoder); merged: tensors per model part
+    verify: VerifyReport | None
+    notes: list[str] = field(default_factory=list)
+
+
+# --- pure key mapping ----------------------------------------------------------------------------
+
+
+def canonical_text_encoder_name(module: str) -> str:
+    """`encoder.layers.0…` (transformers 5) -> `text_model.encoder.layers.0…` (A1111, transformers 4)."""
+    return module if module.startswith(TE_CANONICAL_ROOT) else TE_CANONICAL_ROOT + module
+
+
+def kohya_module_name(group: str, module: str) -> str:
+    """`down_blocks.1.attentions.0…to_q` -> `lora_unet_down_blocks_1_attentions_0…to_q`; text encoder under `lora_te_text_model_`."""
+    if group == "unet":
+        return KOHYA_UNET_PREFIX + module.replace(".", "_")
+    if group == "text_encoder":
+        return KOHYA_TE_PREFIX + canonical_text_encoder_name(module).replace(".", "_")
+    raise ExportError(f"unknown LoRA group {group!r}; expected one of {', '.join(GROUPS)}")
+
+
+def kohya_state_dict(modules: list[LoraModule], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """kohya/A1111 tensors: `<name>.lora_down.weight`, `<name>.lora_up.weight` in `dtype`, `<name>.alpha` as an fp32 scalar."""
+    out: dict[str, torch.Tensor] = {}
+    for m in modules:
+        name = kohya_module_name(m.group, m.module)
+        out[f"{name}.lora_down.weight"] = m.down.to(dtype).contiguous()
+        out[f"{name}.lora_up.weight"] = m.up.to(dtype).contiguous()
+        out[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
+    return out
+
+
+def _pattern_value(module: str, pattern: dict[str, Any], default: Any) -> Any:
+    for key, value in pattern.items():
+        if module == key or module.endswith("." + key):
+            return value
+    return default
+
+
+def modules_from_peft(state_dicts: dict[str, dict[str, torch.Tensor]], metadata: dict[str, dict[str, Any]]) -> list[LoraModule]:
+    """PEFT-keyed weights (`…to_q.lora_A.weight`) plus adapter configs -> modules with their real alpha."""
+    modules = []
+    for group, sd in state_dicts.items():
+        meta = metadata.get(group)
+        if meta is None:
+            raise ExportError(f"the LoRA has no adapter metadata for {group}, so its alpha is unknown; re-save it with dreamlora or convert it with --to diffusers")
+        for key in sorted(sd):
+            if not key.endswith(".lora_A.weight"):
+                continue
+            module = key[: -len(".lora_A.weight")]
+            up_key = f"{module}.lora_B.weight"
+            if up_key not in sd:
+                raise ExportError(f"LoRA key {group}.{key} has no matching {up_key}; the file is incomplete")
+            down, up = sd[key].float(), sd[up_key].float()
+            default_alpha = meta.get("lora_alpha") or meta.get("r") or down.shape[0]
+            alpha = float(_pattern_value(module, meta.get("alpha_pattern") or {}, default_alpha))
+            modules.append(LoraModule(group, module, down, up, alpha))
+    return modules
+
+
+def _most_common(values: Iterable[Any]) -> Any:
+    return Counter(values).most_common(1)[0][0]
+
+
+def peft_state_dicts(modules: list[LoraModule], dtype: torch.dtype = torch.float32) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, Any]]]:
+    """Modules -> PEFT state dicts and LoRA configs (`rank_pattern`/`alpha_pattern` for modules off the common rank/alpha)."""
+    from peft import LoraConfig
+
+    state_dicts: dict[str, dict[str, torch.Tensor]] = {}
+    metadata: dict[str, dict[str, Any]] = {}
+    for group in GROUPS:
+        members = [m for m in modules if m.group == group]
+        if not members:
+            continue
+        rank = _most_common(m.rank for m in members)
+        alpha = _most_common(m.alpha for m in members)
+        config = LoraConfig(
+            r=rank,
+            lora_alpha=alpha,
+            target_modules=sorted(m.module for m in members),
+            rank_pattern={m.module: m.rank for m in members if m.rank != rank},
+            alpha_pattern={m.module: m.alpha for m in members if m.alpha != alpha},
+            init_lora_weights=False,
+        ).to_dict()
+        metadata[group] = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+        sd = state_dicts.setdefault(group, {})
+        for m in members:
+            sd[f"{m.module}.lora_A.weight"] = m.down.to(dtype).contiguous()
+            sd[f"{m.module}.lora_B.weight"] = m.up.to(dtype).contiguous()
+    return state_dicts, metadata
+
+
+def fold_alphas(modules: list[LoraModule], per_module_rank: bool) -> tuple[list[LoraModule], list[str]]:
+    """Fold each module's alpha into its up weights so every consumer computes the same delta.
+
+    `per_module_rank`: alpha becomes each module's rank (scale 1; right even for loaders that ignore alpha).
+    Otherwise alpha becomes one value for all modules (the most common rank), which diffusers' kohya loader also reads right.
+    Returns the new modules and the names of those whose up weights changed.
+    """
+    common = _most_common(m.rank for m in modules) if modules else 1
+    out, changed = [], []
+    for m in modules:
+        target = float(m.rank if per_module_rank else common)
+        factor = m.alpha / target
+        if factor != 1.0:
+            changed.append(f"{m.group}.{m.module}")
+        out.append(LoraModule(m.group, m.module, m.down, m.up * factor, target))
+    return out, changed
+
+
+def ldm_unet_module_name(name: str, layers_per_block: int, down_attention: list[bool], up_attention: list[bool]) -> str | None:
+    """An LDM/sgm UNet module name in underscore form (`input_blocks_4_1_proj_in`) -> diffusers underscore form, or None."""
+    resnet_parts = {"in_layers_0": "norm1", "in_layers_2": "conv1", "out_layers_0": "norm2", "out_layers_3": "conv2", "emb_layers_1": "time_emb_proj", "skip_connection": "conv_shortcut"}
+
+    def resnet(rest: str) -> str:
+        for old, new in resnet_parts.items():
+            if rest == old or rest.startswith(old + "_"):
+                return new + rest[len(old):]
+        return rest
+
+    fixed = {"input_blocks_0_0": "conv_in", "out_0": "conv_norm_out", "out_2": "conv_out", "time_embed_0": "time_embedding_linear_1", "time_embed_2": "time_embedding_linear_2"}
+    if name in fixed:
+        return fixed[name]
+    n = layers_per_block
+    if match := re.fullmatch(r"input_blocks_(\d+)_(\d+)_(.+)", name):
+        index, inner, rest = int(match[1]), int(match[2]), match[3]
+        block, layer = (index - 1) // (n + 1), (index - 1) % (n + 1)
+        if layer == n:
+            return f"down_blocks_{block}_downsamplers_0_{rest.replace('op', 'conv', 1)}" if inner == 0 else None
+        if inner == 0:
+            return f"down_blocks_{block}_resnets_{layer}_{resnet(rest)}"
+        return f"down_blocks_{block}_attentions_{layer}_{rest}" if block < len(down_attention) and down_attention[block] else None
+    if match := re.fullmatch(r"middle_block_(\d+)_(.+)", name):
+        inner, rest = int(match[1]), match[2]
+        return {0: f"mid_block_resnets_0_{resnet(rest)}", 1: f"mid_block_attentions_0_{rest}", 2: f"mid_block_resnets_1_{resnet(rest)}"}.get(inner)
+    if match := re.fullmatch(r"output_blocks_(\d+)_(\d+)_(.+)", name):
+        index, inner, rest = int(match[1]), int(match[2]), match[3]
+        block, layer = index // (n + 1), index % (n + 1)
+        has_attention = block < len(up_attention) and up_attention[block]
+        if inner == 0:
+            return f"up_blocks_{block}_resnets_{layer}_{resnet(rest)}"
+        if inner == 1 and has_attention:
+            return f"up_blocks_{block}_attentions_{layer}_{rest}"
+        return f"up_blocks_{block}_upsamplers_0_{rest}"
+    return None
+
+
+def kohya_name_table(module_names: dict[str, Iterable[str]]) -> dict[str, tuple[str, str]]:
+    """kohya name -> (group, module name) for every module of the base model, under both text-encoder prefixes in use."""
+    table: dict[str, tuple[str, str]] = {}
+    for group, names in module_names.items():
+        for module in names:
+            if not module:
+                continue
+            table[kohya_module_name(group, module)] = (group, module)
+            if group == "text_encoder":
+                canonical = canonical_text_encoder_name(module).replace(".", "_")
+                for alias in ("lora_te1_" + canonical, "lora_te_" + module.replace(".", "_")):
+                    table.setdefault(alias, (group, module))
+    return table
+
+
+@dataclass(frozen=True)
+class UnetLayout:
+    """What LDM-name mapping needs to know about a UNet."""
+
+    layers_per_block: int
+    down_attention: tuple[bool, ...]
+    up_attention: tuple[bool, ...]
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> UnetLayout:
+        return cls(
+            int(config["layers_per_block"]),
+            tuple("CrossAttn" in t for t in config["down_block_types"]),
+            tuple("CrossAttn" in t for t in config["up_block_types"]),
+        )
+
+
+def modules_from_kohya(state_dict: dict[str, torch.Tensor], table: dict[str, tuple[str, str]], layout: UnetLayout) -> tuple[list[LoraModule], list[str]]:
+    """kohya/A1111/LyCORIS-LoCon tensors -> modules (missing alpha = rank, kohya's rule). Returns modules and notes."""
+    notes: list[str] = []
+    names = sorted({key.split(".", 1)[0] for key in state_dict})
+    modules, unknown, ldm_names = [], [], 0
+    for name in names:
+        down, up = state_dict.get(f"{name}.lora_down.weight"), state_dict.get(f"{name}.lora_up.weight")
+        if down is None or up is None:
+            extra = sorted(k for k in state_dict if k.startswith(name + "."))
+            raise ExportError(f"kohya module {name!r} lacks lora_down/lora_up weights (has {', '.join(extra)}); LoHa/LoKr and other LyCORIS types are not supported")
+        if f"{name}.lora_mid.weight" in state_dict:
+            raise ExportError(f"kohya module {name!r} has a lora_mid (LoCon with CP decomposition), which cannot be converted; re-train without --network_args use_tucker")
+        target = table.get(name)
+        if target is None and name.startswith(KOHYA_UNET_PREFIX):
+            mapped = ldm_unet_module_name(name[len(KOHYA_UNET_PREFIX):], layout.layers_per_block, list(layout.down_attention), list(layout.up_attention))
+            target = table.get(KOHYA_UNET_PREFIX + mapped) if mapped else None
+            ldm_names += target is not None
+        if target is None:
+            unknown.append(name)
+            continue
+        alpha_tensor = state_dict.get(f"{name}.alpha")
+        alpha = float(alpha_tensor.item()) if alpha_tensor is not None else float(down.shape[0])
+        modules.append(LoraModule(target[0], target[1], down.float(), up.float(), alpha))
+    if unknown:
+        raise ExportError(
+            f"{len(unknown)} LoRA modules match no module of the base model (first: {unknown[0]}); "
+            "pass the model the LoRA was trained on with --model, or check that it is an SD 1.x LoRA"
+        )
+    if ldm_names:
+        notes.append(f"{ldm_names} LDM-style UNet names (input_blocks/middle_block/output_blocks) mapped to diffusers names; diffusers' loader would drop them with only a warning")
+    if any(k.startswith("lora_te1_") for k in state_dict):
+        notes.append("SDXL-style lora_te1_ text-encoder names rewritten as lora_te_text_model_ (what A1111 reads for SD 1.x)")
+    return modules, notes
+
+
+def is_kohya_key(key: str) -> bool:
+    return key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"))
+
+
+# --- diffusers -> original (LDM) checkpoint layout, for --single-file ---------------------------
+
+
+def _ldm_unet_renames(config: dict[str, Any]) -> list[tuple[str, str]]:
+    """(diffusers prefix, LDM prefix) pairs for a UNet2DConditionModel config."""
+    layout = UnetLayout.from_config(config)
+    n, blocks = layout.layers_per_block, len(layout.down_attention)
+    pairs = [("time_embedding.linear_1.", "time_embed.0."), ("time_embedding.linear_2.", "time_embed.2."), ("conv_in.", "input_blocks.0.0."), ("conv_norm_out.", "out.0."), ("conv_out.", "out.2.")]
+    for i in range(blocks):
+        for j in range(n):
+            pairs.append((f"down_blocks.{i}.resnets.{j}.", f"input_blocks.{(n + 1) * i + j + 1}.0."))
+            if layout.down_attention[i]:
+                pairs.append((f"down_blocks.{i}.attentions.{j}.", f"input_blocks.{(n + 1) * i + j + 1}.1."))
+        if i < blocks - 1:
+            pairs.append((f"down_blocks.{i}.downsamplers.0.conv.", f"input_blocks.{(n + 1) * (i + 1)}.0.op."))
+        for j in range(n + 1):
+            pairs.append((f"up_blocks.{i}.resnets.{j}.", f"output_blocks.{(n + 1) * i + j}.0."))
+            if layout.up_attention[i]:
+                pairs.append((f"up_blocks.{i}.attentions.{j}.", f"output_blocks.{(n + 1) * i + j}.1."))
+        if i < blocks - 1:
+            pairs.append((f"up_blocks.{i}.upsamplers.0.", f"output_blocks.{(n + 1) * i + n}.{2 if layout.up_attention[i] else 1}."))
+    pairs += [("mid_block.attentions.0.", "middle_block.1."), ("mid_block.resnets.0.", "middle_block.0."), ("mid_block.resnets.1.", "middle_block.2.")]
+    return pairs
+
+
+_RESNET_PARTS = [("norm1.", "in_layers.0."), ("conv1.", "in_layers.2."), ("norm2.", "out_layers.0."), ("conv2.", "out_layers.3."), ("time_emb_proj.", "emb_layers.1."), ("conv_shortcut.", "skip_connection.")]
+
+
+def ldm_unet_key(key: str, renames: list[tuple[str, str]]) -> str:
+    for old, new in renames:
+        if key.startswith(old):
+            rest = key[len(old):]
+            if ".resnets." in old:
+                rest = next((r_new + rest[len(r_old):] for r_old, r_new in _RESNET_PARTS if rest.startswith(r_old)), rest)
+            return new + rest
+    return key
+
+
+def ldm_vae_key(key: str, num_blocks: int) -> str:
+    """diffusers AutoencoderKL key -> LDM `first_stage_model` key (without the prefix)."""
+    rules = [
+        (r"^encoder\.down_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"encoder.down.{m[1]}.block.{m[2]}."),
+        (r"^encoder\.down_blocks\.(\d+)\.downsamplers\.0\.", lambda m: f"encoder.down.{m[1]}.downsample."),
+        (r"^decoder\.up_blocks\.(\d+)\.resnets\.(\d+)\.", lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.block.{m[2]}."),
+        (r"^decoder\.up_blocks\.(\d+)\.upsamplers\.0\.", lambda m: f"decoder.up.{num_blocks - 1 - int(m[1])}.upsample."),
+        (r"^(encoder|decoder)\.mid_block\.resnets\.(\d+)\.", lambda m: f"{m[1]}.mid.block_{int(m[2]) + 1}."),
+        (r"^(encoder|decoder)\.mid_block\.attentions\.0\.", lambda m: f"{m[1]}.mid.attn_1."),
+        (r"^(encoder|decoder)\.conv_norm_out\.", lambda m: f"{m[1]}.norm_out."),
+    ]
+    for pattern, repl in rules:
+        key, count = re.subn(pattern, repl, key)
+        if count:
+            break
+    key = key.replace(".conv_shortcut.", ".nin_shortcut.")
+    if ".mid.attn_1." in key:
+        for old, new in ((".group_norm.", ".norm."), (".to_q.", ".q."), (".to_k.", ".k."), (".to_v.", ".v."), (".to_out.0.", ".proj_out.")):
+            key = key.replace(old, new)
+    return key
+
+
+def ldm_checkpoint_state_dict(unet: dict[str, torch.Tensor], vae: dict[str, torch.Tensor], text_encoder: dict[str, torch.Tensor], unet_config: dict[str, Any], vae_blocks: int) -> dict[str, torch.Tensor]:
+    """diffusers UNet/VAE/CLIP state dicts -> one original Stable Diffusion checkpoint state dict."""
+    renames = _ldm_unet_renames(unet_config)
+    out = {f"model.diffusion_model.{ldm_unet_key(k, renames)}": v for k, v in unet.items()}
+    for key, value in vae.items():
+        new = ldm_vae_key(key, vae_blocks)
+        if ".mid.attn_1." in new and new.endswith((".q.weight", ".k.weight", ".v.weight", ".proj_out.weight")) and value.dim() == 2:
+            value = value[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
+        out[f"first_stage_model.{new}"] = value
+    for key, value in text_encoder.items():
+        out[f"cond_stage_model.transformer.{canonical_text_encoder_name(key)}"] = value
+    return out
+
+
+# --- metadata ------------------------------------------------------------------------------------
+
+
+def public_model_name(ref: str) -> str:
+    """A model reference without the user's folders: hub ids and presets as they are, local paths by their last folder name."""
+    path = Path(ref).expanduser()
+    local = ref.startswith((".", "/", "~")) or "\\" in ref or ref.count("/") > 1 or path.exists()
+    return path.resolve().name if local and path.exists() else (Path(ref.replace("\\", "/")).name if local else ref)
+
+
+def a1111_metadata(run: dict[str, Any], modules: list[LoraModule], output_name: str) -> dict[str, str]:
+    """kohya `ss_*` and `modelspec.*` metadata (all strings) for a run's A1111 file; no paths, user or host names."""
+    rank = _most_common(m.rank for m in modules)
+    alpha = _most_common(m.alpha for m in modules)
+    resolution = int(run.get("resolution") or 512)
+    token, class_name = run.get("token", ""), run.get("class_name", "")
+    model = public_model_name(str(run.get("model", "")))
+    meta = {
+        "ss_network_module": "networks.lora",
+        "ss_network_dim": str(rank),
+        "ss_network_alpha": f"{alpha:g}",
+        "ss_base_model_version": str(run.get("base_model_version", "sd_v1")),
+        "ss_v2": str(run.get("base_model_version") == "sd_v2"),
+        "ss_sd_model_name": model,
+        "ss_resolution": f"({resolution}, {resolution})",
+        "ss_steps": str(run.get("steps", "")),
+        "ss_max_train_steps": str(run.get("steps", "")),
+        "ss_seed": str(run.get("seed", "")),
+        "ss_output_name": output_name,
+        "ss_training_comment": f"dreamlora DreamBooth LoRA; token: {token}; class: {class_name}; instance prompt: {run.get('instance_prompt', '')}",
+        "ss_tag_frequency": json.dumps({"instance": {run.get("instance_prompt") or f"{token} {class_name}".strip(): 1}}),
+        "ss_network_args": json.dumps({"train_text_encoder": bool(run.get("train_text_encoder", any(m.group == "text_encoder" for m in modules)))}),
+        "modelspec.sai_model_spec": "1.0.0",
+        "modelspec.architecture": "stable-diffusion-v1/lora" if run.get("family", "sd1") == "sd1" else "stable-diffusion-v2-512/lora",
+        "modelspec.implementation": "https://github.com/huggingface/diffusers",
+        "modelspec.title": output_name,
+        "modelspec.trigger_phrase": token,
+        "dreamlora_version": str(run.get("dreamlora_version", "")),
+    }
+    return meta
+
+
+# --- writing -------------------------------------------------------------------------------------
+
+
+def _data_region(blob: bytes) -> bytes:
+    header_size = struct.unpack("<Q", blob[:8])[0]
+    return blob[8 + header_size:]
+
+
+def safetensors_bytes_with_hash(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, str]:
+    """Serialize with `sshs_model_hash` = sha256 of the tensor data after the header (what A1111 shows).
+
+    The data region does not depend on the header, so the hash of a first serialization holds for the final one.
+    """
+    from safetensors.torch import save
+
+    first = save(tensors, metadata=metadata)
+    digest = hashlib.sha256(_data_region(first)).hexdigest()
+    final = save(tensors, metadata={**metadata, "sshs_model_hash": digest})
+    if _data_region(final) != _data_region(first):  # a safetensors change would make the hash a lie
+        raise ExportError("safetensors wrote a different tensor layout when the header changed; cannot stamp sshs_model_hash")
+    return final, digest
+
+
+def _refuse_existing(path: Path) -> None:
+    if path.exists():
+        raise ExportError(f"'{path}' already exists and is never overwritten; pass another --out, or delete it first")
+
+
+def _write_folder_atomic(final: Path, write: Any) -> None:
+    """Build a folder under a temporary name beside `final`, then rename it into place."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    try:
+        write(tmp)
+        os.replace(tmp, final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def _count_modules(modules: list[LoraModule]) -> dict[str, int]:
+    return {group: sum(m.group == group for m in modules) for group in GROUPS if any(m.group == group for m in modules)}
+
+
+def write_a1111(path: Path, modules: list[LoraModule], metadata: dict[str, str], dtype: str) -> Path:
+    blob, _ = safetensors_bytes_with_hash(kohya_state_dict(modules, DTYPES[dtype]), metadata)
+    write_atomic(path, blob)
+    return path
+
+
+def write_diffusers(folder: Path, modules: list[LoraModule], dtype: str) -> Path:
+    state_dicts, metadata = peft_state_dicts(modules)
+    _write_folder_atomic(folder, lambda tmp: save_diffusers_lora(tmp, state_dicts, metadata, DTYPES[dtype]))
+    return folder
+
+
+# --- loading base models and LoRA files for verification ----------------------------------------
+
+
+def _load_base(model_ref: str) -> tuple[Any, str | None]:
+    from dreamlora.models import load_components
+
+    try:
+        return load_components(model_ref), None
+    except (ModelLoadError, ConfigError, OSError) as error:
+        return None, f"verification skipped: base model {public_model_name(model_ref)!r} could not be loaded here ({type(error).__name__}); the file was written but not checked"
+
+
+def _lora_layers(model: torch.nn.Module) -> set[str]:
+    from peft.tuners.lora import LoraLayer
+
+    return {name for name, module in model.named_modules() if isinstance(module, LoraLayer)}
+
+
+def _probe_outputs(components: Any, unet: torch.nn.Module, text_encoder: torch.nn.Module, prompt: str) -> dict[str, torch.Tensor]:
+    """A fixed-seed text-encoder output and UNet noise prediction, in fp32."""
+    from dreamlora.models import encode_prompt, tokenize
+
+    config = unet.config
+    size = min(int(config.sample_size), 32)
+    generator = torch.Generator().manual_seed(0)
+    latents = torch.randn(1, config.in_channels, size, size, generator=generator)
+    context = torch.randn(1, components.tokenizer.model_max_length, config.cross_attention_dim, generator=generator)
+    with torch.no_grad():
+        hidden = encode_prompt(text_encoder.float(), tokenize(components.tokenizer, [prompt]))
+        noise = unet.float()(latents, torch.tensor([500]), encoder_hidden_states=context).sample
+    return {"text_encoder": hidden.float(), "unet": noise.float()}
+
+
+def _fresh_models(base: Any) -> dict[str, torch.nn.Module]:
+    return {"unet": copy.deepcopy(base.unet), "text_encoder": copy.deepcopy(base.text_encoder)}
+
+
+def _reference_outputs(base: Any, modules: list[LoraModule], scale: float, prompt: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Base outputs and outputs with `modules` loaded exactly through PEFT (at `scale`)."""
+    models = _fresh_models(base)
+    base_out = _probe_outputs(base, models["unet"], models["text_encoder"], prompt)
+    state_dicts, metadata = peft_state_dicts(modules)
+    load_adapters(models, state_dicts, metadata)
+    if scale != 1.0:
+        from peft.tuners.lora import LoraLayer
+
+        for model in models.values():
+            for module in model.modules():
+                if isinstance(module, LoraLayer):
+                    module.scale_layer(scale)
+    return base_out, _probe_outputs(base, models["unet"], models["text_encoder"], prompt)
+
+
+def _compare(reference: dict[str, torch.Tensor], base_out: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor], dtype: str, merged: bool, report: VerifyReport) -> None:
+    for group in ("unet", "text_encoder"):
+        diff = float((candidate[group] - reference[group]).abs().max())
+        effect = float((reference[group] - base_out[group]).abs().max())
+        size = float(reference[group].abs().max())
+        # A LoRA file only rounds the LoRA, so its error scales with the LoRA's effect; a merged model rounds every weight.
+        tolerance = TOLERANCE[dtype] * (size if merged else effect) + 1e-5 * size
+        report.max_abs_diff[group], report.lora_effect[group], report.tolerance[group] = diff, effect, tolerance
+    bad = [g for g in ("unet", "text_encoder") if not report.max_abs_diff[g] <= report.tolerance[g]]
+    if bad:
+        details = "; ".join(f"{g}: max |diff| {report.max_abs_diff[g]:.3g} > tolerance {report.tolerance[g]:.3g} (LoRA effect {report.lora_effect[g]:.3g})" for g in bad)
+        raise ExportError(f"verification failed ({report.loader}): the written file does not reproduce the LoRA: {details}; please report this with `dreamlora inspect` output")
+
+
+def _check_consumed(models: dict[str, torch.nn.Module], modules: list[LoraModule], loader: str) -> None:
+    for group, model in models.items():
+        expected = {m.module for m in modules if m.group == group}
+        loaded = _lora_layers(model)
+        missing, extra = sorted(expected - loaded), sorted(loaded - expected)
+        if missing or extra:
+            first = (missing or extra)[0]
+            raise ExportError(
+                f"verification failed: {loader} left {len(missing)} {group} LoRA modules of the file unloaded and added {len(extra)} others (first: {first}); "
+                "the file would silently lose part of the LoRA"
+            )
+
+
+def check_kohya_keys(state_dict: dict[str, torch.Tensor], base: Any) -> None:
+    """Every kohya module maps to a real module of `base`, has down/up/alpha, and fits that module's shape."""
+    table = kohya_name_table({"unet": [n for n, _ in base.unet.named_modules()], "text_encoder": [n for n, _ in base.text_encoder.named_modules()]})
+    models = {"unet": base.unet, "text_encoder": base.text_encoder}
+    for name in sorted({k.split(".", 1)[0] for k in state_dict}):
+        if name not in table:
+            raise ExportError(f"A1111 module {name!r} matches no module of the base model; the key mapping is wrong")
+        for suffix in (".lora_down.weight", ".lora_up.weight", ".alpha"):
+            if name + suffix not in state_dict:
+                raise ExportError(f"A1111 module {name!r} has no {suffix} key; consumers would mis-scale or skip it")
+        group, module_name = table[name]
+        module = models[group].get_submodule(module_name)
+        layer = getattr(module, "base_layer", module)
+        down, up = state_dict[name + ".lora_down.weight"], state_dict[name + ".lora_up.weight"]
+        in_features = getattr(layer, "in_features", getattr(layer, "in_channels", None))
+        out_features = getattr(layer, "out_features", getattr(layer, "out_channels", None))
+        if down.shape[1] != in_features or up.shape[0] != out_features or up.shape[1] != down.shape[0]:
+            raise ExportError(f"A1111 module {name!r} has shapes down {tuple(down.shape)} / up {tuple(up.shape)}, which do not fit {module_name} ({in_features} -> {out_features})")
+
+
+def _load_with_diffusers(base: Any, path: Path) -> dict[str, torch.nn.Module]:
+    from dreamlora.models import build_pipeline
+
+    models = _fresh_models(base)
+    parts = copy.copy(base)
+    parts.unet, parts.text_encoder = models["unet"], models["text_encoder"]
+    build_pipeline(parts).load_lora_weights(str(path))
+    return models
+
+
+def verify_export(path: Path, fmt: str, modules: list[LoraModule], model_ref: str, dtype: str, scale: float = 1.0, prompt: str = "a photo") -> VerifyReport:
+    """Load the written export back through diffusers' own loaders into a fresh base model and compare it with `modules` loaded exactly.
+
+    Raises ExportError on a mismatch beyond the dtype's tolerance or on LoRA modules the loader did not consume;
+    returns a skipped report when the base model is not available here.
+    """
+    base, skipped = _load_base(model_ref)
+    if base is None:
+        return VerifyReport("skipped", warnings=[skipped or ""])
+    if fmt == "merged" and path.is_file() and base.source_dir is None:
+        return VerifyReport("skipped", warnings=["verification skipped: from_single_file needs a local diffusers folder of the base model for its config; pass --model PATH to a local copy to check it"])
+    report = VerifyReport("passed")
+    base_out, reference = _reference_outputs(base, modules, scale, prompt)
+    if fmt in ("a1111", "diffusers"):
+        lora_path = path if fmt == "a1111" else path / LORA_FILE
+        if fmt == "a1111":
+            from safetensors.torch import load_file
+
+            check_kohya_keys(load_file(str(path)), base)
+        report.loader = "diffusers load_lora_weights"
+        try:
+            models = _load_with_diffusers(base, lora_path)
+        except ValueError as error:
+            if "infer state dict type" not in str(error):
+                raise ExportError(f"diffusers could not load '{path}': {error}") from error
+            # diffusers' kohya loader only recognises text-encoder LoRAs that include out_proj (it looks for `to_out_lora`).
+            report.warnings.append("diffusers' kohya loader cannot read text-encoder LoRAs without out_proj (A1111, ComfyUI and kohya can); checked through dreamlora's own reader instead")
+            report.loader = "dreamlora kohya reader"
+            models = _load_kohya_file_exactly(base, path)
+        _check_consumed(models, modules, report.loader)
+    else:
+        report.loader = "StableDiffusionPipeline.from_single_file" if path.is_file() else "StableDiffusionPipeline.from_pretrained"
+        models = _load_merged(path, base)
+        _check_vae(models.pop("vae"), base.vae, dtype, report)
+    candidate = _probe_outputs(base, models["unet"], models["text_encoder"], prompt)
+    _compare(reference, base_out, candidate, dtype, fmt == "merged", report)
+    return report
+
+
+def _check_vae(loaded: torch.nn.Module, base: torch.nn.Module, dtype: str, report: VerifyReport) -> None:
+    """The LoRA does not touch the VAE, so a merged model's VAE must equal the base's up to rounding (catches key-mapping slips)."""
+    expected, got = base.state_dict(), loaded.state_dict()
+    if set(expected) != set(got):
+        missing = sorted(set(expected) ^ set(got))
+        raise ExportError(f"verification failed: the merged model's VAE has different tensors than the base (first: {missing[0]})")
+    diff = max(float((got[k].float() - v.float()).abs().max()) for k, v in expected.items())
+    size = max(float(v.float().abs().max()) for v in expected.values())
+    report.max_abs_diff["vae_weights"], report.tolerance["vae_weights"] = diff, TOLERANCE[dtype] * size
+    if diff > TOLERANCE[dtype] * size:
+        raise ExportError(f"verification failed: the merged model's VAE weights differ from the base by {diff:.3g}; the checkpoint key mapping is wrong")
+
+
+def _load_kohya_file_exactly(base: Any, path: Path) -> dict[str, torch.nn.Module]:
+    from safetensors.torch import load_file
+
+    models = _fresh_models(base)
+    table = kohya_name_table({g: [n for n, _ in m.named_modules()] for g, m in models.items()})
+    modules, _ = modules_from_kohya(load_file(str(path)), table, UnetLayout.from_config(dict(base.unet.config)))
+    state_dicts, metadata = peft_state_dicts(modules)
+    load_adapters(models, state_dicts, metadata)
+    return models
+
+
+def _load_merged(path: Path, base: Any) -> dict[str, torch.nn.Module]:
+    from diffusers import StableDiffusionPipeline
+
+    if path.is_file():
+        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(base.source_dir), local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    else:
+        pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    return {"unet": pipe.unet.float(), "text_encoder": pipe.text_encoder.float(), "vae": pipe.vae}
+
+
+# --- merged models ------------------------------------------------------------------------------
+
+
+def _merged_components(model_ref: str, lora_file: Path, scale: float) -> Any:
+    """The base model with the LoRA fused in at `scale` and the adapters removed."""
+    from dreamlora.models import build_pipeline, load_components
+
+    components = load_components(model_ref)
+    pipe = build_pipeline(components)
+    pipe.load_lora_weights(str(lora_file), adapter_name="dreamlora")
+    pipe.fuse_lora(lora_scale=scale, adapter_names=["dreamlora"])
+    pipe.unload_lora_weights()
+    return components
+
+
+def write_merged(out: Path, model_ref: str, lora_file: Path, scale: float, dtype: str, single_file: bool) -> dict[str, int]:
+    """A full pipeline folder (or one original-layout checkpoint file) with the LoRA fused; returns tensor counts per part."""
+    from dreamlora.models import build_pipeline
+
+    components = _merged_components(model_ref, lora_file, scale)
+    torch_dtype = DTYPES[dtype]
+    for part in (components.unet, components.vae, components.text_encoder):
+        part.to(torch_dtype)
+    parts = {"unet": components.unet.state_dict(), "vae": components.vae.state_dict(), "text_encoder": components.text_encoder.state_dict()}
+    counts = {name: len(sd) for name, sd in parts.items()}
+    if single_file:
+        from safetensors.torch import save
+
+        state_dict = ldm_checkpoint_state_dict(parts["unet"], parts["vae"], parts["text_encoder"], dict(components.unet.config), len(components.vae.config.block_out_channels))
+        write_atomic(out, save({k: v.contiguous() for k, v in state_dict.items()}, metadata={"format": "pt", "modelspec.architecture": "stable-diffusion-v1"}))
+    else:
+        _write_folder_atomic(out, lambda tmp: build_pipeline(components).save_pretrained(tmp, safe_serialization=True))
+    return counts
+
+
+# --- the two entry points -----------------------------------------------------------------------
+
+
+def default_output(run_name: str, fmt: str, exports_root: Path, step: int | None, single_file: bool = False) -> Path:
+    stem = f"{run_name}-step{step}" if step is not None else run_name
+    if fmt == "a1111" or single_file:
+        return exports_root / f"{stem}-{fmt}.safetensors"
+    return exports_root / f"{stem}-{fmt}"
+
+
+def base_model_ref(run_dir: Path, run: dict[str, Any]) -> str:
+    """The base model to verify against: the run's config.toml keeps the full reference (run.json only its public name)."""
+    config = Path(run_dir) / CONFIG_FILE
+    if config.is_file():
+        import tomllib
+
+        name = tomllib.loads(config.read_text(encoding="utf-8")).get("model", {}).get("name")
+        if name:
+            return str(name)
+    return str(run["model"])
+
+
+def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, exports_root: Path = Path("exports")) -> ExportResult:
+    """Write a run's LoRA (final, or checkpoint `step`) in `cfg.format`, then verify it unless `cfg.verify` is off."""
+    run_dir = Path(run_dir)
+    run = read_run_info(run_dir)
+    lora_file = find_lora(run_dir, step)
+    if not lora_file.is_file():
+        raise ExportError(f"run '{run_dir}' has no LoRA weights at '{lora_file}'; train it first or pass --step with an existing checkpoint")
+    state_dicts, metadata = read_diffusers_lora(lora_file)
+    modules = modules_from_peft(state_dicts, metadata)
+    if not modules:
+        raise ExportError(f"'{lora_file}' holds no LoRA weights; train the run first")
+    name = str(run.get("name") or run_dir.name)
+    out = Path(cfg.out) if cfg.out else default_output(name, cfg.format, Path(exports_root), step, cfg.single_file)
+    if cfg.format == "a1111" and out.suffix != ".safetensors":
+        raise ExportError(f"A1111 output '{out}' must end in .safetensors; pass --out NAME.safetensors")
+    _refuse_existing(out)
+    if cfg.format == "a1111":
+        write_a1111(out, modules, a1111_metadata(run, modules, out.stem), cfg.dtype)
+        counts = _count_modules(modules)
+    elif cfg.format == "diffusers":
+        write_diffusers(out, modules, cfg.dtype)
+        counts = _count_modules(modules)
+    else:
+        counts = write_merged(out, base_model_ref(run_dir, run), lora_file, cfg.scale, cfg.dtype, cfg.single_file)
+    report = None
+    if cfg.verify:
+        prompt = str(run.get("instance_prompt") or "a photo")
+        try:
+            report = verify_export(out, cfg.format, modules, base_model_ref(run_dir, run), cfg.dtype, cfg.scale if cfg.format == "merged" else 1.0, prompt)
+        except ExportError as error:
+            _remove(out)
+            raise ExportError(f"{error}. '{out}' was removed; export with --no-verify to keep an unverified file") from error
+    return ExportResult(out, cfg.format, cfg.dtype, counts, report)
+
+
+def _read_any_lora(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    path = src / LORA_FILE if src.is_dir() else src
+    if not path.is_file():
+        raise ExportError(f"no LoRA file at '{src}'; pass a .safetensors LoRA or a folder holding {LORA_FILE}")
+    if path.suffix != ".safetensors":
+        raise ExportError(f"'{path}' is not a .safetensors file; dreamlora reads only safetensors LoRAs (pickle files can run code)")
+    with safe_open(str(path), framework="pt") as handle:
+        return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
+
+
+def _architecture_module_names(base_model: str | None) -> tuple[dict[str, list[str]], UnetLayout, str]:
+    """Module names of the base model's UNet and text encoder, built on the meta device from configs only."""
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from dreamlora.models import resolve_model_dir
+
+    if base_model is None:
+        unet_config = json.loads((SD15_CONFIGS / "unet.json").read_text(encoding="utf-8"))
+        te_config = CLIPTextConfig(**json.loads((SD15_CONFIGS / "text_encoder.json").read_text(encoding="utf-8")))
+        label = "Stable Diffusion 1.5 architecture"
+    else:
+        source = resolve_model_dir(base_model)
+        try:
+            unet_config = dict(UNet2DConditionModel.load_config(source, subfolder="unet", local_files_only=True))
+            te_config = CLIPTextConfig.from_pretrained(source, subfolder="text_encoder", local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise ModelLoadError(f"could not read the configs of base model {base_model!r}: {error}; pass a local diffusers folder, or leave --model out for SD 1.5") from error
+        label = public_model_name(base_model)
+    with torch.device("meta"):
+        unet = UNet2DConditionModel.from_config(unet_config)
+        text_encoder = CLIPTextModel(te_config)
+    names = {"unet": [n for n, _ in unet.named_modules()], "text_encoder": [n for n, _ in text_encoder.named_modules()]}
+    return names, UnetLayout.from_config(unet_config), label
+
+
+def read_lora_modules(src: Path, base_model: str | None) -> tuple[list[LoraModule], dict[str, str], list[str]]:
+    """Any supported LoRA file (kohya/A1111, LoCon, LDM-named, diffusers/PEFT) -> modules, its metadata, notes."""
+    tensors, file_meta = _read_any_lora(Path(src))
+    notes: list[str] = []
+    if tensors and all(is_kohya_key(k) for k in tensors):
+        if "lora_adapter_metadata" in file_meta:
+            notes.append("dropped diffusers adapter metadata stored beside kohya alphas (diffusers' loader raises on that mix)")
+        if any(k.startswith("lora_te2_") for k in tensors):
+            raise ExportError(f"'{src}' has lora_te2_ keys, so it is an SDXL LoRA; dreamlora converts SD 1.x/2.x LoRAs only")
+        names, layout, label = _architecture_module_names(base_model)
+        modules, kohya_notes = modules_from_kohya(tensors, kohya_name_table(names), layout)
+        notes += kohya_notes + [f"module names checked against the {label}"]
+        return modules, file_meta, notes
+    path = Path(src) / LORA_FILE if Path(src).is_dir() else Path(src)
+    state_dicts, metadata = read_diffusers_lora(path)
+    if not metadata:
+        ranks = {g: int(next(v for k, v in sd.items() if k.endswith("lora_A.weight")).shape[0]) for g, sd in state_dicts.items()}
+        metadata = {g: {"r": r, "lora_alpha": r} for g, r in ranks.items()}
+        notes.append("the diffusers file has no adapter metadata; alpha taken as rank (what diffusers assumes)")
+    return modules_from_peft(state_dicts, metadata), file_meta, notes
+
+
+def _alphas_uniform(modules: list[LoraModule]) -> bool:
+    return len({m.alpha for m in modules}) <= 1
+
+
+def convert_lora(src: Path, dst: Path, to: str, base_model: str | None = None, dtype: str = "fp16", verify: bool = True) -> ExportResult:
+    """Convert a LoRA trained elsewhere to `to` (a1111: one .safetensors; diffusers: a folder).
+
+    Per-module alphas that diffusers would mis-load are folded into the up weights (noted in the result).
+    Verification needs `base_model` (loaded through `load_components`); without it the result says it was skipped.
+    """
+    if to not in ("a1111", "diffusers"):
+        raise ExportError(f"convert --to must be a1111 or diffusers; got {to!r}")
+    if dtype not in DTYPES:
+        raise ExportError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
+    dst = Path(dst)
+    _refuse_existing(dst)
+    modules, file_meta, notes = read_lora_modules(Path(src), base_model)
+    if not modules:
+        raise ExportError(f"'{src}' holds no LoRA weights")
+    original = modules
+    if to == "a1111":
+        if dst.suffix != ".safetensors":
+            raise ExportError(f"A1111 output '{dst}' must end in .safetensors; pass OUT as NAME.safetensors")
+        if not _alphas_uniform(modules):
+            modules, changed = fold_alphas(modules, per_module_rank=False)
+            notes.append(f"per-module alphas differ (diffusers would apply the most common one to all): folded into the up weights of {len(changed)} modules; every module now has alpha {modules[0].alpha:g}")
+        kept = {k: v for k, v in file_meta.items() if k.startswith(("ss_", "modelspec.")) and k != "sshs_model_hash"}
+        write_a1111(dst, modules, {**kept, "ss_output_name": dst.stem}, dtype)
+    else:
+        if not _alphas_uniform(modules) or len({m.rank for m in modules}) > 1:
+            modules, changed = fold_alphas(modules, per_module_rank=True)
+            notes.append(f"alphas/ranks differ between modules: alpha/rank folded into the up weights of {len(changed)} modules, so alpha = rank everywhere (right for every consumer)")
+        write_diffusers(dst, modules, dtype)
+    report = None
+    if verify:
+        if base_model is None:
+            report = VerifyReport("skipped", warnings=["verification skipped: pass --model BASE to load the file back into the base model and compare"])
+        else:
+            try:
+                report = verify_export(dst, to, original, base_model, dtype)
+            except ExportError as error:
+                _remove(dst)
+                raise ExportError(f"{error}. '{dst}' was removed") from error
+    return ExportResult(dst, to, dtype, _count_modules(modules), report, notes)

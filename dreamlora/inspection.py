@@ -1,0 +1,201 @@
+"""What `dreamlora inspect` reports about a run folder or a LoRA file: format, family, ranks, alphas, counts, metadata and problems."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dreamlora.checkpoint import RUN_INFO, find_lora, read_run_info
+from dreamlora.errors import ExportError
+from dreamlora.export import is_kohya_key
+from dreamlora.lora import GROUPS
+
+CROSS_ATTENTION_FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
+BASE_MODEL_FAMILIES = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}
+DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp32"}
+
+
+def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    from safetensors import safe_open
+
+    if path.suffix != ".safetensors":
+        raise ExportError(f"'{path}' is not a .safetensors file; inspect reads run folders and safetensors LoRAs")
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own types for corrupt files
+        raise ExportError(f"'{path}' could not be read as safetensors ({error}); is the file complete?") from error
+
+
+def _kohya_group(name: str) -> str:
+    return "unet" if name.startswith("lora_unet_") else "text_encoder"
+
+
+def _kohya_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
+    modules: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        name, _, kind = key.partition(".")
+        entry = modules.setdefault(name, {"group": _kohya_group(name)})
+        if kind == "lora_down.weight":
+            entry["down"] = value
+        elif kind == "lora_up.weight":
+            entry["up"] = value
+        elif kind == "alpha":
+            entry["alpha"] = float(value.float().item())
+    return modules
+
+
+def _diffusers_modules(tensors: dict[str, torch.Tensor], file_meta: dict[str, str]) -> dict[str, dict[str, Any]]:
+    adapter_meta = json.loads(file_meta["lora_adapter_metadata"]) if "lora_adapter_metadata" in file_meta else {}
+    modules: dict[str, dict[str, Any]] = {}
+    for key, value in tensors.items():
+        group, _, rest = key.partition(".")
+        for marker, slot in ((".lora_A.", "down"), (".lora_B.", "up")):
+            if marker in rest:
+                name = rest.split(marker)[0]
+                entry = modules.setdefault(f"{group}.{name}", {"group": group})
+                entry[slot] = value
+    for name, entry in modules.items():
+        group, _, module = name.partition(".")
+        alpha = adapter_meta.get(f"{group}.lora_alpha")
+        pattern = adapter_meta.get(f"{group}.alpha_pattern") or {}
+        for key, value in pattern.items():
+            if module == key or module.endswith("." + key):
+                alpha = value
+        if alpha is not None:
+            entry["alpha"] = float(alpha)
+    return modules
+
+
+def _family(modules: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor], file_meta: dict[str, str], run: dict[str, Any] | None) -> str:
+    if run and run.get("family"):
+        return str(run["family"])
+    if file_meta.get("ss_base_model_version") in BASE_MODEL_FAMILIES:
+        return BASE_MODEL_FAMILIES[file_meta["ss_base_model_version"]]
+    if any(k.startswith("lora_te2_") or k.startswith("text_encoder_2.") for k in tensors):
+        return "sdxl"
+    for name, entry in modules.items():
+        if "attn2" in name and ("to_k" in name) and "down" in entry:
+            width = int(entry["down"].shape[1])
+            return CROSS_ATTENTION_FAMILIES.get(width, f"unknown (cross-attention width {width})")
+    return "unknown"
+
+
+def _group_summary(modules: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    summary = {}
+    for group in GROUPS:
+        members = [m for m in modules.values() if m["group"] == group and "down" in m]
+        if not members:
+            continue
+        ranks = Counter(int(m["down"].shape[0]) for m in members)
+        alphas = Counter(m.get("alpha") for m in members)
+        summary[group] = {
+            "modules": len(members),
+            "ranks": sorted(ranks),
+            "alphas": sorted(a for a in alphas if a is not None),
+            "missing_alpha": alphas.get(None, 0),
+        }
+    return summary
+
+
+def find_problems(fmt: str, family: str, modules: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor], file_meta: dict[str, str]) -> list[str]:
+    """Problems a consumer (A1111, ComfyUI, diffusers) would hit with these tensors, each with what to do."""
+    problems = []
+    bad = [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        problems.append(f"{len(bad)} tensors contain NaN or inf (first: {bad[0]}); the LoRA is broken, use an earlier checkpoint")
+    ups = {name: m["up"] for name, m in modules.items() if "up" in m}
+    zero = [name for name, up in ups.items() if not bool(up.abs().sum() > 0)]
+    if ups and len(zero) == len(ups):
+        problems.append("every up weight is zero: the LoRA has no effect (untrained, or trained with a zero learning rate)")
+    elif zero:
+        problems.append(f"{len(zero)} of {len(ups)} modules have all-zero up weights (first: {zero[0]}); they do nothing")
+    incomplete = [name for name, m in modules.items() if "down" not in m or "up" not in m]
+    if incomplete:
+        problems.append(f"{len(incomplete)} modules lack a down or up weight (first: {incomplete[0]}); consumers skip them")
+    missing_alpha = [name for name, m in modules.items() if "alpha" not in m and "down" in m]
+    if missing_alpha:
+        where = "adapter metadata (lora_adapter_metadata)" if fmt == "diffusers" else ".alpha"
+        problems.append(f"{len(missing_alpha)} modules have no {where} (first: {missing_alpha[0]}); consumers assume alpha = rank, which may not be how it was trained")
+    if fmt == "a1111":
+        problems += _kohya_problems(family, modules, tensors, file_meta)
+    return problems
+
+
+def _kohya_problems(family: str, modules: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor], file_meta: dict[str, str]) -> list[str]:
+    problems = []
+    te_names = [name for name, m in modules.items() if m["group"] == "text_encoder"]
+    if family in ("sd1", "sd2"):
+        te1 = [n for n in te_names if n.startswith("lora_te1_")]
+        if te1:
+            problems.append(f"{len(te1)} text-encoder modules use the SDXL prefix lora_te1_ on an SD 1.x/2.x LoRA (first: {te1[0]}); A1111 ignores them, it expects lora_te_text_model_…; fix with `dreamlora convert --to a1111`")
+        no_text_model = [n for n in te_names if n.startswith("lora_te_") and not n.startswith("lora_te_text_model_")]
+        if no_text_model:
+            problems.append(f"{len(no_text_model)} text-encoder modules lack text_model_ (first: {no_text_model[0]}); A1111 ignores them; fix with `dreamlora convert --to a1111`")
+    alphas = {m["alpha"] for m in modules.values() if "alpha" in m}
+    if len(alphas) > 1:
+        problems.append(
+            f"alphas differ between modules ({', '.join(f'{a:g}' for a in sorted(alphas))}); diffusers' load_lora_weights applies the most common one to every module; "
+            "`dreamlora convert` folds them into the weights so every consumer agrees"
+        )
+    if te_names and not any("out_proj" in n for n in te_names):
+        problems.append("the text-encoder LoRA has no out_proj modules; diffusers' load_lora_weights raises on it (A1111 and ComfyUI load it)")
+    ldm = [n for n in modules if n.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))]
+    if ldm and family in ("sd1", "sd2"):
+        problems.append(f"{len(ldm)} UNet modules use LDM names (first: {ldm[0]}); diffusers drops them with only a warning; `dreamlora convert --to a1111` renames them")
+    if "lora_adapter_metadata" in file_meta:
+        problems.append("kohya alphas and diffusers adapter metadata in one file: diffusers' load_lora_weights raises; `dreamlora convert` drops the metadata")
+    return problems
+
+
+def _adapter_summary(file_meta: dict[str, str]) -> dict[str, dict[str, Any]]:
+    """Rank, alpha and targets per group from a diffusers file's `lora_adapter_metadata`."""
+    flat = json.loads(file_meta.get("lora_adapter_metadata") or "{}")
+    return {
+        group: {key: flat[f"{group}.{key}"] for key in ("r", "lora_alpha", "target_modules") if f"{group}.{key}" in flat}
+        for group in GROUPS
+        if any(k.startswith(f"{group}.") for k in flat)
+    }
+
+
+def inspect_path(path: Path) -> dict[str, Any]:
+    """Describe a run folder or a LoRA file (kohya/A1111 or diffusers); see the keys of the returned dict."""
+    path = Path(path)
+    if not path.exists():
+        raise ExportError(f"'{path}' does not exist; pass a run folder under runs/ or a .safetensors LoRA file")
+    run = read_run_info(path) if path.is_dir() and (path / RUN_INFO).is_file() else None
+    lora_file = find_lora(path)
+    tensors, file_meta = _read(lora_file)
+    if tensors and all(is_kohya_key(k) for k in tensors):
+        fmt, modules = "a1111", _kohya_modules(tensors)
+    elif tensors and all(k.split(".", 1)[0] in GROUPS and (".lora_A." in k or ".lora_B." in k) for k in tensors):
+        fmt, modules = "diffusers", _diffusers_modules(tensors, file_meta)
+    else:
+        fmt, modules = "unknown", {}
+    family = _family(modules, tensors, file_meta, run)
+    dtypes = Counter(DTYPE_NAMES.get(v.dtype, str(v.dtype)) for k, v in tensors.items() if not k.endswith(".alpha"))
+    groups = _group_summary(modules)
+    problems = find_problems(fmt, family, modules, tensors, file_meta) if fmt != "unknown" else [
+        "not a LoRA layout dreamlora knows (kohya lora_unet_/lora_te_ keys or diffusers unet./text_encoder. keys with lora_A/lora_B)"
+    ]
+    return {
+        "path": str(path),
+        "kind": "run" if run is not None else "file",
+        "lora_file": str(lora_file),
+        "format": fmt,
+        "family": family,
+        "dtype": dtypes.most_common(1)[0][0] if dtypes else "none",
+        "file_size": lora_file.stat().st_size,
+        "tensors": len(tensors),
+        "unet_modules": groups.get("unet", {}).get("modules", 0),
+        "text_encoder_modules": groups.get("text_encoder", {}).get("modules", 0),
+        "groups": groups,
+        "metadata": {k: v for k, v in file_meta.items() if k.startswith(("ss_", "sshs_", "modelspec.", "dreamlora_"))},
+        "adapter_metadata": _adapter_summary(file_meta),
+        "run": run,
+        "problems": problems,
+    }

@@ -1,0 +1,101 @@
+"""inspect on a run folder, its exports, and files with the problems consumers trip over."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from dreamlora.config import AdapterConfig, ExportConfig
+from dreamlora.errors import ExportError
+from dreamlora.export import export_run
+from dreamlora.inspection import inspect_path
+from dreamlora.lora import adapter_metadata, adapter_state_dicts, attach_adapters, save_diffusers_lora
+from dreamlora.models import load_components
+
+RANK, ALPHA = 4, 8.0
+
+
+def write_run(root: Path, name: str = "sks-dog") -> tuple[Path, int, int]:
+    """A run folder with a non-zero LoRA (alpha != rank); returns it and the UNet / text-encoder module counts."""
+    components = load_components("tiny")
+    attach_adapters(components.unet, components.text_encoder, AdapterConfig(rank=RANK, alpha=ALPHA, init="nonzero"))
+    models = {"unet": components.unet, "text_encoder": components.text_encoder}
+    state_dicts = adapter_state_dicts(models)
+    save_diffusers_lora(root / name / "lora", state_dicts, {k: adapter_metadata(m) for k, m in models.items()})
+    info = {"model": "tiny", "family": "sd1", "base_model_version": "sd_v1", "resolution": 32, "steps": 3, "token": "sks", "class_name": "dog", "rank": RANK, "alpha": ALPHA, "name": name}
+    (root / name / "run.json").write_text(json.dumps(info), encoding="utf-8")
+    return root / name, len(state_dicts["unet"]) // 2, len(state_dicts["text_encoder"]) // 2
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    root = tmp_path_factory.mktemp("inspect")
+    run, unet_modules, te_modules = write_run(root / "runs")
+    a1111 = export_run(run, ExportConfig(format="a1111", verify=False), exports_root=root / "exports").path
+    return {"root": root, "run": run, "a1111": a1111, "counts": (unet_modules, te_modules)}
+
+
+def test_run_folder(exported):
+    report = inspect_path(exported["run"])
+    assert report["kind"] == "run" and report["format"] == "diffusers" and report["family"] == "sd1"
+    assert (report["unet_modules"], report["text_encoder_modules"]) == exported["counts"]
+    assert report["groups"]["unet"]["ranks"] == [RANK] and report["groups"]["text_encoder"]["alphas"] == [ALPHA]
+    assert report["dtype"] == "fp32" and report["run"]["token"] == "sks" and report["problems"] == []
+    assert report["adapter_metadata"]["unet"]["lora_alpha"] == ALPHA
+
+
+def test_a1111_export(exported):
+    report = inspect_path(exported["a1111"])
+    assert report["format"] == "a1111" and report["family"] == "sd1" and report["dtype"] == "fp16"
+    assert (report["unet_modules"], report["text_encoder_modules"]) == exported["counts"]
+    assert report["groups"]["unet"] == {"modules": exported["counts"][0], "ranks": [RANK], "alphas": [ALPHA], "missing_alpha": 0}
+    assert report["metadata"]["ss_network_alpha"] == "8" and report["file_size"] == exported["a1111"].stat().st_size
+    assert report["problems"] == []
+
+
+def rewrite(src, dst, change):
+    tensors = load_file(str(src))
+    save_file(change(tensors), str(dst), metadata={"ss_base_model_version": "sd_v1"})
+    return dst
+
+
+def test_flags_nan_weights(exported):
+    def poison(tensors):
+        key = next(k for k in sorted(tensors) if k.endswith("lora_up.weight"))
+        tensors[key] = tensors[key].clone()
+        tensors[key][0, 0] = float("nan")
+        return tensors
+
+    report = inspect_path(rewrite(exported["a1111"], exported["root"] / "nan.safetensors", poison))
+    assert any("NaN" in p for p in report["problems"])
+
+
+def test_flags_sdxl_text_encoder_prefix_and_missing_alpha(exported):
+    def sdxl_prefix(tensors):
+        renamed = {k.replace("lora_te_", "lora_te1_"): v for k, v in tensors.items()}
+        return {k: v for k, v in renamed.items() if not (k.startswith("lora_unet_down") and k.endswith(".alpha"))}
+
+    report = inspect_path(rewrite(exported["a1111"], exported["root"] / "te1.safetensors", sdxl_prefix))
+    assert report["family"] == "sd1"
+    assert any("lora_te1_" in p and "A1111 ignores" in p for p in report["problems"])
+    assert any("no .alpha" in p for p in report["problems"])
+
+
+def test_flags_differing_alphas_and_zero_ups(exported):
+    def mixed(tensors):
+        for key in [k for k in tensors if k.endswith(".alpha")][:3]:
+            tensors[key] = torch.tensor(1.0)
+        return {k: (torch.zeros_like(v) if k.endswith("lora_up.weight") else v) for k, v in tensors.items()}
+
+    report = inspect_path(rewrite(exported["a1111"], exported["root"] / "mixed.safetensors", mixed))
+    assert any("alphas differ" in p for p in report["problems"])
+    assert any("every up weight is zero" in p for p in report["problems"])
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(ExportError, match="does not exist"):
+        inspect_path(tmp_path / "nope.safetensors")
