@@ -159,6 +159,45 @@ class LatentSource:
         return ((mean.to(device) + std.to(device) * eps) - self.shift) * self.scaling
 
 
+class DreamBoothBatches:
+    """Instance rows then class rows for each micro-step, drawn as a pure function of (seed, micro-step, rank)."""
+
+    def __init__(self, cfg: RunConfig, components: Components, device: torch.device, world: int = 1, rank: int = 0) -> None:
+        data = cfg.data
+        self.batch_size, self.seed, self.device, self.world, self.rank = cfg.train.batch_size, cfg.train.seed, device, world, rank
+        instance = ImageFolderDataset(list_images(data.instance_dir, "instance"), data.resolved_instance_prompt(), data.resolution, "instance", data.center_crop)
+        self.sources = [LatentSource(instance, components.vae, data.flip, cache=data.center_crop)]
+        self.prompts = [data.resolved_instance_prompt()]
+        self.with_prior = bool(data.class_dir)
+        if self.with_prior:
+            class_set = ImageFolderDataset(list_images(data.class_dir, "class"), data.class_prompt, data.resolution, "class", data.center_crop)
+            self.sources.append(LatentSource(class_set, components.vae, data.flip, cache=data.center_crop))
+            self.prompts.append(data.class_prompt)
+
+    def draw(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
+        """Latents, the prompt row of each example, and the generator for this micro-step's other random draws."""
+        # Every random draw of a micro-step comes from a generator seeded by (seed, micro-step, rank): resume is exact.
+        position = micro_step * self.world + self.rank
+        generator = torch.Generator(device=self.device).manual_seed(self.seed * 7_919 + position)
+        latents, rows = [], []
+        for row, source in enumerate(self.sources):
+            latents.append(source.sample(batch_indices(position, self.batch_size, len(source), self.seed + row), generator))
+            rows += [row] * self.batch_size
+        return torch.cat(latents), torch.tensor(rows, device=self.device), generator
+
+
+def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW with one parameter group (and learning rate) per trained model; fused kernels on CUDA."""
+    lrs = {"unet": cfg.train.lr, "text_encoder": cfg.train.resolved_text_encoder_lr}
+    return torch.optim.AdamW(
+        [{"params": params, "lr": lrs[name]} for name, params in groups.items()],
+        betas=(0.9, 0.999),
+        weight_decay=1e-2,
+        eps=1e-8,
+        fused=device.type == "cuda",
+    )
+
+
 # --- the recipe ----------------------------------------------------------------------------------
 
 
@@ -241,16 +280,9 @@ def train(
         _enable_checkpointing(components, train_te)
 
     # Data: instance and class latents cached once (each image and its flip), prompts tokenized once.
-    data = cfg.data
-    with_prior = bool(data.class_dir)
-    instance = ImageFolderDataset(list_images(data.instance_dir, "instance"), data.resolved_instance_prompt(), data.resolution, "instance", data.center_crop)
-    sources = [LatentSource(instance, vae, data.flip, cache=data.center_crop)]
-    prompts = [data.resolved_instance_prompt()]
-    if with_prior:
-        class_set = ImageFolderDataset(list_images(data.class_dir, "class"), data.class_prompt, data.resolution, "class", data.center_crop)
-        sources.append(LatentSource(class_set, vae, data.flip, cache=data.center_crop))
-        prompts.append(data.class_prompt)
-    input_ids = tokenize(components.tokenizer, prompts).to(device)
+    batches = DreamBoothBatches(cfg, components, device, accelerator.num_processes, accelerator.process_index)
+    with_prior = batches.with_prior
+    input_ids = tokenize(components.tokenizer, batches.prompts).to(device)
     if not train_te:
         with torch.no_grad():
             cached_context = encode_prompt(text_encoder, input_ids)
@@ -259,14 +291,7 @@ def train(
     groups = {"unet": trainable_parameters(unet)}
     if train_te:
         groups["text_encoder"] = trainable_parameters(text_encoder)
-    lrs = {"unet": cfg.train.lr, "text_encoder": cfg.train.resolved_text_encoder_lr}
-    optimizer = torch.optim.AdamW(
-        [{"params": params, "lr": lrs[name]} for name, params in groups.items()],
-        betas=(0.9, 0.999),
-        weight_decay=1e-2,
-        eps=1e-8,
-        fused=device.type == "cuda",
-    )
+    optimizer = make_optimizer(groups, cfg, device)
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.max_steps)
@@ -306,33 +331,22 @@ def train(
         return {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler, "config": ckpt_config(cfg)}
 
     noise_scheduler = components.noise_scheduler
-    n_train_timesteps = noise_scheduler.config.num_train_timesteps
-    bsz = cfg.train.batch_size
-    accum = cfg.train.gradient_accumulation
-    world, rank = accelerator.num_processes, accelerator.process_index
+    bsz, accum = cfg.train.batch_size, cfg.train.gradient_accumulation
     metrics_path = run_dir / ckpt.METRICS_FILE
     started = time.perf_counter()
     bad_steps, skipped, loss_value = 0, 0, float("nan")
     unet.train()
     for step in range(start_step, cfg.train.max_steps):
         for micro in range(accum):
-            # Every random draw of a micro-step comes from a generator seeded by (seed, step, rank): resume is exact.
-            position = (step * accum + micro) * world + rank
-            generator = torch.Generator(device=device).manual_seed(cfg.train.seed * 7_919 + position)
-            latents = [sources[0].sample(batch_indices(position, bsz, len(sources[0]), cfg.train.seed), generator)]
-            rows = [0] * bsz
-            if with_prior:
-                latents.append(sources[1].sample(batch_indices(position, bsz, len(sources[1]), cfg.train.seed + 1), generator))
-                rows += [1] * bsz
-            latents = torch.cat(latents)
+            latents, rows, generator = batches.draw(step * accum + micro)
             noise = torch.randn(latents.shape, generator=generator, device=device)
-            timesteps = torch.randint(0, n_train_timesteps, (latents.shape[0],), generator=generator, device=device)
+            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             target = diffusion_target(noise_scheduler, latents, noise, timesteps)
             with accelerator.accumulate(*models), accelerator.autocast():
                 # Encode each distinct prompt once and index it: gradients still reach every row.
                 context = encode_prompt(text_encoder, input_ids) if train_te else cached_context
-                context = context[torch.tensor(rows, device=device)]
+                context = context[rows]
                 pred = unet(noisy.to(weight_dtype), timesteps, context.to(weight_dtype)).sample
                 loss, instance_loss, prior_loss = dreambooth_loss(pred, target, bsz, cfg.train.prior_weight)
                 if not torch.isfinite(loss):
