@@ -149,7 +149,8 @@ class TrainConfig:
     sample_every: int = 0  # 0: samples only at the end
     num_samples: int = 4
     log_every: int = 10
-    compile: bool = False
+    compile: bool = False  # CUDA: capture the UNet step with CUDA graphs (torch.compile reduce-overhead)
+    master_weights: bool = True  # bf16: LoRA weights compute in bf16 with fp32 master copies (no per-use casts); False: autocast
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_steps <= 1_000_000, f"train.max_steps must be in 1..1000000; got {self.max_steps}")
