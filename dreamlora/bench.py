@@ -28,11 +28,12 @@ class TrainBench:
     peak_memory_gib: float | None
     steps_measured: int
     warmup_steps: int
-    first_step_s: float  # includes compilation when --compile is on
+    first_step_s: float  # includes CUDA-graph capture when it is on
     attention: str
     precision: str
     gradient_checkpointing: bool
-    compile: bool
+    cuda_graphs: bool
+    capture_seconds: float
     resolution: int
     batch: str  # instance + class rows per step
     rank: int
@@ -115,7 +116,8 @@ def bench_train(cfg: RunConfig, workdir: Path, steps: int, warmup: int) -> Train
         attention=result.attention,
         precision=result.precision,
         gradient_checkpointing=cfg.train.gradient_checkpointing,
-        compile=cfg.train.compile,
+        cuda_graphs=result.cuda_graphs,
+        capture_seconds=result.capture_seconds,
         resolution=resolution,
         batch=f"{cfg.train.batch_size}+{cfg.train.batch_size}",
         rank=cfg.adapter.rank,
@@ -149,9 +151,12 @@ def run_bench(cfg: RunConfig, parts: tuple[str, ...], steps: int, warmup: int, p
     with tempfile.TemporaryDirectory(prefix="dreamlora-bench-") as tmp:
         workdir = Path(tmp)
         if "train" in parts:
-            settings = [cfg.train.gradient_checkpointing] + ([not cfg.train.gradient_checkpointing] if variants else [])
-            for i, checkpointing in enumerate(settings):
-                run_cfg = replace(cfg, train=replace(cfg.train, gradient_checkpointing=checkpointing))
+            ckpt = cfg.train.gradient_checkpointing
+            settings = [(ckpt, cfg.train.compile)]
+            if variants:
+                settings += [(not ckpt, cfg.train.compile)] + ([(ckpt, "off")] if device.type == "cuda" and cfg.train.compile != "off" else [])
+            for i, (checkpointing, compile_mode) in enumerate(settings):
+                run_cfg = replace(cfg, train=replace(cfg.train, gradient_checkpointing=checkpointing, compile=compile_mode))
                 result.train.append(bench_train(run_cfg, workdir / f"train{i}", steps, warmup))
         if "prior" in parts:
             ours = replace(cfg.prior, num_images=prior_images, class_name="dog")

@@ -232,6 +232,7 @@ def train(
     random_crop: Annotated[bool, typer.Option("--random-crop", help="Random instead of centre crops.")] = False,
     flip: Annotated[bool, typer.Option("--flip", help="Random horizontal flips.")] = False,
     out_dir: Annotated[Optional[str], typer.Option("--out", help="Run folder (default runs/<token>-<class>); never overwritten.")] = None,
+    compile_: Annotated[Optional[str], typer.Option("--compile", help="CUDA graph of the whole step: auto (default; single GPU, bf16/fp32), on, off.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Save a resumable checkpoint every N steps.")] = None,
     keep_checkpoints: Annotated[Optional[int], typer.Option(help="Newest checkpoints to keep (default 2).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out (or the latest run) from its last checkpoint.")] = False,
@@ -254,7 +255,7 @@ def train(
         "train.max_steps": max_steps, "train.batch_size": batch_size, "train.gradient_accumulation": gradient_accumulation,
         "train.seed": seed, "data.resolution": resolution, "data.center_crop": False if random_crop else None,
         "data.flip": True if flip else None, "train.out": out_dir, "train.checkpoint_every": checkpoint_every,
-        "train.keep_checkpoints": keep_checkpoints, "model.name": model,
+        "train.keep_checkpoints": keep_checkpoints, "model.name": model, "train.compile": compile_,
     }
 
     def action() -> None:
@@ -301,6 +302,7 @@ def _train_with_progress(training: Any, cfg: Any, **kwargs: Any) -> None:
     _summary("training finished", [
         ("run folder", result.run_dir), ("steps", result.steps), ("final loss", f"{result.final_loss:.4f}"),
         ("time", f"{result.seconds:.1f} s"), ("attention", result.attention), ("precision", result.precision),
+        ("step", f"CUDA graph (captured in {result.capture_seconds:.1f} s)" if result.cuda_graphs else "eager"),
         ("prior preservation", "yes" if result.with_prior else "no"), ("LoRA", result.lora_path),
         *[("picture", p) for p in result.samples],
     ])
@@ -456,7 +458,7 @@ def bench(
     prior_images: Annotated[int, typer.Option(help="Class images to time.")] = 32,
     variants: Annotated[bool, typer.Option("--variants/--no-variants", help="Also time without gradient checkpointing and the reference's prior settings.")] = True,
     no_gradient_checkpointing: Annotated[bool, typer.Option("--no-gradient-checkpointing")] = False,
-    compile_: Annotated[bool, typer.Option("--compile", help="Time the compiled (CUDA-graph) step.")] = False,
+    compile_: Annotated[Optional[str], typer.Option("--compile", help="CUDA graph of the step: auto|on|off.")] = None,
     precision: Precision = None,
     attention: Annotated[Optional[str], typer.Option(help="auto|sdpa|xformers")] = None,
     resolution: Annotated[Optional[int], typer.Option()] = None,
@@ -479,7 +481,7 @@ def bench(
         cfg = default_bench_config(model, _overrides(set_, {
             "model.precision": precision, "model.attention": attention, "data.resolution": resolution,
             "train.batch_size": batch_size, "adapter.rank": rank,
-            "train.gradient_checkpointing": False if no_gradient_checkpointing else None, "train.compile": True if compile_ else None,
+            "train.gradient_checkpointing": False if no_gradient_checkpointing else None, "train.compile": compile_,
         }))
         parts = ("train", "prior") if part == "all" else (part,)
         result = run_bench(cfg, parts, steps, warmup, prior_images, variants)
@@ -490,7 +492,7 @@ def bench(
         for column in ("part", "setting", "speed", "ms", "peak GiB", "attention/precision"):
             table.add_column(column)
         for t in result.train:
-            setting = f"{t.resolution}px {t.batch} rank {t.rank}, ckpt {'on' if t.gradient_checkpointing else 'off'}" + (", compiled" if t.compile else "")
+            setting = f"{t.resolution}px {t.batch} rank {t.rank}, ckpt {'on' if t.gradient_checkpointing else 'off'}, " + (f"CUDA graph (capture {t.capture_seconds:.1f} s)" if t.cuda_graphs else "eager")
             peak = f"{t.peak_memory_gib:.2f}" if t.peak_memory_gib is not None else "-"
             table.add_row("train", setting, f"{t.it_s:.2f} it/s", f"{t.ms_per_step:.1f}", peak, f"{t.attention}/{t.precision}")
         for p in result.prior:

@@ -149,7 +149,7 @@ class TrainConfig:
     sample_every: int = 0  # 0: samples only at the end
     num_samples: int = 4
     log_every: int = 10
-    compile: bool = False  # CUDA: capture the UNet step with CUDA graphs (torch.compile reduce-overhead)
+    compile: str = "auto"  # CUDA graph of the whole step: auto (when possible), on, off
     master_weights: bool = True  # bf16: LoRA weights compute in bf16 with fp32 master copies (no per-use casts); False: autocast
 
     def __post_init__(self) -> None:
@@ -164,6 +164,7 @@ class TrainConfig:
         _check(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0; got {self.checkpoint_every}")
         _check(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1; got {self.keep_checkpoints}")
         _check(self.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (0 = no clipping); got {self.max_grad_norm}")
+        _check_choice("train.compile", self.compile, ("auto", "on", "off"))
 
     @property
     def resolved_text_encoder_lr(self) -> float:

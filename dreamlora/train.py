@@ -23,6 +23,7 @@ from dreamlora.errors import ConfigError, TrainingError
 from dreamlora.lora import adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, save_diffusers_lora, trainable_parameters
 from dreamlora.models import Components, encode_prompt, load_components, public_model_ref, resolve_precision, select_attention, tokenize
 from dreamlora.prior import MANIFEST, read_prior_set, safe_name
+from dreamlora.step import CudaGraphStep, batch_loss, dreambooth_loss
 
 log = logging.getLogger(__name__)
 
@@ -42,16 +43,8 @@ class TrainResult:
     with_prior: bool
     skipped_steps: int = 0
     samples: list[Path] = field(default_factory=list)
-
-
-def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int, prior_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MSE on the instance half plus `prior_weight` x MSE on the class half (rows after `n_instance`), in fp32."""
-    pred, target = pred.float(), target.float()
-    instance_loss = F.mse_loss(pred[:n_instance], target[:n_instance])
-    if pred.shape[0] == n_instance:
-        return instance_loss, instance_loss, torch.zeros_like(instance_loss)
-    prior_loss = F.mse_loss(pred[n_instance:], target[n_instance:])
-    return instance_loss + prior_weight * prior_loss, instance_loss, prior_loss
+    cuda_graphs: bool = False
+    capture_seconds: float = 0.0
 
 
 def diffusion_target(noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -187,16 +180,41 @@ class DreamBoothBatches:
         return torch.cat(latents), torch.tensor(rows, device=self.device), generator
 
 
-def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW with one parameter group (and learning rate) per trained model; fused kernels on CUDA."""
+def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, device: torch.device, capturable: bool = False) -> torch.optim.Optimizer:
+    """AdamW with one parameter group (and learning rate) per trained model; fused kernels on CUDA.
+
+    `capturable`: state and learning rates live on the GPU so the update can run inside a CUDA graph.
+    """
     lrs = {"unet": cfg.train.lr, "text_encoder": cfg.train.resolved_text_encoder_lr}
+    lr = (lambda v: torch.tensor(v, device=device)) if capturable else float  # noqa: E731
     return torch.optim.AdamW(
-        [{"params": params, "lr": lrs[name]} for name, params in groups.items()],
+        [{"params": params, "lr": lr(lrs[name])} for name, params in groups.items()],
         betas=(0.9, 0.999),
         weight_decay=1e-2,
         eps=1e-8,
         fused=device.type == "cuda",
+        capturable=capturable,
     )
+
+
+def use_cuda_graphs(cfg: RunConfig, device: torch.device, num_processes: int, precision: str) -> bool:
+    """Whether the step is captured as a CUDA graph: `on`/`auto` where it can be, `off` never."""
+    reasons = []
+    if device.type != "cuda":
+        reasons.append("no CUDA device")
+    if num_processes > 1:
+        reasons.append("several processes")
+    if cfg.train.gradient_accumulation > 1:
+        reasons.append("gradient accumulation")
+    if precision == "fp16":
+        reasons.append("fp16 loss scaling (use bf16)")
+    if cfg.train.compile == "off" or (cfg.train.compile == "auto" and reasons):
+        if cfg.train.compile == "auto" and device.type == "cuda":
+            log.info("CUDA graphs off: %s", ", ".join(reasons))
+        return False
+    if reasons:
+        raise ConfigError(f"--compile on needs a single CUDA process without gradient accumulation in bf16/fp32; here: {', '.join(reasons)}. Use --compile auto")
+    return True
 
 
 # --- the recipe ----------------------------------------------------------------------------------
@@ -256,13 +274,15 @@ def _make_accelerator(cfg: RunConfig) -> tuple[Any, str, torch.dtype]:
     return accelerator, precision, weight_dtype
 
 
-def _enable_checkpointing(components: Components, train_text_encoder: bool) -> None:
+def _enable_checkpointing(components: Components, train_text_encoder: bool, preserve_rng: bool = False) -> None:
     # Non-reentrant checkpointing, explicitly: with reentrant checkpointing a text-encoder LoRA can get no gradients.
+    # The RNG state only matters with LoRA dropout; saving it costs a host sync and breaks CUDA-graph capture.
     from torch.utils.checkpoint import checkpoint
 
-    components.unet.enable_gradient_checkpointing(functools.partial(checkpoint, use_reentrant=False))
+    kwargs = {"use_reentrant": False, "preserve_rng_state": preserve_rng}
+    components.unet.enable_gradient_checkpointing(functools.partial(checkpoint, **kwargs))
     if train_text_encoder:
-        components.text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        components.text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
 
 
 def check_gradients(groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, float]:
@@ -322,11 +342,8 @@ def train(
     train_te = cfg.adapter.train_text_encoder
     attach_adapters(unet, text_encoder, cfg.adapter)
     if cfg.train.gradient_checkpointing:
-        _enable_checkpointing(components, train_te)
-    graphs = cfg.train.compile and device.type == "cuda"
-    if cfg.train.compile:
-        # CUDA graphs replay the whole UNet step with one launch: the eager step is bound by ~13k kernel launches.
-        unet = torch.compile(unet, mode="reduce-overhead" if graphs else "default", dynamic=False)
+        _enable_checkpointing(components, train_te, preserve_rng=cfg.adapter.dropout > 0)
+    graphs = use_cuda_graphs(cfg, device, accelerator.num_processes, precision)
 
     # Data: instance and class latents cached once (each image and its flip), prompts tokenized once.
     batches = DreamBoothBatches(cfg, components, device, accelerator.num_processes, accelerator.process_index)
@@ -335,13 +352,14 @@ def train(
     if not train_te:
         with torch.no_grad():
             cached_context = encode_prompt(text_encoder, input_ids)
+    context_fn = (lambda: encode_prompt(text_encoder, input_ids)) if train_te else (lambda: cached_context)  # noqa: E731
 
     # Optimizer: separate groups (and learning rates) for UNet and text encoder.
     groups = {"unet": trainable_parameters(unet)}
     if train_te:
         groups["text_encoder"] = trainable_parameters(text_encoder)
     masters = MasterWeights(groups, weight_dtype) if weight_dtype == torch.bfloat16 and accelerator.mixed_precision == "no" else None
-    optimizer = make_optimizer(masters.masters if masters else groups, cfg, device)
+    optimizer = make_optimizer(masters.masters if masters else groups, cfg, device, capturable=graphs)
     fp32_lora = masters.fp32_in_model if masters else contextlib.nullcontext
     from diffusers.optimization import get_scheduler
 
@@ -389,21 +407,29 @@ def train(
     started = time.perf_counter()
     bad_steps, skipped, loss_value = 0, 0, float("nan")
     unet.train()
+    graph_step = None
+    if graphs:
+        def graph_loss(rows: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor) -> Any:
+            return batch_loss(unet, context_fn, rows, noisy, timesteps, target, bsz, cfg.train.prior_weight, weight_dtype)
+
+        params = [p for ps in groups.values() for p in ps]
+        first_check = (lambda: check_gradients(groups)) if start_step == 0 or resume_from is not None else None  # noqa: E731
+        graph_step = CudaGraphStep(graph_loss, params, getattr(optimizer, "optimizer", optimizer), cfg.train.max_grad_norm, masters, first_check)
     for step in range(start_step, cfg.train.max_steps):
         for micro in range(accum):
-            if graphs:
-                torch.compiler.cudagraph_mark_step_begin()
             latents, rows, generator = batches.draw(step * accum + micro)
             noise = torch.randn(latents.shape, generator=generator, device=device)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+            if graph_step is not None:
+                # One replay runs forward, backward, clipping and AdamW; a non-finite loss skips the update in-graph.
+                loss, instance_loss, prior_loss = graph_step(rows, noisy, timesteps, target)
+                if graph_step.capture_seconds and step == start_step:
+                    log.info("CUDA graph captured in %.1f s", graph_step.capture_seconds)
+                continue
             with accelerator.accumulate(*models), accelerator.autocast():
-                # Encode each distinct prompt once and index it: gradients still reach every row.
-                context = encode_prompt(text_encoder, input_ids) if train_te else cached_context
-                context = context[rows]
-                pred = unet(noisy.to(weight_dtype), timesteps, context.to(weight_dtype)).sample
-                loss, instance_loss, prior_loss = dreambooth_loss(pred, target, bsz, cfg.train.prior_weight)
+                loss, instance_loss, prior_loss = batch_loss(unet, context_fn, rows, noisy, timesteps, target, bsz, cfg.train.prior_weight, weight_dtype)
                 if not torch.isfinite(loss):
                     # A non-finite loss must not reach the weights: skip the step and stop after several in a row.
                     optimizer.zero_grad(set_to_none=True)
@@ -421,16 +447,19 @@ def train(
                 optimizer.zero_grad(set_to_none=True)
                 if masters and accelerator.sync_gradients:
                     masters.masters_to_model()
-        if not torch.isfinite(loss):
-            bad_steps, skipped = bad_steps + 1, skipped + 1
-            log.warning("step %d: non-finite loss, step skipped", step + 1)
-            if bad_steps >= MAX_BAD_STEPS:
-                raise TrainingError(f"the loss was non-finite {bad_steps} steps in a row (step {step + 1}); lower --lr or use --precision bf16. The last checkpoint is kept in {run_dir}")
-        else:
-            bad_steps = 0
-        lr_scheduler.step()
         done = step + 1
-        if done % cfg.train.log_every == 0 or done == cfg.train.max_steps or done == start_step + 1:
+        log_now = done % cfg.train.log_every == 0 or done == cfg.train.max_steps or done == start_step + 1
+        # The graphed step is not synced between logs: a non-finite step was skipped in-graph and is counted when logged.
+        if graph_step is None or log_now:
+            if not torch.isfinite(loss):
+                bad_steps, skipped = bad_steps + 1, skipped + 1
+                log.warning("step %d: non-finite loss, step skipped", done)
+                if bad_steps >= MAX_BAD_STEPS:
+                    raise TrainingError(f"the loss was non-finite {bad_steps} steps in a row (step {done}); lower --lr or use --precision bf16. The last checkpoint is kept in {run_dir}")
+            else:
+                bad_steps = 0
+        lr_scheduler.step()
+        if log_now:
             loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
             elapsed = time.perf_counter() - started
             record = {
@@ -438,7 +467,7 @@ def train(
                 "loss": loss_value,
                 "instance_loss": accelerator.reduce(instance_loss.detach(), reduction="mean").item(),
                 "prior_loss": accelerator.reduce(prior_loss.detach(), reduction="mean").item(),
-                "lr": lr_scheduler.get_last_lr()[0],
+                "lr": float(lr_scheduler.get_last_lr()[0]),
                 "time": round(elapsed, 3),
                 "it_s": (done - start_step) / elapsed if elapsed > 0 else 0.0,
             }
@@ -462,7 +491,8 @@ def train(
         ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, cfg.train.max_steps, "finished"))
         samples = _final_pictures(cfg, components, unwrapped(), run_dir)
     accelerator.end_training()
-    return TrainResult(run_dir, cfg.train.max_steps, loss_value, seconds, lora_path, attention, precision, with_prior, skipped, samples)
+    capture = graph_step.capture_seconds if graph_step is not None else 0.0
+    return TrainResult(run_dir, cfg.train.max_steps, loss_value, seconds, lora_path, attention, precision, with_prior, skipped, samples, graphs, capture)
 
 
 def ckpt_config(cfg: RunConfig) -> dict[str, Any]:
