@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(
     name="dreamlora",
@@ -67,7 +68,7 @@ def _run(debug: bool, action: Callable[[], Any]) -> Any:
     except DreamloraError as error:
         if debug:
             traceback.print_exc()
-        console.print(Panel(str(error), title=f"[bold]{type(error).__name__}", border_style="red"))
+        console.print(Panel(Text(str(error)), title=f"[bold]{type(error).__name__}", border_style="red"))  # Text: no markup, `[bnb]` stays
         raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
