@@ -69,9 +69,17 @@ def adapters_disabled(models: list[torch.nn.Module]) -> Iterator[None]:
 
 
 def comparison_grid(
-    components: Components, prompts: list[str], n: int, seed: int, steps: int, guidance: float, resolution: int, base: dict[str, list[Image.Image]] | None = None
+    components: Components,
+    prompts: list[str],
+    n: int,
+    seed: int,
+    steps: int,
+    guidance: float,
+    resolution: int,
+    base: dict[str, list[Image.Image]] | None = None,
+    adapted: dict[str, list[Image.Image]] | None = None,
 ) -> Image.Image:
-    """For each prompt, a row from the base model and a row with the LoRA, at the same seeds; `base` reuses base images already made."""
+    """For each prompt, a row from the base model and a row with the LoRA, at the same seeds; `base` and `adapted` reuse images already made."""
     pipeline = build_pipeline(components)
     seeds = list(range(seed, seed + n))
     rows, labels = [], []
@@ -82,7 +90,7 @@ def comparison_grid(
             with adapters_disabled([components.unet, components.text_encoder]):
                 rows.append(generate_images(pipeline, prompt, seeds, steps, guidance, resolution))
         labels.append(f"base: {prompt}")
-        rows.append(generate_images(pipeline, prompt, seeds, steps, guidance, resolution))
+        rows.append(adapted[prompt] if adapted and prompt in adapted else generate_images(pipeline, prompt, seeds, steps, guidance, resolution))
         labels.append(f"LoRA: {prompt}")
     return make_grid(upscale_small(rows), labels)
 

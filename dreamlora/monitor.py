@@ -72,6 +72,7 @@ class SampleMonitor:
         self.instance_prompt, self.class_prompt = instance_prompt, class_prompt
         self.photos = [open_image(path) for path in list_images(instance_dir, "instance").paths]
         self.out_dir = out_dir
+        self.latest: tuple[int, dict[str, list[Image.Image]]] = (-1, {})  # the last samples (step, images per prompt)
         self.pipeline = build_pipeline(components)
         with _eval_mode(self._models()), adapters_disabled(self._models()):
             # The base model's images, generated once per run and compared with every later sample.
@@ -87,6 +88,7 @@ class SampleMonitor:
         """Write `samples/step-NNNNNN.png` (instance row, class row) and return the drift figures."""
         with _eval_mode(self._models()):
             images = {prompt: self._generate(prompt) for prompt in self.prompts}
+        self.latest = (step, images)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         rows = [images[p] for p in self.prompts]
         make_grid(upscale_small(rows), [f"step {step}: {p}" for p in self.prompts]).save(self.out_dir / f"step-{step:06d}.png")

@@ -536,7 +536,7 @@ def train(
     if accelerator.is_main_process:
         lora_path = write_lora(run_dir / ckpt.LORA_DIR)
         ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, cfg.train.max_steps, "finished"))
-        samples = _final_pictures(cfg, components, unwrapped(), run_dir, monitor.base if monitor is not None else None)
+        samples = _final_pictures(cfg, components, unwrapped(), run_dir, monitor)
     accelerator.end_training()
     return TrainResult(run_dir, cfg.train.max_steps, loss_value, seconds, lora_path, attention, precision, with_prior, skipped, samples)
 
@@ -571,15 +571,17 @@ def _restore(folder: Path, accelerator: Any, unet: Any, text_encoder: Any, optim
     return int(state["step"])
 
 
-def _final_pictures(cfg: RunConfig, components: Components, models: dict[str, torch.nn.Module], run_dir: Path, base: dict[str, list[Any]] | None = None) -> list[Path]:
-    """Sample grid (base vs trained, instance and class prompts; `base` reuses the monitor's base images) and the curves."""
+def _final_pictures(cfg: RunConfig, components: Components, models: dict[str, torch.nn.Module], run_dir: Path, monitor: Any = None) -> list[Path]:
+    """Sample grid (base vs trained, instance and class prompts; reusing the monitor's images where it has them) and the curves."""
     from dreamlora.generate import comparison_grid, plot_metrics
 
     written = []
     for model in models.values():
         model.eval()
     prompts = [p for p in _sample_prompts(cfg) if p]
-    grid = comparison_grid(components, prompts, cfg.train.num_samples, cfg.train.seed, cfg.prior.steps, cfg.prior.guidance, cfg.data.resolution, base)
+    base = monitor.base if monitor is not None else None
+    adapted = monitor.latest[1] if monitor is not None and monitor.latest[0] == cfg.train.max_steps else None
+    grid = comparison_grid(components, prompts, cfg.train.num_samples, cfg.train.seed, cfg.prior.steps, cfg.prior.guidance, cfg.data.resolution, base, adapted)
     samples_dir = run_dir / "samples"
     samples_dir.mkdir(exist_ok=True)
     grid.save(samples_dir / "final.png")

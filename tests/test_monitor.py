@@ -56,8 +56,8 @@ def test_sample_every_writes_grids_drift_and_curves(tmp_path: Path, instance_dir
     cfg, _ = resolve_data(load_config(None, overrides), priors_root=tmp_path / "none")
     result = train(cfg)
     run = result.run_dir
-    # Base images once (2 prompts), 2 prompts x 2 samples, then only the LoRA rows of the final grid.
-    assert len(calls) == 2 + 4 + 2
+    # Base images once (2 prompts), then 2 prompts x 2 samples; the final grid reuses the base and the step-4 images.
+    assert len(calls) == 2 + 4
     for name in ("step-000002.png", "step-000004.png"):
         with Image.open(run / "samples" / name) as grid:
             grid.verify()
