@@ -473,6 +473,60 @@ def generate(
     _run(debug, action)
 
 
+@app.command()
+def bench(
+    model: Annotated[Optional[str], typer.Option("--model", help="random:sd15 (default on GPU), tiny (default on CPU), or any model.")] = None,
+    part: Annotated[str, typer.Option("--part", help="train|prior|all")] = "all",
+    steps: Annotated[int, typer.Option(help="Measured training steps after warm-up.")] = 30,
+    warmup: Annotated[int, typer.Option(help="Warm-up steps (not measured).")] = 10,
+    prior_images: Annotated[int, typer.Option(help="Class images to time.")] = 32,
+    variants: Annotated[bool, typer.Option("--variants/--no-variants", help="Also time without gradient checkpointing and the reference's prior settings.")] = True,
+    no_gradient_checkpointing: Annotated[bool, typer.Option("--no-gradient-checkpointing")] = False,
+    compile_: Annotated[bool, typer.Option("--compile", help="Time the compiled (CUDA-graph) step.")] = False,
+    precision: Precision = None,
+    attention: Annotated[Optional[str], typer.Option(help="auto|sdpa|xformers")] = None,
+    resolution: Annotated[Optional[int], typer.Option()] = None,
+    batch_size: Annotated[Optional[int], typer.Option()] = None,
+    rank: Annotated[Optional[int], typer.Option()] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Machine-readable output.")] = False,
+    set_: SetOption = None,
+    debug: Debug = False,
+) -> None:
+    """Measure training it/s, peak memory and prior images/s with the real code paths."""
+
+    def action() -> None:
+        import json
+
+        from dreamlora.bench import default_bench_config, run_bench
+        from dreamlora.errors import ConfigError
+
+        if part not in ("train", "prior", "all"):
+            raise ConfigError(f"--part must be train, prior or all; got {part!r}")
+        cfg = default_bench_config(model, _overrides(set_, {
+            "model.precision": precision, "model.attention": attention, "data.resolution": resolution,
+            "train.batch_size": batch_size, "adapter.rank": rank,
+            "train.gradient_checkpointing": False if no_gradient_checkpointing else None, "train.compile": True if compile_ else None,
+        }))
+        parts = ("train", "prior") if part == "all" else (part,)
+        result = run_bench(cfg, parts, steps, warmup, prior_images, variants)
+        if json_out:
+            out.print_json(json.dumps(result.to_dict()))
+            return
+        table = Table(title=f"dreamlora bench: {result.model} on {result.device} (torch {result.torch_version})", title_justify="left")
+        for column in ("part", "setting", "speed", "ms", "peak GiB", "attention/precision"):
+            table.add_column(column)
+        for t in result.train:
+            setting = f"{t.resolution}px {t.batch} rank {t.rank}, ckpt {'on' if t.gradient_checkpointing else 'off'}" + (", compiled" if t.compile else "")
+            peak = f"{t.peak_memory_gib:.2f}" if t.peak_memory_gib is not None else "-"
+            table.add_row("train", setting, f"{t.it_s:.2f} it/s", f"{t.ms_per_step:.1f}", peak, f"{t.attention}/{t.precision}")
+        for p in result.prior:
+            peak = f"{p.peak_memory_gib:.2f}" if p.peak_memory_gib is not None else "-"
+            table.add_row("prior", f"{p.resolution}px {p.scheduler} {p.steps} steps, batch {p.batch_size}", f"{p.images_per_s:.2f} img/s", "", peak, "")
+        out.print(table)
+
+    _run(debug, action)
+
+
 def _parse_lora(item: str, default_scale: float) -> tuple[Path, float]:
     path, sep, value = item.rpartition(":")
     if sep and path and not Path(item).exists():

@@ -152,7 +152,8 @@ class TrainConfig:
     sample_every: int = 0  # 0: samples only at the end
     num_samples: int = 4
     log_every: int = 10
-    compile: bool = False
+    compile: bool = False  # CUDA: capture the UNet step with CUDA graphs (torch.compile reduce-overhead)
+    master_weights: bool = True  # bf16: LoRA weights compute in bf16 with fp32 master copies (no per-use casts); False: autocast
     report_to: str = ""  # tensorboard or wandb through accelerate (optional extras); empty: metrics.jsonl only
     optimizer: str = "adamw"  # adamw8bit: bitsandbytes' 8-bit AdamW (optional extra `bnb`)
     lr_cycles: int = 1  # cosine_with_restarts: number of cosine cycles, each restarting at the full lr
@@ -185,7 +186,7 @@ class TrainConfig:
         _check(self.snr_gamma >= 0, f"train.snr_gamma must be >= 0 (0 = off, 5 is usual); got {self.snr_gamma}")
         _check(self.noise_offset >= 0, f"train.noise_offset must be >= 0 (0 = off, 0.05-0.1 is usual); got {self.noise_offset}")
         _check(self.sample_every >= 0, f"train.sample_every must be >= 0 (0 = samples only at the end); got {self.sample_every}")
-        _check(self.num_samples >= 1, f"train.num_samples must be >= 1; got {self.num_samples}")
+        _check(self.num_samples >= 0, f"train.num_samples must be >= 0 (0: no sample images); got {self.num_samples}")
 
     @property
     def resolved_text_encoder_lr(self) -> float:

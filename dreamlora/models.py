@@ -78,8 +78,10 @@ def detect_family(text_encoder_config: Any, unet_config: Any) -> ModelFamily:
 def resolve_precision(precision: str, device: torch.device) -> tuple[str, torch.dtype]:
     """`auto` is bf16 on GPUs that support it, else fp16 with loss scaling; fp32 on CPU."""
     if device.type != "cuda":
-        if precision in ("fp16", "bf16"):
-            log.warning("%s was requested on %s; using fp32 there", precision, device.type)
+        if precision == "bf16":
+            return "bf16", torch.bfloat16  # works on CPU, slowly; asked for explicitly only
+        if precision == "fp16":
+            log.warning("fp16 was requested on %s; using fp32 there", device.type)
         return "fp32", torch.float32
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"

@@ -7,6 +7,7 @@ import json
 import logging
 import re
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -80,6 +81,12 @@ def auto_batch_size(device: torch.device, resolution: int) -> int:
     return int(max(1, min(32, (free * 0.5) // per_image)))
 
 
+def _save_png(image: Any, path: Path) -> None:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    write_atomic(path, buffer.getvalue())
+
+
 def generate_class_images(
     pipeline: Any,
     prior_cfg: PriorConfig,
@@ -116,26 +123,29 @@ def generate_class_images(
     done = 0
     if on_progress:
         on_progress(0, len(missing))
-    for start in range(0, len(missing), batch_size):
-        indices = missing[start : start + batch_size]
-        generators = [torch.Generator(device=device).manual_seed(image_seed(prior_cfg.seed, i)) for i in indices]
-        images = pipeline(
-            prompt=[settings["prompt"]] * len(indices),
-            negative_prompt=[prior_cfg.negative_prompt] * len(indices) if prior_cfg.negative_prompt else None,
-            num_inference_steps=prior_cfg.steps,
-            guidance_scale=prior_cfg.guidance,
-            height=resolution,
-            width=resolution,
-            generator=generators,
-        ).images
-        for index, image in zip(indices, images):
-            buffer = io.BytesIO()
-            image.save(buffer, format="PNG")
-            write_atomic(out_dir / image_name(index), buffer.getvalue())
-            files[index] = image_name(index)
-        done += len(indices)
-        if on_progress:
-            on_progress(done, len(missing))
+    # PNG encoding runs in threads while the GPU draws the next batch.
+    with ThreadPoolExecutor(max_workers=4) as writers:
+        pending = []
+        for start in range(0, len(missing), batch_size):
+            indices = missing[start : start + batch_size]
+            generators = [torch.Generator(device=device).manual_seed(image_seed(prior_cfg.seed, i)) for i in indices]
+            images = pipeline(
+                prompt=[settings["prompt"]] * len(indices),
+                negative_prompt=[prior_cfg.negative_prompt] * len(indices) if prior_cfg.negative_prompt else None,
+                num_inference_steps=prior_cfg.steps,
+                guidance_scale=prior_cfg.guidance,
+                height=resolution,
+                width=resolution,
+                generator=generators,
+            ).images
+            for index, image in zip(indices, images):
+                pending.append(writers.submit(_save_png, image, out_dir / image_name(index)))
+                files[index] = image_name(index)
+            done += len(indices)
+            if on_progress:
+                on_progress(done, len(missing))
+        for future in pending:
+            future.result()
     seconds = time.perf_counter() - started
     entries = [{"file": files[i], "index": i, "seed": image_seed(prior_cfg.seed, i)} for i in sorted(files)]
     write_json(out_dir / MANIFEST, {**settings, "class_name": prior_cfg.class_name, "num_images": len(entries), "files": entries})

@@ -1,0 +1,168 @@
+"""What `dreamlora bench` measures: the real training loop and prior generation on a chosen model.
+
+Both parts run the same code paths and defaults as `train` and `prior` (`train.train`, `prior.generate_class_images`)
+on synthetic images in a temporary folder. `random:sd15` builds Stable Diffusion 1.5's exact architecture with
+random weights from configs shipped in the package: speed and memory do not depend on the weight values.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from dreamlora.config import PriorConfig, RunConfig, load_config, replace
+
+
+@dataclass
+class TrainBench:
+    it_s: float  # median over measured intervals, after warm-up
+    ms_per_step: float
+    peak_memory_gib: float | None
+    steps_measured: int
+    warmup_steps: int
+    first_step_s: float  # includes compilation when --compile is on
+    attention: str
+    precision: str
+    gradient_checkpointing: bool
+    compile: bool
+    resolution: int
+    batch: str  # instance + class rows per step
+    rank: int
+
+
+@dataclass
+class PriorBench:
+    images_per_s: float
+    images: int
+    batch_size: int
+    steps: int
+    scheduler: str
+    resolution: int
+    peak_memory_gib: float | None
+
+
+@dataclass
+class BenchResult:
+    device: str
+    model: str
+    torch_version: str
+    train: list[TrainBench] = field(default_factory=list)
+    prior: list[PriorBench] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _write_images(folder: Path, n: int, size: int, seed: int) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(folder / f"{i:05d}.png")
+    return folder
+
+
+def _peak(device: torch.device) -> float | None:
+    return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def bench_train(cfg: RunConfig, workdir: Path, steps: int, warmup: int) -> TrainBench:
+    """Run `train.train` for warmup + steps and time the steps after warm-up from its log records."""
+    from dreamlora.models import load_components, resolve_precision
+    from dreamlora.train import train
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, dtype = resolve_precision(cfg.model.precision, device)
+    components = load_components(cfg.model.name, dtype=dtype, device=device)
+    resolution = cfg.data.resolution or components.native_resolution
+    instance = _write_images(workdir / "instance", 5, resolution, 0)
+    klass = _write_images(workdir / "class", 10, resolution, 1)
+    interval = 5
+    total = warmup + steps
+    cfg = replace(
+        cfg,
+        data=replace(cfg.data, instance_dir=str(instance), class_dir=str(klass), class_prompt="a photo of dog", class_name="dog", resolution=resolution),
+        train=replace(cfg.train, max_steps=total, log_every=interval, num_samples=0, checkpoint_every=0, out=str(workdir / "run")),
+    )
+    stamps: list[tuple[int, float]] = []
+    _reset_peak(device)
+    started = time.perf_counter()
+    result = train(cfg, components=components, on_log=lambda r: stamps.append((r["step"], time.perf_counter())))
+    first_step_s = stamps[0][1] - started if stamps else float("nan")
+    per_step = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(stamps, stamps[1:]) if s0 >= warmup]
+    median = statistics.median(per_step) if per_step else float("nan")
+    return TrainBench(
+        it_s=1.0 / median,
+        ms_per_step=median * 1000,
+        peak_memory_gib=_peak(device),
+        steps_measured=total - max(warmup, stamps[0][0] if stamps else 0),
+        warmup_steps=warmup,
+        first_step_s=first_step_s,
+        attention=result.attention,
+        precision=result.precision,
+        gradient_checkpointing=cfg.train.gradient_checkpointing,
+        compile=cfg.train.compile,
+        resolution=resolution,
+        batch=f"{cfg.train.batch_size}+{cfg.train.batch_size}",
+        rank=cfg.adapter.rank,
+    )
+
+
+def bench_prior(cfg: RunConfig, prior_cfg: PriorConfig, workdir: Path) -> PriorBench:
+    """Time `generate_class_images` after one warm-up batch (not counted)."""
+    from dreamlora.models import build_pipeline, load_components, resolve_precision, select_attention
+    from dreamlora.prior import auto_batch_size, generate_class_images
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _, dtype = resolve_precision(cfg.model.precision, device)
+    components = load_components(cfg.model.name, dtype=dtype, device=device)
+    select_attention(components, cfg.model.attention, device)
+    pipeline = build_pipeline(components, prior_cfg.scheduler)
+    resolution = cfg.data.resolution or components.native_resolution
+    batch = prior_cfg.batch_size or auto_batch_size(device, resolution)
+    warm = replace(prior_cfg, num_images=batch, batch_size=batch)
+    generate_class_images(pipeline, warm, resolution, workdir / "warm", cfg.model.name)
+    _reset_peak(device)
+    result = generate_class_images(pipeline, replace(prior_cfg, batch_size=batch), resolution, workdir / "prior", cfg.model.name)
+    return PriorBench(result.images_per_second, result.generated, batch, prior_cfg.steps, prior_cfg.scheduler, resolution, _peak(device))
+
+
+def run_bench(cfg: RunConfig, parts: tuple[str, ...], steps: int, warmup: int, prior_images: int, variants: bool) -> BenchResult:
+    """Training (with and, if `variants`, without gradient checkpointing) and prior generation (ours and the reference's defaults)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+    result = BenchResult(device=name, model=cfg.model.name, torch_version=torch.__version__)
+    with tempfile.TemporaryDirectory(prefix="dreamlora-bench-") as tmp:
+        workdir = Path(tmp)
+        if "train" in parts:
+            settings = [cfg.train.gradient_checkpointing] + ([not cfg.train.gradient_checkpointing] if variants else [])
+            for i, checkpointing in enumerate(settings):
+                run_cfg = replace(cfg, train=replace(cfg.train, gradient_checkpointing=checkpointing))
+                result.train.append(bench_train(run_cfg, workdir / f"train{i}", steps, warmup))
+        if "prior" in parts:
+            ours = replace(cfg.prior, num_images=prior_images, class_name="dog")
+            result.prior.append(bench_prior(cfg, ours, workdir / "prior-ours"))
+            if variants:
+                reference = replace(ours, steps=50, scheduler="pndm", batch_size=4)
+                result.prior.append(bench_prior(cfg, reference, workdir / "prior-ref"))
+    return result
+
+
+def default_bench_config(model: str | None, overrides: dict[str, Any]) -> RunConfig:
+    """The training defaults, on `random:sd15` with a GPU and on the tiny model without one."""
+    chosen = model or ("random:sd15" if torch.cuda.is_available() else "tiny")
+    return load_config(None, {"model.name": chosen, **overrides})
