@@ -14,6 +14,7 @@ import typer
 from rich.console import Console
 from rich.panel import Panel
 from rich.table import Table
+from rich.text import Text
 
 app = typer.Typer(
     name="dreamlora",
@@ -67,7 +68,7 @@ def _run(debug: bool, action: Callable[[], Any]) -> Any:
     except DreamloraError as error:
         if debug:
             traceback.print_exc()
-        console.print(Panel(str(error), title=f"[bold]{type(error).__name__}", border_style="red"))
+        console.print(Panel(Text(str(error)), title=f"[bold]{type(error).__name__}", border_style="red"))  # Text: no markup, `[bnb]` stays
         raise typer.Exit(error.exit_code) from None
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/]")
@@ -222,7 +223,7 @@ def train(
     no_gradient_checkpointing: Annotated[bool, typer.Option("--no-gradient-checkpointing", help="Faster, more memory.")] = False,
     attention: Annotated[Optional[str], typer.Option(help="auto|sdpa|xformers")] = None,
     precision: Precision = None,
-    lr_scheduler: Annotated[Optional[str], typer.Option(help="constant|cosine|linear")] = None,
+    lr_scheduler: Annotated[Optional[str], typer.Option(help="constant|cosine|linear|cosine_with_restarts")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option()] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default 800).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Instance images per step; as many class images join.")] = None,
@@ -238,6 +239,16 @@ def train(
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out (or the latest run) from its last checkpoint.")] = False,
     resume_from: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint folder.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Resume even when settings that change the result differ.")] = False,
+    sample_every: Annotated[Optional[int], typer.Option(help="Every N steps: sample grid samples/step-N.png and drift figures (0: only at the end).")] = None,
+    num_samples: Annotated[Optional[int], typer.Option(help="Images per prompt in sample grids (default 4, fixed seeds).")] = None,
+    report_to: Annotated[Optional[str], typer.Option(help="Also log to tensorboard|wandb (extra: pip install 'dreamlora\\[tensorboard]').")] = None,
+    snr_gamma: Annotated[Optional[float], typer.Option(help="Min-SNR-gamma loss weighting, e.g. 5 (default 0: off).")] = None,
+    noise_offset: Annotated[Optional[float], typer.Option(help="Noise offset, e.g. 0.05 (default 0: off).")] = None,
+    text_encoder_steps_fraction: Annotated[Optional[float], typer.Option(help="Train the text-encoder LoRA for this fraction of the steps, then freeze it (default 1).")] = None,
+    text_encoder_lr_scheduler: Annotated[Optional[str], typer.Option(help="Text-encoder schedule (default: --lr-scheduler).")] = None,
+    text_encoder_warmup_steps: Annotated[Optional[int], typer.Option(help="Text-encoder warmup (default: --warmup-steps).")] = None,
+    lr_cycles: Annotated[Optional[int], typer.Option(help="cosine_with_restarts: number of cycles (default 1).")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adamw|adamw8bit (8-bit needs pip install 'dreamlora\\[bnb]').")] = None,
     model: Model = None,
     config: ConfigPath = None,
     set_: SetOption = None,
@@ -256,6 +267,10 @@ def train(
         "train.seed": seed, "data.resolution": resolution, "data.center_crop": False if random_crop else None,
         "data.flip": True if flip else None, "train.out": out_dir, "train.checkpoint_every": checkpoint_every,
         "train.keep_checkpoints": keep_checkpoints, "model.name": model, "train.compile": compile_,
+        "train.sample_every": sample_every, "train.num_samples": num_samples, "train.report_to": report_to,
+        "train.snr_gamma": snr_gamma, "train.noise_offset": noise_offset, "train.text_encoder_steps_fraction": text_encoder_steps_fraction,
+        "train.text_encoder_lr_scheduler": text_encoder_lr_scheduler, "train.text_encoder_warmup_steps": text_encoder_warmup_steps,
+        "train.lr_cycles": lr_cycles, "train.optimizer": optimizer,
     }
 
     def action() -> None:
@@ -289,13 +304,16 @@ def train(
 def _train_with_progress(training: Any, cfg: Any, **kwargs: Any) -> None:
     with _progress() as progress:
         task = progress.add_task("training", total=cfg.train.max_steps, rate="", info="")
+        drift = [""]
 
         def on_log(record: dict[str, Any]) -> None:
+            if "instance_distance" in record:
+                drift[0] = progress_drift(record)
             progress.update(
                 task,
                 completed=record["step"],
                 rate=f"{record['it_s']:.2f} it/s",
-                info=f"loss {record['loss']:.4f} lr {record['lr']:.2e}",
+                info=f"loss {record['loss']:.4f} lr {record['lr']:.2e}{drift[0]}",
             )
 
         result = training.train(cfg, on_log=on_log, **kwargs)
@@ -306,6 +324,14 @@ def _train_with_progress(training: Any, cfg: Any, **kwargs: Any) -> None:
         ("prior preservation", "yes" if result.with_prior else "no"), ("LoRA", result.lora_path),
         *[("picture", p) for p in result.samples],
     ])
+
+
+def progress_drift(record: dict[str, Any]) -> str:
+    """The drift figures of the latest samples, for the progress line (both are image distances in [0, 1])."""
+    text = f" | subject dist {record['instance_distance']:.3f}"
+    if "class_drift" in record:
+        text += f" class drift {record['class_drift']:.3f}"
+    return text
 
 
 # --- export, inspect, convert --------------------------------------------------------------------

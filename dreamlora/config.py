@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 import os
 import tomllib
 import typing
@@ -17,7 +18,9 @@ from dreamlora.errors import ConfigError
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 ATTENTIONS = ("auto", "sdpa", "xformers")
-LR_SCHEDULERS = ("constant", "cosine", "linear")
+LR_SCHEDULERS = ("constant", "cosine", "linear", "cosine_with_restarts")
+OPTIMIZERS = ("adamw", "adamw8bit")
+TRACKERS = ("tensorboard", "wandb")
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -151,6 +154,14 @@ class TrainConfig:
     log_every: int = 10
     compile: str = "auto"  # CUDA graph of the whole step: auto (when possible), on, off
     master_weights: bool = True  # bf16: LoRA weights compute in bf16 with fp32 master copies (no per-use casts); False: autocast
+    report_to: str = ""  # tensorboard or wandb through accelerate (optional extras); empty: metrics.jsonl only
+    optimizer: str = "adamw"  # adamw8bit: bitsandbytes' 8-bit AdamW (optional extra `bnb`)
+    lr_cycles: int = 1  # cosine_with_restarts: number of cosine cycles, each restarting at the full lr
+    text_encoder_lr_scheduler: str = ""  # empty: same as lr_scheduler
+    text_encoder_warmup_steps: int = -1  # -1: same as warmup_steps
+    text_encoder_steps_fraction: float = 1.0  # train the text-encoder LoRA for this fraction of max_steps, then freeze it
+    snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (5.0 in the paper); 0: plain MSE
+    noise_offset: float = 0.0  # per-image, per-channel shift of the noise mean (0.05-0.1 helps very dark/bright images); 0: off
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_steps <= 1_000_000, f"train.max_steps must be in 1..1000000; got {self.max_steps}")
@@ -165,10 +176,27 @@ class TrainConfig:
         _check(self.keep_checkpoints >= 1, f"train.keep_checkpoints must be >= 1; got {self.keep_checkpoints}")
         _check(self.max_grad_norm >= 0, f"train.max_grad_norm must be >= 0 (0 = no clipping); got {self.max_grad_norm}")
         _check_choice("train.compile", self.compile, ("auto", "on", "off"))
+        if self.report_to:
+            _check_choice("train.report_to", self.report_to, TRACKERS)
+        _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        _check(self.lr_cycles >= 1, f"train.lr_cycles must be >= 1; got {self.lr_cycles}")
+        if self.text_encoder_lr_scheduler:
+            _check_choice("train.text_encoder_lr_scheduler", self.text_encoder_lr_scheduler, LR_SCHEDULERS)
+        _check(self.text_encoder_warmup_steps >= -1, f"train.text_encoder_warmup_steps must be >= 0 (or -1 = warmup_steps); got {self.text_encoder_warmup_steps}")
+        _check(0 < self.text_encoder_steps_fraction <= 1, f"train.text_encoder_steps_fraction must be in (0, 1] (1 = all steps); got {self.text_encoder_steps_fraction}")
+        _check(self.snr_gamma >= 0, f"train.snr_gamma must be >= 0 (0 = off, 5 is usual); got {self.snr_gamma}")
+        _check(self.noise_offset >= 0, f"train.noise_offset must be >= 0 (0 = off, 0.05-0.1 is usual); got {self.noise_offset}")
+        _check(self.sample_every >= 0, f"train.sample_every must be >= 0 (0 = samples only at the end); got {self.sample_every}")
+        _check(self.num_samples >= 0, f"train.num_samples must be >= 0 (0: no sample images); got {self.num_samples}")
 
     @property
     def resolved_text_encoder_lr(self) -> float:
         return self.text_encoder_lr or self.lr
+
+    @property
+    def text_encoder_stop_step(self) -> int:
+        """The step from which the text-encoder LoRA is frozen (max_steps: never)."""
+        return math.ceil(self.text_encoder_steps_fraction * self.max_steps)
 
 
 EXPORT_FORMATS = ("a1111", "diffusers", "merged")

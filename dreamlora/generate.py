@@ -68,21 +68,34 @@ def adapters_disabled(models: list[torch.nn.Module]) -> Iterator[None]:
             model.enable_adapters()
 
 
-def comparison_grid(components: Components, prompts: list[str], n: int, seed: int, steps: int, guidance: float, resolution: int) -> Image.Image:
-    """For each prompt, a row from the base model and a row with the LoRA, at the same seeds."""
+def comparison_grid(
+    components: Components,
+    prompts: list[str],
+    n: int,
+    seed: int,
+    steps: int,
+    guidance: float,
+    resolution: int,
+    base: dict[str, list[Image.Image]] | None = None,
+    adapted: dict[str, list[Image.Image]] | None = None,
+) -> Image.Image:
+    """For each prompt, a row from the base model and a row with the LoRA, at the same seeds; `base` and `adapted` reuse images already made."""
     pipeline = build_pipeline(components)
     seeds = list(range(seed, seed + n))
     rows, labels = [], []
     for prompt in prompts:
-        with adapters_disabled([components.unet, components.text_encoder]):
-            rows.append(generate_images(pipeline, prompt, seeds, steps, guidance, resolution))
+        if base and prompt in base:
+            rows.append(base[prompt])
+        else:
+            with adapters_disabled([components.unet, components.text_encoder]):
+                rows.append(generate_images(pipeline, prompt, seeds, steps, guidance, resolution))
         labels.append(f"base: {prompt}")
-        rows.append(generate_images(pipeline, prompt, seeds, steps, guidance, resolution))
+        rows.append(adapted[prompt] if adapted and prompt in adapted else generate_images(pipeline, prompt, seeds, steps, guidance, resolution))
         labels.append(f"LoRA: {prompt}")
-    return make_grid(_upscale_small(rows), labels)
+    return make_grid(upscale_small(rows), labels)
 
 
-def _upscale_small(rows: list[list[Image.Image]], minimum: int = 128) -> list[list[Image.Image]]:
+def upscale_small(rows: list[list[Image.Image]], minimum: int = 128) -> list[list[Image.Image]]:
     """Tiny-model images (32-64 px) are enlarged with nearest neighbour so a person can see them."""
     size = rows[0][0].width
     if size >= minimum:
@@ -141,12 +154,12 @@ def generate(
     rows = [base_images, images] if base_images else [images]
     labels = ["base", "LoRA"] if base_images else None
     grid_path = out_dir / "grid.png"
-    make_grid(_upscale_small(rows), labels).save(grid_path)
+    make_grid(upscale_small(rows), labels).save(grid_path)
     return GenerateResult(paths, grid_path)
 
 
 def plot_metrics(metrics_path: Path, out: Path) -> Path | None:
-    """Loss (instance and prior terms) and learning rate against steps, as a PNG."""
+    """Loss (instance and prior terms), learning rate per group and, when sampled, drift against steps, as a PNG."""
     if not metrics_path.is_file():
         return None
     records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
@@ -157,16 +170,35 @@ def plot_metrics(metrics_path: Path, out: Path) -> Path | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    drift_keys = [(k, label) for k, label in DRIFT_CURVES if any(k in r for r in records)]
+    panels = 3 if drift_keys else 2
+    fig, axes = plt.subplots(panels, 1, figsize=(7, 3 * panels), sharex=True)
+    ax_loss, ax_lr = axes[0], axes[1]
     steps = [r["step"] for r in records]
-    fig, (ax_loss, ax_lr) = plt.subplots(2, 1, figsize=(7, 6), sharex=True)
     for key, label in (("loss", "total"), ("instance_loss", "instance"), ("prior_loss", "prior")):
         ax_loss.plot(steps, [r.get(key, float("nan")) for r in records], label=label)
     ax_loss.set_ylabel("loss")
     ax_loss.legend()
-    ax_lr.plot(steps, [r["lr"] for r in records], color="tab:green")
+    ax_lr.plot(steps, [r["lr"] for r in records], color="tab:green", label="UNet")
+    if any("lr_text_encoder" in r for r in records):
+        ax_lr.plot(steps, [r.get("lr_text_encoder", float("nan")) for r in records], color="tab:olive", linestyle="--", label="text encoder")
+        ax_lr.legend()
     ax_lr.set_ylabel("learning rate")
-    ax_lr.set_xlabel("step")
+    if drift_keys:
+        ax_drift = axes[2]
+        for key, label in drift_keys:
+            points = [(r["step"], r[key]) for r in records if key in r]
+            ax_drift.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
+        ax_drift.set_ylabel("image distance")
+        ax_drift.legend()
+    axes[-1].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out
+
+
+DRIFT_CURVES = (
+    ("class_drift", "class drift (vs base, lower = class kept)"),
+    ("instance_distance", "instance distance (vs photos, lower = subject learned)"),
+)

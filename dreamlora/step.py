@@ -19,13 +19,21 @@ import torch.nn.functional as F
 log = logging.getLogger(__name__)
 
 
-def dreambooth_loss(pred: torch.Tensor, target: torch.Tensor, n_instance: int, prior_weight: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MSE on the instance half plus `prior_weight` x MSE on the class half (rows after `n_instance`), in fp32."""
+def dreambooth_loss(
+    pred: torch.Tensor, target: torch.Tensor, n_instance: int, prior_weight: float, weights: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """MSE on the instance half plus `prior_weight` x MSE on the class half (rows after `n_instance`), in fp32.
+
+    `weights` (one per row, e.g. from `train.snr_weights`) scale each example's MSE before each half is averaged.
+    """
     pred, target = pred.float(), target.float()
-    instance_loss = F.mse_loss(pred[:n_instance], target[:n_instance])
+    per_example = (pred - target).square().flatten(1).mean(dim=1)
+    if weights is not None:
+        per_example = per_example * weights.float()
+    instance_loss = per_example[:n_instance].mean()
     if pred.shape[0] == n_instance:
         return instance_loss, instance_loss, torch.zeros_like(instance_loss)
-    prior_loss = F.mse_loss(pred[n_instance:], target[n_instance:])
+    prior_loss = per_example[n_instance:].mean()
     return instance_loss + prior_weight * prior_loss, instance_loss, prior_loss
 
 
@@ -39,12 +47,13 @@ def batch_loss(
     n_instance: int,
     prior_weight: float,
     weight_dtype: torch.dtype,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Predict with the UNet conditioned on each row's prompt and return (loss, instance loss, prior loss)."""
     # Each distinct prompt is encoded once and indexed by row: gradients still reach every row.
     context = context_fn()[rows]
     pred = unet(noisy.to(weight_dtype), timesteps, context.to(weight_dtype)).sample
-    return dreambooth_loss(pred, target, n_instance, prior_weight)
+    return dreambooth_loss(pred, target, n_instance, prior_weight, weights)
 
 
 class CudaGraphStep:
@@ -57,7 +66,7 @@ class CudaGraphStep:
 
     def __init__(
         self,
-        loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        loss_fn: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
         params: list[torch.nn.Parameter],
         optimizer: torch.optim.Optimizer,
         max_grad_norm: float,

@@ -13,7 +13,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-import torch.nn.functional as F
 
 from dreamlora import __version__
 from dreamlora import checkpoint as ckpt
@@ -45,6 +44,31 @@ class TrainResult:
     samples: list[Path] = field(default_factory=list)
     cuda_graphs: bool = False
     capture_seconds: float = 0.0
+
+
+def snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float) -> torch.Tensor:
+    """Min-SNR-gamma loss weights (Hang et al. 2023), one per timestep: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v.
+
+    SNR(t) = alpha_bar_t / (1 - alpha_bar_t). Dividing by SNR + 1 for v-prediction gives the same effective
+    weighting of the x0 error as epsilon-prediction does, because the v loss is the epsilon loss times (SNR + 1) / SNR.
+    """
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].double()
+    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    clipped = torch.clamp(snr, max=gamma)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return (clipped / snr).float()
+    if prediction_type == "v_prediction":
+        return (clipped / (snr + 1.0)).float()
+    raise TrainingError(f"--snr-gamma does not support prediction_type {prediction_type!r}; use epsilon or v_prediction models")
+
+
+def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
+    """Gaussian noise like `latents`; `noise_offset` adds a random per-image, per-channel constant (shifts each channel's mean)."""
+    noise = torch.randn(latents.shape, generator=generator, device=latents.device)
+    if noise_offset:
+        noise = noise + noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=latents.device)
+    return noise
 
 
 def diffusion_target(noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -181,14 +205,21 @@ class DreamBoothBatches:
 
 
 def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, device: torch.device, capturable: bool = False) -> torch.optim.Optimizer:
-    """AdamW with one parameter group (and learning rate) per trained model; fused kernels on CUDA.
+    """AdamW (or bitsandbytes' 8-bit AdamW) with one parameter group (and learning rate) per trained model; fused kernels on CUDA.
 
     `capturable`: state and learning rates live on the GPU so the update can run inside a CUDA graph.
     """
     lrs = {"unet": cfg.train.lr, "text_encoder": cfg.train.resolved_text_encoder_lr}
     lr = (lambda v: torch.tensor(v, device=device)) if capturable else float  # noqa: E731
+    param_groups = [{"params": params, "lr": lr(lrs[name])} for name, params in groups.items()]
+    if cfg.train.optimizer == "adamw8bit":
+        try:
+            import bitsandbytes
+        except ImportError as error:
+            raise ConfigError(f"--optimizer adamw8bit needs bitsandbytes, which is not installed ({error}); pip install 'dreamlora[bnb]', or use --optimizer adamw") from error
+        return bitsandbytes.optim.AdamW8bit(param_groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
     return torch.optim.AdamW(
-        [{"params": params, "lr": lr(lrs[name])} for name, params in groups.items()],
+        param_groups,
         betas=(0.9, 0.999),
         weight_decay=1e-2,
         eps=1e-8,
@@ -208,6 +239,8 @@ def use_cuda_graphs(cfg: RunConfig, device: torch.device, num_processes: int, pr
         reasons.append("gradient accumulation")
     if precision == "fp16":
         reasons.append("fp16 loss scaling (use bf16)")
+    if cfg.train.optimizer != "adamw":
+        reasons.append(f"optimizer {cfg.train.optimizer}")
     if cfg.train.compile == "off" or (cfg.train.compile == "auto" and reasons):
         if cfg.train.compile == "auto" and device.type == "cuda":
             log.info("CUDA graphs off: %s", ", ".join(reasons))
@@ -215,6 +248,82 @@ def use_cuda_graphs(cfg: RunConfig, device: torch.device, num_processes: int, pr
     if reasons:
         raise ConfigError(f"--compile on needs a single CUDA process without gradient accumulation in bf16/fp32; here: {', '.join(reasons)}. Use --compile auto")
     return True
+
+
+def lr_factor(kind: str, warmup: int, total: int, cycles: int = 1) -> Callable[[int], float]:
+    """The learning-rate multiplier at each step for a schedule (the formulas of diffusers' schedulers, warmup included)."""
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return step / max(1, warmup)
+        if kind == "constant":
+            return 1.0
+        progress = (step - warmup) / max(1, total - warmup)
+        if kind == "linear":
+            return max(0.0, (total - step) / max(1, total - warmup))
+        if kind == "cosine":
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        if kind == "cosine_with_restarts":
+            return 0.0 if progress >= 1.0 else max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress) % 1.0))))
+        raise ConfigError(f"unknown lr scheduler {kind!r}; use constant, linear, cosine or cosine_with_restarts")
+
+    return factor
+
+
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, group_names: list[str], cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """One schedule per parameter group: the UNet's, and the text encoder's own (which drops to 0 at its stop step)."""
+    t = cfg.train
+    unet = lr_factor(t.lr_scheduler, t.warmup_steps, t.max_steps, t.lr_cycles)
+    te_warmup = t.warmup_steps if t.text_encoder_warmup_steps < 0 else t.text_encoder_warmup_steps
+    te_schedule = lr_factor(t.text_encoder_lr_scheduler or t.lr_scheduler, te_warmup, t.max_steps, t.lr_cycles)
+    stop = t.text_encoder_stop_step
+
+    def text_encoder(step: int) -> float:
+        return te_schedule(step) if step < stop else 0.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [text_encoder if name == "text_encoder" else unet for name in group_names])
+
+
+def _freeze_text_encoder(params: list[torch.nn.Parameter], text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Stop training the text-encoder LoRA: no gradients from now on (the optimizer skips it); return the prompts' fixed encoding."""
+    for param in params:
+        param.requires_grad_(False)
+        param.grad = None
+    with torch.no_grad():
+        return encode_prompt(text_encoder, input_ids)
+
+
+def _sample_prompts(cfg: RunConfig) -> tuple[str, str]:
+    """Instance and class prompt for samples; the class prompt falls back to `a photo of <class>` when training has none."""
+    class_prompt = cfg.data.class_prompt or (f"a photo of {cfg.data.class_name}" if cfg.data.class_name else "")
+    return cfg.data.resolved_instance_prompt(), class_prompt
+
+
+def _make_monitor(cfg: RunConfig, components: Components, run_dir: Path) -> Any:
+    """Sampler for `--sample-every`: the base model's images at the sample seeds are made here, once."""
+    from dreamlora.monitor import SampleMonitor
+
+    instance_prompt, class_prompt = _sample_prompts(cfg)
+    seeds = list(range(cfg.train.seed, cfg.train.seed + cfg.train.num_samples))
+    return SampleMonitor(components, instance_prompt, class_prompt, cfg.data.instance_dir, seeds, cfg.prior.steps, cfg.prior.guidance, cfg.data.resolution, run_dir / "samples")
+
+
+def _check_tracker(name: str) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec(name) is None:
+        raise ConfigError(f"--report-to {name} needs the {name} package, which is not installed; pip install 'dreamlora[{name}]', or drop --report-to")
+
+
+def _start_trackers(accelerator: Any, cfg: RunConfig, run_dir: Path) -> None:
+    """TensorBoard logs go to `run_dir/tensorboard/`; wandb runs are named after the run folder."""
+    from dreamlora.config import to_dict
+
+    accelerator.project_configuration.logging_dir = str(run_dir)  # known only now; trackers read it in init_trackers
+    flat = {f"{section}.{key}": (", ".join(value) if isinstance(value, list) else value) for section, values in to_dict(cfg).items() for key, value in values.items()}
+    tensorboard = cfg.train.report_to == "tensorboard"
+    init_kwargs = {} if tensorboard else {"wandb": {"name": run_dir.name, "dir": str(run_dir)}}
+    accelerator.init_trackers("tensorboard" if tensorboard else "dreamlora", config=flat, init_kwargs=init_kwargs)
 
 
 # --- the recipe ----------------------------------------------------------------------------------
@@ -270,7 +379,14 @@ def _make_accelerator(cfg: RunConfig) -> tuple[Any, str, torch.dtype]:
     mixed = {"fp16": "fp16", "bf16": "bf16", "fp32": "no"}[precision]
     if precision == "bf16" and (cfg.train.master_weights or probe_device.type != "cuda"):
         mixed = "no"  # bf16 weights end to end with fp32 masters: no autocast (see MasterWeights)
-    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.train.gradient_accumulation)
+    tracking: dict[str, Any] = {}
+    if cfg.train.report_to:
+        from accelerate.utils import ProjectConfiguration
+
+        _check_tracker(cfg.train.report_to)
+        # The run folder is not known yet: `_start_trackers` points the logging directory at it.
+        tracking = {"log_with": cfg.train.report_to, "project_config": ProjectConfiguration(project_dir=".", logging_dir=".")}
+    accelerator = Accelerator(mixed_precision=mixed, gradient_accumulation_steps=cfg.train.gradient_accumulation, **tracking)
     return accelerator, precision, weight_dtype
 
 
@@ -361,9 +477,7 @@ def train(
     masters = MasterWeights(groups, weight_dtype) if weight_dtype == torch.bfloat16 and accelerator.mixed_precision == "no" else None
     optimizer = make_optimizer(masters.masters if masters else groups, cfg, device, capturable=graphs)
     fp32_lora = masters.fp32_in_model if masters else contextlib.nullcontext
-    from diffusers.optimization import get_scheduler
-
-    lr_scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.max_steps)
+    lr_scheduler = make_lr_scheduler(optimizer, list(groups), cfg)
     models = [unet, text_encoder] if train_te else [unet]
     prepared = accelerator.prepare(*models, optimizer)
     unet = prepared[0]
@@ -385,6 +499,10 @@ def train(
     if accelerator.is_main_process:
         (run_dir / ckpt.CONFIG_FILE).write_text(to_toml(cfg), encoding="utf-8")
         ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, start_step, "running"))
+        if cfg.train.report_to:
+            _start_trackers(accelerator, cfg, run_dir)
+    # Samples at fixed seeds (main process): the base model's images are made once, here, before any step.
+    monitor = _make_monitor(cfg, components, run_dir) if cfg.train.sample_every and cfg.train.num_samples and accelerator.is_main_process else None
 
     def unwrapped() -> dict[str, torch.nn.Module]:
         out = {"unet": accelerator.unwrap_model(unet)}
@@ -406,30 +524,39 @@ def train(
     metrics_path = run_dir / ckpt.METRICS_FILE
     started = time.perf_counter()
     bad_steps, skipped, loss_value = 0, 0, float("nan")
+    encode_each_step = train_te  # False once the text-encoder LoRA is frozen (--text-encoder-steps-fraction)
     unet.train()
     graph_step = None
     if graphs:
-        def graph_loss(rows: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor) -> Any:
-            return batch_loss(unet, context_fn, rows, noisy, timesteps, target, bsz, cfg.train.prior_weight, weight_dtype)
+        def graph_loss(rows: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> Any:
+            # The text encoder stays in the graph after --text-encoder-steps-fraction: its learning rate is 0 from then on.
+            return batch_loss(unet, context_fn, rows, noisy, timesteps, target, bsz, cfg.train.prior_weight, weight_dtype, weights)
 
         params = [p for ps in groups.values() for p in ps]
         first_check = (lambda: check_gradients(groups)) if start_step == 0 or resume_from is not None else None  # noqa: E731
         graph_step = CudaGraphStep(graph_loss, params, getattr(optimizer, "optimizer", optimizer), cfg.train.max_grad_norm, masters, first_check)
     for step in range(start_step, cfg.train.max_steps):
+        if encode_each_step and step >= cfg.train.text_encoder_stop_step and graph_step is None:
+            cached_context = _freeze_text_encoder(groups["text_encoder"], text_encoder, input_ids)
+            encode_each_step = False
         for micro in range(accum):
             latents, rows, generator = batches.draw(step * accum + micro)
-            noise = torch.randn(latents.shape, generator=generator, device=device)
+            noise = sample_noise(latents, generator, cfg.train.noise_offset)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+            weights = snr_weights(noise_scheduler, timesteps, cfg.train.snr_gamma) if cfg.train.snr_gamma else None
             if graph_step is not None:
                 # One replay runs forward, backward, clipping and AdamW; a non-finite loss skips the update in-graph.
-                loss, instance_loss, prior_loss = graph_step(rows, noisy, timesteps, target)
+                if weights is None:
+                    weights = torch.ones(latents.shape[0], device=device)
+                loss, instance_loss, prior_loss = graph_step(rows, noisy, timesteps, target, weights)
                 if graph_step.capture_seconds and step == start_step:
                     log.info("CUDA graph captured in %.1f s", graph_step.capture_seconds)
                 continue
             with accelerator.accumulate(*models), accelerator.autocast():
-                loss, instance_loss, prior_loss = batch_loss(unet, context_fn, rows, noisy, timesteps, target, bsz, cfg.train.prior_weight, weight_dtype)
+                context_fn = (lambda: encode_prompt(text_encoder, input_ids)) if encode_each_step else (lambda: cached_context)  # noqa: E731
+                loss, instance_loss, prior_loss = batch_loss(unet, context_fn, rows, noisy, timesteps, target, bsz, cfg.train.prior_weight, weight_dtype, weights)
                 if not torch.isfinite(loss):
                     # A non-finite loss must not reach the weights: skip the step and stop after several in a row.
                     optimizer.zero_grad(set_to_none=True)
@@ -437,7 +564,7 @@ def train(
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if step == start_step:
-                        check_gradients(groups)
+                        check_gradients({name: ps for name, ps in groups.items() if name == "unet" or encode_each_step})
                     if masters:
                         masters.grads_to_masters()
                     if cfg.train.max_grad_norm > 0:
@@ -448,7 +575,9 @@ def train(
                 if masters and accelerator.sync_gradients:
                     masters.masters_to_model()
         done = step + 1
-        log_now = done % cfg.train.log_every == 0 or done == cfg.train.max_steps or done == start_step + 1
+        every = cfg.train.sample_every
+        sample_now = bool(every) and (done % every == 0 or done == cfg.train.max_steps)  # the same on every process
+        log_now = sample_now or done % cfg.train.log_every == 0 or done == cfg.train.max_steps or done == start_step + 1
         # The graphed step is not synced between logs: a non-finite step was skipped in-graph and is counted when logged.
         if graph_step is None or log_now:
             if not torch.isfinite(loss):
@@ -459,6 +588,7 @@ def train(
             else:
                 bad_steps = 0
         lr_scheduler.step()
+        drift = monitor.sample(done) if sample_now and monitor is not None else {}
         if log_now:
             loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
             elapsed = time.perf_counter() - started
@@ -468,12 +598,16 @@ def train(
                 "instance_loss": accelerator.reduce(instance_loss.detach(), reduction="mean").item(),
                 "prior_loss": accelerator.reduce(prior_loss.detach(), reduction="mean").item(),
                 "lr": float(lr_scheduler.get_last_lr()[0]),
+                **({"lr_text_encoder": float(lr_scheduler.get_last_lr()[1])} if train_te else {}),
                 "time": round(elapsed, 3),
                 "it_s": (done - start_step) / elapsed if elapsed > 0 else 0.0,
+                **drift,
             }
             if accelerator.is_main_process:
                 with metrics_path.open("a", encoding="utf-8") as handle:
                     handle.write(ckpt.json_line(record))
+                if cfg.train.report_to:
+                    accelerator.log(record, step=done)
                 if on_log:
                     on_log({**record, "max_steps": cfg.train.max_steps})
         if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < cfg.train.max_steps:
@@ -489,7 +623,7 @@ def train(
     if accelerator.is_main_process:
         lora_path = write_lora(run_dir / ckpt.LORA_DIR)
         ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, cfg.train.max_steps, "finished"))
-        samples = _final_pictures(cfg, components, unwrapped(), run_dir)
+        samples = _final_pictures(cfg, components, unwrapped(), run_dir, monitor)
     accelerator.end_training()
     capture = graph_step.capture_seconds if graph_step is not None else 0.0
     return TrainResult(run_dir, cfg.train.max_steps, loss_value, seconds, lora_path, attention, precision, with_prior, skipped, samples, graphs, capture)
@@ -525,16 +659,18 @@ def _restore(folder: Path, accelerator: Any, unet: Any, text_encoder: Any, optim
     return int(state["step"])
 
 
-def _final_pictures(cfg: RunConfig, components: Components, models: dict[str, torch.nn.Module], run_dir: Path) -> list[Path]:
-    """Sample grid (base vs trained, instance and class prompts) and the loss curve."""
+def _final_pictures(cfg: RunConfig, components: Components, models: dict[str, torch.nn.Module], run_dir: Path, monitor: Any = None) -> list[Path]:
+    """Sample grid (base vs trained, instance and class prompts; reusing the monitor's images where it has them) and the curves."""
     from dreamlora.generate import comparison_grid, plot_metrics
 
     written = []
     for model in models.values():
         model.eval()
     if cfg.train.num_samples > 0:
-        prompts = [cfg.data.resolved_instance_prompt()] + ([cfg.data.class_prompt] if cfg.data.class_prompt else [])
-        grid = comparison_grid(components, prompts, cfg.train.num_samples, cfg.train.seed, cfg.prior.steps, cfg.prior.guidance, cfg.data.resolution)
+        prompts = [p for p in _sample_prompts(cfg) if p]
+        base = monitor.base if monitor is not None else None
+        adapted = monitor.latest[1] if monitor is not None and monitor.latest[0] == cfg.train.max_steps else None
+        grid = comparison_grid(components, prompts, cfg.train.num_samples, cfg.train.seed, cfg.prior.steps, cfg.prior.guidance, cfg.data.resolution, base, adapted)
         samples_dir = run_dir / "samples"
         samples_dir.mkdir(exist_ok=True)
         grid.save(samples_dir / "final.png")
@@ -557,7 +693,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # Keys that may differ when resuming without changing the result.
 RESUME_FREE_KEYS = {
     "train.out", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.sample_every",
-    "train.num_samples", "model.attention", "prior.batch_size", "train.compile",
+    "train.num_samples", "model.attention", "prior.batch_size", "train.compile", "train.report_to",
 }
 
 
@@ -580,6 +716,11 @@ def resume_point(run_dir: Path | None, resume_from: Path | None, runs_root: Path
     return Path(run_dir), latest
 
 
+def _constant_schedules(cfg: RunConfig) -> bool:
+    t = cfg.train
+    return t.lr_scheduler == "constant" and t.text_encoder_lr_scheduler in ("", "constant") and t.text_encoder_steps_fraction == 1.0
+
+
 def changed_keys(saved: RunConfig, new: RunConfig) -> list[str]:
     """Settings that differ between a saved run and a resume request and would change its result."""
     from dreamlora.config import to_dict
@@ -591,7 +732,7 @@ def changed_keys(saved: RunConfig, new: RunConfig) -> list[str]:
             dotted = f"{section}.{key}"
             if dotted in RESUME_FREE_KEYS or before[section].get(key) == value:
                 continue
-            if dotted == "train.max_steps" and new.train.lr_scheduler == "constant" and new.train.warmup_steps < min(saved.train.max_steps, new.train.max_steps):
+            if dotted == "train.max_steps" and _constant_schedules(new) and max(new.train.warmup_steps, new.train.text_encoder_warmup_steps) < min(saved.train.max_steps, new.train.max_steps):
                 continue  # a constant schedule does not depend on the step budget
             keys.append(f"{dotted}: {before[section].get(key)!r} -> {value!r}")
     return keys

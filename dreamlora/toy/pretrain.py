@@ -1,0 +1,617 @@
+"""Pretraining of the toy Stable Diffusion model on the toy world, with its evaluation.
+
+Run as `python -m dreamlora.toy.pretrain --out PATH --seed 0 --device cuda`. It trains an
+AutoencoderKL on rendered scenes, then a cross-attention UNet jointly with a CLIP text
+encoder trained from scratch on class prompts ("a photo of dog", ...) with empty-prompt
+dropout for classifier-free guidance, and saves an ordinary diffusers folder in fp16.
+It then reports how often each class prompt draws its class (read back with
+`world.read_scene`) and, with `--check-dreambooth`, whether a quick DreamBooth-LoRA run
+teaches "sks dog" the yellow mark. The rare token "sks" is in the vocabulary but never
+in a pretraining prompt.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from diffusers import (
+    AutoencoderKL,
+    DDPMScheduler,
+    DPMSolverMultistepScheduler,
+    StableDiffusionPipeline,
+    UNet2DConditionModel,
+)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+from dreamlora.toy import world
+
+logger = logging.getLogger(__name__)
+
+TEMPLATES: tuple[str, ...] = (
+    "a photo of {}",
+    "a photo of a {}",
+    "a picture of a {}",
+    "an image of a {}",
+    "a {}",
+    "{}",
+)
+EXTRA_WORDS: tuple[str, ...] = ("photo", "picture", "image", "of", "a", "an", "the", "in", "with")
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+MAX_LENGTH = 32
+RESOLUTION = 64
+LATENT_SIZE = 16
+TEXT_WIDTH = 128
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """Steps, batch sizes and learning rates of both pretraining phases."""
+
+    seed: int = 0
+    vae_steps: int = 2000
+    vae_batch: int = 384
+    vae_lr: float = 1.5e-3
+    vae_kl_weight: float = 1e-6
+    vae_seconds: float | None = None
+    """Wall-clock cap for the VAE phase: steps are cut to fit after a speed estimate."""
+    bank_size: int = 131072
+    """Scenes rendered and VAE-encoded once for the UNet phase (each also seen mirrored)."""
+    unet_steps: int = 12000
+    unet_batch: int = 2048
+    unet_lr: float = 1e-3
+    unet_seconds: float | None = None
+    """Wall-clock cap for the UNet phase, as for the VAE."""
+    empty_prompt_rate: float = 0.1
+    ema_decay: float = 0.999
+    warmup_steps: int = 100
+
+
+@dataclass(frozen=True)
+class DreamboothCheckConfig:
+    """The quick DreamBooth-LoRA fine-tune run after pretraining."""
+
+    learning_rates: tuple[float, ...] = (3e-4, 1e-3)
+    steps: int = 400
+    rank: int = 8
+    alpha: float = 8.0
+    instance_batch: int = 4
+    class_batch: int = 4
+    class_images: int = 64
+    prior_weight: float = 1.0
+    instance_prompt: str = "a photo of sks dog"
+    class_prompt: str = "a photo of dog"
+
+
+def vocabulary_words() -> list[str]:
+    """Every word the tokenizer keeps whole: template words, class names and the rare token."""
+    words = {word for template in TEMPLATES for word in template.format("").split()}
+    words |= set(EXTRA_WORDS) | set(world.CLASSES) | {world.INSTANCE_TOKEN}
+    return sorted(words)
+
+
+def build_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """CLIP BPE vocabulary and merges: specials, printable characters, then whole words.
+
+    Every printable ASCII character is a token with and without the end-of-word suffix,
+    so any ASCII prompt tokenizes to known ids; each listed word is built by a chain of
+    left-to-right merges and ends as one token.
+    """
+    tokens = [BOS, EOS]
+    characters = [chr(code) for code in range(33, 127)]
+    tokens += characters + [c + "</w>" for c in characters]
+    merges: list[tuple[str, str]] = []
+    for word in vocabulary_words():
+        pieces = list(word[:-1]) + [word[-1] + "</w>"]
+        left = pieces[0]
+        for piece in pieces[1:]:
+            if (left, piece) not in merges:
+                merges.append((left, piece))
+            left += piece
+            if left not in tokens:
+                tokens.append(left)
+    return {token: i for i, token in enumerate(tokens)}, merges
+
+
+def build_tokenizer() -> CLIPTokenizer:
+    """The toy CLIP tokenizer; checks that every vocabulary word is a single known token."""
+    vocab, merges = build_vocabulary()
+    # transformers 5 ignores vocab_file=/merges_file=; the in-memory vocab= and merges= are honoured.
+    tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=MAX_LENGTH)
+    for word in vocabulary_words():
+        ids = tokenizer(word, add_special_tokens=False).input_ids
+        if ids != [vocab[word + "</w>"]]:
+            raise RuntimeError(f"toy tokenizer splits {word!r} into {ids}")
+    return tokenizer
+
+
+def build_models(vocab_size: int, tokenizer: CLIPTokenizer) -> tuple[AutoencoderKL, UNet2DConditionModel, CLIPTextModel]:
+    """Fresh VAE (64x64 -> 16x16x4), UNet with cross-attention, and CLIP text encoder."""
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3,
+        block_out_channels=(32, 64, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=RESOLUTION,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=LATENT_SIZE,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(64, 128, 128),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=TEXT_WIDTH,
+        attention_head_dim=4,
+        norm_num_groups=32,
+    )
+    text_config = CLIPTextConfig(
+        vocab_size=vocab_size,
+        hidden_size=TEXT_WIDTH,
+        intermediate_size=4 * TEXT_WIDTH,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        max_position_embeddings=MAX_LENGTH,
+        projection_dim=TEXT_WIDTH,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return vae, unet, CLIPTextModel(text_config)
+
+
+def build_noise_scheduler() -> DDPMScheduler:
+    """Stable Diffusion 1.x's training schedule: 1000 steps, scaled-linear betas, epsilon."""
+    return DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        prediction_type="epsilon",
+        clip_sample=False,
+        steps_offset=1,
+    )
+
+
+def _random_images(batch: int, generator: torch.Generator, marked: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """A batch of random scenes in [-1, 1] and their class indices."""
+    classes = torch.randint(len(world.CLASSES), (batch,), generator=generator, device=generator.device)
+    images = world.render_batch(world.sample_layout(classes, generator, marked), RESOLUTION)
+    return images * 2 - 1, classes
+
+
+def _codec_images(batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Scenes for the VAE, in [-1, 1]: beyond the class scenes, marked objects and objects
+    of any hue, so the codec keeps colours (the mark's yellow above all) the diffusion
+    model has yet to learn."""
+    device = generator.device
+    classes = torch.randint(len(world.CLASSES), (batch,), generator=generator, device=device)
+    marked = torch.rand(batch, generator=generator, device=device) < 0.4
+    layout = world.sample_layout(classes, generator, marked)
+    hue = torch.rand(batch, generator=generator, device=device)
+    saturation = 0.6 + 0.4 * torch.rand(batch, generator=generator, device=device)
+    value = 0.5 + 0.5 * torch.rand(batch, generator=generator, device=device)
+    vivid = world.hsv_to_rgb(hue, saturation, value)
+    recolour = torch.rand(batch, generator=generator, device=device) < 0.3
+    layout = replace(layout, colour=torch.where(recolour[:, None], vivid, layout.colour))
+    return world.render_batch(layout, RESOLUTION) * 2 - 1
+
+
+def _lr_factor(step: int, total: int, warmup: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(total - warmup, 1)
+    return 0.1 + 0.45 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def _fit_steps(step: int, total: int, elapsed: float, budget: float | None, log: Callable[[str], None]) -> int:
+    """After `step` steps in `elapsed` seconds, the total that fits `budget` seconds (never more than `total`)."""
+    if budget is None:
+        return total
+    affordable = max(int(step / elapsed * budget), step + 1)
+    if affordable < total:
+        log(f"{step / elapsed:.1f} steps/s: capping to {affordable} steps to fit {budget:.0f}s")
+        return affordable
+    return total
+
+
+def train_vae(vae: AutoencoderKL, cfg: PretrainConfig, generator: torch.Generator, log: Callable[[str], None]) -> None:
+    """Reconstruction (MSE + L1) with a small KL term; sets `scaling_factor` from the latent std."""
+    device = generator.device
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=0.0, fused=device.type == "cuda")
+    vae.train()
+    total, start, step = cfg.vae_steps, time.perf_counter(), 0
+    while step < total:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.vae_lr * _lr_factor(step, total, cfg.warmup_steps)
+        images = _codec_images(cfg.vae_batch, generator)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            posterior = vae.encode(images).latent_dist
+            latents = posterior.mean + posterior.std * torch.randn(
+                posterior.mean.shape, generator=generator, device=device
+            )
+            reconstruction = vae.decode(latents).sample.float()
+        kl = posterior.kl().mean()
+        loss = F.mse_loss(reconstruction, images) + 0.1 * F.l1_loss(reconstruction, images) + cfg.vae_kl_weight * kl
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        if step == 100:
+            total = _fit_steps(step, total, time.perf_counter() - start, cfg.vae_seconds, log)
+        if step % 250 == 0 or step == total:
+            log(f"vae step {step}/{total} loss {loss.item():.5f} kl {kl.item():.1f} ({time.perf_counter() - start:.0f}s)")
+    vae.eval()
+    with torch.no_grad():
+        images, _ = _random_images(512, generator)
+        latents = vae.encode(images).latent_dist.mean
+        error = F.mse_loss(vae.decode(latents).sample, images).item()
+        marked = world.render_batch(world.sample_layout(["dog"] * 64, generator, True), RESOLUTION) * 2 - 1
+        rebuilt = world.to_pil((vae.decode(vae.encode(marked).latent_dist.mean).sample + 1) / 2)
+    scaling = 1.0 / latents.std().item()
+    vae.register_to_config(scaling_factor=scaling)
+    log(f"vae done: reconstruction mse {error:.5f}, latent std {1 / scaling:.3f}, scaling_factor {scaling:.4f}; "
+        f"marked dogs rebuilt: dog {world.class_rate(rebuilt, 'dog'):.2f}, mark {world.mark_rate(rebuilt):.2f}")
+
+
+def prompt_table(tokenizer: CLIPTokenizer, device: torch.device) -> torch.Tensor:
+    """Token ids (classes, templates, MAX_LENGTH) of every class prompt, plus the empty prompt at [0, -1]."""
+    rows = []
+    for cls in world.CLASSES:
+        prompts = [template.format(cls) for template in TEMPLATES]
+        rows.append(tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids)
+    empty = tokenizer([""], padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids
+    return torch.stack(rows).to(device), empty[0].to(device)
+
+
+def _sample_prompts(
+    classes: torch.Tensor, table: torch.Tensor, empty: torch.Tensor, rate: float, generator: torch.Generator
+) -> torch.Tensor:
+    """One random template per class index; a `rate` share replaced by the empty prompt."""
+    device = generator.device
+    templates = torch.randint(table.shape[1], classes.shape, generator=generator, device=device)
+    ids = table[classes, templates]
+    drop = torch.rand(classes.shape, generator=generator, device=device) < rate
+    return torch.where(drop[:, None], empty[None], ids)
+
+
+def encode_bank(vae: AutoencoderKL, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled latents (size, 4, 16, 16) of `size` random scenes and their class indices."""
+    latents, classes = [], []
+    with torch.no_grad(), torch.autocast(generator.device.type, dtype=torch.bfloat16, enabled=generator.device.type == "cuda"):
+        for start in range(0, size, 2048):
+            images, index = _random_images(min(2048, size - start), generator)
+            latents.append(vae.encode(images).latent_dist.mean.float() * vae.config.scaling_factor)
+            classes.append(index)
+    return torch.cat(latents), torch.cat(classes)
+
+
+def _ema_update(ema: Sequence[torch.Tensor], live: Sequence[torch.Tensor], decay: float) -> None:
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema), list(live), 1.0 - decay)
+
+
+def train_denoiser(
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    vae: AutoencoderKL,
+    tokenizer: CLIPTokenizer,
+    cfg: PretrainConfig,
+    generator: torch.Generator,
+    log: Callable[[str], None],
+) -> tuple[UNet2DConditionModel, CLIPTextModel]:
+    """Joint epsilon-prediction training of UNet and text encoder; returns their EMA copies."""
+    device = generator.device
+    scheduler = build_noise_scheduler()
+    alphas = scheduler.alphas_cumprod.to(device)
+    table, empty = prompt_table(tokenizer, device)
+    models = [unet, text_encoder]
+    params = [p for m in models for p in m.parameters()]
+    ema_models = [copy.deepcopy(m).requires_grad_(False) for m in models]
+    ema_params = [p for m in ema_models for p in m.parameters()]
+    optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2, fused=device.type == "cuda")
+    bank, bank_classes = encode_bank(vae, cfg.bank_size, generator)
+    log(f"latent bank: {tuple(bank.shape)}, std {bank.std().item():.3f}")
+    total, start = cfg.unet_steps, time.perf_counter()
+    for m in models:
+        m.train()
+    step = 0
+    while step < total:
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.unet_lr * _lr_factor(step, total, cfg.warmup_steps)
+        with torch.no_grad():
+            pick = torch.randint(len(bank), (cfg.unet_batch,), generator=generator, device=device)
+            latents, classes = bank[pick], bank_classes[pick]
+            flip = torch.rand(len(pick), generator=generator, device=device) < 0.5
+            latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
+            ids = _sample_prompts(classes, table, empty, cfg.empty_prompt_rate, generator)
+            noise = torch.randn(latents.shape, generator=generator, device=device)
+            t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
+            a = alphas[t][:, None, None, None]
+            noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            hidden = text_encoder(ids)[0]
+            prediction = unet(noisy, t, encoder_hidden_states=hidden).sample.float()
+        loss = F.mse_loss(prediction, noise)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        _ema_update(ema_params, params, cfg.ema_decay if step > cfg.warmup_steps else 0.0)
+        step += 1
+        if step == 100:
+            # Fit the planned steps into the time budget; the learning-rate schedule follows.
+            total = _fit_steps(step, total, time.perf_counter() - start, cfg.unet_seconds, log)
+        if step % 500 == 0 or step == total:
+            log(f"unet step {step}/{total} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
+    for m in ema_models:
+        m.eval()
+    return ema_models[0], ema_models[1]
+
+
+def save_pipeline(
+    out: Path,
+    vae: AutoencoderKL,
+    unet: UNet2DConditionModel,
+    text_encoder: CLIPTextModel,
+    tokenizer: CLIPTokenizer,
+) -> None:
+    """Write a diffusers folder with fp16 safetensors weights and no safety checker."""
+    pipeline = StableDiffusionPipeline(
+        vae=copy.deepcopy(vae).to("cpu", torch.float16),
+        text_encoder=copy.deepcopy(text_encoder).to("cpu", torch.float16),
+        tokenizer=tokenizer,
+        unet=copy.deepcopy(unet).to("cpu", torch.float16),
+        scheduler=build_noise_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(out, safe_serialization=True)
+    # transformers 5 saves only tokenizer.json; vocab.json and merges.txt serve older loaders too.
+    vocab, merges = build_vocabulary()
+    (out / "tokenizer" / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False) + "\n")
+    (out / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
+
+
+def load_pipeline(path: Path, device: torch.device) -> StableDiffusionPipeline:
+    """The saved toy pipeline in fp32 on `device`, with DPM-Solver++ for sampling."""
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        path, safety_checker=None, requires_safety_checker=False, dtype=torch.float32
+    )
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline.to(device)
+
+
+def sample(pipeline: StableDiffusionPipeline, prompt: str, n: int, seed: int, guidance: float = 5.0) -> list:
+    """`n` PIL images for one prompt, 20 DPM-Solver++ steps, reproducible from `seed`."""
+    generator = torch.Generator(pipeline.device).manual_seed(seed)
+    return pipeline(
+        prompt, num_images_per_prompt=n, num_inference_steps=20, guidance_scale=guidance, generator=generator
+    ).images
+
+
+def evaluate(pipeline: StableDiffusionPipeline, n: int, seed: int) -> dict[str, dict[str, float]]:
+    """Class rate (colour, and colour plus shape) and mark rate for each "a photo of {class}"."""
+    table = {}
+    images = sample(pipeline, f"a photo of {world.INSTANCE_TOKEN} {world.INSTANCE_CLASS}", n, seed + 10)
+    rare = {"class_rate": world.class_rate(images, world.INSTANCE_CLASS), "mark_rate": world.mark_rate(images)}
+    for i, cls in enumerate(world.CLASSES):
+        images = sample(pipeline, f"a photo of {cls}", n, seed + i)
+        table[f"a photo of {cls}"] = {
+            "class_rate": world.class_rate(images, cls),
+            "shape_rate": world.class_rate(images, cls, require_shape=True),
+            "mark_rate": world.mark_rate(images),
+        }
+    table[f"a photo of {world.INSTANCE_TOKEN} {world.INSTANCE_CLASS}"] = {**rare, "shape_rate": float("nan")}
+    return table
+
+
+def _encode(vae: AutoencoderKL, images: list, device: torch.device) -> torch.Tensor:
+    """Scaled VAE means of PIL images and of their mirror images."""
+    batch = torch.stack([torch.from_numpy(world.image_to_array(im)).permute(2, 0, 1) for im in images]).to(device)
+    batch = torch.cat([batch, batch.flip(-1)]) * 2 - 1
+    with torch.no_grad():
+        return vae.encode(batch).latent_dist.mean * vae.config.scaling_factor
+
+
+def _attach_lora(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, cfg: DreamboothCheckConfig) -> list:
+    """Inject LoRA into UNet attention and text-encoder attention; returns the trainable parameters."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    unet.requires_grad_(False)
+    text_encoder.requires_grad_(False)
+    for model, targets in (
+        (unet, ["to_q", "to_k", "to_v", "to_out.0"]),
+        (text_encoder, ["q_proj", "k_proj", "v_proj", "out_proj"]),
+    ):
+        config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=targets)
+        inject_adapter_in_model(config, model)
+    return [p for m in (unet, text_encoder) for n, p in m.named_parameters() if "lora_" in n]
+
+
+def dreambooth_run(
+    base: StableDiffusionPipeline,
+    instance_latents: torch.Tensor,
+    class_latents: torch.Tensor,
+    lr: float,
+    cfg: DreamboothCheckConfig,
+    seed: int,
+) -> StableDiffusionPipeline:
+    """Fine-tune LoRA copies of the base UNet and text encoder; returns a pipeline using them."""
+    device = base.device
+    generator = torch.Generator(device).manual_seed(seed)
+    unet, text_encoder = copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder)
+    params = _attach_lora(unet, text_encoder, cfg)
+    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    tokens = base.tokenizer(
+        [cfg.instance_prompt] * cfg.instance_batch + [cfg.class_prompt] * cfg.class_batch,
+        padding="max_length", max_length=MAX_LENGTH, return_tensors="pt",
+    ).input_ids.to(device)
+    alphas = base.scheduler.alphas_cumprod.to(device)
+    unet.train()
+    text_encoder.train()
+    for _ in range(cfg.steps):
+        pick_i = torch.randint(len(instance_latents), (cfg.instance_batch,), generator=generator, device=device)
+        pick_c = torch.randint(len(class_latents), (cfg.class_batch,), generator=generator, device=device)
+        latents = torch.cat([instance_latents[pick_i], class_latents[pick_c]])
+        noise = torch.randn(latents.shape, generator=generator, device=device)
+        t = torch.randint(0, 1000, (latents.shape[0],), generator=generator, device=device)
+        a = alphas[t][:, None, None, None]
+        prediction = unet(a.sqrt() * latents + (1 - a).sqrt() * noise, t, text_encoder(tokens)[0]).sample
+        error = ((prediction - noise) ** 2).mean(dim=(1, 2, 3))
+        loss = error[: cfg.instance_batch].mean() + cfg.prior_weight * error[cfg.instance_batch :].mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+    unet.eval()
+    text_encoder.eval()
+    return StableDiffusionPipeline(
+        vae=base.vae, text_encoder=text_encoder, tokenizer=base.tokenizer, unet=unet, scheduler=base.scheduler,
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )
+
+
+def check_dreambooth(
+    base: StableDiffusionPipeline, cfg: DreamboothCheckConfig, n: int, seed: int, log: Callable[[str], None]
+) -> dict[str, dict[str, float]]:
+    """DreamBooth-LoRA with prior preservation at each learning rate; mark and class rates after."""
+    photos = world.instance_photos(6, seed=0)  # the shipped samples/dog photos
+    class_images = sample(base, cfg.class_prompt, cfg.class_images, seed + 100)
+    log(f"dreambooth: class images read as dog {world.class_rate(class_images, 'dog'):.2f}, "
+        f"marked {world.mark_rate(class_images):.2f}")
+    instance_latents = _encode(base.vae, photos, base.device)
+    class_latents = _encode(base.vae, class_images, base.device)
+    table = {}
+    for lr in cfg.learning_rates:
+        start = time.perf_counter()
+        tuned = dreambooth_run(base, instance_latents, class_latents, lr, cfg, seed)
+        tuned.set_progress_bar_config(disable=True)
+        sks = sample(tuned, cfg.instance_prompt, n, seed + 1)
+        dog = sample(tuned, cfg.class_prompt, n, seed + 2)
+        cat = sample(tuned, "a photo of cat", n, seed + 3)
+        table[f"lr {lr:g}"] = {
+            "sks_mark": world.mark_rate(sks),
+            "sks_dog": world.class_rate(sks, "dog"),
+            "dog_mark": world.mark_rate(dog),
+            "dog_dog": world.class_rate(dog, "dog"),
+            "cat_cat": world.class_rate(cat, "cat"),
+        }
+        log(f"dreambooth lr {lr:g}, {cfg.steps} steps ({time.perf_counter() - start:.0f}s): {table[f'lr {lr:g}']}")
+    return table
+
+
+def save_grid(rows: Sequence[Sequence], path: Path) -> None:
+    """Save rows of equally sized PIL images as one picture."""
+    from PIL import Image
+
+    width, height = rows[0][0].size
+    grid = Image.new("RGB", (width * max(len(r) for r in rows), height * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, image in enumerate(row):
+            grid.paste(image, (x * width, y * height))
+    grid.save(path)
+
+
+def format_table(title: str, rows: dict[str, dict[str, float]]) -> str:
+    """Plain-text table: one row per key, one column per metric."""
+    columns = list(next(iter(rows.values())))
+    width = max(len(key) for key in rows) + 2
+    lines = [title, " " * width + "".join(f"{c:>12}" for c in columns)]
+    lines += [f"{key:<{width}}" + "".join(f"{row[c]:>12.2f}" for c in columns) for key, row in rows.items()]
+    return "\n".join(lines)
+
+
+def pretrain(out: Path, cfg: PretrainConfig, device: torch.device, log: Callable[[str], None]) -> None:
+    """Train VAE, then UNet and text encoder, and save the pipeline folder to `out`."""
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    tokenizer = build_tokenizer()
+    vae, unet, text_encoder = build_models(len(tokenizer), tokenizer)
+    sizes = {name: sum(p.numel() for p in m.parameters()) for name, m in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))}
+    log(f"parameters: {sizes}, total {sum(sizes.values()) / 1e6:.2f}M")
+    vae.to(device)
+    start = time.perf_counter()
+    train_vae(vae, cfg, generator, log)
+    log(f"vae phase {time.perf_counter() - start:.0f}s")
+    vae.requires_grad_(False)
+    unet.to(device)
+    text_encoder.to(device)
+    start = time.perf_counter()
+    unet, text_encoder = train_denoiser(unet, text_encoder, vae, tokenizer, cfg, generator, log)
+    log(f"unet phase {time.perf_counter() - start:.0f}s")
+    save_pipeline(out, vae, unet, text_encoder, tokenizer)
+    (out / "pretrain.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
+    log(f"saved {out}")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m dreamlora.toy.pretrain", description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, required=True, help="folder for the diffusers pipeline")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--vae-steps", type=int, default=PretrainConfig.vae_steps)
+    parser.add_argument("--vae-batch", type=int, default=PretrainConfig.vae_batch)
+    parser.add_argument("--vae-seconds", type=float, default=None, help="cap the VAE phase to this many seconds")
+    parser.add_argument("--bank", type=int, default=PretrainConfig.bank_size, help="scenes in the latent bank")
+    parser.add_argument("--steps", type=int, default=PretrainConfig.unet_steps, help="UNet steps")
+    parser.add_argument("--batch", type=int, default=PretrainConfig.unet_batch, help="UNet batch")
+    parser.add_argument("--unet-seconds", type=float, default=None, help="cap the UNet phase to this many seconds")
+    parser.add_argument("--eval-images", type=int, default=32, help="images per prompt in evaluation (0 skips it)")
+    parser.add_argument("--skip-train", action="store_true", help="evaluate an existing --out folder")
+    parser.add_argument("--grid", type=Path, default=None, help="save a PNG of 8 samples per prompt here")
+    parser.add_argument("--check-dreambooth", action="store_true")
+    parser.add_argument("--dreambooth-steps", type=int, default=DreamboothCheckConfig.steps)
+    parser.add_argument("--dreambooth-lrs", type=float, nargs="+", default=list(DreamboothCheckConfig.learning_rates))
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    cfg = PretrainConfig(
+        seed=args.seed, vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_seconds=args.vae_seconds,
+        bank_size=args.bank,
+        unet_steps=args.steps, unet_batch=args.batch, unet_seconds=args.unet_seconds,
+        warmup_steps=min(PretrainConfig.warmup_steps, max(min(args.steps, args.vae_steps) // 10, 1)),
+    )
+    if not args.skip_train:
+        start = time.perf_counter()
+        pretrain(args.out, cfg, device, logger.info)
+        logger.info(f"pretraining wall time {time.perf_counter() - start:.0f}s")
+    if args.eval_images > 0:
+        pipeline = load_pipeline(args.out, device)
+        print(format_table(f"base model, {args.eval_images} images per prompt", evaluate(pipeline, args.eval_images, args.seed)), flush=True)
+        if args.check_dreambooth:
+            db_cfg = DreamboothCheckConfig(steps=args.dreambooth_steps, learning_rates=tuple(args.dreambooth_lrs))
+            table = check_dreambooth(pipeline, db_cfg, args.eval_images, args.seed, logger.info)
+            print(format_table(f"dreambooth-lora check, {db_cfg.steps} steps, rank {db_cfg.rank}", table), flush=True)
+        if args.grid is not None:
+            prompts = [f"a photo of {cls}" for cls in world.CLASSES] + ["a photo of sks dog", ""]
+            save_grid([sample(pipeline, prompt, 8, args.seed) for prompt in prompts], args.grid)
+
+
+if __name__ == "__main__":
+    main()

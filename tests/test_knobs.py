@@ -1,0 +1,157 @@
+"""The training knobs: min-SNR weights, noise offset, per-group LR schedules, text-encoder cut-off, 8-bit AdamW."""
+
+import math
+import sys
+import types
+from pathlib import Path
+
+import pytest
+import torch
+
+from dreamlora.config import load_config
+from dreamlora.errors import ConfigError, TrainingError
+from dreamlora.lora import read_diffusers_lora
+from dreamlora.models import load_components
+from dreamlora.train import dreambooth_loss, lr_factor, make_lr_scheduler, make_optimizer, resolve_data, sample_noise, snr_weights, train
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-v"])
+def test_snr_weights_follow_the_min_snr_formula(preset: str) -> None:
+    scheduler = load_components(preset).noise_scheduler
+    timesteps = torch.tensor([0, 10, 100, 500, 999])
+    gamma = 5.0
+    weights = snr_weights(scheduler, timesteps, gamma)
+    for t, w in zip(timesteps.tolist(), weights.tolist()):
+        a = float(scheduler.alphas_cumprod[t])
+        snr = a / (1 - a)
+        expected = min(snr, gamma) / snr if preset == "tiny" else min(snr, gamma) / (snr + 1)
+        assert w == pytest.approx(expected, rel=1e-5), t
+    if preset == "tiny":
+        assert weights[-1] == pytest.approx(1.0) and weights[0] < 0.01  # noisy steps keep full weight, easy ones are damped
+    scheduler.register_to_config(prediction_type="sample")
+    with pytest.raises(TrainingError, match="snr-gamma"):
+        snr_weights(scheduler, timesteps, gamma)
+
+
+def test_dreambooth_loss_weights_each_example() -> None:
+    pred = torch.zeros(4, 2)
+    target = torch.tensor([[1.0, 1.0], [2.0, 2.0], [1.0, 1.0], [3.0, 3.0]])  # per-example MSE 1, 4, 1, 9
+    loss, instance, prior = dreambooth_loss(pred, target, n_instance=2, prior_weight=0.5, weights=torch.tensor([1.0, 0.5, 2.0, 0.0]))
+    assert instance.item() == pytest.approx((1 * 1 + 0.5 * 4) / 2)
+    assert prior.item() == pytest.approx((2 * 1 + 0 * 9) / 2)
+    assert loss.item() == pytest.approx(1.5 + 0.5 * 1.0)
+    plain = dreambooth_loss(pred, target, 2, 0.5)
+    ones = dreambooth_loss(pred, target, 2, 0.5, torch.ones(4))
+    assert all(torch.equal(a, b) for a, b in zip(plain, ones))
+
+
+def test_noise_offset_shifts_each_channel_mean() -> None:
+    latents = torch.zeros(16, 4, 32, 32)
+    plain = sample_noise(latents, torch.Generator().manual_seed(3), 0.0)
+    assert torch.equal(plain, torch.randn(latents.shape, generator=torch.Generator().manual_seed(3)))  # off: draws unchanged
+    shifted = sample_noise(latents, torch.Generator().manual_seed(3), 0.5)
+    offset = shifted - plain
+    per_channel = offset.mean(dim=(2, 3), keepdim=True)
+    assert torch.allclose(offset, per_channel.expand_as(offset), atol=1e-6)  # one constant per image and channel
+    assert 0.3 < per_channel.std().item() < 0.7  # ~ noise_offset x N(0, 1)
+    assert plain.mean(dim=(2, 3)).abs().max() < 0.2 < shifted.mean(dim=(2, 3)).abs().max()
+
+
+@pytest.mark.parametrize(("kind", "diffusers_name", "warmup", "cycles"), [
+    ("constant", "constant_with_warmup", 3, 1),
+    ("linear", "linear", 3, 1),
+    ("cosine", "cosine", 2, 1),
+    ("cosine_with_restarts", "cosine_with_restarts", 2, 3),
+])
+def test_lr_factors_match_diffusers_schedules(kind: str, diffusers_name: str, warmup: int, cycles: int) -> None:
+    from diffusers.optimization import get_scheduler
+
+    total = 20
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    reference = get_scheduler(diffusers_name, optimizer, num_warmup_steps=warmup, num_training_steps=total, num_cycles=cycles)
+    ours = lr_factor(kind, warmup, total, cycles)
+    for step in range(total):
+        assert ours(step) == pytest.approx(reference.get_last_lr()[0], abs=1e-9), step
+        optimizer.step()
+        reference.step()
+    if kind == "cosine_with_restarts":
+        restarts = [s for s in range(warmup + 1, total) if ours(s) > ours(s - 1)]
+        assert len(restarts) == cycles - 1
+
+
+def test_each_parameter_group_follows_its_schedule() -> None:
+    cfg = load_config(None, {
+        "train.max_steps": "10", "train.lr": "1e-3", "train.lr_scheduler": "cosine", "train.warmup_steps": "2",
+        "train.text_encoder_lr": "5e-4", "train.text_encoder_lr_scheduler": "linear", "train.text_encoder_warmup_steps": "0",
+        "train.text_encoder_steps_fraction": "0.6",
+    })
+    groups = {"unet": [torch.nn.Parameter(torch.zeros(1))], "text_encoder": [torch.nn.Parameter(torch.zeros(1))]}
+    optimizer = make_optimizer(groups, cfg, torch.device("cpu"))
+    scheduler = make_lr_scheduler(optimizer, list(groups), cfg)
+    unet_curve, te_curve = [], []
+    for _ in range(10):
+        unet_lr, te_lr = scheduler.get_last_lr()
+        unet_curve.append(unet_lr)
+        te_curve.append(te_lr)
+        optimizer.step()
+        scheduler.step()
+    assert unet_curve == pytest.approx([1e-3 * f for f in [0, 0.5] + [0.5 * (1 + math.cos(math.pi * (s - 2) / 8)) for s in range(2, 10)]])
+    assert te_curve == pytest.approx([5e-4 * (10 - s) / 10 for s in range(6)] + [0.0] * 4)  # linear, then 0 from step 6 (0.6 x 10)
+
+
+def test_text_encoder_lora_stops_changing_at_its_cutoff(tmp_path: Path, instance_dir: Path) -> None:
+    overrides = {
+        "model.name": "tiny", "data.instance_dir": str(instance_dir), "data.resolution": "32", "train.max_steps": "4",
+        "train.out": str(tmp_path / "run"), "train.num_samples": "1", "prior.steps": "1", "train.lr": "1e-2",
+        "train.text_encoder_steps_fraction": "0.5", "train.checkpoint_every": "1", "train.keep_checkpoints": "4", "train.log_every": "1",
+    }
+    cfg, _ = resolve_data(load_config(None, overrides), priors_root=tmp_path / "none")
+    assert cfg.train.text_encoder_stop_step == 2
+    result = train(cfg)
+    loras = {step: read_diffusers_lora(result.run_dir / "checkpoints" / f"step-{step:06d}" / "lora")[0] for step in (1, 2, 3)}
+    loras[4] = read_diffusers_lora(result.lora_path)[0]
+
+    def changed(group: str, a: int, b: int) -> bool:
+        return any(not torch.equal(loras[a][group][k], loras[b][group][k]) for k in loras[a][group])
+
+    assert changed("text_encoder", 1, 2)  # trained before the cut-off
+    assert not changed("text_encoder", 2, 3) and not changed("text_encoder", 2, 4)  # frozen from step 2 on
+    assert changed("unet", 2, 3) and changed("unet", 3, 4)
+    import json
+
+    metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [m["lr_text_encoder"] for m in metrics][1:] == [0.0, 0.0, 0.0]
+
+
+def test_adamw8bit_uses_bitsandbytes_or_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = load_config(None, {"train.optimizer": "adamw8bit"})
+    groups = {"unet": [torch.nn.Parameter(torch.zeros(2))]}
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"pip install 'dreamlora\[bnb\]'"):
+        make_optimizer(groups, cfg, torch.device("cpu"))
+
+    class AdamW8bit(torch.optim.AdamW):
+        pass
+
+    fake = types.ModuleType("bitsandbytes")
+    fake.optim = types.SimpleNamespace(AdamW8bit=AdamW8bit)
+    monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
+    optimizer = make_optimizer(groups, cfg, torch.device("cpu"))
+    assert type(optimizer) is AdamW8bit and optimizer.param_groups[0]["lr"] == cfg.train.lr
+
+
+@pytest.mark.parametrize(("key", "value", "message"), [
+    ("train.snr_gamma", "-1", "snr_gamma"),
+    ("train.noise_offset", "-0.1", "noise_offset"),
+    ("train.text_encoder_steps_fraction", "0", "text_encoder_steps_fraction"),
+    ("train.text_encoder_steps_fraction", "1.5", "text_encoder_steps_fraction"),
+    ("train.optimizer", "sgd", "adamw, adamw8bit"),
+    ("train.report_to", "mlflow", "tensorboard, wandb"),
+    ("train.lr_scheduler", "polynomial", "cosine_with_restarts"),
+    ("train.text_encoder_lr_scheduler", "step", "train.text_encoder_lr_scheduler"),
+    ("train.lr_cycles", "0", "lr_cycles"),
+    ("train.sample_every", "-1", "sample_every"),
+])
+def test_bad_knob_values_name_the_key(key: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, {key: value})
