@@ -30,6 +30,7 @@ ConfigPath = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key: section.key=value (repeatable).")]
 Model = Annotated[Optional[str], typer.Option("--model", help="Hub id, local diffusers folder, `tiny` or `toy` (default: $DREAMLORA_MODEL or SD 1.5).")]
 Precision = Annotated[Optional[str], typer.Option("--precision", help="auto|fp16|bf16|fp32")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Load .bin/.ckpt/.pt model weights (pickle can run code: only for files you trust).")]
 
 
 def _setup_logging(debug: bool) -> None:
@@ -174,6 +175,7 @@ def prior(
     out_dir: Annotated[Optional[str], typer.Option("--out", help="Folder (default priors/<class>).")] = None,
     model: Model = None,
     precision: Precision = None,
+    allow_pickle: AllowPickle = False,
     config: ConfigPath = None,
     set_: SetOption = None,
     debug: Debug = False,
@@ -190,6 +192,7 @@ def prior(
                 "prior.negative_prompt": negative_prompt, "prior.steps": steps, "prior.guidance": guidance,
                 "prior.scheduler": scheduler, "prior.batch_size": batch_size, "prior.seed": seed, "prior.out": out_dir,
                 "model.name": model, "model.precision": precision, "data.resolution": resolution,
+                "model.allow_pickle": True if allow_pickle else None,
             }),
         )
         result = _prior_with_progress(cfg.prior, cfg.model, cfg.data.resolution)
@@ -238,6 +241,7 @@ def train(
     resume_from: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint folder.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Resume even when settings that change the result differ.")] = False,
     model: Model = None,
+    allow_pickle: AllowPickle = False,
     config: ConfigPath = None,
     set_: SetOption = None,
     debug: Debug = False,
@@ -255,6 +259,7 @@ def train(
         "train.seed": seed, "data.resolution": resolution, "data.center_crop": False if random_crop else None,
         "data.flip": True if flip else None, "train.out": out_dir, "train.checkpoint_every": checkpoint_every,
         "train.keep_checkpoints": keep_checkpoints, "model.name": model,
+        "model.allow_pickle": True if allow_pickle else None,
     }
 
     def action() -> None:
@@ -425,6 +430,7 @@ def generate(
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("samples-out"),
     model: Model = None,
     precision: Precision = None,
+    allow_pickle: AllowPickle = False,
     debug: Debug = False,
 ) -> None:
     """Generate images with the base model and LoRAs, saved with a grid."""
@@ -436,7 +442,7 @@ def generate(
         from dreamlora.generate import generate as run_generate
         from dreamlora.models import load_components, resolve_precision
 
-        model_cfg = ModelConfig(**{k: v for k, v in {"name": model, "precision": precision}.items() if v is not None})
+        model_cfg = ModelConfig(**{k: v for k, v in {"name": model, "precision": precision, "allow_pickle": allow_pickle}.items() if v is not None})
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         _, dtype = resolve_precision(model_cfg.precision, device)
         loras = [_parse_lora(item, scale) for item in lora or []]

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from dreamlora import __version__
 from dreamlora import checkpoint as ckpt
 from dreamlora.config import RunConfig, replace, to_toml
-from dreamlora.data import ImageFolderDataset, batch_indices, list_images
+from dreamlora.data import ImageFolderDataset, batch_indices, check_images, duplicate_images, list_images
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
 from dreamlora.lora import LORA_FILE, adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, save_diffusers_lora, trainable_parameters
 from dreamlora.models import Components, encode_prompt, load_components, public_model_ref, resolve_precision, select_attention, tokenize
@@ -28,7 +28,11 @@ from dreamlora.prior import MANIFEST, read_prior_set, safe_name
 
 log = logging.getLogger(__name__)
 
-COMMON_WORDS = {"a", "an", "the", "dog", "cat", "man", "woman", "person", "photo", "car", "toy", "of", "and", "my", "style"}
+COMMON_WORDS = {
+    "a", "an", "the", "dog", "cat", "man", "woman", "person", "photo", "car", "toy", "of", "and", "my", "style",
+    "boy", "girl", "child", "baby", "face", "house", "bird", "horse", "tree", "flower", "painting", "picture", "art",
+    "red", "blue", "green", "black", "white", "big", "small", "new", "old", "good", "best", "cute", "me", "you", "it",
+}
 MAX_BAD_STEPS = 5
 
 
@@ -74,7 +78,8 @@ def resolve_data(cfg: RunConfig, priors_root: Path = Path("priors")) -> tuple[Ru
     data = cfg.data
     if not data.instance_dir:
         raise ConfigError("no instance folder; pass --instance ./photos (a folder of 3-20 photos of the subject)")
-    list_images(data.instance_dir, "instance")
+    instance_images = list_images(data.instance_dir, "instance")
+    check_images(instance_images)  # a bad photo is named now, before a prior set or run folder is written
     if data.token.lower() in COMMON_WORDS:
         log.warning("token %r is a common word the model already knows; a rare token such as `sks` personalizes better", data.token)
     needs_prior = False
@@ -97,7 +102,8 @@ def resolve_data(cfg: RunConfig, priors_root: Path = Path("priors")) -> tuple[Ru
         class_name = class_name or manifest.get("class_name", "")
         class_prompt = class_prompt or manifest["prompt"]
     if class_dir and not needs_prior:
-        list_images(class_dir, "class")
+        for instance_path, class_path in duplicate_images(instance_images, list_images(class_dir, "class")):
+            log.warning("class image '%s' is a copy of instance image '%s'; class images must show other members of the class (let `dreamlora prior` generate them), or prior preservation pulls the class toward your subject", class_path, instance_path.name)
         if not class_prompt:
             raise ConfigError(f"class folder '{class_dir}' has no manifest.json; pass --class-prompt (e.g. 'a photo of dog')")
     data = replace(data, class_dir=class_dir, class_name=class_name, class_prompt=class_prompt)
@@ -478,7 +484,7 @@ def _train(
                     handle.write(ckpt.json_line(record))
                 if on_log:
                     on_log({**record, "max_steps": cfg.train.max_steps})
-        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < cfg.train.max_steps:
+        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < cfg.train.max_steps and bad_steps == 0:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 ckpt.save_checkpoint(run_dir, done, write_lora, training_state(done), cfg.train.keep_checkpoints)
@@ -488,7 +494,7 @@ def _train(
             accelerator.wait_for_everyone()
             folder = ckpt.checkpoint_dir(run_dir, done)
             if accelerator.is_main_process:
-                if not (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0):
+                if not (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and bad_steps == 0):
                     ckpt.save_checkpoint(run_dir, done, write_lora, training_state(done), cfg.train.keep_checkpoints)
                 ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, done, "interrupted"))
             number = control.signal_number or signal.SIGTERM
@@ -579,7 +585,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # Keys that may differ when resuming without changing the result.
 RESUME_FREE_KEYS = {
     "train.out", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.sample_every",
-    "train.num_samples", "model.attention", "prior.batch_size", "train.compile",
+    "train.num_samples", "model.attention", "prior.batch_size", "train.compile", "model.allow_pickle",
 }
 
 
