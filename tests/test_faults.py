@@ -240,3 +240,14 @@ def test_sigkill_loses_at_most_the_steps_since_the_last_checkpoint(tmp_path: Pat
     ])
     assert reference.exit_code == 0, reference.output
     _assert_same_lora(tmp_path / "runs" / "uninterrupted" / "lora" / "pytorch_lora_weights.safetensors", run_dir / "lora" / "pytorch_lora_weights.safetensors")
+
+
+def test_an_unwritable_run_folder_at_the_final_save_is_a_clear_error(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def read_only(folder, write):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(folder))
+
+    monkeypatch.setattr(ckpt, "write_folder_atomic", read_only)
+    run_dir = tmp_path / "runs" / "read-only"
+    with pytest.raises(TrainingError, match=r"could not write the run files to '.*lora': the file system is read-only.*step-000002 is intact.*--resume"):
+        training.train(_config(instance_dir, run_dir, **{"train.max_steps": "3", "train.checkpoint_every": "2"}))
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2]
