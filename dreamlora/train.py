@@ -340,10 +340,10 @@ def out_of_memory_message(cfg: RunConfig, run_dir: Path | None) -> str:
     levers = [
         f"--batch-size {max(1, batch // 2)} (now {batch}; add --gradient-accumulation {2 * t.gradient_accumulation} to keep the effective batch)" if batch > 1 else None,
         f"a lower --resolution (now {cfg.data.resolution or 'native'})",
-        "gradient checkpointing: it is on" if t.gradient_checkpointing else "gradient checkpointing: drop --no-gradient-checkpointing",
+        "gradient checkpointing (already on)" if t.gradient_checkpointing else "gradient checkpointing: drop --no-gradient-checkpointing",
         f"a smaller --rank (now {cfg.adapter.rank})",
         "--no-text-encoder" if cfg.adapter.train_text_encoder else None,
-        "--precision bf16 (or fp16)" if cfg.model.precision in ("fp32", "auto") else None,
+        "--precision bf16 (or fp16)" if cfg.model.precision == "fp32" else None,
     ]
     latest = ckpt.latest_checkpoint(run_dir) if run_dir is not None else None
     kept = f"checkpoint {latest.name} in {run_dir} is kept (resuming with changed settings needs --force)" if latest else "no checkpoint was written yet"

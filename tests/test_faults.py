@@ -251,3 +251,10 @@ def test_an_unwritable_run_folder_at_the_final_save_is_a_clear_error(tmp_path: P
     with pytest.raises(TrainingError, match=r"could not write the run files to '.*lora': the file system is read-only.*step-000002 is intact.*--resume"):
         training.train(_config(instance_dir, run_dir, **{"train.max_steps": "3", "train.checkpoint_every": "2"}))
     assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2]
+
+
+def test_metrics_cut_short_by_a_kill_are_repaired_on_resume(tmp_path: Path) -> None:
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n{"step": 3, "loss": 0.3}\n{"step": 4, "lo')
+    training._truncate_metrics(path, 2)
+    assert path.read_text() == '{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.4}\n'
