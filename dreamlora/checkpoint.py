@@ -6,15 +6,17 @@ runs/<name>/
   run.json                         model, family, prompts, rank/alpha, steps done
   metrics.jsonl                    one line per logged step
   lora/pytorch_lora_weights.safetensors      final LoRA, diffusers format with adapter metadata
-  checkpoints/step-000200/         lora/ + state.safetensors + state.json (optimizer, LR schedule, scaler, step)
+  checkpoints/step-000200/         lora/ + state.safetensors + state.json (optimizer, LR schedule, scaler, RNG states, step)
   samples/                         sample grids
 ```
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import random
 import shutil
 import tempfile
 from pathlib import Path
@@ -22,7 +24,7 @@ from typing import Any
 
 import torch
 
-from dreamlora.errors import ConfigError, ExportError
+from dreamlora.errors import ConfigError, ExportError, TrainingError
 from dreamlora.lora import LORA_FILE
 
 RUN_INFO = "run.json"
@@ -143,42 +145,168 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 
 
 def save_checkpoint(run_dir: Path, step: int, write_lora: Any, training_state: dict[str, Any], keep: int) -> Path:
-    """Write a checkpoint into a temporary folder, then rename it into place; prune to the newest `keep`.
+    """Write a checkpoint into a temporary folder, flush it, then rename it into place; prune to the newest `keep`.
 
-    `write_lora(folder)` writes the LoRA file; `training_state` holds `optimizer` (a state dict),
-    and JSON-able `lr_scheduler`, `scaler` and anything else needed to continue exactly.
+    `write_lora(folder)` writes the LoRA file; `training_state` holds `optimizer` (a state dict), optionally
+    `rng` (from `capture_rng_state`), and JSON-able `lr_scheduler`, `scaler` and anything else needed to continue exactly.
+    A failed write (disk full, unwritable folder) leaves the earlier checkpoints untouched and raises a TrainingError.
     """
     from safetensors.torch import save_file
 
     final = checkpoint_dir(run_dir, step)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp: Path | None = None
     try:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
         write_lora(tmp / LORA_DIR)
         state = dict(training_state)
         tensors, optimizer_meta = _flatten_optimizer(state.pop("optimizer"))
-        save_file(tensors, str(tmp / STATE_TENSORS))
-        write_json(tmp / STATE_JSON, {"step": step, "optimizer": optimizer_meta, **state})
+        rng_tensors, rng_meta = _flatten_rng(state.pop("rng", None))
+        save_file({**tensors, **rng_tensors}, str(tmp / STATE_TENSORS))
+        _fsync_tree(tmp)
+        write_json(tmp / STATE_JSON, {"step": step, "optimizer": optimizer_meta, "rng": rng_meta, **state})  # last: marks it complete
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    except OSError as error:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise TrainingError(write_failure(f"checkpoint step {step}", final, error, run_dir)) from error
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
         raise
     for _, old in list_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
 
+def write_failure(what: str, path: Path, error: OSError, run_dir: Path) -> str:
+    """The message for a write that failed: why, where, and what is still safe."""
+    reason = {
+        errno.ENOSPC: "the disk is full",
+        getattr(errno, "EDQUOT", -1): "the disk quota is exhausted",
+        errno.EROFS: "the file system is read-only",
+        errno.EACCES: "the folder is not writable",
+        errno.EPERM: "the folder is not writable",
+    }.get(error.errno or 0, "it could not be written")
+    latest = latest_checkpoint(run_dir)
+    kept = f"the previous checkpoint {latest.name} is intact; free space and continue with `dreamlora train --out {run_dir} --resume`" if latest else "no earlier checkpoint exists"
+    return f"could not write {what} to '{path}': {reason} ({error.strerror or error}); {kept}"
+
+
+def write_folder_atomic(folder: Path, write: Any) -> Path:
+    """Write a folder's files with `write(tmp_folder)` beside it, flush, then swap it into place."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    try:
+        write(tmp)
+        _fsync_tree(tmp)
+        if folder.exists():
+            shutil.rmtree(folder)
+        os.replace(tmp, folder)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return folder
+
+
+def _fsync_tree(folder: Path) -> None:
+    """Flush every file of a folder to disk, so a rename after it never exposes empty files after a power loss."""
+    for path in sorted(folder.rglob("*")):
+        if path.is_file():
+            with path.open("rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # some platforms cannot open folders; the files are flushed already
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# --- RNG states --------------------------------------------------------------------------------
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch and CUDA generator states (adapter init and dropout draw from the global generators)."""
+    import numpy as np
+
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Set the global generators back to a `capture_rng_state` result (or one read from a checkpoint)."""
+    import numpy as np
+
+    if "python" in state:
+        random.setstate(state["python"])
+    if "numpy" in state:
+        np.random.set_state(state["numpy"])
+    if "torch" in state:
+        torch.set_rng_state(state["torch"])
+    if state.get("cuda") and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _flatten_rng(state: dict[str, Any] | None) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    if state is None:
+        return {}, None
+    tensors = {"rng.torch": state["torch"].clone()}
+    for index, cuda_state in enumerate(state.get("cuda", [])):
+        tensors[f"rng.cuda.{index}"] = cuda_state.clone()
+    version, internal, gauss = state["python"]
+    kind, keys, pos, has_gauss, cached = state["numpy"]
+    meta = {
+        "python": [version, list(internal), gauss],
+        "numpy": [kind, [int(k) for k in keys], int(pos), int(has_gauss), float(cached)],
+        "cuda_devices": len(state.get("cuda", [])),
+    }
+    return tensors, meta
+
+
+def _unflatten_rng(tensors: dict[str, torch.Tensor], meta: dict[str, Any] | None) -> dict[str, Any] | None:
+    if not meta:
+        return None
+    import numpy as np
+
+    version, internal, gauss = meta["python"]
+    kind, keys, pos, has_gauss, cached = meta["numpy"]
+    return {
+        "python": (version, tuple(internal), gauss),
+        "numpy": (kind, np.array(keys, dtype=np.uint32), pos, has_gauss, cached),
+        "torch": tensors["rng.torch"],
+        "cuda": [tensors[f"rng.cuda.{i}"] for i in range(meta.get("cuda_devices", 0))],
+    }
+
+
 def load_checkpoint_state(folder: Path) -> dict[str, Any]:
     """The training state of a checkpoint folder, with the optimizer state dict rebuilt."""
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     folder = Path(folder)
     if not (folder / STATE_JSON).is_file():
         raise ConfigError(f"'{folder}' is not a complete dreamlora checkpoint (no {STATE_JSON}); pass a folder under runs/<name>/checkpoints/")
-    state = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
-    state["optimizer"] = _unflatten_optimizer(load_file(str(folder / STATE_TENSORS)), state["optimizer"])
+    try:
+        state = json.loads((folder / STATE_JSON).read_text(encoding="utf-8"))
+        tensors = load_file(str(folder / STATE_TENSORS))
+    except (OSError, ValueError, SafetensorError) as error:
+        raise ConfigError(f"checkpoint '{folder}' cannot be read ({error}); resume from an earlier one with --resume-from") from error
+    state["optimizer"] = _unflatten_optimizer(tensors, state["optimizer"])
+    state["rng"] = _unflatten_rng(tensors, state.get("rng"))
     return state
 
 

@@ -31,6 +31,7 @@ ConfigPath = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key: section.key=value (repeatable).")]
 Model = Annotated[Optional[str], typer.Option("--model", help="Hub id, local diffusers folder, `tiny` or `toy` (default: $DREAMLORA_MODEL or SD 1.5).")]
 Precision = Annotated[Optional[str], typer.Option("--precision", help="auto|fp16|bf16|fp32")]
+AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Load .bin/.ckpt/.pt model weights (pickle can run code: only for files you trust).")]
 
 
 def _setup_logging(debug: bool) -> None:
@@ -175,6 +176,7 @@ def prior(
     out_dir: Annotated[Optional[str], typer.Option("--out", help="Folder (default priors/<class>).")] = None,
     model: Model = None,
     precision: Precision = None,
+    allow_pickle: AllowPickle = False,
     config: ConfigPath = None,
     set_: SetOption = None,
     debug: Debug = False,
@@ -191,6 +193,7 @@ def prior(
                 "prior.negative_prompt": negative_prompt, "prior.steps": steps, "prior.guidance": guidance,
                 "prior.scheduler": scheduler, "prior.batch_size": batch_size, "prior.seed": seed, "prior.out": out_dir,
                 "model.name": model, "model.precision": precision, "data.resolution": resolution,
+                "model.allow_pickle": True if allow_pickle else None,
             }),
         )
         result = _prior_with_progress(cfg.prior, cfg.model, cfg.data.resolution)
@@ -250,6 +253,7 @@ def train(
     lr_cycles: Annotated[Optional[int], typer.Option(help="cosine_with_restarts: number of cycles (default 1).")] = None,
     optimizer: Annotated[Optional[str], typer.Option(help="adamw|adamw8bit (8-bit needs pip install 'dreamlora\\[bnb]').")] = None,
     model: Model = None,
+    allow_pickle: AllowPickle = False,
     config: ConfigPath = None,
     set_: SetOption = None,
     debug: Debug = False,
@@ -271,6 +275,7 @@ def train(
         "train.snr_gamma": snr_gamma, "train.noise_offset": noise_offset, "train.text_encoder_steps_fraction": text_encoder_steps_fraction,
         "train.text_encoder_lr_scheduler": text_encoder_lr_scheduler, "train.text_encoder_warmup_steps": text_encoder_warmup_steps,
         "train.lr_cycles": lr_cycles, "train.optimizer": optimizer,
+        "model.allow_pickle": True if allow_pickle else None,
     }
 
     def action() -> None:
@@ -453,6 +458,7 @@ def generate(
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("samples-out"),
     model: Model = None,
     precision: Precision = None,
+    allow_pickle: AllowPickle = False,
     debug: Debug = False,
 ) -> None:
     """Generate images with the base model and LoRAs, saved with a grid."""
@@ -464,7 +470,7 @@ def generate(
         from dreamlora.generate import generate as run_generate
         from dreamlora.models import load_components, resolve_precision
 
-        model_cfg = ModelConfig(**{k: v for k, v in {"name": model, "precision": precision}.items() if v is not None})
+        model_cfg = ModelConfig(**{k: v for k, v in {"name": model, "precision": precision, "allow_pickle": allow_pickle}.items() if v is not None})
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         _, dtype = resolve_precision(model_cfg.precision, device)
         loras = [_parse_lora(item, scale) for item in lora or []]

@@ -78,6 +78,23 @@ def open_image(path: Path) -> Image.Image:
         raise DataError(f"image '{path}' cannot be read ({error}); it is corrupt or truncated: remove or replace it") from error
 
 
+def check_images(folder: ImageFolder) -> None:
+    """Open every image once, so a corrupt, empty or oversized file is named before anything is written."""
+    for path in folder.paths:
+        open_image(path).close()
+
+
+def duplicate_images(first: ImageFolder, second: ImageFolder) -> list[tuple[Path, Path]]:
+    """Pairs (a, b) of files of `first` and `second` with the same content (SHA-256 of the file bytes)."""
+    import hashlib
+
+    def digest(path: Path) -> str:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+
+    seen = {digest(path): path for path in first.paths}
+    return [(seen[h], path) for path in second.paths if (h := digest(path)) in seen]
+
+
 def resize_and_crop(image: Image.Image, resolution: int, crop_box: tuple[int, int] | None = None) -> Image.Image:
     """Scale the shorter side to `resolution`, then crop a square (centre, or at `crop_box` = (left, top))."""
     scale = resolution / min(image.size)

@@ -35,3 +35,11 @@ class TrainingError(DreamloraError):
     """Training failed at run time (non-finite loss, missing gradients, out of memory)."""
 
     exit_code = 1
+
+
+class TrainingInterrupted(DreamloraError):
+    """Training stopped on SIGINT or SIGTERM after saving a checkpoint; the run continues with --resume."""
+
+    def __init__(self, message: str, signal_number: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signal_number  # the shell convention: 130 for Ctrl-C, 143 for SIGTERM

@@ -70,6 +70,7 @@ def adapter_state_dicts(models: dict[str, torch.nn.Module | None]) -> dict[str, 
 def adapter_metadata(model: torch.nn.Module) -> dict[str, Any]:
     """The LoRA config diffusers needs to restore alpha on load (without it alpha silently becomes rank)."""
     config = model.peft_config[ADAPTER_NAME].to_dict()
+    config["base_model_name_or_path"] = None  # transformers fills in the local model path: never put it in a shared file
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import logging
 import math
+import signal
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,16 +20,20 @@ import torch
 from dreamlora import __version__
 from dreamlora import checkpoint as ckpt
 from dreamlora.config import RunConfig, replace, to_toml
-from dreamlora.data import ImageFolderDataset, batch_indices, list_images
-from dreamlora.errors import ConfigError, TrainingError
-from dreamlora.lora import adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, save_diffusers_lora, trainable_parameters
+from dreamlora.data import ImageFolderDataset, batch_indices, check_images, duplicate_images, list_images
+from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
+from dreamlora.lora import LORA_FILE, adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, save_diffusers_lora, trainable_parameters
 from dreamlora.models import Components, encode_prompt, load_components, public_model_ref, resolve_precision, select_attention, tokenize
 from dreamlora.prior import MANIFEST, read_prior_set, safe_name
 from dreamlora.step import CudaGraphStep, batch_loss, dreambooth_loss
 
 log = logging.getLogger(__name__)
 
-COMMON_WORDS = {"a", "an", "the", "dog", "cat", "man", "woman", "person", "photo", "car", "toy", "of", "and", "my", "style"}
+COMMON_WORDS = {
+    "a", "an", "the", "dog", "cat", "man", "woman", "person", "photo", "car", "toy", "of", "and", "my", "style",
+    "boy", "girl", "child", "baby", "face", "house", "bird", "horse", "tree", "flower", "painting", "picture", "art",
+    "red", "blue", "green", "black", "white", "big", "small", "new", "old", "good", "best", "cute", "me", "you", "it",
+}
 MAX_BAD_STEPS = 5
 
 
@@ -89,7 +96,8 @@ def resolve_data(cfg: RunConfig, priors_root: Path = Path("priors")) -> tuple[Ru
     data = cfg.data
     if not data.instance_dir:
         raise ConfigError("no instance folder; pass --instance ./photos (a folder of 3-20 photos of the subject)")
-    list_images(data.instance_dir, "instance")
+    instance_images = list_images(data.instance_dir, "instance")
+    check_images(instance_images)  # a bad photo is named now, before a prior set or run folder is written
     if data.token.lower() in COMMON_WORDS:
         log.warning("token %r is a common word the model already knows; a rare token such as `sks` personalizes better", data.token)
     needs_prior = False
@@ -112,7 +120,8 @@ def resolve_data(cfg: RunConfig, priors_root: Path = Path("priors")) -> tuple[Ru
         class_name = class_name or manifest.get("class_name", "")
         class_prompt = class_prompt or manifest["prompt"]
     if class_dir and not needs_prior:
-        list_images(class_dir, "class")
+        for instance_path, class_path in duplicate_images(instance_images, list_images(class_dir, "class")):
+            log.warning("class image '%s' is a copy of instance image '%s'; class images must show other members of the class (let `dreamlora prior` generate them), or prior preservation pulls the class toward your subject", class_path, instance_path.name)
         if not class_prompt:
             raise ConfigError(f"class folder '{class_dir}' has no manifest.json; pass --class-prompt (e.g. 'a photo of dog')")
     data = replace(data, class_dir=class_dir, class_name=class_name, class_prompt=class_prompt)
@@ -437,6 +446,46 @@ def _run_info(cfg: RunConfig, components: Components, run_dir: Path, steps: int,
     }
 
 
+class RunControl:
+    """What the loop and its guard share: the run folder once known, and a stop request from SIGINT/SIGTERM.
+
+    As a context manager it routes SIGINT and SIGTERM to a flag the loop reads at each step boundary (then saves a
+    checkpoint and stops); a second Ctrl-C aborts at once. The previous handlers are restored on exit.
+    """
+
+    def __init__(self) -> None:
+        self.run_dir: Path | None = None
+        self.signal_number: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> RunControl:
+        if threading.current_thread() is threading.main_thread():  # signal handlers can only be set there
+            for number in (signal.SIGINT, signal.SIGTERM):
+                self._previous[number] = signal.signal(number, self._on_signal)
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        for number, handler in self._previous.items():
+            signal.signal(number, handler)
+        self._previous.clear()
+
+    def _on_signal(self, number: int, frame: Any) -> None:
+        # No logging here: a handler that takes the logging lock can deadlock the thread it interrupted.
+        if self.signal_number is not None and number == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signal_number = number
+
+    def stop_requested(self, accelerator: Any) -> bool:
+        """Whether any process received a stop signal (all processes agree, so they save and stop together)."""
+        if accelerator.num_processes == 1:
+            return self.signal_number is not None
+        flag = torch.tensor([0.0 if self.signal_number is None else 1.0], device=accelerator.device)
+        return accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+WRITE_ERRNOS = {errno.ENOSPC, errno.EROFS, errno.EACCES, errno.EPERM, getattr(errno, "EDQUOT", errno.ENOSPC)}
+
+
 def train(
     cfg: RunConfig,
     components: Components | None = None,
@@ -444,7 +493,52 @@ def train(
     resume_from: Path | None = None,
     run_dir: Path | None = None,
 ) -> TrainResult:
-    """Train UNet (and text-encoder) LoRAs with prior preservation; write the run folder; return what was done."""
+    """Train UNet (and text-encoder) LoRAs with prior preservation; write the run folder; return what was done.
+
+    Faults end in a DreamloraError and never in a partial file: SIGINT/SIGTERM save a checkpoint at the step
+    boundary (TrainingInterrupted); out of memory, a full disk or a non-finite loss keep the last checkpoint (TrainingError).
+    """
+    with RunControl() as control:
+        try:
+            return _train(cfg, components, on_log, resume_from, run_dir, control)
+        except torch.cuda.OutOfMemoryError as error:
+            raise TrainingError(out_of_memory_message(cfg, control.run_dir)) from error
+        except OSError as error:
+            if error.errno not in WRITE_ERRNOS or control.run_dir is None:
+                raise
+            where = Path(error.filename) if error.filename else control.run_dir
+            raise TrainingError(ckpt.write_failure("the run files", where, error, control.run_dir)) from error
+
+
+def out_of_memory_message(cfg: RunConfig, run_dir: Path | None) -> str:
+    """Out of memory: the measured peak and the settings that lower it, with their current values."""
+    if torch.cuda.is_available():
+        total = torch.cuda.get_device_properties(torch.cuda.current_device()).total_memory
+        peak = f"peak {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB allocated of {total / 2**30:.1f} GiB"
+    else:
+        peak = "peak not measured: no CUDA device"
+    t, batch = cfg.train, cfg.train.batch_size
+    levers = [
+        f"--batch-size {max(1, batch // 2)} (now {batch}; add --gradient-accumulation {2 * t.gradient_accumulation} to keep the effective batch)" if batch > 1 else None,
+        f"a lower --resolution (now {cfg.data.resolution or 'native'})",
+        "gradient checkpointing (already on)" if t.gradient_checkpointing else "gradient checkpointing: drop --no-gradient-checkpointing",
+        f"a smaller --rank (now {cfg.adapter.rank})",
+        "--no-text-encoder" if cfg.adapter.train_text_encoder else None,
+        "--precision bf16 (or fp16)" if cfg.model.precision == "fp32" else None,
+    ]
+    latest = ckpt.latest_checkpoint(run_dir) if run_dir is not None else None
+    kept = f"checkpoint {latest.name} in {run_dir} is kept (resuming with changed settings needs --force)" if latest else "no checkpoint was written yet"
+    return f"out of memory during training ({peak}). Levers: " + "; ".join(lever for lever in levers if lever) + f". Nothing partial was written; {kept}."
+
+
+def _train(
+    cfg: RunConfig,
+    components: Components | None,
+    on_log: Callable[[dict[str, Any]], None] | None,
+    resume_from: Path | None,
+    run_dir: Path | None,
+    control: RunControl,
+) -> TrainResult:
     accelerator, precision, weight_dtype = _make_accelerator(cfg)
     device = accelerator.device
     torch.manual_seed(cfg.train.seed)  # adapter initialisation
@@ -491,13 +585,14 @@ def train(
         path, auto = default_run_dir(cfg)
         run_dir = ckpt.create_run_dir(path, auto) if accelerator.is_main_process else path
         run_dir = _broadcast_path(accelerator, run_dir)
+    control.run_dir = run_dir
     if resume_from is not None:
         with fp32_lora():
             start_step = _restore(resume_from, accelerator, unet, text_encoder, optimizer, lr_scheduler)
         if accelerator.is_main_process:
             _truncate_metrics(run_dir / ckpt.METRICS_FILE, start_step)
     if accelerator.is_main_process:
-        (run_dir / ckpt.CONFIG_FILE).write_text(to_toml(cfg), encoding="utf-8")
+        ckpt.write_atomic(run_dir / ckpt.CONFIG_FILE, to_toml(cfg).encode("utf-8"))
         ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, start_step, "running"))
         if cfg.train.report_to:
             _start_trackers(accelerator, cfg, run_dir)
@@ -517,7 +612,7 @@ def train(
 
     def training_state(step: int) -> dict[str, Any]:
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        return {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler, "config": ckpt_config(cfg)}
+        return {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler, "rng": ckpt.capture_rng_state(), "config": ckpt_config(cfg)}
 
     noise_scheduler = components.noise_scheduler
     bsz, accum = cfg.train.batch_size, cfg.train.gradient_accumulation
@@ -584,7 +679,9 @@ def train(
                 bad_steps, skipped = bad_steps + 1, skipped + 1
                 log.warning("step %d: non-finite loss, step skipped", done)
                 if bad_steps >= MAX_BAD_STEPS:
-                    raise TrainingError(f"the loss was non-finite {bad_steps} steps in a row (step {done}); lower --lr or use --precision bf16. The last checkpoint is kept in {run_dir}")
+                    latest = ckpt.latest_checkpoint(run_dir)
+                    kept = f"the last good checkpoint {latest.name} is kept in {run_dir}" if latest else "no checkpoint was written yet"
+                    raise TrainingError(f"the loss was non-finite {bad_steps} steps in a row (step {done}, {skipped} skipped in all); lower --lr (now {cfg.train.lr:g}) or use --precision bf16 (fp16 overflows more easily); {kept}")
             else:
                 bad_steps = 0
         lr_scheduler.step()
@@ -610,18 +707,32 @@ def train(
                     accelerator.log(record, step=done)
                 if on_log:
                     on_log({**record, "max_steps": cfg.train.max_steps})
-        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < cfg.train.max_steps:
+        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < cfg.train.max_steps and bad_steps == 0:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 ckpt.save_checkpoint(run_dir, done, write_lora, training_state(done), cfg.train.keep_checkpoints)
                 ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, done, "running"))
+        if done < cfg.train.max_steps and control.stop_requested(accelerator):
+            # SIGINT/SIGTERM: a checkpoint at this step boundary (unless one was just written), then a clean stop.
+            accelerator.wait_for_everyone()
+            folder = ckpt.checkpoint_dir(run_dir, done)
+            if accelerator.is_main_process:
+                if not (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and bad_steps == 0):
+                    ckpt.save_checkpoint(run_dir, done, write_lora, training_state(done), cfg.train.keep_checkpoints)
+                ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, done, "interrupted"))
+            number = control.signal_number or signal.SIGTERM
+            raise TrainingInterrupted(
+                f"training stopped by {signal.Signals(number).name} after step {done} of {cfg.train.max_steps}; checkpoint saved in {folder}. "
+                f"Continue with: dreamlora train --out {run_dir} --resume",
+                number,
+            )
 
     accelerator.wait_for_everyone()
     seconds = time.perf_counter() - started
     lora_path = run_dir / ckpt.LORA_DIR / "pytorch_lora_weights.safetensors"
     samples: list[Path] = []
     if accelerator.is_main_process:
-        lora_path = write_lora(run_dir / ckpt.LORA_DIR)
+        lora_path = ckpt.write_folder_atomic(run_dir / ckpt.LORA_DIR, write_lora) / LORA_FILE
         ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, cfg.train.max_steps, "finished"))
         samples = _final_pictures(cfg, components, unwrapped(), run_dir, monitor)
     accelerator.end_training()
@@ -656,6 +767,8 @@ def _restore(folder: Path, accelerator: Any, unet: Any, text_encoder: Any, optim
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if state.get("scaler") and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
+    if state.get("rng"):
+        ckpt.restore_rng_state(state["rng"])  # adapter dropout draws from the global generators
     return int(state["step"])
 
 
@@ -686,14 +799,20 @@ def _truncate_metrics(path: Path, step: int) -> None:
     import json
 
     if path.is_file():
-        lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        lines = []
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                if json.loads(line)["step"] <= step:
+                    lines.append(line)
+            except (ValueError, KeyError, TypeError):  # a line cut short by a killed process
+                continue
         ckpt.write_atomic(path, "".join(line + "\n" for line in lines).encode("utf-8"))
 
 
 # Keys that may differ when resuming without changing the result.
 RESUME_FREE_KEYS = {
     "train.out", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.sample_every",
-    "train.num_samples", "model.attention", "prior.batch_size", "train.compile", "train.report_to",
+    "train.num_samples", "model.attention", "prior.batch_size", "train.compile", "train.report_to", "model.allow_pickle",
 }
 
 

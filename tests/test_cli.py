@@ -55,6 +55,7 @@ def test_user_errors_exit_2_without_traceback(tmp_path: Path, instance_dir: Path
     assert result.exit_code == 2, result.output
     assert message in flat(result.output)
     assert "Traceback" not in result.output
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "priors").exists()  # nothing written
 
 
 def test_debug_shows_the_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,0 +1,215 @@
+"""Bad input, one case per row of the list in the robustness issue: exit 2, one message naming the thing and the fix,
+no traceback, nothing written. Rows already covered in test_cli.py (missing instance folder, unknown key, resolution
+not a multiple of 8, token with a space, invalid TOML, model folder that is not a diffusers folder, --resume with
+nothing to resume) are not repeated here."""
+
+import json
+import logging
+import re
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dreamlora.cli import app
+from dreamlora.config import load_config
+from dreamlora.data import ImageFolderDataset, list_images
+from dreamlora.train import resolve_data
+
+runner = CliRunner()
+
+
+def flat(output: str) -> str:
+    """Output without rich's panel borders and whitespace (rich wraps long paths mid-word)."""
+    return re.sub(r"[│╭╮╰╯─\s]+", "", output)
+
+
+def shows(output: str, message: str) -> bool:
+    return re.sub(r"\s+", "", message) in flat(output)
+
+
+def _written(workspace: Path) -> list[str]:
+    """What a command left in the workspace besides the inputs the test made."""
+    return sorted(p.name for p in workspace.iterdir() if p.name not in {"dog", "inputs"})
+
+
+def _image_rows() -> list:
+    def empty(folder: Path) -> None:
+        for path in folder.iterdir():
+            path.unlink()
+
+    def only_text(folder: Path) -> None:
+        empty(folder)
+        (folder / "notes.md").write_text("my dog")
+        (folder / "album.pdf").write_bytes(b"%PDF-1.4")
+
+    def zero_bytes(folder: Path) -> None:
+        (folder / "broken.png").write_bytes(b"")
+
+    def corrupt(folder: Path) -> None:
+        (folder / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n this is not image data")
+
+    def truncated(folder: Path) -> None:
+        data = (folder / "photo0.png").read_bytes()
+        (folder / "broken.png").write_bytes(data[: len(data) // 2])
+
+    def bomb(folder: Path) -> None:
+        Image.new("1", (10_000, 10_000)).save(folder / "broken.png")  # 100 megapixels in a few kB
+
+    return [
+        pytest.param(empty, "has no images", id="instance-folder-empty"),
+        pytest.param(only_text, "has no images", id="instance-folder-only-non-images"),
+        pytest.param(zero_bytes, "broken.png' is empty (0 bytes)", id="zero-byte-image"),
+        pytest.param(corrupt, "broken.png' cannot be read", id="corrupt-image"),
+        pytest.param(truncated, "broken.png' cannot be read", id="truncated-image"),
+        pytest.param(bomb, "broken.png' is a decompression bomb", id="decompression-bomb"),
+    ]
+
+
+@pytest.mark.parametrize(("damage", "message"), _image_rows())
+def test_bad_instance_images_exit_2_naming_the_file(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch, damage, message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    damage(instance_dir)
+    # --class dog with no prior set would generate one first: the bad photo must be caught before that.
+    result = runner.invoke(app, ["train", "--model", "tiny", "--instance", str(instance_dir), "--class", "dog", "--max-steps", "1"])
+    assert result.exit_code == 2, result.output
+    assert shows(result.output, message)
+    assert "Traceback" not in result.output
+    assert _written(tmp_path) == []
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(["--token", ""], "data.token is empty; pass a rare word such as `sks`", id="empty-token"),
+        pytest.param(["--rank", "0"], "adapter.rank must be in 1..1024; got 0", id="rank-too-small"),
+        pytest.param(["--rank", "4096"], "adapter.rank must be in 1..1024; got 4096", id="rank-too-large"),
+        pytest.param(["--max-steps", "0"], "train.max_steps must be in 1..1000000; got 0", id="steps-zero"),
+        pytest.param(["--lr", "2"], "train.lr must be in (0, 1); got 2.0", id="lr-too-large"),
+        pytest.param(["--lr", "0"], "train.lr must be in (0, 1); got 0.0", id="lr-zero"),
+        pytest.param(["--batch-size", "0"], "train.batch_size must be in 1..256; got 0", id="batch-size-zero"),
+        pytest.param(["--set", "train.batch_size=many"], "train.batch_size must be a int; got 'many'", id="batch-size-not-a-number"),
+    ],
+)
+def test_out_of_range_settings_exit_2(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["train", "--model", "tiny", "--instance", str(instance_dir), *args])
+    assert result.exit_code == 2, result.output
+    assert shows(result.output, message)
+    assert "Traceback" not in result.output
+    assert _written(tmp_path) == []
+
+
+def test_export_of_a_run_without_weights_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    run_dir = tmp_path / "runs" / "empty"
+    run_dir.mkdir(parents=True)
+    (run_dir / "run.json").write_text(json.dumps({"name": "empty", "model": "tiny", "steps": 0}))
+    result = runner.invoke(app, ["export", "--run", "runs/empty"])
+    assert result.exit_code == 2, result.output
+    assert shows(result.output, "run 'runs/empty' has no LoRA weights yet") and shows(result.output, "train it first")
+    assert "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and sorted(p.name for p in run_dir.iterdir()) == ["run.json"]
+
+
+def test_unknown_export_format_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["export", "--format", "ckpt", "--run", "runs/x"])
+    assert result.exit_code == 2, result.output
+    assert shows(result.output, "export format must be one of a1111, diffusers, merged; got 'ckpt'")
+    assert "Traceback" not in result.output
+    assert list(tmp_path.iterdir()) == []
+
+
+# --- resume -----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def run_with_checkpoint(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """runs/r: two finished steps and a checkpoint at step 1."""
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, [
+        "train", "--model", "tiny", "--instance", str(instance_dir), "--resolution", "32", "--max-steps", "2",
+        "--checkpoint-every", "1", "--out", "runs/r", "--set", "train.num_samples=1", "--set", "prior.steps=2",
+    ])
+    assert result.exit_code == 0, result.output
+    return tmp_path / "runs" / "r"
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_resume_with_changed_settings_is_refused_unless_forced(run_with_checkpoint: Path) -> None:
+    before = _snapshot(run_with_checkpoint)
+    result = runner.invoke(app, ["train", "--out", "runs/r", "--resume", "--lr", "5e-4", "--rank", "8"])
+    assert result.exit_code == 2, result.output
+    assert all(shows(result.output, s) for s in ("adapter.rank: 4 -> 8", "train.lr: 0.0001 -> 0.0005", "--force"))
+    assert "Traceback" not in result.output
+    assert _snapshot(run_with_checkpoint) == before  # nothing written
+
+    harmless = runner.invoke(app, ["train", "--out", "runs/r", "--resume", "--set", "train.log_every=1"])
+    assert harmless.exit_code == 0, harmless.output  # logging settings do not change the result
+
+    forced = runner.invoke(app, ["train", "--out", "runs/r", "--resume", "--lr", "5e-4", "--force"])
+    assert forced.exit_code == 0, forced.output
+    assert "lr = 0.0005" in (run_with_checkpoint / "config.toml").read_text()
+
+
+def test_resume_from_a_folder_that_is_not_a_checkpoint_exits_2(run_with_checkpoint: Path, instance_dir: Path) -> None:
+    before = _snapshot(run_with_checkpoint)
+    for folder in (instance_dir, run_with_checkpoint, run_with_checkpoint / "checkpoints" / "step-000099"):
+        result = runner.invoke(app, ["train", "--resume-from", str(folder)])
+        assert result.exit_code == 2, result.output
+        assert shows(result.output, "is not a complete dreamlora checkpoint") and shows(result.output, "runs/<name>/checkpoints/")
+        assert "Traceback" not in result.output
+    assert _snapshot(run_with_checkpoint) == before
+
+
+def test_resume_of_a_run_without_checkpoints_exits_2(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    done = runner.invoke(app, ["train", "--model", "tiny", "--instance", str(instance_dir), "--resolution", "32", "--max-steps", "1", "--out", "runs/plain", "--set", "train.num_samples=1", "--set", "prior.steps=2"])
+    assert done.exit_code == 0, done.output
+    result = runner.invoke(app, ["train", "--out", "runs/plain", "--resume"])
+    assert result.exit_code == 2, result.output
+    assert shows(result.output, "has no complete checkpoint to resume from") and shows(result.output, "--checkpoint-every")
+
+
+# --- warnings: training goes on, the user is told ------------------------------------------------
+
+
+def _resolve(instance_dir: Path, tmp_path: Path, **extra: str):
+    overrides = {"model.name": "tiny", "data.instance_dir": str(instance_dir), **extra}
+    return resolve_data(load_config(None, overrides), priors_root=tmp_path / "no-priors")
+
+
+def test_a_common_word_as_token_is_warned(tmp_path: Path, instance_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        _resolve(instance_dir, tmp_path, **{"data.token": "dog"})
+    assert any("token 'dog' is a common word" in r.getMessage() and "sks" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _resolve(instance_dir, tmp_path, **{"data.token": "sks"})
+    assert not any("common word" in r.getMessage() for r in caplog.records)
+
+
+def test_class_images_that_copy_instance_images_are_warned(tmp_path: Path, instance_dir: Path, class_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING):
+        _resolve(instance_dir, tmp_path, **{"data.class_dir": str(class_dir)})
+    assert not any("is a copy of instance image" in r.getMessage() for r in caplog.records)
+    shutil.copy(instance_dir / "photo2.png", class_dir / "00099.png")
+    with caplog.at_level(logging.WARNING):
+        _resolve(instance_dir, tmp_path, **{"data.class_dir": str(class_dir)})
+    copies = [r.getMessage() for r in caplog.records if "is a copy of instance image" in r.getMessage()]
+    assert len(copies) == 1 and "00099.png" in copies[0] and "'photo2.png'" in copies[0]
+
+
+def test_an_image_smaller_than_half_the_resolution_is_warned(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    Image.new("RGB", (40, 40)).save(tmp_path / "fine.png")
+    Image.new("RGB", (15, 20)).save(tmp_path / "tiny.png")
+    with caplog.at_level(logging.WARNING):
+        ImageFolderDataset(list_images(tmp_path, "instance"), "a photo of sks dog", 32, "instance")
+    small = [r.getMessage() for r in caplog.records if "less than half the training resolution" in r.getMessage()]
+    assert len(small) == 1 and "'tiny.png' is 15x20" in small[0]
