@@ -201,6 +201,8 @@ class DreamBoothBatches:
             self.plan: SquarePlan | BucketPlan = BucketPlan([nearest_bucket(im.size, self.buckets) for im in instance.images], self.batch_size, data.repeats, self.seed)
         else:
             self.plan = SquarePlan(len(instance), data.resolution, self.batch_size, data.repeats, self.seed)
+        if disk is not None:
+            log.info("latent cache %s: %d views read, %d encoded", disk.root, disk.hits, disk.misses)
 
     def _source(self, dataset: ImageFolderDataset, components: Components, disk: Any) -> Any:
         if self.augmented:
@@ -511,6 +513,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 RESUME_FREE_KEYS = {
     "train.out", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.sample_every",
     "train.num_samples", "model.attention", "prior.batch_size", "train.compile",
+    "data.latent_cache_dir",
 }
 
 
