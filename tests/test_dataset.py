@@ -292,3 +292,20 @@ def test_colour_jitter_is_light_and_seeded() -> None:
     assert np.array_equal(np.asarray(a), np.asarray(b))
     diff = np.abs(np.asarray(a, dtype=float) - np.asarray(image, dtype=float))
     assert 0 < diff.mean() < 40
+
+
+def test_train_flags_reach_the_run_config(tmp_path: Path, messy_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import tomllib
+
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "train", "--model", "tiny", "--instance", str(messy_dir), "--resolution", "64", "--max-steps", "1", "--out", "runs/x",
+        "--buckets", "--repeats", "2", "--class-ratio", "0.5", "--caption-dropout", "0.1", "--color-jitter", "0.05",
+        "--no-latent-cache", "--latent-cache", "elsewhere", "--no-captions", "--set", "train.num_samples=1", "--set", "prior.steps=1",
+    ]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    data = tomllib.loads((tmp_path / "runs" / "x" / "config.toml").read_text())["data"]
+    assert (data["buckets"], data["repeats"], data["class_ratio"], data["caption_dropout"], data["color_jitter"]) == (True, 2, 0.5, 0.1, 0.05)
+    assert (data["cache_latents"], data["latent_cache_dir"], data["captions"]) == (False, "elsewhere", False)
+    assert not (tmp_path / "elsewhere").exists()
