@@ -12,7 +12,7 @@ from PIL import Image, ImageDraw
 
 from dreamlora.config import RunConfig
 from dreamlora.data import IGNORED_NAMES, ImageFolder, caption_prompt, list_images, load_image, make_buckets, nearest_bucket, read_caption, resize_and_crop_to
-from dreamlora.errors import DataError, ModelLoadError
+from dreamlora.errors import DataError
 from dreamlora.hygiene import NEAR_DUPLICATE_BITS, dhash, hamming, image_problem, near_duplicates
 from dreamlora.sampling import BucketPlan, SquarePlan, class_span
 
@@ -89,10 +89,7 @@ def model_geometry(ref: str) -> tuple[int, int]:
     from dreamlora.models import resolve_model_dir
 
     configs: dict[str, dict] = {}
-    try:
-        source = resolve_model_dir(ref) if not ref.startswith("random:") else None
-    except ModelLoadError:
-        raise
+    source = resolve_model_dir(ref) if not ref.startswith("random:") else None  # a bad path raises ModelLoadError (exit 2)
     for part in ("unet", "vae"):
         path = None
         if isinstance(source, Path):
