@@ -18,7 +18,7 @@ from rich.text import Text
 
 app = typer.Typer(
     name="dreamlora",
-    help="DreamBooth + LoRA for Stable Diffusion: `prior`, `train`, `export`.",
+    help="DreamBooth + LoRA for Stable Diffusion: `prior`, `dataset`, `train`, `export`.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -200,9 +200,110 @@ def prior(
         _summary("prior set", [
             ("folder", result.out_dir), ("already there", result.existing), ("generated", result.generated),
             ("speed", f"{result.images_per_second:.2f} images/s"), ("preview", result.out_dir.parent / f"{result.out_dir.name}-preview.png"),
+            *[("regenerated", f"{name}: was {reason}") for name, reason in result.rejected],
+            *[("[yellow]still bad[/]", f"{name}: {reason}") for name, reason in result.unresolved],
         ])
 
     _run(debug, action)
+
+
+# --- dataset ----------------------------------------------------------------------------------
+
+
+def _dataset_flags(no_captions: bool, caption_dropout: Any, repeats: Any, class_ratio: Any, buckets: bool, color_jitter: Any) -> dict[str, Any]:
+    return {
+        "data.captions": False if no_captions else None, "data.caption_dropout": caption_dropout, "data.repeats": repeats,
+        "data.class_ratio": class_ratio, "data.buckets": True if buckets else None, "data.color_jitter": color_jitter,
+    }
+
+
+@app.command()
+def dataset(
+    instance: Annotated[str, typer.Argument(help="Folder of photos of the subject.")],
+    class_dir: Annotated[Optional[str], typer.Option(help="Folder of class images to check too (e.g. priors/dog).")] = None,
+    token: Annotated[Optional[str], typer.Option(help="Rare identifier for the subject (default sks).")] = None,
+    class_name: Annotated[Optional[str], typer.Option("--class", help="Class word, for the default instance prompt.")] = None,
+    resolution: Annotated[Optional[int], typer.Option(help="Training size (default: the model's).")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Instance images per step.")] = None,
+    gradient_accumulation: Annotated[Optional[int], typer.Option()] = None,
+    max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps, to report epochs.")] = None,
+    repeats: Annotated[Optional[int], typer.Option(help="Times each instance image appears per epoch.")] = None,
+    class_ratio: Annotated[Optional[float], typer.Option(help="Class images per instance image in a batch.")] = None,
+    buckets: Annotated[bool, typer.Option("--buckets", help="Aspect-ratio buckets instead of square crops.")] = False,
+    random_crop: Annotated[bool, typer.Option("--random-crop", help="Random instead of centre crops.")] = False,
+    color_jitter: Annotated[Optional[float], typer.Option(help="Colour jitter strength.")] = None,
+    no_captions: Annotated[bool, typer.Option("--no-captions", help="Ignore photo.txt caption files.")] = False,
+    caption_dropout: Annotated[Optional[float], typer.Option(help="Probability of the plain instance prompt.")] = None,
+    sheet: Annotated[Optional[Path], typer.Option(help="Contact sheet PNG (default <folder>-dataset.png beside the folder).")] = None,
+    model: Model = None,
+    config: ConfigPath = None,
+    set_: SetOption = None,
+    debug: Debug = False,
+) -> None:
+    """Check instance (and class) images as training will see them; write a contact sheet."""
+
+    def action() -> None:
+        from dreamlora.config import load_config, replace
+        from dreamlora.dataset_report import build_dataset_report, model_geometry
+
+        cfg = load_config(config, _overrides(set_, {
+            "data.instance_dir": instance, "data.class_dir": class_dir, "data.token": token, "data.class_name": class_name,
+            "data.resolution": resolution, "train.batch_size": batch_size, "train.gradient_accumulation": gradient_accumulation,
+            "train.max_steps": max_steps, "data.center_crop": False if random_crop else None, "model.name": model,
+            **_dataset_flags(no_captions, caption_dropout, repeats, class_ratio, buckets, color_jitter),
+        }))
+        native, factor = model_geometry(cfg.model.name)
+        if not cfg.data.resolution:
+            cfg = replace(cfg, data=replace(cfg.data, resolution=native))
+        report = build_dataset_report(cfg, factor, sheet)
+        _render_dataset(report)
+        report.raise_if_fatal()
+
+    _run(debug, action)
+
+
+def _size_range(sizes: list[tuple[int, int]]) -> str:
+    if not sizes:
+        return "-"
+    areas = sorted(sizes, key=lambda s: s[0] * s[1])
+    return f"{areas[0][0]}x{areas[0][1]} .. {areas[-1][0]}x{areas[-1][1]}"
+
+
+def _render_dataset(report: Any) -> None:
+    for folder in (report.instance, report.klass):
+        if folder is None:
+            continue
+        fixed = [e for e in folder.images if e.fixes]
+        rows: list[tuple[str, Any]] = [
+            ("folder", folder.folder), ("images", len(folder.images)),
+            ("formats", ", ".join(f"{k} {v}" for k, v in sorted(folder.formats.items())) or "-"),
+            ("sizes", _size_range([e.size for e in folder.images])),
+            ("aspect", ", ".join(f"{k} {v}" for k, v in sorted(folder.orientations.items())) or "-"),
+            ("fixes applied", len(fixed)),
+            *[("  " + e.name, "; ".join(e.fixes)) for e in fixed],
+            *[("[yellow]skipped[/]", note) for note in folder.skipped],
+            *[("[red]unreadable[/]", note) for note in folder.unreadable],
+            *[("[yellow]too small[/]", f"{note}, under half of {report.resolution}") for note in folder.too_small],
+            *[("[yellow]near-duplicates[/]", f"{a} ~ {b} (dHash distance {d})") for a, b, d in folder.near_duplicates],
+            *[("[yellow]bad image[/]", f"{name}: {problem}") for name, problem in folder.problems],
+        ]
+        if folder.role == "instance":
+            rows += [("captions found", folder.captions), *[("[yellow]empty caption[/]", n) for n in folder.empty_captions]]
+            rows += [("training sizes", ", ".join(f"{w}x{h}: {n}" for (w, h), n in sorted(report.bucket_sizes.items())))]
+        else:
+            rows += [("[yellow]instance in class set[/]", f"{a} ~ {b} (dHash distance {d})") for a, b, d in report.in_class_set]
+        _summary(f"{folder.role} images", rows)
+    table = Table(title="instance images as trained", title_justify="left")
+    for column in ("file", "format", "stored", "upright", "trained at", "prompt"):
+        table.add_column(column)
+    for e in report.instance.images:
+        table.add_row(e.name, e.format, f"{e.file_size[0]}x{e.file_size[1]}", f"{e.size[0]}x{e.size[1]}", f"{e.train_size[0]}x{e.train_size[1]}", e.prompt or "(instance prompt)")
+    out.print(table)
+    _summary("schedule", [
+        ("steps per epoch", report.steps_per_epoch), ("epochs at max_steps", f"{report.epochs:.1f}"),
+        ("class images per epoch", report.class_per_epoch), ("contact sheet", report.sheet or "-"),
+        *[("note", note) for note in report.notes],
+    ])
 
 
 # --- train ------------------------------------------------------------------------------------
@@ -235,6 +336,14 @@ def train(
     resolution: Annotated[Optional[int], typer.Option(help="Training size (default: the model's).")] = None,
     random_crop: Annotated[bool, typer.Option("--random-crop", help="Random instead of centre crops.")] = False,
     flip: Annotated[bool, typer.Option("--flip", help="Random horizontal flips.")] = False,
+    no_captions: Annotated[bool, typer.Option("--no-captions", help="Ignore photo.txt caption files.")] = False,
+    caption_dropout: Annotated[Optional[float], typer.Option(help="Probability of the plain instance prompt for a captioned image.")] = None,
+    repeats: Annotated[Optional[int], typer.Option(help="Times each instance image appears per epoch (default 1).")] = None,
+    class_ratio: Annotated[Optional[float], typer.Option(help="Class images per instance image in a batch (default 1).")] = None,
+    buckets: Annotated[bool, typer.Option("--buckets", help="Aspect-ratio buckets: non-square photos train whole.")] = False,
+    color_jitter: Annotated[Optional[float], typer.Option(help="Colour jitter strength, e.g. 0.1 (default 0: off).")] = None,
+    no_latent_cache: Annotated[bool, typer.Option("--no-latent-cache", help="Encode latents in memory only, not cached on disk.")] = False,
+    latent_cache: Annotated[Optional[str], typer.Option(help="Latent cache folder (default $DREAMLORA_CACHE/latents).")] = None,
     out_dir: Annotated[Optional[str], typer.Option("--out", help="Run folder (default runs/<token>-<class>); never overwritten.")] = None,
     compile_: Annotated[Optional[str], typer.Option("--compile", help="CUDA graph of the whole step: auto (default; single GPU, bf16/fp32), on, off.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Save a resumable checkpoint every N steps.")] = None,
@@ -276,6 +385,8 @@ def train(
         "train.text_encoder_lr_scheduler": text_encoder_lr_scheduler, "train.text_encoder_warmup_steps": text_encoder_warmup_steps,
         "train.lr_cycles": lr_cycles, "train.optimizer": optimizer,
         "model.allow_pickle": True if allow_pickle else None,
+        **_dataset_flags(no_captions, caption_dropout, repeats, class_ratio, buckets, color_jitter),
+        "data.cache_latents": False if no_latent_cache else None, "data.latent_cache_dir": latent_cache,
     }
 
     def action() -> None:

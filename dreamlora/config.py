@@ -66,9 +66,23 @@ class DataConfig:
     resolution: int = 0  # 0: the model's native resolution (512 for SD 1.x)
     center_crop: bool = True  # False: random crop (latents are then encoded every step)
     flip: bool = False  # random horizontal flip (both orientations are cached)
+    captions: bool = True  # `photo.txt` beside `photo.jpg` is its prompt (`{token}` places the token, else it is prefixed)
+    caption_dropout: float = 0.0  # probability of training a captioned image on the plain instance prompt instead
+    repeats: int = 1  # each instance image appears this many times per epoch
+    class_ratio: float = 1.0  # class images per instance image in a batch (0.5: one every other step at batch size 1)
+    buckets: bool = False  # aspect-ratio buckets of about resolution**2 pixels, so non-square photos train whole
+    bucket_max_ratio: float = 2.0  # the most elongated bucket (long side / short side)
+    color_jitter: float = 0.0  # brightness/contrast/saturation jitter strength, e.g. 0.1 (latents then encoded every step)
+    cache_latents: bool = True  # keep VAE latents on disk between runs when the augmentations allow
+    latent_cache_dir: str = ""  # default $DREAMLORA_CACHE/latents (~/.cache/dreamlora/latents)
 
     def __post_init__(self) -> None:
         _check(bool(self.token.strip()), "data.token is empty; pass a rare word such as `sks`")
+        _check(0 <= self.caption_dropout <= 1, f"data.caption_dropout must be in [0, 1]; got {self.caption_dropout}")
+        _check(1 <= self.repeats <= 1000, f"data.repeats must be in 1..1000; got {self.repeats}")
+        _check(0 < self.class_ratio <= 16, f"data.class_ratio must be in (0, 16] class images per instance image; got {self.class_ratio}")
+        _check(1 <= self.bucket_max_ratio <= 4, f"data.bucket_max_ratio must be in [1, 4]; got {self.bucket_max_ratio}")
+        _check(0 <= self.color_jitter <= 0.5, f"data.color_jitter must be in [0, 0.5] (0 = off, 0.1 = light); got {self.color_jitter}")
         _check(" " not in self.token.strip(), f"data.token {self.token!r} has a space; use one rare word such as `sks`")
         _check(
             self.resolution == 0 or (self.resolution >= 8 and self.resolution % 8 == 0),
@@ -79,6 +93,11 @@ class DataConfig:
         if self.instance_prompt:
             return self.instance_prompt.replace("{token}", self.token)
         return " ".join(part for part in ("a photo of", self.token, self.class_name) if part)
+
+    @property
+    def latents_cacheable(self) -> bool:
+        """Whether an image view always gives the same pixels, so its latents can be encoded once."""
+        return self.center_crop and self.color_jitter == 0
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from dreamlora.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", "manifest.json"}
 MAX_PIXELS = 64_000_000  # larger images are treated as decompression bombs
 
@@ -33,7 +33,7 @@ def list_images(folder: Path | str, role: str) -> ImageFolder:
     """Image files of a folder, sorted; non-image files are skipped with a note. `role` names the folder in messages."""
     root = Path(folder).expanduser()
     if not root.exists():
-        raise DataError(f"{role} folder '{folder}' does not exist; pass a folder of photos (.png, .jpg, .jpeg, .webp, .bmp)")
+        raise DataError(f"{role} folder '{folder}' does not exist; pass a folder of photos (.png, .jpg, .jpeg, .webp, .bmp, .gif)")
     if not root.is_dir():
         raise DataError(f"{role} folder '{folder}' is a file, not a folder; pass the folder that holds the photos")
     paths, skipped = [], []
@@ -45,14 +45,29 @@ def list_images(folder: Path | str, role: str) -> ImageFolder:
         elif path.suffix.lower() != ".txt":
             skipped.append(f"{path.name} (not an image)")
     if not paths:
-        raise DataError(f"{role} folder '{folder}' has no images (.png, .jpg, .jpeg, .webp, .bmp); add 3-20 photos of the subject")
+        raise DataError(f"{role} folder '{folder}' has no images (.png, .jpg, .jpeg, .webp, .bmp, .gif); add 3-20 photos of the subject")
     for note in skipped:
         log.info("%s folder: skipped %s", role, note)
     return ImageFolder(root, tuple(paths), tuple(skipped))
 
 
+@dataclass(frozen=True)
+class LoadedImage:
+    """An image as training sees it (RGB, upright) and what was done to get there."""
+
+    image: Image.Image
+    format: str  # PIL's name of the file format, e.g. JPEG
+    file_size: tuple[int, int]  # width, height as stored, before EXIF rotation
+    fixes: tuple[str, ...]  # e.g. `EXIF orientation 6 applied`, `alpha flattened on white`
+
+
 def open_image(path: Path) -> Image.Image:
     """An RGB image with its EXIF orientation applied; unreadable files raise a DataError naming the file."""
+    return load_image(path).image
+
+
+def load_image(path: Path) -> LoadedImage:
+    """`open_image` with the format and the fixes applied (EXIF rotation, alpha, palette), for reports."""
     if path.stat().st_size == 0:
         raise DataError(f"image '{path}' is empty (0 bytes); remove it or replace it with a valid photo")
     try:
@@ -63,13 +78,22 @@ def open_image(path: Path) -> Image.Image:
                     raise DataError(
                         f"image '{path}' is {image.width}x{image.height} pixels, too large to be a photo (limit {MAX_PIXELS:,}); downscale it"
                     )
-                image.load()
+                image.load()  # the first frame of an animated GIF
+                fmt, file_size, fixes = image.format or path.suffix.lstrip(".").upper(), image.size, []
+                orientation = image.getexif().get(0x0112, 1)
                 image = ImageOps.exif_transpose(image)
-                if image.mode in ("RGBA", "LA") or (image.mode == "P" and "transparency" in image.info):
+                if orientation not in (0, 1):
+                    fixes.append(f"EXIF orientation {orientation} applied")
+                if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
                     rgba = image.convert("RGBA")
                     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                     image = Image.alpha_composite(background, rgba)
-                return image.convert("RGB")
+                    fixes.append("alpha flattened on white")
+                elif image.mode == "P":
+                    fixes.append("palette converted to RGB")
+                elif image.mode not in ("RGB", "L"):
+                    fixes.append(f"{image.mode} converted to RGB")
+                return LoadedImage(image.convert("RGB"), fmt, file_size, tuple(fixes))
     except DataError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -95,6 +119,34 @@ def duplicate_images(first: ImageFolder, second: ImageFolder) -> list[tuple[Path
     return [(seen[h], path) for path in second.paths if (h := digest(path)) in seen]
 
 
+def read_caption(image_path: Path) -> str | None:
+    """The caption in `photo.txt` beside `photo.jpg`, on one line; None when there is none or it is empty."""
+    path = image_path.with_suffix(".txt")
+    if not path.is_file():
+        return None
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as error:
+        raise DataError(f"caption '{path}' is not UTF-8 text ({error}); save it as UTF-8") from error
+    return " ".join(text.split()) or None
+
+
+def caption_prompt(caption: str, token: str) -> str:
+    """A caption as a prompt: `{token}` marks where the token goes; without it (and without the token) it is prefixed."""
+    if "{token}" in caption:
+        return caption.replace("{token}", token)
+    if token in caption.replace(",", " ").split():
+        return caption
+    return f"{token}, {caption}"
+
+
+def instance_prompts(folder: ImageFolder, token: str, default: str, captions: bool = True) -> list[str]:
+    """The prompt of each image: its caption file made into a prompt, else `default`."""
+    if not captions:
+        return [default] * len(folder.paths)
+    return [caption_prompt(text, token) if (text := read_caption(path)) else default for path in folder.paths]
+
+
 def resize_and_crop(image: Image.Image, resolution: int, crop_box: tuple[int, int] | None = None) -> Image.Image:
     """Scale the shorter side to `resolution`, then crop a square (centre, or at `crop_box` = (left, top))."""
     scale = resolution / min(image.size)
@@ -104,6 +156,57 @@ def resize_and_crop(image: Image.Image, resolution: int, crop_box: tuple[int, in
     return image.crop((left, top, left + resolution, top + resolution))
 
 
+def cover_size(image_size: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+    """The size an image is scaled to so that it covers `size` = (width, height) with its aspect ratio kept."""
+    scale = max(size[0] / image_size[0], size[1] / image_size[1])
+    return max(size[0], round(image_size[0] * scale)), max(size[1], round(image_size[1] * scale))
+
+
+def resize_and_crop_to(image: Image.Image, size: tuple[int, int], offset: tuple[int, int] | None = None) -> Image.Image:
+    """Scale to cover `size` = (width, height), then crop it (centre, or at `offset` = (left, top))."""
+    width, height = cover_size(image.size, size)
+    image = image.resize((width, height), Image.Resampling.BICUBIC)
+    left, top = offset if offset is not None else ((width - size[0]) // 2, (height - size[1]) // 2)
+    return image.crop((left, top, left + size[0], top + size[1]))
+
+
+def random_offset(image_size: tuple[int, int], size: tuple[int, int], generator: torch.Generator) -> tuple[int, int]:
+    """A random (left, top) crop position of `size` in the image scaled to cover it."""
+    width, height = cover_size(image_size, size)
+    left = int(torch.randint(0, width - size[0] + 1, (1,), generator=generator))
+    top = int(torch.randint(0, height - size[1] + 1, (1,), generator=generator))
+    return left, top
+
+
+def jitter_colors(image: Image.Image, strength: float, generator: torch.Generator) -> Image.Image:
+    """Light colour jitter: brightness, contrast and saturation each scaled by a factor in [1 - strength, 1 + strength]."""
+    from PIL import ImageEnhance
+
+    factors = (1 + strength * (2 * torch.rand(3, generator=generator) - 1)).tolist()
+    for enhancer, factor in zip((ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color), factors):
+        image = enhancer(image).enhance(factor)
+    return image
+
+
+def make_buckets(resolution: int, step: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """Kohya-style aspect buckets: (width, height) pairs, multiples of `step`, of about resolution**2 pixels (never more).
+
+    `step` is the pixel multiple the model needs (64 for SD: 8 for the VAE times 8 for the UNet's downsampling).
+    """
+    area, buckets = resolution * resolution, {(resolution, resolution)}
+    for width in range(step, int(resolution * max_ratio) + 1, step):
+        height = (area // width) // step * step
+        if height >= step and max(width / height, height / width) <= max_ratio:
+            buckets |= {(width, height), (height, width)}
+    return sorted(buckets, key=lambda b: (b[0] / b[1], b[0]))
+
+
+def nearest_bucket(image_size: tuple[int, int], buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is closest to the image's (in log ratio; ties go to the larger area)."""
+    ratio = np.log(image_size[0] / image_size[1])
+    return min(buckets, key=lambda b: (abs(np.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """HWC uint8 to CHW float in [-1, 1]."""
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
@@ -111,10 +214,11 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):
-    """Images of one folder with one prompt, resized and cropped to the training resolution."""
+    """Images of one folder with one prompt (or one per image: `prompts`), resized and cropped to the training resolution."""
 
-    def __init__(self, folder: ImageFolder, prompt: str, resolution: int, role: str, center_crop: bool = True) -> None:
+    def __init__(self, folder: ImageFolder, prompt: str, resolution: int, role: str, center_crop: bool = True, prompts: list[str] | None = None) -> None:
         self.folder, self.prompt, self.resolution, self.center_crop = folder, prompt, resolution, center_crop
+        self.prompts = list(prompts) if prompts is not None else [prompt] * len(folder.paths)
         self.images = [open_image(path) for path in folder.paths]
         for path, image in zip(folder.paths, self.images):
             if min(image.size) < resolution // 2:
@@ -124,7 +228,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> dict:
-        return {"pixel_values": to_tensor(resize_and_crop(self.images[index], self.resolution)), "prompt": self.prompt, "index": index}
+        return {"pixel_values": to_tensor(resize_and_crop(self.images[index], self.resolution)), "prompt": self.prompts[index], "index": index}
 
     def random_crop(self, index: int, generator: torch.Generator) -> torch.Tensor:
         """A random square crop of image `index` at the training resolution."""
@@ -151,9 +255,13 @@ def batch_indices(step: int, batch_size: int, n_items: int, seed: int) -> list[i
 
     Being pure, it needs no sampler state in checkpoints: a resumed run draws exactly what an uninterrupted one would.
     """
-    start = step * batch_size
+    return stream_indices(step * batch_size, batch_size, n_items, seed)
+
+
+def stream_indices(start: int, count: int, n_items: int, seed: int) -> list[int]:
+    """`count` indices from position `start` of an endless stream of seeded per-epoch permutations of `n_items`."""
     indices = []
-    for position in range(start, start + batch_size):
+    for position in range(start, start + count):
         epoch, offset = divmod(position, n_items)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         indices.append(int(torch.randperm(n_items, generator=generator)[offset]))

@@ -12,7 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
+from PIL import Image
 
 from dreamlora.checkpoint import write_atomic, write_json
 from dreamlora.config import PriorConfig
@@ -22,6 +24,7 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 # Settings that change the images: a folder made with other values is not topped up with these.
+MAX_RETRIES = 3  # new seeds tried for a blank, black, NaN or near-duplicate class image
 IDENTITY_KEYS = ("model", "prompt", "negative_prompt", "resolution", "steps", "guidance", "scheduler", "seed")
 
 
@@ -31,10 +34,13 @@ class PriorResult:
     existing: int
     generated: int
     seconds: float
+    rejected: tuple[tuple[str, str], ...] = ()  # (file, reason) of each image replaced by one from a new seed
+    unresolved: tuple[tuple[str, str], ...] = ()  # (file, reason) of images still bad after MAX_RETRIES new seeds
+    rendered: int = 0  # images the pipeline made, replacements included
 
     @property
     def images_per_second(self) -> float:
-        return self.generated / self.seconds if self.seconds > 0 else 0.0
+        return (self.rendered or self.generated) / self.seconds if self.seconds > 0 else 0.0
 
 
 def safe_name(text: str) -> str:
@@ -81,10 +87,62 @@ def auto_batch_size(device: torch.device, resolution: int) -> int:
     return int(max(1, min(32, (free * 0.5) // per_image)))
 
 
-def _save_png(image: Any, path: Path) -> None:
+def retry_seed(seed: int, index: int, attempt: int) -> int:
+    """The seed of the `attempt`-th replacement of a rejected image: deterministic, so a re-run makes the same set."""
+    return image_seed(seed, index) + attempt * 2**40
+
+
+def _write_png(array: np.ndarray, path: Path) -> None:
     buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
+    _to_pil(array).save(buffer, format="PNG")
     write_atomic(path, buffer.getvalue())
+
+
+def _to_pil(array: np.ndarray) -> Image.Image:
+    # As diffusers turns its float output into PIL images, so the bytes match output_type="pil".
+    return Image.fromarray((np.nan_to_num(array) * 255).round().astype("uint8"))
+
+
+def _render(pipeline: Any, prior_cfg: PriorConfig, settings: dict[str, Any], seeds: dict[int, int], batch_size: int, sink: Callable[[int, np.ndarray], None]) -> None:
+    """Hand each index's float image (H, W, 3) in [0, 1], possibly NaN, to `sink` as soon as its batch is drawn."""
+    device, indices = pipeline.device, sorted(seeds)
+    for start in range(0, len(indices), batch_size):
+        chunk = indices[start : start + batch_size]
+        generators = [torch.Generator(device=device).manual_seed(seeds[i]) for i in chunk]
+        images = pipeline(
+            prompt=[settings["prompt"]] * len(chunk),
+            negative_prompt=[prior_cfg.negative_prompt] * len(chunk) if prior_cfg.negative_prompt else None,
+            num_inference_steps=prior_cfg.steps,
+            guidance_scale=prior_cfg.guidance,
+            height=settings["resolution"],
+            width=settings["resolution"],
+            generator=generators,
+            output_type="np",
+        ).images
+        for index, image in zip(chunk, images):
+            sink(index, image)
+
+
+def find_class_problems(out_dir: Path, files: dict[int, str]) -> dict[int, str]:
+    """Blank, black or unreadable images and near-duplicates of an earlier image, by index, with the reason."""
+    from dreamlora.hygiene import dhash, image_problem, later_duplicates
+
+    problems, hashes, order = {}, [], sorted(files)
+    for index in order:
+        try:
+            with Image.open(out_dir / files[index]) as handle:
+                image = handle.convert("RGB")
+        except OSError as error:
+            problems[index] = f"unreadable ({error})"
+            hashes.append(-1)
+            continue
+        if problem := image_problem(image):
+            problems[index] = problem
+        hashes.append(dhash(image))
+    for later, earlier in later_duplicates(hashes).items():
+        if order[later] not in problems and order[earlier] not in problems and hashes[later] >= 0:
+            problems[order[later]] = f"near-duplicate of {files[order[earlier]]}"
+    return problems
 
 
 def generate_class_images(
@@ -95,7 +153,11 @@ def generate_class_images(
     model_ref: str,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> PriorResult:
-    """Generate the missing images of `out_dir` up to `prior_cfg.num_images`; each write is atomic."""
+    """Generate the missing images of `out_dir` up to `prior_cfg.num_images`; each write is atomic.
+
+    Blank, black, NaN and near-duplicate images (new or already there) are replaced with images from new seeds
+    (`retry_seed`, up to MAX_RETRIES each); the manifest records each file's seed and the seeds it replaced.
+    """
     import time
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -115,41 +177,65 @@ def generate_class_images(
         if changed:
             diff = ", ".join(f"{k}: {manifest.get(k)!r} -> {settings[k]!r}" for k in changed)
             raise ConfigError(f"prior set '{out_dir}' was made with other settings ({diff}); use another --out, or delete the folder to regenerate it")
+    recorded = {int(e["index"]): e for e in (manifest or {}).get("files", []) if "index" in e}
+    seeds = {i: int(recorded[i].get("seed", image_seed(prior_cfg.seed, i))) if i in recorded else image_seed(prior_cfg.seed, i) for i in range(prior_cfg.num_images)}
+    rejected_seeds: dict[int, list[dict[str, Any]]] = {i: list(recorded[i].get("rejected", [])) for i in recorded}
     files = {int(p.stem): p.name for p in out_dir.glob("[0-9]" * 5 + ".png")}
     missing = [i for i in range(prior_cfg.num_images) if i not in files]
-    device = pipeline.device
-    batch_size = prior_cfg.batch_size or auto_batch_size(device, resolution)
+    batch_size = prior_cfg.batch_size or auto_batch_size(pipeline.device, resolution)
     started = time.perf_counter()
-    done = 0
+    progress = {"done": 0, "total": len(missing)}
+
+    def tick(count: int) -> None:
+        progress["done"] += count
+        if on_progress:
+            on_progress(progress["done"], progress["total"])
+
     if on_progress:
         on_progress(0, len(missing))
-    # PNG encoding runs in threads while the GPU draws the next batch.
-    with ThreadPoolExecutor(max_workers=4) as writers:
-        pending = []
-        for start in range(0, len(missing), batch_size):
-            indices = missing[start : start + batch_size]
-            generators = [torch.Generator(device=device).manual_seed(image_seed(prior_cfg.seed, i)) for i in indices]
-            images = pipeline(
-                prompt=[settings["prompt"]] * len(indices),
-                negative_prompt=[prior_cfg.negative_prompt] * len(indices) if prior_cfg.negative_prompt else None,
-                num_inference_steps=prior_cfg.steps,
-                guidance_scale=prior_cfg.guidance,
-                height=resolution,
-                width=resolution,
-                generator=generators,
-            ).images
-            for index, image in zip(indices, images):
-                pending.append(writers.submit(_save_png, image, out_dir / image_name(index)))
-                files[index] = image_name(index)
-            done += len(indices)
-            if on_progress:
-                on_progress(done, len(missing))
-        for future in pending:
-            future.result()
+    todo, rejected, unresolved, generated = {i: seeds[i] for i in missing}, [], [], 0
+    for attempt in range(MAX_RETRIES + 1):
+        problems: dict[int, str] = {}
+
+        def sink(index: int, array: np.ndarray) -> None:
+            nonlocal generated
+            pending.append(writers.submit(_write_png, array, out_dir / image_name(index)))
+            files[index], seeds[index] = image_name(index), todo[index]
+            generated += 1
+            if not np.isfinite(array).all():
+                problems[index] = "nan"
+            tick(1)
+
+        # PNG encoding runs in threads while the GPU draws the next batch.
+        with ThreadPoolExecutor(max_workers=4) as writers:
+            pending: list[Any] = []
+            _render(pipeline, prior_cfg, settings, todo, batch_size, sink)
+            for future in pending:
+                future.result()
+        # Checked on the files: NaN (seen before conversion), then black, blank and near-duplicates of the whole set.
+        problems = {**find_class_problems(out_dir, files), **problems}
+        if not problems:
+            break
+        if attempt == MAX_RETRIES:
+            unresolved = [(files[i], reason) for i, reason in sorted(problems.items())]
+            log.warning("prior set %s: %d images still bad after %d new seeds each: %s", out_dir, len(unresolved), MAX_RETRIES, ", ".join(f"{f} ({r})" for f, r in unresolved))
+            break
+        todo = {}
+        for index, reason in sorted(problems.items()):
+            rejected.append((files[index], reason))
+            rejected_seeds.setdefault(index, []).append({"seed": seeds[index], "reason": reason})
+            todo[index] = retry_seed(prior_cfg.seed, index, len(rejected_seeds[index]))
+            log.info("prior set %s: %s is %s; regenerating it with seed %d", out_dir, files[index], reason, todo[index])
+        progress["total"] += len(todo)
     seconds = time.perf_counter() - started
-    entries = [{"file": files[i], "index": i, "seed": image_seed(prior_cfg.seed, i)} for i in sorted(files)]
+    entries = []
+    for i in sorted(files):
+        entry: dict[str, Any] = {"file": files[i], "index": i, "seed": seeds.get(i, image_seed(prior_cfg.seed, i))}
+        if rejected_seeds.get(i):
+            entry["rejected"] = rejected_seeds[i]
+        entries.append(entry)
     write_json(out_dir / MANIFEST, {**settings, "class_name": prior_cfg.class_name, "num_images": len(entries), "files": entries})
-    return PriorResult(out_dir, prior_cfg.num_images - len(missing), len(missing), seconds)
+    return PriorResult(out_dir, prior_cfg.num_images - len(missing), len(missing), seconds, tuple(rejected), tuple(unresolved), generated)
 
 
 def run_prior(

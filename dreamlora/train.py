@@ -20,11 +20,13 @@ import torch
 from dreamlora import __version__
 from dreamlora import checkpoint as ckpt
 from dreamlora.config import RunConfig, replace, to_toml
-from dreamlora.data import ImageFolderDataset, batch_indices, check_images, duplicate_images, list_images
+from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, instance_prompts, list_images, make_buckets, nearest_bucket
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
+from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
 from dreamlora.lora import LORA_FILE, adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, save_diffusers_lora, trainable_parameters
 from dreamlora.models import Components, encode_prompt, load_components, public_model_ref, resolve_precision, select_attention, tokenize
 from dreamlora.prior import MANIFEST, read_prior_set, safe_name
+from dreamlora.sampling import AugmentedLatents, BucketPlan, SquarePlan, class_indices
 from dreamlora.step import CudaGraphStep, batch_loss, dreambooth_loss
 
 log = logging.getLogger(__name__)
@@ -157,11 +159,20 @@ def encode_latent_stats(vae: torch.nn.Module, pixels: torch.Tensor, batch_size: 
 class LatentSource:
     """Latents of one image folder: cached posterior statistics (and their flips), or encoded per step for random crops."""
 
-    def __init__(self, dataset: ImageFolderDataset, vae: torch.nn.Module, flip: bool, cache: bool) -> None:
+    def __init__(self, dataset: ImageFolderDataset, vae: torch.nn.Module, flip: bool, cache: bool, disk: LatentDiskCache | None = None) -> None:
         self.dataset, self.vae, self.flip, self.cache = dataset, vae, flip, cache
         self.scaling = vae.config.scaling_factor
         self.shift = getattr(vae.config, "shift_factor", None) or 0.0
-        if cache:
+        if cache and disk is not None:
+            # Each view read from the disk cache, or encoded alone and stored there (see latent_cache.py).
+            contents, size = [file_digest(p) for p in dataset.folder.paths], (dataset.resolution, dataset.resolution)
+            stats = [
+                disk.get_or_encode([disk.key(c, size, "center", flipped) for c in contents], lambda i, f=flipped: dataset[i]["pixel_values"].flip(-1) if f else dataset[i]["pixel_values"], functools.partial(encode_latent_stats, vae))
+                for flipped in ((False, True) if flip else (False,))
+            ]
+            self.means = torch.stack([s[0] for s in stats]).to(vae.device)
+            self.stds = torch.stack([s[1] for s in stats]).to(vae.device)
+        elif cache:
             pixels = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
             views = [pixels, pixels.flip(-1)] if flip else [pixels]
             stats = [encode_latent_stats(vae, view) for view in views]
@@ -171,7 +182,8 @@ class LatentSource:
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def sample(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+    def sample(self, indices: list[int], generator: torch.Generator, size: tuple[int, int] | None = None) -> torch.Tensor:
+        """Latents of `indices`; `size` is always the square training resolution here (buckets use sampling.AugmentedLatents)."""
         device = generator.device
         flips = torch.randint(0, 2, (len(indices),), generator=generator, device=device) if self.flip else torch.zeros(len(indices), dtype=torch.long, device=device)
         if self.cache:
@@ -192,24 +204,57 @@ class DreamBoothBatches:
     def __init__(self, cfg: RunConfig, components: Components, device: torch.device, world: int = 1, rank: int = 0) -> None:
         data = cfg.data
         self.batch_size, self.seed, self.device, self.world, self.rank = cfg.train.batch_size, cfg.train.seed, device, world, rank
-        instance = ImageFolderDataset(list_images(data.instance_dir, "instance"), data.resolved_instance_prompt(), data.resolution, "instance", data.center_crop)
-        self.sources = [LatentSource(instance, components.vae, data.flip, cache=data.center_crop)]
+        self.data = data
+        folder = list_images(data.instance_dir, "instance")
+        captions = instance_prompts(folder, data.token, data.resolved_instance_prompt(), data.captions)
+        instance = ImageFolderDataset(folder, data.resolved_instance_prompt(), data.resolution, "instance", data.center_crop, captions)
+        disk = open_latent_cache(data.cache_latents, data.latent_cache_dir, components.vae) if data.latents_cacheable else None
+        self.disk = disk
+        # The plain path (square, no jitter) keeps LatentSource; buckets or colour jitter render views per size.
+        self.augmented = data.buckets or data.color_jitter > 0
+        self.sources = [self._source(instance, components, disk)]
         self.prompts = [data.resolved_instance_prompt()]
         self.with_prior = bool(data.class_dir)
         if self.with_prior:
             class_set = ImageFolderDataset(list_images(data.class_dir, "class"), data.class_prompt, data.resolution, "class", data.center_crop)
-            self.sources.append(LatentSource(class_set, components.vae, data.flip, cache=data.center_crop))
+            self.sources.append(self._source(class_set, components, disk))
             self.prompts.append(data.class_prompt)
+        # Rows index distinct prompts (each encoded once per step): instance prompt, class prompt, then each caption.
+        self.prompts += sorted(set(captions) - set(self.prompts))
+        self.instance_rows = [self.prompts.index(p) for p in captions]
+        if data.buckets:
+            step = 8 * components.vae_scale_factor
+            self.buckets = make_buckets(data.resolution, step, data.bucket_max_ratio)
+            self.plan: SquarePlan | BucketPlan = BucketPlan([nearest_bucket(im.size, self.buckets) for im in instance.images], self.batch_size, data.repeats, self.seed)
+        else:
+            self.plan = SquarePlan(len(instance), data.resolution, self.batch_size, data.repeats, self.seed)
+        if disk is not None:
+            log.info("latent cache %s: %d views read, %d encoded", disk.root, disk.hits, disk.misses)
+
+    def _source(self, dataset: ImageFolderDataset, components: Components, disk: Any) -> Any:
+        if self.augmented:
+            data = self.data
+            encode = functools.partial(encode_latent_stats, components.vae)
+            return AugmentedLatents(dataset, components.vae, encode, data.flip, data.center_crop, data.color_jitter, disk)
+        return LatentSource(dataset, components.vae, self.data.flip, cache=self.data.center_crop, disk=disk)
 
     def draw(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
         """Latents, the prompt row of each example, and the generator for this micro-step's other random draws."""
         # Every random draw of a micro-step comes from a generator seeded by (seed, micro-step, rank): resume is exact.
         position = micro_step * self.world + self.rank
         generator = torch.Generator(device=self.device).manual_seed(self.seed * 7_919 + position)
-        latents, rows = [], []
-        for row, source in enumerate(self.sources):
-            latents.append(source.sample(batch_indices(position, self.batch_size, len(source), self.seed + row), generator))
-            rows += [row] * self.batch_size
+        indices, size = self.plan.batch(position)
+        latents = [self.sources[0].sample(indices, generator, size)]
+        rows = [self.instance_rows[i] for i in indices]
+        if self.data.caption_dropout > 0:
+            # Its own generator, so turning dropout on leaves every other draw of the run unchanged.
+            keep = torch.rand(len(rows), generator=torch.Generator().manual_seed(self.seed * 7_919 + position + 2**40)) >= self.data.caption_dropout
+            rows = [row if kept else 0 for row, kept in zip(rows, keep.tolist())]
+        if self.with_prior:
+            chosen = class_indices(position, self.batch_size, self.data.class_ratio, len(self.sources[1]), self.seed + 1)
+            if chosen:
+                latents.append(self.sources[1].sample(chosen, generator, size))
+                rows += [1] * len(chosen)
         return torch.cat(latents), torch.tensor(rows, device=self.device), generator
 
 
@@ -650,7 +695,9 @@ def _train(
                     log.info("CUDA graph captured in %.1f s", graph_step.capture_seconds)
                 continue
             with accelerator.accumulate(*models), accelerator.autocast():
-                context_fn = (lambda: encode_prompt(text_encoder, input_ids)) if encode_each_step else (lambda: cached_context)  # noqa: E731
+                # Encode each distinct prompt of this step once and index it: gradients still reach every row.
+                used, rows = rows.unique(return_inverse=True)  # with captions, only this step's prompts
+                context_fn = (lambda: encode_prompt(text_encoder, input_ids[used])) if encode_each_step else (lambda: cached_context[used])  # noqa: E731
                 loss, instance_loss, prior_loss = batch_loss(unet, context_fn, rows, noisy, timesteps, target, bsz, cfg.train.prior_weight, weight_dtype, weights)
                 if not torch.isfinite(loss):
                     # A non-finite loss must not reach the weights: skip the step and stop after several in a row.
@@ -813,6 +860,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 RESUME_FREE_KEYS = {
     "train.out", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.sample_every",
     "train.num_samples", "model.attention", "prior.batch_size", "train.compile", "train.report_to", "model.allow_pickle",
+    "data.latent_cache_dir",
 }
 
 

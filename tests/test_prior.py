@@ -45,3 +45,65 @@ def test_class_names_cannot_escape_the_folder() -> None:
     assert "/" not in safe_name("a/b/../c")
     with pytest.raises(ConfigError):
         safe_name("../..")
+
+
+class FaultyPipeline:
+    """The tiny pipeline, except that chosen seeds give a black, a NaN or a repeated image (as a random base model can)."""
+
+    def __init__(self, pipeline, bad: dict[int, str]) -> None:
+        self.pipeline, self.bad = pipeline, bad
+
+    @property
+    def device(self):
+        return self.pipeline.device
+
+    def __call__(self, generator, **kwargs):
+        import numpy as np
+        import torch
+
+        out = self.pipeline(generator=generator, **kwargs)
+        for k, g in enumerate(generator):
+            kind = self.bad.get(g.initial_seed()) or self.bad.get(("any", g.initial_seed() % 2**40))
+            if kind == "black":
+                out.images[k] = 0.0
+            elif kind == "nan":
+                out.images[k] = np.nan
+            elif kind == "copy":
+                out.images[k] = self.pipeline(generator=[torch.Generator().manual_seed(0)], **{**kwargs, "prompt": kwargs["prompt"][:1]}).images[0]
+        return out
+
+
+def test_bad_class_images_are_regenerated_with_recorded_seeds(tmp_path: Path, pipeline) -> None:
+    import numpy as np
+    from PIL import Image
+
+    from dreamlora.prior import find_class_problems, retry_seed
+
+    out = tmp_path / "dog"
+    cfg = PriorConfig(class_name="dog", num_images=5, steps=2, batch_size=5)
+    result = generate_class_images(FaultyPipeline(pipeline, {1: "black", 2: "nan", 3: "copy"}), cfg, 32, out, "tiny")
+    assert result.rejected == (("00001.png", "black"), ("00002.png", "nan"), ("00003.png", "near-duplicate of 00000.png"))
+    assert result.unresolved == () and result.rendered == 8
+    manifest = json.loads((out / "manifest.json").read_text())
+    entries = {e["index"]: e for e in manifest["files"]}
+    for index, reason in ((1, "black"), (2, "nan"), (3, "near-duplicate of 00000.png")):
+        assert entries[index]["seed"] == retry_seed(0, index, 1)
+        assert entries[index]["rejected"] == [{"seed": index, "reason": reason}]
+    assert "rejected" not in entries[0] and find_class_problems(out, {i: e["file"] for i, e in entries.items()}) == {}
+    assert np.asarray(Image.open(out / "00001.png")).mean() > 10
+    # Reproducible: a deleted replacement comes back from the seed the manifest recorded (up to CPU batch-size rounding).
+    original = np.asarray(Image.open(out / "00002.png"), dtype=np.int16)
+    (out / "00002.png").unlink()
+    again = generate_class_images(pipeline, cfg, 32, out, "tiny")
+    assert again.generated == 1 and again.rejected == ()
+    assert np.abs(np.asarray(Image.open(out / "00002.png"), dtype=np.int16) - original).max() <= 2
+
+
+def test_an_image_that_stays_bad_is_reported(tmp_path: Path, pipeline) -> None:
+    from dreamlora.prior import MAX_RETRIES
+
+    out = tmp_path / "dog"
+    result = generate_class_images(FaultyPipeline(pipeline, {("any", 1): "black"}), PriorConfig(class_name="dog", num_images=2, steps=2), 32, out, "tiny")
+    assert result.unresolved == (("00001.png", "black"),) and len(result.rejected) == MAX_RETRIES
+    entry = json.loads((out / "manifest.json").read_text())["files"][1]
+    assert [r["reason"] for r in entry["rejected"]] == ["black"] * MAX_RETRIES

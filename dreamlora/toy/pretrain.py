@@ -270,6 +270,35 @@ def train_vae(vae: AutoencoderKL, cfg: PretrainConfig, generator: torch.Generato
         f"marked dogs rebuilt: dog {world.class_rate(rebuilt, 'dog'):.2f}, mark {world.mark_rate(rebuilt):.2f}")
 
 
+def refine_decoder(
+    vae: AutoencoderKL, steps: int, batch: int, lr: float, generator: torch.Generator, log: Callable[[str], None]
+) -> None:
+    """Train only the decoder on `_codec_images`, the encoder (and so the latent space) frozen.
+
+    Repairs a VAE whose decoder never saw the mark's yellow without touching the latents
+    the UNet was trained on.
+    """
+    vae.requires_grad_(False)
+    trained = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
+    for p in trained:
+        p.requires_grad_(True)
+    optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
+    vae.decoder.train()
+    for step in range(steps):
+        images = _codec_images(batch, generator)
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.mean
+        reconstruction = vae.decode(latents).sample
+        loss = F.mse_loss(reconstruction, images) + 0.1 * F.l1_loss(reconstruction, images)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"decoder step {step}/{steps} loss {loss.item():.5f}")
+    vae.eval()
+    vae.requires_grad_(False)
+
+
 def prompt_table(tokenizer: CLIPTokenizer, device: torch.device) -> torch.Tensor:
     """Token ids (classes, templates, MAX_LENGTH) of every class prompt, plus the empty prompt at [0, -1]."""
     rows = []

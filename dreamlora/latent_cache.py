@@ -1,0 +1,116 @@
+"""On-disk cache of VAE latents: posterior mean and std of each image view, keyed by image content, VAE, size and crop.
+
+An entry is one safetensors file, `<root>/<key[:2]>/<key>.safetensors`, where the key hashes the image file's bytes,
+the VAE identity (its config and a hash of its weights in their dtype), the view size (width, height), the crop
+and whether the view is flipped. Changing any of them gives another key, so stale entries are never read; they are
+only left behind (delete the folder to reclaim the space). Each entry is encoded alone (batch of one) so its value
+does not depend on which other images happened to miss the cache in the same run.
+
+The root is `data.latent_cache_dir` when set, else `$DREAMLORA_CACHE/latents` (default `~/.cache/dreamlora/latents`):
+beside the model cache rather than in the working folder, because entries are keyed by content and so are safe to share
+between projects that use the same photos.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+CACHE_VERSION = 1  # bump when the preprocessing changes what an entry would hold
+
+
+def default_cache_dir() -> Path:
+    root = os.environ.get("DREAMLORA_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "dreamlora")
+    return Path(root) / "latents"
+
+
+def file_digest(path: Path) -> str:
+    """SHA-256 of a file's bytes: the image content part of a cache key."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@torch.no_grad()
+def vae_identity(vae: torch.nn.Module) -> str:
+    """A hash of the VAE's config and weights (names, dtypes, shapes, values): the model part of a cache key."""
+    digest = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
+    for name, tensor in sorted(vae.state_dict().items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+class LatentDiskCache:
+    """Posterior statistics of image views by key; counts hits and misses (encodes) for reports and tests."""
+
+    def __init__(self, root: Path | str, vae_id: str) -> None:
+        self.root, self.vae_id = Path(root), vae_id
+        self.hits = self.misses = 0
+
+    def key(self, content: str, size: tuple[int, int], crop: str, flipped: bool) -> str:
+        parts = {"version": CACHE_VERSION, "image": content, "vae": self.vae_id, "size": list(size), "crop": crop, "flip": flipped}
+        return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()
+
+    def path(self, key: str) -> Path:
+        return self.root / key[:2] / f"{key}.safetensors"
+
+    def load(self, key: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+        from safetensors.torch import load_file
+
+        path = self.path(key)
+        if not path.is_file():
+            return None
+        try:
+            tensors = load_file(path)
+            return tensors["mean"], tensors["std"]
+        except Exception as error:  # noqa: BLE001 - a damaged entry is a miss, rewritten below
+            log.warning("latent cache entry %s is unreadable (%s); encoding again", path, error)
+            return None
+
+    def save(self, key: str, mean: torch.Tensor, std: torch.Tensor) -> None:
+        from safetensors.torch import save
+
+        from dreamlora.checkpoint import write_atomic
+
+        data = save({"mean": mean.detach().float().cpu().contiguous(), "std": std.detach().float().cpu().contiguous()}, metadata={"format": "pt", "version": str(CACHE_VERSION)})
+        write_atomic(self.path(key), data)
+
+    def get_or_encode(
+        self,
+        keys: list[str],
+        pixels: Callable[[int], torch.Tensor],
+        encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stacked (N, C, h, w) means and stds for `keys`; a miss encodes `pixels(i)` (CHW in [-1, 1]) alone and stores it."""
+        means, stds = [], []
+        for i, key in enumerate(keys):
+            entry = self.load(key)
+            if entry is None:
+                self.misses += 1
+                mean, std = encode(pixels(i).unsqueeze(0))
+                entry = (mean[0].float().cpu(), std[0].float().cpu())
+                self.save(key, *entry)
+            else:
+                self.hits += 1
+            means.append(entry[0])
+            stds.append(entry[1])
+        return torch.stack(means), torch.stack(stds)
+
+
+def open_latent_cache(cache_latents: bool, cache_dir: str, vae: torch.nn.Module) -> LatentDiskCache | None:
+    """The disk cache a run uses, or None when `data.cache_latents` is off."""
+    if not cache_latents:
+        return None
+    root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+    return LatentDiskCache(root, vae_identity(vae))
