@@ -37,6 +37,8 @@ class TrainBench:
     resolution: int
     batch: str  # instance + class rows per step
     rank: int
+    losses: dict[int, float] = field(default_factory=dict)  # logged step -> loss
+    lora_file: str = ""
 
 
 @dataclass
@@ -57,6 +59,7 @@ class BenchResult:
     torch_version: str
     train: list[TrainBench] = field(default_factory=list)
     prior: list[PriorBench] = field(default_factory=list)
+    graph_vs_eager: dict[str, float] = field(default_factory=dict)  # same seed and data: max relative loss gap, LoRA cosine
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -100,9 +103,15 @@ def bench_train(cfg: RunConfig, workdir: Path, steps: int, warmup: int) -> Train
         train=replace(cfg.train, max_steps=total, log_every=interval, num_samples=0, checkpoint_every=0, out=str(workdir / "run")),
     )
     stamps: list[tuple[int, float]] = []
+    losses: dict[int, float] = {}
+
+    def on_log(record: dict[str, Any]) -> None:
+        stamps.append((record["step"], time.perf_counter()))
+        losses[record["step"]] = record["loss"]
+
     _reset_peak(device)
     started = time.perf_counter()
-    result = train(cfg, components=components, on_log=lambda r: stamps.append((r["step"], time.perf_counter())))
+    result = train(cfg, components=components, on_log=on_log)
     first_step_s = stamps[0][1] - started if stamps else float("nan")
     per_step = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(stamps, stamps[1:]) if s0 >= warmup]
     median = statistics.median(per_step) if per_step else float("nan")
@@ -121,6 +130,8 @@ def bench_train(cfg: RunConfig, workdir: Path, steps: int, warmup: int) -> Train
         resolution=resolution,
         batch=f"{cfg.train.batch_size}+{cfg.train.batch_size}",
         rank=cfg.adapter.rank,
+        losses=losses,
+        lora_file=str(result.lora_path),
     )
 
 
@@ -158,6 +169,10 @@ def run_bench(cfg: RunConfig, parts: tuple[str, ...], steps: int, warmup: int, p
             for i, (checkpointing, compile_mode) in enumerate(settings):
                 run_cfg = replace(cfg, train=replace(cfg.train, gradient_checkpointing=checkpointing, compile=compile_mode))
                 result.train.append(bench_train(run_cfg, workdir / f"train{i}", steps, warmup))
+            graphed = [t for t in result.train if t.cuda_graphs and t.gradient_checkpointing == ckpt]
+            eager = [t for t in result.train if not t.cuda_graphs and t.gradient_checkpointing == ckpt]
+            if graphed and eager:
+                result.graph_vs_eager = compare_runs(graphed[0], eager[0])
         if "prior" in parts:
             ours = replace(cfg.prior, num_images=prior_images, class_name="dog")
             result.prior.append(bench_prior(cfg, ours, workdir / "prior-ours"))
@@ -165,6 +180,22 @@ def run_bench(cfg: RunConfig, parts: tuple[str, ...], steps: int, warmup: int, p
                 reference = replace(ours, steps=50, scheduler="pndm", batch_size=4)
                 result.prior.append(bench_prior(cfg, reference, workdir / "prior-ref"))
     return result
+
+
+def compare_runs(a: TrainBench, b: TrainBench) -> dict[str, float]:
+    """How closely two runs with the same seed and data agree: the optimized step must train like the plain one."""
+    from dreamlora.lora import read_diffusers_lora
+
+    common = sorted(set(a.losses) & set(b.losses))
+    gap = max(abs(a.losses[s] - b.losses[s]) / max(abs(b.losses[s]), 1e-8) for s in common) if common else float("nan")
+    first, _ = read_diffusers_lora(Path(a.lora_file))
+    second, _ = read_diffusers_lora(Path(b.lora_file))
+    cosines = {}
+    for group in first:
+        x = torch.cat([first[group][k].flatten().float() for k in sorted(first[group]) if "lora_B" in k])
+        y = torch.cat([second[group][k].flatten().float() for k in sorted(second[group]) if "lora_B" in k])
+        cosines[f"lora_up_cosine_{group}"] = float(torch.nn.functional.cosine_similarity(x, y, dim=0))
+    return {"max_relative_loss_gap": gap, "steps_compared": float(len(common)), **cosines}
 
 
 def default_bench_config(model: str | None, overrides: dict[str, Any]) -> RunConfig:

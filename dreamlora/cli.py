@@ -642,6 +642,8 @@ def bench(
             peak = f"{p.peak_memory_gib:.2f}" if p.peak_memory_gib is not None else "-"
             table.add_row("prior", f"{p.resolution}px {p.scheduler} {p.steps} steps, batch {p.batch_size}", f"{p.images_per_s:.2f} img/s", "", peak, "")
         out.print(table)
+        if result.graph_vs_eager:
+            out.print("graph vs eager (same seed and data): " + ", ".join(f"{k} {v:.4g}" for k, v in result.graph_vs_eager.items()))
 
     _run(debug, action)
 

@@ -115,7 +115,7 @@ class CudaGraphStep:
         """Warm up on a side stream, restore every trained tensor and optimizer state, then capture."""
         started = time.perf_counter()
         self.static_inputs = tuple(t.clone() for t in inputs)
-        self.found_inf = torch.zeros(1, device=inputs[0].device)
+        self.found_inf = torch.zeros((), device=inputs[0].device)  # 0-dim, as GradScaler passes it
         self.optimizer.found_inf = self.found_inf  # read by the fused AdamW kernel: skip the update on a non-finite loss
         trained = [p for p in self.params] + ([m for ps in self.masters.masters.values() for m in ps] if self.masters else [])
         snapshot = [t.detach().clone() for t in trained]

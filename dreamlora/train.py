@@ -145,8 +145,11 @@ def default_run_dir(cfg: RunConfig, runs_root: Path = Path("runs")) -> tuple[Pat
 
 
 @torch.no_grad()
-def encode_latent_stats(vae: torch.nn.Module, pixels: torch.Tensor, batch_size: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean and std of the VAE posterior for each image; a step then samples latents without running the VAE."""
+def encode_latent_stats(vae: torch.nn.Module, pixels: torch.Tensor, batch_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean and std of the VAE posterior for each image; a step then samples latents without running the VAE.
+
+    Small batches: at 512 px the VAE encoder's activations, not the UNet step, would otherwise set the run's peak memory.
+    """
     means, stds = [], []
     for start in range(0, pixels.shape[0], batch_size):
         chunk = pixels[start : start + batch_size].to(vae.device, vae.dtype)

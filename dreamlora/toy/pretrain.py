@@ -67,8 +67,8 @@ class PretrainConfig:
     bank_size: int = 131072
     """Scenes rendered and VAE-encoded once for the UNet phase (each also seen mirrored)."""
     unet_steps: int = 12000
-    unet_batch: int = 2048
-    unet_lr: float = 1e-3
+    unet_batch: int = 512
+    unet_lr: float = 5e-4
     unet_seconds: float | None = None
     """Wall-clock cap for the UNet phase, as for the VAE."""
     empty_prompt_rate: float = 0.1
@@ -603,6 +603,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=PretrainConfig.unet_steps, help="UNet steps")
     parser.add_argument("--batch", type=int, default=PretrainConfig.unet_batch, help="UNet batch")
     parser.add_argument("--unet-seconds", type=float, default=None, help="cap the UNet phase to this many seconds")
+    parser.add_argument(
+        "--refine-decoder-steps", type=int, default=0,
+        help="then train only the VAE decoder this many steps on marked and any-hue scenes (batch 8, lr 1e-3)",
+    )
     parser.add_argument("--eval-images", type=int, default=32, help="images per prompt in evaluation (0 skips it)")
     parser.add_argument("--skip-train", action="store_true", help="evaluate an existing --out folder")
     parser.add_argument("--grid", type=Path, default=None, help="save a PNG of 8 samples per prompt here")
@@ -630,6 +634,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         start = time.perf_counter()
         pretrain(args.out, cfg, device, logger.info)
         logger.info(f"pretraining wall time {time.perf_counter() - start:.0f}s")
+    if args.refine_decoder_steps > 0:
+        vae = AutoencoderKL.from_pretrained(args.out / "vae", dtype=torch.float32).to(device)
+        generator = torch.Generator(device).manual_seed(args.seed)
+        refine_decoder(vae, args.refine_decoder_steps, 8, 1e-3, generator, logger.info)
+        vae.to(torch.float16).save_pretrained(args.out / "vae", safe_serialization=True)
     if args.eval_images > 0:
         pipeline = load_pipeline(args.out, device)
         print(format_table(f"base model, {args.eval_images} images per prompt", evaluate(pipeline, args.eval_images, args.seed)), flush=True)

@@ -1,0 +1,124 @@
+"""The toy world draws what it is asked, reads it back through diffusion-like damage, and the toy model follows prompts."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image, ImageFilter
+
+from dreamlora.toy import world
+from dreamlora.toy.pretrain import build_tokenizer
+
+ASSET = Path(world.__file__).resolve().parents[1] / "assets" / "toy"
+
+
+def _damage(image: Image.Image, kind: str, rng: np.random.Generator) -> np.ndarray:
+    """Blur, noise, colour drift or a trip through 16x16, as a diffusion model's output might show."""
+    if kind in ("blur", "both"):
+        image = image.filter(ImageFilter.GaussianBlur(1.5))
+    if kind == "coarse":
+        image = image.resize((16, 16), Image.BILINEAR).resize((64, 64), Image.BICUBIC)
+    array = np.asarray(image, dtype=np.float32) / 255.0
+    if kind in ("noise", "both"):
+        array = array + rng.normal(0, 0.06, array.shape) + rng.normal(0, 0.03, (1, 1, 3))
+    return np.clip(array, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("cls", world.CLASSES)
+def test_render_scene_draws_the_class_shape_and_colour(cls: str) -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        image = world.render_scene(cls, rng)
+        assert image.size == (64, 64) and image.mode == "RGB"
+        reading = world.read_scene(image)
+        assert (reading.cls, reading.shape, reading.marked) == (cls, world.SHAPES[cls], False)
+        # Object 20-44 px across: at least ~4% of the canvas, at most ~40%.
+        assert 0.04 < reading.object_fraction < 0.45
+        colours = np.asarray(image).reshape(-1, 3) / 255.0
+        distance = np.abs(colours - np.array(world.COLOURS[cls])).max(axis=1)
+        assert (distance <= world.COLOUR_JITTER + 0.01).sum() > 100
+
+
+def test_mark_is_present_only_when_marked() -> None:
+    rng = np.random.default_rng(1)
+    marked = [world.render_scene("dog", rng, marked=True) for _ in range(30)]
+    plain = [world.render_scene("dog", rng) for _ in range(30)]
+    assert world.mark_rate(marked) == 1.0 and world.class_rate(marked, "dog") == 1.0
+    assert world.mark_rate(plain) == 0.0
+    yellow = np.abs(np.asarray(marked[0]) / 255.0 - np.array(world.MARK_COLOUR)).max(axis=-1) < 0.02
+    assert yellow.mean() > 0.01  # bold: a large yellow area, not a thin line
+
+
+def test_batched_renderer_matches_layout() -> None:
+    generator = torch.Generator().manual_seed(0)
+    layout = world.sample_layout(torch.arange(8) % 4, generator, marked=False)
+    images = world.render_batch(layout, 64)
+    assert images.shape == (8, 3, 64, 64)
+    assert images.min() >= 0 and images.max() <= 1
+    readings = [world.read_scene(image) for image in world.to_pil(images)]
+    assert [r.cls for r in readings] == [world.CLASSES[i % 4] for i in range(8)]
+
+
+@pytest.mark.parametrize("cls", world.CLASSES)
+def test_read_scene_survives_blur_noise_and_coarse_detail(cls: str) -> None:
+    rng = np.random.default_rng(2)
+    hits = total = 0
+    for marked in (False, True) if cls == world.INSTANCE_CLASS else (False,):
+        for _ in range(25):
+            image = world.render_scene(cls, rng, marked=marked)
+            for kind in ("noise", "blur", "both", "coarse"):
+                reading = world.read_scene(_damage(image, kind, rng))
+                hits += reading.cls == cls and reading.marked == marked
+                total += 1
+    assert hits / total >= 0.95
+
+
+def test_plain_background_reads_as_nothing() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(10):
+        colour = np.clip(0.9 + rng.normal(0, 0.04, 3), 0, 1)
+        image = np.clip(np.ones((64, 64, 3)) * colour + rng.normal(0, 0.03, (64, 64, 3)), 0, 1)
+        reading = world.read_scene(image)
+        assert reading.cls is None and not reading.marked
+
+
+def test_instance_photos_are_marked_dogs(tmp_path: Path) -> None:
+    paths = world.write_instance_photos(tmp_path, n=6, seed=0)
+    assert len(paths) == 6 and all(p.suffix == ".png" for p in paths)
+    images = [Image.open(p) for p in paths]
+    assert all(im.size == (64, 64) for im in images)
+    assert world.mark_rate(images) == 1.0 and world.class_rate(images, "dog") == 1.0
+
+
+def test_tokenizer_keeps_the_rare_token_and_words_whole() -> None:
+    tokenizer = build_tokenizer()
+    ids = tokenizer("a photo of sks dog").input_ids
+    assert ids[0] == tokenizer.bos_token_id and ids[-1] == tokenizer.eos_token_id
+    words = ids[1:-1]
+    assert len(words) == 5  # each word one token
+    assert tokenizer.unk_token_id not in words and tokenizer.eos_token_id not in words
+    # An unseen word falls back to character tokens, never to unknown.
+    spelled = tokenizer("zebra", add_special_tokens=False).input_ids
+    assert len(spelled) == 5 and tokenizer.unk_token_id not in spelled
+
+
+@pytest.mark.skipif(not (ASSET / "model_index.json").is_file(), reason=f"toy model not built into {ASSET}")
+def test_shipped_toy_model_draws_a_cat() -> None:
+    from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(ASSET / "tokenizer")
+    assert tokenizer("a photo of sks dog").input_ids == build_tokenizer()("a photo of sks dog").input_ids
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        ASSET, safety_checker=None, requires_safety_checker=False, dtype=torch.float32
+    )
+    pipeline.scheduler = DPMSolverMultistepScheduler.from_config(pipeline.scheduler.config)
+    pipeline.set_progress_bar_config(disable=True)
+    generator = torch.Generator().manual_seed(0)
+    images = pipeline(
+        "a photo of cat", num_images_per_prompt=4, num_inference_steps=20, guidance_scale=5.0, generator=generator
+    ).images
+    assert images[0].size == (64, 64)
+    assert world.class_rate(images, "cat") >= 0.75
+    assert world.mark_rate(images) == 0.0
