@@ -1,4 +1,4 @@
-# make demo: the whole pipeline on the built-in model, about a minute on CPU.
+# make demo: the whole pipeline on the built-in toy model (a few minutes on CPU), ending with demo-out/demo.png.
 # make test: the test suite (CPU, a few minutes).
 PYTHON ?= python3.11
 VENV := .venv
@@ -17,7 +17,7 @@ $(BIN)/dreamlora: pyproject.toml
 install: $(BIN)/dreamlora
 
 demo: install
-	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/python -m dreamlora.demo
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-2} $(BIN)/dreamlora demo
 
 test: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q

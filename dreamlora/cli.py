@@ -648,6 +648,43 @@ def bench(
     _run(debug, action)
 
 
+@app.command()
+def demo(
+    out_dir: Annotated[Path, typer.Option("--out", help="New folder for the demo (a suffix is added if it exists).")] = Path("demo-out"),
+    debug: Debug = False,
+) -> None:
+    """The whole pipeline on the built-in toy model and the sample photos, ending with a base-vs-trained picture."""
+    import contextlib
+
+    from dreamlora.demo import TOY_RECIPE, evaluate, prepare_folder
+
+    _setup_logging(debug)
+    folder = prepare_folder(out_dir)
+    recipe = str(TOY_RECIPE)
+    console.print(f"[bold]demo folder:[/] {folder} (sample photos in {folder / 'dog'})")
+    with contextlib.chdir(folder):
+        console.rule("dreamlora prior --class dog")
+        prior(class_name="dog", model="toy", config=Path(recipe), debug=debug)
+        console.rule("dreamlora train --instance ./dog --token sks")
+        train(instance="./dog", token="sks", model="toy", config=Path(recipe), debug=debug)
+        console.rule("dreamlora export --format a1111")
+        export(fmt="a1111", debug=debug)
+        console.rule("base vs trained")
+        result = _run(debug, lambda: evaluate(Path("runs") / "sks-dog", Path("demo.png")))
+    table = Table(title="what the toy world's reader sees (16 images per prompt, same seeds)", title_justify="left")
+    for column in ("prompt", "mark (base -> LoRA)", "right class (base -> LoRA)"):
+        table.add_column(column)
+    for score in result.scores:
+        table.add_row(score.prompt, f"{score.base_mark_rate:.0%} -> {score.trained_mark_rate:.0%}", f"{score.base_class_rate:.0%} -> {score.trained_class_rate:.0%}")
+    out.print(table)
+    written = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and "dog" != p.parent.name and "priors" not in p.parts)
+    _summary("demo wrote", [
+        ("folder", folder), ("class images", f"{len(list((folder / 'priors' / 'dog').glob('*.png')))} in priors/dog/"),
+        ("run", folder / "runs" / "sks-dog"), ("A1111 LoRA", next((folder / "exports").glob("*.safetensors"), "-")),
+        ("picture", folder / "demo.png"), ("files", len(written)),
+    ])
+
+
 def _parse_lora(item: str, default_scale: float) -> tuple[Path, float]:
     path, sep, value = item.rpartition(":")
     if sep and path and not Path(item).exists():
