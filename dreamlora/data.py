@@ -111,12 +111,36 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def random_crop(self, index: int, generator: torch.Generator) -> torch.Tensor:
         """A random square crop of image `index` at the training resolution."""
+        return to_tensor(resize_and_crop(self.images[index], self.resolution, self.random_crop_box(index, generator)))
+
+    def resized_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of image `index` after its shorter side is scaled to the training resolution."""
         image = self.images[index]
         scale = self.resolution / min(image.size)
-        width, height = max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale))
+        return max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale))
+
+    def random_crop_box(self, index: int, generator: torch.Generator) -> tuple[int, int]:
+        """(left, top) of a random square crop of the resized image `index`."""
+        width, height = self.resized_size(index)
         left = int(torch.randint(0, width - self.resolution + 1, (1,), generator=generator))
         top = int(torch.randint(0, height - self.resolution + 1, (1,), generator=generator))
-        return to_tensor(resize_and_crop(image, self.resolution, (left, top)))
+        return left, top
+
+    def center_crop_box(self, index: int) -> tuple[int, int]:
+        """(left, top) of the centre crop, as `resize_and_crop` takes it."""
+        width, height = self.resized_size(index)
+        return (width - self.resolution) // 2, (height - self.resolution) // 2
+
+    def size_conditioning(self, index: int, crop_box: tuple[int, int], flipped: bool = False) -> torch.Tensor:
+        """SDXL's six size numbers for one example: original (height, width), crop (top, left), target (height, width).
+
+        The crop offset is in the resized image, as SDXL was trained; a flipped example's crop is mirrored.
+        """
+        image = self.images[index]
+        left, top = crop_box
+        if flipped:
+            left = self.resized_size(index)[0] - left - self.resolution
+        return torch.tensor([image.height, image.width, top, left, self.resolution, self.resolution], dtype=torch.float32)
 
 
 def collate_dreambooth(instance: list[dict], class_examples: list[dict]) -> dict:

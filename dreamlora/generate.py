@@ -74,7 +74,7 @@ def comparison_grid(components: Components, prompts: list[str], n: int, seed: in
     seeds = list(range(seed, seed + n))
     rows, labels = [], []
     for prompt in prompts:
-        with adapters_disabled([components.unet, components.text_encoder]):
+        with adapters_disabled([components.unet, *components.text_encoders.values()]):
             rows.append(generate_images(pipeline, prompt, seeds, steps, guidance, resolution))
         labels.append(f"base: {prompt}")
         rows.append(generate_images(pipeline, prompt, seeds, steps, guidance, resolution))

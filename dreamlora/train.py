@@ -17,10 +17,10 @@ import torch.nn.functional as F
 from dreamlora import __version__
 from dreamlora import checkpoint as ckpt
 from dreamlora.config import RunConfig, replace, to_toml
-from dreamlora.data import ImageFolderDataset, batch_indices, list_images
+from dreamlora.data import ImageFolderDataset, batch_indices, list_images, resize_and_crop, to_tensor
 from dreamlora.errors import ConfigError, TrainingError
 from dreamlora.lora import adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, save_diffusers_lora, trainable_parameters
-from dreamlora.models import Components, encode_prompt, load_components, public_model_ref, resolve_precision, select_attention, tokenize
+from dreamlora.models import Components, encode_prompts, load_components, public_model_ref, resolve_precision, select_attention, tokenize_all
 from dreamlora.prior import MANIFEST, read_prior_set, safe_name
 
 log = logging.getLogger(__name__)
@@ -127,8 +127,21 @@ def encode_latent_stats(vae: torch.nn.Module, pixels: torch.Tensor, batch_size: 
     return torch.cat(means), torch.cat(stds)
 
 
+def check_latents(means: torch.Tensor, vae: torch.nn.Module, where: str) -> None:
+    """Refuse NaN/inf latents at once: a VAE overflowing in fp16 (SDXL's does) would otherwise train on garbage."""
+    bad = int((~torch.isfinite(means.flatten(1))).any(dim=1).sum())
+    if bad:
+        raise ConfigError(
+            f"the VAE gave NaN/inf latents for {bad} of {means.shape[0]} images of {where} (VAE in {str(vae.dtype).replace('torch.', '')}); "
+            "SDXL's VAE overflows in fp16: use --precision bf16 or fp32, or a VAE made for fp16 with --vae (e.g. madebyollin/sdxl-vae-fp16-fix)"
+        )
+
+
 class LatentSource:
-    """Latents of one image folder: cached posterior statistics (and their flips), or encoded per step for random crops."""
+    """Latents of one image folder: cached posterior statistics (and their flips), or encoded per step for random crops.
+
+    Each example also carries its size conditioning (original size, crop offset, target size) for SDXL.
+    """
 
     def __init__(self, dataset: ImageFolderDataset, vae: torch.nn.Module, flip: bool, cache: bool) -> None:
         self.dataset, self.vae, self.flip, self.cache = dataset, vae, flip, cache
@@ -140,23 +153,44 @@ class LatentSource:
             stats = [encode_latent_stats(vae, view) for view in views]
             self.means = torch.stack([s[0] for s in stats])  # (views, N, C, h, w)
             self.stds = torch.stack([s[1] for s in stats])
+            check_latents(self.means.flatten(0, 1), vae, f"'{dataset.folder.root}'")
+            boxes = [dataset.center_crop_box(i) for i in range(len(dataset))]
+            self.size_ids = torch.stack([torch.stack([dataset.size_conditioning(i, boxes[i], flipped=v == 1) for i in range(len(dataset))]) for v in range(len(views))])
 
     def __len__(self) -> int:
         return len(self.dataset)
 
     def sample(self, indices: list[int], generator: torch.Generator) -> torch.Tensor:
+        return self.sample_with_sizes(indices, generator)[0]
+
+    def sample_with_sizes(self, indices: list[int], generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents of the examples `indices` and their size conditioning, shape (len(indices), 6)."""
         device = generator.device
         flips = torch.randint(0, 2, (len(indices),), generator=generator, device=device) if self.flip else torch.zeros(len(indices), dtype=torch.long, device=device)
         if self.cache:
             index = torch.tensor(indices, device=self.means.device)
             mean = self.means[flips.to(self.means.device), index]
             std = self.stds[flips.to(self.means.device), index]
+            sizes = self.size_ids[flips.cpu(), index.cpu()]
         else:
-            pixels = torch.stack([self.dataset.random_crop(i, torch.Generator().manual_seed(int(generator.initial_seed()) + i)) for i in indices])
+            boxes = [self.dataset.random_crop_box(i, torch.Generator().manual_seed(int(generator.initial_seed()) + i)) for i in indices]
+            pixels = torch.stack([to_tensor(resize_and_crop(self.dataset.images[i], self.dataset.resolution, box)) for i, box in zip(indices, boxes)])
             pixels = torch.where(flips.cpu().view(-1, 1, 1, 1).bool(), pixels.flip(-1), pixels)
             mean, std = encode_latent_stats(self.vae, pixels)
+            check_latents(mean, self.vae, f"'{self.dataset.folder.root}'")
+            sizes = torch.stack([self.dataset.size_conditioning(i, box, flipped=bool(f)) for i, box, f in zip(indices, boxes, flips.tolist())])
         eps = torch.randn(mean.shape, generator=generator, device=device)
-        return ((mean.to(device) + std.to(device) * eps) - self.shift) * self.scaling
+        return ((mean.to(device) + std.to(device) * eps) - self.shift) * self.scaling, sizes.to(device)
+
+
+@dataclass
+class DrawnBatch:
+    """One micro-step's examples: instance rows first, then class rows."""
+
+    latents: torch.Tensor
+    rows: torch.Tensor  # the prompt of each example (0: instance, 1: class)
+    size_ids: torch.Tensor  # (examples, 6) SDXL size conditioning
+    generator: torch.Generator  # for the micro-step's other random draws
 
 
 class DreamBoothBatches:
@@ -176,19 +210,26 @@ class DreamBoothBatches:
 
     def draw(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
         """Latents, the prompt row of each example, and the generator for this micro-step's other random draws."""
+        batch = self.draw_batch(micro_step)
+        return batch.latents, batch.rows, batch.generator
+
+    def draw_batch(self, micro_step: int) -> DrawnBatch:
+        """The micro-step's latents, prompt rows and size conditioning."""
         # Every random draw of a micro-step comes from a generator seeded by (seed, micro-step, rank): resume is exact.
         position = micro_step * self.world + self.rank
         generator = torch.Generator(device=self.device).manual_seed(self.seed * 7_919 + position)
-        latents, rows = [], []
+        latents, rows, sizes = [], [], []
         for row, source in enumerate(self.sources):
-            latents.append(source.sample(batch_indices(position, self.batch_size, len(source), self.seed + row), generator))
+            sampled, size_ids = source.sample_with_sizes(batch_indices(position, self.batch_size, len(source), self.seed + row), generator)
+            latents.append(sampled)
+            sizes.append(size_ids)
             rows += [row] * self.batch_size
-        return torch.cat(latents), torch.tensor(rows, device=self.device), generator
+        return DrawnBatch(torch.cat(latents), torch.tensor(rows, device=self.device), torch.cat(sizes), generator)
 
 
 def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, device: torch.device) -> torch.optim.Optimizer:
     """AdamW with one parameter group (and learning rate) per trained model; fused kernels on CUDA."""
-    lrs = {"unet": cfg.train.lr, "text_encoder": cfg.train.resolved_text_encoder_lr}
+    lrs = {"unet": cfg.train.lr, "text_encoder": cfg.train.resolved_text_encoder_lr, "text_encoder_2": cfg.train.resolved_text_encoder_lr}
     return torch.optim.AdamW(
         [{"params": params, "lr": lrs[name]} for name, params in groups.items()],
         betas=(0.9, 0.999),
@@ -217,7 +258,16 @@ def _enable_checkpointing(components: Components, train_text_encoder: bool) -> N
 
     components.unet.enable_gradient_checkpointing(functools.partial(checkpoint, use_reentrant=False))
     if train_text_encoder:
-        components.text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        for text_encoder in components.text_encoders.values():
+            text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+
+
+def prepare_vae(components: Components, weight_dtype: torch.dtype) -> None:
+    """Encode latents in fp32 where the family's VAE overflows in fp16 (SDXL), unless the VAE is one made for fp16."""
+    vae = components.vae
+    if weight_dtype == torch.float16 and not components.family.vae_fp16_safe and getattr(vae.config, "force_upcast", True):
+        log.info("the %s VAE overflows in fp16: encoding latents in fp32 (pass --vae with an fp16-safe VAE to skip this)", components.family.name)
+        vae.to(torch.float32)
 
 
 def check_gradients(groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, float]:
@@ -250,6 +300,7 @@ def _run_info(cfg: RunConfig, components: Components, run_dir: Path, steps: int,
         "rank": cfg.adapter.rank,
         "alpha": cfg.adapter.resolved_alpha,
         "train_text_encoder": cfg.adapter.train_text_encoder,
+        "unet_layout": {key: components.unet.config[key] for key in ("layers_per_block", "down_block_types", "up_block_types")},
         "seed": cfg.train.seed,
         "dreamlora_version": __version__,
         "status": status,
@@ -268,38 +319,42 @@ def train(
     device = accelerator.device
     torch.manual_seed(cfg.train.seed)  # adapter initialisation
     if components is None:
-        components = load_components(cfg.model.name, dtype=weight_dtype, device=device, allow_pickle=cfg.model.allow_pickle)
+        components = load_components(cfg.model.name, dtype=weight_dtype, device=device, allow_pickle=cfg.model.allow_pickle, vae=cfg.model.vae)
     if not cfg.data.resolution:
         cfg = replace(cfg, data=replace(cfg.data, resolution=components.native_resolution))
     unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
     attention = select_attention(components, cfg.model.attention, device)
     vae.requires_grad_(False)
     train_te = cfg.adapter.train_text_encoder
-    attach_adapters(unet, text_encoder, cfg.adapter)
+    text_encoder_2 = components.text_encoder_2  # SDXL's second text encoder; None for one-encoder families
+    attach_adapters(unet, text_encoder, cfg.adapter, text_encoder_2)
+    prepare_vae(components, weight_dtype)
     if cfg.train.gradient_checkpointing:
         _enable_checkpointing(components, train_te)
 
     # Data: instance and class latents cached once (each image and its flip), prompts tokenized once.
     batches = DreamBoothBatches(cfg, components, device, accelerator.num_processes, accelerator.process_index)
     with_prior = batches.with_prior
-    input_ids = tokenize(components.tokenizer, batches.prompts).to(device)
+    input_ids = [ids.to(device) for ids in tokenize_all(components, batches.prompts)]  # one tensor per tokenizer (SDXL: two)
     if not train_te:
         with torch.no_grad():
-            cached_context = encode_prompt(text_encoder, input_ids)
+            cached_embeddings = encode_prompts(components, input_ids)
 
-    # Optimizer: separate groups (and learning rates) for UNet and text encoder.
+    # Optimizer: separate groups (and learning rates) for UNet and each text encoder.
     groups = {"unet": trainable_parameters(unet)}
     if train_te:
-        groups["text_encoder"] = trainable_parameters(text_encoder)
+        groups.update({name: trainable_parameters(encoder) for name, encoder in components.text_encoders.items()})
     optimizer = make_optimizer(groups, cfg, device)
     from diffusers.optimization import get_scheduler
 
     lr_scheduler = get_scheduler(cfg.train.lr_scheduler, optimizer, num_warmup_steps=cfg.train.warmup_steps, num_training_steps=cfg.train.max_steps)
-    models = [unet, text_encoder] if train_te else [unet]
+    text_encoders = list(components.text_encoders.values())
+    models = [unet, *text_encoders] if train_te else [unet]
     prepared = accelerator.prepare(*models, optimizer)
     unet = prepared[0]
     if train_te:
         text_encoder = prepared[1]
+        text_encoders = list(prepared[1:-1])  # wrapped for training, in the family's order
     optimizer = prepared[-1]
 
     # Run folder: created by the main process, its path shared with the others.
@@ -309,7 +364,7 @@ def train(
         run_dir = ckpt.create_run_dir(path, auto) if accelerator.is_main_process else path
         run_dir = _broadcast_path(accelerator, run_dir)
     if resume_from is not None:
-        start_step = _restore(resume_from, accelerator, unet, text_encoder, optimizer, lr_scheduler)
+        start_step = _restore(resume_from, accelerator, unet, text_encoder, optimizer, lr_scheduler, text_encoder_2)
         if accelerator.is_main_process:
             _truncate_metrics(run_dir / ckpt.METRICS_FILE, start_step)
     if accelerator.is_main_process:
@@ -319,7 +374,7 @@ def train(
     def unwrapped() -> dict[str, torch.nn.Module]:
         out = {"unet": accelerator.unwrap_model(unet)}
         if train_te:
-            out["text_encoder"] = accelerator.unwrap_model(text_encoder)
+            out.update({name: accelerator.unwrap_model(encoder) for name, encoder in zip(components.text_encoders, text_encoders)})
         return out
 
     def write_lora(folder: Path) -> Path:
@@ -338,16 +393,20 @@ def train(
     unet.train()
     for step in range(start_step, cfg.train.max_steps):
         for micro in range(accum):
-            latents, rows, generator = batches.draw(step * accum + micro)
+            batch = batches.draw_batch(step * accum + micro)
+            latents, rows, generator = batch.latents, batch.rows, batch.generator
             noise = torch.randn(latents.shape, generator=generator, device=device)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             target = diffusion_target(noise_scheduler, latents, noise, timesteps)
             with accelerator.accumulate(*models), accelerator.autocast():
                 # Encode each distinct prompt once and index it: gradients still reach every row.
-                context = encode_prompt(text_encoder, input_ids) if train_te else cached_context
-                context = context[rows]
-                pred = unet(noisy.to(weight_dtype), timesteps, context.to(weight_dtype)).sample
+                embeddings = (encode_prompts(components, input_ids, text_encoders) if train_te else cached_embeddings).select(rows)
+                context = embeddings.context
+                # SDXL also conditions on the pooled prompt and each image's size and crop; other families add nothing.
+                added = components.family.added_conditioning(embeddings, batch.size_ids)
+                added = {k: v.to(weight_dtype) for k, v in added.items()} if added else None
+                pred = unet(noisy.to(weight_dtype), timesteps, context.to(weight_dtype), added_cond_kwargs=added).sample
                 loss, instance_loss, prior_loss = dreambooth_loss(pred, target, bsz, cfg.train.prior_weight)
                 if not torch.isfinite(loss):
                     # A non-finite loss must not reach the weights: skip the step and stop after several in a row.
@@ -421,13 +480,16 @@ def _broadcast_path(accelerator: Any, path: Path) -> Path:
     return Path(holder[0])
 
 
-def _restore(folder: Path, accelerator: Any, unet: Any, text_encoder: Any, optimizer: Any, lr_scheduler: Any) -> int:
+def _restore(folder: Path, accelerator: Any, unet: Any, text_encoder: Any, optimizer: Any, lr_scheduler: Any, text_encoder_2: Any = None) -> int:
     """Load LoRA weights, optimizer, LR schedule and scaler from a checkpoint; return its step."""
     from dreamlora.lora import read_diffusers_lora
 
     state = ckpt.load_checkpoint_state(folder)
     state_dicts, metadata = read_diffusers_lora(folder / ckpt.LORA_DIR)
-    load_adapters({"unet": accelerator.unwrap_model(unet), "text_encoder": accelerator.unwrap_model(text_encoder)}, state_dicts, metadata)
+    models = {"unet": accelerator.unwrap_model(unet), "text_encoder": accelerator.unwrap_model(text_encoder)}
+    if text_encoder_2 is not None:
+        models["text_encoder_2"] = accelerator.unwrap_model(text_encoder_2)
+    load_adapters(models, state_dicts, metadata)
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if state.get("scaler") and accelerator.scaler is not None:
@@ -443,7 +505,8 @@ def _final_pictures(cfg: RunConfig, components: Components, models: dict[str, to
     for model in models.values():
         model.eval()
     prompts = [cfg.data.resolved_instance_prompt()] + ([cfg.data.class_prompt] if cfg.data.class_prompt else [])
-    grid = comparison_grid(components, prompts, cfg.train.num_samples, cfg.train.seed, cfg.prior.steps, cfg.prior.guidance, cfg.data.resolution)
+    guidance = cfg.prior.resolved_guidance(components.family.default_guidance)
+    grid = comparison_grid(components, prompts, cfg.train.num_samples, cfg.train.seed, cfg.prior.steps, guidance, cfg.data.resolution)
     samples_dir = run_dir / "samples"
     samples_dir.mkdir(exist_ok=True)
     grid.save(samples_dir / "final.png")
