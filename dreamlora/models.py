@@ -85,6 +85,7 @@ class ModelFamily:
     default_guidance: float = 7.5
     kohya_unet_names: str = "diffusers"  # diffusers: A1111 reads diffusers module paths (SD 1.x/2.x); sgm: input_blocks/middle_block/output_blocks
     modelspec_architecture: str = "stable-diffusion-v1/lora"
+    penultimate_encoders: tuple[str, ...] = ()  # text encoders read at the penultimate layer: their last layer gets no LoRA (it would get no gradient)
     vae_fp16_safe: bool = True  # False: the VAE overflows in fp16 (SDXL), so latents are encoded in fp32 unless the VAE says otherwise
 
 
@@ -104,6 +105,7 @@ SDXL = ModelFamily(
     default_guidance=5.0,
     kohya_unet_names="sgm",
     modelspec_architecture="stable-diffusion-xl-v1-base/lora",
+    penultimate_encoders=("text_encoder",),  # the second encoder's last layer feeds the pooled embedding, so it trains
     vae_fp16_safe=False,
 )
 FAMILIES = {family.name: family for family in (SD1, SD2, SDXL)}

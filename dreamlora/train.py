@@ -327,7 +327,7 @@ def train(
     vae.requires_grad_(False)
     train_te = cfg.adapter.train_text_encoder
     text_encoder_2 = components.text_encoder_2  # SDXL's second text encoder; None for one-encoder families
-    attach_adapters(unet, text_encoder, cfg.adapter, text_encoder_2)
+    attach_adapters(unet, text_encoder, cfg.adapter, text_encoder_2, components.family.penultimate_encoders)
     prepare_vae(components, weight_dtype)
     if cfg.train.gradient_checkpointing:
         _enable_checkpointing(components, train_te)
