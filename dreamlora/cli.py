@@ -29,7 +29,8 @@ out = Console()
 Debug = Annotated[bool, typer.Option("--debug", help="Show full tracebacks and debug logs.")]
 ConfigPath = Annotated[Optional[Path], typer.Option("--config", "-c", help="TOML config file; flags override it.")]
 SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override any config key: section.key=value (repeatable).")]
-Model = Annotated[Optional[str], typer.Option("--model", help="Hub id, local diffusers folder, `tiny` or `toy` (default: $DREAMLORA_MODEL or SD 1.5).")]
+Model = Annotated[Optional[str], typer.Option("--model", help="Hub id, local diffusers folder (SD 1.x/2.x or SDXL), `tiny`, `tiny-sdxl` or `toy` (default: $DREAMLORA_MODEL or SD 1.5).")]
+Vae = Annotated[Optional[str], typer.Option("--vae", help="Replacement VAE folder or hub id (SDXL in fp16: madebyollin/sdxl-vae-fp16-fix).")]
 Precision = Annotated[Optional[str], typer.Option("--precision", help="auto|fp16|bf16|fp32")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Load .bin/.ckpt/.pt model weights (pickle can run code: only for files you trust).")]
 
@@ -169,12 +170,13 @@ def prior(
     negative_prompt: Annotated[Optional[str], typer.Option()] = None,
     resolution: Annotated[Optional[int], typer.Option(help="Image size (default: the model's, 512 for SD 1.5).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default 25, DPM-Solver++).")] = None,
-    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance (default 7.5).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance (default: the model's, 7.5 SD 1.x, 5.0 SDXL).")] = None,
     scheduler: Annotated[Optional[str], typer.Option(help="dpm++|pndm|ddim|euler")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per batch (default: automatic).")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     out_dir: Annotated[Optional[str], typer.Option("--out", help="Folder (default priors/<class>).")] = None,
     model: Model = None,
+    vae: Vae = None,
     precision: Precision = None,
     allow_pickle: AllowPickle = False,
     config: ConfigPath = None,
@@ -192,7 +194,7 @@ def prior(
                 "prior.class_name": class_name, "prior.num_images": num_images, "prior.prompt": prompt,
                 "prior.negative_prompt": negative_prompt, "prior.steps": steps, "prior.guidance": guidance,
                 "prior.scheduler": scheduler, "prior.batch_size": batch_size, "prior.seed": seed, "prior.out": out_dir,
-                "model.name": model, "model.precision": precision, "data.resolution": resolution,
+                "model.name": model, "model.precision": precision, "data.resolution": resolution, "model.vae": vae,
                 "model.allow_pickle": True if allow_pickle else None,
             }),
         )
@@ -362,6 +364,7 @@ def train(
     lr_cycles: Annotated[Optional[int], typer.Option(help="cosine_with_restarts: number of cycles (default 1).")] = None,
     optimizer: Annotated[Optional[str], typer.Option(help="adamw|adamw8bit (8-bit needs pip install 'dreamlora\\[bnb]').")] = None,
     model: Model = None,
+    vae: Vae = None,
     allow_pickle: AllowPickle = False,
     config: ConfigPath = None,
     set_: SetOption = None,
@@ -379,7 +382,7 @@ def train(
         "train.max_steps": max_steps, "train.batch_size": batch_size, "train.gradient_accumulation": gradient_accumulation,
         "train.seed": seed, "data.resolution": resolution, "data.center_crop": False if random_crop else None,
         "data.flip": True if flip else None, "train.out": out_dir, "train.checkpoint_every": checkpoint_every,
-        "train.keep_checkpoints": keep_checkpoints, "model.name": model, "train.compile": compile_,
+        "train.keep_checkpoints": keep_checkpoints, "model.name": model, "model.vae": vae, "train.compile": compile_,
         "train.sample_every": sample_every, "train.num_samples": num_samples, "train.report_to": report_to,
         "train.snr_gamma": snr_gamma, "train.noise_offset": noise_offset, "train.text_encoder_steps_fraction": text_encoder_steps_fraction,
         "train.text_encoder_lr_scheduler": text_encoder_lr_scheduler, "train.text_encoder_warmup_steps": text_encoder_warmup_steps,
@@ -562,12 +565,13 @@ def generate(
     num_images: Annotated[int, typer.Option("--num-images", "-n")] = 4,
     seed: Annotated[int, typer.Option()] = 0,
     steps: Annotated[int, typer.Option()] = 25,
-    guidance: Annotated[float, typer.Option()] = 7.5,
+    guidance: Annotated[Optional[float], typer.Option(help="Default: the model's (7.5 SD 1.x, 5.0 SDXL).")] = None,
     negative_prompt: Annotated[str, typer.Option()] = "",
     resolution: Annotated[Optional[int], typer.Option(help="Default: the model's.")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Grid of base vs LoRA at the same seeds.")] = False,
     out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("samples-out"),
     model: Model = None,
+    vae: Vae = None,
     precision: Precision = None,
     allow_pickle: AllowPickle = False,
     debug: Debug = False,
@@ -581,12 +585,13 @@ def generate(
         from dreamlora.generate import generate as run_generate
         from dreamlora.models import load_components, resolve_precision
 
-        model_cfg = ModelConfig(**{k: v for k, v in {"name": model, "precision": precision, "allow_pickle": allow_pickle}.items() if v is not None})
+        model_cfg = ModelConfig(**{k: v for k, v in {"name": model, "vae": vae, "precision": precision, "allow_pickle": allow_pickle}.items() if v is not None})
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         _, dtype = resolve_precision(model_cfg.precision, device)
         loras = [_parse_lora(item, scale) for item in lora or []]
-        components = load_components(model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle)
-        result = run_generate(components, prompt, out_dir, loras, num_images, seed, steps, guidance, resolution or components.native_resolution, negative_prompt, compare)
+        components = load_components(model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle, vae=model_cfg.vae)
+        guidance_scale = guidance if guidance is not None else components.family.default_guidance
+        result = run_generate(components, prompt, out_dir, loras, num_images, seed, steps, guidance_scale, resolution or components.native_resolution, negative_prompt, compare)
         _summary("generated", [("images", len(result.images)), ("folder", out_dir), ("grid", result.grid)])
 
     _run(debug, action)

@@ -46,6 +46,7 @@ class ModelConfig:
     precision: str = "auto"  # auto: bf16 where supported, else fp16 on CUDA; fp32 on CPU
     attention: str = "auto"  # auto: xformers when its kernels really run, else PyTorch SDPA
     allow_pickle: bool = False  # refuse .bin/.ckpt/.pt weights unless set
+    vae: str = ""  # replacement VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "model.name is empty; pass a hub id, a local diffusers folder or `tiny`")
@@ -109,7 +110,7 @@ class PriorConfig:
     negative_prompt: str = ""
     num_images: int = 200
     steps: int = 25
-    guidance: float = 7.5
+    guidance: float = 0.0  # 0: the model family's default (7.5 SD 1.x/2.x, 5.0 SDXL)
     scheduler: str = "dpm++"  # dpm++ or pndm (the reference script's default)
     batch_size: int = 0  # 0: automatic (large on GPU, small on CPU)
     seed: int = 0
@@ -124,6 +125,9 @@ class PriorConfig:
 
     def resolved_prompt(self) -> str:
         return self.prompt or f"a photo of {self.class_name}"
+
+    def resolved_guidance(self, family_default: float) -> float:
+        return self.guidance or family_default
 
 
 @dataclass(frozen=True)

@@ -178,6 +178,19 @@ def random_offset(image_size: tuple[int, int], size: tuple[int, int], generator:
     return left, top
 
 
+def size_ids(image_size: tuple[int, int], size: tuple[int, int], offset: tuple[int, int] | None = None, flipped: bool = False) -> torch.Tensor:
+    """SDXL's six size numbers for one example: original (height, width), crop (top, left), target (height, width).
+
+    `image_size` and `size` are (width, height); the crop `offset` = (left, top) is in the image scaled to cover `size`
+    (centre when None), as SDXL was trained; a flipped example's crop is mirrored.
+    """
+    width, height = cover_size(image_size, size)
+    left, top = offset if offset is not None else ((width - size[0]) // 2, (height - size[1]) // 2)
+    if flipped:
+        left = width - left - size[0]
+    return torch.tensor([image_size[1], image_size[0], top, left, size[1], size[0]], dtype=torch.float32)
+
+
 def jitter_colors(image: Image.Image, strength: float, generator: torch.Generator) -> Image.Image:
     """Light colour jitter: brightness, contrast and saturation each scaled by a factor in [1 - strength, 1 + strength]."""
     from PIL import ImageEnhance
@@ -232,12 +245,30 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     def random_crop(self, index: int, generator: torch.Generator) -> torch.Tensor:
         """A random square crop of image `index` at the training resolution."""
+        return to_tensor(resize_and_crop(self.images[index], self.resolution, self.random_crop_box(index, generator)))
+
+    def resized_size(self, index: int) -> tuple[int, int]:
+        """(width, height) of image `index` after its shorter side is scaled to the training resolution."""
         image = self.images[index]
         scale = self.resolution / min(image.size)
-        width, height = max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale))
+        return max(self.resolution, round(image.width * scale)), max(self.resolution, round(image.height * scale))
+
+    def random_crop_box(self, index: int, generator: torch.Generator) -> tuple[int, int]:
+        """(left, top) of a random square crop of the resized image `index`."""
+        width, height = self.resized_size(index)
         left = int(torch.randint(0, width - self.resolution + 1, (1,), generator=generator))
         top = int(torch.randint(0, height - self.resolution + 1, (1,), generator=generator))
-        return to_tensor(resize_and_crop(image, self.resolution, (left, top)))
+        return left, top
+
+    def center_crop_box(self, index: int) -> tuple[int, int]:
+        """(left, top) of the centre crop, as `resize_and_crop` takes it."""
+        width, height = self.resized_size(index)
+        return (width - self.resolution) // 2, (height - self.resolution) // 2
+
+    def size_conditioning(self, index: int, crop_box: tuple[int, int], flipped: bool = False) -> torch.Tensor:
+        """SDXL's six size numbers for a square crop of image `index` at `crop_box` = (left, top): see `size_ids`."""
+        size = (self.resolution, self.resolution)
+        return size_ids(self.images[index].size, size, crop_box, flipped)
 
 
 def collate_dreambooth(instance: list[dict], class_examples: list[dict]) -> dict:

@@ -1,7 +1,8 @@
 """Export: write a run's LoRA as an A1111/kohya file, a diffusers folder or a merged model, convert LoRAs between layouts, and verify what was written.
 
 Key mapping is pure (`kohya_module_name`, `kohya_state_dict`, `modules_from_kohya`, `ldm_unet_module_name`,
-`peft_state_dicts`, `ldm_checkpoint_state_dict`); writing files and loading models happen in the functions below them.
+`sgm_unet_module_name`, `KohyaNaming`, `peft_state_dicts`, `ldm_checkpoint_state_dict`); writing files and loading models
+happen in the functions below them.
 Every format goes through one intermediate: a list of `LoraModule` (diffusers module name, down/up weights, alpha).
 """
 
@@ -86,8 +87,13 @@ def canonical_text_encoder_name(module: str) -> str:
     return module if module.startswith(TE_CANONICAL_ROOT) else TE_CANONICAL_ROOT + module
 
 
-def kohya_module_name(group: str, module: str) -> str:
-    """`down_blocks.1.attentions.0…to_q` -> `lora_unet_down_blocks_1_attentions_0…to_q`; text encoder under `lora_te_text_model_`."""
+def kohya_module_name(group: str, module: str, naming: KohyaNaming | None = None) -> str:
+    """`down_blocks.1.attentions.0…to_q` -> `lora_unet_down_blocks_1_attentions_0…to_q`; text encoder under `lora_te_text_model_`.
+
+    With `naming` (another family's, e.g. SDXL's), its prefixes and UNet names apply instead.
+    """
+    if naming is not None:
+        return naming.name(group, module)
     if group == "unet":
         return KOHYA_UNET_PREFIX + module.replace(".", "_")
     if group == "text_encoder":
@@ -95,11 +101,11 @@ def kohya_module_name(group: str, module: str) -> str:
     raise ExportError(f"unknown LoRA group {group!r}; expected one of {', '.join(GROUPS)}")
 
 
-def kohya_state_dict(modules: list[LoraModule], dtype: torch.dtype) -> dict[str, torch.Tensor]:
+def kohya_state_dict(modules: list[LoraModule], dtype: torch.dtype, naming: KohyaNaming | None = None) -> dict[str, torch.Tensor]:
     """kohya/A1111 tensors: `<name>.lora_down.weight`, `<name>.lora_up.weight` in `dtype`, `<name>.alpha` as an fp32 scalar."""
     out: dict[str, torch.Tensor] = {}
     for m in modules:
-        name = kohya_module_name(m.group, m.module)
+        name = kohya_module_name(m.group, m.module, naming)
         out[f"{name}.lora_down.weight"] = m.down.to(dtype).contiguous()
         out[f"{name}.lora_up.weight"] = m.up.to(dtype).contiguous()
         out[f"{name}.alpha"] = torch.tensor(float(m.alpha), dtype=torch.float32)
@@ -221,15 +227,18 @@ def ldm_unet_module_name(name: str, layers_per_block: int, down_attention: list[
     return None
 
 
-def kohya_name_table(module_names: dict[str, Iterable[str]]) -> dict[str, tuple[str, str]]:
+def kohya_name_table(module_names: dict[str, Iterable[str]], naming: KohyaNaming | None = None) -> dict[str, tuple[str, str]]:
     """kohya name -> (group, module name) for every module of the base model, under both text-encoder prefixes in use."""
     table: dict[str, tuple[str, str]] = {}
     for group, names in module_names.items():
         for module in names:
             if not module:
                 continue
-            table[kohya_module_name(group, module)] = (group, module)
-            if group == "text_encoder":
+            try:
+                table[kohya_module_name(group, module, naming)] = (group, module)
+            except ExportError:
+                continue  # containers without an SGM name (time_proj, down_blocks.1): no LoRA can target them
+            if group == "text_encoder" and naming is None:
                 canonical = canonical_text_encoder_name(module).replace(".", "_")
                 for alias in ("lora_te1_" + canonical, "lora_te_" + module.replace(".", "_")):
                     table.setdefault(alias, (group, module))
@@ -290,6 +299,59 @@ def modules_from_kohya(state_dict: dict[str, torch.Tensor], table: dict[str, tup
 
 def is_kohya_key(key: str) -> bool:
     return key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_"))
+
+
+# --- SDXL: diffusers -> SGM (original Stability) module names for kohya/A1111/ComfyUI --------------
+
+# SDXL's size/pooled-text embedding, which the SGM model calls label_emb.
+SGM_EXTRA_RENAMES = (("add_embedding.linear_1.", "label_emb.0.0."), ("add_embedding.linear_2.", "label_emb.0.2."))
+
+
+def sgm_unet_renames(unet_config: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """(diffusers prefix, SGM prefix) pairs for a UNet config: the LDM block layout plus SDXL's label embedding."""
+    return tuple(_ldm_unet_renames(unet_config)) + SGM_EXTRA_RENAMES
+
+
+def sgm_unet_module_name(module: str, renames: tuple[tuple[str, str], ...]) -> str:
+    """`down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q` -> `input_blocks.4.1.transformer_blocks.0.attn1.to_q` (SDXL layout).
+
+    Modules inside a transformer keep their names; resnet parts get their SGM names (`conv1` -> `in_layers.2`).
+    """
+    mapped = ldm_unet_key(module + ".", list(renames))
+    if mapped == module + ".":
+        raise ExportError(f"UNet module {module!r} has no SGM name; dreamlora maps down/mid/up blocks, conv_in/out, time and label embeddings")
+    return mapped[:-1]
+
+
+@dataclass(frozen=True)
+class KohyaNaming:
+    """How one model family names LoRA modules in kohya/A1111 files (built by `kohya_naming`)."""
+
+    text_encoder_prefixes: tuple[tuple[str, str], ...]  # (group, prefix): SD 1.x (text_encoder, lora_te_); SDXL lora_te1_/lora_te2_
+    unet_renames: tuple[tuple[str, str], ...] = ()  # diffusers -> SGM prefixes; empty: diffusers module paths (SD 1.x/2.x)
+
+    def name(self, group: str, module: str) -> str:
+        if group == "unet":
+            return KOHYA_UNET_PREFIX + (sgm_unet_module_name(module, self.unet_renames) if self.unet_renames else module).replace(".", "_")
+        prefix = dict(self.text_encoder_prefixes).get(group)
+        if prefix is None:
+            raise ExportError(f"unknown LoRA group {group!r} for this model family; expected unet or {', '.join(g for g, _ in self.text_encoder_prefixes)}")
+        return prefix + canonical_text_encoder_name(module).replace(".", "_")
+
+
+def kohya_naming(family_name: str, unet_config: dict[str, Any] | None = None) -> KohyaNaming | None:
+    """The kohya naming of a family (None: SD 1.x/2.x, which `kohya_module_name` handles); SGM names need the UNet config."""
+    from dreamlora.models import FAMILIES
+
+    family = FAMILIES.get(family_name)
+    if family is None or family.name in ("sd1", "sd2"):
+        return None
+    prefixes = tuple((group, prefix + "_") for group, prefix in zip(family.text_encoder_names, family.kohya_text_encoder_prefixes))
+    if family.kohya_unet_names == "sgm":
+        if unet_config is None:
+            raise ExportError(f"{family.name} LoRA names need the UNet layout; pass the run folder (run.json) or the base model")
+        return KohyaNaming(prefixes, sgm_unet_renames(unet_config))
+    return KohyaNaming(prefixes)
 
 
 # --- diffusers -> original (LDM) checkpoint layout, for --single-file ---------------------------
@@ -397,15 +459,22 @@ def a1111_metadata(run: dict[str, Any], modules: list[LoraModule], output_name: 
         "ss_output_name": output_name,
         "ss_training_comment": f"dreamlora DreamBooth LoRA; token: {token}; class: {class_name}; instance prompt: {run.get('instance_prompt', '')}",
         "ss_tag_frequency": json.dumps({"instance": {run.get("instance_prompt") or f"{token} {class_name}".strip(): 1}}),
-        "ss_network_args": json.dumps({"train_text_encoder": bool(run.get("train_text_encoder", any(m.group == "text_encoder" for m in modules)))}),
+        "ss_network_args": json.dumps({"train_text_encoder": bool(run.get("train_text_encoder", any(m.group.startswith("text_encoder") for m in modules)))}),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": "stable-diffusion-v1/lora" if run.get("family", "sd1") == "sd1" else "stable-diffusion-v2-512/lora",
+        "modelspec.architecture": _modelspec_architecture(str(run.get("family", "sd1"))),
+        "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.implementation": "https://github.com/huggingface/diffusers",
         "modelspec.title": output_name,
         "modelspec.trigger_phrase": token,
         "dreamlora_version": str(run.get("dreamlora_version", "")),
     }
     return meta
+
+
+def _modelspec_architecture(family_name: str) -> str:
+    from dreamlora.models import FAMILIES, SD1
+
+    return FAMILIES.get(family_name, SD1).modelspec_architecture
 
 
 # --- writing -------------------------------------------------------------------------------------
@@ -459,8 +528,8 @@ def _count_modules(modules: list[LoraModule]) -> dict[str, int]:
     return {group: sum(m.group == group for m in modules) for group in GROUPS if any(m.group == group for m in modules)}
 
 
-def write_a1111(path: Path, modules: list[LoraModule], metadata: dict[str, str], dtype: str) -> Path:
-    blob, _ = safetensors_bytes_with_hash(kohya_state_dict(modules, DTYPES[dtype]), metadata)
+def write_a1111(path: Path, modules: list[LoraModule], metadata: dict[str, str], dtype: str, naming: KohyaNaming | None = None) -> Path:
+    blob, _ = safetensors_bytes_with_hash(kohya_state_dict(modules, DTYPES[dtype], naming), metadata)
     write_atomic(path, blob)
     return path
 
@@ -489,29 +558,37 @@ def _lora_layers(model: torch.nn.Module) -> set[str]:
     return {name for name, module in model.named_modules() if isinstance(module, LoraLayer)}
 
 
-def _probe_outputs(components: Any, unet: torch.nn.Module, text_encoder: torch.nn.Module, prompt: str) -> dict[str, torch.Tensor]:
-    """A fixed-seed text-encoder output and UNet noise prediction, in fp32."""
-    from dreamlora.models import encode_prompt, tokenize
+def _probe_outputs(components: Any, models: dict[str, torch.nn.Module], prompt: str) -> dict[str, torch.Tensor]:
+    """A fixed-seed last hidden state of each text encoder and UNet noise prediction, in fp32."""
+    from dreamlora.models import tokenize
 
+    unet = models["unet"]
     config = unet.config
     size = min(int(config.sample_size), 32)
     generator = torch.Generator().manual_seed(0)
     latents = torch.randn(1, config.in_channels, size, size, generator=generator)
     context = torch.randn(1, components.tokenizer.model_max_length, config.cross_attention_dim, generator=generator)
+    added = None
+    if config.get("addition_embed_type") == "text_time":  # SDXL: pooled text embedding and six size numbers
+        pooled = config.projection_class_embeddings_input_dim - 6 * config.addition_time_embed_dim
+        added = {"text_embeds": torch.randn(1, pooled, generator=generator), "time_ids": torch.tensor([[48.0, 40.0, 4.0, 8.0, 32.0, 32.0]])}
+    out = {}
     with torch.no_grad():
-        hidden = encode_prompt(text_encoder.float(), tokenize(components.tokenizer, [prompt]))
-        noise = unet.float()(latents, torch.tensor([500]), encoder_hidden_states=context).sample
-    return {"text_encoder": hidden.float(), "unet": noise.float()}
+        for group, tokenizer_name in zip(components.family.text_encoder_names, components.family.tokenizer_names):
+            ids = tokenize(getattr(components, tokenizer_name), [prompt])
+            out[group] = models[group].float()(ids).last_hidden_state.float()
+        out["unet"] = unet.float()(latents, torch.tensor([500]), encoder_hidden_states=context, added_cond_kwargs=added).sample.float()
+    return out
 
 
 def _fresh_models(base: Any) -> dict[str, torch.nn.Module]:
-    return {"unet": copy.deepcopy(base.unet), "text_encoder": copy.deepcopy(base.text_encoder)}
+    return {"unet": copy.deepcopy(base.unet), **{name: copy.deepcopy(encoder) for name, encoder in base.text_encoders.items()}}
 
 
 def _reference_outputs(base: Any, modules: list[LoraModule], scale: float, prompt: str) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Base outputs and outputs with `modules` loaded exactly through PEFT (at `scale`)."""
     models = _fresh_models(base)
-    base_out = _probe_outputs(base, models["unet"], models["text_encoder"], prompt)
+    base_out = _probe_outputs(base, models, prompt)
     state_dicts, metadata = peft_state_dicts(modules)
     load_adapters(models, state_dicts, metadata)
     if scale != 1.0:
@@ -521,18 +598,18 @@ def _reference_outputs(base: Any, modules: list[LoraModule], scale: float, promp
             for module in model.modules():
                 if isinstance(module, LoraLayer):
                     module.scale_layer(scale)
-    return base_out, _probe_outputs(base, models["unet"], models["text_encoder"], prompt)
+    return base_out, _probe_outputs(base, models, prompt)
 
 
 def _compare(reference: dict[str, torch.Tensor], base_out: dict[str, torch.Tensor], candidate: dict[str, torch.Tensor], dtype: str, merged: bool, report: VerifyReport) -> None:
-    for group in ("unet", "text_encoder"):
+    for group in reference:
         diff = float((candidate[group] - reference[group]).abs().max())
         effect = float((reference[group] - base_out[group]).abs().max())
         size = float(reference[group].abs().max())
         # A LoRA file only rounds the LoRA, so its error scales with the LoRA's effect; a merged model rounds every weight.
         tolerance = TOLERANCE[dtype] * (size if merged else effect) + 1e-5 * size
         report.max_abs_diff[group], report.lora_effect[group], report.tolerance[group] = diff, effect, tolerance
-    bad = [g for g in ("unet", "text_encoder") if not report.max_abs_diff[g] <= report.tolerance[g]]
+    bad = [g for g in reference if not report.max_abs_diff[g] <= report.tolerance[g]]
     if bad:
         details = "; ".join(f"{g}: max |diff| {report.max_abs_diff[g]:.3g} > tolerance {report.tolerance[g]:.3g} (LoRA effect {report.lora_effect[g]:.3g})" for g in bad)
         raise ExportError(f"verification failed ({report.loader}): the written file does not reproduce the LoRA: {details}; please report this with `dreamlora inspect` output")
@@ -553,8 +630,8 @@ def _check_consumed(models: dict[str, torch.nn.Module], modules: list[LoraModule
 
 def check_kohya_keys(state_dict: dict[str, torch.Tensor], base: Any) -> None:
     """Every kohya module maps to a real module of `base`, has down/up/alpha, and fits that module's shape."""
-    table = kohya_name_table({"unet": [n for n, _ in base.unet.named_modules()], "text_encoder": [n for n, _ in base.text_encoder.named_modules()]})
-    models = {"unet": base.unet, "text_encoder": base.text_encoder}
+    models = {"unet": base.unet, **base.text_encoders}
+    table = kohya_name_table({g: [n for n, _ in m.named_modules()] for g, m in models.items()}, base_kohya_naming(base))
     for name in sorted({k.split(".", 1)[0] for k in state_dict}):
         if name not in table:
             raise ExportError(f"A1111 module {name!r} matches no module of the base model; the key mapping is wrong")
@@ -571,12 +648,18 @@ def check_kohya_keys(state_dict: dict[str, torch.Tensor], base: Any) -> None:
             raise ExportError(f"A1111 module {name!r} has shapes down {tuple(down.shape)} / up {tuple(up.shape)}, which do not fit {module_name} ({in_features} -> {out_features})")
 
 
+def base_kohya_naming(base: Any) -> KohyaNaming | None:
+    """The kohya naming of a loaded base model's family."""
+    return kohya_naming(base.family.name, dict(base.unet.config))
+
+
 def _load_with_diffusers(base: Any, path: Path) -> dict[str, torch.nn.Module]:
     from dreamlora.models import build_pipeline
 
     models = _fresh_models(base)
     parts = copy.copy(base)
-    parts.unet, parts.text_encoder = models["unet"], models["text_encoder"]
+    for name, model in models.items():
+        setattr(parts, name, model)
     build_pipeline(parts).load_lora_weights(str(path))
     return models
 
@@ -612,10 +695,10 @@ def verify_export(path: Path, fmt: str, modules: list[LoraModule], model_ref: st
             models = _load_kohya_file_exactly(base, path)
         _check_consumed(models, modules, report.loader)
     else:
-        report.loader = "StableDiffusionPipeline.from_single_file" if path.is_file() else "StableDiffusionPipeline.from_pretrained"
+        report.loader = "StableDiffusionPipeline.from_single_file" if path.is_file() else f"{base.family.pipeline_class}.from_pretrained"
         models = _load_merged(path, base)
         _check_vae(models.pop("vae"), base.vae, dtype, report)
-    candidate = _probe_outputs(base, models["unet"], models["text_encoder"], prompt)
+    candidate = _probe_outputs(base, models, prompt)
     _compare(reference, base_out, candidate, dtype, fmt == "merged", report)
     return report
 
@@ -637,7 +720,7 @@ def _load_kohya_file_exactly(base: Any, path: Path) -> dict[str, torch.nn.Module
     from safetensors.torch import load_file
 
     models = _fresh_models(base)
-    table = kohya_name_table({g: [n for n, _ in m.named_modules()] for g, m in models.items()})
+    table = kohya_name_table({g: [n for n, _ in m.named_modules()] for g, m in models.items()}, base_kohya_naming(base))
     modules, _ = modules_from_kohya(load_file(str(path)), table, UnetLayout.from_config(dict(base.unet.config)))
     state_dicts, metadata = peft_state_dicts(modules)
     load_adapters(models, state_dicts, metadata)
@@ -645,13 +728,16 @@ def _load_kohya_file_exactly(base: Any, path: Path) -> dict[str, torch.nn.Module
 
 
 def _load_merged(path: Path, base: Any) -> dict[str, torch.nn.Module]:
+    import diffusers
     from diffusers import StableDiffusionPipeline
 
     if path.is_file():
         pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(base.source_dir), local_files_only=True, safety_checker=None, requires_safety_checker=False)
+    elif base.family.pipeline_class != "StableDiffusionPipeline":
+        pipe = getattr(diffusers, base.family.pipeline_class).from_pretrained(str(path), local_files_only=True)
     else:
         pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, safety_checker=None, requires_safety_checker=False)
-    return {"unet": pipe.unet.float(), "text_encoder": pipe.text_encoder.float(), "vae": pipe.vae}
+    return {"unet": pipe.unet.float(), **{name: getattr(pipe, name).float() for name in base.family.text_encoder_names}, "vae": pipe.vae}
 
 
 # --- merged models ------------------------------------------------------------------------------
@@ -675,9 +761,9 @@ def write_merged(out: Path, model_ref: str, lora_file: Path, scale: float, dtype
 
     components = _merged_components(model_ref, lora_file, scale)
     torch_dtype = DTYPES[dtype]
-    for part in (components.unet, components.vae, components.text_encoder):
+    for part in (components.unet, components.vae, *components.text_encoders.values()):
         part.to(torch_dtype)
-    parts = {"unet": components.unet.state_dict(), "vae": components.vae.state_dict(), "text_encoder": components.text_encoder.state_dict()}
+    parts = {"unet": components.unet.state_dict(), "vae": components.vae.state_dict(), **{name: encoder.state_dict() for name, encoder in components.text_encoders.items()}}
     counts = {name: len(sd) for name, sd in parts.items()}
     if single_file:
         from safetensors.torch import save
@@ -711,6 +797,25 @@ def base_model_ref(run_dir: Path, run: dict[str, Any]) -> str:
     return str(run["model"])
 
 
+def run_kohya_naming(run_dir: Path, run: dict[str, Any]) -> KohyaNaming | None:
+    """A run's kohya naming: its family, and for SGM names the UNet layout from run.json (or the base model's config)."""
+    family = str(run.get("family", "sd1"))
+    if family in ("sd1", "sd2"):
+        return None
+    layout = run.get("unet_layout")
+    if not layout:
+        from diffusers import UNet2DConditionModel
+
+        from dreamlora.models import resolve_model_dir
+
+        ref = base_model_ref(run_dir, run)
+        try:
+            layout = dict(UNet2DConditionModel.load_config(resolve_model_dir(ref), subfolder="unet", local_files_only=True))
+        except (OSError, ValueError, ModelLoadError) as error:
+            raise ExportError(f"run '{run_dir}' has no unet_layout in run.json and the base model {public_model_name(ref)!r} cannot be read here ({error}); pass a run trained with this dreamlora") from error
+    return kohya_naming(family, layout)
+
+
 def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, exports_root: Path = Path("exports")) -> ExportResult:
     """Write a run's LoRA (final, or checkpoint `step`) in `cfg.format`, then verify it unless `cfg.verify` is off."""
     run_dir = Path(run_dir)
@@ -727,8 +832,10 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
     if cfg.format == "a1111" and out.suffix != ".safetensors":
         raise ExportError(f"A1111 output '{out}' must end in .safetensors; pass --out NAME.safetensors")
     _refuse_existing(out)
+    if cfg.format == "merged" and run.get("family") == "sdxl" and cfg.single_file:
+        raise ExportError("--single-file is not supported for SDXL yet; export --format merged without --single-file (a diffusers folder), or --format a1111")
     if cfg.format == "a1111":
-        write_a1111(out, modules, a1111_metadata(run, modules, out.stem), cfg.dtype)
+        write_a1111(out, modules, a1111_metadata(run, modules, out.stem), cfg.dtype, run_kohya_naming(run_dir, run))
         counts = _count_modules(modules)
     elif cfg.format == "diffusers":
         write_diffusers(out, modules, cfg.dtype)

@@ -37,7 +37,21 @@ def generate_images(pipeline: Any, prompt: str, seeds: list[int], steps: int, gu
             height=resolution,
             width=resolution,
             generator=generators,
+            callback_on_step_end=latents_in_vae_dtype,
         ).images
+
+
+def latents_in_vae_dtype(pipeline: Any, index: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """After the last denoising step, give the VAE latents in its own dtype.
+
+    During training with mixed precision, accelerate makes the prepared UNet return fp32, so the latents are fp32 while the
+    VAE is bf16/fp16 and `vae.decode` fails ("Input type (float) and bias type (c10::BFloat16)"). SDXL's pipeline still
+    upcasts an fp16 VAE itself. A no-op when the dtypes already agree.
+    """
+    latents = tensors["latents"]
+    if index == pipeline.num_timesteps - 1 and latents.dtype != pipeline.vae.dtype:
+        return {"latents": latents.to(pipeline.vae.dtype)}
+    return {}
 
 
 def make_grid(rows: list[list[Image.Image]], labels: list[str] | None = None, label_width: int = 0) -> Image.Image:
@@ -87,7 +101,7 @@ def comparison_grid(
         if base and prompt in base:
             rows.append(base[prompt])
         else:
-            with adapters_disabled([components.unet, components.text_encoder]):
+            with adapters_disabled([components.unet, *components.text_encoders.values()]):
                 rows.append(generate_images(pipeline, prompt, seeds, steps, guidance, resolution))
         labels.append(f"base: {prompt}")
         rows.append(adapted[prompt] if adapted and prompt in adapted else generate_images(pipeline, prompt, seeds, steps, guidance, resolution))

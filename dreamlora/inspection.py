@@ -32,7 +32,9 @@ def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
 
 
 def _kohya_group(name: str) -> str:
-    return "unet" if name.startswith("lora_unet_") else "text_encoder"
+    if name.startswith("lora_unet_"):
+        return "unet"
+    return "text_encoder_2" if name.startswith("lora_te2_") else "text_encoder"
 
 
 def _kohya_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]]:
@@ -193,6 +195,7 @@ def inspect_path(path: Path) -> dict[str, Any]:
         "tensors": len(tensors),
         "unet_modules": groups.get("unet", {}).get("modules", 0),
         "text_encoder_modules": groups.get("text_encoder", {}).get("modules", 0),
+        **({"text_encoder_2_modules": groups["text_encoder_2"]["modules"]} if "text_encoder_2" in groups else {}),
         "groups": groups,
         "metadata": {k: v for k, v in file_meta.items() if k.startswith(("ss_", "sshs_", "modelspec.", "dreamlora_"))},
         "adapter_metadata": _adapter_summary(file_meta),

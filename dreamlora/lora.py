@@ -16,10 +16,10 @@ log = logging.getLogger(__name__)
 
 ADAPTER_NAME = "default"
 LORA_FILE = "pytorch_lora_weights.safetensors"
-GROUPS = ("unet", "text_encoder")  # the models a LoRA file can adapt, in file-prefix order
+GROUPS = ("unet", "text_encoder", "text_encoder_2")  # the models a LoRA file can adapt, in file-prefix order (text_encoder_2: SDXL)
 
 
-def lora_config(adapter_cfg: AdapterConfig, targets: tuple[str, ...]) -> Any:
+def lora_config(adapter_cfg: AdapterConfig, targets: tuple[str, ...], exclude: list[str] | None = None) -> Any:
     from peft import LoraConfig
 
     init: bool | str = {"default": True, "gaussian": "gaussian", "nonzero": False}[adapter_cfg.init]
@@ -29,18 +29,37 @@ def lora_config(adapter_cfg: AdapterConfig, targets: tuple[str, ...]) -> Any:
         lora_dropout=adapter_cfg.dropout,
         target_modules=list(targets),
         init_lora_weights=init,
+        **({"exclude_modules": exclude} if exclude else {}),
     )
 
 
-def attach_adapters(unet: torch.nn.Module, text_encoder: torch.nn.Module | None, adapter_cfg: AdapterConfig) -> None:
-    """Freeze the base weights and add LoRA adapters; adapter weights are fp32 whatever the base dtype."""
+def final_layer_modules(text_encoder: torch.nn.Module, targets: tuple[str, ...]) -> list[str]:
+    """The target modules of a CLIP text encoder's last layer (SDXL reads the first encoder's penultimate state, so they get no gradient)."""
+    last = int(text_encoder.config.num_hidden_layers) - 1
+    return [name for name, _ in text_encoder.named_modules() if f"layers.{last}." in name and name.endswith(tuple("." + t for t in targets))]
+
+
+def attach_adapters(
+    unet: torch.nn.Module,
+    text_encoder: torch.nn.Module | None,
+    adapter_cfg: AdapterConfig,
+    text_encoder_2: torch.nn.Module | None = None,
+    skip_final_layer: tuple[str, ...] = (),
+) -> None:
+    """Freeze the base weights and add LoRA adapters; adapter weights are fp32 whatever the base dtype.
+
+    `text_encoder_2` (SDXL) gets the same text-encoder targets as `text_encoder`; both train jointly with the UNet.
+    `skip_final_layer` names encoders whose last layer the UNet never sees (`ModelFamily.penultimate_encoders`): no LoRA there.
+    """
     unet.requires_grad_(False)
     unet.add_adapter(lora_config(adapter_cfg, adapter_cfg.unet_targets))
-    if text_encoder is not None:
-        text_encoder.requires_grad_(False)
-        if adapter_cfg.train_text_encoder:
-            text_encoder.add_adapter(lora_config(adapter_cfg, adapter_cfg.text_encoder_targets))
-    for model in (unet, text_encoder):
+    for name, encoder in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if encoder is not None:
+            encoder.requires_grad_(False)
+            if adapter_cfg.train_text_encoder:
+                exclude = final_layer_modules(encoder, adapter_cfg.text_encoder_targets) if name in skip_final_layer else None
+                encoder.add_adapter(lora_config(adapter_cfg, adapter_cfg.text_encoder_targets, exclude))
+    for model in (unet, text_encoder, text_encoder_2):
         if model is None:
             continue
         for param in model.parameters():
@@ -75,13 +94,25 @@ def adapter_metadata(model: torch.nn.Module) -> dict[str, Any]:
 
 
 def save_diffusers_lora(folder: Path, state_dicts: dict[str, dict[str, torch.Tensor]], metadata: dict[str, dict[str, Any]], dtype: torch.dtype | None = None) -> Path:
-    """Write `pytorch_lora_weights.safetensors` as diffusers' `load_lora_weights` reads it: `unet.`/`text_encoder.` keys and adapter metadata."""
-    from diffusers import StableDiffusionPipeline
+    """Write `pytorch_lora_weights.safetensors` as diffusers' `load_lora_weights` reads it: `unet.`/`text_encoder.`(/`text_encoder_2.`) keys and adapter metadata."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     def cast(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         return {k: (v.to(dtype) if dtype is not None else v).cpu().contiguous() for k, v in sd.items()}
 
     folder.mkdir(parents=True, exist_ok=True)
+    if "text_encoder_2" in state_dicts:
+        StableDiffusionXLPipeline.save_lora_weights(
+            folder,
+            unet_lora_layers=cast(state_dicts["unet"]) if "unet" in state_dicts else None,
+            text_encoder_lora_layers=cast(state_dicts["text_encoder"]) if "text_encoder" in state_dicts else None,
+            text_encoder_2_lora_layers=cast(state_dicts["text_encoder_2"]),
+            unet_lora_adapter_metadata=metadata.get("unet"),
+            text_encoder_lora_adapter_metadata=metadata.get("text_encoder"),
+            text_encoder_2_lora_adapter_metadata=metadata.get("text_encoder_2"),
+            safe_serialization=True,
+        )
+        return folder / LORA_FILE
     StableDiffusionPipeline.save_lora_weights(
         folder,
         unet_lora_layers=cast(state_dicts["unet"]),

@@ -10,7 +10,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -22,23 +22,93 @@ log = logging.getLogger(__name__)
 PACKAGE_DIR = Path(__file__).resolve().parent
 TOY_MODEL_DIR = PACKAGE_DIR / "assets" / "toy"
 RANDOM_CONFIGS_DIR = PACKAGE_DIR / "configs"
-TINY_PRESETS = {"tiny": "epsilon", "tiny-v": "v_prediction"}
+TINY_PRESETS = {"tiny": "epsilon", "tiny-v": "v_prediction", "tiny-sdxl": "epsilon"}
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth", ".pkl")
 
 
 @dataclass(frozen=True)
-class ModelFamily:
-    """What differs between model families; the training loop and exporters ask this, never the model name."""
+class PromptEmbeddings:
+    """What the text encoders give the UNet: the cross-attention context and, for SDXL, the pooled embedding."""
 
-    name: str  # sd1, sd2
+    context: torch.Tensor  # (prompts, tokens, cross_attention_dim)
+    pooled: torch.Tensor | None = None  # (prompts, projection_dim); None for single-encoder families
+
+    def select(self, rows: torch.Tensor) -> PromptEmbeddings:
+        """One embedding per example: `rows` index the encoded prompts (gradients reach every row)."""
+        return PromptEmbeddings(self.context[rows], None if self.pooled is None else self.pooled[rows])
+
+
+def encode_last_hidden(text_encoders: Sequence[torch.nn.Module], input_ids: Sequence[torch.Tensor]) -> PromptEmbeddings:
+    """SD 1.x/2.x: the last hidden state of the one text encoder."""
+    return PromptEmbeddings(text_encoders[0](input_ids[0])[0])
+
+
+def encode_penultimate_pooled(text_encoders: Sequence[torch.nn.Module], input_ids: Sequence[torch.Tensor]) -> PromptEmbeddings:
+    """SDXL: the penultimate hidden states of both encoders side by side, and the projected pooled output of the last one."""
+    hidden, pooled = [], None
+    for encoder, ids in zip(text_encoders, input_ids):
+        output = encoder(ids, output_hidden_states=True)
+        pooled = output[0]  # CLIPTextModelWithProjection: text_embeds; only the last encoder's is kept
+        hidden.append(output.hidden_states[-2])
+    return PromptEmbeddings(torch.cat(hidden, dim=-1), pooled)
+
+
+def no_added_conditioning(embeddings: PromptEmbeddings, time_ids: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    return None
+
+
+def text_time_conditioning(embeddings: PromptEmbeddings, time_ids: torch.Tensor) -> dict[str, torch.Tensor] | None:
+    """SDXL's `added_cond_kwargs`: pooled text embedding and (original h, w, crop top, left, target h, w) per example."""
+    if embeddings.pooled is None:
+        raise ModelLoadError("this UNet needs pooled text embeddings (SDXL) but the text encoders gave none; is text_encoder_2 missing from the model folder?")
+    return {"text_embeds": embeddings.pooled, "time_ids": time_ids.to(embeddings.pooled.dtype)}
+
+
+@dataclass(frozen=True)
+class ModelFamily:
+    """What differs between model families; the training loop, prior generation and exporters ask this, never the model name.
+
+    A new family (SD3, Flux) is one more instance here: its encoders, how prompts become UNet inputs,
+    its pipeline, and how kohya/A1111 files name its modules.
+    """
+
+    name: str  # sd1, sd2, sdxl
     base_model_version: str  # kohya's ss_base_model_version
     default_resolution: int
-    text_encoder_names: tuple[str, ...]  # pipeline attributes holding text encoders
+    text_encoder_names: tuple[str, ...]  # pipeline attributes holding text encoders (also LoRA groups and diffusers key prefixes)
     kohya_text_encoder_prefixes: tuple[str, ...]  # lora_te (SD 1.x/2.x); SDXL: lora_te1, lora_te2
+    tokenizer_names: tuple[str, ...] = ("tokenizer",)  # one per text encoder, same order
+    text_encoder_classes: tuple[str, ...] = ("CLIPTextModel",)  # transformers classes, same order
+    encode: Callable[[Sequence[torch.nn.Module], Sequence[torch.Tensor]], PromptEmbeddings] = encode_last_hidden
+    added_conditioning: Callable[[PromptEmbeddings, torch.Tensor], dict[str, torch.Tensor] | None] = no_added_conditioning
+    pipeline_class: str = "StableDiffusionPipeline"  # diffusers class for prior generation, samples and loading LoRAs
+    default_guidance: float = 7.5
+    kohya_unet_names: str = "diffusers"  # diffusers: A1111 reads diffusers module paths (SD 1.x/2.x); sgm: input_blocks/middle_block/output_blocks
+    modelspec_architecture: str = "stable-diffusion-v1/lora"
+    penultimate_encoders: tuple[str, ...] = ()  # text encoders read at the penultimate layer: their last layer gets no LoRA (it would get no gradient)
+    vae_fp16_safe: bool = True  # False: the VAE overflows in fp16 (SDXL), so latents are encoded in fp32 unless the VAE says otherwise
 
 
 SD1 = ModelFamily("sd1", "sd_v1", 512, ("text_encoder",), ("lora_te",))
-SD2 = ModelFamily("sd2", "sd_v2", 768, ("text_encoder",), ("lora_te",))
+SD2 = ModelFamily("sd2", "sd_v2", 768, ("text_encoder",), ("lora_te",), modelspec_architecture="stable-diffusion-v2-512/lora")
+SDXL = ModelFamily(
+    "sdxl",
+    "sdxl_base_v1-0",
+    1024,
+    ("text_encoder", "text_encoder_2"),
+    ("lora_te1", "lora_te2"),
+    tokenizer_names=("tokenizer", "tokenizer_2"),
+    text_encoder_classes=("CLIPTextModel", "CLIPTextModelWithProjection"),
+    encode=encode_penultimate_pooled,
+    added_conditioning=text_time_conditioning,
+    pipeline_class="StableDiffusionXLPipeline",
+    default_guidance=5.0,
+    kohya_unet_names="sgm",
+    modelspec_architecture="stable-diffusion-xl-v1-base/lora",
+    penultimate_encoders=("text_encoder",),  # the second encoder's last layer feeds the pooled embedding, so it trains
+    vae_fp16_safe=False,
+)
+FAMILIES = {family.name: family for family in (SD1, SD2, SDXL)}
 
 
 @dataclass
@@ -53,6 +123,17 @@ class Components:
     vae: torch.nn.Module
     noise_scheduler: Any
     source_dir: Path | None = None  # a diffusers folder holding this model, when there is one
+    tokenizer_2: Any = None  # SDXL's second tokenizer and text encoder (OpenCLIP-bigG with projection)
+    text_encoder_2: torch.nn.Module | None = None
+
+    @property
+    def tokenizers(self) -> tuple[Any, ...]:
+        return tuple(getattr(self, name) for name in self.family.tokenizer_names)
+
+    @property
+    def text_encoders(self) -> dict[str, torch.nn.Module]:
+        """The family's text encoders by LoRA group name (`text_encoder`, `text_encoder_2`)."""
+        return {name: getattr(self, name) for name in self.family.text_encoder_names}
 
     @property
     def prediction_type(self) -> str:
@@ -69,7 +150,9 @@ class Components:
 
 
 def detect_family(text_encoder_config: Any, unet_config: Any) -> ModelFamily:
-    """SD 2.x uses OpenCLIP-H (1024 wide) and head dims per block; everything else with one text encoder is SD 1.x-shaped."""
+    """SDXL's UNet takes pooled text and size conditioning (`text_time`); SD 2.x uses OpenCLIP-H (1024 wide); the rest is SD 1.x-shaped."""
+    if unet_config.get("addition_embed_type") == "text_time":
+        return SDXL
     if getattr(text_encoder_config, "hidden_size", 0) == 1024 and unet_config.get("cross_attention_dim") == 1024:
         return SD2
     return SD1
@@ -179,6 +262,81 @@ def build_tiny(folder: Path, prediction_type: str = "epsilon", seed: int = 0) ->
     return folder
 
 
+def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
+    """Build a tiny SDXL (32 px, seeded random weights, SDXL's block layout) and save it as a diffusers folder.
+
+    Like SDXL 1.0: down blocks (plain, cross-attention, cross-attention) with two layers each, so the SGM names
+    (`input_blocks_4_1`, `middle_block_1`, `output_blocks_0_1`) are the real ones; two CLIP encoders whose
+    penultimate states are concatenated; the second with a projection giving the pooled embedding.
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+    folder = Path(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=".tiny-sdxl-", dir=folder.parent))
+    try:
+        write_char_tokenizer(tmp / "tokenizer")
+        write_char_tokenizer(tmp / "tokenizer_2")
+        tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
+        torch.manual_seed(seed)
+        unet = UNet2DConditionModel(
+            block_out_channels=(32, 64, 64),
+            layers_per_block=2,
+            sample_size=16,
+            in_channels=4,
+            out_channels=4,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+            transformer_layers_per_block=(1, 1, 2),
+            attention_head_dim=(2, 4, 4),
+            use_linear_projection=True,
+            addition_embed_type="text_time",
+            addition_time_embed_dim=8,
+            projection_class_embeddings_input_dim=6 * 8 + 32,  # six size numbers plus the pooled text embedding
+            cross_attention_dim=64,  # 32 + 32: both encoders' hidden states side by side
+            norm_num_groups=32,
+        )
+        vae = AutoencoderKL(
+            block_out_channels=(32, 64),
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            latent_channels=4,
+            sample_size=32,
+            norm_num_groups=32,
+            scaling_factor=0.13025,
+            force_upcast=True,
+        )
+        common = dict(
+            intermediate_size=37, num_attention_heads=4, vocab_size=len(tokenizer), max_position_embeddings=77,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        )  # fmt: skip
+        text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, num_hidden_layers=3, projection_dim=32, **common))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, num_hidden_layers=3, projection_dim=32, hidden_act="gelu", **common))
+        scheduler = DDPMScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            num_train_timesteps=1000,
+            clip_sample=False,
+            steps_offset=1,
+            timestep_spacing="leading",
+        )
+        pipeline = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
+            tokenizer_2=CLIPTokenizer.from_pretrained(tmp / "tokenizer_2"), unet=unet, scheduler=scheduler, add_watermarker=False,
+        )  # fmt: skip
+        pipeline.save_pretrained(tmp, safe_serialization=True)
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    return folder
+
+
 def _write_model_index(folder: Path) -> None:
     import diffusers
 
@@ -202,7 +360,10 @@ def tiny_model_dir(preset: str = "tiny") -> Path:
     folder = _cache_root() / f"{preset}-v1"
     if not (folder / "model_index.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
-        build_tiny(folder, prediction_type=TINY_PRESETS[preset])
+        if preset == "tiny-sdxl":
+            build_tiny_sdxl(folder)
+        else:
+            build_tiny(folder, prediction_type=TINY_PRESETS[preset])
     return folder
 
 
@@ -235,7 +396,11 @@ def resolve_model_dir(ref: str, allow_pickle: bool = False) -> Path | str:
 
 
 def _check_weights_format(folder: Path, allow_pickle: bool) -> None:
-    for sub in ("unet", "vae", "text_encoder"):
+    index = json.loads((folder / "model_index.json").read_text(encoding="utf-8"))
+    if "XL" in str(index.get("_class_name", "")) and not (index.get("text_encoder") or [None])[0]:
+        raise ModelLoadError(f"'{folder}' has no first text encoder (an SDXL refiner?); dreamlora trains base models such as stable-diffusion-xl-base-1.0")
+    second = ("text_encoder_2",) if (index.get("text_encoder_2") or [None])[0] else ()
+    for sub in ("unet", "vae", "text_encoder", *second):
         part = folder / sub
         if not part.is_dir():
             raise ModelLoadError(f"model folder '{folder}' has no {sub}/ subfolder; pass a complete diffusers Stable Diffusion folder")
@@ -275,27 +440,71 @@ def _load_parts(source: Path | str, allow_pickle: bool, cache_only: bool, dtype:
     return tokenizer, text_encoder, unet, vae, noise_scheduler
 
 
-def load_components(ref: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", allow_pickle: bool = False) -> Components:
-    """Load tokenizer, text encoder, UNet, VAE and the training noise scheduler of a model reference."""
+def _load_extra_encoders(family: ModelFamily, source: Path | str, allow_pickle: bool, cache_only: bool, dtype: torch.dtype) -> dict[str, Any]:
+    """The family's tokenizers and text encoders beyond the first (SDXL: tokenizer_2, text_encoder_2)."""
+    import transformers
+    from transformers import CLIPTokenizer
+
+    extra: dict[str, Any] = {}
+    for tokenizer_name, encoder_name, class_name in list(zip(family.tokenizer_names, family.text_encoder_names, family.text_encoder_classes))[1:]:
+        extra[tokenizer_name] = CLIPTokenizer.from_pretrained(source, subfolder=tokenizer_name, local_files_only=cache_only)
+        extra[encoder_name] = _from_pretrained(getattr(transformers, class_name), source, encoder_name, allow_pickle, cache_only, dtype=dtype)
+    return extra
+
+
+def load_vae(ref: str, dtype: torch.dtype = torch.float32, allow_pickle: bool = False) -> torch.nn.Module:
+    """A replacement VAE (`--vae`): a VAE folder (config.json), a model folder with vae/, or a hub id (e.g. madebyollin/sdxl-vae-fp16-fix)."""
+    from diffusers import AutoencoderKL
+
+    path = Path(ref).expanduser()
+    if path.is_file():
+        raise ModelLoadError(f"--vae '{ref}' is a single file; pass a diffusers VAE folder (with config.json) or a hub id such as madebyollin/sdxl-vae-fp16-fix")
+    if path.is_dir():
+        subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
+        if subfolder is None and not (path / "config.json").is_file():
+            raise ModelLoadError(f"--vae '{ref}' has no config.json (nor vae/config.json); pass a diffusers VAE folder")
+        source: Path | str = path
+    elif ref.startswith((".", "/", "~")):
+        raise ModelLoadError(f"--vae folder '{ref}' does not exist; pass a diffusers VAE folder or a hub id")
+    else:
+        source, subfolder = ref, None
+    try:
+        return AutoencoderKL.from_pretrained(source, subfolder=subfolder, dtype=dtype, use_safetensors=None if allow_pickle else True, local_files_only=not isinstance(source, Path) and not _hub_reachable())
+    except (OSError, ValueError) as error:
+        raise ModelLoadError(f"could not load the VAE {ref!r}: {error}; pass a local diffusers VAE folder with --vae PATH") from error
+
+
+def load_components(ref: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", allow_pickle: bool = False, vae: str = "") -> Components:
+    """Load tokenizers, text encoders, UNet, VAE (or the one `vae` names) and the training noise scheduler of a model reference."""
     if ref.startswith("random:"):
-        return build_random(ref.split(":", 1)[1], dtype=dtype, device=device)
+        components = build_random(ref.split(":", 1)[1], dtype=dtype, device=device)
+        if vae:
+            components.vae = load_vae(vae, dtype, allow_pickle).to(device=device).requires_grad_(False)
+        return components
     source = resolve_model_dir(ref, allow_pickle)
     local = isinstance(source, Path)
+
+    def load(cache_only: bool) -> tuple[tuple[Any, ...], ModelFamily, dict[str, Any]]:
+        parts = _load_parts(source, allow_pickle, cache_only, dtype)
+        family = detect_family(parts[1].config, dict(parts[2].config))
+        return parts, family, _load_extra_encoders(family, source, allow_pickle, cache_only, dtype)
+
     try:
-        parts = _load_parts(source, allow_pickle, True, dtype)
+        parts, family, extra = load(True)
     except (OSError, ValueError) as error:
         # A hub id not in the cache: download only when the hub can be reached, so offline fails at once.
         if local or not _hub_reachable():
             raise _load_failure(ref, source, error) from error
         try:
-            parts = _load_parts(source, allow_pickle, False, dtype)
+            parts, family, extra = load(False)
         except (OSError, ValueError) as second:
             raise _load_failure(ref, source, second) from second
-    tokenizer, text_encoder, unet, vae, noise_scheduler = parts
-    family = detect_family(text_encoder.config, dict(unet.config))
-    for module in (unet, vae, text_encoder):
+    tokenizer, text_encoder, unet, base_vae, noise_scheduler = parts
+    if vae:
+        base_vae = load_vae(vae, dtype, allow_pickle)
+    for module in (unet, base_vae, text_encoder, *(m for m in extra.values() if isinstance(m, torch.nn.Module))):
         module.to(device=device).requires_grad_(False)  # base weights never train; adapters opt in
-    return Components(ref, family, tokenizer, text_encoder, unet, vae, noise_scheduler, source if local else None)
+    return Components(ref, family, tokenizer, text_encoder, unet, base_vae, noise_scheduler, source if local else None, **extra)
 
 
 def _load_failure(ref: str, source: Path | str, error: Exception | None) -> ModelLoadError:
@@ -324,15 +533,22 @@ def build_random(arch: str, dtype: torch.dtype = torch.float32, device: torch.de
         write_char_tokenizer(tokenizer_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
     torch.manual_seed(0)
+    extra: dict[str, Any] = {}
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(read("unet"))
         vae = AutoencoderKL.from_config(read("vae"))
         text_encoder = CLIPTextModel(CLIPTextConfig(**read("text_encoder")))
+        family = detect_family(text_encoder.config, dict(unet.config))
+        if len(family.text_encoder_names) > 1:
+            import transformers
+
+            for tokenizer_name, encoder_name, class_name in list(zip(family.tokenizer_names, family.text_encoder_names, family.text_encoder_classes))[1:]:
+                extra[tokenizer_name] = tokenizer  # the char tokenizer: ids are all that matters for speed
+                extra[encoder_name] = getattr(transformers, class_name)(CLIPTextConfig(**read(encoder_name)))
     noise_scheduler = DDPMScheduler.from_config(read("scheduler"))
-    for module in (unet, vae, text_encoder):
+    for module in (unet, vae, text_encoder, *(m for m in extra.values() if isinstance(m, torch.nn.Module))):
         module.to(dtype=dtype).requires_grad_(False)
-    family = detect_family(text_encoder.config, dict(unet.config))
-    return Components(f"random:{arch}", family, tokenizer, text_encoder, unet, vae, noise_scheduler)
+    return Components(f"random:{arch}", family, tokenizer, text_encoder, unet, vae, noise_scheduler, **extra)
 
 
 def public_model_ref(ref: str) -> str:
@@ -353,6 +569,17 @@ def encode_prompt(text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> tor
     return text_encoder(input_ids)[0]
 
 
+def tokenize_all(components: Components, prompts: list[str]) -> list[torch.Tensor]:
+    """Token ids of `prompts` for each of the family's tokenizers, in text-encoder order."""
+    return [tokenize(tokenizer, prompts) for tokenizer in components.tokenizers]
+
+
+def encode_prompts(components: Components, input_ids: list[torch.Tensor], text_encoders: Sequence[torch.nn.Module] | None = None) -> PromptEmbeddings:
+    """The family's prompt encoding (`text_encoders` replaces the components' own, e.g. wrapped for training)."""
+    encoders = list(text_encoders) if text_encoders is not None else list(components.text_encoders.values())
+    return components.family.encode(encoders, input_ids)
+
+
 def build_pipeline(components: Components, scheduler: str = "dpm++") -> Any:
     """A StableDiffusionPipeline over the loaded components with an inference scheduler."""
     from diffusers import (
@@ -367,6 +594,8 @@ def build_pipeline(components: Components, scheduler: str = "dpm++") -> Any:
     config = dict(components.noise_scheduler.config)
     extra = {"algorithm_type": "dpmsolver++"} if scheduler == "dpm++" else {}
     inference_scheduler = classes[scheduler].from_config(config, **extra)
+    if components.family.pipeline_class != "StableDiffusionPipeline":
+        return _build_family_pipeline(components, inference_scheduler)
     pipeline = StableDiffusionPipeline(
         vae=components.vae,
         text_encoder=components.text_encoder,
@@ -377,6 +606,22 @@ def build_pipeline(components: Components, scheduler: str = "dpm++") -> Any:
         feature_extractor=None,
         requires_safety_checker=False,
     )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
+
+
+def pipeline_family(pipeline: Any) -> ModelFamily:
+    """The family whose pipeline class `pipeline` is (SD 1.x for anything else)."""
+    return next((f for f in FAMILIES.values() if f.pipeline_class == type(pipeline).__name__), SD1)
+
+
+def _build_family_pipeline(components: Components, inference_scheduler: Any) -> Any:
+    """The family's own pipeline class (SDXL: StableDiffusionXLPipeline) over the loaded components."""
+    import diffusers
+
+    parts = {name: getattr(components, name) for name in (*components.family.text_encoder_names, *components.family.tokenizer_names)}
+    options = {"add_watermarker": False} if components.family.pipeline_class == "StableDiffusionXLPipeline" else {}
+    pipeline = getattr(diffusers, components.family.pipeline_class)(vae=components.vae, unet=components.unet, scheduler=inference_scheduler, **parts, **options)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

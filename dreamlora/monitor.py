@@ -79,7 +79,7 @@ class SampleMonitor:
             self.base = {prompt: self._generate(prompt) for prompt in self.prompts}
 
     def _models(self) -> list[torch.nn.Module]:
-        return [self.components.unet, self.components.text_encoder]
+        return [self.components.unet, *self.components.text_encoders.values()]
 
     def _generate(self, prompt: str) -> list[Image.Image]:
         return generate_images(self.pipeline, prompt, self.seeds, self.steps, self.guidance, self.resolution)

@@ -113,7 +113,7 @@ def _render(pipeline: Any, prior_cfg: PriorConfig, settings: dict[str, Any], see
             prompt=[settings["prompt"]] * len(chunk),
             negative_prompt=[prior_cfg.negative_prompt] * len(chunk) if prior_cfg.negative_prompt else None,
             num_inference_steps=prior_cfg.steps,
-            guidance_scale=prior_cfg.guidance,
+            guidance_scale=settings["guidance"],
             height=settings["resolution"],
             width=settings["resolution"],
             generator=generators,
@@ -160,14 +160,17 @@ def generate_class_images(
     """
     import time
 
+    from dreamlora.models import pipeline_family
+
     out_dir.mkdir(parents=True, exist_ok=True)
+    guidance = prior_cfg.resolved_guidance(pipeline_family(pipeline).default_guidance)
     settings = {
         "model": model_ref,
         "prompt": prior_cfg.resolved_prompt(),
         "negative_prompt": prior_cfg.negative_prompt,
         "resolution": resolution,
         "steps": prior_cfg.steps,
-        "guidance": prior_cfg.guidance,
+        "guidance": guidance,
         "scheduler": prior_cfg.scheduler,
         "seed": prior_cfg.seed,
     }
@@ -253,7 +256,7 @@ def run_prior(
         raise ConfigError("no class given; pass --class NAME (e.g. --class dog)")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     _, dtype = resolve_precision(model_cfg.precision, device)
-    components = load_components(model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle)
+    components = load_components(model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle, vae=model_cfg.vae)
     select_attention(components, model_cfg.attention, device)
     pipeline = build_pipeline(components, prior_cfg.scheduler)
     out_dir = Path(prior_cfg.out) if prior_cfg.out else priors_root / safe_name(prior_cfg.class_name)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from dreamlora.data import ImageFolderDataset, jitter_colors, random_offset, resize_and_crop_to, stream_indices, to_tensor
+from dreamlora.data import ImageFolderDataset, jitter_colors, random_offset, resize_and_crop_to, size_ids, stream_indices, to_tensor
 from dreamlora.latent_cache import LatentDiskCache, file_digest
 
 Size = tuple[int, int]  # (width, height) in pixels
@@ -116,13 +116,18 @@ class AugmentedLatents:
 
     def view(self, index: int, size: Size, flipped: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         """The pixels training sees: cover-resize and crop (random with a generator and random crops), jitter, flip."""
+        return self._render(index, size, flipped, generator)[0]
+
+    def _render(self, index: int, size: Size, flipped: bool, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The view's pixels and its SDXL size conditioning (the crop it took, mirrored when flipped)."""
         image = self.dataset.images[index]
         offset = random_offset(image.size, size, generator) if generator is not None and not self.center_crop else None
+        ids = size_ids(image.size, size, offset, flipped)
         image = resize_and_crop_to(image, size, offset)
         if generator is not None and self.color_jitter > 0:
             image = jitter_colors(image, self.color_jitter, generator)
         pixels = to_tensor(image)
-        return pixels.flip(-1) if flipped else pixels
+        return (pixels.flip(-1) if flipped else pixels), ids
 
     def stats(self, index: int, size: Size, flipped: bool) -> tuple[torch.Tensor, torch.Tensor]:
         key = (index, size, flipped)
@@ -136,13 +141,19 @@ class AugmentedLatents:
         return self.memory[key]
 
     def sample(self, indices: list[int], generator: torch.Generator, size: Size) -> torch.Tensor:
+        return self.sample_with_sizes(indices, generator, size)[0]
+
+    def sample_with_sizes(self, indices: list[int], generator: torch.Generator, size: Size) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents of the examples `indices` at `size` = (width, height) and their size conditioning, shape (len(indices), 6)."""
         device = generator.device
         flips = torch.randint(0, 2, (len(indices),), generator=generator, device=device) if self.flip else torch.zeros(len(indices), dtype=torch.long, device=device)
         if self.cacheable:
             stats = [self.stats(i, size, bool(f)) for i, f in zip(indices, flips.tolist())]
             mean, std = torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
+            ids = [size_ids(self.dataset.images[i].size, size, None, bool(f)) for i, f in zip(indices, flips.tolist())]
         else:
-            views = [self.view(i, size, bool(f), torch.Generator().manual_seed(int(generator.initial_seed()) + i)) for i, f in zip(indices, flips.tolist())]
-            mean, std = self.encode(torch.stack(views))
+            views = [self._render(i, size, bool(f), torch.Generator().manual_seed(int(generator.initial_seed()) + i)) for i, f in zip(indices, flips.tolist())]
+            mean, std = self.encode(torch.stack([v[0] for v in views]))
+            ids = [v[1] for v in views]
         eps = torch.randn(mean.shape, generator=generator, device=device)
-        return ((mean.to(device) + std.to(device) * eps) - self.shift) * self.scaling
+        return ((mean.to(device) + std.to(device) * eps) - self.shift) * self.scaling, torch.stack(ids).to(device)

@@ -3,7 +3,7 @@
 An eager SD 1.5 LoRA step launches about 13,000 kernels and is bound by launch overhead, not arithmetic. Replaying a
 captured graph launches the same work with one call, so the step costs what the GPU needs. The graph holds the text
 encoder, UNet, loss, backward, master-weight copies, gradient clipping and the fused AdamW update; the loop copies each
-step's latents, noise, timesteps and target into static buffers and replays it.
+step's latents, noise, timesteps, target, loss weights and SDXL size ids into static buffers and replays it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+
+from dreamlora.models import PromptEmbeddings
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +41,7 @@ def dreambooth_loss(
 
 def batch_loss(
     unet: torch.nn.Module,
-    context_fn: Callable[[], torch.Tensor],
+    context_fn: Callable[[], torch.Tensor | PromptEmbeddings],
     rows: torch.Tensor,
     noisy: torch.Tensor,
     timesteps: torch.Tensor,
@@ -48,11 +50,21 @@ def batch_loss(
     prior_weight: float,
     weight_dtype: torch.dtype,
     weights: torch.Tensor | None = None,
+    size_ids: torch.Tensor | None = None,
+    added_conditioning: Callable[[PromptEmbeddings, torch.Tensor], dict[str, torch.Tensor] | None] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Predict with the UNet conditioned on each row's prompt and return (loss, instance loss, prior loss)."""
+    """Predict with the UNet conditioned on each row's prompt and return (loss, instance loss, prior loss).
+
+    `context_fn` gives the encoded distinct prompts (a context tensor, or `PromptEmbeddings` with SDXL's pooled text);
+    `added_conditioning` (`ModelFamily.added_conditioning`) turns each row's embeddings and `size_ids` (rows, 6) into the
+    UNet's `added_cond_kwargs` (SDXL), or None for families without them.
+    """
     # Each distinct prompt is encoded once and indexed by row: gradients still reach every row.
-    context = context_fn()[rows]
-    pred = unet(noisy.to(weight_dtype), timesteps, context.to(weight_dtype)).sample
+    embeddings = context_fn()
+    embeddings = (embeddings if isinstance(embeddings, PromptEmbeddings) else PromptEmbeddings(embeddings)).select(rows)
+    added = added_conditioning(embeddings, size_ids) if added_conditioning is not None else None
+    added = {key: value.to(weight_dtype) for key, value in added.items()} if added else None
+    pred = unet(noisy.to(weight_dtype), timesteps, embeddings.context.to(weight_dtype), added_cond_kwargs=added).sample
     return dreambooth_loss(pred, target, n_instance, prior_weight, weights)
 
 

@@ -20,11 +20,11 @@ import torch
 from dreamlora import __version__
 from dreamlora import checkpoint as ckpt
 from dreamlora.config import RunConfig, replace, to_toml
-from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, instance_prompts, list_images, make_buckets, nearest_bucket
+from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, instance_prompts, list_images, make_buckets, nearest_bucket, resize_and_crop, to_tensor
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
 from dreamlora.lora import LORA_FILE, adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, save_diffusers_lora, trainable_parameters
-from dreamlora.models import Components, encode_prompt, load_components, public_model_ref, resolve_precision, select_attention, tokenize
+from dreamlora.models import Components, PromptEmbeddings, encode_prompts, load_components, public_model_ref, resolve_precision, select_attention, tokenize_all
 from dreamlora.prior import MANIFEST, read_prior_set, safe_name
 from dreamlora.sampling import AugmentedLatents, BucketPlan, SquarePlan, class_indices
 from dreamlora.step import CudaGraphStep, batch_loss, dreambooth_loss
@@ -145,10 +145,11 @@ def default_run_dir(cfg: RunConfig, runs_root: Path = Path("runs")) -> tuple[Pat
 
 
 @torch.no_grad()
-def encode_latent_stats(vae: torch.nn.Module, pixels: torch.Tensor, batch_size: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_latent_stats(vae: torch.nn.Module, pixels: torch.Tensor, batch_size: int = 2, where: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """Mean and std of the VAE posterior for each image; a step then samples latents without running the VAE.
 
     Small batches: at 512 px the VAE encoder's activations, not the UNet step, would otherwise set the run's peak memory.
+    `where` names the images in the error raised for NaN/inf latents (see `check_latents`).
     """
     means, stds = [], []
     for start in range(0, pixels.shape[0], batch_size):
@@ -156,7 +157,19 @@ def encode_latent_stats(vae: torch.nn.Module, pixels: torch.Tensor, batch_size: 
         dist = vae.encode(chunk).latent_dist
         means.append(dist.mean.float())
         stds.append(dist.std.float())
-    return torch.cat(means), torch.cat(stds)
+    means_all = torch.cat(means)
+    check_latents(means_all, vae, where or "the training images")  # before anything is cached, in memory or on disk
+    return means_all, torch.cat(stds)
+
+
+def check_latents(means: torch.Tensor, vae: torch.nn.Module, where: str) -> None:
+    """Refuse NaN/inf latents at once: a VAE overflowing in fp16 (SDXL's does) would otherwise train on garbage."""
+    bad = int((~torch.isfinite(means.flatten(1))).any(dim=1).sum())
+    if bad:
+        raise ConfigError(
+            f"the VAE gave NaN/inf latents for {bad} of {means.shape[0]} images of {where} (VAE in {str(vae.dtype).replace('torch.', '')}); "
+            "SDXL's VAE overflows in fp16: use --precision bf16 or fp32, or a VAE made for fp16 with --vae (e.g. madebyollin/sdxl-vae-fp16-fix)"
+        )
 
 
 class LatentSource:
@@ -166,11 +179,16 @@ class LatentSource:
         self.dataset, self.vae, self.flip, self.cache = dataset, vae, flip, cache
         self.scaling = vae.config.scaling_factor
         self.shift = getattr(vae.config, "shift_factor", None) or 0.0
+        self.encode = functools.partial(encode_latent_stats, vae, where=f"'{dataset.folder.root}'")
+        if cache:
+            # SDXL's size conditioning of each cached view: the centre crop, mirrored for the flipped view.
+            boxes = [dataset.center_crop_box(i) for i in range(len(dataset))]
+            self.size_ids = torch.stack([torch.stack([dataset.size_conditioning(i, boxes[i], flipped) for i in range(len(dataset))]) for flipped in ((False, True) if flip else (False,))])
         if cache and disk is not None:
             # Each view read from the disk cache, or encoded alone and stored there (see latent_cache.py).
             contents, size = [file_digest(p) for p in dataset.folder.paths], (dataset.resolution, dataset.resolution)
             stats = [
-                disk.get_or_encode([disk.key(c, size, "center", flipped) for c in contents], lambda i, f=flipped: dataset[i]["pixel_values"].flip(-1) if f else dataset[i]["pixel_values"], functools.partial(encode_latent_stats, vae))
+                disk.get_or_encode([disk.key(c, size, "center", flipped) for c in contents], lambda i, f=flipped: dataset[i]["pixel_values"].flip(-1) if f else dataset[i]["pixel_values"], self.encode)
                 for flipped in ((False, True) if flip else (False,))
             ]
             self.means = torch.stack([s[0] for s in stats]).to(vae.device)
@@ -178,7 +196,7 @@ class LatentSource:
         elif cache:
             pixels = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
             views = [pixels, pixels.flip(-1)] if flip else [pixels]
-            stats = [encode_latent_stats(vae, view) for view in views]
+            stats = [self.encode(view) for view in views]
             self.means = torch.stack([s[0] for s in stats])  # (views, N, C, h, w)
             self.stds = torch.stack([s[1] for s in stats])
 
@@ -187,18 +205,35 @@ class LatentSource:
 
     def sample(self, indices: list[int], generator: torch.Generator, size: tuple[int, int] | None = None) -> torch.Tensor:
         """Latents of `indices`; `size` is always the square training resolution here (buckets use sampling.AugmentedLatents)."""
+        return self.sample_with_sizes(indices, generator, size)[0]
+
+    def sample_with_sizes(self, indices: list[int], generator: torch.Generator, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Latents of the examples `indices` and their SDXL size conditioning, shape (len(indices), 6)."""
         device = generator.device
         flips = torch.randint(0, 2, (len(indices),), generator=generator, device=device) if self.flip else torch.zeros(len(indices), dtype=torch.long, device=device)
         if self.cache:
             index = torch.tensor(indices, device=self.means.device)
             mean = self.means[flips.to(self.means.device), index]
             std = self.stds[flips.to(self.means.device), index]
+            sizes = self.size_ids[flips.cpu(), index.cpu()]
         else:
-            pixels = torch.stack([self.dataset.random_crop(i, torch.Generator().manual_seed(int(generator.initial_seed()) + i)) for i in indices])
+            boxes = [self.dataset.random_crop_box(i, torch.Generator().manual_seed(int(generator.initial_seed()) + i)) for i in indices]
+            pixels = torch.stack([to_tensor(resize_and_crop(self.dataset.images[i], self.dataset.resolution, box)) for i, box in zip(indices, boxes)])
             pixels = torch.where(flips.cpu().view(-1, 1, 1, 1).bool(), pixels.flip(-1), pixels)
-            mean, std = encode_latent_stats(self.vae, pixels)
+            mean, std = self.encode(pixels)
+            sizes = torch.stack([self.dataset.size_conditioning(i, box, bool(f)) for i, box, f in zip(indices, boxes, flips.tolist())])
         eps = torch.randn(mean.shape, generator=generator, device=device)
-        return ((mean.to(device) + std.to(device) * eps) - self.shift) * self.scaling
+        return ((mean.to(device) + std.to(device) * eps) - self.shift) * self.scaling, sizes.to(device)
+
+
+@dataclass
+class DrawnBatch:
+    """One micro-step's examples: instance rows first, then class rows."""
+
+    latents: torch.Tensor
+    rows: torch.Tensor  # the prompt of each example (an index into DreamBoothBatches.prompts)
+    size_ids: torch.Tensor  # (examples, 6) SDXL size conditioning; other families ignore it
+    generator: torch.Generator  # for the micro-step's other random draws
 
 
 class DreamBoothBatches:
@@ -237,17 +272,23 @@ class DreamBoothBatches:
     def _source(self, dataset: ImageFolderDataset, components: Components, disk: Any) -> Any:
         if self.augmented:
             data = self.data
-            encode = functools.partial(encode_latent_stats, components.vae)
+            encode = functools.partial(encode_latent_stats, components.vae, where=f"'{dataset.folder.root}'")
             return AugmentedLatents(dataset, components.vae, encode, data.flip, data.center_crop, data.color_jitter, disk)
         return LatentSource(dataset, components.vae, self.data.flip, cache=self.data.center_crop, disk=disk)
 
     def draw(self, micro_step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Generator]:
         """Latents, the prompt row of each example, and the generator for this micro-step's other random draws."""
+        batch = self.draw_batch(micro_step)
+        return batch.latents, batch.rows, batch.generator
+
+    def draw_batch(self, micro_step: int) -> DrawnBatch:
+        """The micro-step's latents, prompt rows and SDXL size conditioning."""
         # Every random draw of a micro-step comes from a generator seeded by (seed, micro-step, rank): resume is exact.
         position = micro_step * self.world + self.rank
         generator = torch.Generator(device=self.device).manual_seed(self.seed * 7_919 + position)
         indices, size = self.plan.batch(position)
-        latents = [self.sources[0].sample(indices, generator, size)]
+        sampled, ids = self.sources[0].sample_with_sizes(indices, generator, size)
+        latents, sizes = [sampled], [ids]
         rows = [self.instance_rows[i] for i in indices]
         if self.data.caption_dropout > 0:
             # Its own generator, so turning dropout on leaves every other draw of the run unchanged.
@@ -256,9 +297,11 @@ class DreamBoothBatches:
         if self.with_prior:
             chosen = class_indices(position, self.batch_size, self.data.class_ratio, len(self.sources[1]), self.seed + 1)
             if chosen:
-                latents.append(self.sources[1].sample(chosen, generator, size))
+                sampled, ids = self.sources[1].sample_with_sizes(chosen, generator, size)
+                latents.append(sampled)
+                sizes.append(ids)
                 rows += [1] * len(chosen)
-        return torch.cat(latents), torch.tensor(rows, device=self.device), generator
+        return DrawnBatch(torch.cat(latents), torch.tensor(rows, device=self.device), torch.cat(sizes), generator)
 
 
 def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, device: torch.device, capturable: bool = False) -> torch.optim.Optimizer:
@@ -266,7 +309,7 @@ def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, 
 
     `capturable`: state and learning rates live on the GPU so the update can run inside a CUDA graph.
     """
-    lrs = {"unet": cfg.train.lr, "text_encoder": cfg.train.resolved_text_encoder_lr}
+    lrs = {"unet": cfg.train.lr, "text_encoder": cfg.train.resolved_text_encoder_lr, "text_encoder_2": cfg.train.resolved_text_encoder_lr}
     lr = (lambda v: torch.tensor(v, device=device)) if capturable else float  # noqa: E731
     param_groups = [{"params": params, "lr": lr(lrs[name])} for name, params in groups.items()]
     if cfg.train.optimizer == "adamw8bit":
@@ -328,7 +371,7 @@ def lr_factor(kind: str, warmup: int, total: int, cycles: int = 1) -> Callable[[
 
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, group_names: list[str], cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """One schedule per parameter group: the UNet's, and the text encoder's own (which drops to 0 at its stop step)."""
+    """One schedule per parameter group: the UNet's, and the text encoders' own (which drops to 0 at its stop step)."""
     t = cfg.train
     unet = lr_factor(t.lr_scheduler, t.warmup_steps, t.max_steps, t.lr_cycles)
     te_warmup = t.warmup_steps if t.text_encoder_warmup_steps < 0 else t.text_encoder_warmup_steps
@@ -338,16 +381,16 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, group_names: list[str], 
     def text_encoder(step: int) -> float:
         return te_schedule(step) if step < stop else 0.0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [text_encoder if name == "text_encoder" else unet for name in group_names])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [text_encoder if name.startswith("text_encoder") else unet for name in group_names])
 
 
-def _freeze_text_encoder(params: list[torch.nn.Parameter], text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Stop training the text-encoder LoRA: no gradients from now on (the optimizer skips it); return the prompts' fixed encoding."""
+def _freeze_text_encoders(params: list[torch.nn.Parameter], components: Components, text_encoders: list[torch.nn.Module], input_ids: list[torch.Tensor]) -> PromptEmbeddings:
+    """Stop training the text-encoder LoRAs: no gradients from now on (the optimizer skips them); return the prompts' fixed encoding."""
     for param in params:
         param.requires_grad_(False)
         param.grad = None
     with torch.no_grad():
-        return encode_prompt(text_encoder, input_ids)
+        return encode_prompts(components, input_ids, text_encoders)
 
 
 def _sample_prompts(cfg: RunConfig) -> tuple[str, str]:
@@ -362,7 +405,7 @@ def _make_monitor(cfg: RunConfig, components: Components, run_dir: Path) -> Any:
 
     instance_prompt, class_prompt = _sample_prompts(cfg)
     seeds = list(range(cfg.train.seed, cfg.train.seed + cfg.train.num_samples))
-    return SampleMonitor(components, instance_prompt, class_prompt, cfg.data.instance_dir, seeds, cfg.prior.steps, cfg.prior.guidance, cfg.data.resolution, run_dir / "samples")
+    return SampleMonitor(components, instance_prompt, class_prompt, cfg.data.instance_dir, seeds, cfg.prior.steps, cfg.prior.resolved_guidance(components.family.default_guidance), cfg.data.resolution, run_dir / "samples")
 
 
 def _check_tracker(name: str) -> None:
@@ -455,7 +498,16 @@ def _enable_checkpointing(components: Components, train_text_encoder: bool, pres
     kwargs = {"use_reentrant": False, "preserve_rng_state": preserve_rng}
     components.unet.enable_gradient_checkpointing(functools.partial(checkpoint, **kwargs))
     if train_text_encoder:
-        components.text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        for text_encoder in components.text_encoders.values():
+            text_encoder.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+
+
+def prepare_vae(components: Components, weight_dtype: torch.dtype) -> None:
+    """Encode latents in fp32 where the family's VAE overflows in fp16 (SDXL), unless the VAE is one made for fp16."""
+    vae = components.vae
+    if weight_dtype == torch.float16 and not components.family.vae_fp16_safe and getattr(vae.config, "force_upcast", True):
+        log.info("the %s VAE overflows in fp16: encoding latents in fp32 (pass --vae with an fp16-safe VAE to skip this)", components.family.name)
+        vae.to(torch.float32)
 
 
 def check_gradients(groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, float]:
@@ -488,6 +540,7 @@ def _run_info(cfg: RunConfig, components: Components, run_dir: Path, steps: int,
         "rank": cfg.adapter.rank,
         "alpha": cfg.adapter.resolved_alpha,
         "train_text_encoder": cfg.adapter.train_text_encoder,
+        "unet_layout": {key: components.unet.config[key] for key in ("layers_per_block", "down_block_types", "up_block_types")},
         "seed": cfg.train.seed,
         "dreamlora_version": __version__,
         "status": status,
@@ -591,41 +644,48 @@ def _train(
     device = accelerator.device
     torch.manual_seed(cfg.train.seed)  # adapter initialisation
     if components is None:
-        components = load_components(cfg.model.name, dtype=weight_dtype, device=device, allow_pickle=cfg.model.allow_pickle)
+        components = load_components(cfg.model.name, dtype=weight_dtype, device=device, allow_pickle=cfg.model.allow_pickle, vae=cfg.model.vae)
     if not cfg.data.resolution:
         cfg = replace(cfg, data=replace(cfg.data, resolution=components.native_resolution))
     unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
     attention = select_attention(components, cfg.model.attention, device)
     vae.requires_grad_(False)
     train_te = cfg.adapter.train_text_encoder
-    attach_adapters(unet, text_encoder, cfg.adapter)
+    text_encoder_2 = components.text_encoder_2  # SDXL's second text encoder; None for one-encoder families
+    attach_adapters(unet, text_encoder, cfg.adapter, text_encoder_2, components.family.penultimate_encoders)
     if cfg.train.gradient_checkpointing:
         _enable_checkpointing(components, train_te, preserve_rng=cfg.adapter.dropout > 0)
     graphs = use_cuda_graphs(cfg, device, accelerator.num_processes, precision)
 
     # Data: instance and class latents cached once (each image and its flip), prompts tokenized once.
+    prepare_vae(components, weight_dtype)
     batches = DreamBoothBatches(cfg, components, device, accelerator.num_processes, accelerator.process_index)
     with_prior = batches.with_prior
-    input_ids = tokenize(components.tokenizer, batches.prompts).to(device)
+    input_ids = [ids.to(device) for ids in tokenize_all(components, batches.prompts)]  # one tensor per tokenizer (SDXL: two)
+    text_encoders = list(components.text_encoders.values())
     if not train_te:
         with torch.no_grad():
-            cached_context = encode_prompt(text_encoder, input_ids)
-    context_fn = (lambda: encode_prompt(text_encoder, input_ids)) if train_te else (lambda: cached_context)  # noqa: E731
+            cached_embeddings = encode_prompts(components, input_ids)
+    # SDXL also conditions on the pooled prompt and each image's size and crop; other families add nothing.
+    added_conditioning = components.family.added_conditioning
 
-    # Optimizer: separate groups (and learning rates) for UNet and text encoder.
+    # Optimizer: separate groups (and learning rates) for the UNet and each text encoder.
     groups = {"unet": trainable_parameters(unet)}
     if train_te:
-        groups["text_encoder"] = trainable_parameters(text_encoder)
+        groups.update({name: trainable_parameters(encoder) for name, encoder in components.text_encoders.items()})
     masters = MasterWeights(groups, weight_dtype) if weight_dtype == torch.bfloat16 and accelerator.mixed_precision == "no" else None
     optimizer = make_optimizer(masters.masters if masters else groups, cfg, device, capturable=graphs)
     fp32_lora = masters.fp32_in_model if masters else contextlib.nullcontext
     lr_scheduler = make_lr_scheduler(optimizer, list(groups), cfg)
-    models = [unet, text_encoder] if train_te else [unet]
+    models = [unet, *text_encoders] if train_te else [unet]
     prepared = accelerator.prepare(*models, optimizer)
     unet = prepared[0]
     if train_te:
-        text_encoder = prepared[1]
+        text_encoders = list(prepared[1:-1])  # wrapped for training, in the family's order
+        text_encoder = text_encoders[0]
+        text_encoder_2 = text_encoders[1] if len(text_encoders) > 1 else None
     optimizer = prepared[-1]
+    context_fn = (lambda: encode_prompts(components, input_ids, text_encoders)) if train_te else (lambda: cached_embeddings)  # noqa: E731
 
     # Run folder: created by the main process, its path shared with the others.
     start_step = 0
@@ -636,7 +696,7 @@ def _train(
     control.run_dir = run_dir
     if resume_from is not None:
         with fp32_lora():
-            start_step = _restore(resume_from, accelerator, unet, text_encoder, optimizer, lr_scheduler)
+            start_step = _restore(resume_from, accelerator, unet, text_encoder, optimizer, lr_scheduler, text_encoder_2)
         if accelerator.is_main_process:
             _truncate_metrics(run_dir / ckpt.METRICS_FILE, start_step)
     if accelerator.is_main_process:
@@ -650,7 +710,7 @@ def _train(
     def unwrapped() -> dict[str, torch.nn.Module]:
         out = {"unet": accelerator.unwrap_model(unet)}
         if train_te:
-            out["text_encoder"] = accelerator.unwrap_model(text_encoder)
+            out.update({name: accelerator.unwrap_model(encoder) for name, encoder in zip(components.text_encoders, text_encoders)})
         return out
 
     def write_lora(folder: Path) -> Path:
@@ -671,19 +731,21 @@ def _train(
     unet.train()
     graph_step = None
     if graphs:
-        def graph_loss(rows: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor, weights: torch.Tensor) -> Any:
-            # The text encoder stays in the graph after --text-encoder-steps-fraction: its learning rate is 0 from then on.
-            return batch_loss(unet, context_fn, rows, noisy, timesteps, target, bsz, cfg.train.prior_weight, weight_dtype, weights)
+        def graph_loss(rows: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, size_ids: torch.Tensor) -> Any:
+            # The text encoders stay in the graph after --text-encoder-steps-fraction: their learning rate is 0 from then on.
+            return batch_loss(unet, context_fn, rows, noisy, timesteps, target, bsz, cfg.train.prior_weight, weight_dtype, weights, size_ids, added_conditioning)
 
         params = [p for ps in groups.values() for p in ps]
         first_check = (lambda: check_gradients(groups)) if start_step == 0 or resume_from is not None else None  # noqa: E731
         graph_step = CudaGraphStep(graph_loss, params, getattr(optimizer, "optimizer", optimizer), cfg.train.max_grad_norm, masters, first_check)
     for step in range(start_step, cfg.train.max_steps):
         if encode_each_step and step >= cfg.train.text_encoder_stop_step and graph_step is None:
-            cached_context = _freeze_text_encoder(groups["text_encoder"], text_encoder, input_ids)
+            te_params = [p for name, ps in groups.items() if name != "unet" for p in ps]
+            cached_embeddings = _freeze_text_encoders(te_params, components, text_encoders, input_ids)
             encode_each_step = False
         for micro in range(accum):
-            latents, rows, generator = batches.draw(step * accum + micro)
+            batch = batches.draw_batch(step * accum + micro)
+            latents, rows, generator = batch.latents, batch.rows, batch.generator
             noise = sample_noise(latents, generator, cfg.train.noise_offset)
             timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -693,15 +755,18 @@ def _train(
                 # One replay runs forward, backward, clipping and AdamW; a non-finite loss skips the update in-graph.
                 if weights is None:
                     weights = torch.ones(latents.shape[0], device=device)
-                loss, instance_loss, prior_loss = graph_step(rows, noisy, timesteps, target, weights)
+                loss, instance_loss, prior_loss = graph_step(rows, noisy, timesteps, target, weights, batch.size_ids)
                 if graph_step.capture_seconds and step == start_step:
                     log.info("CUDA graph captured in %.1f s", graph_step.capture_seconds)
                 continue
             with accelerator.accumulate(*models), accelerator.autocast():
                 # Encode each distinct prompt of this step once and index it: gradients still reach every row.
                 used, rows = rows.unique(return_inverse=True)  # with captions, only this step's prompts
-                context_fn = (lambda: encode_prompt(text_encoder, input_ids[used])) if encode_each_step else (lambda: cached_context[used])  # noqa: E731
-                loss, instance_loss, prior_loss = batch_loss(unet, context_fn, rows, noisy, timesteps, target, bsz, cfg.train.prior_weight, weight_dtype, weights)
+                step_ids = [ids[used] for ids in input_ids]
+                context_fn = (lambda: encode_prompts(components, step_ids, text_encoders)) if encode_each_step else (lambda: cached_embeddings.select(used))  # noqa: E731
+                loss, instance_loss, prior_loss = batch_loss(
+                    unet, context_fn, rows, noisy, timesteps, target, bsz, cfg.train.prior_weight, weight_dtype, weights, batch.size_ids, added_conditioning
+                )
                 if not torch.isfinite(loss):
                     # A non-finite loss must not reach the weights: skip the step and stop after several in a row.
                     optimizer.zero_grad(set_to_none=True)
@@ -806,13 +871,16 @@ def _broadcast_path(accelerator: Any, path: Path) -> Path:
     return Path(holder[0])
 
 
-def _restore(folder: Path, accelerator: Any, unet: Any, text_encoder: Any, optimizer: Any, lr_scheduler: Any) -> int:
+def _restore(folder: Path, accelerator: Any, unet: Any, text_encoder: Any, optimizer: Any, lr_scheduler: Any, text_encoder_2: Any = None) -> int:
     """Load LoRA weights, optimizer, LR schedule and scaler from a checkpoint; return its step."""
     from dreamlora.lora import read_diffusers_lora
 
     state = ckpt.load_checkpoint_state(folder)
     state_dicts, metadata = read_diffusers_lora(folder / ckpt.LORA_DIR)
-    load_adapters({"unet": accelerator.unwrap_model(unet), "text_encoder": accelerator.unwrap_model(text_encoder)}, state_dicts, metadata)
+    models = {"unet": accelerator.unwrap_model(unet), "text_encoder": accelerator.unwrap_model(text_encoder)}
+    if text_encoder_2 is not None:
+        models["text_encoder_2"] = accelerator.unwrap_model(text_encoder_2)
+    load_adapters(models, state_dicts, metadata)
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
     if state.get("scaler") and accelerator.scaler is not None:
@@ -833,7 +901,8 @@ def _final_pictures(cfg: RunConfig, components: Components, models: dict[str, to
         prompts = [p for p in _sample_prompts(cfg) if p]
         base = monitor.base if monitor is not None else None
         adapted = monitor.latest[1] if monitor is not None and monitor.latest[0] == cfg.train.max_steps else None
-        grid = comparison_grid(components, prompts, cfg.train.num_samples, cfg.train.seed, cfg.prior.steps, cfg.prior.guidance, cfg.data.resolution, base, adapted)
+        guidance = cfg.prior.resolved_guidance(components.family.default_guidance)
+        grid = comparison_grid(components, prompts, cfg.train.num_samples, cfg.train.seed, cfg.prior.steps, guidance, cfg.data.resolution, base, adapted)
         samples_dir = run_dir / "samples"
         samples_dir.mkdir(exist_ok=True)
         grid.save(samples_dir / "final.png")
