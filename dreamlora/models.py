@@ -360,10 +360,11 @@ def tiny_model_dir(preset: str = "tiny") -> Path:
     folder = _cache_root() / f"{preset}-v1"
     if not (folder / "model_index.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
-        if preset == "tiny-sdxl":
-            build_tiny_sdxl(folder)
-        else:
-            build_tiny(folder, prediction_type=TINY_PRESETS[preset])
+        with torch.random.fork_rng(devices=[]):  # building on first use must not move the caller's random state
+            if preset == "tiny-sdxl":
+                build_tiny_sdxl(folder)
+            else:
+                build_tiny(folder, prediction_type=TINY_PRESETS[preset])
     return folder
 
 
@@ -477,7 +478,9 @@ def load_vae(ref: str, dtype: torch.dtype = torch.float32, allow_pickle: bool = 
 def load_components(ref: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", allow_pickle: bool = False, vae: str = "") -> Components:
     """Load tokenizers, text encoders, UNet, VAE (or the one `vae` names) and the training noise scheduler of a model reference."""
     if ref.startswith("random:"):
-        components = build_random(ref.split(":", 1)[1], dtype=dtype, device=device)
+        with torch.random.fork_rng(devices=[]):  # seeded weights, and the caller's random state untouched
+            torch.manual_seed(0)
+            components = build_random(ref.split(":", 1)[1], dtype=dtype, device=device)
         if vae:
             components.vae = load_vae(vae, dtype, allow_pickle).to(device=device).requires_grad_(False)
         return components
@@ -532,7 +535,6 @@ def build_random(arch: str, dtype: torch.dtype = torch.float32, device: torch.de
     if not (tokenizer_dir / "vocab.json").is_file():
         write_char_tokenizer(tokenizer_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)
-    torch.manual_seed(0)
     extra: dict[str, Any] = {}
     with torch.device(device):
         unet = UNet2DConditionModel.from_config(read("unet"))
