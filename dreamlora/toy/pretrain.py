@@ -194,19 +194,23 @@ def _random_images(batch: int, generator: torch.Generator, marked: bool = False)
     return images * 2 - 1, classes
 
 
-def _codec_images(batch: int, generator: torch.Generator) -> torch.Tensor:
+def _codec_images(
+    batch: int, generator: torch.Generator, recolour_rate: float = 0.3, marked_class: str | None = None
+) -> torch.Tensor:
     """Scenes for the VAE, in [-1, 1]: beyond the class scenes, marked objects and objects
     of any hue, so the codec keeps colours (the mark's yellow above all) the diffusion
     model has yet to learn."""
     device = generator.device
     classes = torch.randint(len(world.CLASSES), (batch,), generator=generator, device=device)
     marked = torch.rand(batch, generator=generator, device=device) < 0.4
+    if marked_class is not None:
+        marked &= classes == world.class_index(marked_class)
     layout = world.sample_layout(classes, generator, marked)
     hue = torch.rand(batch, generator=generator, device=device)
     saturation = 0.6 + 0.4 * torch.rand(batch, generator=generator, device=device)
     value = 0.5 + 0.5 * torch.rand(batch, generator=generator, device=device)
     vivid = world.hsv_to_rgb(hue, saturation, value)
-    recolour = torch.rand(batch, generator=generator, device=device) < 0.3
+    recolour = torch.rand(batch, generator=generator, device=device) < recolour_rate
     layout = replace(layout, colour=torch.where(recolour[:, None], vivid, layout.colour))
     return world.render_batch(layout, RESOLUTION) * 2 - 1
 
@@ -273,10 +277,11 @@ def train_vae(vae: AutoencoderKL, cfg: PretrainConfig, generator: torch.Generato
 def refine_decoder(
     vae: AutoencoderKL, steps: int, batch: int, lr: float, generator: torch.Generator, log: Callable[[str], None]
 ) -> None:
-    """Train only the decoder on `_codec_images`, the encoder (and so the latent space) frozen.
+    """Train only the decoder on class scenes (40% of dogs marked), the encoder (and so the latent space) frozen.
 
     Repairs a VAE whose decoder never saw the mark's yellow without touching the latents
-    the UNet was trained on.
+    the UNet was trained on. No other hues or marked classes: an encoder that never saw
+    them maps them near the class colours, and the decoder would then paint them there.
     """
     vae.requires_grad_(False)
     trained = list(vae.decoder.parameters()) + list(vae.post_quant_conv.parameters())
@@ -285,7 +290,7 @@ def refine_decoder(
     optimizer = torch.optim.AdamW(trained, lr=lr, weight_decay=0.0)
     vae.decoder.train()
     for step in range(steps):
-        images = _codec_images(batch, generator)
+        images = _codec_images(batch, generator, recolour_rate=0.0, marked_class=world.INSTANCE_CLASS)
         with torch.no_grad():
             latents = vae.encode(images).latent_dist.mean
         reconstruction = vae.decode(latents).sample
