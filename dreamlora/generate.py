@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFont
 
 from dreamlora.errors import ConfigError
 from dreamlora.models import Components, build_pipeline
@@ -58,12 +58,13 @@ def make_grid(rows: list[list[Image.Image]], labels: list[str] | None = None, la
     """Rows of equally sized images in one picture, with an optional text label left of each row."""
     width, height = rows[0][0].size
     columns = max(len(r) for r in rows)
-    label_width = label_width or (max(160, 6 * max((len(s) for s in labels), default=0)) if labels else 0)
+    font = ImageFont.load_default(size=12)  # the default bitmap font runs words together
+    label_width = label_width or (max(160, int(max(font.getlength(s) for s in labels)) + 10) if labels else 0)
     grid = Image.new("RGB", (label_width + columns * width, len(rows) * height), "white")
     draw = ImageDraw.Draw(grid)
     for r, row in enumerate(rows):
         if labels:
-            draw.text((4, r * height + height // 2 - 6), labels[r], fill="black")
+            draw.text((4, r * height + height // 2 - 7), labels[r], fill="black", font=font)
         for c, image in enumerate(row):
             grid.paste(image, (label_width + c * width, r * height))
     return grid
