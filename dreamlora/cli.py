@@ -436,6 +436,8 @@ def _train_with_progress(training: Any, cfg: Any, **kwargs: Any) -> None:
             )
 
         result = training.train(cfg, on_log=on_log, **kwargs)
+    if os.environ.get("RANK", "0") != "0":
+        return  # under `accelerate launch`, the main process reports
     _summary("training finished", [
         ("run folder", result.run_dir), ("steps", result.steps), ("final loss", f"{result.final_loss:.4f}"),
         ("time", f"{result.seconds:.1f} s"), ("attention", result.attention), ("precision", result.precision),

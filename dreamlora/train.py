@@ -522,7 +522,7 @@ def check_gradients(groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, fl
     return norms
 
 
-def _run_info(cfg: RunConfig, components: Components, run_dir: Path, steps: int, status: str) -> dict[str, Any]:
+def _run_info(cfg: RunConfig, components: Components, run_dir: Path, steps: int, status: str, processes: int = 1) -> dict[str, Any]:
     return {
         "name": run_dir.name,
         "model": public_model_ref(cfg.model.name),  # never an absolute path of the user's machine
@@ -544,6 +544,7 @@ def _run_info(cfg: RunConfig, components: Components, run_dir: Path, steps: int,
         "seed": cfg.train.seed,
         "dreamlora_version": __version__,
         "status": status,
+        "processes": processes,
     }
 
 
@@ -701,7 +702,7 @@ def _train(
             _truncate_metrics(run_dir / ckpt.METRICS_FILE, start_step)
     if accelerator.is_main_process:
         ckpt.write_atomic(run_dir / ckpt.CONFIG_FILE, to_toml(cfg).encode("utf-8"))
-        ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, start_step, "running"))
+        ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, start_step, "running", accelerator.num_processes))
         if cfg.train.report_to:
             _start_trackers(accelerator, cfg, run_dir)
     # Samples at fixed seeds (main process): the base model's images are made once, here, before any step.
@@ -826,7 +827,7 @@ def _train(
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 ckpt.save_checkpoint(run_dir, done, write_lora, training_state(done), cfg.train.keep_checkpoints)
-                ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, done, "running"))
+                ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, done, "running", accelerator.num_processes))
         if done < cfg.train.max_steps and control.stop_requested(accelerator):
             # SIGINT/SIGTERM: a checkpoint at this step boundary (unless one was just written), then a clean stop.
             accelerator.wait_for_everyone()
@@ -834,7 +835,7 @@ def _train(
             if accelerator.is_main_process:
                 if not (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and bad_steps == 0):
                     ckpt.save_checkpoint(run_dir, done, write_lora, training_state(done), cfg.train.keep_checkpoints)
-                ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, done, "interrupted"))
+                ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, done, "interrupted", accelerator.num_processes))
             number = control.signal_number or signal.SIGTERM
             raise TrainingInterrupted(
                 f"training stopped by {signal.Signals(number).name} after step {done} of {cfg.train.max_steps}; checkpoint saved in {folder}. "
@@ -848,7 +849,7 @@ def _train(
     samples: list[Path] = []
     if accelerator.is_main_process:
         lora_path = ckpt.write_folder_atomic(run_dir / ckpt.LORA_DIR, write_lora) / LORA_FILE
-        ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, cfg.train.max_steps, "finished"))
+        ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, cfg.train.max_steps, "finished", accelerator.num_processes))
         samples = _final_pictures(cfg, components, unwrapped(), run_dir, monitor)
     accelerator.end_training()
     capture = graph_step.capture_seconds if graph_step is not None else 0.0

@@ -1,0 +1,68 @@
+"""`dreamlora generate` with several LoRAs at their own scales, `--compare`, and data-parallel training on two CPU processes."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dreamlora.cli import app
+from dreamlora.config import load_config
+from dreamlora.train import resolve_data, train
+
+ROOT = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+@pytest.fixture
+def trained_run(tmp_path: Path, instance_dir: Path) -> Path:
+    cfg, _ = resolve_data(load_config(None, {
+        "model.name": "tiny", "data.instance_dir": str(instance_dir), "adapter.init": "nonzero", "adapter.alpha": "8",
+        "train.max_steps": "2", "train.num_samples": "0", "train.out": str(tmp_path / "runs" / "lora"),
+    }), priors_root=tmp_path / "none")
+    return train(cfg).run_dir
+
+
+def test_generate_with_two_loras_and_compare(tmp_path: Path, trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    exported = runner.invoke(app, ["export", "--run", str(trained_run), "--format", "a1111", "--out", "lora.safetensors"])
+    assert exported.exit_code == 0, exported.output
+    args = ["generate", "--model", "tiny", "-p", "a photo of sks dog", "-n", "2", "--steps", "2", "--compare"]
+    result = runner.invoke(app, [*args, "--lora", f"{trained_run}:0.5", "--lora", "lora.safetensors:1.0", "--out", "both"])
+    assert result.exit_code == 0, result.output
+    grid = Image.open(tmp_path / "both" / "grid.png")
+    assert grid.size == (160 + 2 * 128, 2 * 128)  # label column; base row and LoRA row, 2 seeds enlarged to 128 px
+    base_row = grid.crop((160, 0, 160 + 2 * 128, 128))
+    lora_row = grid.crop((160, 128, 160 + 2 * 128, 256))
+    assert base_row.tobytes() != lora_row.tobytes()
+    single = runner.invoke(app, [*args[:-1], "--lora", f"{trained_run}:0.5", "--out", "half"])
+    assert single.exit_code == 0, single.output
+    both = Image.open(tmp_path / "both" / "seed-0.png").tobytes()
+    assert Image.open(tmp_path / "half" / "seed-0.png").tobytes() != both  # the second LoRA and its scale count
+
+
+def test_compare_without_a_lora_and_unusable_xformers_are_user_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, instance_dir: Path) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, ["generate", "--model", "tiny", "-p", "x", "--compare"])
+    assert result.exit_code == 2 and "--compare needs" in result.output
+    result = runner.invoke(app, ["train", "--model", "tiny", "--instance", str(instance_dir), "--attention", "xformers", "--max-steps", "1"])
+    assert result.exit_code == 2 and "xformers" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo on CPU is exercised on Linux CI")
+def test_two_cpu_processes_train_data_parallel(tmp_path: Path, instance_dir: Path, model_cache: Path) -> None:
+    """`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` really runs two gloo ranks."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "DREAMLORA_CACHE": str(model_cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517",
+               "-m", "dreamlora", "train", "--model", "tiny", "--instance", str(instance_dir), "--max-steps", "4", "--out", "runs/ddp",
+               "--set", "train.num_samples=0", "--checkpoint-every", "2"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    info = json.loads((tmp_path / "runs" / "ddp" / "run.json").read_text())
+    assert info["processes"] == 2 and info["steps"] == 4 and info["status"] == "finished"
+    assert result.stdout.count("training finished") == 1  # only the main process reports
+    assert (tmp_path / "runs" / "ddp" / "checkpoints" / "step-000002" / "state.json").is_file()
