@@ -192,6 +192,23 @@ def write_char_tokenizer(folder: Path, max_length: int = 77) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def _tiny_vae(**extra: Any) -> Any:
+    """The tiny presets' VAE: two blocks, so latents are half the image size."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        block_out_channels=(32, 64),
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        latent_channels=4,
+        sample_size=32,
+        norm_num_groups=32,
+        **extra,
+    )
+
+
 def build_tiny(folder: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """Build the tiny Stable Diffusion (32 px, seeded random weights) and save it as a diffusers folder."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
@@ -215,16 +232,7 @@ def build_tiny(folder: Path, prediction_type: str = "epsilon", seed: int = 0) ->
             attention_head_dim=(2, 4),
             norm_num_groups=32,
         )
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            sample_size=32,
-            norm_num_groups=32,
-        )
+        vae = _tiny_vae()
         text_encoder = CLIPTextModel(
             CLIPTextConfig(
                 hidden_size=32,
@@ -296,18 +304,7 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
             cross_attention_dim=64,  # 32 + 32: both encoders' hidden states side by side
             norm_num_groups=32,
         )
-        vae = AutoencoderKL(
-            block_out_channels=(32, 64),
-            in_channels=3,
-            out_channels=3,
-            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
-            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
-            latent_channels=4,
-            sample_size=32,
-            norm_num_groups=32,
-            scaling_factor=0.13025,
-            force_upcast=True,
-        )
+        vae = _tiny_vae(scaling_factor=0.13025, force_upcast=True)
         common = dict(
             intermediate_size=37, num_attention_heads=4, vocab_size=len(tokenizer), max_position_embeddings=77,
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
