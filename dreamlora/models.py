@@ -192,6 +192,13 @@ def write_char_tokenizer(folder: Path, max_length: int = 77) -> None:
     tokenizer.save_pretrained(folder)
 
 
+def _sd_scheduler(**extra: Any) -> Any:
+    """Stable Diffusion's training noise schedule (1000 steps, scaled-linear betas)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000, clip_sample=False, steps_offset=1, **extra)
+
+
 def _tiny_vae(**extra: Any) -> Any:
     """The tiny presets' VAE: two blocks, so latents are half the image size."""
     from diffusers import AutoencoderKL
@@ -211,7 +218,7 @@ def _tiny_vae(**extra: Any) -> Any:
 
 def build_tiny(folder: Path, prediction_type: str = "epsilon", seed: int = 0) -> Path:
     """Build the tiny Stable Diffusion (32 px, seeded random weights) and save it as a diffusers folder."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
@@ -247,15 +254,7 @@ def build_tiny(folder: Path, prediction_type: str = "epsilon", seed: int = 0) ->
                 projection_dim=32,
             )
         )
-        scheduler = DDPMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-            clip_sample=False,
-            steps_offset=1,
-            prediction_type=prediction_type,
-        )
+        scheduler = _sd_scheduler(prediction_type=prediction_type)
         unet.save_pretrained(tmp / "unet")
         vae.save_pretrained(tmp / "vae")
         text_encoder.save_pretrained(tmp / "text_encoder")
@@ -277,7 +276,7 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
     (`input_blocks_4_1`, `middle_block_1`, `output_blocks_0_1`) are the real ones; two CLIP encoders whose
     penultimate states are concatenated; the second with a projection giving the pooled embedding.
     """
-    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = Path(folder)
@@ -311,15 +310,7 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
         )  # fmt: skip
         text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, num_hidden_layers=3, projection_dim=32, **common))
         text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, num_hidden_layers=3, projection_dim=32, hidden_act="gelu", **common))
-        scheduler = DDPMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            num_train_timesteps=1000,
-            clip_sample=False,
-            steps_offset=1,
-            timestep_spacing="leading",
-        )
+        scheduler = _sd_scheduler(timestep_spacing="leading")
         pipeline = StableDiffusionXLPipeline(
             vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
             tokenizer_2=CLIPTokenizer.from_pretrained(tmp / "tokenizer_2"), unet=unet, scheduler=scheduler, add_watermarker=False,

@@ -27,7 +27,7 @@ from dreamlora.lora import LORA_FILE, adapter_metadata, adapter_state_dicts, att
 from dreamlora.models import Components, PromptEmbeddings, encode_prompts, load_components, public_model_ref, resolve_precision, select_attention, tokenize_all
 from dreamlora.prior import MANIFEST, read_prior_set, safe_name
 from dreamlora.sampling import AugmentedLatents, BucketPlan, SquarePlan, class_indices
-from dreamlora.step import CudaGraphStep, batch_loss, dreambooth_loss
+from dreamlora.step import CudaGraphStep, batch_loss, dreambooth_loss  # noqa: F401 - dreambooth_loss is part of train's interface
 
 log = logging.getLogger(__name__)
 

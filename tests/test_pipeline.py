@@ -6,7 +6,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 from safetensors import safe_open
 
 ROOT = Path(__file__).resolve().parents[1]
