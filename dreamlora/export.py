@@ -27,6 +27,7 @@ import torch
 from dreamlora.checkpoint import CONFIG_FILE, find_lora, read_run_info, write_atomic
 from dreamlora.config import ExportConfig
 from dreamlora.errors import ConfigError, ExportError, ModelLoadError
+from dreamlora.models import public_model_ref
 from dreamlora.lora import GROUPS, LORA_FILE, load_adapters, read_diffusers_lora, save_diffusers_lora
 
 log = logging.getLogger(__name__)
@@ -431,20 +432,13 @@ def ldm_checkpoint_state_dict(unet: dict[str, torch.Tensor], vae: dict[str, torc
 # --- metadata ------------------------------------------------------------------------------------
 
 
-def public_model_name(ref: str) -> str:
-    """A model reference without the user's folders: hub ids and presets as they are, local paths by their last folder name."""
-    path = Path(ref).expanduser()
-    local = ref.startswith((".", "/", "~")) or "\\" in ref or ref.count("/") > 1 or path.exists()
-    return path.resolve().name if local and path.exists() else (Path(ref.replace("\\", "/")).name if local else ref)
-
-
 def a1111_metadata(run: dict[str, Any], modules: list[LoraModule], output_name: str) -> dict[str, str]:
     """kohya `ss_*` and `modelspec.*` metadata (all strings) for a run's A1111 file; no paths, user or host names."""
     rank = _most_common(m.rank for m in modules)
     alpha = _most_common(m.alpha for m in modules)
     resolution = int(run.get("resolution") or 512)
     token, class_name = run.get("token", ""), run.get("class_name", "")
-    model = public_model_name(str(run.get("model", "")))
+    model = public_model_ref(str(run.get("model", "")))
     meta = {
         "ss_network_module": "networks.lora",
         "ss_network_dim": str(rank),
@@ -549,7 +543,7 @@ def _load_base(model_ref: str) -> tuple[Any, str | None]:
     try:
         return load_components(model_ref), None
     except (ModelLoadError, ConfigError, OSError) as error:
-        return None, f"verification skipped: base model {public_model_name(model_ref)!r} could not be loaded here ({type(error).__name__}); the file was written but not checked"
+        return None, f"verification skipped: base model {public_model_ref(model_ref)!r} could not be loaded here ({type(error).__name__}); the file was written but not checked"
 
 
 def _lora_layers(model: torch.nn.Module) -> set[str]:
@@ -812,7 +806,7 @@ def run_kohya_naming(run_dir: Path, run: dict[str, Any]) -> KohyaNaming | None:
         try:
             layout = dict(UNet2DConditionModel.load_config(resolve_model_dir(ref), subfolder="unet", local_files_only=True))
         except (OSError, ValueError, ModelLoadError) as error:
-            raise ExportError(f"run '{run_dir}' has no unet_layout in run.json and the base model {public_model_name(ref)!r} cannot be read here ({error}); pass a run trained with this dreamlora") from error
+            raise ExportError(f"run '{run_dir}' has no unet_layout in run.json and the base model {public_model_ref(ref)!r} cannot be read here ({error}); pass a run trained with this dreamlora") from error
     return kohya_naming(family, layout)
 
 
@@ -883,7 +877,7 @@ def _architecture_module_names(base_model: str | None) -> tuple[dict[str, list[s
             te_config = CLIPTextConfig.from_pretrained(source, subfolder="text_encoder", local_files_only=True)
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"could not read the configs of base model {base_model!r}: {error}; pass a local diffusers folder, or leave --model out for SD 1.5") from error
-        label = public_model_name(base_model)
+        label = public_model_ref(base_model)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
         text_encoder = CLIPTextModel(te_config)

@@ -22,11 +22,10 @@ from dreamlora.export import (
     kohya_module_name,
     ldm_unet_module_name,
     modules_from_peft,
-    public_model_name,
     verify_export,
 )
 from dreamlora.lora import adapter_metadata, adapter_state_dicts, attach_adapters, read_diffusers_lora, save_diffusers_lora
-from dreamlora.models import build_pipeline, encode_prompt, load_components, tokenize
+from dreamlora.models import build_pipeline, encode_prompt, load_components, public_model_ref, tokenize
 
 RANK, ALPHA = 4, 8.0
 PROMPT = "a photo of sks dog"
@@ -180,8 +179,8 @@ def test_ldm_names_and_public_model_name():
     assert ldm_unet_module_name("output_blocks_2_1_conv", **sd15) == "up_blocks_0_upsamplers_0_conv"
     assert ldm_unet_module_name("output_blocks_11_1_proj_out", **sd15) == "up_blocks_3_attentions_2_proj_out"
     assert ldm_unet_module_name("output_blocks_8_2_conv", **sd15) == "up_blocks_2_upsamplers_0_conv"
-    assert public_model_name(os.path.join(str(Path.home()), "models", "my-sd15")) == "my-sd15"
-    assert public_model_name("stable-diffusion-v1-5/stable-diffusion-v1-5") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    assert public_model_ref(os.path.join(str(Path.home()), "models", "my-sd15")) == "my-sd15"
+    assert public_model_ref("stable-diffusion-v1-5/stable-diffusion-v1-5") == "stable-diffusion-v1-5/stable-diffusion-v1-5"
 
 
 # --- converting a LoRA trained elsewhere ---------------------------------------------------------
