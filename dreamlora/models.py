@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -10,7 +11,7 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
 import torch
@@ -192,6 +193,20 @@ def write_char_tokenizer(folder: Path, max_length: int = 77) -> None:
     tokenizer.save_pretrained(folder)
 
 
+@contextlib.contextmanager
+def _staged(folder: Path) -> Iterator[Path]:
+    """A temporary sibling folder that replaces `folder` when the block succeeds; removed either way."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}-", dir=folder.parent))
+    try:
+        yield tmp
+        if folder.exists():
+            shutil.rmtree(folder)
+        tmp.rename(folder)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _sd_scheduler(**extra: Any) -> Any:
     """Stable Diffusion's training noise schedule (1000 steps, scaled-linear betas)."""
     from diffusers import DDPMScheduler
@@ -222,8 +237,7 @@ def build_tiny(folder: Path, prediction_type: str = "epsilon", seed: int = 0) ->
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
     folder = Path(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=folder.parent))
-    try:
+    with _staged(folder) as tmp:
         write_char_tokenizer(tmp / "tokenizer")
         tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
         torch.manual_seed(seed)
@@ -260,12 +274,6 @@ def build_tiny(folder: Path, prediction_type: str = "epsilon", seed: int = 0) ->
         text_encoder.save_pretrained(tmp / "text_encoder")
         scheduler.save_pretrained(tmp / "scheduler")
         _write_model_index(tmp)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -280,8 +288,7 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     folder = Path(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=".tiny-sdxl-", dir=folder.parent))
-    try:
+    with _staged(folder) as tmp:
         write_char_tokenizer(tmp / "tokenizer")
         write_char_tokenizer(tmp / "tokenizer_2")
         tokenizer = CLIPTokenizer.from_pretrained(tmp / "tokenizer")
@@ -316,12 +323,6 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
             tokenizer_2=CLIPTokenizer.from_pretrained(tmp / "tokenizer_2"), unet=unet, scheduler=scheduler, add_watermarker=False,
         )  # fmt: skip
         pipeline.save_pretrained(tmp, safe_serialization=True)
-        if folder.exists():
-            shutil.rmtree(folder)
-        tmp.rename(folder)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return folder
 
 
@@ -546,7 +547,10 @@ def public_model_ref(ref: str) -> str:
     if ref in TINY_PRESETS or ref == "toy" or ref.startswith("random:"):
         return ref
     path = Path(ref).expanduser()
-    return path.resolve().name if path.exists() else ref
+    local = ref.startswith((".", "/", "~")) or "\\" in ref or ref.count("/") > 1 or path.exists()
+    if not local:
+        return ref  # a hub id
+    return path.resolve().name if path.exists() else Path(ref.replace("\\", "/")).name
 
 
 def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
