@@ -19,7 +19,7 @@ import torch
 
 from dreamlora import __version__
 from dreamlora import checkpoint as ckpt
-from dreamlora.config import RunConfig, replace, to_toml
+from dreamlora.config import RunConfig, replace, to_dict, to_toml
 from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, instance_prompts, list_images, make_buckets, nearest_bucket, resize_and_crop, to_tensor
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
@@ -721,7 +721,7 @@ def _train(
 
     def training_state(step: int) -> dict[str, Any]:
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        return {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler, "rng": ckpt.capture_rng_state(), "config": ckpt_config(cfg)}
+        return {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler, "rng": ckpt.capture_rng_state(), "config": to_dict(cfg)}
 
     noise_scheduler = components.noise_scheduler
     bsz, accum = cfg.train.batch_size, cfg.train.gradient_accumulation
@@ -854,12 +854,6 @@ def _train(
     accelerator.end_training()
     capture = graph_step.capture_seconds if graph_step is not None else 0.0
     return TrainResult(run_dir, cfg.train.max_steps, loss_value, seconds, lora_path, attention, precision, with_prior, skipped, samples, graphs, capture)
-
-
-def ckpt_config(cfg: RunConfig) -> dict[str, Any]:
-    from dreamlora.config import to_dict
-
-    return to_dict(cfg)
 
 
 def _broadcast_path(accelerator: Any, path: Path) -> Path:
