@@ -417,8 +417,6 @@ def _check_tracker(name: str) -> None:
 
 def _start_trackers(accelerator: Any, cfg: RunConfig, run_dir: Path) -> None:
     """TensorBoard logs go to `run_dir/tensorboard/`; wandb runs are named after the run folder."""
-    from dreamlora.config import to_dict
-
     accelerator.project_configuration.logging_dir = str(run_dir)  # known only now; trackers read it in init_trackers
     flat = {f"{section}.{key}": (", ".join(value) if isinstance(value, list) else value) for section, values in to_dict(cfg).items() for key, value in values.items()}
     tensorboard = cfg.train.report_to == "tensorboard"
@@ -957,8 +955,6 @@ def _constant_schedules(cfg: RunConfig) -> bool:
 
 def changed_keys(saved: RunConfig, new: RunConfig) -> list[str]:
     """Settings that differ between a saved run and a resume request and would change its result."""
-    from dreamlora.config import to_dict
-
     before, after = to_dict(saved), to_dict(new)
     keys = []
     for section, values in after.items():
