@@ -148,6 +148,8 @@ def _prior_with_progress(prior_cfg: Any, model_cfg: Any, resolution: int) -> Any
 
     from dreamlora.prior import run_prior
 
+    if os.environ.get("RANK", "0") != "0":
+        return run_prior(prior_cfg, model_cfg, resolution)  # under `accelerate launch`, the main process reports
     with _progress() as progress:
         task = progress.add_task("class images", total=None, rate="", info="")
         started = [time.perf_counter()]
@@ -199,8 +201,11 @@ def prior(
             }),
         )
         result = _prior_with_progress(cfg.prior, cfg.model, cfg.data.resolution)
+        if os.environ.get("RANK", "0") != "0":
+            return
+        shares = [("processes", f"{len(result.per_process)} ({' + '.join(map(str, result.per_process))} images)")] if len(result.per_process) > 1 else []
         _summary("prior set", [
-            ("folder", result.out_dir), ("already there", result.existing), ("generated", result.generated),
+            ("folder", result.out_dir), ("already there", result.existing), ("generated", result.generated), *shares,
             ("speed", f"{result.images_per_second:.2f} images/s"), ("preview", result.out_dir.parent / f"{result.out_dir.name}-preview.png"),
             *[("regenerated", f"{name}: was {reason}") for name, reason in result.rejected],
             *[("[yellow]still bad[/]", f"{name}: {reason}") for name, reason in result.unresolved],

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -37,10 +38,62 @@ class PriorResult:
     rejected: tuple[tuple[str, str], ...] = ()  # (file, reason) of each image replaced by one from a new seed
     unresolved: tuple[tuple[str, str], ...] = ()  # (file, reason) of images still bad after MAX_RETRIES new seeds
     rendered: int = 0  # images the pipeline made, replacements included
+    per_process: tuple[int, ...] = ()  # images each process made, under `accelerate launch`
 
     @property
     def images_per_second(self) -> float:
         return (self.rendered or self.generated) / self.seconds if self.seconds > 0 else 0.0
+
+
+class Ranks:
+    """The processes sharing one prior set: one per GPU under `accelerate launch --multi_gpu`.
+
+    Every process reads the same folder and manifest and so makes the same plan; each draws
+    the indices `share` gives it (rank r takes every count-th missing index from the r-th),
+    so no index is drawn twice; the main process writes the manifest and the preview.
+    """
+
+    def __init__(self, state: Any = None) -> None:
+        self._state = state
+        self.index = state.process_index if state is not None else 0
+        self.count = state.num_processes if state is not None else 1
+
+    @classmethod
+    def detect(cls) -> Ranks:
+        """The ranks of this launch: accelerate's when several processes were started, else one."""
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return cls()
+        from accelerate import PartialState
+        from accelerate.utils import parse_flag_from_env
+
+        # As Accelerator does: without cpu=True a CPU launch would not join the process group.
+        return cls(PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")))
+
+    @property
+    def is_main(self) -> bool:
+        return self.index == 0
+
+    @property
+    def device(self) -> torch.device:
+        if self._state is not None:
+            return self._state.device
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def share(self, indices: dict[int, int]) -> dict[int, int]:
+        """This process's part of {index: seed}."""
+        return {i: indices[i] for i in sorted(indices)[self.index :: self.count]}
+
+    def barrier(self) -> None:
+        if self.count > 1:
+            self._state.wait_for_everyone()
+
+    def gather(self, value: Any) -> list[Any]:
+        """`value` from every process, in rank order."""
+        if self.count == 1:
+            return [value]
+        from accelerate.utils import gather_object
+
+        return gather_object([value])
 
 
 def safe_name(text: str) -> str:
@@ -152,16 +205,20 @@ def generate_class_images(
     out_dir: Path,
     model_ref: str,
     on_progress: Callable[[int, int], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> PriorResult:
     """Generate the missing images of `out_dir` up to `prior_cfg.num_images`; each write is atomic.
 
     Blank, black, NaN and near-duplicate images (new or already there) are replaced with images from new seeds
     (`retry_seed`, up to MAX_RETRIES each); the manifest records each file's seed and the seeds it replaced.
+    With several `ranks`, each process draws its share of the indices; `on_progress` then counts this
+    process's share.
     """
     import time
 
     from dreamlora.models import pipeline_family
 
+    ranks = ranks or Ranks()
     out_dir.mkdir(parents=True, exist_ok=True)
     guidance = prior_cfg.resolved_guidance(pipeline_family(pipeline).default_guidance)
     settings = {
@@ -185,9 +242,10 @@ def generate_class_images(
     rejected_seeds: dict[int, list[dict[str, Any]]] = {i: list(recorded[i].get("rejected", [])) for i in recorded}
     files = {int(p.stem): p.name for p in out_dir.glob("[0-9]" * 5 + ".png")}
     missing = [i for i in range(prior_cfg.num_images) if i not in files]
+    ranks.barrier()  # every process has read the folder before any writes to it
     batch_size = prior_cfg.batch_size or auto_batch_size(pipeline.device, resolution)
     started = time.perf_counter()
-    progress = {"done": 0, "total": len(missing)}
+    progress = {"done": 0, "total": len(ranks.share(dict.fromkeys(missing, 0)))}
 
     def tick(count: int) -> None:
         progress["done"] += count
@@ -195,7 +253,7 @@ def generate_class_images(
             on_progress(progress["done"], progress["total"])
 
     if on_progress:
-        on_progress(0, len(missing))
+        on_progress(0, progress["total"])
     todo, rejected, unresolved, generated = {i: seeds[i] for i in missing}, [], [], 0
     for attempt in range(MAX_RETRIES + 1):
         problems: dict[int, str] = {}
@@ -203,7 +261,6 @@ def generate_class_images(
         def sink(index: int, array: np.ndarray) -> None:
             nonlocal generated
             pending.append(writers.submit(_write_png, array, out_dir / image_name(index)))
-            files[index], seeds[index] = image_name(index), todo[index]
             generated += 1
             if not np.isfinite(array).all():
                 problems[index] = "nan"
@@ -212,11 +269,15 @@ def generate_class_images(
         # PNG encoding runs in threads while the GPU draws the next batch.
         with ThreadPoolExecutor(max_workers=4) as writers:
             pending: list[Any] = []
-            _render(pipeline, prior_cfg, settings, todo, batch_size, sink)
+            _render(pipeline, prior_cfg, settings, ranks.share(todo), batch_size, sink)
             for future in pending:
                 future.result()
+        for index, seed in todo.items():
+            files[index], seeds[index] = image_name(index), seed
+        # Every process sees every file once all have written theirs, and so reaches the same verdicts.
+        nan = [problem for found in ranks.gather(sorted(problems.items())) for problem in found]
         # Checked on the files: NaN (seen before conversion), then black, blank and near-duplicates of the whole set.
-        problems = {**find_class_problems(out_dir, files), **problems}
+        problems = {**find_class_problems(out_dir, files), **dict(nan)}
         if not problems:
             break
         if attempt == MAX_RETRIES:
@@ -229,16 +290,22 @@ def generate_class_images(
             rejected_seeds.setdefault(index, []).append({"seed": seeds[index], "reason": reason})
             todo[index] = retry_seed(prior_cfg.seed, index, len(rejected_seeds[index]))
             log.info("prior set %s: %s is %s; regenerating it with seed %d", out_dir, files[index], reason, todo[index])
-        progress["total"] += len(todo)
+        progress["total"] += len(ranks.share(todo))
     seconds = time.perf_counter() - started
+    per_process = tuple(ranks.gather(generated))
     entries = []
     for i in sorted(files):
         entry: dict[str, Any] = {"file": files[i], "index": i, "seed": seeds.get(i, image_seed(prior_cfg.seed, i))}
         if rejected_seeds.get(i):
             entry["rejected"] = rejected_seeds[i]
         entries.append(entry)
-    write_json(out_dir / MANIFEST, {**settings, "class_name": prior_cfg.class_name, "num_images": len(entries), "files": entries})
-    return PriorResult(out_dir, prior_cfg.num_images - len(missing), len(missing), seconds, tuple(rejected), tuple(unresolved), generated)
+    if ranks.is_main:
+        write_json(out_dir / MANIFEST, {**settings, "class_name": prior_cfg.class_name, "num_images": len(entries), "files": entries})
+    ranks.barrier()  # no process goes on (to training, say) before the manifest is there
+    return PriorResult(
+        out_dir, prior_cfg.num_images - len(missing), len(missing), seconds, tuple(rejected), tuple(unresolved),
+        sum(per_process), per_process,
+    )
 
 
 def run_prior(
@@ -248,21 +315,29 @@ def run_prior(
     priors_root: Path = Path("priors"),
     on_progress: Callable[[int, int], None] | None = None,
 ) -> PriorResult:
-    """Load the base model and top up the class folder; also writes a contact sheet beside it."""
+    """Load the base model and top up the class folder; also writes a contact sheet beside it.
+
+    Under `accelerate launch --multi_gpu --num_processes N`, the N processes split the missing
+    images between them (one GPU each); only the main process reports progress.
+    """
     from dreamlora.generate import make_grid
     from dreamlora.models import build_pipeline, load_components, public_model_ref, resolve_precision, select_attention
 
     if not prior_cfg.class_name and not prior_cfg.out:
         raise ConfigError("no class given; pass --class NAME (e.g. --class dog)")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ranks = Ranks.detect()
+    device = ranks.device
     _, dtype = resolve_precision(model_cfg.precision, device)
     components = load_components(model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle, vae=model_cfg.vae)
     select_attention(components, model_cfg.attention, device)
     pipeline = build_pipeline(components, prior_cfg.scheduler)
     out_dir = Path(prior_cfg.out) if prior_cfg.out else priors_root / safe_name(prior_cfg.class_name)
-    result = generate_class_images(pipeline, prior_cfg, resolution or components.native_resolution, out_dir, public_model_ref(model_cfg.name), on_progress)
-    from PIL import Image
-
+    result = generate_class_images(
+        pipeline, prior_cfg, resolution or components.native_resolution, out_dir, public_model_ref(model_cfg.name),
+        on_progress if ranks.is_main else None, ranks,
+    )
+    if not ranks.is_main:
+        return result
     names = sorted(out_dir.glob("[0-9]" * 5 + ".png"))[:32]
     if names:
         thumbs = [Image.open(p).convert("RGB").resize((96, 96)) for p in names]

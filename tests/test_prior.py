@@ -1,12 +1,19 @@
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+from PIL import Image
 
 from dreamlora.config import PriorConfig
 from dreamlora.errors import ConfigError
 from dreamlora.models import build_pipeline, load_components
 from dreamlora.prior import generate_class_images, safe_name
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -107,3 +114,27 @@ def test_an_image_that_stays_bad_is_reported(tmp_path: Path, pipeline) -> None:
     assert result.unresolved == (("00001.png", "black"),) and len(result.rejected) == MAX_RETRIES
     entry = json.loads((out / "manifest.json").read_text())["files"][1]
     assert [r["reason"] for r in entry["rejected"]] == ["black"] * MAX_RETRIES
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo on CPU is exercised on Linux CI")
+def test_two_processes_split_the_prior_set(tmp_path: Path, model_cache: Path) -> None:
+    """Under `accelerate launch --multi_gpu --num_processes 2`, each process draws its own indices, none twice,
+    and the set is the one a single process makes (per-index seeds)."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "DREAMLORA_CACHE": str(model_cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    args = ["prior", "--model", "tiny", "--class", "dog", "-n", "5", "--steps", "2", "--resolution", "32", "--batch-size", "2"]
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29518", "-m", "dreamlora"]
+    (tmp_path / "two").mkdir()
+    (tmp_path / "one").mkdir()
+    two = subprocess.run(launch + args, cwd=tmp_path / "two", env=env, capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stdout + two.stderr
+    assert two.stdout.count("prior set") == 1 and "2 (3 + 2 images)" in two.stdout  # rank 0 takes 0, 2, 4; rank 1 takes 1, 3
+    one = subprocess.run([sys.executable, "-m", "dreamlora", *args], cwd=tmp_path / "one", env=env, capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stdout + one.stderr
+    folders = [tmp_path / name / "priors" / "dog" for name in ("two", "one")]
+    manifests = [json.loads((folder / "manifest.json").read_text()) for folder in folders]
+    assert manifests[0] == manifests[1] and [f["index"] for f in manifests[0]["files"]] == list(range(5))
+    assert sorted(p.name for p in folders[0].iterdir()) == [f"{i:05d}.png" for i in range(5)] + ["manifest.json"]
+    for index in range(5):
+        pair = [np.asarray(Image.open(folder / f"{index:05d}.png"), dtype=np.int16) for folder in folders]
+        assert np.abs(pair[0] - pair[1]).max() <= 2, index  # CPU batch-size rounding, as above
+    assert (tmp_path / "two" / "priors" / "dog-preview.png").is_file()
