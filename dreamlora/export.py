@@ -39,6 +39,7 @@ TE_CANONICAL_ROOT = "text_model."  # A1111 and original checkpoints name CLIP mo
 # Output differences allowed, relative to the LoRA's effect (files) or the output size (merged), per export dtype.
 TOLERANCE = {"fp32": 1e-3, "fp16": 2e-2, "bf16": 8e-2}
 SD15_CONFIGS = Path(__file__).resolve().parent / "configs" / "sd15"
+SDXL_CONFIGS = Path(__file__).resolve().parent / "configs" / "sdxl"
 
 
 @dataclass
@@ -228,13 +229,21 @@ def ldm_unet_module_name(name: str, layers_per_block: int, down_attention: list[
     return None
 
 
-def kohya_name_table(module_names: dict[str, Iterable[str]], naming: KohyaNaming | None = None) -> dict[str, tuple[str, str]]:
-    """kohya name -> (group, module name) for every module of the base model, under both text-encoder prefixes in use."""
+def kohya_name_table(
+    module_names: dict[str, Iterable[str]], naming: KohyaNaming | None = None, diffusers_unet_aliases: bool = False
+) -> dict[str, tuple[str, str]]:
+    """kohya name -> (group, module name) for every module of the base model, under both text-encoder prefixes in use.
+
+    With `diffusers_unet_aliases`, UNet modules are also found under their diffusers paths
+    (`lora_unet_down_blocks_1_...`), as some SDXL tools write them beside the SGM names.
+    """
     table: dict[str, tuple[str, str]] = {}
     for group, names in module_names.items():
         for module in names:
             if not module:
                 continue
+            if group == "unet" and diffusers_unet_aliases:
+                table.setdefault(KOHYA_UNET_PREFIX + module.replace(".", "_"), (group, module))
             try:
                 table[kohya_module_name(group, module, naming)] = (group, module)
             except ExportError:
@@ -263,7 +272,9 @@ class UnetLayout:
         )
 
 
-def modules_from_kohya(state_dict: dict[str, torch.Tensor], table: dict[str, tuple[str, str]], layout: UnetLayout) -> tuple[list[LoraModule], list[str]]:
+def modules_from_kohya(
+    state_dict: dict[str, torch.Tensor], table: dict[str, tuple[str, str]], layout: UnetLayout, family_label: str = "an SD 1.x"
+) -> tuple[list[LoraModule], list[str]]:
     """kohya/A1111/LyCORIS-LoCon tensors -> modules (missing alpha = rank, kohya's rule). Returns modules and notes."""
     notes: list[str] = []
     names = sorted({key.split(".", 1)[0] for key in state_dict})
@@ -289,11 +300,11 @@ def modules_from_kohya(state_dict: dict[str, torch.Tensor], table: dict[str, tup
     if unknown:
         raise ExportError(
             f"{len(unknown)} LoRA modules match no module of the base model (first: {unknown[0]}); "
-            "pass the model the LoRA was trained on with --model, or check that it is an SD 1.x LoRA"
+            f"pass the model the LoRA was trained on with --model, or check that it is {family_label} LoRA"
         )
     if ldm_names:
         notes.append(f"{ldm_names} LDM-style UNet names (input_blocks/middle_block/output_blocks) mapped to diffusers names; diffusers' loader would drop them with only a warning")
-    if any(k.startswith("lora_te1_") for k in state_dict):
+    if any(k.startswith("lora_te1_") for k in state_dict) and not any(k.startswith("lora_te2_") for k in state_dict):
         notes.append("SDXL-style lora_te1_ text-encoder names rewritten as lora_te_text_model_ (what A1111 reads for SD 1.x)")
     return modules, notes
 
@@ -859,52 +870,93 @@ def _read_any_lora(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
 
 
-def _architecture_module_names(base_model: str | None) -> tuple[dict[str, list[str]], UnetLayout, str]:
-    """Module names of the base model's UNet and text encoder, built on the meta device from configs only."""
+@dataclass(frozen=True)
+class Architecture:
+    """Module names of a base model's UNet and text encoders (built on the meta device from configs only)."""
+
+    names: dict[str, list[str]]
+    layout: UnetLayout
+    label: str
+    family: str
+    naming: KohyaNaming | None
+
+
+def _architecture_module_names(base_model: str | None, sdxl_file: bool = False) -> Architecture:
+    """The base model's architecture; without `base_model`, SD 1.5's, or SDXL 1.0's for an SDXL file."""
+    import transformers
     from diffusers import UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextConfig
 
-    from dreamlora.models import resolve_model_dir
+    from dreamlora.models import detect_family, resolve_model_dir
 
+    encoder_names = ("text_encoder", "text_encoder_2")
     if base_model is None:
-        unet_config = json.loads((SD15_CONFIGS / "unet.json").read_text(encoding="utf-8"))
-        te_config = CLIPTextConfig(**json.loads((SD15_CONFIGS / "text_encoder.json").read_text(encoding="utf-8")))
-        label = "Stable Diffusion 1.5 architecture"
+        folder = SDXL_CONFIGS if sdxl_file else SD15_CONFIGS
+        unet_config = json.loads((folder / "unet.json").read_text(encoding="utf-8"))
+        te_configs = {
+            name: CLIPTextConfig(**json.loads((folder / f"{name}.json").read_text(encoding="utf-8")))
+            for name in encoder_names if (folder / f"{name}.json").is_file()
+        }
+        label = "Stable Diffusion XL 1.0 architecture" if sdxl_file else "Stable Diffusion 1.5 architecture"
     else:
         source = resolve_model_dir(base_model)
         try:
             unet_config = dict(UNet2DConditionModel.load_config(source, subfolder="unet", local_files_only=True))
-            te_config = CLIPTextConfig.from_pretrained(source, subfolder="text_encoder", local_files_only=True)
+            te_configs = {
+                name: CLIPTextConfig.from_pretrained(source, subfolder=name, local_files_only=True)
+                for name in encoder_names if name == "text_encoder" or (Path(source) / name).is_dir()
+            }
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"could not read the configs of base model {base_model!r}: {error}; pass a local diffusers folder, or leave --model out for SD 1.5") from error
         label = public_model_ref(base_model)
+    family = detect_family(te_configs["text_encoder"], unet_config)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
-        text_encoder = CLIPTextModel(te_config)
-    names = {"unet": [n for n, _ in unet.named_modules()], "text_encoder": [n for n, _ in text_encoder.named_modules()]}
-    return names, UnetLayout.from_config(unet_config), label
+        # Each encoder as its own class: CLIPTextModelWithProjection (SDXL's second) keeps the `text_model.` level.
+        classes = dict(zip(family.text_encoder_names, family.text_encoder_classes))
+        encoders = {name: getattr(transformers, classes[name])(config) for name, config in te_configs.items() if name in classes}
+    names = {"unet": [n for n, _ in unet.named_modules()], **{g: [n for n, _ in m.named_modules()] for g, m in encoders.items()}}
+    return Architecture(names, UnetLayout.from_config(unet_config), label, family.name, kohya_naming(family.name, unet_config))
 
 
-def read_lora_modules(src: Path, base_model: str | None) -> tuple[list[LoraModule], dict[str, str], list[str]]:
-    """Any supported LoRA file (kohya/A1111, LoCon, LDM-named, diffusers/PEFT) -> modules, its metadata, notes."""
+def _looks_sdxl(tensors: dict[str, torch.Tensor]) -> bool:
+    """A kohya file made for SDXL: a second text encoder, the label embedding, deep transformer
+    stacks (SD 1.x/2.x have one block per attention), or cross-attention keys reading SDXL's 2048-wide context."""
+    for key, value in tensors.items():
+        if key.startswith("lora_te2_") or "label_emb" in key or re.search(r"transformer_blocks_[1-9]", key):
+            return True
+        if key.endswith(("attn2_to_k.lora_down.weight", "attn2_to_v.lora_down.weight")) and value.shape[-1] == 2048:
+            return True
+    return False
+
+
+def read_lora_modules(src: Path, base_model: str | None) -> tuple[list[LoraModule], dict[str, str], list[str], KohyaNaming | None]:
+    """Any supported LoRA file (kohya/A1111, LoCon, LDM-named, diffusers/PEFT) -> modules, its metadata, notes,
+    and the kohya naming of its model family (None: SD 1.x/2.x)."""
     tensors, file_meta = _read_any_lora(Path(src))
     notes: list[str] = []
     if tensors and all(is_kohya_key(k) for k in tensors):
         if "lora_adapter_metadata" in file_meta:
             notes.append("dropped diffusers adapter metadata stored beside kohya alphas (diffusers' loader raises on that mix)")
-        if any(k.startswith("lora_te2_") for k in tensors):
-            raise ExportError(f"'{src}' has lora_te2_ keys, so it is an SDXL LoRA; dreamlora converts SD 1.x/2.x LoRAs only")
-        names, layout, label = _architecture_module_names(base_model)
-        modules, kohya_notes = modules_from_kohya(tensors, kohya_name_table(names), layout)
-        notes += kohya_notes + [f"module names checked against the {label}"]
-        return modules, file_meta, notes
+        sdxl_file = _looks_sdxl(tensors)
+        arch = _architecture_module_names(base_model, sdxl_file)
+        if sdxl_file and arch.naming is None:
+            raise ExportError(f"'{src}' is an SDXL LoRA (its module names and shapes say so), but the base model {arch.label} is not SDXL; pass an SDXL base with --model, or leave --model out")
+        table = kohya_name_table(arch.names, arch.naming, diffusers_unet_aliases=arch.naming is not None)
+        family_label = "an SDXL" if arch.family == "sdxl" else "an SD 1.x"
+        modules, kohya_notes = modules_from_kohya(tensors, table, arch.layout, family_label)
+        notes += kohya_notes + [f"module names checked against the {arch.label}"]
+        return modules, file_meta, notes, arch.naming
     path = Path(src) / LORA_FILE if Path(src).is_dir() else Path(src)
     state_dicts, metadata = read_diffusers_lora(path)
     if not metadata:
         ranks = {g: int(next(v for k, v in sd.items() if k.endswith("lora_A.weight")).shape[0]) for g, sd in state_dicts.items()}
         metadata = {g: {"r": r, "lora_alpha": r} for g, r in ranks.items()}
         notes.append("the diffusers file has no adapter metadata; alpha taken as rank (what diffusers assumes)")
-    return modules_from_peft(state_dicts, metadata), file_meta, notes
+    naming = None
+    if base_model is not None or "text_encoder_2" in state_dicts:
+        naming = _architecture_module_names(base_model, "text_encoder_2" in state_dicts).naming
+    return modules_from_peft(state_dicts, metadata), file_meta, notes, naming
 
 
 def _alphas_uniform(modules: list[LoraModule]) -> bool:
@@ -923,7 +975,7 @@ def convert_lora(src: Path, dst: Path, to: str, base_model: str | None = None, d
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     dst = Path(dst)
     _refuse_existing(dst)
-    modules, file_meta, notes = read_lora_modules(Path(src), base_model)
+    modules, file_meta, notes, naming = read_lora_modules(Path(src), base_model)
     if not modules:
         raise ExportError(f"'{src}' holds no LoRA weights")
     original = modules
@@ -934,7 +986,7 @@ def convert_lora(src: Path, dst: Path, to: str, base_model: str | None = None, d
             modules, changed = fold_alphas(modules, per_module_rank=False)
             notes.append(f"per-module alphas differ (diffusers would apply the most common one to all): folded into the up weights of {len(changed)} modules; every module now has alpha {modules[0].alpha:g}")
         kept = {k: v for k, v in file_meta.items() if k.startswith(("ss_", "modelspec.")) and k != "sshs_model_hash"}
-        write_a1111(dst, modules, {**kept, "ss_output_name": dst.stem}, dtype)
+        write_a1111(dst, modules, {**kept, "ss_output_name": dst.stem}, dtype, naming)
     else:
         if not _alphas_uniform(modules) or len({m.rank for m in modules}) > 1:
             modules, changed = fold_alphas(modules, per_module_rank=True)

@@ -435,3 +435,64 @@ def test_samples_decode_when_the_prepared_unet_returns_fp32() -> None:
     sd1.unet.register_forward_pre_hook(bf16_input)
     sd1.unet.register_forward_hook(fp32_output)
     comparison_grid(sd1, ["a photo of dog"], 1, 0, 2, 7.5, 32)
+
+
+# --- converting an SDXL LoRA trained elsewhere --------------------------------------------------
+
+# (kohya name, group, module, rank, alpha): SGM names, one diffusers-style UNet name, both text encoders, per-module alphas.
+SDXL_KOHYA_MODULES = [
+    ("lora_unet_input_blocks_4_1_transformer_blocks_0_attn1_to_q", "unet", "down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q", 4, 8.0),
+    ("lora_unet_middle_block_1_transformer_blocks_1_attn2_to_k", "unet", "mid_block.attentions.0.transformer_blocks.1.attn2.to_k", 4, 2.0),
+    ("lora_unet_output_blocks_5_1_proj_out", "unet", "up_blocks.1.attentions.2.proj_out", 2, 2.0),
+    ("lora_unet_down_blocks_2_attentions_1_transformer_blocks_1_attn2_to_v", "unet", "down_blocks.2.attentions.1.transformer_blocks.1.attn2.to_v", 4, 1.0),
+    ("lora_te1_text_model_encoder_layers_1_self_attn_v_proj", "text_encoder", "encoder.layers.1.self_attn.v_proj", 4, 8.0),
+    ("lora_te1_text_model_encoder_layers_1_self_attn_out_proj", "text_encoder", "encoder.layers.1.self_attn.out_proj", 4, 8.0),
+    ("lora_te2_text_model_encoder_layers_2_self_attn_out_proj", "text_encoder_2", "encoder.layers.2.self_attn.out_proj", 4, 2.0),
+]
+
+
+def hand_written_sdxl_kohya(path: Path) -> dict[str, torch.Tensor]:
+    """An SDXL kohya file written by hand, and tiny-sdxl's outputs with each delta added to its weight by hand."""
+    from safetensors.torch import save_file
+
+    components = load_components("tiny-sdxl")
+    generator = torch.Generator().manual_seed(4)
+    tensors = {}
+    for name, group, module_name, rank, alpha in SDXL_KOHYA_MODULES:
+        model = getattr(components, group)
+        layer = model.get_submodule(module_name) if module_name in dict(model.named_modules()) else model.get_submodule("text_model." + module_name)
+        weight = layer.weight.data
+        down = torch.randn(rank, weight.shape[1], generator=generator) * 0.3
+        up = torch.randn(weight.shape[0], rank, generator=generator) * 0.3
+        weight += (up @ down) * alpha / rank
+        tensors.update({f"{name}.lora_down.weight": down, f"{name}.lora_up.weight": up, f"{name}.alpha": torch.tensor(alpha)})
+    save_file(tensors, str(path), metadata={"ss_base_model_version": "sdxl_base_v1-0"})
+    return probe(components)
+
+
+def test_convert_sdxl_kohya_file(tmp_path: Path) -> None:
+    from dreamlora.errors import ExportError
+    from dreamlora.export import convert_lora
+
+    src = tmp_path / "sdxl-civitai.safetensors"
+    reference = hand_written_sdxl_kohya(src)
+    base = probe(load_components("tiny-sdxl"))
+    a1111 = convert_lora(src, tmp_path / "fixed.safetensors", "a1111", base_model="tiny-sdxl", dtype="fp32")
+    assert a1111.verify.status == "passed" and a1111.key_counts == {"unet": 4, "text_encoder": 2, "text_encoder_2": 1}
+    assert any("folded" in note for note in a1111.notes) and not any("lora_te_text_model_" in note for note in a1111.notes)
+    fixed = load_file(str(a1111.path))
+    names = {k.split(".")[0] for k in fixed}
+    assert "lora_unet_input_blocks_8_1_transformer_blocks_1_attn2_to_v" in names  # the diffusers-style name, written as SGM
+    assert "lora_te2_text_model_encoder_layers_2_self_attn_out_proj" in names and not any(n.startswith("lora_te_") for n in names)
+    assert len({float(v) for k, v in fixed.items() if k.endswith(".alpha")}) == 1
+    loaded = load_components("tiny-sdxl")
+    build_pipeline(loaded).load_lora_weights(str(a1111.path))  # diffusers' own kohya (SGM) loader
+    assert_reproduces(probe(loaded), reference, base, 1e-4)
+    folder = convert_lora(src, tmp_path / "fixed-diffusers", "diffusers", base_model="tiny-sdxl", dtype="fp32")
+    assert folder.verify.status == "passed"
+    loaded = load_components("tiny-sdxl")
+    build_pipeline(loaded).load_lora_weights(str(folder.path))
+    assert_reproduces(probe(loaded), reference, base, 1e-4)
+    with pytest.raises(ExportError, match="SDXL"):
+        convert_lora(src, tmp_path / "on-sd1.safetensors", "a1111", base_model="tiny")
+    assert not (tmp_path / "on-sd1.safetensors").exists()
