@@ -426,17 +426,73 @@ def ldm_vae_key(key: str, num_blocks: int) -> str:
     return key
 
 
-def ldm_checkpoint_state_dict(unet: dict[str, torch.Tensor], vae: dict[str, torch.Tensor], text_encoder: dict[str, torch.Tensor], unet_config: dict[str, Any], vae_blocks: int) -> dict[str, torch.Tensor]:
-    """diffusers UNet/VAE/CLIP state dicts -> one original Stable Diffusion checkpoint state dict."""
-    renames = _ldm_unet_renames(unet_config)
-    out = {f"model.diffusion_model.{ldm_unet_key(k, renames)}": v for k, v in unet.items()}
+def _ldm_vae_entries(vae: dict[str, torch.Tensor], vae_blocks: int) -> dict[str, torch.Tensor]:
+    out = {}
     for key, value in vae.items():
         new = ldm_vae_key(key, vae_blocks)
         if ".mid.attn_1." in new and new.endswith((".q.weight", ".k.weight", ".v.weight", ".proj_out.weight")) and value.dim() == 2:
             value = value[:, :, None, None]  # LDM's VAE attention uses 1x1 convolutions
         out[f"first_stage_model.{new}"] = value
+    return out
+
+
+def ldm_checkpoint_state_dict(unet: dict[str, torch.Tensor], vae: dict[str, torch.Tensor], text_encoder: dict[str, torch.Tensor], unet_config: dict[str, Any], vae_blocks: int) -> dict[str, torch.Tensor]:
+    """diffusers UNet/VAE/CLIP state dicts -> one original Stable Diffusion checkpoint state dict."""
+    renames = _ldm_unet_renames(unet_config)
+    out = {f"model.diffusion_model.{ldm_unet_key(k, renames)}": v for k, v in unet.items()}
+    out.update(_ldm_vae_entries(vae, vae_blocks))
     for key, value in text_encoder.items():
         out[f"cond_stage_model.transformer.{canonical_text_encoder_name(key)}"] = value
+    return out
+
+
+_OPEN_CLIP_NAMES = (
+    ("text_model.encoder.layers.", "transformer.resblocks."), (".self_attn.out_proj.", ".attn.out_proj."),
+    (".layer_norm1.", ".ln_1."), (".layer_norm2.", ".ln_2."), (".mlp.fc1.", ".mlp.c_fc."), (".mlp.fc2.", ".mlp.c_proj."),
+)
+
+
+def open_clip_state_dict(text_encoder: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """A transformers CLIPTextModelWithProjection state dict -> OpenCLIP's text tower layout (SDXL's second encoder):
+    q/k/v stacked into `in_proj_weight`, `text_projection` transposed, positional embedding without `.weight`."""
+    out: dict[str, torch.Tensor] = {}
+    state = {canonical_text_encoder_name(k) if not k.startswith("text_projection") else k: v for k, v in text_encoder.items()}
+    singles = {
+        "text_model.embeddings.token_embedding.weight": "token_embedding.weight",
+        "text_model.embeddings.position_embedding.weight": "positional_embedding",
+        "text_model.final_layer_norm.weight": "ln_final.weight",
+        "text_model.final_layer_norm.bias": "ln_final.bias",
+    }
+    for key, value in state.items():
+        if key in singles:
+            out[prefix + singles[key]] = value
+        elif key == "text_projection.weight":
+            out[prefix + "text_projection"] = value.T.contiguous()
+        elif re.search(r"\.self_attn\.[qkv]_proj\.", key):
+            if ".q_proj." not in key:
+                continue  # stacked with q below
+            kind = key.rsplit(".", 1)[1]  # weight or bias
+            stacked = torch.cat([state[key.replace(".q_proj.", f".{p}_proj.")] for p in "qkv"])
+            layer = key.split(".self_attn.")[0].replace("text_model.encoder.layers.", "transformer.resblocks.")
+            out[f"{prefix}{layer}.attn.in_proj_{kind}"] = stacked
+        elif key.startswith("text_model.encoder.layers."):
+            new = key
+            for old, replacement in _OPEN_CLIP_NAMES:
+                new = new.replace(old, replacement)
+            out[prefix + new] = value
+        elif not key.endswith("position_ids"):
+            raise ExportError(f"text encoder 2 weight {key!r} has no OpenCLIP name")
+    return out
+
+
+def sgm_checkpoint_state_dict(parts: dict[str, dict[str, torch.Tensor]], unet_config: dict[str, Any], vae_blocks: int) -> dict[str, torch.Tensor]:
+    """diffusers SDXL UNet/VAE/two-encoder state dicts -> one SGM (Stability's original SDXL) checkpoint state dict."""
+    renames = list(sgm_unet_renames(unet_config))
+    out = {f"model.diffusion_model.{ldm_unet_key(k, renames)}": v for k, v in parts["unet"].items()}
+    out.update(_ldm_vae_entries(parts["vae"], vae_blocks))
+    for key, value in parts["text_encoder"].items():
+        out[f"conditioner.embedders.0.transformer.{canonical_text_encoder_name(key)}"] = value
+    out.update(open_clip_state_dict(parts["text_encoder_2"], "conditioner.embedders.1.model."))
     return out
 
 
@@ -700,7 +756,7 @@ def verify_export(path: Path, fmt: str, modules: list[LoraModule], model_ref: st
             models = _load_kohya_file_exactly(base, path)
         _check_consumed(models, modules, report.loader)
     else:
-        report.loader = "StableDiffusionPipeline.from_single_file" if path.is_file() else f"{base.family.pipeline_class}.from_pretrained"
+        report.loader = f"{base.family.pipeline_class}.from_single_file" if path.is_file() else f"{base.family.pipeline_class}.from_pretrained"
         models = _load_merged(path, base)
         _check_vae(models.pop("vae"), base.vae, dtype, report)
     candidate = _probe_outputs(base, models, prompt)
@@ -736,7 +792,9 @@ def _load_merged(path: Path, base: Any) -> dict[str, torch.nn.Module]:
     import diffusers
     from diffusers import StableDiffusionPipeline
 
-    if path.is_file():
+    if path.is_file() and base.family.pipeline_class != "StableDiffusionPipeline":
+        pipe = getattr(diffusers, base.family.pipeline_class).from_single_file(str(path), config=str(base.source_dir), local_files_only=True)
+    elif path.is_file():
         pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(base.source_dir), local_files_only=True, safety_checker=None, requires_safety_checker=False)
     elif base.family.pipeline_class != "StableDiffusionPipeline":
         pipe = getattr(diffusers, base.family.pipeline_class).from_pretrained(str(path), local_files_only=True)
@@ -773,8 +831,13 @@ def write_merged(out: Path, model_ref: str, lora_file: Path, scale: float, dtype
     if single_file:
         from safetensors.torch import save
 
-        state_dict = ldm_checkpoint_state_dict(parts["unet"], parts["vae"], parts["text_encoder"], dict(components.unet.config), len(components.vae.config.block_out_channels))
-        write_atomic(out, save({k: v.contiguous() for k, v in state_dict.items()}, metadata={"format": "pt", "modelspec.architecture": "stable-diffusion-v1"}))
+        vae_blocks = len(components.vae.config.block_out_channels)
+        if components.family.name == "sdxl":
+            state_dict = sgm_checkpoint_state_dict(parts, dict(components.unet.config), vae_blocks)
+        else:
+            state_dict = ldm_checkpoint_state_dict(parts["unet"], parts["vae"], parts["text_encoder"], dict(components.unet.config), vae_blocks)
+        architecture = _modelspec_architecture(components.family.name).removesuffix("/lora")
+        write_atomic(out, save({k: v.contiguous() for k, v in state_dict.items()}, metadata={"format": "pt", "modelspec.architecture": architecture}))
     else:
         _write_folder_atomic(out, lambda tmp: build_pipeline(components).save_pretrained(tmp, safe_serialization=True))
     return counts
@@ -837,8 +900,6 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
     if cfg.format == "a1111" and out.suffix != ".safetensors":
         raise ExportError(f"A1111 output '{out}' must end in .safetensors; pass --out NAME.safetensors")
     _refuse_existing(out)
-    if cfg.format == "merged" and run.get("family") == "sdxl" and cfg.single_file:
-        raise ExportError("--single-file is not supported for SDXL yet; export --format merged without --single-file (a diffusers folder), or --format a1111")
     if cfg.format == "a1111":
         write_a1111(out, modules, a1111_metadata(run, modules, out.stem), cfg.dtype, run_kohya_naming(run_dir, run))
         counts = _count_modules(modules)

@@ -277,12 +277,13 @@ def build_tiny(folder: Path, prediction_type: str = "epsilon", seed: int = 0) ->
     return folder
 
 
-def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
+def build_tiny_sdxl(folder: Path, seed: int = 0, text_encoder_2_width: int = 32) -> Path:
     """Build a tiny SDXL (32 px, seeded random weights, SDXL's block layout) and save it as a diffusers folder.
 
     Like SDXL 1.0: down blocks (plain, cross-attention, cross-attention) with two layers each, so the SGM names
     (`input_blocks_4_1`, `middle_block_1`, `output_blocks_0_1`) are the real ones; two CLIP encoders whose
-    penultimate states are concatenated; the second with a projection giving the pooled embedding.
+    penultimate states are concatenated; the second with a projection giving the pooled embedding. A second
+    encoder wider than the first (as SDXL's 1280 beside 768) lets diffusers' single-file loader tell them apart.
     """
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -307,7 +308,7 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
             addition_embed_type="text_time",
             addition_time_embed_dim=8,
             projection_class_embeddings_input_dim=6 * 8 + 32,  # six size numbers plus the pooled text embedding
-            cross_attention_dim=64,  # 32 + 32: both encoders' hidden states side by side
+            cross_attention_dim=32 + text_encoder_2_width,  # both encoders' hidden states side by side
             norm_num_groups=32,
         )
         vae = _tiny_vae(scaling_factor=0.13025, force_upcast=True)
@@ -316,7 +317,7 @@ def build_tiny_sdxl(folder: Path, seed: int = 0) -> Path:
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
         )  # fmt: skip
         text_encoder = CLIPTextModel(CLIPTextConfig(hidden_size=32, num_hidden_layers=3, projection_dim=32, **common))
-        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=32, num_hidden_layers=3, projection_dim=32, hidden_act="gelu", **common))
+        text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=text_encoder_2_width, num_hidden_layers=3, projection_dim=32, hidden_act="gelu", **common))
         scheduler = _sd_scheduler(timestep_spacing="leading")
         pipeline = StableDiffusionXLPipeline(
             vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,

@@ -496,3 +496,41 @@ def test_convert_sdxl_kohya_file(tmp_path: Path) -> None:
     with pytest.raises(ExportError, match="SDXL"):
         convert_lora(src, tmp_path / "on-sd1.safetensors", "a1111", base_model="tiny")
     assert not (tmp_path / "on-sd1.safetensors").exists()
+
+
+def test_single_file_sdxl_merge_loads_with_from_single_file(tmp_path: Path) -> None:
+    """--single-file for SDXL writes Stability's SGM layout (OpenCLIP second encoder); diffusers' from_single_file
+    reads back every tensor of the merged model. The second encoder is wider than the first, as in SDXL."""
+    from diffusers import StableDiffusionXLPipeline
+
+    from dreamlora.models import build_tiny_sdxl
+
+    base_dir = build_tiny_sdxl(tmp_path / "tiny-sdxl-wide", text_encoder_2_width=48)
+    components = load_components(str(base_dir))
+    torch.manual_seed(2)
+    attach_adapters(components.unet, components.text_encoder, AdapterConfig(rank=RANK, alpha=ALPHA, init="nonzero"), components.text_encoder_2)
+    models = {"unet": components.unet, **components.text_encoders}
+    run = tmp_path / "runs" / "wide"
+    save_diffusers_lora(run / "lora", adapter_state_dicts(models), {k: adapter_metadata(m) for k, m in models.items()})
+    info = {"model": str(base_dir), "family": "sdxl", "resolution": 32, "rank": RANK, "alpha": ALPHA, "name": "wide",
+            "unet_layout": {k: components.unet.config[k] for k in ("layers_per_block", "down_block_types", "up_block_types")}}
+    (run / "run.json").write_text(json.dumps(info), encoding="utf-8")
+    single = export_run(run, ExportConfig(format="merged", dtype="fp32", single_file=True), exports_root=tmp_path / "exports")
+    assert single.verify.status == "passed" and single.verify.loader == "StableDiffusionXLPipeline.from_single_file"
+    keys = set(load_file(str(single.path)))
+    for key in ("model.diffusion_model.input_blocks.4.1.transformer_blocks.0.attn1.to_q.weight", "model.diffusion_model.label_emb.0.0.weight",
+                "conditioner.embedders.0.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
+                "conditioner.embedders.1.model.transformer.resblocks.2.attn.in_proj_weight", "conditioner.embedders.1.model.text_projection",
+                "conditioner.embedders.1.model.positional_embedding", "first_stage_model.decoder.mid.attn_1.q.weight"):
+        assert key in keys, key
+    folder = export_run(run, ExportConfig(format="merged", dtype="fp32"), exports_root=tmp_path / "exports").path
+    expected = StableDiffusionXLPipeline.from_pretrained(str(folder), local_files_only=True)
+    loaded = StableDiffusionXLPipeline.from_single_file(str(single.path), config=str(base_dir), local_files_only=True)
+    for part in ("unet", "text_encoder", "text_encoder_2", "vae"):
+        want, got = getattr(expected, part).state_dict(), getattr(loaded, part).state_dict()
+        assert set(want) - {"text_model.embeddings.position_ids"} <= set(got), part
+        for key, value in want.items():
+            assert torch.allclose(got[key].float(), value.float(), atol=1e-6), f"{part}.{key}"
+    merged_te2 = expected.text_encoder_2.state_dict()["text_model.encoder.layers.0.self_attn.q_proj.weight"]
+    base_te2 = load_components(str(base_dir)).text_encoder_2.state_dict()["text_model.encoder.layers.0.self_attn.q_proj.weight"]
+    assert (merged_te2 - base_te2).abs().max() > 1e-3  # the LoRA really is fused into the second encoder
