@@ -605,6 +605,33 @@ def generate(
 
 
 @app.command()
+def cache(
+    prune_days: Annotated[Optional[float], typer.Option("--prune-days", help="Remove latents unused for this many days.")] = None,
+    max_size: Annotated[Optional[float], typer.Option("--max-size", help="Then remove the least recently used until at most this many GB remain.")] = None,
+    clear: Annotated[bool, typer.Option("--clear", help="Remove every cached latent.")] = False,
+    cache_dir: Annotated[Optional[str], typer.Option("--dir", help="Cache folder (default $DREAMLORA_CACHE/latents).")] = None,
+    debug: Debug = False,
+) -> None:
+    """Show the on-disk latent cache, or prune it (--prune-days, --max-size, --clear)."""
+
+    def action() -> None:
+        from dreamlora.errors import ConfigError
+        from dreamlora.latent_cache import default_cache_dir, prune_cache
+
+        if (prune_days is not None and prune_days < 0) or (max_size is not None and max_size < 0):
+            raise ConfigError("--prune-days and --max-size must be 0 or more")
+        root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
+        max_bytes = int(max_size * 1e9) if max_size is not None else None
+        usage = prune_cache(root, max_bytes, prune_days, clear)
+        rows = [("folder", root), ("entries", usage.entries), ("size", f"{usage.bytes / 1e6:.1f} MB")]
+        if prune_days is not None or max_size is not None or clear:
+            rows.append(("removed", f"{usage.removed} entries, {usage.freed / 1e6:.1f} MB"))
+        _summary("latent cache", rows)
+
+    _run(debug, action)
+
+
+@app.command()
 def bench(
     model: Annotated[Optional[str], typer.Option("--model", help="random:sd15 (default on GPU), tiny (default on CPU), or any model.")] = None,
     part: Annotated[str, typer.Option("--part", help="train|prior|all")] = "all",

@@ -3,8 +3,9 @@
 An entry is one safetensors file, `<root>/<key[:2]>/<key>.safetensors`, where the key hashes the image file's bytes,
 the VAE identity (its config and a hash of its weights in their dtype), the view size (width, height), the crop
 and whether the view is flipped. Changing any of them gives another key, so stale entries are never read; they are
-only left behind (delete the folder to reclaim the space). Each entry is encoded alone (batch of one) so its value
-does not depend on which other images happened to miss the cache in the same run.
+left behind until `dreamlora cache --prune-days N` / `--max-size GB` / `--clear` removes them (a hit refreshes an
+entry's modification time, so pruning removes the least recently used first). Each entry is encoded alone (batch of
+one) so its value does not depend on which other images happened to miss the cache in the same run.
 
 The root is `data.latent_cache_dir` when set, else `$DREAMLORA_CACHE/latents` (default `~/.cache/dreamlora/latents`):
 beside the model cache rather than in the working folder, because entries are keyed by content and so are safe to share
@@ -17,7 +18,9 @@ import hashlib
 import json
 import logging
 import os
+import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -73,6 +76,7 @@ class LatentDiskCache:
             return None
         try:
             tensors = load_file(path)
+            _touch(path)
             return tensors["mean"], tensors["std"]
         except Exception as error:  # noqa: BLE001 - a damaged entry is a miss, rewritten below
             log.warning("latent cache entry %s is unreadable (%s); encoding again", path, error)
@@ -114,3 +118,56 @@ def open_latent_cache(cache_latents: bool, cache_dir: str, vae: torch.nn.Module)
         return None
     root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     return LatentDiskCache(root, vae_identity(vae))
+
+
+def _touch(path: Path) -> None:
+    """Mark an entry as used now (its modification time), for least-recently-used pruning."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass  # a read-only cache is still a cache
+
+
+@dataclass(frozen=True)
+class CacheUsage:
+    entries: int
+    bytes: int
+    removed: int = 0
+    freed: int = 0
+
+
+def _entries(root: Path) -> list[tuple[float, int, Path]]:
+    """(last use, size, path) of every entry under `root`, least recently used first."""
+    found = []
+    for path in root.glob("??/*.safetensors"):
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        found.append((stat.st_mtime, stat.st_size, path))
+    return sorted(found)
+
+
+def prune_cache(root: Path, max_bytes: int | None = None, older_than_days: float | None = None, clear: bool = False) -> CacheUsage:
+    """Remove entries unused for `older_than_days`, then the least recently used until at most `max_bytes` remain
+    (`clear`: all of them). Only cache entries (`??/<sha256>.safetensors`) are touched; returns what is left and freed."""
+    root = Path(root)
+    entries = _entries(root) if root.is_dir() else []
+    total = sum(size for _, size, _ in entries)
+    cutoff = time.time() - older_than_days * 86400 if older_than_days is not None else None
+    removed = freed = 0
+    for mtime, size, path in entries:
+        too_old = cutoff is not None and mtime < cutoff
+        too_big = max_bytes is not None and total - freed > max_bytes
+        if not (clear or too_old or too_big):
+            continue
+        try:
+            path.unlink()
+        except FileNotFoundError:
+            pass
+        removed += 1
+        freed += size
+    for folder in root.glob("??") if root.is_dir() else []:
+        if folder.is_dir() and not any(folder.iterdir()):
+            folder.rmdir()
+    return CacheUsage(len(entries) - removed, total - freed, removed, freed)

@@ -309,3 +309,29 @@ def test_train_flags_reach_the_run_config(tmp_path: Path, messy_dir: Path, monke
     assert (data["buckets"], data["repeats"], data["class_ratio"], data["caption_dropout"], data["color_jitter"]) == (True, 2, 0.5, 0.1, 0.05)
     assert (data["cache_latents"], data["latent_cache_dir"], data["captions"]) == (False, "elsewhere", False)
     assert not (tmp_path / "elsewhere").exists()
+
+
+def test_latent_cache_prunes_least_recently_used_first(tmp_path: Path) -> None:
+    import os
+    import time
+
+    from dreamlora.latent_cache import LatentDiskCache, prune_cache
+
+    cache = LatentDiskCache(tmp_path / "latents", "vae")
+    keys = [cache.key(f"image{i}", (32, 32), "centre", False) for i in range(4)]
+    for i, key in enumerate(keys):
+        cache.save(key, torch.full((4, 4, 4), float(i)), torch.ones(4, 4, 4))
+        os.utime(cache.path(key), (time.time() - (10 - i) * 86400,) * 2)  # entry i last used 10 - i days ago
+    (tmp_path / "latents" / "notes.txt").write_text("not an entry")
+    size = cache.path(keys[0]).stat().st_size
+    assert cache.load(keys[0]) is not None  # a hit makes entry 0 the most recently used
+    usage = prune_cache(tmp_path / "latents", older_than_days=8.5)  # entry 1 (9 days) goes; 0 was just used
+    assert (usage.removed, usage.entries) == (1, 3) and not cache.path(keys[1]).exists() and cache.path(keys[0]).exists()
+    usage = prune_cache(tmp_path / "latents", max_bytes=2 * size)  # least recently used next: entry 2
+    assert (usage.removed, usage.entries, usage.bytes) == (1, 2, 2 * size)
+    assert [cache.path(k).exists() for k in keys] == [True, False, False, True]
+    result = runner.invoke(app, ["cache", "--dir", str(tmp_path / "latents"), "--clear"])
+    assert result.exit_code == 0 and "2 entries" in result.output, result.output
+    assert not list((tmp_path / "latents").glob("??")) and (tmp_path / "latents" / "notes.txt").is_file()
+    bad = runner.invoke(app, ["cache", "--dir", str(tmp_path / "latents"), "--max-size", "-1"])
+    assert bad.exit_code == 2 and "Traceback" not in bad.output
