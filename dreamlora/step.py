@@ -72,7 +72,8 @@ class CudaGraphStep:
 
     Requirements (checked by the caller): one CUDA process, no gradient accumulation, no loss scaling (bf16 or fp32),
     a fused AdamW built with `capturable=True` and tensor learning rates, fixed batch shapes.
-    A non-finite loss skips the AdamW update inside the graph (`found_inf`), without a host sync.
+    A non-finite loss skips the AdamW update inside the graph (`found_inf`), without a host sync; device-side
+    counters (`skip_counts`) keep the skipped steps, the current run of them and the longest run, read at log steps.
     """
 
     def __init__(
@@ -106,10 +107,24 @@ class CudaGraphStep:
         if self.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_(self._trained(), self.max_grad_norm, foreach=True)
         self.found_inf.copy_((~torch.isfinite(loss)).float())
+        self.skipped.add_(self.found_inf)
+        self.streak.add_(1.0).mul_(self.found_inf)  # consecutive non-finite steps; 0 after a finite one
+        torch.maximum(self.worst_streak, self.streak, out=self.worst_streak)
         self.optimizer.step()
         if self.masters:
             self.masters.masters_to_model()
         return loss.detach(), instance_loss.detach(), prior_loss.detach()
+
+    def arm(self, device: torch.device) -> None:
+        """The flag the fused AdamW reads, zeroed counters, and every gradient allocated: what the graph captures."""
+        self.found_inf = torch.zeros((), device=device)  # 0-dim, as GradScaler passes it
+        self.optimizer.found_inf = self.found_inf  # read by the fused AdamW kernel: skip the update on a non-finite loss
+        self.skipped, self.streak, self.worst_streak = (torch.zeros((), device=device) for _ in range(3))
+        self._prepare_grads()
+
+    def skip_counts(self) -> tuple[int, int, int]:
+        """(steps skipped for a non-finite loss, the current run of them, the longest run) since capture; syncs."""
+        return int(self.skipped.item()), int(self.streak.item()), int(self.worst_streak.item())
 
     def _prepare_grads(self) -> None:
         """Allocate every gradient once, so the graph reads and writes fixed memory."""
@@ -126,12 +141,10 @@ class CudaGraphStep:
         """Warm up on a side stream, restore every trained tensor and optimizer state, then capture."""
         started = time.perf_counter()
         self.static_inputs = tuple(t.clone() for t in inputs)
-        self.found_inf = torch.zeros((), device=inputs[0].device)  # 0-dim, as GradScaler passes it
-        self.optimizer.found_inf = self.found_inf  # read by the fused AdamW kernel: skip the update on a non-finite loss
+        self.arm(inputs[0].device)
         trained = [p for p in self.params] + ([m for ps in self.masters.masters.values() for m in ps] if self.masters else [])
         snapshot = [t.detach().clone() for t in trained]
         saved_state = {p: {k: v.clone() for k, v in state.items() if torch.is_tensor(v)} for p, state in self.optimizer.state.items()}
-        self._prepare_grads()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
@@ -146,6 +159,8 @@ class CudaGraphStep:
                 for key, value in state.items():
                     if torch.is_tensor(value):
                         value.copy_(saved_state[p][key]) if p in saved_state else value.zero_()  # fresh AdamW state is all zeros
+            for counter in (self.skipped, self.streak, self.worst_streak):
+                counter.zero_()
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph):
             self.static_outputs = self._body(self.static_inputs)

@@ -328,6 +328,15 @@ def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, 
     )
 
 
+def _non_finite_error(run_dir: Path, in_a_row: int, when: str, skipped: int, lr: float) -> TrainingError:
+    latest = ckpt.latest_checkpoint(run_dir)
+    kept = f"the last good checkpoint {latest.name} is kept in {run_dir}" if latest else "no checkpoint was written yet"
+    return TrainingError(
+        f"the loss was non-finite {in_a_row} steps in a row ({when}, {skipped} skipped in all); lower --lr (now {lr:g}) "
+        f"or use --precision bf16 (fp16 overflows more easily); {kept}"
+    )
+
+
 def use_cuda_graphs(cfg: RunConfig, device: torch.device, num_processes: int, precision: str) -> bool:
     """Whether the step is captured as a CUDA graph: `on`/`auto` where it can be, `off` never."""
     reasons = []
@@ -787,15 +796,22 @@ def _train(
         every = cfg.train.sample_every
         sample_now = bool(every) and (done % every == 0 or done == cfg.train.max_steps)  # the same on every process
         log_now = sample_now or done % cfg.train.log_every == 0 or done == cfg.train.max_steps or done == start_step + 1
-        # The graphed step is not synced between logs: a non-finite step was skipped in-graph and is counted when logged.
-        if graph_step is None or log_now:
+        # The graphed step is not synced between logs: non-finite steps were skipped in-graph and counted on the
+        # device; read at log steps (the run of them that stops training is the longest since capture).
+        if graph_step is not None:
+            if log_now:
+                total, bad_steps, worst = graph_step.skip_counts()
+                if total > skipped:
+                    log.warning("steps up to %d: %d non-finite losses, those steps skipped", done, total - skipped)
+                skipped = total
+                if worst >= MAX_BAD_STEPS:
+                    raise _non_finite_error(run_dir, worst, f"by step {done}", skipped, cfg.train.lr)
+        else:
             if not torch.isfinite(loss):
                 bad_steps, skipped = bad_steps + 1, skipped + 1
                 log.warning("step %d: non-finite loss, step skipped", done)
                 if bad_steps >= MAX_BAD_STEPS:
-                    latest = ckpt.latest_checkpoint(run_dir)
-                    kept = f"the last good checkpoint {latest.name} is kept in {run_dir}" if latest else "no checkpoint was written yet"
-                    raise TrainingError(f"the loss was non-finite {bad_steps} steps in a row (step {done}, {skipped} skipped in all); lower --lr (now {cfg.train.lr:g}) or use --precision bf16 (fp16 overflows more easily); {kept}")
+                    raise _non_finite_error(run_dir, bad_steps, f"step {done}", skipped, cfg.train.lr)
             else:
                 bad_steps = 0
         lr_scheduler.step()

@@ -373,9 +373,7 @@ def test_graph_body_conditions_sdxl_on_size_ids_and_equals_the_eager_step() -> N
         optimizer = torch.optim.AdamW(params, lr=1e-3, fused=True)
         if mode == "graph body":
             step = CudaGraphStep(loss_fn, params, optimizer, max_grad_norm=1.0)
-            step.found_inf = torch.zeros(())
-            optimizer.found_inf = step.found_inf
-            step._prepare_grads()
+            step.arm(torch.device("cpu"))
             losses.append([step._body(x)[0].item() for x in inputs])
         else:
             losses.append([])

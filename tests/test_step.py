@@ -42,10 +42,9 @@ def test_graph_body_equals_the_eager_step_and_skips_non_finite_updates() -> None
         seen = []
         if mode == "graph body":
             step = CudaGraphStep(loss_fn, params, optimizer, max_grad_norm=1.0)
-            step.found_inf = torch.zeros(())
-            optimizer.found_inf = step.found_inf
-            step._prepare_grads()
+            step.arm(torch.device("cpu"))
             seen = [step._body(inputs)[0].item() for inputs in _inputs()]
+            assert step.skip_counts() == (1, 0, 1)  # one skipped step, the run of them ended, longest run 1
         else:
             for inputs in _inputs():
                 optimizer.zero_grad(set_to_none=True)
@@ -71,9 +70,7 @@ def test_graph_body_with_bf16_master_weights_updates_the_masters() -> None:
     params = [p for ps in groups.values() for p in ps]
     optimizer = torch.optim.AdamW([m for ps in masters.masters.values() for m in ps], lr=1e-3, fused=True)
     step = CudaGraphStep(_loss_fn(components, torch.bfloat16), params, optimizer, 1.0, masters)
-    step.found_inf = torch.zeros(())
-    optimizer.found_inf = step.found_inf
-    step._prepare_grads()
+    step.arm(torch.device("cpu"))
     inputs = _inputs()[0]
     step._body((inputs[0], inputs[1].bfloat16(), inputs[2], inputs[3], inputs[4]))
     after = [m.detach() for ps in masters.masters.values() for m in ps]
@@ -81,3 +78,17 @@ def test_graph_body_with_bf16_master_weights_updates_the_masters() -> None:
     assert sum(int(not torch.equal(a, b)) for a, b in zip(before, after)) == len(after)  # every master moved
     model_now = [p.detach().float() for p in params]
     assert all(torch.allclose(p, m, atol=1e-2, rtol=1e-2) for p, m in zip(model_now, after))  # bf16 copies follow the masters
+
+
+def test_graph_body_counts_runs_of_non_finite_steps_on_the_device() -> None:
+    """What train() reads at log steps to stop after MAX_BAD_STEPS non-finite steps in a row, without a per-step sync."""
+    components, groups = _adapted()
+    params = [p for ps in groups.values() for p in ps]
+    step = CudaGraphStep(_loss_fn(components), params, torch.optim.AdamW(params, lr=1e-3, fused=True), max_grad_norm=1.0)
+    step.arm(torch.device("cpu"))
+    good, bad = _inputs()[0], _inputs()[1]
+    counts = []
+    for inputs in (bad, bad, good, bad, bad, bad, good):
+        step._body(inputs)
+        counts.append(step.skip_counts())
+    assert counts == [(1, 1, 1), (2, 2, 2), (2, 0, 2), (3, 1, 2), (4, 2, 2), (5, 3, 3), (5, 0, 3)]
