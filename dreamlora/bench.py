@@ -50,6 +50,9 @@ class PriorBench:
     scheduler: str
     resolution: int
     peak_memory_gib: float | None
+    phase_shares: dict[str, float] = field(default_factory=dict)
+    """Where a separate, synchronised pass of one batch spent its time: UNet calls, VAE decoding, and the rest
+    (text encoding, scheduler, conversion to arrays, PNG writes, the class-set checks); shares sum to 1."""
 
 
 @dataclass
@@ -135,8 +138,63 @@ def bench_train(cfg: RunConfig, workdir: Path, steps: int, warmup: int) -> Train
     )
 
 
+class PhaseTimer:
+    """Adds the wall time of chosen methods (synchronising CUDA around each call) to named phases, while installed.
+
+    The syncs stop the host from running ahead of the GPU, so a timed pass is slower than an untimed one:
+    use its shares, not its speed.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.seconds: dict[str, float] = {}
+        self._installed: list[tuple[Any, str]] = []
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def wrap(self, owner: Any, method: str, phase: str) -> None:
+        original = getattr(owner, method)
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            self._sync()
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self._sync()
+                self.seconds[phase] = self.seconds.get(phase, 0.0) + time.perf_counter() - start
+
+        setattr(owner, method, timed)  # an instance attribute shadows the method; `restore` deletes it
+        self._installed.append((owner, method))
+
+    def restore(self) -> None:
+        for owner, method in self._installed:
+            delattr(owner, method)
+        self._installed.clear()
+
+
+def prior_phase_shares(pipeline: Any, prior_cfg: PriorConfig, resolution: int, workdir: Path, model: str, batch: int) -> dict[str, float]:
+    """Time one batch of `generate_class_images` with the UNet and the VAE decoder timed apart."""
+    from dreamlora.prior import generate_class_images
+
+    timer = PhaseTimer(pipeline.device)
+    timer.wrap(pipeline.unet, "forward", "unet")
+    timer.wrap(pipeline.vae, "decode", "vae_decode")
+    try:
+        start = time.perf_counter()
+        generate_class_images(pipeline, replace(prior_cfg, num_images=batch, batch_size=batch), resolution, workdir, model)
+        total = time.perf_counter() - start
+    finally:
+        timer.restore()
+    shares = {phase: seconds / total for phase, seconds in timer.seconds.items()}
+    shares["rest"] = max(0.0, 1.0 - sum(shares.values()))
+    return shares
+
+
 def bench_prior(cfg: RunConfig, prior_cfg: PriorConfig, workdir: Path) -> PriorBench:
-    """Time `generate_class_images` after one warm-up batch (not counted)."""
+    """Time `generate_class_images` after one warm-up batch (not counted), then split one batch's time by phase."""
     from dreamlora.models import build_pipeline, load_components, resolve_precision, select_attention
     from dreamlora.prior import auto_batch_size, generate_class_images
 
@@ -151,7 +209,9 @@ def bench_prior(cfg: RunConfig, prior_cfg: PriorConfig, workdir: Path) -> PriorB
     generate_class_images(pipeline, warm, resolution, workdir / "warm", cfg.model.name)
     _reset_peak(device)
     result = generate_class_images(pipeline, replace(prior_cfg, batch_size=batch), resolution, workdir / "prior", cfg.model.name)
-    return PriorBench(result.images_per_second, result.generated, batch, prior_cfg.steps, prior_cfg.scheduler, resolution, _peak(device))
+    peak = _peak(device)
+    shares = prior_phase_shares(pipeline, prior_cfg, resolution, workdir / "phases", cfg.model.name, batch)
+    return PriorBench(result.images_per_second, result.generated, batch, prior_cfg.steps, prior_cfg.scheduler, resolution, peak, shares)
 
 
 def run_bench(cfg: RunConfig, parts: tuple[str, ...], steps: int, warmup: int, prior_images: int, variants: bool) -> BenchResult:

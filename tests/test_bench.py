@@ -1,0 +1,30 @@
+"""`dreamlora bench` on CPU (tiny model): the report's shape and that it ran the real paths; never its speed."""
+
+import json
+
+from typer.testing import CliRunner
+
+from dreamlora.cli import app
+
+
+def test_bench_reports_training_and_prior_as_json() -> None:
+    result = CliRunner().invoke(app, ["bench", "--model", "tiny", "--json", "--steps", "2", "--warmup", "1", "--prior-images", "2", "--set", "prior.steps=2"])
+    assert result.exit_code == 0, result.output
+    # The runner mixes log lines into the output; the report is the JSON object in it.
+    report, _ = json.JSONDecoder().raw_decode(result.output[result.output.index("{\n"):])
+    assert report["device"] == "cpu" and report["model"] == "tiny" and report["torch_version"]
+    train, prior = report["train"], report["prior"]
+    assert [t["gradient_checkpointing"] for t in train] == [True, False]  # the default and the variant
+    for t in train:
+        assert t["it_s"] > 0 and t["ms_per_step"] > 0 and not t["cuda_graphs"] and t["precision"] == "fp32"
+    assert [(p["scheduler"], p["steps"]) for p in prior] == [("dpm++", 2), ("pndm", 50)]  # ours, then the reference's settings
+    for p in prior:
+        assert p["images_per_s"] > 0 and p["images"] == 2
+        shares = p["phase_shares"]
+        assert set(shares) == {"unet", "vae_decode", "rest"} and abs(sum(shares.values()) - 1) < 1e-6
+        assert shares["unet"] > 0 and shares["vae_decode"] > 0
+
+
+def test_bench_rejects_an_unknown_part() -> None:
+    result = CliRunner().invoke(app, ["bench", "--part", "everything"])
+    assert result.exit_code == 2 and "--part" in result.output and "Traceback" not in result.output
