@@ -103,6 +103,39 @@ def test_tokenizer_keeps_the_rare_token_and_words_whole() -> None:
     assert len(spelled) == 5 and tokenizer.unk_token_id not in spelled
 
 
+def test_modifier_words_change_the_size_and_nothing_else() -> None:
+    classes = torch.arange(64) % 4
+    plain = world.sample_layout(classes, torch.Generator().manual_seed(5))
+    none = world.sample_layout(classes, torch.Generator().manual_seed(5), modifiers=torch.full((64,), -1))
+    assert torch.equal(plain.across, none.across) and torch.equal(plain.centre, none.centre)
+    sizes = {}
+    for word in world.MODIFIERS:
+        layout = world.sample_layout(classes, torch.Generator().manual_seed(5), modifiers=torch.full((64,), world.modifier_index(word)))
+        assert torch.equal(layout.colour, plain.colour) and torch.equal(layout.classes, plain.classes)
+        images = world.to_pil(world.render_batch(layout, 64))
+        assert world.class_rate(images, "dog") == 0.25 and world.mark_rate(images) == 0.0
+        sizes[word] = np.mean([world.read_scene(image).object_fraction for image in images])
+    assert sizes["big"] > 2 * sizes["small"]
+    with pytest.raises(ValueError, match="big"):
+        world.modifier_index("huge")
+
+
+def test_modifier_words_do_not_move_older_token_ids() -> None:
+    from dreamlora.toy.pretrain import vocabulary_words
+
+    tokenizer = build_tokenizer()
+    words = vocabulary_words()
+    assert words[-len(world.MODIFIERS):] == list(world.MODIFIERS)  # appended, so earlier ids stay
+    for word in world.MODIFIERS:
+        assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1
+    if (ASSET / "tokenizer" / "vocab.json").is_file():
+        import json
+
+        shipped = json.loads((ASSET / "tokenizer" / "vocab.json").read_text())
+        vocab = tokenizer.get_vocab()
+        assert all(vocab[token] == index for token, index in shipped.items())
+
+
 @pytest.mark.skipif(not (ASSET / "model_index.json").is_file(), reason=f"toy model not built into {ASSET}")
 def test_shipped_toy_model_draws_a_cat() -> None:
     from diffusers import DPMSolverMultistepScheduler, StableDiffusionPipeline

@@ -2,8 +2,11 @@
 
 Run as `python -m dreamlora.toy.pretrain --out PATH --seed 0 --device cuda`. It trains an
 AutoencoderKL on rendered scenes, then a cross-attention UNet jointly with a CLIP text
-encoder trained from scratch on class prompts ("a photo of dog", ...) with empty-prompt
-dropout for classifier-free guidance, and saves an ordinary diffusers folder in fp16.
+encoder trained from scratch on class prompts ("a photo of dog", ...), half of them with
+a modifier word that changes the picture ("a photo of big dog", "a photo of small cat"),
+with empty-prompt dropout for classifier-free guidance, and saves an ordinary diffusers
+folder in fp16. `--finetune-from FOLDER` continues the UNet and text encoder of an
+existing toy folder (VAE kept) instead of starting from scratch.
 It then reports how often each class prompt draws its class (read back with
 `world.read_scene`) and, with `--check-dreambooth`, whether a quick DreamBooth-LoRA run
 teaches "sks dog" the yellow mark. The rare token "sks" is in the vocabulary but never
@@ -72,6 +75,8 @@ class PretrainConfig:
     unet_seconds: float | None = None
     """Wall-clock cap for the UNet phase, as for the VAE."""
     empty_prompt_rate: float = 0.1
+    modifier_rate: float = 0.5
+    """Share of UNet-phase scenes drawn with a modifier word (world.MODIFIERS) in their prompt."""
     ema_decay: float = 0.999
     warmup_steps: int = 100
 
@@ -93,10 +98,11 @@ class DreamboothCheckConfig:
 
 
 def vocabulary_words() -> list[str]:
-    """Every word the tokenizer keeps whole: template words, class names and the rare token."""
+    """Every word the tokenizer keeps whole: template words, class names, the rare token, then
+    the modifier words (appended last, so the first toy model's token ids stay valid)."""
     words = {word for template in TEMPLATES for word in template.format("").split()}
     words |= set(EXTRA_WORDS) | set(world.CLASSES) | {world.INSTANCE_TOKEN}
-    return sorted(words)
+    return sorted(words) + [word for word in world.MODIFIERS if word not in words]
 
 
 def build_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -192,6 +198,19 @@ def _random_images(batch: int, generator: torch.Generator, marked: bool = False)
     classes = torch.randint(len(world.CLASSES), (batch,), generator=generator, device=generator.device)
     images = world.render_batch(world.sample_layout(classes, generator, marked), RESOLUTION)
     return images * 2 - 1, classes
+
+
+def _modified_images(
+    batch: int, generator: torch.Generator, rate: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Random scenes in [-1, 1], their class indices and modifier indices (-1: none, a `1 - rate` share)."""
+    device = generator.device
+    classes = torch.randint(len(world.CLASSES), (batch,), generator=generator, device=device)
+    modifiers = torch.randint(len(world.MODIFIERS), (batch,), generator=generator, device=device)
+    plain = torch.rand(batch, generator=generator, device=device) >= rate
+    modifiers = torch.where(plain, torch.full_like(modifiers, -1), modifiers)
+    images = world.render_batch(world.sample_layout(classes, generator, False, modifiers), RESOLUTION)
+    return images * 2 - 1, classes, modifiers
 
 
 def _codec_images(
@@ -304,36 +323,54 @@ def refine_decoder(
     vae.requires_grad_(False)
 
 
-def prompt_table(tokenizer: CLIPTokenizer, device: torch.device) -> torch.Tensor:
-    """Token ids (classes, templates, MAX_LENGTH) of every class prompt, plus the empty prompt at [0, -1]."""
+def prompt_table(tokenizer: CLIPTokenizer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token ids (classes, 1 + modifiers, templates, MAX_LENGTH) of every prompt, plus the empty prompt.
+
+    Row 0 of the second axis is the plain class prompt ("a photo of dog"), row 1 + m the
+    prompt with modifier m before the class word ("a photo of big dog").
+    """
     rows = []
     for cls in world.CLASSES:
-        prompts = [template.format(cls) for template in TEMPLATES]
-        rows.append(tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids)
+        per_modifier = []
+        for subject in (cls, *(f"{word} {cls}" for word in world.MODIFIERS)):
+            prompts = [template.format(subject) for template in TEMPLATES]
+            per_modifier.append(
+                tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids
+            )
+        rows.append(torch.stack(per_modifier))
     empty = tokenizer([""], padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids
     return torch.stack(rows).to(device), empty[0].to(device)
 
 
 def _sample_prompts(
-    classes: torch.Tensor, table: torch.Tensor, empty: torch.Tensor, rate: float, generator: torch.Generator
+    classes: torch.Tensor,
+    modifiers: torch.Tensor,
+    table: torch.Tensor,
+    empty: torch.Tensor,
+    rate: float,
+    generator: torch.Generator,
 ) -> torch.Tensor:
-    """One random template per class index; a `rate` share replaced by the empty prompt."""
+    """One random template per scene's class and modifier; a `rate` share replaced by the empty prompt."""
     device = generator.device
-    templates = torch.randint(table.shape[1], classes.shape, generator=generator, device=device)
-    ids = table[classes, templates]
+    templates = torch.randint(table.shape[2], classes.shape, generator=generator, device=device)
+    ids = table[classes, modifiers + 1, templates]
     drop = torch.rand(classes.shape, generator=generator, device=device) < rate
     return torch.where(drop[:, None], empty[None], ids)
 
 
-def encode_bank(vae: AutoencoderKL, size: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Scaled latents (size, 4, 16, 16) of `size` random scenes and their class indices."""
-    latents, classes = [], []
+def encode_bank(
+    vae: AutoencoderKL, size: int, modifier_rate: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scaled latents (size, 4, 16, 16) of `size` random scenes, their class and modifier indices."""
+    latents, classes, modifiers = [], [], []
+    chunk = 2048 if generator.device.type == "cuda" else 256
     with torch.no_grad(), torch.autocast(generator.device.type, dtype=torch.bfloat16, enabled=generator.device.type == "cuda"):
-        for start in range(0, size, 2048):
-            images, index = _random_images(min(2048, size - start), generator)
+        for start in range(0, size, chunk):
+            images, index, modifier = _modified_images(min(chunk, size - start), generator, modifier_rate)
             latents.append(vae.encode(images).latent_dist.mean.float() * vae.config.scaling_factor)
             classes.append(index)
-    return torch.cat(latents), torch.cat(classes)
+            modifiers.append(modifier)
+    return torch.cat(latents), torch.cat(classes), torch.cat(modifiers)
 
 
 def _ema_update(ema: Sequence[torch.Tensor], live: Sequence[torch.Tensor], decay: float) -> None:
@@ -360,7 +397,7 @@ def train_denoiser(
     ema_models = [copy.deepcopy(m).requires_grad_(False) for m in models]
     ema_params = [p for m in ema_models for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2, fused=device.type == "cuda")
-    bank, bank_classes = encode_bank(vae, cfg.bank_size, generator)
+    bank, bank_classes, bank_modifiers = encode_bank(vae, cfg.bank_size, cfg.modifier_rate, generator)
     log(f"latent bank: {tuple(bank.shape)}, std {bank.std().item():.3f}")
     total, start = cfg.unet_steps, time.perf_counter()
     for m in models:
@@ -371,10 +408,10 @@ def train_denoiser(
             group["lr"] = cfg.unet_lr * _lr_factor(step, total, cfg.warmup_steps)
         with torch.no_grad():
             pick = torch.randint(len(bank), (cfg.unet_batch,), generator=generator, device=device)
-            latents, classes = bank[pick], bank_classes[pick]
+            latents, classes, modifiers = bank[pick], bank_classes[pick], bank_modifiers[pick]
             flip = torch.rand(len(pick), generator=generator, device=device) < 0.5
             latents = torch.where(flip[:, None, None, None], latents.flip(-1), latents)
-            ids = _sample_prompts(classes, table, empty, cfg.empty_prompt_rate, generator)
+            ids = _sample_prompts(classes, modifiers, table, empty, cfg.empty_prompt_rate, generator)
             noise = torch.randn(latents.shape, generator=generator, device=device)
             t = torch.randint(0, scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
             a = alphas[t][:, None, None, None]
@@ -392,7 +429,7 @@ def train_denoiser(
         if step == 100:
             # Fit the planned steps into the time budget; the learning-rate schedule follows.
             total = _fit_steps(step, total, time.perf_counter() - start, cfg.unet_seconds, log)
-        if step % 500 == 0 or step == total:
+        if step % (500 if device.type == "cuda" else 100) == 0 or step == total:
             log(f"unet step {step}/{total} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
     for m in ema_models:
         m.eval()
@@ -455,7 +492,24 @@ def evaluate(pipeline: StableDiffusionPipeline, n: int, seed: int) -> dict[str, 
             "mark_rate": world.mark_rate(images),
         }
     table[f"a photo of {world.INSTANCE_TOKEN} {world.INSTANCE_CLASS}"] = {**rare, "shape_rate": float("nan")}
+    for cls in world.CLASSES:
+        table[f"a photo of {cls}"]["size"] = _mean_size(sample(pipeline, f"a photo of {cls}", n, seed + 20))
+    table[f"a photo of {world.INSTANCE_TOKEN} {world.INSTANCE_CLASS}"]["size"] = _mean_size(images)
+    for word in world.MODIFIERS:
+        prompt = f"a photo of {word} {world.INSTANCE_CLASS}"
+        images = sample(pipeline, prompt, n, seed + 30)
+        table[prompt] = {
+            "class_rate": world.class_rate(images, world.INSTANCE_CLASS),
+            "shape_rate": world.class_rate(images, world.INSTANCE_CLASS, require_shape=True),
+            "mark_rate": world.mark_rate(images),
+            "size": _mean_size(images),
+        }
     return table
+
+
+def _mean_size(images: list) -> float:
+    """Mean share of the canvas covered by the object."""
+    return sum(world.read_scene(image).object_fraction for image in images) / max(len(images), 1)
 
 
 def _encode(vae: AutoencoderKL, images: list, device: torch.device) -> torch.Tensor:
@@ -596,6 +650,42 @@ def pretrain(out: Path, cfg: PretrainConfig, device: torch.device, log: Callable
     log(f"saved {out}")
 
 
+def load_for_finetune(
+    path: Path, device: torch.device, log: Callable[[str], None]
+) -> tuple[AutoencoderKL, UNet2DConditionModel, CLIPTextModel, CLIPTokenizer]:
+    """VAE, UNet and text encoder (fp32) of a saved toy folder, with today's tokenizer.
+
+    Words added to the vocabulary since that folder was made get new embedding rows;
+    the ids it already knew must be unchanged.
+    """
+    tokenizer = build_tokenizer()
+    old = json.loads((path / "tokenizer" / "vocab.json").read_text())
+    new = tokenizer.get_vocab()
+    moved = [word for word, index in old.items() if new.get(word) != index]
+    if moved:
+        raise RuntimeError(f"the toy vocabulary changed ids of {moved[:5]}: cannot continue training {path}")
+    vae = AutoencoderKL.from_pretrained(path / "vae", dtype=torch.float32).to(device)
+    unet = UNet2DConditionModel.from_pretrained(path / "unet", dtype=torch.float32).to(device)
+    text_encoder = CLIPTextModel.from_pretrained(path / "text_encoder", dtype=torch.float32).to(device)
+    if len(new) > len(old):
+        text_encoder.resize_token_embeddings(len(new))
+        log(f"text encoder: {len(new) - len(old)} new token rows for {[w for w in new if w not in old]}")
+    return vae, unet, text_encoder, tokenizer
+
+
+def finetune(source: Path, out: Path, cfg: PretrainConfig, device: torch.device, log: Callable[[str], None]) -> None:
+    """Continue the UNet and text encoder of `source` (VAE kept) and save the pipeline to `out`."""
+    torch.manual_seed(cfg.seed)
+    generator = torch.Generator(device).manual_seed(cfg.seed)
+    vae, unet, text_encoder, tokenizer = load_for_finetune(source, device, log)
+    vae.requires_grad_(False)
+    start = time.perf_counter()
+    unet, text_encoder = train_denoiser(unet, text_encoder, vae, tokenizer, cfg, generator, log)
+    log(f"unet phase {time.perf_counter() - start:.0f}s")
+    save_pipeline(out, vae, unet, text_encoder, tokenizer)
+    log(f"saved {out}")
+
+
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m dreamlora.toy.pretrain", description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, required=True, help="folder for the diffusers pipeline")
@@ -608,6 +698,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=PretrainConfig.unet_steps, help="UNet steps")
     parser.add_argument("--batch", type=int, default=PretrainConfig.unet_batch, help="UNet batch")
     parser.add_argument("--unet-seconds", type=float, default=None, help="cap the UNet phase to this many seconds")
+    parser.add_argument("--lr", type=float, default=PretrainConfig.unet_lr, help="UNet and text-encoder learning rate")
+    parser.add_argument("--ema-decay", type=float, default=PretrainConfig.ema_decay)
+    parser.add_argument("--warmup", type=int, default=PretrainConfig.warmup_steps, help="warm-up steps (both phases)")
+    parser.add_argument(
+        "--finetune-from", type=Path, default=None,
+        help="continue the UNet and text encoder of this toy folder (VAE kept) instead of pretraining from scratch",
+    )
     parser.add_argument(
         "--refine-decoder-steps", type=int, default=0,
         help="then train only the VAE decoder this many steps on marked and any-hue scenes (batch 8, lr 1e-3)",
@@ -633,9 +730,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         seed=args.seed, vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_seconds=args.vae_seconds,
         bank_size=args.bank,
         unet_steps=args.steps, unet_batch=args.batch, unet_seconds=args.unet_seconds,
-        warmup_steps=min(PretrainConfig.warmup_steps, max(min(args.steps, args.vae_steps) // 10, 1)),
+        unet_lr=args.lr, ema_decay=args.ema_decay,
+        warmup_steps=min(args.warmup, max(min(args.steps, args.vae_steps) // 10, 1)),
     )
-    if not args.skip_train:
+    if args.finetune_from is not None:
+        start = time.perf_counter()
+        finetune(args.finetune_from, args.out, cfg, device, logger.info)
+        logger.info(f"fine-tuning wall time {time.perf_counter() - start:.0f}s")
+    elif not args.skip_train:
         start = time.perf_counter()
         pretrain(args.out, cfg, device, logger.info)
         logger.info(f"pretraining wall time {time.perf_counter() - start:.0f}s")
