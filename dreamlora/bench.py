@@ -65,7 +65,11 @@ class BenchResult:
     graph_vs_eager: dict[str, float] = field(default_factory=dict)  # same seed and data: max relative loss gap, LoRA cosine
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """The report; each run's LoRA file lived in a temporary folder that is gone by now, so it is left out."""
+        report = asdict(self)
+        for run in report["train"]:
+            run.pop("lora_file", None)
+        return report
 
 
 def _write_images(folder: Path, n: int, size: int, seed: int) -> Path:
