@@ -554,6 +554,25 @@ def public_model_ref(ref: str) -> str:
     return path.resolve().name if path.exists() else Path(ref.replace("\\", "/")).name
 
 
+def model_fingerprint(folder: Path) -> str:
+    """A short hash that tells two local model folders apart where their public names (folder names) agree: every
+    config file, and each weights file's size and first MiB (its header and the start of its tensors)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    root = Path(folder)
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or path.name.startswith("."):
+            continue
+        relative = path.relative_to(root).as_posix()
+        if path.suffix == ".json":
+            digest.update(f"{relative}\n".encode() + path.read_bytes())
+        elif path.suffix in (".safetensors", ".bin", ".ckpt", ".pt"):
+            with path.open("rb") as handle:
+                digest.update(f"{relative}:{path.stat().st_size}\n".encode() + handle.read(1 << 20))
+    return digest.hexdigest()[:16]
+
+
 def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
     """Token ids padded to the tokenizer's maximum length, as Stable Diffusion expects."""
     return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids

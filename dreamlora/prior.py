@@ -206,13 +206,15 @@ def generate_class_images(
     model_ref: str,
     on_progress: Callable[[int, int], None] | None = None,
     ranks: Ranks | None = None,
+    model_fingerprint: str | None = None,
 ) -> PriorResult:
     """Generate the missing images of `out_dir` up to `prior_cfg.num_images`; each write is atomic.
 
     Blank, black, NaN and near-duplicate images (new or already there) are replaced with images from new seeds
     (`retry_seed`, up to MAX_RETRIES each); the manifest records each file's seed and the seeds it replaced.
     With several `ranks`, each process draws its share of the indices; `on_progress` then counts this
-    process's share.
+    process's share. `model_fingerprint` (of a local model folder) tells apart two local models whose public
+    names agree; a set recorded with another fingerprint is not topped up.
     """
     import time
 
@@ -234,8 +236,15 @@ def generate_class_images(
     manifest = _read_manifest(out_dir)
     if manifest is not None:
         changed = [k for k in IDENTITY_KEYS if manifest.get(k) != settings[k]]
+        recorded_print = manifest.get("model_fingerprint")
+        if recorded_print and model_fingerprint and recorded_print != model_fingerprint and "model" not in changed:
+            changed.append("model")
+            settings_model = f"{settings['model']} (another folder of that name)"
+        else:
+            settings_model = settings["model"]
         if changed:
-            diff = ", ".join(f"{k}: {manifest.get(k)!r} -> {settings[k]!r}" for k in changed)
+            shown = {**settings, "model": settings_model}
+            diff = ", ".join(f"{k}: {manifest.get(k)!r} -> {shown[k]!r}" for k in changed)
             raise ConfigError(f"prior set '{out_dir}' was made with other settings ({diff}); use another --out, or delete the folder to regenerate it")
     recorded = {int(e["index"]): e for e in (manifest or {}).get("files", []) if "index" in e}
     seeds = {i: int(recorded[i].get("seed", image_seed(prior_cfg.seed, i))) if i in recorded else image_seed(prior_cfg.seed, i) for i in range(prior_cfg.num_images)}
@@ -300,7 +309,8 @@ def generate_class_images(
             entry["rejected"] = rejected_seeds[i]
         entries.append(entry)
     if ranks.is_main:
-        write_json(out_dir / MANIFEST, {**settings, "class_name": prior_cfg.class_name, "num_images": len(entries), "files": entries})
+        fingerprint = {"model_fingerprint": model_fingerprint} if model_fingerprint else {}
+        write_json(out_dir / MANIFEST, {**settings, **fingerprint, "class_name": prior_cfg.class_name, "num_images": len(entries), "files": entries})
     ranks.barrier()  # no process goes on (to training, say) before the manifest is there
     return PriorResult(
         out_dir, prior_cfg.num_images - len(missing), len(missing), seconds, tuple(rejected), tuple(unresolved),
@@ -321,7 +331,7 @@ def run_prior(
     images between them (one GPU each); only the main process reports progress.
     """
     from dreamlora.generate import make_grid
-    from dreamlora.models import build_pipeline, load_components, public_model_ref, resolve_precision, select_attention
+    from dreamlora.models import build_pipeline, load_components, model_fingerprint, public_model_ref, resolve_precision, select_attention
 
     if not prior_cfg.class_name and not prior_cfg.out:
         raise ConfigError("no class given; pass --class NAME (e.g. --class dog)")
@@ -335,6 +345,7 @@ def run_prior(
     result = generate_class_images(
         pipeline, prior_cfg, resolution or components.native_resolution, out_dir, public_model_ref(model_cfg.name),
         on_progress if ranks.is_main else None, ranks,
+        model_fingerprint(components.source_dir) if components.source_dir is not None else None,
     )
     if not ranks.is_main:
         return result

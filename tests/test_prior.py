@@ -138,3 +138,33 @@ def test_two_processes_split_the_prior_set(tmp_path: Path, model_cache: Path) ->
         pair = [np.asarray(Image.open(folder / f"{index:05d}.png"), dtype=np.int16) for folder in folders]
         assert np.abs(pair[0] - pair[1]).max() <= 2, index  # CPU batch-size rounding, as above
     assert (tmp_path / "two" / "priors" / "dog-preview.png").is_file()
+
+
+def test_another_local_model_of_the_same_folder_name_does_not_top_up_the_set(tmp_path: Path, tiny_dir: Path) -> None:
+    """run.json and manifests keep only a local model's folder name; a fingerprint tells two such folders apart."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from dreamlora.config import load_config
+    from dreamlora.prior import run_prior
+
+    first, second = tmp_path / "a" / "model", tmp_path / "b" / "model"
+    shutil.copytree(tiny_dir, first)
+    shutil.copytree(tiny_dir, second)
+    weights = next((second / "unet").glob("*.safetensors"))
+    tensors = load_file(str(weights))
+    tensors = {k: v + 0.01 for k, v in tensors.items()}  # a fine-tune of the same architecture
+    save_file(tensors, str(weights))
+
+    def prior(model: Path, n: int):
+        cfg = load_config(None, {"model.name": str(model), "prior.class_name": "dog", "prior.num_images": str(n), "prior.steps": "2"})
+        return run_prior(cfg.prior, cfg.model, 32, priors_root=tmp_path / "priors")
+
+    assert prior(first, 2).generated == 2
+    manifest = json.loads((tmp_path / "priors" / "dog" / "manifest.json").read_text())
+    assert manifest["model"] == "model" and len(manifest["model_fingerprint"]) == 16
+    with pytest.raises(ConfigError, match="another folder of that name"):
+        prior(second, 3)
+    assert sorted(p.name for p in (tmp_path / "priors" / "dog").glob("*.png")) == ["00000.png", "00001.png"]
+    assert prior(first, 3).generated == 1  # the same folder tops its set up
