@@ -699,6 +699,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--batch", type=int, default=PretrainConfig.unet_batch, help="UNet batch")
     parser.add_argument("--unet-seconds", type=float, default=None, help="cap the UNet phase to this many seconds")
     parser.add_argument("--lr", type=float, default=PretrainConfig.unet_lr, help="UNet and text-encoder learning rate")
+    parser.add_argument(
+        "--modifier-rate", type=float, default=PretrainConfig.modifier_rate,
+        help="share of UNet-phase scenes with a modifier word (0: class prompts only, as the shipped model was made)",
+    )
     parser.add_argument("--ema-decay", type=float, default=PretrainConfig.ema_decay)
     parser.add_argument("--warmup", type=int, default=PretrainConfig.warmup_steps, help="warm-up steps (both phases)")
     parser.add_argument(
@@ -730,7 +734,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         seed=args.seed, vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_seconds=args.vae_seconds,
         bank_size=args.bank,
         unet_steps=args.steps, unet_batch=args.batch, unet_seconds=args.unet_seconds,
-        unet_lr=args.lr, ema_decay=args.ema_decay,
+        unet_lr=args.lr, ema_decay=args.ema_decay, modifier_rate=args.modifier_rate,
         warmup_steps=min(args.warmup, max(min(args.steps, args.vae_steps) // 10, 1)),
     )
     if args.finetune_from is not None:
