@@ -235,17 +235,12 @@ def generate_class_images(
     }
     manifest = _read_manifest(out_dir)
     if manifest is not None:
-        changed = [k for k in IDENTITY_KEYS if manifest.get(k) != settings[k]]
+        changed = [f"{k}: {manifest.get(k)!r} -> {settings[k]!r}" for k in IDENTITY_KEYS if manifest.get(k) != settings[k]]
         recorded_print = manifest.get("model_fingerprint")
-        if recorded_print and model_fingerprint and recorded_print != model_fingerprint and "model" not in changed:
-            changed.append("model")
-            settings_model = f"{settings['model']} (another folder of that name)"
-        else:
-            settings_model = settings["model"]
+        if recorded_print and model_fingerprint and recorded_print != model_fingerprint and manifest.get("model") == settings["model"]:
+            changed.append(f"model: {settings['model']!r} is another folder of that name")
         if changed:
-            shown = {**settings, "model": settings_model}
-            diff = ", ".join(f"{k}: {manifest.get(k)!r} -> {shown[k]!r}" for k in changed)
-            raise ConfigError(f"prior set '{out_dir}' was made with other settings ({diff}); use another --out, or delete the folder to regenerate it")
+            raise ConfigError(f"prior set '{out_dir}' was made with other settings ({', '.join(changed)}); use another --out, or delete the folder to regenerate it")
     recorded = {int(e["index"]): e for e in (manifest or {}).get("files", []) if "index" in e}
     seeds = {i: int(recorded[i].get("seed", image_seed(prior_cfg.seed, i))) if i in recorded else image_seed(prior_cfg.seed, i) for i in range(prior_cfg.num_images)}
     rejected_seeds: dict[int, list[dict[str, Any]]] = {i: list(recorded[i].get("rejected", [])) for i in recorded}
@@ -254,7 +249,8 @@ def generate_class_images(
     ranks.barrier()  # every process has read the folder before any writes to it
     batch_size = prior_cfg.batch_size or auto_batch_size(pipeline.device, resolution)
     started = time.perf_counter()
-    progress = {"done": 0, "total": len(ranks.share(dict.fromkeys(missing, 0)))}
+    todo, rejected, unresolved, generated = {i: seeds[i] for i in missing}, [], [], 0
+    progress = {"done": 0, "total": len(ranks.share(todo))}
 
     def tick(count: int) -> None:
         progress["done"] += count
@@ -263,7 +259,6 @@ def generate_class_images(
 
     if on_progress:
         on_progress(0, progress["total"])
-    todo, rejected, unresolved, generated = {i: seeds[i] for i in missing}, [], [], 0
     for attempt in range(MAX_RETRIES + 1):
         problems: dict[int, str] = {}
 
