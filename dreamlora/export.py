@@ -790,16 +790,14 @@ def _load_kohya_file_exactly(base: Any, path: Path) -> dict[str, torch.nn.Module
 
 def _load_merged(path: Path, base: Any) -> dict[str, torch.nn.Module]:
     import diffusers
-    from diffusers import StableDiffusionPipeline
 
-    if path.is_file() and base.family.pipeline_class != "StableDiffusionPipeline":
-        pipe = getattr(diffusers, base.family.pipeline_class).from_single_file(str(path), config=str(base.source_dir), local_files_only=True)
-    elif path.is_file():
-        pipe = StableDiffusionPipeline.from_single_file(str(path), config=str(base.source_dir), local_files_only=True, safety_checker=None, requires_safety_checker=False)
-    elif base.family.pipeline_class != "StableDiffusionPipeline":
-        pipe = getattr(diffusers, base.family.pipeline_class).from_pretrained(str(path), local_files_only=True)
+    pipeline_class = getattr(diffusers, base.family.pipeline_class)
+    # SD 1.x/2.x pipelines would otherwise look for a safety checker the merged model does not have.
+    extra = {"safety_checker": None, "requires_safety_checker": False} if pipeline_class is diffusers.StableDiffusionPipeline else {}
+    if path.is_file():
+        pipe = pipeline_class.from_single_file(str(path), config=str(base.source_dir), local_files_only=True, **extra)
     else:
-        pipe = StableDiffusionPipeline.from_pretrained(str(path), local_files_only=True, safety_checker=None, requires_safety_checker=False)
+        pipe = pipeline_class.from_pretrained(str(path), local_files_only=True, **extra)
     return {"unet": pipe.unet.float(), **{name: getattr(pipe, name).float() for name in base.family.text_encoder_names}, "vae": pipe.vae}
 
 
@@ -942,9 +940,9 @@ class Architecture:
     naming: KohyaNaming | None
 
 
-def _architecture_module_names(base_model: str | None, sdxl_file: bool = False) -> Architecture:
-    """The base model's architecture; without `base_model`, SD 1.5's, or SDXL 1.0's for an SDXL file."""
-    import transformers
+def _base_configs(base_model: str | None, sdxl_file: bool = False) -> tuple[dict[str, Any], dict[str, Any], str, Any]:
+    """UNet config, text-encoder configs by name, label and family of the base model; without `base_model`,
+    SD 1.5's shipped configs, or SDXL 1.0's for an SDXL file."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig
 
@@ -970,7 +968,15 @@ def _architecture_module_names(base_model: str | None, sdxl_file: bool = False) 
         except (OSError, ValueError) as error:
             raise ModelLoadError(f"could not read the configs of base model {base_model!r}: {error}; pass a local diffusers folder, or leave --model out for SD 1.5") from error
         label = public_model_ref(base_model)
-    family = detect_family(te_configs["text_encoder"], unet_config)
+    return unet_config, te_configs, label, detect_family(te_configs["text_encoder"], unet_config)
+
+
+def _architecture_module_names(base_model: str | None, sdxl_file: bool = False) -> Architecture:
+    """The base model's module names, built on the meta device from its configs (see `_base_configs`)."""
+    import transformers
+    from diffusers import UNet2DConditionModel
+
+    unet_config, te_configs, label, family = _base_configs(base_model, sdxl_file)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
         # Each encoder as its own class: CLIPTextModelWithProjection (SDXL's second) keeps the `text_model.` level.
@@ -1016,7 +1022,8 @@ def read_lora_modules(src: Path, base_model: str | None) -> tuple[list[LoraModul
         notes.append("the diffusers file has no adapter metadata; alpha taken as rank (what diffusers assumes)")
     naming = None
     if base_model is not None or "text_encoder_2" in state_dicts:
-        naming = _architecture_module_names(base_model, "text_encoder_2" in state_dicts).naming
+        unet_config, _, _, family = _base_configs(base_model, "text_encoder_2" in state_dicts)
+        naming = kohya_naming(family.name, unet_config)
     return modules_from_peft(state_dicts, metadata), file_meta, notes, naming
 
 
