@@ -131,6 +131,11 @@ def _progress() -> Any:
     )
 
 
+def _is_main_process() -> bool:
+    """False in the other processes `accelerate launch` starts: only the main process reports."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _summary(title: str, rows: list[tuple[str, Any]]) -> None:
     table = Table(title=title, show_header=False, title_justify="left")
     table.add_column(style="bold")
@@ -148,7 +153,7 @@ def _prior_with_progress(prior_cfg: Any, model_cfg: Any, resolution: int) -> Any
 
     from dreamlora.prior import run_prior
 
-    if os.environ.get("RANK", "0") != "0":
+    if not _is_main_process():
         return run_prior(prior_cfg, model_cfg, resolution)  # under `accelerate launch`, the main process reports
     with _progress() as progress:
         task = progress.add_task("class images", total=None, rate="", info="")
@@ -201,7 +206,7 @@ def prior(
             }),
         )
         result = _prior_with_progress(cfg.prior, cfg.model, cfg.data.resolution)
-        if os.environ.get("RANK", "0") != "0":
+        if not _is_main_process():
             return
         shares = [("processes", f"{len(result.per_process)} ({' + '.join(map(str, result.per_process))} images)")] if len(result.per_process) > 1 else []
         _summary("prior set", [
@@ -441,7 +446,7 @@ def _train_with_progress(training: Any, cfg: Any, **kwargs: Any) -> None:
             )
 
         result = training.train(cfg, on_log=on_log, **kwargs)
-    if os.environ.get("RANK", "0") != "0":
+    if not _is_main_process():
         return  # under `accelerate launch`, the main process reports
     _summary("training finished", [
         ("run folder", result.run_dir), ("steps", result.steps), ("final loss", f"{result.final_loss:.4f}"),
