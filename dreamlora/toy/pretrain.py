@@ -480,31 +480,26 @@ def sample(pipeline: StableDiffusionPipeline, prompt: str, n: int, seed: int, gu
 
 
 def evaluate(pipeline: StableDiffusionPipeline, n: int, seed: int) -> dict[str, dict[str, float]]:
-    """Class rate (colour, and colour plus shape) and mark rate for each "a photo of {class}"."""
+    """Class rate (colour, and colour plus shape), mark rate and object size for each "a photo of {class}",
+    for "a photo of sks dog" and for the instance class with each modifier word."""
     table = {}
-    images = sample(pipeline, f"a photo of {world.INSTANCE_TOKEN} {world.INSTANCE_CLASS}", n, seed + 10)
-    rare = {"class_rate": world.class_rate(images, world.INSTANCE_CLASS), "mark_rate": world.mark_rate(images)}
     for i, cls in enumerate(world.CLASSES):
-        images = sample(pipeline, f"a photo of {cls}", n, seed + i)
-        table[f"a photo of {cls}"] = {
-            "class_rate": world.class_rate(images, cls),
-            "shape_rate": world.class_rate(images, cls, require_shape=True),
-            "mark_rate": world.mark_rate(images),
-        }
-    table[f"a photo of {world.INSTANCE_TOKEN} {world.INSTANCE_CLASS}"] = {**rare, "shape_rate": float("nan")}
-    for cls in world.CLASSES:
-        table[f"a photo of {cls}"]["size"] = _mean_size(sample(pipeline, f"a photo of {cls}", n, seed + 20))
-    table[f"a photo of {world.INSTANCE_TOKEN} {world.INSTANCE_CLASS}"]["size"] = _mean_size(images)
+        table[f"a photo of {cls}"] = _scores(sample(pipeline, f"a photo of {cls}", n, seed + i), cls)
+    rare = f"a photo of {world.INSTANCE_TOKEN} {world.INSTANCE_CLASS}"
+    table[rare] = {**_scores(sample(pipeline, rare, n, seed + 10), world.INSTANCE_CLASS), "shape_rate": float("nan")}
     for word in world.MODIFIERS:
         prompt = f"a photo of {word} {world.INSTANCE_CLASS}"
-        images = sample(pipeline, prompt, n, seed + 30)
-        table[prompt] = {
-            "class_rate": world.class_rate(images, world.INSTANCE_CLASS),
-            "shape_rate": world.class_rate(images, world.INSTANCE_CLASS, require_shape=True),
-            "mark_rate": world.mark_rate(images),
-            "size": _mean_size(images),
-        }
+        table[prompt] = _scores(sample(pipeline, prompt, n, seed + 30), world.INSTANCE_CLASS)
     return table
+
+
+def _scores(images: list, cls: str) -> dict[str, float]:
+    return {
+        "class_rate": world.class_rate(images, cls),
+        "shape_rate": world.class_rate(images, cls, require_shape=True),
+        "mark_rate": world.mark_rate(images),
+        "size": _mean_size(images),
+    }
 
 
 def _mean_size(images: list) -> float:
