@@ -114,6 +114,11 @@ class AugmentedLatents:
     def __len__(self) -> int:
         return len(self.dataset)
 
+    @property
+    def needs_vae(self) -> bool:
+        """Always: even fixed views are encoded lazily, the first time a step draws their size."""
+        return True
+
     def view(self, index: int, size: Size, flipped: bool, generator: torch.Generator | None = None) -> torch.Tensor:
         """The pixels training sees: cover-resize and crop (random with a generator and random crops), jitter, flip."""
         return self._render(index, size, flipped, generator)[0]

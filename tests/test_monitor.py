@@ -1,19 +1,22 @@
 """Watching a run: image distances, sample grids with drift every N steps, the curves PNG and tracker logging."""
 
+import contextlib
 import json
 import re
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from dreamlora import generate, monitor
+from dreamlora import train as train_module
 from dreamlora.cli import app
 from dreamlora.config import load_config
 from dreamlora.monitor import class_drift, image_distance, instance_distance
-from dreamlora.train import resolve_data, train
+from dreamlora.train import ParkedVae, resolve_data, train
 
 
 def test_image_distances_by_hand() -> None:
@@ -112,3 +115,82 @@ def test_progress_line_shows_drift(tmp_path: Path, instance_dir: Path, monkeypat
     assert result.exit_code == 0, result.output
     assert "class drift" in result.output and "subject dist" in result.output
     assert sorted(p.name for p in (tmp_path / "runs").glob("*/samples/*.png")) == ["final.png", "step-000001.png", "step-000002.png"]
+
+
+class _Moves(torch.nn.Module):
+    """A stand-in VAE that records where it is sent."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.moves: list[str] = []
+
+    def to(self, *args, **kwargs):  # type: ignore[override]
+        self.moves.append(str(args[0]))
+        return self
+
+
+def test_parked_vae_leaves_the_gpu_between_samples_and_stays_on_cpu_runs() -> None:
+    vae = _Moves()
+    parked = ParkedVae(vae, torch.device("cuda"), enabled=True)
+    parked.park()
+    with parked.on_device():
+        assert vae.moves == ["cpu", "cuda"]
+    assert vae.moves == ["cpu", "cuda", "cpu"]
+    for device, enabled in ((torch.device("cpu"), True), (torch.device("cuda"), False)):
+        idle = _Moves()
+        parked = ParkedVae(idle, device, enabled)
+        parked.park()
+        with parked.on_device():
+            pass
+        assert idle.moves == [] and not parked.enabled
+
+
+@pytest.mark.parametrize("center_crop", [True, False])
+def test_training_parks_the_vae_only_when_every_latent_is_cached(tmp_path: Path, instance_dir: Path, class_dir: Path, monkeypatch: pytest.MonkeyPatch, center_crop: bool) -> None:
+    events: list[str] = []
+    real_generate = generate.generate_images
+
+    class Recording(ParkedVae):
+        def __init__(self, vae, device, enabled):  # as on a GPU: the decision is the data's
+            super().__init__(vae, torch.device("cpu"), enabled)
+            self.enabled = enabled
+            self.home = True
+            events.append(f"enabled={enabled}")
+
+        def park(self) -> None:
+            if self.enabled:
+                self.home = False
+                events.append("park")
+
+        @contextlib.contextmanager
+        def on_device(self):
+            if self.enabled:
+                self.home = True
+                events.append("on")
+            yield
+            self.park()
+
+    def generating(pipeline, prompt, seeds, *args, **kwargs):
+        events.append("generate" if recorder_home() else "generate while parked")
+        return real_generate(pipeline, prompt, seeds, *args, **kwargs)
+
+    recorders: list[Recording] = []
+    recorder_home = lambda: not recorders or recorders[0].home  # noqa: E731
+    monkeypatch.setattr(train_module, "ParkedVae", lambda *a, **k: recorders.append(Recording(*a, **k)) or recorders[0])
+    monkeypatch.setattr(monitor, "generate_images", generating)
+    monkeypatch.setattr(generate, "generate_images", generating)
+    overrides = {
+        "model.name": "tiny", "data.instance_dir": str(instance_dir), "data.class_dir": str(class_dir), "data.class_name": "dog",
+        "data.resolution": "32", "train.max_steps": "2", "train.sample_every": "1", "train.num_samples": "1", "train.log_every": "10",
+        "prior.steps": "1", "train.out": str(tmp_path / "run"), "data.center_crop": str(center_crop).lower(),
+    }
+    cfg, _ = resolve_data(load_config(None, overrides), priors_root=tmp_path / "none")
+    train(cfg)
+    assert "generate while parked" not in events
+    # The monitor draws the base images first (VAE on the device), then the VAE is parked if it can be.
+    assert events[:3] == ["generate", "generate", f"enabled={center_crop}"]
+    if center_crop:
+        # Each sampling (steps 1 and 2) and the final grid bring it back, and it is parked after each.
+        assert events[3] == "park" and events.count("on") == 3 and events.count("park") == 4 and events[-1] == "park"
+    else:
+        assert "park" not in events and "on" not in events
