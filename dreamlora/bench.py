@@ -25,7 +25,7 @@ from dreamlora.config import PriorConfig, RunConfig, load_config, replace
 class TrainBench:
     it_s: float  # median over measured intervals, after warm-up
     ms_per_step: float
-    peak_memory_gib: float | None
+    peak_memory_gib: float | None  # the whole run: the larger of the two below
     steps_measured: int
     warmup_steps: int
     first_step_s: float  # includes CUDA-graph capture when it is on
@@ -39,6 +39,8 @@ class TrainBench:
     rank: int
     losses: dict[int, float] = field(default_factory=dict)  # logged step -> loss
     lora_file: str = ""
+    setup_peak_gib: float | None = None  # loading, latent encoding and the first step (CUDA-graph capture included)
+    steps_peak_gib: float | None = None  # the steps after the first log record: what training itself holds
 
 
 @dataclass
@@ -112,9 +114,15 @@ def bench_train(cfg: RunConfig, workdir: Path, steps: int, warmup: int) -> Train
     stamps: list[tuple[int, float]] = []
     losses: dict[int, float] = {}
 
+    setup_peak: list[float | None] = []
+
     def on_log(record: dict[str, Any]) -> None:
         stamps.append((record["step"], time.perf_counter()))
         losses[record["step"]] = record["loss"]
+        if not setup_peak:
+            # Where the run's peak comes from: setup (VAE encoding, capture) or the steps themselves.
+            setup_peak.append(_peak(device))
+            _reset_peak(device)
 
     _reset_peak(device)
     started = time.perf_counter()
@@ -122,10 +130,12 @@ def bench_train(cfg: RunConfig, workdir: Path, steps: int, warmup: int) -> Train
     first_step_s = stamps[0][1] - started if stamps else float("nan")
     per_step = [(t1 - t0) / (s1 - s0) for (s0, t0), (s1, t1) in zip(stamps, stamps[1:]) if s0 >= warmup]
     median = statistics.median(per_step) if per_step else float("nan")
+    steps_peak = _peak(device)
+    before = setup_peak[0] if setup_peak else None
     return TrainBench(
         it_s=1.0 / median,
         ms_per_step=median * 1000,
-        peak_memory_gib=_peak(device),
+        peak_memory_gib=max(before, steps_peak) if before is not None and steps_peak is not None else steps_peak,
         steps_measured=total - max(warmup, stamps[0][0] if stamps else 0),
         warmup_steps=warmup,
         first_step_s=first_step_s,
@@ -139,6 +149,8 @@ def bench_train(cfg: RunConfig, workdir: Path, steps: int, warmup: int) -> Train
         rank=cfg.adapter.rank,
         losses=losses,
         lora_file=str(result.lora_path),
+        setup_peak_gib=before,
+        steps_peak_gib=steps_peak,
     )
 
 

@@ -681,6 +681,8 @@ def bench(
         for t in result.train:
             setting = f"{t.resolution}px {t.batch} rank {t.rank}, ckpt {'on' if t.gradient_checkpointing else 'off'}, " + (f"CUDA graph (capture {t.capture_seconds:.1f} s)" if t.cuda_graphs else "eager")
             peak = f"{t.peak_memory_gib:.2f}" if t.peak_memory_gib is not None else "-"
+            if t.setup_peak_gib is not None and t.steps_peak_gib is not None:
+                peak += f" (setup {t.setup_peak_gib:.2f}, steps {t.steps_peak_gib:.2f})"
             table.add_row("train", setting, f"{t.it_s:.2f} it/s", f"{t.ms_per_step:.1f}", peak, f"{t.attention}/{t.precision}")
         for p in result.prior:
             peak = f"{p.peak_memory_gib:.2f}" if p.peak_memory_gib is not None else "-"

@@ -18,6 +18,7 @@ def test_bench_reports_training_and_prior_as_json() -> None:
     for t in train:
         assert t["it_s"] > 0 and t["ms_per_step"] > 0 and not t["cuda_graphs"] and t["precision"] == "fp32"
         assert "lora_file" not in t  # its temporary folder is gone
+        assert t["peak_memory_gib"] is None and t["setup_peak_gib"] is None and t["steps_peak_gib"] is None  # GPU memory only
     assert [(p["scheduler"], p["steps"]) for p in prior] == [("dpm++", 2), ("pndm", 50)]  # ours, then the reference's settings
     for p in prior:
         assert p["images_per_s"] > 0 and p["images"] == 2
