@@ -879,8 +879,9 @@ def _train(
     if accelerator.is_main_process:
         lora_path = ckpt.write_folder_atomic(run_dir / ckpt.LORA_DIR, write_lora) / LORA_FILE
         ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, cfg.train.max_steps, "finished", accelerator.num_processes))
-        with parked_vae.on_device():
-            samples = _final_pictures(cfg, components, unwrapped(), run_dir, monitor)
+        parked_vae.unpark()  # for the final pictures, and where a caller passing `components` expects it
+        samples = _final_pictures(cfg, components, unwrapped(), run_dir, monitor)
+    parked_vae.unpark()
     accelerator.end_training()
     capture = graph_step.capture_seconds if graph_step is not None else 0.0
     return TrainResult(run_dir, cfg.train.max_steps, loss_value, seconds, lora_path, attention, precision, with_prior, skipped, samples, graphs, capture)
@@ -929,13 +930,15 @@ class ParkedVae:
             self.vae.to("cpu")
             torch.cuda.empty_cache()
 
+    def unpark(self) -> None:
+        """Back on the training device, where the caller's components had it."""
+        if self.enabled:
+            self.vae.to(self.device)
+
     @contextlib.contextmanager
     def on_device(self) -> Iterator[None]:
         """The VAE on the training device inside the block, parked again after it."""
-        if not self.enabled:
-            yield
-            return
-        self.vae.to(self.device)
+        self.unpark()
         try:
             yield
         finally:
