@@ -52,6 +52,9 @@ class PriorBench:
     scheduler: str
     resolution: int
     peak_memory_gib: float | None
+    unet_tweaks: str = ""
+    """Inference-only changes to the UNet for this row ("fused-qkv", "channels-last", both joined by "+"; "" = as
+    `prior` runs today), measured to decide whether `prior` should make them."""
     phase_shares: dict[str, float] = field(default_factory=dict)
     """Where a separate, synchronised pass of one batch spent its time: UNet calls, VAE decoding, and the rest
     (text encoding, scheduler, conversion to arrays, PNG writes, the class-set checks); shares sum to 1."""
@@ -209,7 +212,23 @@ def prior_phase_shares(pipeline: Any, prior_cfg: PriorConfig, resolution: int, w
     return shares
 
 
-def bench_prior(cfg: RunConfig, prior_cfg: PriorConfig, workdir: Path) -> PriorBench:
+UNET_TWEAKS = ("fused-qkv", "channels-last")
+
+
+def apply_unet_tweaks(unet: Any, tweaks: str) -> None:
+    """Inference-only UNet changes that keep its arithmetic: one fused QKV projection per self-attention (diffusers'
+    `fuse_qkv_projections`, with its fused SDPA processor) and channels-last convolution weights."""
+    chosen = [t for t in tweaks.split("+") if t]
+    unknown = sorted(set(chosen) - set(UNET_TWEAKS))
+    if unknown:
+        raise ValueError(f"unknown UNet tweak(s) {', '.join(unknown)}; known: {', '.join(UNET_TWEAKS)}")
+    if "fused-qkv" in chosen:
+        unet.fuse_qkv_projections()
+    if "channels-last" in chosen:
+        unet.to(memory_format=torch.channels_last)
+
+
+def bench_prior(cfg: RunConfig, prior_cfg: PriorConfig, workdir: Path, unet_tweaks: str = "") -> PriorBench:
     """Time `generate_class_images` after one warm-up batch (not counted), then split one batch's time by phase."""
     from dreamlora.models import build_pipeline, load_components, resolve_precision, select_attention
     from dreamlora.prior import auto_batch_size, generate_class_images
@@ -218,6 +237,7 @@ def bench_prior(cfg: RunConfig, prior_cfg: PriorConfig, workdir: Path) -> PriorB
     _, dtype = resolve_precision(cfg.model.precision, device)
     components = load_components(cfg.model.name, dtype=dtype, device=device)
     select_attention(components, cfg.model.attention, device)
+    apply_unet_tweaks(components.unet, unet_tweaks)
     pipeline = build_pipeline(components, prior_cfg.scheduler)
     resolution = cfg.data.resolution or components.native_resolution
     batch = prior_cfg.batch_size or auto_batch_size(device, resolution)
@@ -227,7 +247,7 @@ def bench_prior(cfg: RunConfig, prior_cfg: PriorConfig, workdir: Path) -> PriorB
     result = generate_class_images(pipeline, replace(prior_cfg, batch_size=batch), resolution, workdir / "prior", cfg.model.name)
     peak = _peak(device)
     shares = prior_phase_shares(pipeline, prior_cfg, resolution, workdir / "phases", cfg.model.name, batch)
-    return PriorBench(result.images_per_second, result.generated, batch, prior_cfg.steps, prior_cfg.scheduler, resolution, peak, shares)
+    return PriorBench(result.images_per_second, result.generated, batch, prior_cfg.steps, prior_cfg.scheduler, resolution, peak, unet_tweaks, shares)
 
 
 def run_bench(cfg: RunConfig, parts: tuple[str, ...], steps: int, warmup: int, prior_images: int, variants: bool) -> BenchResult:
@@ -259,6 +279,10 @@ def run_bench(cfg: RunConfig, parts: tuple[str, ...], steps: int, warmup: int, p
                 result.prior.append(bench_prior(cfg, pndm, workdir / "prior-pndm"))
                 if device.type == "cuda" and pndm.batch_size != 4:  # on CPU the automatic batch is 4 already
                     result.prior.append(bench_prior(cfg, replace(pndm, batch_size=4), workdir / "prior-ref"))
+                if device.type == "cuda":
+                    # Candidates for prior's defaults, each alone and together, at our settings.
+                    for tweaks in (*UNET_TWEAKS, "+".join(UNET_TWEAKS)):
+                        result.prior.append(bench_prior(cfg, ours, workdir / f"prior-{tweaks}", tweaks))
     return result
 
 

@@ -686,12 +686,13 @@ def bench(
             table.add_row("train", setting, f"{t.it_s:.2f} it/s", f"{t.ms_per_step:.1f}", peak, f"{t.attention}/{t.precision}")
         for p in result.prior:
             peak = f"{p.peak_memory_gib:.2f}" if p.peak_memory_gib is not None else "-"
-            table.add_row("prior", f"{p.resolution}px {p.scheduler} {p.steps} steps, batch {p.batch_size}", f"{p.images_per_s:.2f} img/s", "", peak, "")
+            tweaks = f", {p.unet_tweaks}" if p.unet_tweaks else ""
+            table.add_row("prior", f"{p.resolution}px {p.scheduler} {p.steps} steps, batch {p.batch_size}{tweaks}", f"{p.images_per_s:.2f} img/s", "", peak, "")
         out.print(table)
         for p in result.prior:
             if p.phase_shares:
                 split = ", ".join(f"{phase} {share:.0%}" for phase, share in p.phase_shares.items())
-                out.print(f"prior {p.scheduler} {p.steps} steps, one synchronised batch: {split}")
+                out.print(f"prior {p.scheduler} {p.steps} steps{', ' + p.unet_tweaks if p.unet_tweaks else ''}, one synchronised batch: {split}")
         if result.graph_vs_eager:
             out.print("graph vs eager (same seed and data): " + ", ".join(f"{k} {v:.4g}" for k, v in result.graph_vs_eager.items()))
 

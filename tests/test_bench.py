@@ -5,6 +5,7 @@ import json
 from typer.testing import CliRunner
 
 from dreamlora.cli import app
+from dreamlora.config import replace
 
 
 def test_bench_reports_training_and_prior_as_json() -> None:
@@ -30,3 +31,25 @@ def test_bench_reports_training_and_prior_as_json() -> None:
 def test_bench_rejects_an_unknown_part() -> None:
     result = CliRunner().invoke(app, ["bench", "--part", "everything"])
     assert result.exit_code == 2 and "--part" in result.output and "Traceback" not in result.output
+
+
+def test_unet_tweaks_keep_the_prior_images(tmp_path) -> None:
+    """The inference-only UNet changes the bench times on a GPU must not change what `prior` draws."""
+    import numpy as np
+    import pytest
+    from PIL import Image
+
+    from dreamlora.bench import apply_unet_tweaks, bench_prior, default_bench_config
+
+    cfg = default_bench_config("tiny", {})
+    prior_cfg = replace(cfg.prior, num_images=3, class_name="dog", steps=3)
+    images = {}
+    for tweaks in ("", "fused-qkv+channels-last"):
+        row = bench_prior(cfg, prior_cfg, tmp_path / (tweaks or "plain"), tweaks)
+        assert row.unet_tweaks == tweaks and row.images == 3
+        images[tweaks] = [np.asarray(Image.open(p), dtype=np.int16) for p in sorted((tmp_path / (tweaks or "plain") / "prior").glob("*.png"))]
+    assert len(images[""]) == 3
+    for plain, tweaked in zip(images[""], images["fused-qkv+channels-last"]):
+        assert np.abs(plain - tweaked).max() <= 2
+    with pytest.raises(ValueError, match="known: fused-qkv, channels-last"):
+        apply_unet_tweaks(None, "fused-qkv+compile")
