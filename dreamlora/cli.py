@@ -422,7 +422,8 @@ def train(
         cfg = load_config(config, overrides)
         cfg, needs_prior = training.resolve_data(cfg)
         if needs_prior:
-            console.print(f"no prior set for [bold]{cfg.prior.class_name}[/] yet: generating {cfg.prior.num_images} class images first")
+            if _is_main_process():
+                console.print(f"no prior set for [bold]{cfg.prior.class_name}[/] yet: generating {cfg.prior.num_images} class images first")
             _prior_with_progress(cfg.prior, cfg.model, cfg.data.resolution)
             cfg, _ = training.resolve_data(cfg)
         _train_with_progress(training, cfg)

@@ -271,7 +271,7 @@ class DreamBoothBatches:
             self.plan: SquarePlan | BucketPlan = BucketPlan([nearest_bucket(im.size, self.buckets) for im in instance.images], self.batch_size, data.repeats, self.seed)
         else:
             self.plan = SquarePlan(len(instance), data.resolution, self.batch_size, data.repeats, self.seed)
-        if disk is not None:
+        if disk is not None and rank == 0:  # every process reads the same cache; one line says it
             log.info("latent cache %s: %d views read, %d encoded", disk.root, disk.hits, disk.misses)
 
     @property

@@ -55,10 +55,12 @@ def test_compare_without_a_lora_and_unusable_xformers_are_user_errors(tmp_path: 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on CPU is exercised on Linux CI")
 def test_two_cpu_processes_train_data_parallel(tmp_path: Path, instance_dir: Path, model_cache: Path) -> None:
-    """`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` really runs two gloo ranks."""
+    """`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` really runs two gloo ranks, the
+    automatic prior set first (split between them), then data-parallel training on it."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "DREAMLORA_CACHE": str(model_cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517",
                "-m", "dreamlora", "train", "--model", "tiny", "--instance", str(instance_dir), "--max-steps", "4", "--out", "runs/ddp",
+               "--class", "dog", "--set", "prior.num_images=4", "--set", "prior.steps=2", "--resolution", "32",
                "--set", "train.num_samples=0", "--checkpoint-every", "2"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -66,3 +68,9 @@ def test_two_cpu_processes_train_data_parallel(tmp_path: Path, instance_dir: Pat
     assert info["processes"] == 2 and info["steps"] == 4 and info["status"] == "finished"
     assert result.stdout.count("training finished") == 1  # only the main process reports
     assert (tmp_path / "runs" / "ddp" / "checkpoints" / "step-000002" / "state.json").is_file()
+    # The prior set was made once, two images per process, and the run trained on it.
+    manifest = json.loads((tmp_path / "priors" / "dog" / "manifest.json").read_text())
+    assert [f["index"] for f in manifest["files"]] == [0, 1, 2, 3] and result.stderr.count("generating 4 class images first") == 1
+    assert result.stderr.count("latent cache") == 1  # one line for both processes
+    assert sorted(p.name for p in (tmp_path / "priors" / "dog").glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
+    assert info["with_prior"] is True
