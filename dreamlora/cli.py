@@ -644,7 +644,7 @@ def bench(
     steps: Annotated[int, typer.Option(help="Measured training steps after warm-up.")] = 30,
     warmup: Annotated[int, typer.Option(help="Warm-up steps (not measured).")] = 10,
     prior_images: Annotated[int, typer.Option(help="Class images to time.")] = 32,
-    variants: Annotated[bool, typer.Option("--variants/--no-variants", help="Also time without gradient checkpointing and the reference's prior settings.")] = True,
+    variants: Annotated[bool, typer.Option("--variants/--no-variants", help="Also time without gradient checkpointing, the reference's prior settings and (GPU) prior with a fused-QKV / channels-last UNet.")] = True,
     no_gradient_checkpointing: Annotated[bool, typer.Option("--no-gradient-checkpointing")] = False,
     compile_: Annotated[Optional[str], typer.Option("--compile", help="CUDA graph of the step: auto|on|off.")] = None,
     precision: Precision = None,
