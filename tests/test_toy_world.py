@@ -155,3 +155,24 @@ def test_shipped_toy_model_draws_a_cat() -> None:
     assert images[0].size == (64, 64)
     assert world.class_rate(images, "cat") >= 0.75
     assert world.mark_rate(images) == 0.0
+
+
+@pytest.mark.skipif(not (ASSET / "model_index.json").is_file(), reason=f"toy model not built into {ASSET}")
+def test_conditioning_diagnostics_on_the_shipped_model() -> None:
+    """The pretraining log's two diagnostics: how far prompts move the UNet's prediction, and where its
+    cross-attention looks (see issue 8: the shipped model reads a near-uniform mean of the token states)."""
+    from dreamlora.toy.pretrain import conditioning_report, cross_attention_shares, load_pipeline, prompt_sensitivity
+
+    pipeline = load_pipeline(ASSET, torch.device("cpu"))
+    processors = {name: type(p) for name, p in pipeline.unet.attn_processors.items()}
+    moved = prompt_sensitivity(pipeline, "a photo of dog", ["a photo of dog", "a photo of cat", "a photo of sks dog"], n=4)
+    assert moved["a photo of dog"] == 0.0
+    assert moved["a photo of cat"] > 2 * moved["a photo of sks dog"] > 0  # another class moves it more than an unseen word
+    shares = cross_attention_shares(pipeline, "a photo of sks dog", n=2)
+    assert list(shares) == ["0:<|startoftext|>", "1:a", "2:photo", "3:of", "4:sks", "5:dog", "6:<|endoftext|>", "<padding>"]
+    assert abs(sum(shares.values()) - 1) < 1e-3 and all(v > 0 for v in shares.values())
+    # Restored: the UNet's own processors, no recording wrapper left on any layer.
+    assert {name: type(p) for name, p in pipeline.unet.attn_processors.items()} == processors
+    assert not any("get_attention_scores" in vars(m) for m in pipeline.unet.modules())
+    lines = conditioning_report(pipeline).splitlines()
+    assert len(lines) == 2 and "'a photo of sks dog'" in lines[0] and "'a photo of cat'" in lines[0] and "4:sks" in lines[1]

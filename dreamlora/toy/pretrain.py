@@ -493,6 +493,99 @@ def evaluate(pipeline: StableDiffusionPipeline, n: int, seed: int) -> dict[str, 
     return table
 
 
+def _context(pipeline: StableDiffusionPipeline, prompt: str) -> torch.Tensor:
+    """The text encoder's last hidden states for one prompt, padded as the pipeline pads it."""
+    tokenizer = pipeline.tokenizer
+    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    with torch.no_grad():
+        return pipeline.text_encoder(ids.to(pipeline.device))[0]
+
+
+def _noisy_latents(pipeline: StableDiffusionPipeline, n: int, seed: int, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    shape = (n, pipeline.unet.config.in_channels, LATENT_SIZE, LATENT_SIZE)
+    clean, noise = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    timesteps = torch.full((n,), timestep, dtype=torch.long)
+    noisy = build_noise_scheduler().add_noise(clean, noise, timesteps)
+    unet = pipeline.unet
+    return noisy.to(pipeline.device, unet.dtype), timesteps.to(pipeline.device)
+
+
+CONDITIONING_TIMESTEPS = (800, 500, 200)
+
+
+def prompt_sensitivity(pipeline: StableDiffusionPipeline, reference: str, prompts: Sequence[str], n: int = 16, seed: int = 0) -> dict[str, float]:
+    """How far each prompt moves the UNet's noise prediction from the reference prompt's, on the same noisy latents:
+    ||eps(prompt) - eps(reference)|| / ||eps(reference)||, averaged over CONDITIONING_TIMESTEPS.
+
+    A model that DreamBooth can teach "sks" apart from "dog" must react to words besides the class: compare the
+    figure for "a photo of sks dog" (an unseen word) with those for a modifier word and for another class.
+    """
+    unet = pipeline.unet
+    contexts = {p: _context(pipeline, p).to(unet.dtype) for p in (reference, *prompts)}
+    totals = dict.fromkeys(prompts, 0.0)
+    with torch.no_grad():
+        for t in CONDITIONING_TIMESTEPS:
+            noisy, timesteps = _noisy_latents(pipeline, n, seed, t)
+            base = unet(noisy, timesteps, encoder_hidden_states=contexts[reference].expand(n, -1, -1)).sample.float()
+            for prompt in prompts:
+                moved = unet(noisy, timesteps, encoder_hidden_states=contexts[prompt].expand(n, -1, -1)).sample.float()
+                totals[prompt] += ((moved - base).norm() / base.norm()).item() / len(CONDITIONING_TIMESTEPS)
+    return totals
+
+
+def cross_attention_shares(pipeline: StableDiffusionPipeline, prompt: str, n: int = 8, seed: int = 0) -> dict[str, float]:
+    """Share of the UNet's cross-attention each token of `prompt` receives (averaged over layers, heads, pixels, the
+    CONDITIONING_TIMESTEPS), and "<padding>": everything after the prompt's end token. Uniform attention (every
+    token ~1/length) means the UNet reads a mean of the token states rather than looking at single words."""
+    from diffusers.models.attention_processor import AttnProcessor
+
+    unet, tokenizer = pipeline.unet, pipeline.tokenizer
+    saved = unet.attn_processors
+    recorded: list[torch.Tensor] = []
+    layers = [module for name, module in unet.named_modules() if name.endswith("attn2")]
+    for layer in layers:
+        original = layer.get_attention_scores
+
+        def recording(*args: object, _original: Callable = original, **kwargs: object) -> torch.Tensor:
+            probs = _original(*args, **kwargs)
+            recorded.append(probs.float().mean(dim=(0, 1)))  # (tokens,)
+            return probs
+
+        layer.get_attention_scores = recording
+    try:
+        unet.set_attn_processor(AttnProcessor())  # the processor that forms the attention matrix explicitly
+        context = _context(pipeline, prompt).to(unet.dtype)
+        with torch.no_grad():
+            for t in CONDITIONING_TIMESTEPS:
+                noisy, timesteps = _noisy_latents(pipeline, n, seed, t)
+                unet(noisy, timesteps, encoder_hidden_states=context.expand(n, -1, -1))
+    finally:
+        for layer in layers:
+            del layer.get_attention_scores
+        unet.set_attn_processor(saved)
+    mean = torch.stack(recorded).mean(dim=0)
+    tokens = tokenizer.convert_ids_to_tokens(tokenizer(prompt).input_ids)  # start, the words, end
+    shares = {f"{i}:{token.replace('</w>', '')}": mean[i].item() for i, token in enumerate(tokens)}
+    shares["<padding>"] = mean[len(tokens):].sum().item()
+    return shares
+
+
+def conditioning_report(pipeline: StableDiffusionPipeline, seed: int = 0) -> str:
+    """Two lines for the pretraining log: prompt sensitivity and the cross-attention spread."""
+    reference = f"a photo of {world.INSTANCE_CLASS}"
+    others = [c for c in world.CLASSES if c != world.INSTANCE_CLASS][:1]
+    prompts = [f"a photo of {world.INSTANCE_TOKEN} {world.INSTANCE_CLASS}", *(f"a photo of {w} {world.INSTANCE_CLASS}" for w in world.MODIFIERS), *(f"a photo of {c}" for c in others)]
+    known = set(pipeline.tokenizer.get_vocab())
+    prompts = [p for p in prompts if all(f"{word}</w>" in known for word in p.split())]  # older models lack the modifiers
+    moved = prompt_sensitivity(pipeline, reference, prompts, seed=seed)
+    shares = cross_attention_shares(pipeline, prompts[0], seed=seed)
+    return "\n".join([
+        f"prediction moved from {reference!r} by: " + ", ".join(f"{p!r} {v:.1%}" for p, v in moved.items()),
+        f"cross-attention on {prompts[0]!r}: " + ", ".join(f"{token} {v:.1%}" for token, v in shares.items()),
+    ])
+
+
 def _scores(images: list, cls: str) -> dict[str, float]:
     return {
         "class_rate": world.class_rate(images, cls),
@@ -748,6 +841,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.eval_images > 0:
         pipeline = load_pipeline(args.out, device)
         print(format_table(f"base model, {args.eval_images} images per prompt", evaluate(pipeline, args.eval_images, args.seed)), flush=True)
+        print(conditioning_report(pipeline, args.seed), flush=True)
         if args.check_dreambooth:
             db_cfg = DreamboothCheckConfig(steps=args.dreambooth_steps, learning_rates=tuple(args.dreambooth_lrs))
             table = check_dreambooth(pipeline, db_cfg, args.eval_images, args.seed, logger.info)
