@@ -876,12 +876,11 @@ def _train(
     seconds = time.perf_counter() - started
     lora_path = run_dir / ckpt.LORA_DIR / "pytorch_lora_weights.safetensors"
     samples: list[Path] = []
+    parked_vae.unpark()  # for the final pictures, and where a caller passing `components` expects it
     if accelerator.is_main_process:
         lora_path = ckpt.write_folder_atomic(run_dir / ckpt.LORA_DIR, write_lora) / LORA_FILE
         ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, cfg.train.max_steps, "finished", accelerator.num_processes))
-        parked_vae.unpark()  # for the final pictures, and where a caller passing `components` expects it
         samples = _final_pictures(cfg, components, unwrapped(), run_dir, monitor)
-    parked_vae.unpark()
     accelerator.end_training()
     capture = graph_step.capture_seconds if graph_step is not None else 0.0
     return TrainResult(run_dir, cfg.train.max_steps, loss_value, seconds, lora_path, attention, precision, with_prior, skipped, samples, graphs, capture)

@@ -189,6 +189,6 @@ def test_training_parks_the_vae_only_when_every_latent_is_cached(tmp_path: Path,
     assert events[:3] == ["generate", "generate", f"enabled={center_crop}"]
     if center_crop:
         # Each sampling (steps 1 and 2) brings it back and parks it after; the final grid brings it back for good.
-        assert [e for e in events[3:] if e in ("on", "park")] == ["park", "on", "park", "on", "park", "on", "on"]
+        assert [e for e in events[3:] if e in ("on", "park")] == ["park", "on", "park", "on", "park", "on"]
     else:
         assert "park" not in events and "on" not in events
