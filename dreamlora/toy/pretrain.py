@@ -493,25 +493,29 @@ def evaluate(pipeline: StableDiffusionPipeline, n: int, seed: int) -> dict[str, 
     return table
 
 
+CONDITIONING_TIMESTEPS = (800, 500, 200)
+
+
 def _context(pipeline: StableDiffusionPipeline, prompt: str) -> torch.Tensor:
-    """The text encoder's last hidden states for one prompt, padded as the pipeline pads it."""
-    tokenizer = pipeline.tokenizer
-    ids = tokenizer(prompt, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+    """The text encoder's last hidden states for one prompt, padded as the pipeline pads it, in the UNet's dtype."""
+    from dreamlora.models import tokenize
+
     with torch.no_grad():
-        return pipeline.text_encoder(ids.to(pipeline.device))[0]
+        return pipeline.text_encoder(tokenize(pipeline.tokenizer, [prompt]).to(pipeline.device))[0].to(pipeline.unet.dtype)
 
 
-def _noisy_latents(pipeline: StableDiffusionPipeline, n: int, seed: int, timestep: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _noisy_latents(pipeline: StableDiffusionPipeline, n: int, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """The same `n` random latents noised to each of CONDITIONING_TIMESTEPS: (noisy latents, timesteps) per timestep."""
     generator = torch.Generator().manual_seed(seed)
     shape = (n, pipeline.unet.config.in_channels, LATENT_SIZE, LATENT_SIZE)
     clean, noise = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
-    timesteps = torch.full((n,), timestep, dtype=torch.long)
-    noisy = build_noise_scheduler().add_noise(clean, noise, timesteps)
-    unet = pipeline.unet
-    return noisy.to(pipeline.device, unet.dtype), timesteps.to(pipeline.device)
-
-
-CONDITIONING_TIMESTEPS = (800, 500, 200)
+    scheduler = build_noise_scheduler()
+    batches = []
+    for t in CONDITIONING_TIMESTEPS:
+        timesteps = torch.full((n,), t, dtype=torch.long)
+        noisy = scheduler.add_noise(clean, noise, timesteps)
+        batches.append((noisy.to(pipeline.device, pipeline.unet.dtype), timesteps.to(pipeline.device)))
+    return batches
 
 
 def prompt_sensitivity(pipeline: StableDiffusionPipeline, reference: str, prompts: Sequence[str], n: int = 16, seed: int = 0) -> dict[str, float]:
@@ -522,11 +526,10 @@ def prompt_sensitivity(pipeline: StableDiffusionPipeline, reference: str, prompt
     figure for "a photo of sks dog" (an unseen word) with those for a modifier word and for another class.
     """
     unet = pipeline.unet
-    contexts = {p: _context(pipeline, p).to(unet.dtype) for p in (reference, *prompts)}
+    contexts = {p: _context(pipeline, p) for p in (reference, *prompts)}
     totals = dict.fromkeys(prompts, 0.0)
     with torch.no_grad():
-        for t in CONDITIONING_TIMESTEPS:
-            noisy, timesteps = _noisy_latents(pipeline, n, seed, t)
+        for noisy, timesteps in _noisy_latents(pipeline, n, seed):
             base = unet(noisy, timesteps, encoder_hidden_states=contexts[reference].expand(n, -1, -1)).sample.float()
             for prompt in prompts:
                 moved = unet(noisy, timesteps, encoder_hidden_states=contexts[prompt].expand(n, -1, -1)).sample.float()
@@ -555,10 +558,9 @@ def cross_attention_shares(pipeline: StableDiffusionPipeline, prompt: str, n: in
         layer.get_attention_scores = recording
     try:
         unet.set_attn_processor(AttnProcessor())  # the processor that forms the attention matrix explicitly
-        context = _context(pipeline, prompt).to(unet.dtype)
+        context = _context(pipeline, prompt)
         with torch.no_grad():
-            for t in CONDITIONING_TIMESTEPS:
-                noisy, timesteps = _noisy_latents(pipeline, n, seed, t)
+            for noisy, timesteps in _noisy_latents(pipeline, n, seed):
                 unet(noisy, timesteps, encoder_hidden_states=context.expand(n, -1, -1))
     finally:
         for layer in layers:
