@@ -68,7 +68,7 @@ def test_two_cpu_processes_train_data_parallel(tmp_path: Path, instance_dir: Pat
     assert info["processes"] == 2 and info["steps"] == 4 and info["status"] == "finished"
     assert result.stdout.count("training finished") == 1  # only the main process reports
     assert (tmp_path / "runs" / "ddp" / "checkpoints" / "step-000002" / "state.json").is_file()
-    # The prior set was made once, two images per process, and the run trained on it.
+    # The prior set was made once (how the processes split it: test_prior) and the run trained on it.
     manifest = json.loads((tmp_path / "priors" / "dog" / "manifest.json").read_text())
     assert [f["index"] for f in manifest["files"]] == [0, 1, 2, 3] and result.stderr.count("generating 4 class images first") == 1
     assert result.stderr.count("latent cache") == 1  # one line for both processes
