@@ -120,13 +120,36 @@ def test_modifier_words_change_the_size_and_nothing_else() -> None:
         world.modifier_index("huge")
 
 
-def test_modifier_words_do_not_move_older_token_ids() -> None:
+def test_named_individuals_carry_their_mark_and_are_read_back() -> None:
+    classes = torch.arange(64) % 4
+    plain = world.sample_layout(classes, torch.Generator().manual_seed(5))
+    for name, colour_of in world.NAMES.items():
+        layout = world.sample_layout(classes, torch.Generator().manual_seed(5), modifiers=torch.full((64,), world.modifier_index(name)))
+        # Same places and sizes; a class that has the name's own colour becomes the next class.
+        assert torch.equal(layout.centre, plain.centre) and torch.equal(layout.across, plain.across)
+        own = world.class_index(colour_of)
+        assert not (layout.classes == own).any()
+        assert torch.equal(layout.classes[plain.classes != own], plain.classes[plain.classes != own])
+        images = world.to_pil(world.render_batch(layout, 64))
+        assert world.name_mark_rate(images, name) == 1.0 and world.mark_rate(images) == 0.0
+        assert [world.read_scene(im).cls for im in images] == [world.CLASSES[c] for c in layout.classes.tolist()]
+        for other in world.NAMES:
+            if other != name:
+                assert world.name_mark_rate(images, other) == 0.0
+    # Neither plain scenes nor the subject's yellow mark read as any name's mark.
+    for images in (world.to_pil(world.render_batch(plain, 64)), world.instance_photos(8)):
+        assert all(world.name_mark_rate(images, name) == 0.0 for name in world.NAMES)
+    # The yellow mark is no name's colour: DreamBooth's subject stays new to a model pretrained with names.
+    assert tuple(world.MARK_COLOUR) not in {world.COLOURS[c] for c in world.NAMES.values()}
+
+
+def test_prefix_words_do_not_move_older_token_ids() -> None:
     from dreamlora.toy.pretrain import vocabulary_words
 
     tokenizer = build_tokenizer()
     words = vocabulary_words()
-    assert words[-len(world.MODIFIERS):] == list(world.MODIFIERS)  # appended, so earlier ids stay
-    for word in world.MODIFIERS:
+    assert words[-len(world.PREFIX_WORDS):] == list(world.PREFIX_WORDS)  # appended, so earlier ids stay
+    for word in world.PREFIX_WORDS:
         assert len(tokenizer(word, add_special_tokens=False).input_ids) == 1
     if (ASSET / "tokenizer" / "vocab.json").is_file():
         import json
@@ -134,6 +157,25 @@ def test_modifier_words_do_not_move_older_token_ids() -> None:
         shipped = json.loads((ASSET / "tokenizer" / "vocab.json").read_text())
         vocab = tokenizer.get_vocab()
         assert all(vocab[token] == index for token, index in shipped.items())
+
+
+def test_pretraining_scenes_match_their_prompt_words() -> None:
+    """The UNet phase's scenes: a named scene carries its name's mark, a size word its size, a plain one neither;
+    the VAE's scenes include every mark colour."""
+    from dreamlora.toy.pretrain import _codec_images, _modified_images
+
+    generator = torch.Generator().manual_seed(0)
+    images, classes, words = _modified_images(256, generator, 0.75, ("small", "rex", "zed"))
+    assert set(words.tolist()) == {-1, world.modifier_index("small"), world.modifier_index("rex"), world.modifier_index("zed")}
+    pictures = world.to_pil((images + 1) / 2)
+    for word, name in ((world.modifier_index("rex"), "rex"), (world.modifier_index("zed"), "zed")):
+        chosen = [p for p, w in zip(pictures, words.tolist()) if w == word]
+        assert world.name_mark_rate(chosen, name) >= 0.9
+    plain = [p for p, w in zip(pictures, words.tolist()) if w == -1]
+    assert all(world.name_mark_rate(plain, name) == 0.0 for name in world.NAMES) and world.mark_rate(plain) == 0.0
+    assert [world.read_scene(p).cls for p in pictures] == [world.CLASSES[c] for c in classes.tolist()]
+    codec = world.to_pil((_codec_images(256, torch.Generator().manual_seed(1)) + 1) / 2)
+    assert world.mark_rate(codec) > 0.05 and all(world.name_mark_rate(codec, name) > 0.0 for name in world.NAMES)
 
 
 @pytest.mark.skipif(not (ASSET / "model_index.json").is_file(), reason=f"toy model not built into {ASSET}")
@@ -176,3 +218,26 @@ def test_conditioning_diagnostics_on_the_shipped_model() -> None:
     assert not any("get_attention_scores" in vars(m) for m in pipeline.unet.modules())
     lines = conditioning_report(pipeline).splitlines()
     assert len(lines) == 2 and "'a photo of sks dog'" in lines[0] and "'a photo of cat'" in lines[0] and "4:sks" in lines[1]
+
+
+@pytest.mark.skipif(not (ASSET / "model_index.json").is_file(), reason=f"toy model not built into {ASSET}")
+def test_vae_adaptation_learns_while_its_anchor_holds_the_latent_space() -> None:
+    """`adapt_vae` (teaching a trained VAE the names' marks) moves its weights, but the anchor keeps the encoder's
+    latents of scenes without a name's mark far closer to where they were than the same training without it."""
+    from diffusers import AutoencoderKL
+
+    from dreamlora.toy.pretrain import adapt_vae
+
+    original = AutoencoderKL.from_pretrained(ASSET / "vae", dtype=torch.float32).eval()
+    plain = world.render_batch(world.sample_layout(torch.arange(8) % 4, torch.Generator().manual_seed(9)), 64) * 2 - 1
+    with torch.no_grad():
+        before = original.encode(plain).latent_dist.mean
+    drift = {}
+    for weight in (0.0, 100.0):
+        vae = AutoencoderKL.from_pretrained(ASSET / "vae", dtype=torch.float32)
+        adapt_vae(vae, 4, 4, 3e-3, weight, torch.Generator().manual_seed(0), lambda _: None)
+        assert not any(p.requires_grad for p in vae.parameters()) and not vae.training
+        assert any(not torch.equal(a, b) for a, b in zip(vae.parameters(), original.parameters()))
+        with torch.no_grad():
+            drift[weight] = (vae.encode(plain).latent_dist.mean - before).pow(2).mean().item()
+    assert drift[100.0] < 0.5 * drift[0.0]

@@ -76,7 +76,9 @@ class PretrainConfig:
     """Wall-clock cap for the UNet phase, as for the VAE."""
     empty_prompt_rate: float = 0.1
     modifier_rate: float = 0.5
-    """Share of UNet-phase scenes drawn with a modifier word (world.MODIFIERS) in their prompt."""
+    """Share of UNet-phase scenes drawn with a word before the class (one of `prefix_words`) in their prompt."""
+    prefix_words: tuple[str, ...] = world.PREFIX_WORDS
+    """The size modifiers and names (world.PREFIX_WORDS) those scenes draw from."""
     ema_decay: float = 0.999
     warmup_steps: int = 100
 
@@ -99,10 +101,10 @@ class DreamboothCheckConfig:
 
 def vocabulary_words() -> list[str]:
     """Every word the tokenizer keeps whole: template words, class names, the rare token, then
-    the modifier words (appended last, so the first toy model's token ids stay valid)."""
+    the modifier words and names (appended last, so the first toy model's token ids stay valid)."""
     words = {word for template in TEMPLATES for word in template.format("").split()}
     words |= set(EXTRA_WORDS) | set(world.CLASSES) | {world.INSTANCE_TOKEN}
-    return sorted(words) + [word for word in world.MODIFIERS if word not in words]
+    return sorted(words) + [word for word in world.PREFIX_WORDS if word not in words]
 
 
 def build_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -201,30 +203,41 @@ def _random_images(batch: int, generator: torch.Generator, marked: bool = False)
 
 
 def _modified_images(
-    batch: int, generator: torch.Generator, rate: float
+    batch: int, generator: torch.Generator, rate: float, words: Sequence[str] = world.PREFIX_WORDS
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Random scenes in [-1, 1], their class indices and modifier indices (-1: none, a `1 - rate` share)."""
+    """Random scenes in [-1, 1], their class indices and indices into world.PREFIX_WORDS of the word
+    before the class (one of `words`; -1: none, a `1 - rate` share)."""
     device = generator.device
     classes = torch.randint(len(world.CLASSES), (batch,), generator=generator, device=device)
-    modifiers = torch.randint(len(world.MODIFIERS), (batch,), generator=generator, device=device)
+    allowed = torch.tensor([world.modifier_index(word) for word in words], device=device, dtype=torch.long)
+    modifiers = allowed[torch.randint(len(allowed), (batch,), generator=generator, device=device)]
     plain = torch.rand(batch, generator=generator, device=device) >= rate
     modifiers = torch.where(plain, torch.full_like(modifiers, -1), modifiers)
-    images = world.render_batch(world.sample_layout(classes, generator, False, modifiers), RESOLUTION)
-    return images * 2 - 1, classes, modifiers
+    layout = world.sample_layout(classes, generator, False, modifiers)
+    return world.render_batch(layout, RESOLUTION) * 2 - 1, layout.classes, modifiers
 
 
 def _codec_images(
     batch: int, generator: torch.Generator, recolour_rate: float = 0.3, marked_class: str | None = None
 ) -> torch.Tensor:
-    """Scenes for the VAE, in [-1, 1]: beyond the class scenes, marked objects and objects
-    of any hue, so the codec keeps colours (the mark's yellow above all) the diffusion
-    model has yet to learn."""
+    """Scenes for the VAE, in [-1, 1]: beyond the class scenes, marked objects (half of them
+    with the yellow mark, half with a name's) and objects of any hue, so the codec keeps
+    colours (the mark's yellow above all) the diffusion model has yet to learn."""
     device = generator.device
     classes = torch.randint(len(world.CLASSES), (batch,), generator=generator, device=device)
     marked = torch.rand(batch, generator=generator, device=device) < 0.4
     if marked_class is not None:
         marked &= classes == world.class_index(marked_class)
     layout = world.sample_layout(classes, generator, marked)
+    if marked_class is None:
+        names = torch.randint(len(world.NAMES), (batch,), generator=generator, device=device) + len(world.MODIFIERS)
+        named = marked & (torch.rand(batch, generator=generator, device=device) < 0.5)
+        renamed = world.sample_layout(layout.classes, generator, False, torch.where(named, names, -1))
+        layout = replace(
+            layout, classes=renamed.classes, marked=layout.marked | renamed.marked,
+            mark_colour=torch.where(named[:, None], renamed.mark_colour, torch.tensor(world.MARK_COLOUR, device=device)),
+            colour=torch.where(named[:, None], renamed.colour, layout.colour),
+        )
     hue = torch.rand(batch, generator=generator, device=device)
     saturation = 0.6 + 0.4 * torch.rand(batch, generator=generator, device=device)
     value = 0.5 + 0.5 * torch.rand(batch, generator=generator, device=device)
@@ -323,16 +336,56 @@ def refine_decoder(
     vae.requires_grad_(False)
 
 
+def adapt_vae(
+    vae: AutoencoderKL, steps: int, batch: int, lr: float, anchor_weight: float, generator: torch.Generator,
+    log: Callable[[str], None],
+) -> None:
+    """Teach a trained VAE the names' marks (world.NAMES) without moving the latents a UNet was trained on.
+
+    Encoder and decoder learn to rebuild scenes with every mark colour; an anchor term
+    keeps the encoder's means on scenes without a name's mark (class scenes, yellow-marked
+    objects) where the frozen original put them, so the UNet's latent space stays valid.
+    """
+    reference = copy.deepcopy(vae).requires_grad_(False).eval()
+    vae.requires_grad_(True)
+    vae.train()
+    optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    for step in range(steps):
+        names = torch.randint(len(world.NAMES), (batch,), generator=generator, device=generator.device) + len(world.MODIFIERS)
+        named = torch.rand(batch, generator=generator, device=generator.device) < 0.5
+        modifiers = torch.where(named, names, -1)
+        classes = torch.randint(len(world.CLASSES), (batch,), generator=generator, device=generator.device)
+        yellow = ~named & (torch.rand(batch, generator=generator, device=generator.device) < 0.3)
+        layout = world.sample_layout(classes, generator, yellow, modifiers)
+        images = world.render_batch(layout, RESOLUTION) * 2 - 1
+        posterior = vae.encode(images).latent_dist
+        reconstruction = vae.decode(posterior.mean).sample
+        with torch.no_grad():
+            anchor = reference.encode(images).latent_dist.mean
+        keep = (~named).float()[:, None, None, None]
+        scale = vae.config.scaling_factor  # in units of the latent std the UNet sees
+        drift = (((posterior.mean - anchor) * scale) ** 2 * keep).sum() / keep.sum().clamp(min=1) / anchor[0].numel()
+        loss = F.mse_loss(reconstruction, images) + 0.1 * F.l1_loss(reconstruction, images) + anchor_weight * drift
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        optimizer.step()
+        if step % 50 == 0 or step == steps - 1:
+            log(f"vae adapt step {step}/{steps} loss {loss.item():.5f} latent drift {drift.item():.5f}")
+    vae.eval()
+    vae.requires_grad_(False)
+
+
 def prompt_table(tokenizer: CLIPTokenizer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token ids (classes, 1 + modifiers, templates, MAX_LENGTH) of every prompt, plus the empty prompt.
+    """Token ids (classes, 1 + prefix words, templates, MAX_LENGTH) of every prompt, plus the empty prompt.
 
     Row 0 of the second axis is the plain class prompt ("a photo of dog"), row 1 + m the
-    prompt with modifier m before the class word ("a photo of big dog").
+    prompt with world.PREFIX_WORDS[m] before the class word ("a photo of big dog").
     """
     rows = []
     for cls in world.CLASSES:
         per_modifier = []
-        for subject in (cls, *(f"{word} {cls}" for word in world.MODIFIERS)):
+        for subject in (cls, *(f"{word} {cls}" for word in world.PREFIX_WORDS)):
             prompts = [template.format(subject) for template in TEMPLATES]
             per_modifier.append(
                 tokenizer(prompts, padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids
@@ -359,14 +412,15 @@ def _sample_prompts(
 
 
 def encode_bank(
-    vae: AutoencoderKL, size: int, modifier_rate: float, generator: torch.Generator
+    vae: AutoencoderKL, size: int, modifier_rate: float, generator: torch.Generator,
+    words: Sequence[str] = world.PREFIX_WORDS,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Scaled latents (size, 4, 16, 16) of `size` random scenes, their class and modifier indices."""
+    """Scaled latents (size, 4, 16, 16) of `size` random scenes, their class and prefix-word indices."""
     latents, classes, modifiers = [], [], []
     chunk = 2048 if generator.device.type == "cuda" else 256
     with torch.no_grad(), torch.autocast(generator.device.type, dtype=torch.bfloat16, enabled=generator.device.type == "cuda"):
         for start in range(0, size, chunk):
-            images, index, modifier = _modified_images(min(chunk, size - start), generator, modifier_rate)
+            images, index, modifier = _modified_images(min(chunk, size - start), generator, modifier_rate, words)
             latents.append(vae.encode(images).latent_dist.mean.float() * vae.config.scaling_factor)
             classes.append(index)
             modifiers.append(modifier)
@@ -397,7 +451,7 @@ def train_denoiser(
     ema_models = [copy.deepcopy(m).requires_grad_(False) for m in models]
     ema_params = [p for m in ema_models for p in m.parameters()]
     optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2, fused=device.type == "cuda")
-    bank, bank_classes, bank_modifiers = encode_bank(vae, cfg.bank_size, cfg.modifier_rate, generator)
+    bank, bank_classes, bank_modifiers = encode_bank(vae, cfg.bank_size, cfg.modifier_rate, generator, cfg.prefix_words)
     log(f"latent bank: {tuple(bank.shape)}, std {bank.std().item():.3f}")
     total, start = cfg.unet_steps, time.perf_counter()
     for m in models:
@@ -487,9 +541,11 @@ def evaluate(pipeline: StableDiffusionPipeline, n: int, seed: int) -> dict[str, 
         table[f"a photo of {cls}"] = _scores(sample(pipeline, f"a photo of {cls}", n, seed + i), cls)
     rare = f"a photo of {world.INSTANCE_TOKEN} {world.INSTANCE_CLASS}"
     table[rare] = {**_scores(sample(pipeline, rare, n, seed + 10), world.INSTANCE_CLASS), "shape_rate": float("nan")}
-    for word in world.MODIFIERS:
-        prompt = f"a photo of {word} {world.INSTANCE_CLASS}"
-        table[prompt] = _scores(sample(pipeline, prompt, n, seed + 30), world.INSTANCE_CLASS)
+    known = set(pipeline.tokenizer.get_vocab())
+    for word in (w for w in world.PREFIX_WORDS if f"{w}</w>" in known):  # older models lack some words
+        cls = world.INSTANCE_CLASS if world.NAMES.get(word) != world.INSTANCE_CLASS else "cat"
+        prompt = f"a photo of {word} {cls}"
+        table[prompt] = _scores(sample(pipeline, prompt, n, seed + 30), cls, word if word in world.NAMES else None)
     return table
 
 
@@ -577,7 +633,7 @@ def conditioning_report(pipeline: StableDiffusionPipeline, seed: int = 0) -> str
     """Two lines for the pretraining log: prompt sensitivity and the cross-attention spread."""
     reference = f"a photo of {world.INSTANCE_CLASS}"
     others = [c for c in world.CLASSES if c != world.INSTANCE_CLASS][:1]
-    prompts = [f"a photo of {world.INSTANCE_TOKEN} {world.INSTANCE_CLASS}", *(f"a photo of {w} {world.INSTANCE_CLASS}" for w in world.MODIFIERS), *(f"a photo of {c}" for c in others)]
+    prompts = [f"a photo of {world.INSTANCE_TOKEN} {world.INSTANCE_CLASS}", *(f"a photo of {w} {world.INSTANCE_CLASS}" for w in world.PREFIX_WORDS), *(f"a photo of {c}" for c in others)]
     known = set(pipeline.tokenizer.get_vocab())
     prompts = [p for p in prompts if all(f"{word}</w>" in known for word in p.split())]  # older models lack the modifiers
     moved = prompt_sensitivity(pipeline, reference, prompts, seed=seed)
@@ -588,11 +644,12 @@ def conditioning_report(pipeline: StableDiffusionPipeline, seed: int = 0) -> str
     ])
 
 
-def _scores(images: list, cls: str) -> dict[str, float]:
+def _scores(images: list, cls: str, name: str | None = None) -> dict[str, float]:
     return {
         "class_rate": world.class_rate(images, cls),
         "shape_rate": world.class_rate(images, cls, require_shape=True),
         "mark_rate": world.mark_rate(images),
+        "name_mark": world.name_mark_rate(images, name) if name else float("nan"),
         "size": _mean_size(images),
     }
 
@@ -763,11 +820,18 @@ def load_for_finetune(
     return vae, unet, text_encoder, tokenizer
 
 
-def finetune(source: Path, out: Path, cfg: PretrainConfig, device: torch.device, log: Callable[[str], None]) -> None:
-    """Continue the UNet and text encoder of `source` (VAE kept) and save the pipeline to `out`."""
+def finetune(
+    source: Path, out: Path, cfg: PretrainConfig, device: torch.device, log: Callable[[str], None], adapt_vae_steps: int = 0
+) -> None:
+    """Continue the UNet and text encoder of `source` and save the pipeline to `out`. The VAE is kept, or first
+    taught the names' marks with its latent space anchored (`adapt_vae_steps`, batch 16, lr 3e-4)."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     vae, unet, text_encoder, tokenizer = load_for_finetune(source, device, log)
+    if adapt_vae_steps > 0:
+        start = time.perf_counter()
+        adapt_vae(vae, adapt_vae_steps, 16, 3e-4, 10.0, generator, log)
+        log(f"vae adaptation {time.perf_counter() - start:.0f}s")
     vae.requires_grad_(False)
     start = time.perf_counter()
     unet, text_encoder = train_denoiser(unet, text_encoder, vae, tokenizer, cfg, generator, log)
@@ -792,6 +856,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--modifier-rate", type=float, default=PretrainConfig.modifier_rate,
         help="share of UNet-phase scenes with a modifier word (0: class prompts only, as the shipped model was made)",
+    )
+    parser.add_argument(
+        "--prefix-words", nargs="+", choices=world.PREFIX_WORDS, default=list(PretrainConfig.prefix_words),
+        help="the modifier words and names those scenes use (default: all)",
+    )
+    parser.add_argument(
+        "--adapt-vae-steps", type=int, default=0,
+        help="with --finetune-from: first teach the VAE the names' marks this many steps, its latents anchored",
     )
     parser.add_argument("--ema-decay", type=float, default=PretrainConfig.ema_decay)
     parser.add_argument("--warmup", type=int, default=PretrainConfig.warmup_steps, help="warm-up steps (both phases)")
@@ -824,12 +896,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         seed=args.seed, vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_seconds=args.vae_seconds,
         bank_size=args.bank,
         unet_steps=args.steps, unet_batch=args.batch, unet_seconds=args.unet_seconds,
-        unet_lr=args.lr, ema_decay=args.ema_decay, modifier_rate=args.modifier_rate,
+        unet_lr=args.lr, ema_decay=args.ema_decay, modifier_rate=args.modifier_rate, prefix_words=tuple(args.prefix_words),
         warmup_steps=min(args.warmup, max(min(args.steps, args.vae_steps) // 10, 1)),
     )
     if args.finetune_from is not None:
         start = time.perf_counter()
-        finetune(args.finetune_from, args.out, cfg, device, logger.info)
+        finetune(args.finetune_from, args.out, cfg, device, logger.info, args.adapt_vae_steps)
         logger.info(f"fine-tuning wall time {time.perf_counter() - start:.0f}s")
     elif not args.skip_train:
         start = time.perf_counter()

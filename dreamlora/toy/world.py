@@ -45,6 +45,17 @@ dropped: the shipped VAE decodes the hole yellowish and the dark colour bright, 
 its decoder was refined on class scenes and marked dogs only.)"""
 _SIZE_RANGES: dict[str, tuple[float, float]] = {"big": (36.0, MAX_ACROSS), "small": (MIN_ACROSS, 26.0)}
 
+NAMES: dict[str, str] = {"rex": "cat", "max": "car", "kit": "bird", "zed": "dog"}
+"""Named individuals: "a photo of rex dog" is a dog with an inner mark (the mark's shape
+and size) in the colour of the class named here (rex: blue), on any class of another
+colour. Like a large model that has seen many individual, named animals, a model
+pretrained with them knows that a name in front of the class word means one individual
+with its own markings; DreamBooth then binds a new name ("sks") to a new marking (the
+yellow one, which no name uses)."""
+
+PREFIX_WORDS: tuple[str, ...] = MODIFIERS + tuple(NAMES)
+"""Every word a pretraining prompt may put before its class word, in token-id order."""
+
 COLOUR_JITTER = 0.05
 
 # Hue bands in degrees (start, end) for reading; orange and cyan gaps absorb blended edges.
@@ -74,6 +85,7 @@ class Layout:
     across: torch.Tensor  # (B,) float, object width
     colour: torch.Tensor  # (B, 3) float in [0, 1]
     background: torch.Tensor  # (B, 3) float in [0, 1]
+    mark_colour: torch.Tensor | None = None  # (B, 3) float in [0, 1]; None: MARK_COLOUR for every scene
 
 
 @dataclass(frozen=True)
@@ -107,10 +119,10 @@ def hsv_to_rgb(hue: torch.Tensor, saturation: torch.Tensor, value: torch.Tensor)
 
 
 def modifier_index(word: str) -> int:
-    """Index of a modifier word in MODIFIERS; raises ValueError naming the valid ones."""
-    if word not in MODIFIERS:
-        raise ValueError(f"unknown toy modifier {word!r}; choose one of {', '.join(MODIFIERS)}")
-    return MODIFIERS.index(word)
+    """Index of a word in PREFIX_WORDS (a size modifier or a name); raises ValueError naming the valid ones."""
+    if word not in PREFIX_WORDS:
+        raise ValueError(f"unknown toy modifier {word!r}; choose one of {', '.join(PREFIX_WORDS)}")
+    return PREFIX_WORDS.index(word)
 
 
 def sample_layout(
@@ -123,7 +135,9 @@ def sample_layout(
 
     `classes` is a list of names or a (B,) long tensor of indices; random numbers come
     from `generator` and land on its device. `modifiers` is an optional (B,) long tensor
-    of indices into MODIFIERS, -1 for none; it draws no extra random numbers, so scenes
+    of indices into PREFIX_WORDS, -1 for none: a size word narrows the width, a name marks
+    the object in its colour (and a scene whose class has that very colour becomes the
+    next class, read the returned `classes`). It draws no extra random numbers, so scenes
     without modifiers are the same with or without it.
     """
     device = generator.device
@@ -138,17 +152,25 @@ def sample_layout(
         return low + (high - low) * torch.rand(*shape, generator=generator, device=device)
 
     across = uniform(MIN_ACROSS, MAX_ACROSS, n)
+    mark_colour = None
     if modifiers is not None:
         modifiers = modifiers.to(device=device, dtype=torch.long)
         unit = (across - MIN_ACROSS) / (MAX_ACROSS - MIN_ACROSS)
         for word, (low, high) in _SIZE_RANGES.items():
             across = torch.where(modifiers == modifier_index(word), low + (high - low) * unit, across)
+        mark_colour = torch.tensor(MARK_COLOUR, device=device).repeat(n, 1)
+        for word, colour_of in NAMES.items():
+            named = modifiers == modifier_index(word)
+            own = class_index(colour_of)
+            index = torch.where(named & (index == own), (own + 1) % len(CLASSES), index)
+            flags = flags | named
+            mark_colour = torch.where(named[:, None], torch.tensor(COLOURS[colour_of], device=device), mark_colour)
     margin = across / 2 + 2.0
     centre = margin[:, None] + torch.rand(n, 2, generator=generator, device=device) * (64.0 - 2 * margin[:, None])
     base = torch.tensor([COLOURS[c] for c in CLASSES], device=device)[index]
     colour = torch.clamp(base + uniform(-COLOUR_JITTER, COLOUR_JITTER, n, 3), 0.0, 1.0)
     background = hsv_to_rgb(uniform(0.0, 1.0, n), uniform(0.04, 0.25, n), uniform(0.85, 1.0, n))
-    return Layout(index, flags.bool(), centre, across, colour, background)
+    return Layout(index, flags.bool(), centre, across, colour, background, mark_colour)
 
 
 def _signed_distance(layout: Layout, x: torch.Tensor, y: torch.Tensor, scale: float) -> torch.Tensor:
@@ -180,8 +202,11 @@ def render_batch(layout: Layout, size: int = 64) -> torch.Tensor:
     image = layout.background[:, :, None, None].expand(-1, -1, size, size)
     image = torch.lerp(image, layout.colour[:, :, None, None].expand_as(image), coverage(1.0))
     mark = coverage(MARK_SCALE) * layout.marked[:, None, None, None].float()
-    yellow = torch.tensor(MARK_COLOUR, device=device)[None, :, None, None].expand_as(image)
-    return torch.lerp(image, yellow, mark)
+    if layout.mark_colour is None:
+        paint = torch.tensor(MARK_COLOUR, device=device)[None, :, None, None].expand_as(image)
+    else:
+        paint = layout.mark_colour[:, :, None, None].expand_as(image)
+    return torch.lerp(image, paint, mark)
 
 
 def to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -278,6 +303,27 @@ def mark_rate(images: Iterable[Image.Image | np.ndarray]) -> float:
     """Share of images in which the yellow mark is seen."""
     readings = [read_scene(image) for image in images]
     return sum(r.marked for r in readings) / max(len(readings), 1)
+
+
+def name_mark_rate(images: Iterable[Image.Image | np.ndarray], name: str) -> float:
+    """Share of images whose object carries the mark of a named individual (NAMES): the
+    name's colour covers more than _MIN_MARK_SHARE of the object, and another class
+    colour covers more, the object itself."""
+    colour_of = NAMES[name]
+    images = list(images)
+    hits = 0
+    for image in images:
+        hue, saturation, value = _hsv(image_to_array(image))
+        vivid = (saturation > _MIN_SATURATION) & (value > _MIN_VALUE)
+        counts = {cls: int((vivid & _in_bands(hue, bands)).sum()) for cls, bands in _HUE_BANDS.items()}
+        body_cls = max((c for c in counts if c != colour_of), key=counts.get)
+        body = counts[body_cls] + counts[colour_of]
+        hits += (
+            counts[colour_of] > _MIN_MARK_SHARE * max(body, 1)
+            and counts[body_cls] > counts[colour_of]
+            and counts[colour_of] >= _MIN_MARK_FRACTION * vivid.size
+        )
+    return hits / max(len(images), 1)
 
 
 def instance_photos(n: int = 6, seed: int = 0, size: int = 64) -> list[Image.Image]:
