@@ -3,10 +3,12 @@
 Run as `python -m dreamlora.toy.pretrain --out PATH --seed 0 --device cuda`. It trains an
 AutoencoderKL on rendered scenes, then a cross-attention UNet jointly with a CLIP text
 encoder trained from scratch on class prompts ("a photo of dog", ...), half of them with
-a modifier word that changes the picture ("a photo of big dog", "a photo of small cat"),
-with empty-prompt dropout for classifier-free guidance, and saves an ordinary diffusers
-folder in fp16. `--finetune-from FOLDER` continues the UNet and text encoder of an
-existing toy folder (VAE kept) instead of starting from scratch.
+a word before the class that changes the picture (`--prefix-words`: the size modifiers,
+"a photo of big dog", and the names of individuals with their own marks, "a photo of rex
+dog"), with empty-prompt dropout for classifier-free guidance, and saves an ordinary
+diffusers folder in fp16. `--finetune-from FOLDER` continues the UNet and text encoder of
+an existing toy folder instead of starting from scratch (VAE kept, or first taught the
+names' marks with its latents anchored: `--adapt-vae-steps`).
 It then reports how often each class prompt draws its class (read back with
 `world.read_scene`) and, with `--check-dreambooth`, whether a quick DreamBooth-LoRA run
 teaches "sks dog" the yellow mark. The rare token "sks" is in the vocabulary but never
@@ -295,10 +297,10 @@ def train_vae(vae: AutoencoderKL, cfg: PretrainConfig, generator: torch.Generato
             log(f"vae step {step}/{total} loss {loss.item():.5f} kl {kl.item():.1f} ({time.perf_counter() - start:.0f}s)")
     vae.eval()
     with torch.no_grad():
-        images, _ = _random_images(512, generator)
+        images, _ = _random_images(min(512, 8 * cfg.vae_batch), generator)  # for the latent std
         latents = vae.encode(images).latent_dist.mean
         error = F.mse_loss(vae.decode(latents).sample, images).item()
-        marked = world.render_batch(world.sample_layout(["dog"] * 64, generator, True), RESOLUTION) * 2 - 1
+        marked = world.render_batch(world.sample_layout(["dog"] * min(64, cfg.vae_batch), generator, True), RESOLUTION) * 2 - 1
         rebuilt = world.to_pil((vae.decode(vae.encode(marked).latent_dist.mean).sample + 1) / 2)
     scaling = 1.0 / latents.std().item()
     vae.register_to_config(scaling_factor=scaling)
