@@ -89,6 +89,12 @@ def test_instance_photos_are_marked_dogs(tmp_path: Path) -> None:
     images = [Image.open(p) for p in paths]
     assert all(im.size == (64, 64) for im in images)
     assert world.mark_rate(images) == 1.0 and world.class_rate(images, "dog") == 1.0
+    # The shipped sample photos are these, pixel for pixel: the world's drawing has not drifted under them.
+    from dreamlora.demo import SAMPLE_PHOTOS
+
+    shipped = sorted(SAMPLE_PHOTOS.glob("*.png"))
+    assert [p.name for p in shipped] == [p.name for p in paths]
+    assert all(np.array_equal(np.asarray(Image.open(a)), np.asarray(b)) for a, b in zip(shipped, images))
 
 
 def test_tokenizer_keeps_the_rare_token_and_words_whole() -> None:
