@@ -204,17 +204,22 @@ def _random_images(batch: int, generator: torch.Generator, marked: bool = False)
     return images * 2 - 1, classes
 
 
+def _random_words(batch: int, generator: torch.Generator, rate: float, words: Sequence[str]) -> torch.Tensor:
+    """(batch,) indices into world.PREFIX_WORDS, each one of `words` at random, or -1 (no word) for a `1 - rate` share."""
+    device = generator.device
+    allowed = torch.tensor([world.modifier_index(word) for word in words], device=device, dtype=torch.long)
+    chosen = allowed[torch.randint(len(allowed), (batch,), generator=generator, device=device)]
+    plain = torch.rand(batch, generator=generator, device=device) >= rate
+    return torch.where(plain, torch.full_like(chosen, -1), chosen)
+
+
 def _modified_images(
     batch: int, generator: torch.Generator, rate: float, words: Sequence[str] = world.PREFIX_WORDS
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Random scenes in [-1, 1], their class indices and indices into world.PREFIX_WORDS of the word
     before the class (one of `words`; -1: none, a `1 - rate` share)."""
-    device = generator.device
-    classes = torch.randint(len(world.CLASSES), (batch,), generator=generator, device=device)
-    allowed = torch.tensor([world.modifier_index(word) for word in words], device=device, dtype=torch.long)
-    modifiers = allowed[torch.randint(len(allowed), (batch,), generator=generator, device=device)]
-    plain = torch.rand(batch, generator=generator, device=device) >= rate
-    modifiers = torch.where(plain, torch.full_like(modifiers, -1), modifiers)
+    classes = torch.randint(len(world.CLASSES), (batch,), generator=generator, device=generator.device)
+    modifiers = _random_words(batch, generator, rate, words)
     layout = world.sample_layout(classes, generator, False, modifiers)
     return world.render_batch(layout, RESOLUTION) * 2 - 1, layout.classes, modifiers
 
@@ -228,18 +233,12 @@ def _codec_images(
     device = generator.device
     classes = torch.randint(len(world.CLASSES), (batch,), generator=generator, device=device)
     marked = torch.rand(batch, generator=generator, device=device) < 0.4
+    names = None
     if marked_class is not None:
         marked &= classes == world.class_index(marked_class)
-    layout = world.sample_layout(classes, generator, marked)
-    if marked_class is None:
-        names = torch.randint(len(world.NAMES), (batch,), generator=generator, device=device) + len(world.MODIFIERS)
-        named = marked & (torch.rand(batch, generator=generator, device=device) < 0.5)
-        renamed = world.sample_layout(layout.classes, generator, False, torch.where(named, names, -1))
-        layout = replace(
-            layout, classes=renamed.classes, marked=layout.marked | renamed.marked,
-            mark_colour=torch.where(named[:, None], renamed.mark_colour, torch.tensor(world.MARK_COLOUR, device=device)),
-            colour=torch.where(named[:, None], renamed.colour, layout.colour),
-        )
+    else:  # half the marks are a name's (sample_layout paints those, yellow the rest)
+        names = torch.where(marked, _random_words(batch, generator, 0.5, tuple(world.NAMES)), -1)
+    layout = world.sample_layout(classes, generator, marked, names)
     hue = torch.rand(batch, generator=generator, device=device)
     saturation = 0.6 + 0.4 * torch.rand(batch, generator=generator, device=device)
     value = 0.5 + 0.5 * torch.rand(batch, generator=generator, device=device)
@@ -348,16 +347,16 @@ def adapt_vae(
     keeps the encoder's means on scenes without a name's mark (class scenes, yellow-marked
     objects) where the frozen original put them, so the UNet's latent space stays valid.
     """
+    device = generator.device
     reference = copy.deepcopy(vae).requires_grad_(False).eval()
     vae.requires_grad_(True)
     vae.train()
     optimizer = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
     for step in range(steps):
-        names = torch.randint(len(world.NAMES), (batch,), generator=generator, device=generator.device) + len(world.MODIFIERS)
-        named = torch.rand(batch, generator=generator, device=generator.device) < 0.5
-        modifiers = torch.where(named, names, -1)
-        classes = torch.randint(len(world.CLASSES), (batch,), generator=generator, device=generator.device)
-        yellow = ~named & (torch.rand(batch, generator=generator, device=generator.device) < 0.3)
+        modifiers = _random_words(batch, generator, 0.5, tuple(world.NAMES))
+        named = modifiers >= 0
+        classes = torch.randint(len(world.CLASSES), (batch,), generator=generator, device=device)
+        yellow = ~named & (torch.rand(batch, generator=generator, device=device) < 0.3)
         layout = world.sample_layout(classes, generator, yellow, modifiers)
         images = world.render_batch(layout, RESOLUTION) * 2 - 1
         posterior = vae.encode(images).latent_dist
@@ -535,6 +534,12 @@ def sample(pipeline: StableDiffusionPipeline, prompt: str, n: int, seed: int, gu
     ).images
 
 
+def _known_prefix_words(tokenizer: CLIPTokenizer) -> list[str]:
+    """The world.PREFIX_WORDS that a model's tokenizer keeps whole (older toy models lack some)."""
+    known = set(tokenizer.get_vocab())
+    return [word for word in world.PREFIX_WORDS if f"{word}</w>" in known]
+
+
 def evaluate(pipeline: StableDiffusionPipeline, n: int, seed: int) -> dict[str, dict[str, float]]:
     """Class rate (colour, and colour plus shape), mark rate and object size for each "a photo of {class}",
     for "a photo of sks dog" and for the instance class with each modifier word."""
@@ -543,8 +548,7 @@ def evaluate(pipeline: StableDiffusionPipeline, n: int, seed: int) -> dict[str, 
         table[f"a photo of {cls}"] = _scores(sample(pipeline, f"a photo of {cls}", n, seed + i), cls)
     rare = f"a photo of {world.INSTANCE_TOKEN} {world.INSTANCE_CLASS}"
     table[rare] = {**_scores(sample(pipeline, rare, n, seed + 10), world.INSTANCE_CLASS), "shape_rate": float("nan")}
-    known = set(pipeline.tokenizer.get_vocab())
-    for word in (w for w in world.PREFIX_WORDS if f"{w}</w>" in known):  # older models lack some words
+    for word in _known_prefix_words(pipeline.tokenizer):
         cls = world.INSTANCE_CLASS if world.NAMES.get(word) != world.INSTANCE_CLASS else "cat"
         prompt = f"a photo of {word} {cls}"
         table[prompt] = _scores(sample(pipeline, prompt, n, seed + 30), cls, word if word in world.NAMES else None)
@@ -635,9 +639,8 @@ def conditioning_report(pipeline: StableDiffusionPipeline, seed: int = 0) -> str
     """Two lines for the pretraining log: prompt sensitivity and the cross-attention spread."""
     reference = f"a photo of {world.INSTANCE_CLASS}"
     others = [c for c in world.CLASSES if c != world.INSTANCE_CLASS][:1]
-    prompts = [f"a photo of {world.INSTANCE_TOKEN} {world.INSTANCE_CLASS}", *(f"a photo of {w} {world.INSTANCE_CLASS}" for w in world.PREFIX_WORDS), *(f"a photo of {c}" for c in others)]
-    known = set(pipeline.tokenizer.get_vocab())
-    prompts = [p for p in prompts if all(f"{word}</w>" in known for word in p.split())]  # older models lack the modifiers
+    words = _known_prefix_words(pipeline.tokenizer)
+    prompts = [f"a photo of {world.INSTANCE_TOKEN} {world.INSTANCE_CLASS}", *(f"a photo of {w} {world.INSTANCE_CLASS}" for w in words), *(f"a photo of {c}" for c in others)]
     moved = prompt_sensitivity(pipeline, reference, prompts, seed=seed)
     shares = cross_attention_shares(pipeline, prompts[0], seed=seed)
     return "\n".join([

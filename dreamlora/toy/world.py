@@ -242,6 +242,13 @@ def _in_bands(hue: np.ndarray, bands: Iterable[tuple[float, float]]) -> np.ndarr
     return mask
 
 
+def _class_pixels(rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, dict[str, np.ndarray]]:
+    """Hue, saturation and value of an (H, W, 3) array, its vivid pixels, and each class's vivid pixels by hue band."""
+    hue, saturation, value = _hsv(rgb)
+    vivid = (saturation > _MIN_SATURATION) & (value > _MIN_VALUE)
+    return hue, saturation, value, vivid, {cls: vivid & _in_bands(hue, bands) for cls, bands in _HUE_BANDS.items()}
+
+
 def _guess_shape(mask: np.ndarray) -> str | None:
     """Shape from how much of its bounding box the object fills and where its mass sits."""
     ys, xs = np.nonzero(mask)
@@ -275,11 +282,8 @@ def read_scene(image: Image.Image | np.ndarray) -> SceneReading:
 
     Accepts a PIL image or an (H, W, 3) array (uint8, or float in [0, 1]).
     """
-    rgb = image_to_array(image)
-    hue, saturation, value = _hsv(rgb)
-    vivid = (saturation > _MIN_SATURATION) & (value > _MIN_VALUE)
+    hue, saturation, value, vivid, masks = _class_pixels(image_to_array(image))
     total = vivid.size
-    masks = {cls: vivid & _in_bands(hue, bands) for cls, bands in _HUE_BANDS.items()}
     counts = {cls: int(m.sum()) for cls, m in masks.items()}
     yellow = vivid & (saturation > _MIN_MARK_SATURATION) & (value > _MIN_MARK_VALUE) & _in_bands(hue, (_MARK_BAND,))
     yellow_count = int(yellow.sum())
@@ -313,9 +317,8 @@ def name_mark_rate(images: Iterable[Image.Image | np.ndarray], name: str) -> flo
     images = list(images)
     hits = 0
     for image in images:
-        hue, saturation, value = _hsv(image_to_array(image))
-        vivid = (saturation > _MIN_SATURATION) & (value > _MIN_VALUE)
-        counts = {cls: int((vivid & _in_bands(hue, bands)).sum()) for cls, bands in _HUE_BANDS.items()}
+        *_, vivid, masks = _class_pixels(image_to_array(image))
+        counts = {cls: int(mask.sum()) for cls, mask in masks.items()}
         body_cls = max((c for c in counts if c != colour_of), key=counts.get)
         body = counts[body_cls] + counts[colour_of]
         hits += (
