@@ -55,15 +55,21 @@ def write_json(path: Path, value: Any) -> None:
     write_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
+def next_free_path(path: Path) -> Path:
+    """`path` if nothing is there, else the first of `path-2`, `path-3`, ... that is free."""
+    path, n = Path(path), 2
+    free = path
+    while free.exists():
+        free, n = path.with_name(f"{path.name}-{n}"), n + 1
+    return free
+
+
 def create_run_dir(path: Path, auto_named: bool) -> Path:
     """A new run folder. An explicit existing folder is refused; an automatic name gets the next free suffix."""
     if path.exists():
         if not auto_named:
             raise ConfigError(f"run folder '{path}' already exists and is never overwritten; choose another --out, or add --resume to continue it")
-        n = 2
-        while path.with_name(f"{path.name}-{n}").exists():
-            n += 1
-        path = path.with_name(f"{path.name}-{n}")
+        path = next_free_path(path)
     path.mkdir(parents=True)
     return path
 
@@ -106,6 +112,8 @@ def find_lora(path: Path, step: int | None = None) -> Path:
     path = Path(path)
     if path.is_file():
         return path
+    if not path.exists():
+        raise ExportError(f"'{path}' does not exist; pass a run folder (runs/NAME) or a LoRA .safetensors file")
     if step is not None:
         folder = checkpoint_dir(path, step)
         if not (folder / STATE_JSON).is_file():

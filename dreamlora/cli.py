@@ -156,15 +156,17 @@ def _prior_with_progress(prior_cfg: Any, model_cfg: Any, resolution: int) -> Any
     if not _is_main_process():
         return run_prior(prior_cfg, model_cfg, resolution)  # under `accelerate launch`, the main process reports
     with _progress() as progress:
-        task = progress.add_task("class images", total=None, rate="", info="")
+        tasks: list[Any] = []  # the bar appears once generation starts, not before a settings error
         started = [time.perf_counter()]
 
         def on_progress(done: int, total: int) -> None:
+            if not tasks:
+                tasks.append(progress.add_task("class images", total=total, rate="", info=""))
             if done == 0:
                 started[0] = time.perf_counter()  # the rate counts generation, not model loading
             elapsed = time.perf_counter() - started[0]
             rate = f"{done / elapsed:.2f} img/s" if done and elapsed > 0 else ""
-            progress.update(task, completed=done, total=total, rate=rate)
+            progress.update(tasks[0], completed=done, total=total, rate=rate)
 
         return run_prior(prior_cfg, model_cfg, resolution, on_progress=on_progress)
 
@@ -582,7 +584,7 @@ def generate(
     negative_prompt: Annotated[str, typer.Option()] = "",
     resolution: Annotated[Optional[int], typer.Option(help="Default: the model's.")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Grid of base vs LoRA at the same seeds.")] = False,
-    out_dir: Annotated[Path, typer.Option("--out", help="Output folder.")] = Path("samples-out"),
+    out_dir: Annotated[Optional[Path], typer.Option("--out", help="New or empty output folder (default: samples-out, or the next free samples-out-N).")] = None,
     model: Model = None,
     vae: Vae = None,
     precision: Precision = None,
@@ -595,17 +597,23 @@ def generate(
         import torch
 
         from dreamlora.config import ModelConfig
+        from dreamlora.checkpoint import find_lora
+        from dreamlora.generate import check_settings, output_folder
         from dreamlora.generate import generate as run_generate
         from dreamlora.models import load_components, resolve_precision
 
         model_cfg = ModelConfig(**{k: v for k, v in {"name": model, "vae": vae, "precision": precision, "allow_pickle": allow_pickle}.items() if v is not None})
+        loras = [_parse_lora(item, scale) for item in lora or []]
+        check_settings(num_images, steps, guidance, resolution, loras)
+        for path, _ in loras:
+            find_lora(path)  # a missing LoRA is named before the model loads
+        folder = output_folder(out_dir)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         _, dtype = resolve_precision(model_cfg.precision, device)
-        loras = [_parse_lora(item, scale) for item in lora or []]
         components = load_components(model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle, vae=model_cfg.vae)
         guidance_scale = guidance if guidance is not None else components.family.default_guidance
-        result = run_generate(components, prompt, out_dir, loras, num_images, seed, steps, guidance_scale, resolution or components.native_resolution, negative_prompt, compare)
-        _summary("generated", [("images", len(result.images)), ("folder", out_dir), ("grid", result.grid)])
+        result = run_generate(components, prompt, folder, loras, num_images, seed, steps, guidance_scale, resolution or components.native_resolution, negative_prompt, compare)
+        _summary("generated", [("images", len(result.images)), ("folder", folder), ("grid", result.grid)])
 
     _run(debug, action)
 
@@ -666,6 +674,9 @@ def bench(
 
         if part not in ("train", "prior", "all"):
             raise ConfigError(f"--part must be train, prior or all; got {part!r}")
+        if steps < 2 or warmup < 1 or prior_images < 1:
+            # Steps are timed between log records after the warm-up: at least two measured steps make an interval.
+            raise ConfigError(f"--steps must be 2 or more, --warmup and --prior-images 1 or more; got {steps}, {warmup}, {prior_images}")
         cfg = default_bench_config(model, _overrides(set_, {
             "model.precision": precision, "model.attention": attention, "data.resolution": resolution,
             "train.batch_size": batch_size, "adapter.rank": rank,

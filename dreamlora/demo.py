@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from dreamlora.checkpoint import find_lora
+from dreamlora.checkpoint import find_lora, next_free_path
 from dreamlora.generate import adapters_disabled, generate_images, make_grid, upscale_small
 from dreamlora.lora import load_adapters, read_diffusers_lora
 from dreamlora.models import build_pipeline, load_components
@@ -43,9 +43,7 @@ class DemoEvaluation:
 
 def prepare_folder(out: Path) -> Path:
     """A new demo folder holding the instance photos in `dog/`; an existing folder gets the next free suffix."""
-    folder, n = Path(out), 2
-    while folder.exists():
-        folder, n = Path(f"{out}-{n}"), n + 1
+    folder = next_free_path(Path(out))
     (folder / "dog").mkdir(parents=True)
     if SAMPLE_PHOTOS.is_dir() and any(SAMPLE_PHOTOS.glob("*.png")):
         for photo in sorted(SAMPLE_PHOTOS.glob("*.png")):

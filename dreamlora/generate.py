@@ -12,6 +12,7 @@ from typing import Any, Iterator
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
+from dreamlora.checkpoint import find_lora, next_free_path
 from dreamlora.errors import ConfigError
 from dreamlora.models import Components, build_pipeline
 
@@ -121,7 +122,6 @@ def upscale_small(rows: list[list[Image.Image]], minimum: int = 128) -> list[lis
 
 def load_loras(pipeline: Any, loras: list[tuple[Path, float]]) -> None:
     """Load each LoRA (a run folder, a diffusers or an A1111 file) through diffusers' own loader at its scale."""
-    from dreamlora.checkpoint import find_lora
 
     names, scales = [], []
     for index, (path, scale) in enumerate(loras):
@@ -135,6 +135,39 @@ def load_loras(pipeline: Any, loras: list[tuple[Path, float]]) -> None:
         scales.append(scale)
     if names:
         pipeline.set_adapters(names, adapter_weights=scales)
+
+
+DEFAULT_OUT = Path("samples-out")
+
+
+def check_settings(num_images: int, steps: int, guidance: float | None, resolution: int | None, loras: list[tuple[Path, float]]) -> None:
+    """`generate`'s settings, checked before the model loads."""
+    import math
+
+    problems = []
+    if not 1 <= num_images <= 10_000:
+        problems.append(f"--num-images must be in 1..10000; got {num_images}")
+    if not 1 <= steps <= 1000:
+        problems.append(f"--steps must be in 1..1000; got {steps}")
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        problems.append(f"--guidance must be 0 or more; got {guidance}")
+    if resolution is not None and not (8 <= resolution <= 8192 and resolution % 8 == 0):
+        problems.append(f"--resolution must be a positive multiple of 8; got {resolution}")
+    problems += [f"LoRA '{path}' has scale {scale}; pass a finite number as PATH:SCALE" for path, scale in loras if not math.isfinite(scale)]
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def output_folder(out: Path | None) -> Path:
+    """Where `generate` writes: a chosen --out that is new or empty, or else the next free `samples-out[-N]`.
+    Images already there are never overwritten."""
+    if out is None:
+        return next_free_path(DEFAULT_OUT)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out '{out}' is a file; pass a folder for the images")
+    if out.is_dir() and any(out.iterdir()):
+        raise ConfigError(f"--out '{out}' already holds files, which are never overwritten; pass a new or empty folder, or leave --out off for a new samples-out folder")
+    return out
 
 
 def generate(
@@ -151,14 +184,18 @@ def generate(
     compare: bool = False,
 ) -> GenerateResult:
     """Save `num_images` images and a grid; with `compare`, the grid shows base vs LoRA at the same seeds."""
+    if compare and not loras:
+        raise ConfigError("--compare needs at least one --lora to compare with the base model")
     pipeline = build_pipeline(components)
     seeds = list(range(seed, seed + num_images))
+    load_loras(pipeline, loras)  # a LoRA that does not load fails before any image is drawn
     base_images = None
     if compare:
-        if not loras:
-            raise ConfigError("--compare needs at least one --lora to compare with the base model")
-        base_images = generate_images(pipeline, prompt, seeds, steps, guidance, resolution, negative_prompt)
-    load_loras(pipeline, loras)
+        pipeline.disable_lora()
+        try:
+            base_images = generate_images(pipeline, prompt, seeds, steps, guidance, resolution, negative_prompt)
+        finally:
+            pipeline.enable_lora()
     images = generate_images(pipeline, prompt, seeds, steps, guidance, resolution, negative_prompt)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []

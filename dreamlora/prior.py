@@ -131,6 +131,19 @@ def read_prior_set(out_dir: Path) -> dict[str, Any]:
     return manifest
 
 
+def refuse_foreign_folder(out_dir: Path) -> None:
+    """Prior images go only into a new folder, an empty one, or a prior set dreamlora made (it has a manifest):
+    never among files the user already has, which the class-set checks could otherwise replace."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConfigError(f"'{out_dir}' is a file, not a folder; pass a folder for the class images with --out")
+    if out_dir.is_dir() and not (out_dir / MANIFEST).is_file() and any(out_dir.iterdir()):
+        raise ConfigError(
+            f"'{out_dir}' already holds files and is not a prior set made by `dreamlora prior` (no {MANIFEST}); "
+            "pass a new or empty folder with --out. To train on class images you have, pass that folder to "
+            "`dreamlora train --class-dir` with --class-prompt"
+        )
+
+
 def auto_batch_size(device: torch.device, resolution: int) -> int:
     """Large batches on GPU (prior generation is launch-bound at batch 1), small ones on CPU."""
     if device.type != "cuda":
@@ -221,6 +234,7 @@ def generate_class_images(
     from dreamlora.models import pipeline_family
 
     ranks = ranks or Ranks()
+    refuse_foreign_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     guidance = prior_cfg.resolved_guidance(pipeline_family(pipeline).default_guidance)
     settings = {
@@ -247,6 +261,9 @@ def generate_class_images(
     files = {int(p.stem): p.name for p in out_dir.glob("[0-9]" * 5 + ".png")}
     missing = [i for i in range(prior_cfg.num_images) if i not in files]
     ranks.barrier()  # every process has read the folder before any writes to it
+    if manifest is None and ranks.is_main:
+        # Marks the folder as a prior set from the start, so an interrupted run is topped up and never refused.
+        write_json(out_dir / MANIFEST, {**settings, "class_name": prior_cfg.class_name, "num_images": 0, "files": []})
     batch_size = prior_cfg.batch_size or auto_batch_size(pipeline.device, resolution)
     started = time.perf_counter()
     todo, rejected, unresolved, generated = {i: seeds[i] for i in missing}, [], [], 0

@@ -213,3 +213,56 @@ def test_an_image_smaller_than_half_the_resolution_is_warned(tmp_path: Path, cap
         ImageFolderDataset(list_images(tmp_path, "instance"), "a photo of sks dog", 32, "instance")
     small = [r.getMessage() for r in caplog.records if "less than half the training resolution" in r.getMessage()]
     assert len(small) == 1 and "'tiny.png' is 15x20" in small[0]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(["-n", "0"], "--num-images must be in 1..10000; got 0", id="no-images"),
+        pytest.param(["--steps", "0"], "--steps must be in 1..1000; got 0", id="no-steps"),
+        pytest.param(["--guidance", "-1"], "--guidance must be 0 or more; got -1.0", id="negative-guidance"),
+        pytest.param(["--resolution", "30"], "--resolution must be a positive multiple of 8; got 30", id="resolution"),
+        pytest.param(["--lora", "missing.safetensors"], "'missing.safetensors' does not exist; pass a run folder (runs/NAME) or a LoRA .safetensors file", id="missing-lora"),
+        pytest.param(["--lora", "inputs:nan"], "LoRA 'inputs' has scale nan; pass a finite number", id="nan-scale"),
+        pytest.param(["--out", "inputs"], "--out 'inputs' already holds files, which are never overwritten", id="out-with-files"),
+        pytest.param(["--out", "inputs/photo.png"], "--out 'inputs/photo.png' is a file", id="out-is-a-file"),
+    ],
+)
+def test_bad_generate_settings_exit_2_before_the_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "inputs").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "inputs" / "photo.png")
+    before = (tmp_path / "inputs" / "photo.png").read_bytes()
+    # A model that does not exist: each error must come before loading it.
+    result = runner.invoke(app, ["generate", "--model", str(tmp_path / "no-model"), "-p", "a photo of dog", *args])
+    assert result.exit_code == 2, result.output
+    assert shows(result.output, message)
+    assert "Traceback" not in result.output
+    assert _written(tmp_path) == [] and (tmp_path / "inputs" / "photo.png").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        pytest.param(["--steps", "0"], "--steps must be 2 or more", id="steps"),
+        pytest.param(["--warmup", "0"], "--warmup and --prior-images 1 or more", id="warmup"),
+    ],
+)
+def test_bench_with_nothing_to_time_exits_2(args: list[str], message: str) -> None:
+    result = runner.invoke(app, ["bench", "--model", "tiny", *args])
+    assert result.exit_code == 2 and shows(result.output, message) and "Traceback" not in result.output
+
+
+def test_prior_never_writes_among_files_it_did_not_make(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, instance_dir: Path) -> None:
+    """A folder with the user's files and no manifest (their photos, say) is refused before the model loads; so is a file."""
+    monkeypatch.chdir(tmp_path)
+    (instance_dir / "00000.png").write_bytes((instance_dir / "photo0.png").read_bytes())  # named like a class image
+    before = {p.name: p.read_bytes() for p in instance_dir.iterdir()}
+    result = runner.invoke(app, ["prior", "--class", "dog", "--model", "tiny", "--out", "dog", "--num-images", "2"])
+    assert result.exit_code == 2, result.output
+    assert shows(result.output, "'dog' already holds files and is not a prior set made by `dreamlora prior` (no manifest.json)")
+    assert "Traceback" not in result.output and "━" not in result.output  # no progress bar before the error
+    assert {p.name: p.read_bytes() for p in instance_dir.iterdir()} == before and _written(tmp_path) == []
+    result = runner.invoke(app, ["prior", "--class", "dog", "--model", "tiny", "--out", "dog/photo0.png"])
+    assert result.exit_code == 2 and shows(result.output, "'dog/photo0.png' is a file, not a folder")
+    assert {p.name: p.read_bytes() for p in instance_dir.iterdir()} == before

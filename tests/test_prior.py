@@ -38,6 +38,32 @@ def test_tops_up_and_reproduces(tmp_path: Path, pipeline) -> None:
     assert third.generated == 0
 
 
+def test_an_interrupted_set_is_topped_up(tmp_path: Path, pipeline, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The manifest is written before the first image, so a set cut short is recognised as dreamlora's and finished
+    with the images an uninterrupted run makes (while folders without one are refused: test_bad_input)."""
+    import dreamlora.prior as prior_module
+
+    settings = PriorConfig(class_name="dog", num_images=4, steps=2, batch_size=2)
+    whole = tmp_path / "whole"
+    generate_class_images(pipeline, settings, 32, whole, "tiny")
+    render = prior_module._render
+
+    def first_batch_then_stop(pipeline, prior_cfg, settings, seeds, batch_size, sink):
+        render(pipeline, prior_cfg, settings, dict(sorted(seeds.items())[:2]), batch_size, sink)
+        raise KeyboardInterrupt
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(prior_module, "_render", first_batch_then_stop)
+    with pytest.raises(KeyboardInterrupt):
+        generate_class_images(pipeline, settings, 32, cut, "tiny")
+    monkeypatch.setattr(prior_module, "_render", render)
+    assert sorted(p.name for p in cut.iterdir()) == ["00000.png", "00001.png", "manifest.json"]
+    result = generate_class_images(pipeline, settings, 32, cut, "tiny")
+    assert (result.existing, result.generated) == (2, 2)
+    for i in range(4):
+        assert (cut / f"{i:05d}.png").read_bytes() == (whole / f"{i:05d}.png").read_bytes()
+
+
 def test_other_settings_are_not_mixed_in(tmp_path: Path, pipeline) -> None:
     out = tmp_path / "dog"
     generate_class_images(pipeline, PriorConfig(class_name="dog", num_images=1, steps=2), 32, out, "tiny")
