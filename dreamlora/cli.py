@@ -599,6 +599,7 @@ def generate(
         from dreamlora.config import ModelConfig
         from dreamlora.checkpoint import find_lora
         from dreamlora.generate import check_settings, output_folder
+        from dreamlora.lora import read_safetensors
         from dreamlora.generate import generate as run_generate
         from dreamlora.models import load_components, resolve_precision
 
@@ -606,7 +607,7 @@ def generate(
         loras = [_parse_lora(item, scale) for item in lora or []]
         check_settings(num_images, steps, guidance, resolution, loras)
         for path, _ in loras:
-            find_lora(path)  # a missing LoRA is named before the model loads
+            read_safetensors(find_lora(path))  # a missing or damaged LoRA is named before the model loads
         folder = output_folder(out_dir)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         _, dtype = resolve_precision(model_cfg.precision, device)

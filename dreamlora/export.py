@@ -28,7 +28,7 @@ from dreamlora.checkpoint import CONFIG_FILE, find_lora, read_run_info, write_at
 from dreamlora.config import ExportConfig
 from dreamlora.errors import ConfigError, ExportError, ModelLoadError
 from dreamlora.models import public_model_ref
-from dreamlora.lora import GROUPS, LORA_FILE, load_adapters, read_diffusers_lora, save_diffusers_lora
+from dreamlora.lora import GROUPS, LORA_FILE, load_adapters, read_diffusers_lora, read_safetensors, save_diffusers_lora
 
 log = logging.getLogger(__name__)
 
@@ -918,15 +918,12 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
 
 
 def _read_any_lora(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
     path = src / LORA_FILE if src.is_dir() else src
     if not path.is_file():
         raise ExportError(f"no LoRA file at '{src}'; pass a .safetensors LoRA or a folder holding {LORA_FILE}")
     if path.suffix != ".safetensors":
         raise ExportError(f"'{path}' is not a .safetensors file; dreamlora reads only safetensors LoRAs (pickle files can run code)")
-    with safe_open(str(path), framework="pt") as handle:
-        return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
+    return read_safetensors(path)
 
 
 @dataclass(frozen=True)

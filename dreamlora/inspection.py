@@ -12,7 +12,7 @@ import torch
 from dreamlora.checkpoint import RUN_INFO, find_lora, read_run_info
 from dreamlora.errors import ExportError
 from dreamlora.export import is_kohya_key
-from dreamlora.lora import GROUPS
+from dreamlora.lora import GROUPS, read_safetensors
 
 CROSS_ATTENTION_FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 BASE_MODEL_FAMILIES = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}
@@ -20,15 +20,9 @@ DTYPE_NAMES = {torch.float16: "fp16", torch.bfloat16: "bf16", torch.float32: "fp
 
 
 def _read(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    from safetensors import safe_open
-
     if path.suffix != ".safetensors":
         raise ExportError(f"'{path}' is not a .safetensors file; inspect reads run folders and safetensors LoRAs")
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
-    except Exception as error:  # noqa: BLE001 - safetensors raises its own types for corrupt files
-        raise ExportError(f"'{path}' could not be read as safetensors ({error}); is the file complete?") from error
+    return read_safetensors(path)
 
 
 def _kohya_group(name: str) -> str:

@@ -124,23 +124,32 @@ def save_diffusers_lora(folder: Path, state_dicts: dict[str, dict[str, torch.Ten
     return folder / LORA_FILE
 
 
-def read_diffusers_lora(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, Any]]]:
-    """Split a diffusers LoRA file into per-model PEFT state dicts and their adapter configs."""
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor and the metadata of a safetensors file; a truncated or foreign file is a user error, not a crash."""
     from safetensors import safe_open
 
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own types for corrupt files
+        raise ExportError(f"'{path}' could not be read as safetensors ({error}); is the file complete? Copy or download it again") from error
+
+
+def read_diffusers_lora(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, Any]]]:
+    """Split a diffusers LoRA file into per-model PEFT state dicts and their adapter configs."""
     path = Path(path)
     if path.is_dir():
         path = path / LORA_FILE
     if not path.is_file():
         raise ExportError(f"no LoRA weights at '{path}'; pass a run folder with a finished run or a .safetensors file")
     state_dicts: dict[str, dict[str, torch.Tensor]] = {}
-    with safe_open(str(path), framework="pt") as handle:
-        raw_meta = (handle.metadata() or {}).get("lora_adapter_metadata")
-        for key in handle.keys():
-            group, _, rest = key.partition(".")
-            if group not in GROUPS:
-                raise ExportError(f"'{path}' is not a diffusers LoRA file (key {key!r}); use `dreamlora convert` for other layouts")
-            state_dicts.setdefault(group, {})[rest] = handle.get_tensor(key)
+    tensors, file_metadata = read_safetensors(path)
+    raw_meta = file_metadata.get("lora_adapter_metadata")
+    for key, tensor in tensors.items():
+        group, _, rest = key.partition(".")
+        if group not in GROUPS:
+            raise ExportError(f"'{path}' is not a diffusers LoRA file (key {key!r}); use `dreamlora convert` for other layouts")
+        state_dicts.setdefault(group, {})[rest] = tensor
     metadata: dict[str, dict[str, Any]] = {}
     if raw_meta:
         flat = json.loads(raw_meta)

@@ -224,6 +224,7 @@ def test_an_image_smaller_than_half_the_resolution_is_warned(tmp_path: Path, cap
         pytest.param(["--resolution", "30"], "--resolution must be a positive multiple of 8; got 30", id="resolution"),
         pytest.param(["--lora", "missing.safetensors"], "'missing.safetensors' does not exist; pass a run folder (runs/NAME) or a LoRA .safetensors file", id="missing-lora"),
         pytest.param(["--lora", "inputs:nan"], "LoRA 'inputs' has scale nan; pass a finite number", id="nan-scale"),
+        pytest.param(["--lora", "inputs/damaged.safetensors"], "'inputs/damaged.safetensors' could not be read as safetensors", id="damaged-lora"),
         pytest.param(["--out", "inputs"], "--out 'inputs' already holds files, which are never overwritten", id="out-with-files"),
         pytest.param(["--out", "inputs/photo.png"], "--out 'inputs/photo.png' is a file", id="out-is-a-file"),
     ],
@@ -232,6 +233,7 @@ def test_bad_generate_settings_exit_2_before_the_model_loads(tmp_path: Path, mon
     monkeypatch.chdir(tmp_path)
     (tmp_path / "inputs").mkdir()
     Image.new("RGB", (8, 8)).save(tmp_path / "inputs" / "photo.png")
+    (tmp_path / "inputs" / "damaged.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")  # cut short
     before = (tmp_path / "inputs" / "photo.png").read_bytes()
     # A model that does not exist: each error must come before loading it.
     result = runner.invoke(app, ["generate", "--model", str(tmp_path / "no-model"), "-p", "a photo of dog", *args])
@@ -251,6 +253,16 @@ def test_bad_generate_settings_exit_2_before_the_model_loads(tmp_path: Path, mon
 def test_bench_with_nothing_to_time_exits_2(args: list[str], message: str) -> None:
     result = runner.invoke(app, ["bench", "--model", "tiny", *args])
     assert result.exit_code == 2 and shows(result.output, message) and "Traceback" not in result.output
+
+
+def test_a_damaged_lora_file_exits_2_in_convert_and_inspect(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "lora.safetensors").write_bytes(b"not a safetensors file")
+    for args in (["convert", "lora.safetensors", "out.safetensors", "--to", "a1111", "--model", "tiny"], ["inspect", "lora.safetensors"]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2, result.output
+        assert shows(result.output, "'lora.safetensors' could not be read as safetensors") and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora.safetensors"]
 
 
 def test_prior_never_writes_among_files_it_did_not_make(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, instance_dir: Path) -> None:
