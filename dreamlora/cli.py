@@ -115,17 +115,29 @@ def _overrides(set_items: list[str] | None, flags: dict[str, Any]) -> dict[str, 
 
 
 def _progress() -> Any:
+    """Description, bar, step count, rate, free text (loss, lr), elapsed and ETA on one line. Only the free text gives
+    way in a narrow terminal (80 columns in CI logs): rich would otherwise shorten the step count to "90/20…"."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    from rich.table import Column
+
+    class InfoColumn(TextColumn):
+        def render(self, task: Any) -> Any:
+            text = super().render(task)
+            text.no_wrap, text.overflow = True, "ellipsis"
+            return text
+
+    def whole() -> Column:
+        return Column(no_wrap=True)
 
     return Progress(
-        TextColumn("[bold]{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[rate]}"),
-        TextColumn("{task.fields[info]}"),
-        TimeElapsedColumn(),
-        TextColumn("ETA"),
-        TimeRemainingColumn(),
+        TextColumn("[bold]{task.description}", table_column=whole()),
+        BarColumn(bar_width=16, table_column=whole()),
+        MofNCompleteColumn(table_column=whole()),
+        TextColumn("{task.fields[rate]}", table_column=whole()),
+        InfoColumn("{task.fields[info]}", table_column=Column(max_width=max(10, console.width - 65))),
+        TimeElapsedColumn(table_column=whole()),
+        TextColumn("ETA", table_column=whole()),
+        TimeRemainingColumn(table_column=whole()),
         console=console,
         transient=False,
     )
