@@ -453,6 +453,8 @@ def _train_with_progress(training: Any, cfg: Any, **kwargs: Any) -> None:
         def on_log(record: dict[str, Any]) -> None:
             if "instance_distance" in record:
                 drift[0] = progress_drift(record)
+                # Also a line of its own above the bar: a narrow terminal cuts the bar's text, and the history stays.
+                progress.console.print(f"step {record['step']} samples:{drift[0].removeprefix(' |')}", highlight=False)
             progress.update(
                 task,
                 completed=record["step"],
