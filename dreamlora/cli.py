@@ -452,14 +452,14 @@ def _train_with_progress(training: Any, cfg: Any, **kwargs: Any) -> None:
 
         def on_log(record: dict[str, Any]) -> None:
             if "instance_distance" in record:
-                drift[0] = progress_drift(record)
+                drift[0] = drift_figures(record)
                 # Also a line of its own above the bar: a narrow terminal cuts the bar's text, and the history stays.
-                progress.console.print(f"step {record['step']} samples:{drift[0].removeprefix(' |')}", highlight=False)
+                progress.console.print(f"step {record['step']} samples: {drift[0]}", highlight=False)
             progress.update(
                 task,
                 completed=record["step"],
                 rate=f"{record['it_s']:.2f} it/s",
-                info=f"loss {record['loss']:.4f} lr {record['lr']:.2e}{drift[0]}",
+                info=f"loss {record['loss']:.4f} lr {record['lr']:.2e}" + (f" | {drift[0]}" if drift[0] else ""),
             )
 
         result = training.train(cfg, on_log=on_log, **kwargs)
@@ -474,9 +474,9 @@ def _train_with_progress(training: Any, cfg: Any, **kwargs: Any) -> None:
     ])
 
 
-def progress_drift(record: dict[str, Any]) -> str:
-    """The drift figures of the latest samples, for the progress line (both are image distances in [0, 1])."""
-    text = f" | subject dist {record['instance_distance']:.3f}"
+def drift_figures(record: dict[str, Any]) -> str:
+    """The drift figures of the latest samples, for the progress line and its own line (both image distances in [0, 1])."""
+    text = f"subject dist {record['instance_distance']:.3f}"
     if "class_drift" in record:
         text += f" class drift {record['class_drift']:.3f}"
     return text
@@ -610,11 +610,11 @@ def generate(
     def action() -> None:
         import torch
 
-        from dreamlora.config import ModelConfig
         from dreamlora.checkpoint import find_lora
+        from dreamlora.config import ModelConfig
         from dreamlora.generate import check_settings, output_folder
-        from dreamlora.lora import read_safetensors
         from dreamlora.generate import generate as run_generate
+        from dreamlora.lora import read_safetensors
         from dreamlora.models import load_components, resolve_precision
 
         model_cfg = ModelConfig(**{k: v for k, v in {"name": model, "vae": vae, "precision": precision, "allow_pickle": allow_pickle}.items() if v is not None})
