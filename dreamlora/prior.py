@@ -261,9 +261,12 @@ def generate_class_images(
     files = {int(p.stem): p.name for p in out_dir.glob("[0-9]" * 5 + ".png")}
     missing = [i for i in range(prior_cfg.num_images) if i not in files]
     ranks.barrier()  # every process has read the folder before any writes to it
+    # What identifies the set: the settings, and the local model's fingerprint when there is one.
+    header = {**settings, **({"model_fingerprint": model_fingerprint} if model_fingerprint else {}), "class_name": prior_cfg.class_name}
     if manifest is None and ranks.is_main:
-        # Marks the folder as a prior set from the start, so an interrupted run is topped up and never refused.
-        write_json(out_dir / MANIFEST, {**settings, "class_name": prior_cfg.class_name, "num_images": 0, "files": []})
+        # Marks the folder as a prior set from the start, so an interrupted run is topped up (by the same model only)
+        # and never refused.
+        write_json(out_dir / MANIFEST, {**header, "num_images": 0, "files": []})
     batch_size = prior_cfg.batch_size or auto_batch_size(pipeline.device, resolution)
     started = time.perf_counter()
     todo, rejected, unresolved, generated = {i: seeds[i] for i in missing}, [], [], 0
@@ -321,8 +324,7 @@ def generate_class_images(
             entry["rejected"] = rejected_seeds[i]
         entries.append(entry)
     if ranks.is_main:
-        fingerprint = {"model_fingerprint": model_fingerprint} if model_fingerprint else {}
-        write_json(out_dir / MANIFEST, {**settings, **fingerprint, "class_name": prior_cfg.class_name, "num_images": len(entries), "files": entries})
+        write_json(out_dir / MANIFEST, {**header, "num_images": len(entries), "files": entries})
     ranks.barrier()  # no process goes on (to training, say) before the manifest is there
     return PriorResult(
         out_dir, prior_cfg.num_images - len(missing), len(missing), seconds, tuple(rejected), tuple(unresolved),

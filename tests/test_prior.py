@@ -55,10 +55,12 @@ def test_an_interrupted_set_is_topped_up(tmp_path: Path, pipeline, monkeypatch: 
     cut = tmp_path / "cut"
     monkeypatch.setattr(prior_module, "_render", first_batch_then_stop)
     with pytest.raises(KeyboardInterrupt):
-        generate_class_images(pipeline, settings, 32, cut, "tiny")
+        generate_class_images(pipeline, settings, 32, cut, "tiny", model_fingerprint="first")
     monkeypatch.setattr(prior_module, "_render", render)
     assert sorted(p.name for p in cut.iterdir()) == ["00000.png", "00001.png", "manifest.json"]
-    result = generate_class_images(pipeline, settings, 32, cut, "tiny")
+    with pytest.raises(ConfigError, match="another folder of that name"):  # the early manifest knows its model too
+        generate_class_images(pipeline, settings, 32, cut, "tiny", model_fingerprint="second")
+    result = generate_class_images(pipeline, settings, 32, cut, "tiny", model_fingerprint="first")
     assert (result.existing, result.generated) == (2, 2)
     for i in range(4):
         assert (cut / f"{i:05d}.png").read_bytes() == (whole / f"{i:05d}.png").read_bytes()
