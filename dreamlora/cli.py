@@ -418,6 +418,7 @@ def train(
 
     def action() -> None:
         from dreamlora import train as training
+        from dreamlora.checkpoint import load_checkpoint_state
         from dreamlora.config import load_config
 
         overrides = _overrides(set_, flags)
@@ -425,6 +426,7 @@ def train(
             run_dir, checkpoint = training.resume_point(Path(out_dir) if out_dir else None, resume_from)
             saved = load_config(run_dir / "config.toml")
             cfg = load_config(run_dir / "config.toml", overrides)
+            training.check_resume_step(int(load_checkpoint_state(checkpoint)["step"]), cfg.train.max_steps, checkpoint)
             changed = training.changed_keys(saved, cfg)
             if changed and not force:
                 from dreamlora.errors import ConfigError

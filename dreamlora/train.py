@@ -713,6 +713,7 @@ def _train(
         run_dir = _broadcast_path(accelerator, run_dir)
     control.run_dir = run_dir
     if resume_from is not None:
+        check_resume_step(int(ckpt.load_checkpoint_state(resume_from)["step"]), cfg.train.max_steps, resume_from)
         with fp32_lora():
             start_step = _restore(resume_from, accelerator, unet, text_encoder, optimizer, lr_scheduler, text_encoder_2)
         if accelerator.is_main_process:
@@ -852,7 +853,8 @@ def _train(
                     accelerator.log(record, step=done)
                 if on_log:
                     on_log({**record, "max_steps": cfg.train.max_steps})
-        if cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and done < cfg.train.max_steps and bad_steps == 0:
+        # Every N steps and at the last one, so `--resume --max-steps M` can extend a finished run from where it ended.
+        if cfg.train.checkpoint_every and (done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps) and bad_steps == 0:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 ckpt.save_checkpoint(run_dir, done, write_lora, training_state(done), cfg.train.keep_checkpoints)
@@ -908,6 +910,12 @@ def _restore(folder: Path, accelerator: Any, unet: Any, text_encoder: Any, optim
     load_adapters(models, state_dicts, metadata)
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])
+    # The learning rates come from this run's schedule, not the saved ones: they differ when --max-steps grew (a finished
+    # run's text-encoder rate is 0 at its last step, where its stop step was).
+    rates = [base * factor(lr_scheduler.last_epoch) for base, factor in zip(lr_scheduler.base_lrs, lr_scheduler.lr_lambdas)]
+    for group, rate in zip(optimizer.param_groups, rates):
+        group["lr"] = rate
+    lr_scheduler._last_lr = rates
     if state.get("scaler") and accelerator.scaler is not None:
         accelerator.scaler.load_state_dict(state["scaler"])
     if state.get("rng"):
@@ -1007,6 +1015,16 @@ def resume_point(run_dir: Path | None, resume_from: Path | None, runs_root: Path
     if latest is None:
         raise ConfigError(f"--resume: run '{run_dir}' has no complete checkpoint to resume from; start a new run (use --checkpoint-every N to make checkpoints)")
     return Path(run_dir), latest
+
+
+def check_resume_step(step: int, max_steps: int, checkpoint: Path) -> None:
+    """A resume must have steps left to train: a checkpoint at or past --max-steps is refused, saying how to extend."""
+    if step >= max_steps:
+        already = "finished" if step == max_steps else f"past --max-steps {max_steps}"
+        raise ConfigError(
+            f"--resume: checkpoint {checkpoint} is at step {step}, so the run is already {already}; pass --max-steps "
+            f"larger than {step} to train it further (a schedule other than constant then needs --force, as it changes)"
+        )
 
 
 def _constant_schedules(cfg: RunConfig) -> bool:

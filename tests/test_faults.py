@@ -250,9 +250,9 @@ def test_an_unwritable_run_folder_at_the_final_save_is_a_clear_error(tmp_path: P
 
     monkeypatch.setattr(ckpt, "write_folder_atomic", read_only)
     run_dir = tmp_path / "runs" / "read-only"
-    with pytest.raises(TrainingError, match=r"could not write the run files to '.*lora': the file system is read-only.*step-000002 is intact.*--resume"):
+    with pytest.raises(TrainingError, match=r"could not write the run files to '.*lora': the file system is read-only.*step-000003 is intact.*--resume"):
         training.train(_config(instance_dir, run_dir, **{"train.max_steps": "3", "train.checkpoint_every": "2"}))
-    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2]
+    assert [s for s, _ in ckpt.list_checkpoints(run_dir)] == [2, 3]  # the last step's checkpoint holds the finished LoRA
 
 
 def test_metrics_cut_short_by_a_kill_are_repaired_on_resume(tmp_path: Path) -> None:

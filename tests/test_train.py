@@ -8,10 +8,10 @@ import torch
 
 from dreamlora import checkpoint as ckpt
 from dreamlora.config import AdapterConfig, load_config
-from dreamlora.errors import TrainingError
+from dreamlora.errors import ConfigError, TrainingError
 from dreamlora.lora import attach_adapters, read_diffusers_lora
 from dreamlora.models import encode_prompt, load_components, tokenize
-from dreamlora.train import _enable_checkpointing, check_gradients, diffusion_target, dreambooth_loss, resolve_data, train
+from dreamlora.train import _enable_checkpointing, changed_keys, check_gradients, diffusion_target, dreambooth_loss, resolve_data, resume_point, train
 
 
 def _config(instance_dir: Path, class_dir: Path | None, out: Path, **extra: str):
@@ -128,7 +128,7 @@ def test_resume_is_bit_identical(tmp_path: Path, instance_dir: Path, class_dir: 
     extra = {"train.max_steps": "6", "train.checkpoint_every": "3", "train.lr_scheduler": "cosine", "train.warmup_steps": "2", "data.flip": "true", "train.lr": "1e-3"}
     full = train(_config(instance_dir, class_dir, tmp_path / "runs" / "full", **extra))
     checkpoints = ckpt.list_checkpoints(full.run_dir)
-    assert [s for s, _ in checkpoints] == [3]
+    assert [s for s, _ in checkpoints] == [3, 6]  # every 3 steps, and the last step
     resumed_dir = tmp_path / "runs" / "resumed"
     shutil.copytree(full.run_dir, resumed_dir)
     shutil.rmtree(resumed_dir / "lora")
@@ -140,6 +140,28 @@ def test_resume_is_bit_identical(tmp_path: Path, instance_dir: Path, class_dir: 
         for key in a[group]:
             assert torch.equal(a[group][key], b[group][key]), key
     steps = [json.loads(line)["step"] for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_finished_run_is_extended_from_its_last_step(tmp_path: Path, instance_dir: Path, class_dir: Path) -> None:
+    """`--resume --max-steps 6` on a run that finished at step 4 continues from step 4 and ends as a 6-step run does."""
+    extra = {"train.checkpoint_every": "3", "train.lr": "1e-3", "data.flip": "true"}
+    longer = train(_config(instance_dir, class_dir, tmp_path / "runs" / "six", **{**extra, "train.max_steps": "6"}))
+    short = train(_config(instance_dir, class_dir, tmp_path / "runs" / "four", **{**extra, "train.max_steps": "4"}))
+    run_dir, checkpoint = resume_point(short.run_dir, None)
+    assert checkpoint.name == "step-000004"
+    saved = load_config(run_dir / "config.toml")
+    with pytest.raises(ConfigError, match=r"step 4, so the run is already finished; pass --max-steps larger than 4"):
+        train(saved, run_dir=run_dir, resume_from=checkpoint)
+    extended = load_config(run_dir / "config.toml", {"train.max_steps": "6"})
+    assert changed_keys(saved, extended) == []  # a constant schedule does not depend on the step budget
+    train(extended, run_dir=run_dir, resume_from=checkpoint)
+    a, _ = read_diffusers_lora(longer.lora_path)
+    b, _ = read_diffusers_lora(short.lora_path)
+    for group in a:
+        for key in a[group]:
+            assert torch.equal(a[group][key], b[group][key]), key
+    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == [1, 2, 3, 4, 5, 6]
 
 
