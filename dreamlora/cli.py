@@ -245,7 +245,8 @@ def _dataset_flags(no_captions: bool, caption_dropout: Any, repeats: Any, class_
 
 @app.command()
 def dataset(
-    instance: Annotated[str, typer.Argument(help="Folder of photos of the subject.")],
+    instance: Annotated[Optional[str], typer.Argument(help="Folder of photos of the subject (or --instance, as for train).")] = None,
+    instance_option: Annotated[Optional[str], typer.Option("--instance", help="The same folder, named as `train` takes it.")] = None,
     class_dir: Annotated[Optional[str], typer.Option(help="Folder of class images to check too (e.g. priors/dog).")] = None,
     token: Annotated[Optional[str], typer.Option(help="Rare identifier for the subject (default sks).")] = None,
     class_name: Annotated[Optional[str], typer.Option("--class", help="Class word, for the default instance prompt.")] = None,
@@ -271,13 +272,28 @@ def dataset(
     def action() -> None:
         from dreamlora.config import load_config, replace
         from dreamlora.dataset_report import build_dataset_report, model_geometry
+        from dreamlora.errors import ConfigError
 
+        if instance and instance_option and Path(instance) != Path(instance_option):
+            raise ConfigError(f"two instance folders given ('{instance}' and --instance '{instance_option}'); pass one")
         cfg = load_config(config, _overrides(set_, {
-            "data.instance_dir": instance, "data.class_dir": class_dir, "data.token": token, "data.class_name": class_name,
+            "data.instance_dir": instance or instance_option, "data.class_dir": class_dir, "data.token": token, "data.class_name": class_name,
             "data.resolution": resolution, "train.batch_size": batch_size, "train.gradient_accumulation": gradient_accumulation,
             "train.max_steps": max_steps, "data.center_crop": False if random_crop else None, "model.name": model,
             **_dataset_flags(no_captions, caption_dropout, repeats, class_ratio, buckets, color_jitter),
         }))
+        if not cfg.data.class_dir:  # the class images `train` would use: priors/CLASS, or the only prior set
+            from dreamlora.prior import MANIFEST, safe_name
+            from dreamlora.train import only_prior_set
+
+            if cfg.data.class_name:
+                found: Path | None = Path("priors") / safe_name(cfg.data.class_name)
+                found = found if (found / MANIFEST).is_file() else None
+            else:
+                found = only_prior_set()
+            if found is not None:
+                console.print(f"checking the prior set in [bold]{found}[/] too, as `train` would use it")
+                cfg = replace(cfg, data=replace(cfg.data, class_dir=str(found)))
         native, factor = model_geometry(cfg.model.name)
         if not cfg.data.resolution:
             cfg = replace(cfg, data=replace(cfg.data, resolution=native))

@@ -108,13 +108,10 @@ def resolve_data(cfg: RunConfig, priors_root: Path = Path("priors")) -> tuple[Ru
         class_dir = str(priors_root / safe_name(class_name))
         needs_prior = not (Path(class_dir) / MANIFEST).is_file() or len(read_prior_set(Path(class_dir))["files"]) < cfg.prior.num_images
     elif not class_dir:
-        sets = sorted(p.parent for p in priors_root.glob(f"*/{MANIFEST}"))
-        if len(sets) == 1:
-            class_dir = str(sets[0])
+        found = only_prior_set(priors_root)
+        if found is not None:
+            class_dir = str(found)
             log.info("using the prior set in %s for prior preservation", class_dir)
-        elif len(sets) > 1:
-            names = ", ".join(p.name for p in sets)
-            raise ConfigError(f"several prior sets in {priors_root}/ ({names}); choose one with --class NAME")
         else:
             log.warning("no prior set found in %s/: training without prior preservation (the class may drift); run `dreamlora prior --class NAME` first to keep it", priors_root)
     if class_dir and (Path(class_dir) / MANIFEST).is_file():
@@ -131,6 +128,15 @@ def resolve_data(cfg: RunConfig, priors_root: Path = Path("priors")) -> tuple[Ru
     if needs_prior and not prior.class_name:
         raise ConfigError("a prior set must be generated but no class name is known; pass --class NAME")
     return replace(cfg, data=data, prior=prior), needs_prior
+
+
+def only_prior_set(priors_root: Path = Path("priors")) -> Path | None:
+    """The one prior set under `priors_root` that training uses when no class is named; None if there is none."""
+    sets = sorted(p.parent for p in priors_root.glob(f"*/{MANIFEST}"))
+    if len(sets) > 1:
+        names = ", ".join(p.name for p in sets)
+        raise ConfigError(f"several prior sets in {priors_root}/ ({names}); choose one with --class NAME")
+    return sets[0] if sets else None
 
 
 def default_run_dir(cfg: RunConfig, runs_root: Path = Path("runs")) -> tuple[Path, bool]:

@@ -335,3 +335,17 @@ def test_latent_cache_prunes_least_recently_used_first(tmp_path: Path) -> None:
     assert not list((tmp_path / "latents").glob("??")) and (tmp_path / "latents" / "notes.txt").is_file()
     bad = runner.invoke(app, ["cache", "--dir", str(tmp_path / "latents"), "--max-size", "-1"])
     assert bad.exit_code == 2 and "Traceback" not in bad.output
+
+
+def test_dataset_takes_instance_as_train_does_and_checks_the_prior_set_train_would_use(tmp_path: Path, instance_dir: Path, class_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert class_dir == tmp_path / "priors" / "dog"  # a prior set where `train` looks for one
+    result = runner.invoke(app, ["dataset", "--instance", str(instance_dir), "--model", "tiny"])
+    assert result.exit_code == 0, result.output
+    assert "checking the prior set in priors/dog too" in flat(result.output)
+    assert re.search(r"classimagesperepoch[1-9]", flat(result.output).replace(" ", ""))
+    # A named class without a prior set: no class images, as train would generate them first.
+    result = runner.invoke(app, ["dataset", "--instance", str(instance_dir), "--model", "tiny", "--class", "cat"])
+    assert result.exit_code == 0 and "checking the prior set" not in result.output
+    result = runner.invoke(app, ["dataset", str(instance_dir), "--instance", str(tmp_path / "other"), "--model", "tiny"])
+    assert result.exit_code == 2 and "two instance folders given" in flat(result.output) and "Traceback" not in result.output
