@@ -787,7 +787,10 @@ def _parse_lora(item: str, default_scale: float) -> tuple[Path, float]:
         try:
             return Path(path), float(value)
         except ValueError:
-            pass
+            if Path(path).exists():
+                from dreamlora.errors import ConfigError
+
+                raise ConfigError(f"--lora {item}: the scale {value!r} is not a number; write PATH:SCALE, e.g. {path}:0.8") from None
     return Path(item), default_scale
 
 

@@ -44,6 +44,8 @@ def test_train_with_the_sample_config(tmp_path: Path, instance_dir: Path, monkey
         (["train", "--resume"], "nothing to resume"),
         (["export", "--format", "a1111"], "no runs found"),
         (["prior", "--class", "dog", "--model", "/nowhere/model"], "does not exist"),
+        (["generate", "-p", "a photo of sks dog", "--model", "tiny", "--lora", "{instance}:strong"], "the scale 'strong' is not a number"),
+        (["dataset", "{instance}", "--instance", "{bad_toml}"], "two instance folders given"),
     ],
 )
 def test_user_errors_exit_2_without_traceback(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch, args: list[str], message: str) -> None:
