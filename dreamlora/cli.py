@@ -552,15 +552,17 @@ def convert(
     src: Annotated[Path, typer.Argument(help="A LoRA file trained elsewhere (kohya/A1111 or diffusers).")],
     dst: Annotated[Path, typer.Argument(help="Output file (a1111) or folder (diffusers).")],
     to: Annotated[str, typer.Option("--to", help="a1111|diffusers")] = "a1111",
-    model: Model = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Base model to check the names against and verify on (default: $DREAMLORA_MODEL; without either, names are checked against SD 1.x / SDXL 1.0 and the load-back check is skipped).")] = None,
     debug: Debug = False,
 ) -> None:
     """Convert a LoRA from another trainer, verified against the base model."""
 
     def action() -> None:
+        import os
+
         from dreamlora.export import convert_lora
 
-        _render_export(convert_lora(src, dst, to, model))
+        _render_export(convert_lora(src, dst, to, model or os.environ.get("DREAMLORA_MODEL") or None))
 
     _run(debug, action)
 

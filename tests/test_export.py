@@ -237,3 +237,20 @@ def test_convert_hand_written_kohya_file(tmp_path):
     assert_reproduces(probe(load_with_diffusers(folder.path)), ws, FP16_RTOL)
     with pytest.raises(ExportError, match="--model"):  # without --model, names are checked against SD 1.5, which has no up_blocks.0 attentions
         convert_lora(src, tmp_path / "sd15-names.safetensors", "a1111")
+
+
+def test_convert_command_verifies_on_dreamlora_model_when_no_model_is_given(workspace, tmp_path, monkeypatch):
+    """$DREAMLORA_MODEL is the base for `convert` as for every other command (a tiny-model LoRA fails the SD 1.x name check)."""
+    from typer.testing import CliRunner
+
+    from dreamlora.cli import app
+
+    exported = export_run(workspace["run"], ExportConfig(format="a1111", out=str(tmp_path / "ours.safetensors"), verify=False)).path
+    monkeypatch.delenv("DREAMLORA_MODEL", raising=False)
+    result = CliRunner().invoke(app, ["convert", str(exported), str(tmp_path / "plain")])
+    assert result.exit_code == 2 and "match no module of the base model" in result.output
+    monkeypatch.setenv("DREAMLORA_MODEL", "tiny")
+    result = CliRunner().invoke(app, ["convert", str(exported), str(tmp_path / "back"), "--to", "diffusers"])
+    assert result.exit_code == 0, result.output
+    assert "passed" in result.output
+    assert_reproduces(probe(load_with_diffusers(tmp_path / "back")), workspace, FP16_RTOL)
