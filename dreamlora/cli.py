@@ -656,7 +656,7 @@ def generate(
 @app.command()
 def cache(
     prune_days: Annotated[Optional[float], typer.Option("--prune-days", help="Remove latents unused for this many days.")] = None,
-    max_size: Annotated[Optional[float], typer.Option("--max-size", help="Then remove the least recently used until at most this many GB remain.")] = None,
+    max_size: Annotated[Optional[str], typer.Option("--max-size", help="Then remove the least recently used until at most this much remains: 500MB, 2GB (a bare number is GB).")] = None,
     clear: Annotated[bool, typer.Option("--clear", help="Remove every cached latent.")] = False,
     cache_dir: Annotated[Optional[str], typer.Option("--dir", help="Cache folder (default $DREAMLORA_CACHE/latents).")] = None,
     debug: Debug = False,
@@ -667,10 +667,10 @@ def cache(
         from dreamlora.errors import ConfigError
         from dreamlora.latent_cache import default_cache_dir, prune_cache
 
-        if (prune_days is not None and prune_days < 0) or (max_size is not None and max_size < 0):
-            raise ConfigError("--prune-days and --max-size must be 0 or more")
+        if prune_days is not None and prune_days < 0:
+            raise ConfigError("--prune-days must be 0 or more")
         root = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
-        max_bytes = int(max_size * 1e9) if max_size is not None else None
+        max_bytes = parse_size(max_size, "--max-size") if max_size is not None else None
         usage = prune_cache(root, max_bytes, prune_days, clear)
         rows = [("folder", root), ("entries", usage.entries), ("size", f"{usage.bytes / 1e6:.1f} MB")]
         if prune_days is not None or max_size is not None or clear:
@@ -781,6 +781,22 @@ def demo(
         ("run", folder / "runs" / "sks-dog"), ("A1111 LoRA", next((folder / "exports").glob("*.safetensors"), "-")),
         ("picture", folder / "demo.png"), ("files", len(written)),
     ])
+
+
+SIZE_UNITS = {"": 1e9, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12}
+
+
+def parse_size(text: str, flag: str) -> int:
+    """Bytes of a size written as 500MB, 2GB, 1.5 G or a bare number of GB (decimal units, as `cache` prints them)."""
+    import re
+
+    from dreamlora.errors import ConfigError
+
+    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([a-zA-Z]*)\s*", text)
+    unit = match.group(2).lower() if match else ""
+    if not match or unit not in SIZE_UNITS:
+        raise ConfigError(f"{flag} {text!r} is not a size; write it as 500MB, 2GB or a number of GB")
+    return int(float(match.group(1)) * SIZE_UNITS[unit])
 
 
 def _parse_lora(item: str, default_scale: float) -> tuple[Path, float]:

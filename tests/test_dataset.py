@@ -333,8 +333,12 @@ def test_latent_cache_prunes_least_recently_used_first(tmp_path: Path) -> None:
     result = runner.invoke(app, ["cache", "--dir", str(tmp_path / "latents"), "--clear"])
     assert result.exit_code == 0 and "2 entries" in result.output, result.output
     assert not list((tmp_path / "latents").glob("??")) and (tmp_path / "latents" / "notes.txt").is_file()
-    bad = runner.invoke(app, ["cache", "--dir", str(tmp_path / "latents"), "--max-size", "-1"])
-    assert bad.exit_code == 2 and "Traceback" not in bad.output
+    for wrong in ("-1", "10XB", "GB"):
+        bad = runner.invoke(app, ["cache", "--dir", str(tmp_path / "latents"), "--max-size", wrong])
+        assert bad.exit_code == 2 and "is not a size" in bad.output and "Traceback" not in bad.output, wrong
+    from dreamlora.cli import parse_size
+
+    assert [parse_size(t, "--max-size") for t in ("500MB", "2gb", "1.5", "1.5 G", "64k")] == [500_000_000, 2_000_000_000, 1_500_000_000, 1_500_000_000, 64_000]
 
 
 def test_dataset_takes_instance_as_train_does_and_checks_the_prior_set_train_would_use(tmp_path: Path, instance_dir: Path, class_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
