@@ -505,6 +505,7 @@ def drift_figures(record: dict[str, Any]) -> str:
 
 @app.command()
 def export(
+    run_arg: Annotated[Optional[Path], typer.Argument(metavar="RUN", help="Run folder (or --run; default: the latest under runs/).")] = None,
     fmt: Annotated[str, typer.Option("--format", "-f", help="a1111|diffusers|merged")] = "a1111",
     run: Annotated[Optional[Path], typer.Option("--run", help="Run folder (default: the latest under runs/).")] = None,
     step: Annotated[Optional[int], typer.Option(help="Export this checkpoint instead of the final LoRA.")] = None,
@@ -522,8 +523,12 @@ def export(
         from dreamlora.config import ExportConfig
         from dreamlora.export import export_run
 
+        from dreamlora.errors import ConfigError
+
+        if run_arg and run and Path(run_arg) != Path(run):
+            raise ConfigError(f"two run folders given ('{run_arg}' and --run '{run}'); pass one")
         cfg = ExportConfig(format=fmt, dtype=dtype, out=out_path or "", scale=scale, single_file=single_file, verify=not no_verify)
-        run_dir = run or latest_run()
+        run_dir = run_arg or run or latest_run()
         result = export_run(run_dir, cfg, step=step)
         _render_export(result)
 

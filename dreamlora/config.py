@@ -238,7 +238,11 @@ class ExportConfig:
     verify: bool = True  # load the written file back through diffusers and compare with the run's LoRA
 
     def __post_init__(self) -> None:
-        _check_choice("export format", self.format, EXPORT_FORMATS)
+        _check(
+            self.format in EXPORT_FORMATS,
+            f"export format must be one of {', '.join(EXPORT_FORMATS)}; got {self.format!r} "
+            "(AUTOMATIC1111, ComfyUI, Forge and kohya-based tools all load a1111; diffusers loads a1111 and diffusers)",
+        )
         _check_choice("export dtype", self.dtype, EXPORT_DTYPES)
         _check(not (self.single_file and self.format != "merged"), "--single-file only applies to --format merged")
 

@@ -128,7 +128,7 @@ def test_unknown_export_format_exits_2(tmp_path: Path, monkeypatch: pytest.Monke
 
 @pytest.fixture
 def run_with_checkpoint(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """runs/r: two finished steps and a checkpoint at step 1."""
+    """runs/r: two finished steps and checkpoints at steps 1 and 2 (the last step)."""
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, [
         "train", "--model", "tiny", "--instance", str(instance_dir), "--resolution", "32", "--max-steps", "2",
@@ -144,16 +144,19 @@ def _snapshot(folder: Path) -> dict[str, bytes]:
 
 def test_resume_with_changed_settings_is_refused_unless_forced(run_with_checkpoint: Path) -> None:
     before = _snapshot(run_with_checkpoint)
-    result = runner.invoke(app, ["train", "--out", "runs/r", "--resume", "--lr", "5e-4", "--rank", "8"])
+    finished = runner.invoke(app, ["train", "--out", "runs/r", "--resume"])
+    assert finished.exit_code == 2 and shows(finished.output, "already finished; pass --max-steps larger than 2"), finished.output
+    step_1 = ["--resume-from", "runs/r/checkpoints/step-000001"]
+    result = runner.invoke(app, ["train", *step_1, "--lr", "5e-4", "--rank", "8"])
     assert result.exit_code == 2, result.output
     assert all(shows(result.output, s) for s in ("adapter.rank: 4 -> 8", "train.lr: 0.0001 -> 0.0005", "--force"))
     assert "Traceback" not in result.output
     assert _snapshot(run_with_checkpoint) == before  # nothing written
 
-    harmless = runner.invoke(app, ["train", "--out", "runs/r", "--resume", "--set", "train.log_every=1"])
+    harmless = runner.invoke(app, ["train", *step_1, "--set", "train.log_every=1"])
     assert harmless.exit_code == 0, harmless.output  # logging settings do not change the result
 
-    forced = runner.invoke(app, ["train", "--out", "runs/r", "--resume", "--lr", "5e-4", "--force"])
+    forced = runner.invoke(app, ["train", *step_1, "--lr", "5e-4", "--force"])
     assert forced.exit_code == 0, forced.output
     assert "lr = 0.0005" in (run_with_checkpoint / "config.toml").read_text()
 

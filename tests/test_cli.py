@@ -43,6 +43,8 @@ def test_train_with_the_sample_config(tmp_path: Path, instance_dir: Path, monkey
         (["train", "--instance", "{instance}", "--model", "{instance}"], "not a diffusers model folder"),
         (["train", "--resume"], "nothing to resume"),
         (["export", "--format", "a1111"], "no runs found"),
+        (["export", "--format", "comfyui"], "ComfyUI, Forge and kohya-based tools all load a1111"),
+        (["export", "runs/a", "--run", "runs/b"], "two run folders given"),
         (["prior", "--class", "dog", "--model", "/nowhere/model"], "does not exist"),
         (["generate", "-p", "a photo of sks dog", "--model", "tiny", "--lora", "{instance}:strong"], "the scale 'strong' is not a number"),
         (["dataset", "{instance}", "--instance", "{bad_toml}"], "two instance folders given"),

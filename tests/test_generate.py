@@ -29,7 +29,7 @@ def trained_run(tmp_path: Path, instance_dir: Path) -> Path:
 
 def test_generate_with_two_loras_and_compare(tmp_path: Path, trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    exported = runner.invoke(app, ["export", "--run", str(trained_run), "--format", "a1111", "--out", "lora.safetensors"])
+    exported = runner.invoke(app, ["export", str(trained_run), "--format", "a1111", "--out", "lora.safetensors"])
     assert exported.exit_code == 0, exported.output
     args = ["generate", "--model", "tiny", "-p", "a photo of sks dog", "-n", "2", "--steps", "2", "--compare"]
     result = runner.invoke(app, [*args, "--lora", f"{trained_run}:0.5", "--lora", "lora.safetensors:1.0", "--out", "both"])
