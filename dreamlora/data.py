@@ -29,6 +29,19 @@ class ImageFolder:
     skipped: tuple[str, ...]
 
 
+FEW_PHOTOS = 3
+
+
+def few_photos_warning(count: int) -> str | None:
+    """The warning for an instance set smaller than DreamBooth's usual 3-20 photos; None when there are enough."""
+    if 0 < count < FEW_PHOTOS:
+        return (
+            f"only {count} photo{'s' if count > 1 else ''} of the subject: DreamBooth works best with 3-20 (other angles, "
+            "backgrounds and lighting); with fewer, the LoRA tends to copy the photo instead of learning the subject"
+        )
+    return None
+
+
 def list_images(folder: Path | str, role: str) -> ImageFolder:
     """Image files of a folder, sorted; non-image files are skipped with a note. `role` names the folder in messages."""
     root = Path(folder).expanduser()

@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from dreamlora.config import RunConfig
-from dreamlora.data import IGNORED_NAMES, ImageFolder, caption_prompt, list_images, load_image, make_buckets, nearest_bucket, read_caption, resize_and_crop_to
+from dreamlora.data import IGNORED_NAMES, ImageFolder, caption_prompt, few_photos_warning, list_images, load_image, make_buckets, nearest_bucket, read_caption, resize_and_crop_to
 from dreamlora.errors import DataError
 from dreamlora.hygiene import NEAR_DUPLICATE_BITS, dhash, hamming, image_problem, near_duplicates
 from dreamlora.sampling import BucketPlan, SquarePlan, class_span
@@ -185,6 +185,8 @@ def build_dataset_report(cfg: RunConfig, vae_scale_factor: int = 8, sheet_path: 
     micro_batches = plan.batches_per_epoch
     steps_per_epoch = math.ceil(micro_batches / train.gradient_accumulation)
     class_per_epoch = class_span(micro_batches, train.batch_size, data.class_ratio)[0] if klass else 0
+    if warning := few_photos_warning(len(instance.images)):
+        notes.append(warning)
     if not data.center_crop:
         notes.append("random crops: the contact sheet shows the centre crop; training sees other crops of the same scaled image")
     if data.color_jitter:

@@ -20,7 +20,7 @@ import torch
 from dreamlora import __version__
 from dreamlora import checkpoint as ckpt
 from dreamlora.config import RunConfig, replace, to_dict, to_toml
-from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, instance_prompts, list_images, make_buckets, nearest_bucket, resize_and_crop, to_tensor
+from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, list_images, make_buckets, nearest_bucket, resize_and_crop, to_tensor
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
 from dreamlora.lora import LORA_FILE, adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, save_diffusers_lora, trainable_parameters
@@ -100,6 +100,8 @@ def resolve_data(cfg: RunConfig, priors_root: Path = Path("priors")) -> tuple[Ru
         raise ConfigError("no instance folder; pass --instance ./photos (a folder of 3-20 photos of the subject)")
     instance_images = list_images(data.instance_dir, "instance")
     check_images(instance_images)  # a bad photo is named now, before a prior set or run folder is written
+    if warning := few_photos_warning(len(instance_images.paths)):
+        log.warning(warning)
     if data.token.lower() in COMMON_WORDS:
         log.warning("token %r is a common word the model already knows; a rare token such as `sks` personalizes better", data.token)
     needs_prior = False

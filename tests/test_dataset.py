@@ -353,3 +353,19 @@ def test_dataset_takes_instance_as_train_does_and_checks_the_prior_set_train_wou
     assert result.exit_code == 0 and "checking the prior set" not in result.output
     result = runner.invoke(app, ["dataset", str(instance_dir), "--instance", str(tmp_path / "other"), "--model", "tiny"])
     assert result.exit_code == 2 and "two instance folders given" in flat(result.output) and "Traceback" not in result.output
+
+
+def test_fewer_than_three_photos_are_warned_about_in_train_and_dataset(tmp_path: Path, instance_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    one = tmp_path / "one"
+    one.mkdir()
+    shutil.copy2(sorted(instance_dir.glob("*.png"))[0], one / "photo.png")
+    overrides = {"model.name": "tiny", "data.instance_dir": str(one), "data.resolution": "32"}
+    with caplog.at_level("WARNING"):
+        resolve_data(load_config(None, overrides), priors_root=tmp_path / "none")
+    assert "only 1 photo of the subject: DreamBooth works best with 3-20" in caplog.text
+    report = build_dataset_report(load_config(None, overrides), sheet_path=tmp_path / "sheet.png")
+    assert any(note.startswith("only 1 photo") for note in report.notes)
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        resolve_data(load_config(None, {**overrides, "data.instance_dir": str(instance_dir)}), priors_root=tmp_path / "none")
+    assert "photo of the subject" not in caplog.text and "photos of the subject" not in caplog.text
