@@ -174,6 +174,7 @@ class TrainConfig:
     keep_checkpoints: int = 2
     sample_every: int = 0  # 0: samples only at the end
     num_samples: int = 4
+    sample_prompts: tuple[str, ...] = ()  # more prompts in every sample grid, e.g. the subject somewhere new
     log_every: int = 10
     compile: str = "auto"  # CUDA graph of the whole step: auto (when possible), on, off
     master_weights: bool = True  # bf16: LoRA weights compute in bf16 with fp32 master copies (no per-use casts); False: autocast

@@ -53,7 +53,7 @@ def instance_distance(images: Sequence[Image.Image], photos: Sequence[Image.Imag
 
 
 class SampleMonitor:
-    """Instance- and class-prompt images at fixed seeds: base images once, then a grid and drift per call."""
+    """Instance- and class-prompt images (and any extra prompts) at fixed seeds: base images once, then a grid and drift per call."""
 
     def __init__(
         self,
@@ -66,9 +66,11 @@ class SampleMonitor:
         guidance: float,
         resolution: int,
         out_dir: Path,
+        extra_prompts: Sequence[str] = (),
     ) -> None:
         self.components, self.seeds, self.steps, self.guidance, self.resolution = components, seeds, steps, guidance, resolution
-        self.prompts = [p for p in (instance_prompt, class_prompt) if p]
+        # The instance row, the class row, then the user's own prompts (`--sample-prompt`), each once.
+        self.prompts = list(dict.fromkeys(p for p in (instance_prompt, class_prompt, *extra_prompts) if p))
         self.instance_prompt, self.class_prompt = instance_prompt, class_prompt
         self.photos = [open_image(path) for path in list_images(instance_dir, "instance").paths]
         self.out_dir = out_dir
@@ -85,7 +87,7 @@ class SampleMonitor:
         return generate_images(self.pipeline, prompt, self.seeds, self.steps, self.guidance, self.resolution)
 
     def sample(self, step: int) -> dict[str, float]:
-        """Write `samples/step-NNNNNN.png` (instance row, class row) and return the drift figures."""
+        """Write `samples/step-NNNNNN.png` (instance row, class row, extra prompts' rows) and return the drift figures."""
         with _eval_mode(self._models()):
             images = {prompt: self._generate(prompt) for prompt in self.prompts}
         self.latest = (step, images)

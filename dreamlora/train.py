@@ -432,7 +432,10 @@ def _make_monitor(cfg: RunConfig, components: Components, run_dir: Path) -> Any:
 
     instance_prompt, class_prompt = _sample_prompts(cfg)
     seeds = list(range(cfg.train.seed, cfg.train.seed + cfg.train.num_samples))
-    return SampleMonitor(components, instance_prompt, class_prompt, cfg.data.instance_dir, seeds, cfg.prior.steps, cfg.prior.resolved_guidance(components.family.default_guidance), cfg.data.resolution, run_dir / "samples")
+    return SampleMonitor(
+        components, instance_prompt, class_prompt, cfg.data.instance_dir, seeds, cfg.prior.steps, cfg.prior.resolved_guidance(components.family.default_guidance),
+        cfg.data.resolution, run_dir / "samples", cfg.train.sample_prompts,
+    )
 
 
 def _check_tracker(name: str) -> None:
@@ -968,7 +971,7 @@ def _final_pictures(cfg: RunConfig, components: Components, models: dict[str, to
     for model in models.values():
         model.eval()
     if cfg.train.num_samples > 0:
-        prompts = [p for p in _sample_prompts(cfg) if p]
+        prompts = list(dict.fromkeys(p for p in (*_sample_prompts(cfg), *cfg.train.sample_prompts) if p))
         base = monitor.base if monitor is not None else None
         adapted = monitor.latest[1] if monitor is not None and monitor.latest[0] == cfg.train.max_steps else None
         guidance = cfg.prior.resolved_guidance(components.family.default_guidance)
@@ -1001,7 +1004,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # Keys that may differ when resuming without changing the result.
 RESUME_FREE_KEYS = {
     "train.out", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.sample_every",
-    "train.num_samples", "model.attention", "prior.batch_size", "train.compile", "train.report_to", "model.allow_pickle",
+    "train.num_samples", "train.sample_prompts", "model.attention", "prior.batch_size", "train.compile", "train.report_to", "model.allow_pickle",
     "data.latent_cache_dir",
 }
 

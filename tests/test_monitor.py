@@ -109,11 +109,17 @@ def test_missing_tracker_package_exits_2(tmp_path: Path, instance_dir: Path, mon
 def test_progress_line_shows_drift(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     args = ["train", "--model", "tiny", "--instance", str(instance_dir), "--resolution", "32", "--max-steps", "2", "--sample-every", "1",
-            "--num-samples", "1", "--class-prompt", "a photo of dog", "--set", "prior.steps=1", "--snr-gamma", "5", "--noise-offset", "0.05"]
+            "--num-samples", "1", "--class-prompt", "a photo of dog", "--set", "prior.steps=1", "--snr-gamma", "5", "--noise-offset", "0.05",
+            "--sample-prompt", "a photo of sks dog on a beach, at sunset", "--sample-prompt", "a painting of sks dog"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     assert "class drift" in result.output and "subject dist" in result.output
     assert sorted(p.name for p in (tmp_path / "runs").glob("*/samples/*.png")) == ["final.png", "step-000001.png", "step-000002.png"]
+    samples = next((tmp_path / "runs").glob("*/samples"))
+    # Instance, class, then the two extra prompts: one row each per sampling, base and LoRA rows in the final grid.
+    assert Image.open(samples / "step-000002.png").size[1] == 4 * 128 and Image.open(samples / "final.png").size[1] == 8 * 128
+    saved = load_config(samples.parent / "config.toml")
+    assert saved.train.sample_prompts == ("a photo of sks dog on a beach, at sunset", "a painting of sks dog")  # commas kept
 
 
 class _Moves(torch.nn.Module):
