@@ -60,11 +60,32 @@ def _setup_logging(debug: bool) -> None:
             pass
 
 
-def _run(debug: bool, action: Callable[[], Any]) -> Any:
-    """Run a command body; user errors become one red panel and exit 2, runtime failures exit 1."""
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM (`kill`, a job scheduler's stop) turned into an exception, so it ends like Ctrl-C: cleanly, with a line."""
+
+
+def _raise_terminated(signum: int, frame: Any) -> None:
+    raise _Terminated()
+
+
+PRIOR_KEPT = "the class images written so far are kept; run the same command again to finish the set"
+
+
+def _run(debug: bool, action: Callable[[], Any], interrupted: str = "") -> Any:
+    """Run a command body; user errors become one red panel and exit 2, runtime failures exit 1.
+
+    Ctrl-C and SIGTERM end with one line (and `interrupted`, what is kept and how to go on), exit 130 / 143. Training
+    installs its own handlers for its steps (a checkpoint, then a clean stop), and restores these after.
+    """
+    import signal
+    import threading
+
     from dreamlora.errors import DreamloraError
 
     _setup_logging(debug)
+    installed = threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
+    if installed:
+        signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         return action()
     except DreamloraError as error:
@@ -72,9 +93,10 @@ def _run(debug: bool, action: Callable[[], Any]) -> Any:
             traceback.print_exc()
         console.print(Panel(Text(str(error)), title=f"[bold]{type(error).__name__}", border_style="red"))  # Text: no markup, `[bnb]` stays
         raise typer.Exit(error.exit_code) from None
-    except KeyboardInterrupt:
-        console.print("[yellow]interrupted[/]")
-        raise typer.Exit(130) from None
+    except KeyboardInterrupt as error:
+        terminated = isinstance(error, _Terminated)
+        console.print(f"[yellow]{'stopped by SIGTERM' if terminated else 'interrupted'}[/]" + (f": {interrupted}" if interrupted else ""))
+        raise typer.Exit(143 if terminated else 130) from None
     except Exception as error:  # noqa: BLE001 - the last line of defence: no traceback without --debug
         if _is_oom(error):
             message = _oom_message(error)
@@ -84,6 +106,9 @@ def _run(debug: bool, action: Callable[[], Any]) -> Any:
             traceback.print_exc()
         console.print(Panel(message, title="[bold]error", border_style="red"))
         raise typer.Exit(1) from None
+    finally:
+        if installed:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
 def _is_oom(error: Exception) -> bool:
@@ -230,7 +255,7 @@ def prior(
             *[("[yellow]still bad[/]", f"{name}: {reason}") for name, reason in result.unresolved],
         ])
 
-    _run(debug, action)
+    _run(debug, action, PRIOR_KEPT)
 
 
 # --- dataset ----------------------------------------------------------------------------------

@@ -196,3 +196,27 @@ def test_another_local_model_of_the_same_folder_name_does_not_top_up_the_set(tmp
         prior(second, 3)
     assert sorted(p.name for p in (tmp_path / "priors" / "dog").glob("*.png")) == ["00000.png", "00001.png"]
     assert prior(first, 3).generated == 1  # the same folder tops its set up
+
+
+def test_sigterm_stops_prior_with_a_line_and_the_set_is_finished_by_the_same_command(tmp_path: Path, model_cache: Path) -> None:
+    import signal
+    import time
+
+    env = {**os.environ, "DREAMLORA_CACHE": str(model_cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "dreamlora", "prior", "--model", "tiny", "--class", "dog", "-n", "200", "--steps", "2", "--resolution", "32", "--batch-size", "1"]
+    folder = tmp_path / "priors" / "dog"
+    process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 120
+    while not (folder / "00001.png").is_file():
+        assert process.poll() is None and time.monotonic() < deadline, "prior ended or stalled before its second image"
+        time.sleep(0.01)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 128 + signal.SIGTERM, output
+    flat = " ".join(output.replace("│", " ").split())
+    assert "stopped by SIGTERM: the class images written so far are kept; run the same command again" in flat and "Traceback" not in output
+    kept = sorted(p.name for p in folder.glob("*.png"))
+    assert 2 <= len(kept) < 200 and not list(folder.glob(".*"))  # whole images only, no temporary files
+    finished = subprocess.run([*command[:command.index("200")], "5", *command[command.index("200") + 1 :]], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stdout + finished.stderr
+    assert json.loads((folder / "manifest.json").read_text())["num_images"] >= 5
