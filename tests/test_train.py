@@ -124,6 +124,17 @@ def test_existing_run_folder_is_never_overwritten(tmp_path: Path, instance_dir: 
     assert (out / "keep.txt").read_text() == "mine"
 
 
+def _assert_same_run(reference: Path, lora: Path, run_dir: Path, steps: int) -> None:
+    """The LoRA equals the reference bit for bit, and the run's metrics log every step once."""
+    a, _ = read_diffusers_lora(reference)
+    b, _ = read_diffusers_lora(lora)
+    for group in a:
+        for key in a[group]:
+            assert torch.equal(a[group][key], b[group][key]), key
+    logged = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, steps + 1))
+
+
 def test_resume_is_bit_identical(tmp_path: Path, instance_dir: Path, class_dir: Path) -> None:
     extra = {"train.max_steps": "6", "train.checkpoint_every": "3", "train.lr_scheduler": "cosine", "train.warmup_steps": "2", "data.flip": "true", "train.lr": "1e-3"}
     full = train(_config(instance_dir, class_dir, tmp_path / "runs" / "full", **extra))
@@ -134,13 +145,7 @@ def test_resume_is_bit_identical(tmp_path: Path, instance_dir: Path, class_dir: 
     shutil.rmtree(resumed_dir / "lora")
     cfg = _config(instance_dir, class_dir, resumed_dir, **extra)
     resumed = train(cfg, run_dir=resumed_dir, resume_from=resumed_dir / "checkpoints" / "step-000003")
-    a, _ = read_diffusers_lora(full.lora_path)
-    b, _ = read_diffusers_lora(resumed.lora_path)
-    for group in a:
-        for key in a[group]:
-            assert torch.equal(a[group][key], b[group][key]), key
-    steps = [json.loads(line)["step"] for line in (resumed_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    _assert_same_run(full.lora_path, resumed.lora_path, resumed_dir, 6)
 
 
 def test_a_finished_run_is_extended_from_its_last_step(tmp_path: Path, instance_dir: Path, class_dir: Path) -> None:
@@ -156,13 +161,7 @@ def test_a_finished_run_is_extended_from_its_last_step(tmp_path: Path, instance_
     extended = load_config(run_dir / "config.toml", {"train.max_steps": "6"})
     assert changed_keys(saved, extended) == []  # a constant schedule does not depend on the step budget
     train(extended, run_dir=run_dir, resume_from=checkpoint)
-    a, _ = read_diffusers_lora(longer.lora_path)
-    b, _ = read_diffusers_lora(short.lora_path)
-    for group in a:
-        for key in a[group]:
-            assert torch.equal(a[group][key], b[group][key]), key
-    steps = [json.loads(line)["step"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert steps == [1, 2, 3, 4, 5, 6]
+    _assert_same_run(longer.lora_path, short.lora_path, run_dir, 6)
 
 
 def test_bf16_master_weights_step_matches_fp32(tmp_path: Path, instance_dir: Path, class_dir: Path) -> None:
