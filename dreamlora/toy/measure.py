@@ -59,8 +59,10 @@ def make_prior_set(model: str, class_dir: Path) -> None:
     run_prior(replace(cfg.prior, out=str(class_dir)), cfg.model, cfg.data.resolution)
 
 
-def measure(model: str, out: Path, seeds: Sequence[int] = (0, 1), prior_weights: Sequence[float] = (1.0, 0.0), eval_seeds: int = 16) -> list[Measurement]:
-    """Train and read back every (seed, prior weight) pair; the class set is made once in OUT/priors/dog."""
+def measure(
+    model: str, out: Path, seeds: Sequence[int] = (0, 1), prior_weights: Sequence[float] = (1.0, 0.0), eval_seeds: int = 16, guidance: float = 5.0
+) -> list[Measurement]:
+    """Train and read back every (seed, prior weight) pair, drawing at `guidance`; the class set is made once in OUT/priors/dog."""
     from dreamlora.train import train
 
     class_dir = out / "priors" / "dog"
@@ -70,7 +72,7 @@ def measure(model: str, out: Path, seeds: Sequence[int] = (0, 1), prior_weights:
         for weight in prior_weights:
             name = f"seed{seed}-prior{weight:g}"
             result = train(recipe(model, class_dir, out / "runs" / name, seed, weight))
-            scores = evaluate(result.run_dir, out / f"{name}.png", seeds=eval_seeds, model=model).scores
+            scores = evaluate(result.run_dir, out / f"{name}.png", seeds=eval_seeds, guidance=guidance, model=model).scores
             rows.append(Measurement(seed, weight, {s.prompt: s for s in scores}))
     return rows
 
@@ -103,8 +105,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1], help="training seeds")
     parser.add_argument("--prior-weights", type=float, nargs="+", default=[1.0, 0.0], help="0 trains without prior preservation")
     parser.add_argument("--eval-seeds", type=int, default=16, help="images per prompt read back")
+    parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale of the images read back (the demo's: 5)")
     args = parser.parse_args(argv)
-    table = format_table(measure(args.model, args.out, args.seeds, args.prior_weights, args.eval_seeds))
+    table = format_table(measure(args.model, args.out, args.seeds, args.prior_weights, args.eval_seeds, args.guidance))
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(table + "\n", encoding="utf-8")
     print(table, flush=True)
