@@ -650,7 +650,7 @@ def generate(
     resolution: Annotated[Optional[int], typer.Option(help="Default: the model's.")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Grid of base vs LoRA at the same seeds.")] = False,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="New or empty output folder (default: samples-out, or the next free samples-out-N).")] = None,
-    model: Model = None,
+    model: Annotated[Optional[str], typer.Option("--model", help="Hub id, local diffusers folder, `tiny`, `tiny-sdxl` or `toy` (default: $DREAMLORA_MODEL, else the model a --lora run was trained on, else SD 1.5).")] = None,
     vae: Vae = None,
     precision: Precision = None,
     allow_pickle: AllowPickle = False,
@@ -663,14 +663,20 @@ def generate(
 
         from dreamlora.checkpoint import find_lora
         from dreamlora.config import ModelConfig
-        from dreamlora.generate import check_settings, output_folder
+        from dreamlora.generate import check_settings, output_folder, run_base_model
         from dreamlora.generate import generate as run_generate
         from dreamlora.lora import read_safetensors
         from dreamlora.models import load_components, resolve_precision
 
-        model_cfg = ModelConfig(**{k: v for k, v in {"name": model, "vae": vae, "precision": precision, "allow_pickle": allow_pickle}.items() if v is not None})
         loras = [_parse_lora(item, scale) for item in lora or []]
         check_settings(num_images, steps, guidance, resolution, loras)
+        base, base_vae = model or os.environ.get("DREAMLORA_MODEL"), vae
+        if not base and (trained_on := run_base_model(loras)):  # the model the run was trained on, not SD 1.5
+            base, run_vae, run_dir = trained_on
+            base_vae = vae or run_vae or None
+            with_vae = f" with VAE {base_vae}" if base_vae else ""
+            console.print(f"base model [bold]{base}[/]{with_vae}, as run {run_dir} was trained on (--model to choose another)")
+        model_cfg = ModelConfig(**{k: v for k, v in {"name": base, "vae": base_vae, "precision": precision, "allow_pickle": allow_pickle}.items() if v is not None})
         for path, _ in loras:
             read_safetensors(find_lora(path))  # a missing or damaged LoRA is named before the model loads
         folder = output_folder(out_dir)

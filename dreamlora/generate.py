@@ -158,6 +158,32 @@ def check_settings(num_images: int, steps: int, guidance: float | None, resoluti
         raise ConfigError("; ".join(problems))
 
 
+def run_base_model(loras: list[tuple[Path, float]]) -> tuple[str, str, Path] | None:
+    """The base model (and replacement VAE, or "") the given run folders or their checkpoints were trained on, and the
+    first such run; None when no LoRA comes from a run. Runs on different base models are an error."""
+    import tomllib
+
+    from dreamlora.checkpoint import CONFIG_FILE, RUN_INFO
+    from dreamlora.export import base_model_ref
+
+    found: dict[str, Path] = {}
+    for path, _ in loras:
+        path = Path(path)
+        # runs/x, runs/x/lora/FILE, runs/x/checkpoints/step-N, runs/x/checkpoints/step-N/lora/FILE
+        run_dir = next((folder for folder in (path, *list(path.parents)[:4]) if (folder / RUN_INFO).is_file() and (folder / CONFIG_FILE).is_file()), None)
+        if run_dir is not None:
+            info = json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8"))
+            found.setdefault(base_model_ref(run_dir, info), run_dir)
+    if len(found) > 1:
+        listed = ", ".join(f"{model} ({run})" for model, run in found.items())
+        raise ConfigError(f"the LoRAs come from runs on different base models: {listed}; pass the one to use with --model")
+    if not found:
+        return None
+    model, run_dir = next(iter(found.items()))
+    vae = tomllib.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("model", {}).get("vae", "")
+    return model, str(vae or ""), run_dir
+
+
 def output_folder(out: Path | None) -> Path:
     """Where `generate` writes: a chosen --out that is new or empty, or else the next free `samples-out[-N]`.
     Images already there are never overwritten."""

@@ -45,6 +45,25 @@ def test_generate_with_two_loras_and_compare(tmp_path: Path, trained_run: Path, 
     assert Image.open(tmp_path / "half" / "seed-0.png").tobytes() != both  # the second LoRA and its scale count
 
 
+def test_without_model_generate_uses_the_model_the_run_was_trained_on(tmp_path: Path, trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DREAMLORA_MODEL", raising=False)
+    args = ["generate", "-p", "a photo of sks dog", "-n", "1", "--steps", "2"]
+    result = runner.invoke(app, [*args, "--lora", str(trained_run / "lora" / "pytorch_lora_weights.safetensors"), "--out", "own"])
+    assert result.exit_code == 0, result.output
+    assert f"base model tiny, as run {trained_run} was trained on" in " ".join(result.output.split())
+    assert (tmp_path / "own" / "seed-0.png").is_file()
+    other = tmp_path / "runs" / "other"  # the same LoRA, recorded as trained on another base model
+    shutil.copytree(trained_run, other)
+    config = other / "config.toml"
+    config.write_text(config.read_text().replace('name = "tiny"', 'name = "tiny-v"', 1))
+    result = runner.invoke(app, [*args, "--lora", str(trained_run), "--lora", str(other), "--out", "mixed"])
+    assert result.exit_code == 2 and "different base models: tiny" in " ".join(result.output.split()) and "--model" in result.output
+    assert not (tmp_path / "mixed").exists()
+
+
 def test_compare_without_a_lora_and_unusable_xformers_are_user_errors(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, instance_dir: Path) -> None:
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["generate", "--model", "tiny", "-p", "x", "--compare"])
