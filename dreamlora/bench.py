@@ -283,6 +283,9 @@ def run_bench(cfg: RunConfig, parts: tuple[str, ...], steps: int, warmup: int, p
                     # Candidates for prior's defaults, each alone and together, at our settings.
                     for tweaks in (*UNET_TWEAKS, "+".join(UNET_TWEAKS)):
                         result.prior.append(bench_prior(cfg, ours, workdir / f"prior-{tweaks}", tweaks))
+                    if ours.steps > 20:
+                        # DPM-Solver++ is commonly run at 20 steps: with both tweaks, the candidate for faster defaults.
+                        result.prior.append(bench_prior(cfg, replace(ours, steps=20), workdir / "prior-20", "+".join(UNET_TWEAKS)))
     return result
 
 
