@@ -39,7 +39,10 @@ STATE_JSON = "state.json"
 def write_atomic(path: Path, data: bytes) -> None:
     """Write to a temporary file in the same folder, flush to disk, then rename into place."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    except OSError as error:  # named by the file the user asked for, not the temporary one
+        raise OSError(error.errno, error.strerror, str(path)) from error
     try:
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
@@ -204,10 +207,18 @@ def write_failure(what: str, path: Path, error: OSError, run_dir: Path) -> str:
     return f"could not write {what} to '{path}': {reason} ({error.strerror or error}); {kept}"
 
 
+def temporary_folder_beside(final: Path) -> Path:
+    """A new hidden folder next to `final`, to be renamed into place; a refusal names `final`, not the temporary name."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        return Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    except OSError as error:
+        raise OSError(error.errno, error.strerror, str(final)) from error
+
+
 def write_folder_atomic(folder: Path, write: Any) -> Path:
     """Write a folder's files with `write(tmp_folder)` beside it, flush, then swap it into place."""
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    tmp = temporary_folder_beside(folder)
     try:
         write(tmp)
         _fsync_tree(tmp)

@@ -97,18 +97,42 @@ def _run(debug: bool, action: Callable[[], Any], interrupted: str = "") -> Any:
         terminated = isinstance(error, _Terminated)
         console.print(f"[yellow]{'stopped by SIGTERM' if terminated else 'interrupted'}[/]" + (f": {interrupted}" if interrupted else ""))
         raise typer.Exit(143 if terminated else 130) from None
-    except Exception as error:  # noqa: BLE001 - the last line of defence: no traceback without --debug
-        if _is_oom(error):
-            message = _oom_message(error)
-        else:
-            message = f"{type(error).__name__}: {error}\nRun again with --debug to see the traceback, and report it if it looks like a bug."
+    except OSError as error:
+        if not _is_path_error(error):
+            raise _unexpected(error, debug) from None
         if debug:
             traceback.print_exc()
-        console.print(Panel(message, title="[bold]error", border_style="red"))
-        raise typer.Exit(1) from None
+        where = f"'{error.filename}'" + (f" -> '{error.filename2}'" if error.filename2 else "")
+        message = f"{where}: {error.strerror or error}. Check that the path exists and is writable (or pass another one), and that the disk has room."
+        console.print(Panel(Text(message), title="[bold]file system", border_style="red"))
+        raise typer.Exit(2) from None
+    except Exception as error:  # noqa: BLE001 - the last line of defence: no traceback without --debug
+        raise _unexpected(error, debug) from None
     finally:
         if installed:
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+PATH_ERRNOS = {"EACCES", "EPERM", "EROFS", "ENOSPC", "EDQUOT", "ENOENT", "ENOTDIR", "EISDIR", "EEXIST", "ENAMETOOLONG"}
+
+
+def _is_path_error(error: OSError) -> bool:
+    """A file-system refusal about a path the user chose or owns (permissions, read-only, full, missing folder)."""
+    import errno
+
+    return bool(error.filename) and error.errno in {getattr(errno, name) for name in PATH_ERRNOS if hasattr(errno, name)}
+
+
+def _unexpected(error: Exception, debug: bool) -> typer.Exit:
+    """The last line of defence: one panel (out of memory with its levers, else the error), no traceback without --debug."""
+    if _is_oom(error):
+        message = _oom_message(error)
+    else:
+        message = f"{type(error).__name__}: {error}\nRun again with --debug to see the traceback, and report it if it looks like a bug."
+    if debug:
+        traceback.print_exc()
+    console.print(Panel(message, title="[bold]error", border_style="red"))
+    return typer.Exit(1)
 
 
 def _is_oom(error: Exception) -> bool:

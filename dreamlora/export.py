@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import struct
-import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any, Iterable
 
 import torch
 
-from dreamlora.checkpoint import CONFIG_FILE, find_lora, read_run_info, write_atomic
+from dreamlora.checkpoint import CONFIG_FILE, find_lora, read_run_info, temporary_folder_beside, write_atomic
 from dreamlora.config import ExportConfig
 from dreamlora.errors import ConfigError, ExportError, ModelLoadError
 from dreamlora.models import public_model_ref
@@ -568,8 +567,7 @@ def _refuse_existing(path: Path) -> None:
 
 def _write_folder_atomic(final: Path, write: Any) -> None:
     """Build a folder under a temporary name beside `final`, then rename it into place."""
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=final.parent))
+    tmp = temporary_folder_beside(final)
     try:
         write(tmp)
         os.replace(tmp, final)

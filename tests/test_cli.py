@@ -62,6 +62,24 @@ def test_user_errors_exit_2_without_traceback(tmp_path: Path, instance_dir: Path
     assert not (tmp_path / "runs").exists() and not (tmp_path / "priors").exists()  # nothing written
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["prior", "--model", "tiny", "--class", "dog", "-n", "1", "--steps", "1", "--out", "notes.txt/priors"],
+        ["generate", "--model", "tiny", "-p", "a photo of dog", "-n", "1", "--steps", "1", "--out", "notes.txt/samples"],
+        ["prior", "--model", "tiny", "--class", "dog", "-n", "1", "--steps", "1", "--out", "/proc/no-such-place/priors"],
+    ],
+)
+def test_an_output_path_the_file_system_refuses_exits_2_naming_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("mine")
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "file system" in result.output and ("notes.txt" in flat(result.output) or "/proc/no-such-place" in flat(result.output))
+    assert "Traceback" not in result.output and "report it" not in result.output
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
 def test_debug_shows_the_traceback(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     result = runner.invoke(app, ["train", "--instance", "missing", "--debug"])
