@@ -296,8 +296,12 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 raise ValueError
             return str(value)
         if hint is tuple:
-            if isinstance(value, str):
+            if isinstance(value, str) and value.lstrip().startswith("["):
+                value = _toml_array(value, key)  # --set 'train.sample_prompts=["a, b", "c"]' keeps commas
+            elif isinstance(value, str):
                 value = [part.strip() for part in value.split(",") if part.strip()]
+            if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, int, float)) and not isinstance(v, bool) for v in value):
+                raise ValueError
             return tuple(str(v) for v in value)
     except (TypeError, ValueError):
         pass
@@ -305,6 +309,13 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
         return value
     expected = getattr(hint, "__name__", str(hint))
     raise ConfigError(f"{key} must be a {expected}; got {value!r}")
+
+
+def _toml_array(text: str, key: str) -> list[Any]:
+    try:
+        return tomllib.loads(f"value = {text}")["value"]
+    except tomllib.TOMLDecodeError as error:
+        raise ConfigError(f"{key}: {text!r} is not a TOML list ({error}); write it as [\"first\", \"second\"] or as comma-separated words") from error
 
 
 def _field_types(cls: type) -> dict[str, Any]:

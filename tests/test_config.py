@@ -72,3 +72,14 @@ def test_overrides_beat_the_file(tmp_path: Path) -> None:
     assert cfg.train.max_steps == 3 and cfg.train.lr == 0.001
     with pytest.raises(ConfigError, match="section.key=value"):
         parse_set_options(["nonsense"])
+
+
+def test_set_takes_a_toml_list_so_list_values_keep_their_commas() -> None:
+    cfg = load_config(None, parse_set_options(['train.sample_prompts=["a photo of sks dog, at sunset", "a painting of sks dog"]']))
+    assert cfg.train.sample_prompts == ("a photo of sks dog, at sunset", "a painting of sks dog")
+    plain = load_config(None, parse_set_options(["adapter.unet_targets=to_q, to_v"]))
+    assert plain.adapter.unet_targets == ("to_q", "to_v")
+    with pytest.raises(ConfigError, match="not a TOML list"):
+        load_config(None, parse_set_options(['train.sample_prompts=["unclosed']))
+    with pytest.raises(ConfigError, match="train.sample_prompts must be a tuple"):
+        load_config(None, parse_set_options(["train.sample_prompts=[1, [2]]"]))
