@@ -810,6 +810,8 @@ def bench(
 @app.command()
 def demo(
     out_dir: Annotated[Path, typer.Option("--out", help="New folder for the demo (a suffix is added if it exists).")] = Path("demo-out"),
+    eval_images: Annotated[int, typer.Option("--eval-images", help="Images per prompt in the base-vs-trained reading (default 16).")] = 16,
+    set_: SetOption = None,
     debug: Debug = False,
 ) -> None:
     """The whole pipeline on the built-in toy model and the sample photos, ending with a base-vs-trained picture."""
@@ -818,19 +820,29 @@ def demo(
     from dreamlora.demo import TOY_RECIPE, evaluate, prepare_folder
 
     _setup_logging(debug)
+
+    def check() -> None:  # before the demo folder is made
+        from dreamlora.config import load_config, parse_set_options
+        from dreamlora.errors import ConfigError
+
+        if not 1 <= eval_images <= 1000:
+            raise ConfigError(f"--eval-images must be in 1..1000; got {eval_images}")
+        load_config(TOY_RECIPE, parse_set_options(set_ or []))
+
+    _run(debug, check)
     folder = prepare_folder(out_dir)
     recipe = str(TOY_RECIPE)
     console.print(f"[bold]demo folder:[/] {folder} (sample photos in {folder / 'dog'})")
     with contextlib.chdir(folder):
         console.rule("dreamlora prior --class dog")
-        prior(class_name="dog", model="toy", config=Path(recipe), debug=debug)
+        prior(class_name="dog", model="toy", config=Path(recipe), set_=set_, debug=debug)
         console.rule("dreamlora train --instance ./dog --token sks")
-        train(instance="./dog", token="sks", model="toy", config=Path(recipe), debug=debug)
+        train(instance="./dog", token="sks", model="toy", config=Path(recipe), set_=set_, debug=debug)
         console.rule("dreamlora export --format a1111")
         export(fmt="a1111", debug=debug)
         console.rule("base vs trained")
-        result = _run(debug, lambda: evaluate(Path("runs") / "sks-dog", Path("demo.png")))
-    table = Table(title="what the toy world's reader sees (16 images per prompt, same seeds)", title_justify="left")
+        result = _run(debug, lambda: evaluate(Path("runs") / "sks-dog", Path("demo.png"), seeds=eval_images))
+    table = Table(title=f"what the toy world's reader sees ({eval_images} images per prompt, same seeds)", title_justify="left")
     for column in ("prompt", "mark (base -> LoRA)", "right class (base -> LoRA)"):
         table.add_column(column)
     for score in result.scores:
