@@ -77,10 +77,17 @@ def create_run_dir(path: Path, auto_named: bool) -> Path:
     return path
 
 
+def not_a_run(folder: Path) -> ExportError:
+    """The error for a folder without run.json, naming the LoRA files it holds (a downloaded LoRA's folder, say)."""
+    files = sorted(p.name for p in Path(folder).glob("*.safetensors"))
+    hint = f"; it holds {', '.join(files[:3])}{' ...' if len(files) > 3 else ''}: pass the file itself" if files else ""
+    return ExportError(f"'{folder}' is not a run folder (no {RUN_INFO}){hint}; pass a run folder (runs/NAME) or a LoRA .safetensors file")
+
+
 def read_run_info(run_dir: Path) -> dict[str, Any]:
     path = Path(run_dir) / RUN_INFO
     if not path.is_file():
-        raise ExportError(f"'{run_dir}' is not a dreamlora run folder (no {RUN_INFO}); pass a folder under runs/")
+        raise not_a_run(Path(run_dir))
     return json.loads(path.read_text(encoding="utf-8"))
 
 
@@ -129,7 +136,9 @@ def find_lora(path: Path, step: int | None = None) -> Path:
     latest = latest_checkpoint(path)
     if latest is not None:
         return latest / LORA_DIR / LORA_FILE
-    raise ExportError(f"run '{path}' has no LoRA weights yet (no final LoRA, no checkpoint); train it first or pass --step")
+    if not (path / RUN_INFO).is_file():
+        raise not_a_run(path)
+    raise ExportError(f"run '{path}' has no LoRA weights yet (no final LoRA, no checkpoint); let it train to its first checkpoint or to the end")
 
 
 def _flatten_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

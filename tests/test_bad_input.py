@@ -109,9 +109,21 @@ def test_export_of_a_run_without_weights_exits_2(tmp_path: Path, monkeypatch: py
     (run_dir / "run.json").write_text(json.dumps({"name": "empty", "model": "tiny", "steps": 0}))
     result = runner.invoke(app, ["export", "--run", "runs/empty"])
     assert result.exit_code == 2, result.output
-    assert shows(result.output, "run 'runs/empty' has no LoRA weights yet") and shows(result.output, "train it first")
+    assert shows(result.output, "run 'runs/empty' has no LoRA weights yet") and shows(result.output, "let it train")
     assert "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["runs"] and sorted(p.name for p in run_dir.iterdir()) == ["run.json"]
+
+
+@pytest.mark.parametrize("command", ["export", "inspect", "generate"])
+def test_a_folder_that_is_not_a_run_is_named_as_such(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, command: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "downloads").mkdir()
+    (tmp_path / "downloads" / "someone-elses.safetensors").write_bytes(b"")
+    args = {"export": ["export", "downloads"], "inspect": ["inspect", "downloads"], "generate": ["generate", "--model", "nowhere", "--prompt", "x", "--lora", "downloads"]}[command]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert shows(result.output, "'downloads' is not a run folder (no run.json)") and shows(result.output, "it holds someone-elses.safetensors")
+    assert "Traceback" not in result.output
 
 
 def test_unknown_export_format_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
