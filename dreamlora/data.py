@@ -15,7 +15,9 @@ from dreamlora.errors import DataError
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".avif")
+HEIF_SUFFIXES = (".heic", ".heif")  # iPhone photos: read when the optional pillow-heif is installed
+HEIF_HINT = "HEIC photos need `pip install pillow-heif` (or `pip install 'dreamlora[heif]'`), or convert them to JPEG"
 IGNORED_NAMES = {".DS_Store", "Thumbs.db", "desktop.ini", "manifest.json"}
 MAX_PIXELS = 64_000_000  # larger images are treated as decompression bombs
 
@@ -46,22 +48,40 @@ def list_images(folder: Path | str, role: str) -> ImageFolder:
     """Image files of a folder, sorted; non-image files are skipped with a note. `role` names the folder in messages."""
     root = Path(folder).expanduser()
     if not root.exists():
-        raise DataError(f"{role} folder '{folder}' does not exist; pass a folder of photos (.png, .jpg, .jpeg, .webp, .bmp, .gif)")
+        raise DataError(f"{role} folder '{folder}' does not exist; pass a folder of photos (.png, .jpg, .jpeg, .webp, .bmp, .gif, .tif, .avif)")
     if not root.is_dir():
         raise DataError(f"{role} folder '{folder}' is a file, not a folder; pass the folder that holds the photos")
-    paths, skipped = [], []
+    paths, skipped, heif = [], [], []
+    readable = IMAGE_SUFFIXES + (HEIF_SUFFIXES if heif_readable() else ())
     for path in sorted(root.iterdir()):
         if path.is_dir() or path.name in IGNORED_NAMES or path.name.startswith("."):
             continue
-        if path.suffix.lower() in IMAGE_SUFFIXES:
+        if path.suffix.lower() in readable:
             paths.append(path)
+        elif path.suffix.lower() in HEIF_SUFFIXES:
+            heif.append(path.name)
+            skipped.append(f"{path.name} (HEIC: pillow-heif is not installed)")
         elif path.suffix.lower() != ".txt":
             skipped.append(f"{path.name} (not an image)")
     if not paths:
-        raise DataError(f"{role} folder '{folder}' has no images (.png, .jpg, .jpeg, .webp, .bmp, .gif); add 3-20 photos of the subject")
+        if heif:
+            raise DataError(f"{role} folder '{folder}' holds only HEIC photos ({', '.join(heif[:3])}{' ...' if len(heif) > 3 else ''}); {HEIF_HINT}")
+        raise DataError(f"{role} folder '{folder}' has no images (.png, .jpg, .jpeg, .webp, .bmp, .gif, .tif, .avif); add 3-20 photos of the subject")
+    if heif:
+        log.warning("%s folder: %d HEIC photos skipped (%s); %s", role, len(heif), ", ".join(heif[:3]) + (" ..." if len(heif) > 3 else ""), HEIF_HINT)
     for note in skipped:
         log.info("%s folder: skipped %s", role, note)
     return ImageFolder(root, tuple(paths), tuple(skipped))
+
+
+def heif_readable() -> bool:
+    """Whether HEIC/HEIF files open: pillow-heif installed (its opener is registered with PIL once)."""
+    try:
+        import pillow_heif
+    except ImportError:
+        return False
+    pillow_heif.register_heif_opener()
+    return True
 
 
 @dataclass(frozen=True)
@@ -104,6 +124,12 @@ def load_image(path: Path) -> LoadedImage:
                     fixes.append("alpha flattened on white")
                 elif image.mode == "P":
                     fixes.append("palette converted to RGB")
+                elif image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+                    # 16-bit and float greyscale (scans, some TIFFs): PIL's convert("RGB") would clip them to white.
+                    values = np.asarray(image, dtype=np.float64)
+                    top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+                    image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
+                    fixes.append("16-bit greyscale scaled to 8-bit")
                 elif image.mode not in ("RGB", "L"):
                     fixes.append(f"{image.mode} converted to RGB")
                 return LoadedImage(image.convert("RGB"), fmt, file_size, tuple(fixes))

@@ -4,7 +4,10 @@ import pytest
 import torch
 from PIL import Image
 
-from dreamlora.data import ImageFolderDataset, batch_indices, collate_dreambooth, list_images, open_image
+import numpy as np
+
+from dreamlora import data
+from dreamlora.data import ImageFolderDataset, batch_indices, collate_dreambooth, list_images, load_image, open_image
 from dreamlora.errors import DataError
 
 
@@ -93,3 +96,41 @@ def test_batch_indices_cover_each_epoch_and_are_pure() -> None:
     assert batch_indices(7, 2, 5, seed=3) == batch_indices(7, 2, 5, seed=3)
     first, second = [batch_indices(s, 1, 10, seed=3)[0] for s in range(10)], [batch_indices(s, 1, 10, seed=3)[0] for s in range(10, 20)]
     assert sorted(second) == list(range(10)) and first != second  # each epoch is reshuffled
+
+
+def test_tiff_avif_and_16_bit_photos_are_read(tmp_path: Path) -> None:
+    Image.new("RGB", (16, 12), (10, 200, 30)).save(tmp_path / "scan.tiff")
+    Image.new("RGB", (16, 12), (10, 200, 30)).save(tmp_path / "phone.avif")
+    # 16-bit greyscale at half scale: PIL's own convert("RGB") would clip it to white.
+    Image.fromarray(np.full((12, 16), 32768, dtype=np.uint16)).save(tmp_path / "grey16.png")
+    folder = list_images(tmp_path, "instance")
+    assert [p.name for p in folder.paths] == ["grey16.png", "phone.avif", "scan.tiff"]
+    assert open_image(tmp_path / "scan.tiff").getpixel((0, 0)) == (10, 200, 30)
+    assert open_image(tmp_path / "phone.avif").size == (16, 12)
+    grey = load_image(tmp_path / "grey16.png")
+    assert grey.image.mode == "RGB" and grey.image.getpixel((0, 0)) == (128, 128, 128) and "16-bit greyscale scaled to 8-bit" in grey.fixes
+
+
+def test_heic_photos_without_pillow_heif_say_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setattr(data, "heif_readable", lambda: False)
+    only = tmp_path / "iphone"
+    only.mkdir()
+    (only / "IMG_0001.HEIC").write_bytes(b"\0" * 16)
+    with pytest.raises(DataError, match=r"only HEIC photos \(IMG_0001.HEIC\).*pip install pillow-heif"):
+        list_images(only, "instance")
+    Image.new("RGB", (8, 8)).save(only / "IMG_0002.jpg")
+    with caplog.at_level("WARNING"):
+        folder = list_images(only, "instance")
+    assert [p.name for p in folder.paths] == ["IMG_0002.jpg"]
+    assert "1 HEIC photos skipped (IMG_0001.HEIC)" in caplog.text and "pillow-heif" in caplog.text
+
+
+def test_heic_photos_are_read_with_pillow_heif(tmp_path: Path) -> None:
+    pillow_heif = pytest.importorskip("pillow_heif")  # in the test extra; optional for users (`dreamlora[heif]`)
+    pillow_heif.register_heif_opener()
+    Image.new("RGB", (32, 24), (200, 10, 10)).save(tmp_path / "IMG_0001.HEIC", format="HEIF")
+    folder = list_images(tmp_path, "instance")
+    assert [p.name for p in folder.paths] == ["IMG_0001.HEIC"]
+    photo = load_image(tmp_path / "IMG_0001.HEIC")
+    assert photo.format == "HEIF" and photo.image.size == (32, 24)
+    assert all(abs(a - b) <= 8 for a, b in zip(photo.image.getpixel((5, 5)), (200, 10, 10)))  # lossy, close
