@@ -673,6 +673,7 @@ def generate(
     negative_prompt: Annotated[str, typer.Option()] = "",
     resolution: Annotated[Optional[int], typer.Option(help="Default: the model's.")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Grid of base vs LoRA at the same seeds.")] = False,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch (default 0: automatic, as prior batches); the images do not depend on it.")] = 0,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="New or empty output folder (default: samples-out, or the next free samples-out-N).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Hub id, local diffusers folder, `tiny`, `tiny-sdxl` or `toy` (default: $DREAMLORA_MODEL, else the model a --lora run was trained on, else SD 1.5).")] = None,
     vae: Vae = None,
@@ -683,6 +684,8 @@ def generate(
     """Generate images with the base model and LoRAs, saved with a grid."""
 
     def action() -> None:
+        import time
+
         import torch
 
         from dreamlora.checkpoint import find_lora
@@ -693,7 +696,7 @@ def generate(
         from dreamlora.models import load_components, resolve_precision
 
         loras = [_parse_lora(item, scale) for item in lora or []]
-        check_settings(num_images, steps, guidance, resolution, loras)
+        check_settings(num_images, steps, guidance, resolution, loras, batch_size)
         base, base_vae = model or os.environ.get("DREAMLORA_MODEL"), vae
         if not base and (trained_on := run_base_model(loras)):  # the model the run was trained on, not SD 1.5
             base, run_vae, run_dir = trained_on
@@ -708,7 +711,20 @@ def generate(
         _, dtype = resolve_precision(model_cfg.precision, device)
         components = load_components(model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle, vae=model_cfg.vae)
         guidance_scale = guidance if guidance is not None else components.family.default_guidance
-        result = run_generate(components, prompt, folder, loras, num_images, seed, steps, guidance_scale, resolution or components.native_resolution, negative_prompt, compare)
+        with _progress() as progress:
+            task = progress.add_task("images", total=num_images * (2 if compare else 1), rate="", info="")
+            started = [time.perf_counter()]
+
+            def on_progress(done: int, total: int) -> None:
+                if done == 0:
+                    started[0] = time.perf_counter()  # the rate counts drawing, not loading LoRAs
+                elapsed = time.perf_counter() - started[0]
+                progress.update(task, completed=done, total=total, rate=f"{done / elapsed:.2f} img/s" if done and elapsed > 0 else "")
+
+            result = run_generate(
+                components, prompt, folder, loras, num_images, seed, steps, guidance_scale, resolution or components.native_resolution,
+                negative_prompt, compare, batch_size, on_progress,
+            )
         _summary("generated", [("images", len(result.images)), ("folder", folder), ("grid", result.grid)])
 
     _run(debug, action)

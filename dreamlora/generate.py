@@ -7,7 +7,8 @@ import logging
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 from PIL import Image, ImageDraw, ImageFont
@@ -25,21 +26,39 @@ class GenerateResult:
     grid: Path
 
 
-def generate_images(pipeline: Any, prompt: str, seeds: list[int], steps: int, guidance: float, resolution: int, negative_prompt: str = "") -> list[Image.Image]:
-    """One image per seed; the same seed gives the same image whatever the batch."""
+def generate_images(
+    pipeline: Any,
+    prompt: str,
+    seeds: list[int],
+    steps: int,
+    guidance: float,
+    resolution: int,
+    negative_prompt: str = "",
+    batch_size: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Image.Image]:
+    """One image per seed; the same seed gives the same image whatever the batch. `batch_size` images per pipeline
+    call (0: all at once); `on_batch` gets the number drawn after each call."""
     device = pipeline.device
-    generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
-    with torch.no_grad():
-        return pipeline(
-            prompt=[prompt] * len(seeds),
-            negative_prompt=[negative_prompt] * len(seeds) if negative_prompt else None,
-            num_inference_steps=steps,
-            guidance_scale=guidance,
-            height=resolution,
-            width=resolution,
-            generator=generators,
-            callback_on_step_end=latents_in_vae_dtype,
-        ).images
+    images: list[Image.Image] = []
+    size = batch_size or max(len(seeds), 1)
+    for start in range(0, len(seeds), size):
+        chunk = seeds[start : start + size]
+        generators = [torch.Generator(device=device).manual_seed(s) for s in chunk]
+        with torch.no_grad():
+            images += pipeline(
+                prompt=[prompt] * len(chunk),
+                negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
+                height=resolution,
+                width=resolution,
+                generator=generators,
+                callback_on_step_end=latents_in_vae_dtype,
+            ).images
+        if on_batch:
+            on_batch(len(chunk))
+    return images
 
 
 def latents_in_vae_dtype(pipeline: Any, index: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -140,7 +159,7 @@ def load_loras(pipeline: Any, loras: list[tuple[Path, float]]) -> None:
 DEFAULT_OUT = Path("samples-out")
 
 
-def check_settings(num_images: int, steps: int, guidance: float | None, resolution: int | None, loras: list[tuple[Path, float]]) -> None:
+def check_settings(num_images: int, steps: int, guidance: float | None, resolution: int | None, loras: list[tuple[Path, float]], batch_size: int = 0) -> None:
     """`generate`'s settings, checked before the model loads."""
     import math
 
@@ -151,6 +170,8 @@ def check_settings(num_images: int, steps: int, guidance: float | None, resoluti
         problems.append(f"--steps must be in 1..1000; got {steps}")
     if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
         problems.append(f"--guidance must be 0 or more; got {guidance}")
+    if not 0 <= batch_size <= 1024:
+        problems.append(f"--batch-size must be in 1..1024, or 0 for automatic; got {batch_size}")
     if resolution is not None and not (8 <= resolution <= 8192 and resolution % 8 == 0):
         problems.append(f"--resolution must be a positive multiple of 8; got {resolution}")
     problems += [f"LoRA '{path}' has scale {scale}; pass a finite number as PATH:SCALE" for path, scale in loras if not math.isfinite(scale)]
@@ -208,21 +229,35 @@ def generate(
     resolution: int,
     negative_prompt: str = "",
     compare: bool = False,
+    batch_size: int = 0,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> GenerateResult:
-    """Save `num_images` images and a grid; with `compare`, the grid shows base vs LoRA at the same seeds."""
+    """Save `num_images` images and a grid; with `compare`, the grid shows base vs LoRA at the same seeds.
+    `batch_size` images per pipeline call (0: automatic, as `prior` batches); `on_progress(done, total)`."""
+    from dreamlora.prior import auto_batch_size
+
     if compare and not loras:
         raise ConfigError("--compare needs at least one --lora to compare with the base model")
     pipeline = build_pipeline(components)
     seeds = list(range(seed, seed + num_images))
     load_loras(pipeline, loras)  # a LoRA that does not load fails before any image is drawn
+    batch = batch_size or auto_batch_size(pipeline.device, resolution)
+    progress = {"done": 0, "total": num_images * (2 if compare else 1)}
+
+    def counted(drawn: int) -> None:
+        progress["done"] += drawn
+        if on_progress:
+            on_progress(progress["done"], progress["total"])
+
+    counted(0)
     base_images = None
     if compare:
         pipeline.disable_lora()
         try:
-            base_images = generate_images(pipeline, prompt, seeds, steps, guidance, resolution, negative_prompt)
+            base_images = generate_images(pipeline, prompt, seeds, steps, guidance, resolution, negative_prompt, batch, counted)
         finally:
             pipeline.enable_lora()
-    images = generate_images(pipeline, prompt, seeds, steps, guidance, resolution, negative_prompt)
+    images = generate_images(pipeline, prompt, seeds, steps, guidance, resolution, negative_prompt, batch, counted)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for s, image in zip(seeds, images):

@@ -237,6 +237,7 @@ def test_an_image_smaller_than_half_the_resolution_is_warned(tmp_path: Path, cap
         pytest.param(["--steps", "0"], "--steps must be in 1..1000; got 0", id="no-steps"),
         pytest.param(["--guidance", "-1"], "--guidance must be 0 or more; got -1.0", id="negative-guidance"),
         pytest.param(["--resolution", "30"], "--resolution must be a positive multiple of 8; got 30", id="resolution"),
+        pytest.param(["--batch-size", "-1"], "--batch-size must be in 1..1024, or 0 for automatic; got -1", id="batch-size"),
         pytest.param(["--lora", "missing.safetensors"], "'missing.safetensors' does not exist; pass a run folder (runs/NAME) or a LoRA .safetensors file", id="missing-lora"),
         pytest.param(["--lora", "inputs:nan"], "LoRA 'inputs' has scale nan; pass a finite number", id="nan-scale"),
         pytest.param(["--lora", "inputs/damaged.safetensors"], "'inputs/damaged.safetensors' could not be read as safetensors", id="damaged-lora"),

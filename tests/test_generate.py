@@ -45,6 +45,22 @@ def test_generate_with_two_loras_and_compare(tmp_path: Path, trained_run: Path, 
     assert Image.open(tmp_path / "half" / "seed-0.png").tobytes() != both  # the second LoRA and its scale count
 
 
+def test_generate_draws_in_batches_with_the_same_images_and_shows_progress(tmp_path: Path, trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Many images are drawn a batch at a time (one call for all of them ran out of memory on a GPU); a seed's image
+    # does not depend on the batch it is in.
+    import numpy as np
+
+    monkeypatch.chdir(tmp_path)
+    args = ["generate", "--model", "tiny", "-p", "a photo of sks dog", "-n", "3", "--steps", "2", "--lora", str(trained_run), "--compare"]
+    one_call = runner.invoke(app, [*args, "--batch-size", "3", "--out", "whole"])
+    batched = runner.invoke(app, [*args, "--batch-size", "2", "--out", "batched"])
+    assert one_call.exit_code == 0 and batched.exit_code == 0, one_call.output + batched.output
+    for seed in range(3):
+        a, b = (np.asarray(Image.open(tmp_path / folder / f"seed-{seed}.png"), dtype=int) for folder in ("whole", "batched"))
+        assert np.abs(a - b).max() <= 1
+    assert "6/6" in batched.output and "img/s" in batched.output  # base and LoRA rows counted, with the rate
+
+
 def test_without_model_generate_uses_the_model_the_run_was_trained_on(tmp_path: Path, trained_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import shutil
 
@@ -93,3 +109,25 @@ def test_two_cpu_processes_train_data_parallel(tmp_path: Path, instance_dir: Pat
     assert result.stderr.count("latent cache") == 1  # one line for both processes
     assert sorted(p.name for p in (tmp_path / "priors" / "dog").glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
     assert info["with_prior"] is True
+
+
+def test_generate_images_calls_the_pipeline_once_per_batch() -> None:
+    import torch
+
+    from dreamlora.generate import generate_images
+
+    calls: list[int] = []
+
+    class Pipeline:
+        device = torch.device("cpu")
+
+        def __call__(self, prompt: list[str], generator: list[torch.Generator], **kwargs: object) -> object:
+            calls.append(len(prompt))
+            return type("Output", (), {"images": [Image.new("RGB", (8, 8)) for _ in prompt]})()
+
+    counted: list[int] = []
+    images = generate_images(Pipeline(), "a photo of dog", list(range(5)), 2, 5.0, 8, batch_size=2, on_batch=counted.append)
+    assert calls == [2, 2, 1] and counted == [2, 2, 1] and len(images) == 5
+    calls.clear()
+    generate_images(Pipeline(), "a photo of dog", list(range(5)), 2, 5.0, 8)
+    assert calls == [5]  # 0: all at once (samples during training, the demo's reading)
