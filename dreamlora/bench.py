@@ -12,6 +12,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -228,8 +229,11 @@ def apply_unet_tweaks(unet: Any, tweaks: str) -> None:
         unet.to(memory_format=torch.channels_last)
 
 
-def bench_prior(cfg: RunConfig, prior_cfg: PriorConfig, workdir: Path, unet_tweaks: str = "") -> PriorBench:
+def bench_prior(cfg: RunConfig, prior_cfg: PriorConfig, workdir: Path, unet_tweaks: str = "", announce: Callable[[str], None] | None = None) -> PriorBench:
     """Time `generate_class_images` after one warm-up batch (not counted), then split one batch's time by phase."""
+    if announce:
+        batch = f"batch {prior_cfg.batch_size}" if prior_cfg.batch_size else "automatic batch"
+        announce(f"prior: {prior_cfg.scheduler} {prior_cfg.steps} steps, {batch}{', ' + unet_tweaks if unet_tweaks else ''}, {prior_cfg.num_images} images")
     from dreamlora.models import build_pipeline, load_components, resolve_precision, select_attention
     from dreamlora.prior import auto_batch_size, generate_class_images
 
@@ -250,9 +254,13 @@ def bench_prior(cfg: RunConfig, prior_cfg: PriorConfig, workdir: Path, unet_twea
     return PriorBench(result.images_per_second, result.generated, batch, prior_cfg.steps, prior_cfg.scheduler, resolution, peak, unet_tweaks, shares)
 
 
-def run_bench(cfg: RunConfig, parts: tuple[str, ...], steps: int, warmup: int, prior_images: int, variants: bool) -> BenchResult:
-    """Training (with and, if `variants`, without gradient checkpointing) and prior generation (ours and the reference's defaults)."""
+def run_bench(
+    cfg: RunConfig, parts: tuple[str, ...], steps: int, warmup: int, prior_images: int, variants: bool, on_row: Callable[[str], None] | None = None
+) -> BenchResult:
+    """Training (with and, if `variants`, without gradient checkpointing) and prior generation (ours and the reference's
+    defaults). `on_row` is told what each row times before it starts (the whole bench takes minutes)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    announce = on_row or (lambda text: None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     result = BenchResult(device=name, model=cfg.model.name, torch_version=torch.__version__)
     with tempfile.TemporaryDirectory(prefix="dreamlora-bench-") as tmp:
@@ -264,6 +272,7 @@ def run_bench(cfg: RunConfig, parts: tuple[str, ...], steps: int, warmup: int, p
                 settings += [(not ckpt, cfg.train.compile)] + ([(ckpt, "off")] if device.type == "cuda" and cfg.train.compile != "off" else [])
             for i, (checkpointing, compile_mode) in enumerate(settings):
                 run_cfg = replace(cfg, train=replace(cfg.train, gradient_checkpointing=checkpointing, compile=compile_mode))
+                announce(f"train: checkpointing {'on' if checkpointing else 'off'}, compile {compile_mode}, {warmup} + {steps} steps")
                 result.train.append(bench_train(run_cfg, workdir / f"train{i}", steps, warmup))
             graphed = [t for t in result.train if t.cuda_graphs and t.gradient_checkpointing == ckpt]
             eager = [t for t in result.train if not t.cuda_graphs and t.gradient_checkpointing == ckpt]
@@ -271,21 +280,21 @@ def run_bench(cfg: RunConfig, parts: tuple[str, ...], steps: int, warmup: int, p
                 result.graph_vs_eager = compare_runs(graphed[0], eager[0])
         if "prior" in parts:
             ours = replace(cfg.prior, num_images=prior_images, class_name="dog")
-            result.prior.append(bench_prior(cfg, ours, workdir / "prior-ours"))
+            result.prior.append(bench_prior(cfg, ours, workdir / "prior-ours", announce=announce))
             if variants:
                 # The issue's second prior goal is PNDM at 50 steps (the reference's scheduler) with our batching;
                 # the reference's own batch of 4 is timed too, for the like-for-like row.
                 pndm = replace(ours, steps=50, scheduler="pndm")
-                result.prior.append(bench_prior(cfg, pndm, workdir / "prior-pndm"))
+                result.prior.append(bench_prior(cfg, pndm, workdir / "prior-pndm", announce=announce))
                 if device.type == "cuda" and pndm.batch_size != 4:  # on CPU the automatic batch is 4 already
-                    result.prior.append(bench_prior(cfg, replace(pndm, batch_size=4), workdir / "prior-ref"))
+                    result.prior.append(bench_prior(cfg, replace(pndm, batch_size=4), workdir / "prior-ref", announce=announce))
                 if device.type == "cuda":
                     # Candidates for prior's defaults, each alone and together, at our settings.
                     for tweaks in (*UNET_TWEAKS, "+".join(UNET_TWEAKS)):
-                        result.prior.append(bench_prior(cfg, ours, workdir / f"prior-{tweaks}", tweaks))
+                        result.prior.append(bench_prior(cfg, ours, workdir / f"prior-{tweaks}", tweaks, announce))
                     if ours.steps > 20:
                         # DPM-Solver++ is commonly run at 20 steps: with both tweaks, the candidate for faster defaults.
-                        result.prior.append(bench_prior(cfg, replace(ours, steps=20), workdir / "prior-20", "+".join(UNET_TWEAKS)))
+                        result.prior.append(bench_prior(cfg, replace(ours, steps=20), workdir / "prior-20", "+".join(UNET_TWEAKS), announce))
     return result
 
 

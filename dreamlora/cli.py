@@ -795,7 +795,14 @@ def bench(
             "train.gradient_checkpointing": False if no_gradient_checkpointing else None, "train.compile": compile_,
         }))
         parts = ("train", "prior") if part == "all" else (part,)
-        result = run_bench(cfg, parts, steps, warmup, prior_images, variants)
+        import time
+
+        started = time.perf_counter()
+
+        def on_row(text: str) -> None:  # on stderr: --json's stdout stays one JSON object
+            console.print(f"[dim]{time.perf_counter() - started:6.0f} s[/]  timing {text}")
+
+        result = run_bench(cfg, parts, steps, warmup, prior_images, variants, on_row)
         if json_out:
             out.print_json(json.dumps(result.to_dict()))
             return

@@ -21,6 +21,8 @@ def test_bench_reports_training_and_prior_as_json() -> None:
         assert "lora_file" not in t  # its temporary folder is gone
         assert t["peak_memory_gib"] is None and t["setup_peak_gib"] is None and t["steps_peak_gib"] is None  # GPU memory only
     assert [(p["scheduler"], p["steps"]) for p in prior] == [("dpm++", 2), ("pndm", 50)]  # ours, then the reference's settings
+    # Each row says what it times as it starts (the bench takes minutes on a GPU).
+    assert "timing train: checkpointing on" in result.output and "timing prior: pndm 50 steps" in result.output
     for p in prior:
         assert p["images_per_s"] > 0 and p["images"] == 2
         shares = p["phase_shares"]
