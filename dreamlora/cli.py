@@ -540,6 +540,11 @@ def _train_with_progress(training: Any, cfg: Any, **kwargs: Any) -> None:
         ("prior preservation", "yes" if result.with_prior else "no"), ("LoRA", result.lora_path),
         *[("picture", p) for p in result.samples],
     ])
+    prompt = cfg.data.resolved_instance_prompt().replace('"', "'")
+    console.print(
+        f"next: [bold]dreamlora export {result.run_dir} --format a1111[/] (AUTOMATIC1111, ComfyUI, kohya tools), or try it: "
+        f"[bold]dreamlora generate --lora {result.run_dir} -p \"{prompt}\" --compare[/]"
+    )
 
 
 def drift_figures(record: dict[str, Any]) -> str:

@@ -30,6 +30,8 @@ def test_train_with_the_sample_config(tmp_path: Path, instance_dir: Path, monkey
     assert (tmp_path / "priors" / "dog" / "manifest.json").is_file()  # --class from the config generated the prior set first
     info = json.loads((tmp_path / "runs" / "sks-dog" / "run.json").read_text())
     assert info["with_prior"] and info["steps"] == 3 and info["alpha"] == 8.0
+    said = " ".join(result.output.split())
+    assert "next: dreamlora export runs/sks-dog --format a1111" in said and 'dreamlora generate --lora runs/sks-dog -p "a photo of sks dog" --compare' in said
 
 
 @pytest.mark.parametrize(
