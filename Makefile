@@ -1,4 +1,4 @@
-# make demo: the whole pipeline on the built-in toy model (a few minutes on CPU), ending with demo-out/demo.png.
+# make demo: the whole pipeline on the built-in toy model (about 4 minutes on CPU), ending with demo-out/demo.png.
 # make test: the test suite (CPU, a few minutes).
 PYTHON ?= python3.11
 VENV := .venv

@@ -9,6 +9,10 @@ mark rate = share of images the toy world's reader sees the yellow mark in):
 | 0 | no  | 0.88 | 0.88 | 0.00 / 1.00 |
 | 1 | yes | 0.44 | 0.44 | 0.00 / 0.94 |
 | 1 | no  | 0.81 | 0.81 | 0.00 / 1.00 |
+| 2 | yes | 0.62 | 0.75 | 0.00 / 1.00 |
+| 2 | no  | 0.88 | 0.81 | 0.00 / 1.00 |
+| 3 | yes | 0.69 | 0.62 | 0.00 / 1.00 |
+| 3 | no  | 0.94 | 0.88 | 0.00 / 1.00 |
 | base model | | 0.06 | 0.00 | 0.00 / 1.00 |
 
 `python -m dreamlora.toy.measure --out FOLDER` measures this table (the README's); the thresholds below sit one to two
