@@ -47,6 +47,7 @@ class ModelConfig:
     attention: str = "auto"  # auto: xformers when its kernels really run, else PyTorch SDPA
     allow_pickle: bool = False  # refuse .bin/.ckpt/.pt weights unless set
     vae: str = ""  # replacement VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16
+    single_file_config: str = ""  # a .safetensors checkpoint's configs and tokenizer: a diffusers folder or hub id of its architecture (default: diffusers' choice)
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "model.name is empty; pass a hub id, a local diffusers folder or `tiny`")

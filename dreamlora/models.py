@@ -361,8 +361,9 @@ def tiny_model_dir(preset: str = "tiny") -> Path:
 # --- resolving and loading ----------------------------------------------------------------------
 
 
-def resolve_model_dir(ref: str, allow_pickle: bool = False) -> Path | str:
-    """A local diffusers folder for presets and paths, or the hub id itself when it is one."""
+def resolve_model_dir(ref: str, allow_pickle: bool = False, single_file_config: str = "") -> Path | str:
+    """A local diffusers folder for presets, paths and single-file checkpoints (converted once, see `single_file`), or
+    the hub id itself when it is one."""
     if ref in TINY_PRESETS:
         return tiny_model_dir(ref)
     if ref == "toy":
@@ -375,10 +376,11 @@ def resolve_model_dir(ref: str, allow_pickle: bool = False) -> Path | str:
         if not path.exists():
             raise ModelLoadError(f"model folder '{ref}' does not exist; pass a diffusers folder (with model_index.json), a hub id, or `--model tiny`")
         if path.is_file():
-            raise ModelLoadError(
-                f"model '{ref}' is a single file; dreamlora needs a diffusers folder (model_index.json with unet/, vae/, text_encoder/, tokenizer/, scheduler/). "
-                "Convert it with diffusers' convert_original_stable_diffusion_to_diffusers.py, or pass a hub id"
-            )
+            from dreamlora.single_file import SINGLE_FILE_SUFFIXES, converted_folder
+
+            if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+                raise ModelLoadError(f"model '{ref}' is a file but not a checkpoint; pass a diffusers folder (with model_index.json), a .safetensors checkpoint or a hub id")
+            return converted_folder(path, single_file_config)
         if not (path / "model_index.json").is_file():
             raise ModelLoadError(f"'{ref}' is not a diffusers model folder (no model_index.json); pass the folder that holds model_index.json, or `--model tiny`")
         _check_weights_format(path, allow_pickle)
@@ -465,7 +467,9 @@ def load_vae(ref: str, dtype: torch.dtype = torch.float32, allow_pickle: bool = 
         raise ModelLoadError(f"could not load the VAE {ref!r}: {error}; pass a local diffusers VAE folder with --vae PATH") from error
 
 
-def load_components(ref: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", allow_pickle: bool = False, vae: str = "") -> Components:
+def load_components(
+    ref: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", allow_pickle: bool = False, vae: str = "", single_file_config: str = ""
+) -> Components:
     """Load tokenizers, text encoders, UNet, VAE (or the one `vae` names) and the training noise scheduler of a model reference."""
     if ref.startswith("random:"):
         with torch.random.fork_rng(devices=[]):  # seeded weights, and the caller's random state untouched
@@ -474,7 +478,7 @@ def load_components(ref: str, dtype: torch.dtype = torch.float32, device: torch.
         if vae:
             components.vae = load_vae(vae, dtype, allow_pickle).to(device=device).requires_grad_(False)
         return components
-    source = resolve_model_dir(ref, allow_pickle)
+    source = resolve_model_dir(ref, allow_pickle, single_file_config)
     local = isinstance(source, Path)
 
     def load(cache_only: bool) -> tuple[tuple[Any, ...], ModelFamily, dict[str, Any]]:

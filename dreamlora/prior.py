@@ -352,7 +352,7 @@ def run_prior(
     ranks = Ranks.detect()
     device = ranks.device
     _, dtype = resolve_precision(model_cfg.precision, device)
-    components = load_components(model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle, vae=model_cfg.vae)
+    components = load_components(model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle, vae=model_cfg.vae, single_file_config=model_cfg.single_file_config)
     select_attention(components, model_cfg.attention, device)
     pipeline = build_pipeline(components, prior_cfg.scheduler)
     out_dir = Path(prior_cfg.out) if prior_cfg.out else priors_root / safe_name(prior_cfg.class_name)

@@ -673,7 +673,9 @@ def _train(
     device = accelerator.device
     torch.manual_seed(cfg.train.seed)  # adapter initialisation
     if components is None:
-        components = load_components(cfg.model.name, dtype=weight_dtype, device=device, allow_pickle=cfg.model.allow_pickle, vae=cfg.model.vae)
+        components = load_components(
+            cfg.model.name, dtype=weight_dtype, device=device, allow_pickle=cfg.model.allow_pickle, vae=cfg.model.vae, single_file_config=cfg.model.single_file_config
+        )
     if not cfg.data.resolution:
         cfg = replace(cfg, data=replace(cfg.data, resolution=components.native_resolution))
     unet, text_encoder, vae = components.unet, components.text_encoder, components.vae

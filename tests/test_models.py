@@ -39,9 +39,12 @@ def test_missing_folder_and_non_diffusers_folder(tmp_path: Path) -> None:
         resolve_model_dir(str(tmp_path / "nope"))
     with pytest.raises(ModelLoadError, match="not a diffusers model folder"):
         resolve_model_dir(str(tmp_path))
-    (tmp_path / "model.safetensors").write_bytes(b"x")
-    with pytest.raises(ModelLoadError, match="single file"):
+    (tmp_path / "model.safetensors").write_bytes(b"x")  # single-file checkpoints are converted (test_single_file.py)
+    with pytest.raises(ModelLoadError, match="could not be read as safetensors"):
         resolve_model_dir(str(tmp_path / "model.safetensors"))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ModelLoadError, match="is a file but not a checkpoint"):
+        resolve_model_dir(str(tmp_path / "notes.txt"))
 
 
 def test_pickle_weights_are_refused(tmp_path: Path, tiny_dir: Path) -> None:
