@@ -61,11 +61,15 @@ def list_images(folder: Path | str, role: str) -> ImageFolder:
         elif path.suffix.lower() in HEIF_SUFFIXES:
             heif.append(path.name)
             skipped.append(f"{path.name} (HEIC: pillow-heif is not installed)")
-        elif path.suffix.lower() != ".txt":
+        elif path.suffix.lower() not in CAPTION_SUFFIXES:
             skipped.append(f"{path.name} (not an image)")
     if not paths:
         if heif:
             raise DataError(f"{role} folder '{folder}' holds only HEIC photos ({', '.join(heif[:3])}{' ...' if len(heif) > 3 else ''}); {HEIF_HINT}")
+        with_images = sorted(p.name for p in root.iterdir() if p.is_dir() and any(f.suffix.lower() in readable for f in p.iterdir() if f.is_file()))
+        if with_images:  # e.g. kohya's layout, img/10_sks dog/
+            listed = ", ".join(f"'{root / name}'" for name in with_images[:3]) + (" ..." if len(with_images) > 3 else "")
+            raise DataError(f"{role} folder '{folder}' has no images itself, but its subfolders do: {listed}; pass the folder that holds the photos")
         raise DataError(f"{role} folder '{folder}' has no images (.png, .jpg, .jpeg, .webp, .bmp, .gif, .tif, .avif); add 3-20 photos of the subject")
     if heif:
         log.warning("%s folder: %d HEIC photos skipped (%s); %s", role, len(heif), ", ".join(heif[:3]) + (" ..." if len(heif) > 3 else ""), HEIF_HINT)
@@ -158,10 +162,14 @@ def duplicate_images(first: ImageFolder, second: ImageFolder) -> list[tuple[Path
     return [(seen[h], path) for path in second.paths if (h := digest(path)) in seen]
 
 
+CAPTION_SUFFIXES = (".txt", ".caption")  # .caption is kohya's default caption extension
+
+
 def read_caption(image_path: Path) -> str | None:
-    """The caption in `photo.txt` beside `photo.jpg`, on one line; None when there is none or it is empty."""
-    path = image_path.with_suffix(".txt")
-    if not path.is_file():
+    """The caption in `photo.txt` (else kohya's `photo.caption`) beside `photo.jpg`, on one line; None when there is
+    none or it is empty."""
+    path = next((p for p in (image_path.with_suffix(suffix) for suffix in CAPTION_SUFFIXES) if p.is_file()), None)
+    if path is None:
         return None
     try:
         text = path.read_text(encoding="utf-8-sig")

@@ -134,3 +134,22 @@ def test_heic_photos_are_read_with_pillow_heif(tmp_path: Path) -> None:
     photo = load_image(tmp_path / "IMG_0001.HEIC")
     assert photo.format == "HEIF" and photo.image.size == (32, 24)
     assert all(abs(a - b) <= 8 for a, b in zip(photo.image.getpixel((5, 5)), (200, 10, 10)))  # lossy, close
+
+
+def test_kohya_caption_files_and_a_folder_of_subfolders(tmp_path: Path) -> None:
+    from dreamlora.data import instance_prompts
+
+    img = tmp_path / "img"
+    photos = img / "10_sks dog"
+    photos.mkdir(parents=True)
+    for name in ("a", "b", "c"):
+        Image.new("RGB", (8, 8)).save(photos / f"{name}.png")
+    (photos / "a.caption").write_text("sks dog on a sofa\n")  # kohya's caption extension
+    (photos / "b.txt").write_text("sks dog in the snow")
+    (photos / "b.caption").write_text("ignored: .txt comes first")
+    folder = list_images(photos, "instance")
+    assert folder.skipped == ()  # caption files are not reported as skipped non-images
+    assert instance_prompts(folder, "sks", "a photo of sks dog") == ["sks dog on a sofa", "sks dog in the snow", "a photo of sks dog"]
+    # kohya's parent folder (img/) holds no photos itself: the message names the subfolder to pass.
+    with pytest.raises(DataError, match=r"has no images itself, but its subfolders do: '.*10_sks dog'"):
+        list_images(img, "instance")
