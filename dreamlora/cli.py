@@ -452,7 +452,7 @@ def train(
     text_encoder_lr_scheduler: Annotated[Optional[str], typer.Option(help="Text-encoder schedule (default: --lr-scheduler).")] = None,
     text_encoder_warmup_steps: Annotated[Optional[int], typer.Option(help="Text-encoder warmup (default: --warmup-steps).")] = None,
     lr_cycles: Annotated[Optional[int], typer.Option(help="cosine_with_restarts: number of cycles (default 1).")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adamw|adamw8bit (8-bit needs pip install 'dreamlora\\[bnb]').")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adamw|adamw8bit|prodigy (8-bit needs pip install 'dreamlora\\[bnb]', prodigy 'dreamlora\\[prodigy]' and sets --lr 1.0).")] = None,
     model: Model = None,
     vae: Vae = None,
     allow_pickle: AllowPickle = False,
@@ -485,7 +485,7 @@ def train(
     def action() -> None:
         from dreamlora import train as training
         from dreamlora.checkpoint import load_checkpoint_state
-        from dreamlora.config import load_config
+        from dreamlora.config import load_config, read_toml
 
         overrides = _overrides(set_, flags)
         if resume or resume_from:
@@ -501,6 +501,12 @@ def train(
             console.print(f"resuming [bold]{run_dir}[/] from {checkpoint.name}")
             _train_with_progress(training, cfg, run_dir=run_dir, resume_from=checkpoint)
             return
+        in_file = read_toml(config).get("train", {}) if config else {}
+        in_file = in_file if isinstance(in_file, dict) else {}
+        if overrides.get("train.optimizer", in_file.get("optimizer")) == "prodigy" and "train.lr" not in overrides and "lr" not in in_file:
+            # Prodigy finds the step size itself; --lr scales it, and the AdamW default (1e-4) would all but stop it.
+            overrides["train.lr"] = 1.0
+            console.print("Prodigy: --lr 1.0 (it finds the step size itself; --lr scales it)")
         cfg = load_config(config, overrides)
         cfg, needs_prior = training.resolve_data(cfg)
         if needs_prior:

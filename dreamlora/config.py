@@ -19,7 +19,7 @@ DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 ATTENTIONS = ("auto", "sdpa", "xformers")
 LR_SCHEDULERS = ("constant", "cosine", "linear", "cosine_with_restarts")
-OPTIMIZERS = ("adamw", "adamw8bit")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 TRACKERS = ("tensorboard", "wandb")
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -180,7 +180,7 @@ class TrainConfig:
     compile: str = "auto"  # CUDA graph of the whole step: auto (when possible), on, off
     master_weights: bool = True  # bf16: LoRA weights compute in bf16 with fp32 master copies (no per-use casts); False: autocast
     report_to: str = ""  # tensorboard or wandb through accelerate (optional extras); empty: metrics.jsonl only
-    optimizer: str = "adamw"  # adamw8bit: bitsandbytes' 8-bit AdamW (optional extra `bnb`)
+    optimizer: str = "adamw"  # adamw8bit: bitsandbytes' 8-bit AdamW (extra `bnb`); prodigy: Prodigy, lr 1.0 (extra `prodigy`)
     lr_cycles: int = 1  # cosine_with_restarts: number of cosine cycles, each restarting at the full lr
     text_encoder_lr_scheduler: str = ""  # empty: same as lr_scheduler
     text_encoder_warmup_steps: int = -1  # -1: same as warmup_steps
@@ -192,8 +192,14 @@ class TrainConfig:
         _check(1 <= self.max_steps <= 1_000_000, f"train.max_steps must be in 1..1000000; got {self.max_steps}")
         _check(1 <= self.batch_size <= 256, f"train.batch_size must be in 1..256; got {self.batch_size}")
         _check(self.gradient_accumulation >= 1, f"train.gradient_accumulation must be >= 1; got {self.gradient_accumulation}")
-        _check(0 < self.lr < 1, f"train.lr must be in (0, 1); got {self.lr}")
-        _check(0 <= self.text_encoder_lr < 1, f"train.text_encoder_lr must be in [0, 1) (0 = lr); got {self.text_encoder_lr}")
+        _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
+        if self.optimizer == "prodigy":
+            # Prodigy finds the step size itself; the learning rates scale it (1.0 as its authors and diffusers use it).
+            _check(0.1 <= self.lr <= 10, f"train.lr with --optimizer prodigy scales the step size Prodigy finds (1.0 is usual); got {self.lr}: pass --lr 1.0")
+            _check(self.text_encoder_lr == 0 or 0.1 <= self.text_encoder_lr <= 10, f"train.text_encoder_lr with --optimizer prodigy must be 0 (= lr) or in [0.1, 10]; got {self.text_encoder_lr}")
+        else:
+            _check(0 < self.lr < 1, f"train.lr must be in (0, 1); got {self.lr}")
+            _check(0 <= self.text_encoder_lr < 1, f"train.text_encoder_lr must be in [0, 1) (0 = lr); got {self.text_encoder_lr}")
         _check_choice("train.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0; got {self.warmup_steps}")
         _check(self.prior_weight >= 0, f"train.prior_weight must be >= 0; got {self.prior_weight}")
@@ -203,7 +209,6 @@ class TrainConfig:
         _check_choice("train.compile", self.compile, ("auto", "on", "off"))
         if self.report_to:
             _check_choice("train.report_to", self.report_to, TRACKERS)
-        _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         _check(self.lr_cycles >= 1, f"train.lr_cycles must be >= 1; got {self.lr_cycles}")
         if self.text_encoder_lr_scheduler:
             _check_choice("train.text_encoder_lr_scheduler", self.text_encoder_lr_scheduler, LR_SCHEDULERS)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import io
 import functools
 import logging
 import math
@@ -323,7 +324,8 @@ class DreamBoothBatches:
 
 
 def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, device: torch.device, capturable: bool = False) -> torch.optim.Optimizer:
-    """AdamW (or bitsandbytes' 8-bit AdamW) with one parameter group (and learning rate) per trained model; fused kernels on CUDA.
+    """AdamW (or bitsandbytes' 8-bit AdamW, or Prodigy) with one parameter group (and learning rate) per trained model;
+    fused kernels on CUDA.
 
     `capturable`: state and learning rates live on the GPU so the update can run inside a CUDA graph.
     """
@@ -336,6 +338,15 @@ def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, 
         except ImportError as error:
             raise ConfigError(f"--optimizer adamw8bit needs bitsandbytes, which is not installed ({error}); pip install 'dreamlora[bnb]', or use --optimizer adamw") from error
         return bitsandbytes.optim.AdamW8bit(param_groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    if cfg.train.optimizer == "prodigy":
+        try:
+            from prodigyopt import Prodigy
+        except ImportError as error:
+            raise ConfigError(f"--optimizer prodigy needs prodigyopt, which is not installed ({error}); pip install 'dreamlora[prodigy]', or use --optimizer adamw") from error
+        # As diffusers' DreamBooth-LoRA script sets it: decoupled weight decay, bias correction, and a safeguarded
+        # warm-up (the step-size estimate does not run away while the LoRA up-weights are still zero).
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay" into the progress bar
+            return Prodigy(param_groups, betas=(0.9, 0.999), weight_decay=1e-2, decouple=True, use_bias_correction=True, safeguard_warmup=True)
     return torch.optim.AdamW(
         param_groups,
         betas=(0.9, 0.999),

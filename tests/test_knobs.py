@@ -1,4 +1,4 @@
-"""The training knobs: min-SNR weights, noise offset, per-group LR schedules, text-encoder cut-off, 8-bit AdamW."""
+"""The training knobs: min-SNR weights, noise offset, per-group LR schedules, text-encoder cut-off, 8-bit AdamW, Prodigy."""
 
 import math
 import sys
@@ -138,6 +138,28 @@ def test_adamw8bit_uses_bitsandbytes_or_says_how_to_install_it(monkeypatch: pyte
     monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
     optimizer = make_optimizer(groups, cfg, torch.device("cpu"))
     assert type(optimizer) is AdamW8bit and optimizer.param_groups[0]["lr"] == cfg.train.lr
+
+
+def test_prodigy_takes_lr_1_says_how_to_install_it_and_refuses_an_adamw_lr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from dreamlora.cli import app
+
+    groups = {"unet": [torch.nn.Parameter(torch.zeros(2))]}
+    cfg = load_config(None, {"train.optimizer": "prodigy", "train.lr": "1.0"})
+    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"pip install 'dreamlora\[prodigy\]'"):
+        make_optimizer(groups, cfg, torch.device("cpu"))
+    monkeypatch.delitem(sys.modules, "prodigyopt")
+    pytest.importorskip("prodigyopt")
+    assert type(make_optimizer(groups, cfg, torch.device("cpu"))).__name__ == "Prodigy"
+    with pytest.raises(ConfigError, match=r"scales the step size Prodigy finds \(1.0 is usual\); got 0.0001: pass --lr 1.0"):
+        load_config(None, {"train.optimizer": "prodigy"})
+    # On the command line, --optimizer prodigy without --lr trains at lr 1.0 and says so (the AdamW default would stall it).
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "none").mkdir()
+    result = CliRunner().invoke(app, ["train", "--instance", "none", "--optimizer", "prodigy"])
+    assert "Prodigy: --lr 1.0" in result.output and "has no images" in result.output  # the lr passed validation
 
 
 @pytest.mark.parametrize(("key", "value", "message"), [

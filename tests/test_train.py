@@ -148,6 +148,26 @@ def test_resume_is_bit_identical(tmp_path: Path, instance_dir: Path, class_dir: 
     _assert_same_run(full.lora_path, resumed.lora_path, resumed_dir, 6)
 
 
+def test_prodigy_trains_and_resumes_bit_identical(tmp_path: Path, instance_dir: Path, class_dir: Path) -> None:
+    """Prodigy's state (its step-size estimate d and the starting weights it measures distance from) is checkpointed
+    with the rest: a resumed run ends as the uninterrupted one does."""
+    pytest.importorskip("prodigyopt")  # in the test extra; optional for users (`dreamlora[prodigy]`)
+    extra = {"train.optimizer": "prodigy", "train.lr": "1.0", "train.max_steps": "4", "train.checkpoint_every": "2"}
+    full = train(_config(instance_dir, class_dir, tmp_path / "runs" / "full", **extra))
+    trained, _ = read_diffusers_lora(full.lora_path)
+    assert all(trained[group][k].abs().max() > 0 for group in trained for k in trained[group] if "lora_B" in k)  # up-weights left zero
+    state = ckpt.load_checkpoint_state(full.run_dir / "checkpoints" / "step-000002")
+    groups = state["optimizer"]["param_groups"]
+    # Its own state is in the checkpoint: step count, step-size estimate d and its running numerator (the estimate
+    # starts at d0 and grows only over tens of steps, so these few steps move the LoRA little, but not nothing).
+    assert [g["lr"] for g in groups] == [1.0, 1.0] and groups[0]["k"] == 2 and groups[0]["d"] >= groups[0]["d0"] and groups[0]["d_numerator"] != 0
+    resumed_dir = tmp_path / "runs" / "resumed"
+    shutil.copytree(full.run_dir, resumed_dir)
+    shutil.rmtree(resumed_dir / "lora")
+    resumed = train(_config(instance_dir, class_dir, resumed_dir, **extra), run_dir=resumed_dir, resume_from=resumed_dir / "checkpoints" / "step-000002")
+    _assert_same_run(full.lora_path, resumed.lora_path, resumed_dir, 4)
+
+
 def test_a_finished_run_is_extended_from_its_last_step(tmp_path: Path, instance_dir: Path, class_dir: Path) -> None:
     """`--resume --max-steps 6` on a run that finished at step 4 continues from step 4 and ends as a 6-step run does."""
     extra = {"train.checkpoint_every": "3", "train.lr": "1e-3", "data.flip": "true"}
