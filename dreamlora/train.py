@@ -703,6 +703,7 @@ def _train(
     prepare_vae(components, weight_dtype)
     batches = DreamBoothBatches(cfg, components, device, accelerator.num_processes, accelerator.process_index)
     with_prior = batches.with_prior
+    warn_long_prompts(components.tokenizers[0], batches.prompts)
     input_ids = [ids.to(device) for ids in tokenize_all(components, batches.prompts)]  # one tensor per tokenizer (SDXL: two)
     text_encoders = list(components.text_encoders.values())
     if not train_te:
@@ -910,6 +911,20 @@ def _train(
     accelerator.end_training()
     capture = graph_step.capture_seconds if graph_step is not None else 0.0
     return TrainResult(run_dir, cfg.train.max_steps, loss_value, seconds, lora_path, attention, precision, with_prior, skipped, samples, graphs, capture)
+
+
+def warn_long_prompts(tokenizer: Any, prompts: list[str]) -> list[str]:
+    """Warn about prompts (long captions) the text encoder cuts at its context length; returns them."""
+    limit = tokenizer.model_max_length
+    long = [(prompt, n) for prompt in prompts if (n := len(tokenizer(prompt).input_ids)) > limit]
+    if long:
+        shown = "; ".join(f"{prompt[:60]!r}{'...' if len(prompt) > 60 else ''} ({n} tokens)" for prompt, n in long[:3])
+        log.warning(
+            "%d prompt(s) are longer than the text encoder's %d tokens and are cut there, as Stable Diffusion reads them: %s%s. "
+            "Shorten those captions to keep their ends",
+            len(long), limit, shown, " ..." if len(long) > 3 else "",
+        )
+    return [prompt for prompt, _ in long]
 
 
 def _broadcast_path(accelerator: Any, path: Path) -> Path:

@@ -369,3 +369,15 @@ def test_fewer_than_three_photos_are_warned_about_in_train_and_dataset(tmp_path:
     with caplog.at_level("WARNING"):
         resolve_data(load_config(None, {**overrides, "data.instance_dir": str(instance_dir)}), priors_root=tmp_path / "none")
     assert "photo of the subject" not in caplog.text and "photos of the subject" not in caplog.text
+
+
+def test_captions_longer_than_the_text_encoder_reads_are_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    from dreamlora.models import load_components
+    from dreamlora.train import warn_long_prompts
+
+    tokenizer = load_components("tiny").tokenizer  # character-level: one token per character
+    long = "sks dog " + "sitting on a red sofa in a sunny living room " * 3
+    with caplog.at_level("WARNING"):
+        cut = warn_long_prompts(tokenizer, ["a photo of sks dog", long])
+    assert cut == [long]
+    assert "1 prompt(s) are longer than the text encoder's 77 tokens" in caplog.text and "sks dog sitting on a red sofa" in caplog.text
