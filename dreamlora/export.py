@@ -285,6 +285,12 @@ def modules_from_kohya(
             raise ExportError(f"kohya module {name!r} lacks lora_down/lora_up weights (has {', '.join(extra)}); LoHa/LoKr and other LyCORIS types are not supported")
         if f"{name}.lora_mid.weight" in state_dict:
             raise ExportError(f"kohya module {name!r} has a lora_mid (LoCon with CP decomposition), which cannot be converted; re-train without --network_args use_tucker")
+        if f"{name}.dora_scale" in state_dict:
+            # Dropping the magnitudes would write a plain LoRA that verifies against itself but is not the DoRA.
+            raise ExportError(
+                f"kohya module {name!r} has a DoRA magnitude (dora_scale), which dreamlora does not convert (it would be lost, "
+                "and the result would not be this LoRA); load the file as it is in AUTOMATIC1111 or ComfyUI"
+            )
         target = table.get(name)
         if target is None and name.startswith(KOHYA_UNET_PREFIX):
             mapped = ldm_unet_module_name(name[len(KOHYA_UNET_PREFIX):], layout.layers_per_block, list(layout.down_attention), list(layout.up_attention))

@@ -149,7 +149,10 @@ def load_loras(pipeline: Any, loras: list[tuple[Path, float]]) -> None:
         try:
             pipeline.load_lora_weights(str(file), adapter_name=name)
         except (ValueError, KeyError, OSError) as error:
-            raise ConfigError(f"LoRA '{path}' could not be loaded ({error}); check it was trained for this base model (`dreamlora inspect {path}`)") from error
+            raise ConfigError(
+                f"LoRA '{path}' could not be loaded ({error}); check it was trained for this base model (`dreamlora inspect {path}` "
+                "names what diffusers' loader trips on; `dreamlora convert` rewrites kohya/A1111 files in a form it loads)"
+            ) from error
         names.append(name)
         scales.append(scale)
     if names:

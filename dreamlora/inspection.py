@@ -138,13 +138,17 @@ def _kohya_problems(family: str, modules: dict[str, dict[str, Any]], tensors: di
             f"alphas differ between modules ({', '.join(f'{a:g}' for a in sorted(alphas))}); diffusers' load_lora_weights applies the most common one to every module; "
             "`dreamlora convert` folds them into the weights so every consumer agrees"
         )
+    dora = sorted({k.split(".", 1)[0] for k in tensors if k.endswith(".dora_scale")})
     if te_names and not any("out_proj" in n for n in te_names):
-        problems.append("the text-encoder LoRA has no out_proj modules; diffusers' load_lora_weights raises on it (A1111 and ComfyUI load it)")
+        fix = "" if dora else "; `dreamlora convert FILE OUT.safetensors --to diffusers` writes one diffusers loads"
+        problems.append(f"the text-encoder LoRA has no out_proj modules; diffusers' load_lora_weights raises on it (A1111 and ComfyUI load it){fix}")
     ldm = [n for n in modules if n.startswith(("lora_unet_input_blocks_", "lora_unet_middle_block_", "lora_unet_output_blocks_"))]
     if ldm and family in ("sd1", "sd2"):
         problems.append(f"{len(ldm)} UNet modules use LDM names (first: {ldm[0]}); diffusers drops them with only a warning; `dreamlora convert --to a1111` renames them")
     if "lora_adapter_metadata" in file_meta:
         problems.append("kohya alphas and diffusers adapter metadata in one file: diffusers' load_lora_weights raises; `dreamlora convert` drops the metadata")
+    if dora:
+        problems.append(f"{len(dora)} modules are DoRA (dora_scale magnitudes, first: {dora[0]}): AUTOMATIC1111 and ComfyUI load them; dreamlora's convert refuses them rather than drop the magnitudes")
     return problems
 
 

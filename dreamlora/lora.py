@@ -115,7 +115,7 @@ def save_diffusers_lora(folder: Path, state_dicts: dict[str, dict[str, torch.Ten
         return folder / LORA_FILE
     StableDiffusionPipeline.save_lora_weights(
         folder,
-        unet_lora_layers=cast(state_dicts["unet"]),
+        unet_lora_layers=cast(state_dicts["unet"]) if "unet" in state_dicts else None,  # a text-encoder-only LoRA has none
         text_encoder_lora_layers=cast(state_dicts["text_encoder"]) if "text_encoder" in state_dicts else None,
         unet_lora_adapter_metadata=metadata.get("unet"),
         text_encoder_lora_adapter_metadata=metadata.get("text_encoder"),

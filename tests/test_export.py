@@ -239,6 +239,35 @@ def test_convert_hand_written_kohya_file(tmp_path):
         convert_lora(src, tmp_path / "sd15-names.safetensors", "a1111")
 
 
+def test_text_encoder_only_and_dora_kohya_files(tmp_path):
+    """A text-encoder-only kohya LoRA (no out_proj: diffusers' own loader refuses it) converts to a diffusers file that
+    loads and reproduces it; it crashed writing the missing UNet part. A DoRA file is refused by convert, not written
+    without its magnitudes, and inspect names it."""
+    from dreamlora.inspection import inspect_path
+
+    name = "lora_te_text_model_encoder_layers_0_self_attn_q_proj"
+    torch.manual_seed(0)
+    te_only = {f"{name}.lora_down.weight": torch.randn(4, 32), f"{name}.lora_up.weight": torch.randn(32, 4), f"{name}.alpha": torch.tensor(2.0)}
+    save_file(te_only, str(tmp_path / "te.safetensors"))
+    converted = convert_lora(tmp_path / "te.safetensors", tmp_path / "te-diffusers", "diffusers", base_model="tiny", dtype="fp32")
+    assert converted.key_counts == {"text_encoder": 1} and converted.verify.status == "passed"
+    base = load_components("tiny")
+    loaded = load_with_diffusers(converted.path)
+    ids = tokenize(base.tokenizer, [PROMPT])
+    with torch.no_grad():
+        q = base.text_encoder.encoder.layers[0].self_attn.q_proj
+        hidden = base.text_encoder.embeddings(ids)
+        hidden = base.text_encoder.encoder.layers[0].layer_norm1(hidden)
+        want = q(hidden) + (2.0 / 4) * hidden @ te_only[f"{name}.lora_down.weight"].T @ te_only[f"{name}.lora_up.weight"].T
+        got = loaded.text_encoder.encoder.layers[0].self_attn.q_proj(hidden)
+    assert torch.allclose(got, want, atol=1e-4)  # alpha 2 / rank 4 kept
+    save_file({**te_only, f"{name}.dora_scale": torch.rand(32, 1) + 0.5}, str(tmp_path / "dora.safetensors"))
+    with pytest.raises(ExportError, match="DoRA magnitude"):
+        convert_lora(tmp_path / "dora.safetensors", tmp_path / "dora-diffusers", "diffusers", base_model="tiny")
+    assert not (tmp_path / "dora-diffusers").exists()
+    assert any("DoRA" in problem for problem in inspect_path(tmp_path / "dora.safetensors")["problems"])
+
+
 def test_convert_command_verifies_on_dreamlora_model_when_no_model_is_given(workspace, tmp_path, monkeypatch):
     """$DREAMLORA_MODEL is the base for `convert` as for every other command (a tiny-model LoRA fails the SD 1.x name check)."""
     from typer.testing import CliRunner
