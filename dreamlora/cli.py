@@ -723,14 +723,16 @@ def generate(
         components = load_components(model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle, vae=model_cfg.vae)
         guidance_scale = guidance if guidance is not None else components.family.default_guidance
         with _progress() as progress:
-            task = progress.add_task("images", total=num_images * (2 if compare else 1), rate="", info="")
+            tasks: list[Any] = []  # the bar appears once drawing starts, not before a LoRA that fails to load
             started = [time.perf_counter()]
 
             def on_progress(done: int, total: int) -> None:
+                if not tasks:
+                    tasks.append(progress.add_task("images", total=total, rate="", info=""))
                 if done == 0:
                     started[0] = time.perf_counter()  # the rate counts drawing, not loading LoRAs
                 elapsed = time.perf_counter() - started[0]
-                progress.update(task, completed=done, total=total, rate=f"{done / elapsed:.2f} img/s" if done and elapsed > 0 else "")
+                progress.update(tasks[0], completed=done, total=total, rate=f"{done / elapsed:.2f} img/s" if done and elapsed > 0 else "")
 
             result = run_generate(
                 components, prompt, folder, loras, num_images, seed, steps, guidance_scale, resolution or components.native_resolution,
