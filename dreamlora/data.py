@@ -165,10 +165,14 @@ def duplicate_images(first: ImageFolder, second: ImageFolder) -> list[tuple[Path
 CAPTION_SUFFIXES = (".txt", ".caption")  # .caption is kohya's default caption extension
 
 
+def caption_path(image_path: Path) -> Path | None:
+    """`photo.txt` (else kohya's `photo.caption`) beside `photo.jpg`, when there is one."""
+    return next((p for p in (image_path.with_suffix(suffix) for suffix in CAPTION_SUFFIXES) if p.is_file()), None)
+
+
 def read_caption(image_path: Path) -> str | None:
-    """The caption in `photo.txt` (else kohya's `photo.caption`) beside `photo.jpg`, on one line; None when there is
-    none or it is empty."""
-    path = next((p for p in (image_path.with_suffix(suffix) for suffix in CAPTION_SUFFIXES) if p.is_file()), None)
+    """The caption of `photo.jpg` (see `caption_path`) on one line; None when there is none or it is empty."""
+    path = caption_path(image_path)
     if path is None:
         return None
     try:

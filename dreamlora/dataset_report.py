@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from dreamlora.config import RunConfig
-from dreamlora.data import IGNORED_NAMES, ImageFolder, caption_prompt, few_photos_warning, list_images, load_image, make_buckets, nearest_bucket, read_caption, resize_and_crop_to
+from dreamlora.data import IGNORED_NAMES, ImageFolder, caption_path, caption_prompt, few_photos_warning, list_images, load_image, make_buckets, nearest_bucket, read_caption, resize_and_crop_to
 from dreamlora.errors import DataError
 from dreamlora.hygiene import NEAR_DUPLICATE_BITS, dhash, hamming, image_problem, near_duplicates
 from dreamlora.sampling import BucketPlan, SquarePlan, class_span
@@ -126,8 +126,8 @@ def _scan(folder: ImageFolder, role: str, resolution: int, buckets: list[tuple[i
             caption = read_caption(path)
             if caption:
                 entry.prompt = caption_prompt(caption, token)
-            elif path.with_suffix(".txt").is_file():
-                report.empty_captions.append(path.with_suffix(".txt").name)
+            elif (empty := caption_path(path)) is not None:
+                report.empty_captions.append(empty.name)
         if min(size) < resolution // 2:
             report.too_small.append(f"{path.name} ({size[0]}x{size[1]})")
         report.images.append(entry)
