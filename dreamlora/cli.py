@@ -343,7 +343,7 @@ def dataset(
             if found is not None:
                 console.print(f"checking the prior set in [bold]{found}[/] too, as `train` would use it")
                 cfg = replace(cfg, data=replace(cfg.data, class_dir=str(found)))
-        native, factor = model_geometry(cfg.model.name)
+        native, factor = model_geometry(cfg.model.name, cfg.model.single_file_config)
         if not cfg.data.resolution:
             cfg = replace(cfg, data=replace(cfg.data, resolution=native))
         report = build_dataset_report(cfg, factor, sheet)

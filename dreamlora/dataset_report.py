@@ -84,12 +84,13 @@ class DatasetReport:
             raise DataError("these files would stop training:\n  " + "\n  ".join(self.fatal) + "\nremove or replace them, then run `dreamlora dataset` again")
 
 
-def model_geometry(ref: str) -> tuple[int, int]:
-    """(native resolution, VAE scale factor) from a model's config files, without loading weights; SD 1.x's when unknown."""
+def model_geometry(ref: str, single_file_config: str = "") -> tuple[int, int]:
+    """(native resolution, VAE scale factor) from a model's config files, without loading weights; SD 1.x's when unknown.
+    (A single-file checkpoint is converted first, once, as every command does.)"""
     from dreamlora.models import resolve_model_dir
 
     configs: dict[str, dict] = {}
-    source = resolve_model_dir(ref) if not ref.startswith("random:") else None  # a bad path raises ModelLoadError (exit 2)
+    source = resolve_model_dir(ref, single_file_config=single_file_config) if not ref.startswith("random:") else None  # a bad path raises ModelLoadError (exit 2)
     for part in ("unet", "vae"):
         path = None
         if isinstance(source, Path):

@@ -97,8 +97,9 @@ def converted_folder(path: Path, config: str = "") -> Path:
         reason = "the Hugging Face hub is unreachable and they are not in the local cache" if offline else f"loading failed: {error}"
         raise ModelLoadError(
             f"could not convert the single-file checkpoint '{path}' ({architecture}): its component configs and tokenizer come from "
-            f"{where}, and {reason}. Pass a local diffusers folder of the same architecture with --set model.single_file_config=PATH, "
-            "or convert the file with diffusers' convert_original_stable_diffusion_to_diffusers.py and pass the folder"
+            f"{where}, and {reason}. Pass a local diffusers folder of the same architecture with --set model.single_file_config=PATH "
+            "to prior, train or dataset (the conversion is then kept for every command), or convert the file with diffusers' "
+            "convert_original_stable_diffusion_to_diffusers.py and pass the folder"
         ) from error
     temporary = temporary_folder_beside(folder)
     try:
