@@ -131,9 +131,13 @@ def load_image(path: Path) -> LoadedImage:
                 elif image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
                     # 16-bit and float greyscale (scans, some TIFFs): PIL's convert("RGB") would clip them to white.
                     values = np.asarray(image, dtype=np.float64)
-                    top = 65535.0 if image.mode.startswith("I;16") else max(float(values.max()), 1.0)
+                    peak = float(values.max()) if values.size else 0.0
+                    if image.mode == "F":  # floats: [0, 1] as they usually are, else their own range
+                        top = 1.0 if peak <= 1.0 else peak
+                    else:  # 16-bit ("I" is how some 16-bit PNGs open), or 8-bit values held in "I"
+                        top = 65535.0 if image.mode.startswith("I;16") or peak > 255 else 255.0
+                    fixes.append(f"{'float' if image.mode == 'F' else '16-bit'} greyscale scaled to 8-bit")
                     image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-                    fixes.append("16-bit greyscale scaled to 8-bit")
                 elif image.mode not in ("RGB", "L"):
                     fixes.append(f"{image.mode} converted to RGB")
                 return LoadedImage(image.convert("RGB"), fmt, file_size, tuple(fixes))

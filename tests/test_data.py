@@ -109,6 +109,12 @@ def test_tiff_avif_and_16_bit_photos_are_read(tmp_path: Path) -> None:
     assert open_image(tmp_path / "phone.avif").size == (16, 12)
     grey = load_image(tmp_path / "grey16.png")
     assert grey.image.mode == "RGB" and grey.image.getpixel((0, 0)) == (128, 128, 128) and "16-bit greyscale scaled to 8-bit" in grey.fixes
+    # 32-bit integer greyscale holding 8-bit values stays as it is; floats in [0, 1] scale to [0, 255].
+    Image.fromarray(np.full((4, 4), 100, dtype=np.int32), "I").save(tmp_path / "int.tiff")
+    Image.fromarray(np.full((4, 4), 0.25, dtype=np.float32), "F").save(tmp_path / "float.tiff")
+    assert load_image(tmp_path / "int.tiff").image.getpixel((0, 0)) == (100, 100, 100)
+    floats = load_image(tmp_path / "float.tiff")
+    assert floats.image.getpixel((0, 0)) == (64, 64, 64) and "float greyscale scaled to 8-bit" in floats.fixes
 
 
 def test_heic_photos_without_pillow_heif_say_what_to_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
