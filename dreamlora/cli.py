@@ -210,26 +210,31 @@ def _summary(title: str, rows: list[tuple[str, Any]]) -> None:
 
 
 def _prior_with_progress(prior_cfg: Any, model_cfg: Any, resolution: int) -> Any:
-    import time
-
     from dreamlora.prior import run_prior
 
     if not _is_main_process():
         return run_prior(prior_cfg, model_cfg, resolution)  # under `accelerate launch`, the main process reports
     with _progress() as progress:
-        tasks: list[Any] = []  # the bar appears once generation starts, not before a settings error
-        started = [time.perf_counter()]
+        return run_prior(prior_cfg, model_cfg, resolution, on_progress=_image_counter(progress, "class images"))
 
-        def on_progress(done: int, total: int) -> None:
-            if not tasks:
-                tasks.append(progress.add_task("class images", total=total, rate="", info=""))
-            if done == 0:
-                started[0] = time.perf_counter()  # the rate counts generation, not model loading
-            elapsed = time.perf_counter() - started[0]
-            rate = f"{done / elapsed:.2f} img/s" if done and elapsed > 0 else ""
-            progress.update(tasks[0], completed=done, total=total, rate=rate)
 
-        return run_prior(prior_cfg, model_cfg, resolution, on_progress=on_progress)
+def _image_counter(progress: Any, description: str) -> Callable[[int, int], None]:
+    """An `on_progress(done, total)` for image generation: the bar appears at the first call (once drawing starts, not
+    before a settings or LoRA error), and the rate counts from `done == 0` (drawing, not model loading)."""
+    import time
+
+    tasks: list[Any] = []
+    started = [time.perf_counter()]
+
+    def on_progress(done: int, total: int) -> None:
+        if not tasks:
+            tasks.append(progress.add_task(description, total=total, rate="", info=""))
+        if done == 0:
+            started[0] = time.perf_counter()
+        elapsed = time.perf_counter() - started[0]
+        progress.update(tasks[0], completed=done, total=total, rate=f"{done / elapsed:.2f} img/s" if done and elapsed > 0 else "")
+
+    return on_progress
 
 
 @app.command()
@@ -695,8 +700,6 @@ def generate(
     """Generate images with the base model and LoRAs, saved with a grid."""
 
     def action() -> None:
-        import time
-
         import torch
 
         from dreamlora.checkpoint import find_lora
@@ -723,17 +726,7 @@ def generate(
         components = load_components(model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle, vae=model_cfg.vae)
         guidance_scale = guidance if guidance is not None else components.family.default_guidance
         with _progress() as progress:
-            tasks: list[Any] = []  # the bar appears once drawing starts, not before a LoRA that fails to load
-            started = [time.perf_counter()]
-
-            def on_progress(done: int, total: int) -> None:
-                if not tasks:
-                    tasks.append(progress.add_task("images", total=total, rate="", info=""))
-                if done == 0:
-                    started[0] = time.perf_counter()  # the rate counts drawing, not loading LoRAs
-                elapsed = time.perf_counter() - started[0]
-                progress.update(tasks[0], completed=done, total=total, rate=f"{done / elapsed:.2f} img/s" if done and elapsed > 0 else "")
-
+            on_progress = _image_counter(progress, "images")
             result = run_generate(
                 components, prompt, folder, loras, num_images, seed, steps, guidance_scale, resolution or components.native_resolution,
                 negative_prompt, compare, batch_size, on_progress,
