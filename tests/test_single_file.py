@@ -94,3 +94,31 @@ def test_a_checkpoint_that_cannot_be_converted_is_one_clear_error(checkpoint: di
     ):
         result = runner.invoke(app, [*args, "--model", name])
         assert result.exit_code == 2 and message in said(result.output), result.output
+
+
+def test_an_sdxl_checkpoint_converts_with_the_sdxl_pipeline(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SDXL checkpoints (Stability's SGM layout, OpenCLIP second encoder) are told apart by their tensor names and
+    convert through diffusers' SDXL single-file loader; the converted model is SDXL with the file's weights."""
+    from dreamlora.config import AdapterConfig
+    from dreamlora.lora import adapter_metadata, adapter_state_dicts, attach_adapters, save_diffusers_lora
+    from dreamlora.models import build_tiny_sdxl, load_components
+
+    base_dir = build_tiny_sdxl(tmp_path / "tiny-sdxl-wide", text_encoder_2_width=48)  # a wider second encoder, as in SDXL
+    components = load_components(str(base_dir))
+    torch.manual_seed(3)
+    attach_adapters(components.unet, components.text_encoder, AdapterConfig(rank=4, alpha=8.0, init="nonzero"), components.text_encoder_2)
+    models = {"unet": components.unet, **components.text_encoders}
+    run = tmp_path / "runs" / "xl"
+    save_diffusers_lora(run / "lora", adapter_state_dicts(models), {k: adapter_metadata(m) for k, m in models.items()})
+    info = {"model": str(base_dir), "family": "sdxl", "resolution": 32, "rank": 4, "alpha": 8.0, "name": "xl",
+            "unet_layout": {k: components.unet.config[k] for k in ("layers_per_block", "down_block_types", "up_block_types")}}
+    (run / "run.json").write_text(json.dumps(info), encoding="utf-8")
+    file = export_run(run, ExportConfig(format="merged", dtype="fp32", single_file=True, out=str(tmp_path / "xl.safetensors"))).path
+    folder = export_run(run, ExportConfig(format="merged", dtype="fp32", out=str(tmp_path / "xl-diffusers"))).path
+    assert single_file.checkpoint_architecture(file) == ("sdxl", torch.float32)
+    monkeypatch.setenv("DREAMLORA_CACHE", str(tmp_path / "cache"))
+    loaded = load_components(str(file), single_file_config=str(base_dir))
+    assert loaded.family.name == "sdxl" and loaded.text_encoder_2 is not None
+    want = load_file(str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
+    got = loaded.unet.state_dict()
+    assert all(torch.allclose(got[k].float(), want[k].float(), atol=1e-6) for k in want)
