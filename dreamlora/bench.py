@@ -11,8 +11,8 @@ import statistics
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import warnings
 from dataclasses import dataclass
@@ -78,6 +79,7 @@ def list_images(folder: Path | str, role: str) -> ImageFolder:
     return ImageFolder(root, tuple(paths), tuple(skipped))
 
 
+@functools.cache
 def heif_readable() -> bool:
     """Whether HEIC/HEIF files open: pillow-heif installed (its opener is registered with PIL once)."""
     try:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import functools
+import io
 import logging
 import math
 import signal
