@@ -759,13 +759,11 @@ def cache(
         if prune_days is not None or max_size is not None or clear:
             rows.append(("removed", f"{usage.removed} entries, {usage.freed / 1e6:.1f} MB"))
         _summary("latent cache", rows)
-        from dreamlora.single_file import converted_dir_root
+        from dreamlora.single_file import converted_usage
 
-        models = converted_dir_root()
-        converted = sorted(p for p in models.glob("*") if (p / "model_index.json").is_file()) if models.is_dir() else []
-        if converted:  # not pruned here: each is a model a command may load next; delete one to convert it again
-            size = sum(f.stat().st_size for p in converted for f in p.rglob("*") if f.is_file())
-            _summary("converted single-file checkpoints", [("folder", models), ("models", len(converted)), ("size", f"{size / 1e9:.2f} GB")])
+        models, count, size = converted_usage()
+        if count:  # not pruned here: each is a model a command may load next; delete one to convert it again
+            _summary("converted single-file checkpoints", [("folder", models), ("models", count), ("size", f"{size / 1e9:.2f} GB")])
 
     _run(debug, action)
 

@@ -34,6 +34,13 @@ def converted_dir_root() -> Path:
     return _cache_root() / "models"
 
 
+def converted_usage() -> tuple[Path, int, int]:
+    """The cache folder of converted checkpoints, how many finished conversions it holds, and their bytes on disk."""
+    root = converted_dir_root()
+    converted = [p for p in root.glob("*") if (p / "model_index.json").is_file()] if root.is_dir() else []
+    return root, len(converted), sum(f.stat().st_size for p in converted for f in p.rglob("*") if f.is_file())
+
+
 def file_key(path: Path) -> str:
     """Size and the first and last MiB of a file: enough to tell checkpoints apart without reading gigabytes."""
     digest = hashlib.sha256()
