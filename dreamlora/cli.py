@@ -32,6 +32,7 @@ SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override 
 Model = Annotated[Optional[str], typer.Option("--model", help="Hub id, local diffusers folder (SD 1.x/2.x or SDXL), `tiny`, `tiny-sdxl` or `toy` (default: $DREAMLORA_MODEL or SD 1.5).")]
 Vae = Annotated[Optional[str], typer.Option("--vae", help="Replacement VAE folder or hub id (SDXL in fp16: madebyollin/sdxl-vae-fp16-fix).")]
 Precision = Annotated[Optional[str], typer.Option("--precision", help="auto|fp16|bf16|fp32")]
+ClipSkip = Annotated[Optional[int], typer.Option("--clip-skip", help="Read prompts from the text encoder's Nth layer from the end, as A1111 and kohya count (2 for most anime SD 1.5 models; default 1).")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Load .bin/.ckpt/.pt model weights (pickle can run code: only for files you trust).")]
 
 
@@ -253,6 +254,7 @@ def prior(
     model: Model = None,
     vae: Vae = None,
     precision: Precision = None,
+    clip_skip: ClipSkip = None,
     allow_pickle: AllowPickle = False,
     config: ConfigPath = None,
     set_: SetOption = None,
@@ -270,7 +272,7 @@ def prior(
                 "prior.negative_prompt": negative_prompt, "prior.steps": steps, "prior.guidance": guidance,
                 "prior.scheduler": scheduler, "prior.batch_size": batch_size, "prior.seed": seed, "prior.out": out_dir,
                 "model.name": model, "model.precision": precision, "data.resolution": resolution, "model.vae": vae,
-                "model.allow_pickle": True if allow_pickle else None,
+                "model.allow_pickle": True if allow_pickle else None, "model.clip_skip": clip_skip,
             }),
         )
         result = _prior_with_progress(cfg.prior, cfg.model, cfg.data.resolution)
@@ -460,6 +462,7 @@ def train(
     optimizer: Annotated[Optional[str], typer.Option(help="adamw|adamw8bit|prodigy (8-bit needs pip install 'dreamlora\\[bnb]', prodigy 'dreamlora\\[prodigy]' and sets --lr 1.0).")] = None,
     model: Model = None,
     vae: Vae = None,
+    clip_skip: ClipSkip = None,
     allow_pickle: AllowPickle = False,
     config: ConfigPath = None,
     set_: SetOption = None,
@@ -482,7 +485,7 @@ def train(
         "train.snr_gamma": snr_gamma, "train.noise_offset": noise_offset, "train.text_encoder_steps_fraction": text_encoder_steps_fraction,
         "train.text_encoder_lr_scheduler": text_encoder_lr_scheduler, "train.text_encoder_warmup_steps": text_encoder_warmup_steps,
         "train.lr_cycles": lr_cycles, "train.optimizer": optimizer,
-        "model.allow_pickle": True if allow_pickle else None,
+        "model.allow_pickle": True if allow_pickle else None, "model.clip_skip": clip_skip,
         **_dataset_flags(no_captions, caption_dropout, repeats, class_ratio, buckets, color_jitter),
         "data.cache_latents": False if no_latent_cache else None, "data.latent_cache_dir": latent_cache,
     }
@@ -659,7 +662,7 @@ def inspect(
             ranks = ", ".join(str(r) for r in info.get("ranks", []))
             alphas = ", ".join(f"{a:g}" for a in info.get("alphas", []) if a is not None) or "missing"
             rows.append((group, f"{info.get('modules')} modules, rank {ranks}, alpha {alphas}"))
-        for key in ("token", "class_name", "steps", "resolution", "model", "status"):
+        for key in ("token", "class_name", "steps", "resolution", "model", "clip_skip", "status"):
             if key in run:
                 rows.append((f"run {key}", run[key]))
         for key in sorted(metadata):
@@ -694,6 +697,7 @@ def generate(
     model: Annotated[Optional[str], typer.Option("--model", help="Hub id, local diffusers folder, `tiny`, `tiny-sdxl` or `toy` (default: $DREAMLORA_MODEL, else the model a --lora run was trained on, else SD 1.5).")] = None,
     vae: Vae = None,
     precision: Precision = None,
+    clip_skip: ClipSkip = None,
     allow_pickle: AllowPickle = False,
     debug: Debug = False,
 ) -> None:
@@ -704,10 +708,10 @@ def generate(
 
         from dreamlora.checkpoint import find_lora
         from dreamlora.config import ModelConfig
-        from dreamlora.generate import check_settings, output_folder, run_base_model
+        from dreamlora.generate import check_settings, output_folder, recorded_clip_skip, run_base_model
         from dreamlora.generate import generate as run_generate
         from dreamlora.lora import read_safetensors
-        from dreamlora.models import load_components, resolve_precision
+        from dreamlora.models import load_model, resolve_precision
 
         loras = [_parse_lora(item, scale) for item in lora or []]
         check_settings(num_images, steps, guidance, resolution, loras, batch_size)
@@ -717,13 +721,17 @@ def generate(
             base_vae = vae or run_vae or None
             with_vae = f" with VAE {base_vae}" if base_vae else ""
             console.print(f"base model [bold]{base}[/]{with_vae}, as run {run_dir} was trained on (--model to choose another)")
-        model_cfg = ModelConfig(**{k: v for k, v in {"name": base, "vae": base_vae, "precision": precision, "allow_pickle": allow_pickle}.items() if v is not None})
         for path, _ in loras:
             read_safetensors(find_lora(path))  # a missing or damaged LoRA is named before the model loads
+        skip = clip_skip
+        if skip is None and (trained_with := recorded_clip_skip(loras)) and trained_with[0] != 1:
+            skip = trained_with[0]
+            console.print(f"clip skip {skip}, as {trained_with[1]} was trained with (--clip-skip to choose another)")
+        model_cfg = ModelConfig(**{k: v for k, v in {"name": base, "vae": base_vae, "precision": precision, "allow_pickle": allow_pickle, "clip_skip": skip}.items() if v is not None})
         folder = output_folder(out_dir)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         _, dtype = resolve_precision(model_cfg.precision, device)
-        components = load_components(model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle, vae=model_cfg.vae)
+        components = load_model(model_cfg, dtype, device)
         guidance_scale = guidance if guidance is not None else components.family.default_guidance
         with _progress() as progress:
             on_progress = _image_counter(progress, "images")

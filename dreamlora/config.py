@@ -48,9 +48,11 @@ class ModelConfig:
     allow_pickle: bool = False  # refuse .bin/.ckpt/.pt weights unless set
     vae: str = ""  # replacement VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16
     single_file_config: str = ""  # a .safetensors checkpoint's configs and tokenizer: a diffusers folder or hub id of its architecture (default: diffusers' choice)
+    clip_skip: int = 1  # read prompts from the text encoder's Nth layer from the end, as A1111/kohya count (2: penultimate, for most anime SD 1.5 models)
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "model.name is empty; pass a hub id, a local diffusers folder or `tiny`")
+        _check(1 <= self.clip_skip <= 12, f"model.clip_skip must be in 1..12 (1: the text encoder's last layer, 2: the penultimate, as A1111 and kohya count); got {self.clip_skip}")
         _check_choice("model.precision", self.precision, PRECISIONS)
         _check_choice("model.attention", self.attention, ATTENTIONS)
 

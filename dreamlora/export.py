@@ -522,6 +522,7 @@ def a1111_metadata(run: dict[str, Any], modules: list[LoraModule], output_name: 
         "ss_steps": str(run.get("steps", "")),
         "ss_max_train_steps": str(run.get("steps", "")),
         "ss_seed": str(run.get("seed", "")),
+        "ss_clip_skip": str(run["clip_skip"]) if int(run.get("clip_skip", 1)) != 1 else "None",  # kohya writes None for the default
         "ss_output_name": output_name,
         "ss_training_comment": f"dreamlora DreamBooth LoRA; token: {token}; class: {class_name}; instance prompt: {run.get('instance_prompt', '')}",
         "ss_tag_frequency": json.dumps({"instance": {run.get("instance_prompt") or f"{token} {class_name}".strip(): 1}}),

@@ -192,10 +192,7 @@ def run_base_model(loras: list[tuple[Path, float]]) -> tuple[str, str, Path] | N
 
     found: dict[str, Path] = {}
     for path, _ in loras:
-        path = Path(path)
-        # runs/x, runs/x/lora/FILE, runs/x/checkpoints/step-N, runs/x/checkpoints/step-N/lora/FILE
-        run_dir = next((folder for folder in (path, *list(path.parents)[:4]) if (folder / RUN_INFO).is_file() and (folder / CONFIG_FILE).is_file()), None)
-        if run_dir is not None:
+        if (run_dir := _run_of(Path(path))) is not None:
             info = json.loads((run_dir / RUN_INFO).read_text(encoding="utf-8"))
             found.setdefault(base_model_ref(run_dir, info), run_dir)
     if len(found) > 1:
@@ -206,6 +203,38 @@ def run_base_model(loras: list[tuple[Path, float]]) -> tuple[str, str, Path] | N
     model, run_dir = next(iter(found.items()))
     vae = tomllib.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("model", {}).get("vae", "")
     return model, str(vae or ""), run_dir
+
+
+def _run_of(path: Path) -> Path | None:
+    """The run folder a LoRA path belongs to: runs/x, runs/x/lora/FILE, runs/x/checkpoints/step-N(/lora/FILE)."""
+    from dreamlora.checkpoint import CONFIG_FILE, RUN_INFO
+
+    return next((folder for folder in (path, *list(path.parents)[:4]) if (folder / RUN_INFO).is_file() and (folder / CONFIG_FILE).is_file()), None)
+
+
+def recorded_clip_skip(loras: list[tuple[Path, float]]) -> tuple[int, str] | None:
+    """The clip skip the LoRAs were trained with (a run's config, else a file's kohya `ss_clip_skip`) and where it was
+    read, when one is recorded; None when none is. LoRAs trained with different clip skips are an error."""
+    import tomllib
+
+    from dreamlora.checkpoint import CONFIG_FILE
+    from dreamlora.lora import read_metadata
+
+    found: dict[int, str] = {}
+    for path, _ in loras:
+        if (run_dir := _run_of(Path(path))) is not None:
+            model = tomllib.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("model", {})
+            found.setdefault(int(model.get("clip_skip", 1)), f"run {run_dir}")
+            continue
+        recorded = read_metadata(find_lora(Path(path))).get("ss_clip_skip", "")
+        if recorded.strip().isdigit():
+            found.setdefault(int(recorded), f"LoRA {Path(path).name}")
+        elif recorded.strip() == "None":  # kohya's default: the last layer
+            found.setdefault(1, f"LoRA {Path(path).name}")
+    if len(found) > 1:
+        listed = ", ".join(f"{skip} ({where})" for skip, where in sorted(found.items()))
+        raise ConfigError(f"the LoRAs were trained with different clip skips: {listed}; pass the one to use with --clip-skip")
+    return next(iter(found.items())) if found else None
 
 
 def output_folder(out: Path | None) -> Path:

@@ -135,6 +135,17 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
         raise ExportError(f"'{path}' could not be read as safetensors ({error}); is the file complete? Copy or download it again") from error
 
 
+def read_metadata(path: Path) -> dict[str, str]:
+    """A safetensors file's metadata alone (its tensors are not read)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except Exception as error:  # noqa: BLE001 - safetensors raises its own types for corrupt files
+        raise ExportError(f"'{path}' could not be read as safetensors ({error}); is the file complete? Copy or download it again") from error
+
+
 def read_diffusers_lora(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, Any]]]:
     """Split a diffusers LoRA file into per-model PEFT state dicts and their adapter configs."""
     path = Path(path)

@@ -11,12 +11,15 @@ import socket
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 from urllib.parse import urlparse
 
 import torch
 
 from dreamlora.errors import ConfigError, ModelLoadError
+
+if TYPE_CHECKING:
+    from dreamlora.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +129,7 @@ class Components:
     source_dir: Path | None = None  # a diffusers folder holding this model, when there is one
     tokenizer_2: Any = None  # SDXL's second tokenizer and text encoder (OpenCLIP-bigG with projection)
     text_encoder_2: torch.nn.Module | None = None
+    clip_skip: int = 1  # the text-encoder layer the prompt is read from, counted from the end as A1111 and kohya do
 
     @property
     def tokenizers(self) -> tuple[Any, ...]:
@@ -502,6 +506,42 @@ def load_components(
     for module in (unet, base_vae, text_encoder, *(m for m in extra.values() if isinstance(m, torch.nn.Module))):
         module.to(device=device).requires_grad_(False)  # base weights never train; adapters opt in
     return Components(ref, family, tokenizer, text_encoder, unet, base_vae, noise_scheduler, source if local else None, **extra)
+
+
+def load_model(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Components:
+    """The base model a `[model]` config section describes: `load_components` with its options, then its clip skip."""
+    components = load_components(
+        model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle, vae=model_cfg.vae, single_file_config=model_cfg.single_file_config
+    )
+    apply_clip_skip(components, model_cfg.clip_skip)
+    return components
+
+
+def apply_clip_skip(components: Components, clip_skip: int) -> None:
+    """Read prompts from the text encoder's `clip_skip`-th layer from the end (2: the penultimate), as A1111's
+    "Clip skip" and kohya's `--clip_skip` do: that layer's hidden state through the encoder's final layer norm.
+
+    The encoder's last `clip_skip - 1` layers are dropped, which gives exactly that output; so training, class
+    images, samples and `generate` all see the same prompts, and no LoRA goes on layers the UNet never reads.
+    Calling it again with the same value does nothing.
+    """
+    if clip_skip == components.clip_skip:
+        return
+    if components.clip_skip != 1:
+        raise ValueError(f"clip skip is already {components.clip_skip} on these components; load the model again for {clip_skip}")
+    if components.family.name == "sdxl":
+        raise ConfigError(
+            f"clip skip {clip_skip} was asked for, but SDXL models already read their text encoders' penultimate layer "
+            "(clip skip applies to SD 1.x/2.x models); drop --clip-skip / model.clip_skip"
+        )
+    encoder = getattr(components.text_encoder, "text_model", components.text_encoder)  # transformers < 5 has the extra level
+    layers = list(encoder.encoder.layers)
+    if clip_skip > len(layers):
+        raise ConfigError(f"clip skip {clip_skip} is more than this model's text encoder has layers ({len(layers)}); SD 1.x models use 1 or 2")
+    kept = len(layers) - (clip_skip - 1)
+    encoder.encoder.layers = torch.nn.ModuleList(layers[:kept])
+    components.text_encoder.config.num_hidden_layers = kept
+    components.clip_skip = clip_skip
 
 
 def _load_failure(ref: str, source: Path | str, error: Exception | None) -> ModelLoadError:

@@ -26,7 +26,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 # Settings that change the images: a folder made with other values is not topped up with these.
 MAX_RETRIES = 3  # new seeds tried for a blank, black, NaN or near-duplicate class image
-IDENTITY_KEYS = ("model", "prompt", "negative_prompt", "resolution", "steps", "guidance", "scheduler", "seed")
+IDENTITY_KEYS = ("model", "prompt", "negative_prompt", "resolution", "steps", "guidance", "scheduler", "seed", "clip_skip")
+IDENTITY_DEFAULTS = {"clip_skip": 1}  # what a set written before the key existed was made with
 
 
 @dataclass(frozen=True)
@@ -220,6 +221,7 @@ def generate_class_images(
     on_progress: Callable[[int, int], None] | None = None,
     ranks: Ranks | None = None,
     model_fingerprint: str | None = None,
+    clip_skip: int = 1,
 ) -> PriorResult:
     """Generate the missing images of `out_dir` up to `prior_cfg.num_images`; each write is atomic.
 
@@ -227,7 +229,8 @@ def generate_class_images(
     (`retry_seed`, up to MAX_RETRIES each); the manifest records each file's seed and the seeds it replaced.
     With several `ranks`, each process draws its share of the indices; `on_progress` then counts this
     process's share. `model_fingerprint` (of a local model folder) tells apart two local models whose public
-    names agree; a set recorded with another fingerprint is not topped up.
+    names agree; a set recorded with another fingerprint is not topped up. `clip_skip` (the one the pipeline's text
+    encoder reads prompts with, `models.apply_clip_skip`) is part of the set's identity too.
     """
     import time
 
@@ -246,10 +249,12 @@ def generate_class_images(
         "guidance": guidance,
         "scheduler": prior_cfg.scheduler,
         "seed": prior_cfg.seed,
+        "clip_skip": clip_skip,
     }
     manifest = _read_manifest(out_dir)
     if manifest is not None:
-        changed = [f"{k}: {manifest.get(k)!r} -> {settings[k]!r}" for k in IDENTITY_KEYS if manifest.get(k) != settings[k]]
+        recorded_settings = {k: manifest.get(k, IDENTITY_DEFAULTS.get(k)) for k in IDENTITY_KEYS}
+        changed = [f"{k}: {recorded_settings[k]!r} -> {settings[k]!r}" for k in IDENTITY_KEYS if recorded_settings[k] != settings[k]]
         recorded_print = manifest.get("model_fingerprint")
         if recorded_print and model_fingerprint and recorded_print != model_fingerprint and manifest.get("model") == settings["model"]:
             changed.append(f"model: {settings['model']!r} is another folder of that name")
@@ -345,21 +350,21 @@ def run_prior(
     images between them (one GPU each); only the main process reports progress.
     """
     from dreamlora.generate import make_grid
-    from dreamlora.models import build_pipeline, load_components, model_fingerprint, public_model_ref, resolve_precision, select_attention
+    from dreamlora.models import build_pipeline, load_model, model_fingerprint, public_model_ref, resolve_precision, select_attention
 
     if not prior_cfg.class_name and not prior_cfg.out:
         raise ConfigError("no class given; pass --class NAME (e.g. --class dog)")
     ranks = Ranks.detect()
     device = ranks.device
     _, dtype = resolve_precision(model_cfg.precision, device)
-    components = load_components(model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle, vae=model_cfg.vae, single_file_config=model_cfg.single_file_config)
+    components = load_model(model_cfg, dtype, device)
     select_attention(components, model_cfg.attention, device)
     pipeline = build_pipeline(components, prior_cfg.scheduler)
     out_dir = Path(prior_cfg.out) if prior_cfg.out else priors_root / safe_name(prior_cfg.class_name)
     result = generate_class_images(
         pipeline, prior_cfg, resolution or components.native_resolution, out_dir, public_model_ref(model_cfg.name),
         on_progress if ranks.is_main else None, ranks,
-        model_fingerprint(components.source_dir) if components.source_dir is not None else None,
+        model_fingerprint(components.source_dir) if components.source_dir is not None else None, components.clip_skip,
     )
     if not ranks.is_main:
         return result

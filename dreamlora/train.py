@@ -25,7 +25,7 @@ from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, f
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
 from dreamlora.lora import LORA_FILE, adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, save_diffusers_lora, trainable_parameters
-from dreamlora.models import Components, PromptEmbeddings, encode_prompts, load_components, public_model_ref, resolve_precision, select_attention, tokenize_all
+from dreamlora.models import Components, PromptEmbeddings, apply_clip_skip, encode_prompts, load_model, public_model_ref, resolve_precision, select_attention, tokenize_all
 from dreamlora.prior import MANIFEST, read_prior_set, safe_name
 from dreamlora.sampling import AugmentedLatents, BucketPlan, SquarePlan, class_indices
 from dreamlora.step import CudaGraphStep, batch_loss, dreambooth_loss  # noqa: F401 - dreambooth_loss is part of train's interface
@@ -121,6 +121,13 @@ def resolve_data(cfg: RunConfig, priors_root: Path = Path("priors")) -> tuple[Ru
         manifest = read_prior_set(Path(class_dir))
         class_name = class_name or manifest.get("class_name", "")
         class_prompt = class_prompt or manifest["prompt"]
+        drawn_with = int(manifest.get("clip_skip", 1))
+        if drawn_with != cfg.model.clip_skip and not needs_prior:
+            log.warning(
+                "the prior set in %s was drawn with clip skip %d but training reads prompts with clip skip %d, so its images are not what "
+                "the model draws for the class as trained; draw a set with `dreamlora prior --class %s --clip-skip %d --out FOLDER` and pass --class-dir FOLDER",
+                class_dir, drawn_with, cfg.model.clip_skip, class_name or "NAME", cfg.model.clip_skip,
+            )
     if class_dir and not needs_prior:
         for instance_path, class_path in duplicate_images(instance_images, list_images(class_dir, "class")):
             log.warning("class image '%s' is a copy of instance image '%s'; class images must show other members of the class (let `dreamlora prior` generate them), or prior preservation pulls the class toward your subject", class_path, instance_path.name)
@@ -568,6 +575,7 @@ def _run_info(cfg: RunConfig, components: Components, run_dir: Path, steps: int,
         "family": components.family.name,
         "base_model_version": components.family.base_model_version,
         "prediction_type": components.prediction_type,
+        "clip_skip": components.clip_skip,
         "resolution": cfg.data.resolution,
         "steps": steps,
         "max_steps": cfg.train.max_steps,
@@ -684,9 +692,8 @@ def _train(
     device = accelerator.device
     torch.manual_seed(cfg.train.seed)  # adapter initialisation
     if components is None:
-        components = load_components(
-            cfg.model.name, dtype=weight_dtype, device=device, allow_pickle=cfg.model.allow_pickle, vae=cfg.model.vae, single_file_config=cfg.model.single_file_config
-        )
+        components = load_model(cfg.model, weight_dtype, device)
+    apply_clip_skip(components, cfg.model.clip_skip)  # components given by the caller too
     if not cfg.data.resolution:
         cfg = replace(cfg, data=replace(cfg.data, resolution=components.native_resolution))
     unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
