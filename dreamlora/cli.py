@@ -292,6 +292,19 @@ def prior(
 # --- dataset ----------------------------------------------------------------------------------
 
 
+def _length_flags(max_steps: int | None, epochs: int | None) -> dict[str, Any]:
+    """--max-steps or --epochs: one of them sets the run's length (--max-steps overrides epochs from a config file).
+    Both together are refused, inside the command's error handling (`_check_length`)."""
+    return {"train.max_steps": max_steps, "train.epochs": epochs if epochs is not None else (0 if max_steps is not None else None)}
+
+
+def _check_length(max_steps: int | None, epochs: int | None) -> None:
+    if max_steps is not None and epochs is not None:
+        from dreamlora.errors import ConfigError
+
+        raise ConfigError("--max-steps and --epochs both set the run's length; pass one")
+
+
 def _dataset_flags(no_captions: bool, caption_dropout: Any, repeats: Any, class_ratio: Any, buckets: bool, color_jitter: Any) -> dict[str, Any]:
     return {
         "data.captions": False if no_captions else None, "data.caption_dropout": caption_dropout, "data.repeats": repeats,
@@ -310,6 +323,7 @@ def dataset(
     batch_size: Annotated[Optional[int], typer.Option(help="Instance images per step.")] = None,
     gradient_accumulation: Annotated[Optional[int], typer.Option()] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps, to report epochs.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Passes over the photos, to report steps (as train --epochs).")] = None,
     repeats: Annotated[Optional[int], typer.Option(help="Times each instance image appears per epoch.")] = None,
     class_ratio: Annotated[Optional[float], typer.Option(help="Class images per instance image in a batch.")] = None,
     buckets: Annotated[bool, typer.Option("--buckets", help="Aspect-ratio buckets instead of square crops.")] = False,
@@ -330,12 +344,13 @@ def dataset(
         from dreamlora.dataset_report import build_dataset_report, model_geometry
         from dreamlora.errors import ConfigError
 
+        _check_length(max_steps, epochs)
         if instance and instance_option and Path(instance) != Path(instance_option):
             raise ConfigError(f"two instance folders given ('{instance}' and --instance '{instance_option}'); pass one")
         cfg = load_config(config, _overrides(set_, {
             "data.instance_dir": instance or instance_option, "data.class_dir": class_dir, "data.token": token, "data.class_name": class_name,
             "data.resolution": resolution, "train.batch_size": batch_size, "train.gradient_accumulation": gradient_accumulation,
-            "train.max_steps": max_steps, "data.center_crop": False if random_crop else None, "model.name": model,
+            **_length_flags(max_steps, epochs), "data.center_crop": False if random_crop else None, "model.name": model,
             **_dataset_flags(no_captions, caption_dropout, repeats, class_ratio, buckets, color_jitter),
         }))
         if not cfg.data.class_dir:  # the class images `train` would use: priors/CLASS, or the only prior set
@@ -353,6 +368,10 @@ def dataset(
         native, factor = model_geometry(cfg.model.name, cfg.model.single_file_config)
         if not cfg.data.resolution:
             cfg = replace(cfg, data=replace(cfg.data, resolution=native))
+        if cfg.data.instance_dir and Path(cfg.data.instance_dir).is_dir():  # else the report names the problem
+            from dreamlora.train import resolve_epochs
+
+            cfg = resolve_epochs(cfg)
         report = build_dataset_report(cfg, factor, sheet)
         _render_dataset(report)
         report.raise_if_fatal()
@@ -398,7 +417,7 @@ def _render_dataset(report: Any) -> None:
         table.add_row(e.name, e.format, f"{e.file_size[0]}x{e.file_size[1]}", f"{e.size[0]}x{e.size[1]}", f"{e.train_size[0]}x{e.train_size[1]}", e.prompt or "(instance prompt)")
     out.print(table)
     _summary("schedule", [
-        ("steps per epoch", report.steps_per_epoch), ("epochs at max_steps", f"{report.epochs:.1f}"),
+        ("steps per epoch", report.steps_per_epoch), ("max steps", round(report.epochs * report.steps_per_epoch)), ("epochs at max_steps", f"{report.epochs:.1f}"),
         ("class images per epoch", report.class_per_epoch), ("contact sheet", report.sheet or "-"),
         *[("note", note) for note in report.notes],
     ])
@@ -428,6 +447,7 @@ def train(
     lr_scheduler: Annotated[Optional[str], typer.Option(help="constant|cosine|linear|cosine_with_restarts")] = None,
     warmup_steps: Annotated[Optional[int], typer.Option()] = None,
     max_steps: Annotated[Optional[int], typer.Option(help="Optimizer steps (default 800).")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Train for N passes over the photos x --repeats instead of --max-steps.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Instance images per step; as many class images join.")] = None,
     gradient_accumulation: Annotated[Optional[int], typer.Option()] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
@@ -477,7 +497,7 @@ def train(
         "train.text_encoder_lr": text_encoder_lr, "adapter.train_text_encoder": False if no_text_encoder else None,
         "train.gradient_checkpointing": False if no_gradient_checkpointing else None, "model.attention": attention,
         "model.precision": precision, "train.lr_scheduler": lr_scheduler, "train.warmup_steps": warmup_steps,
-        "train.max_steps": max_steps, "train.batch_size": batch_size, "train.gradient_accumulation": gradient_accumulation,
+        **_length_flags(max_steps, epochs), "train.batch_size": batch_size, "train.gradient_accumulation": gradient_accumulation,
         "train.seed": seed, "data.resolution": resolution, "data.center_crop": False if random_crop else None,
         "data.flip": True if flip else None, "train.out": out_dir, "train.checkpoint_every": checkpoint_every,
         "train.keep_checkpoints": keep_checkpoints, "model.name": model, "model.vae": vae, "train.compile": compile_,
@@ -495,11 +515,14 @@ def train(
         from dreamlora.checkpoint import load_checkpoint_state
         from dreamlora.config import load_config, read_toml
 
+        _check_length(max_steps, epochs)
         overrides = _overrides(set_, flags)
         if resume or resume_from:
             run_dir, checkpoint = training.resume_point(Path(out_dir) if out_dir else None, resume_from)
             saved = load_config(run_dir / "config.toml")
             cfg = load_config(run_dir / "config.toml", overrides)
+            if "train.epochs" in overrides:
+                cfg = training.resolve_epochs(cfg)
             training.check_resume_step(int(load_checkpoint_state(checkpoint)["step"]), cfg.train.max_steps, checkpoint)
             changed = training.changed_keys(saved, cfg)
             if changed and not force:

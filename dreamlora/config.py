@@ -163,6 +163,7 @@ class TrainConfig:
 
     out: str = ""  # default runs/<token>-<class>-<n>
     max_steps: int = 800
+    epochs: int = 0  # N > 0: max_steps is N passes over the instance photos x data.repeats (kohya's max_train_epochs)
     batch_size: int = 1  # instance images per step (as many class images join them)
     gradient_accumulation: int = 1
     lr: float = 1e-4
@@ -192,6 +193,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_steps <= 1_000_000, f"train.max_steps must be in 1..1000000; got {self.max_steps}")
+        _check(0 <= self.epochs <= 100_000, f"train.epochs must be in 0..100000 (0: train.max_steps decides); got {self.epochs}")
         _check(1 <= self.batch_size <= 256, f"train.batch_size must be in 1..256; got {self.batch_size}")
         _check(self.gradient_accumulation >= 1, f"train.gradient_accumulation must be >= 1; got {self.gradient_accumulation}")
         _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)

@@ -14,7 +14,7 @@ from dreamlora.config import RunConfig
 from dreamlora.data import IGNORED_NAMES, ImageFolder, caption_path, caption_prompt, few_photos_warning, list_images, load_image, make_buckets, nearest_bucket, read_caption, resize_and_crop_to
 from dreamlora.errors import DataError
 from dreamlora.hygiene import NEAR_DUPLICATE_BITS, dhash, hamming, image_problem, near_duplicates
-from dreamlora.sampling import BucketPlan, SquarePlan, class_span
+from dreamlora.sampling import class_span, instance_plan, steps_per_epoch
 
 SHEET_COLUMNS = 8
 MIN_SHEET_CELL = 96  # smaller training views are enlarged by a whole factor (nearest neighbour) to stay legible
@@ -179,12 +179,9 @@ def build_dataset_report(cfg: RunConfig, vae_scale_factor: int = 8, sheet_path: 
         class_folder = list_images(data.class_dir, "class")
         klass = _scan(class_folder, "class", data.resolution, None, None)
         in_class_set = [(a.name, b.name, d) for a in instance.images for b in klass.images if (d := hamming(a.dhash, b.dhash)) <= NEAR_DUPLICATE_BITS]
-    if buckets:
-        plan: SquarePlan | BucketPlan = BucketPlan([e.train_size for e in instance.images] or [(data.resolution, data.resolution)], train.batch_size, data.repeats, train.seed)
-    else:
-        plan = SquarePlan(max(1, len(instance.images)), data.resolution, train.batch_size, data.repeats, train.seed)
+    plan = instance_plan([e.train_size for e in instance.images], data.resolution, train.batch_size, data.repeats, train.seed, buckets)
     micro_batches = plan.batches_per_epoch
-    steps_per_epoch = math.ceil(micro_batches / train.gradient_accumulation)
+    per_epoch = steps_per_epoch(plan, 1, train.gradient_accumulation)
     class_per_epoch = class_span(micro_batches, train.batch_size, data.class_ratio)[0] if klass else 0
     if warning := few_photos_warning(len(instance.images)):
         notes.append(warning)
@@ -200,5 +197,5 @@ def build_dataset_report(cfg: RunConfig, vae_scale_factor: int = 8, sheet_path: 
         sheet = write_contact_sheet(folder, instance, target)
     return DatasetReport(
         instance, klass, data.resolution, Counter(e.train_size for e in instance.images), in_class_set,
-        steps_per_epoch, train.max_steps / steps_per_epoch, class_per_epoch, sheet, notes,
+        per_epoch, train.max_steps / per_epoch, class_per_epoch, sheet, notes,
     )

@@ -12,6 +12,7 @@ import copy
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -504,8 +505,62 @@ def sgm_checkpoint_state_dict(parts: dict[str, dict[str, torch.Tensor]], unet_co
 # --- metadata ------------------------------------------------------------------------------------
 
 
-def a1111_metadata(run: dict[str, Any], modules: list[LoraModule], output_name: str) -> dict[str, str]:
-    """kohya `ss_*` and `modelspec.*` metadata (all strings) for a run's A1111 file; no paths, user or host names."""
+OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit", "prodigy": "prodigyopt.Prodigy"}
+
+
+def _training_metadata(run: dict[str, Any], settings: dict[str, Any]) -> dict[str, str]:
+    """kohya's `ss_*` record of how the LoRA was trained (Civitai and LoRA browsers show it), from the run's config.toml
+    and run.json; only folder names, never paths. Empty without a config (a run folder from elsewhere)."""
+    train, data = settings.get("train", {}), settings.get("data", {})
+    if not train:
+        return {}
+
+    def off_as_none(value: Any) -> str:
+        return str(value) if value else "None"  # kohya writes None for an option not used
+
+    lr = float(train.get("lr", 1e-4))
+    accumulation, batch = int(train.get("gradient_accumulation", 1)), int(train.get("batch_size", 1))
+    steps, max_steps = int(run.get("steps") or 0), int(run.get("max_steps") or train.get("max_steps") or 0)
+    per_epoch = int(run.get("steps_per_epoch") or 0)
+    repeats, instance_images = int(data.get("repeats", 1)), int(run.get("instance_images") or 0)
+    meta = {
+        "ss_learning_rate": str(lr),
+        "ss_unet_lr": str(lr),
+        "ss_text_encoder_lr": str(float(train.get("text_encoder_lr") or lr)) if run.get("train_text_encoder", True) else "None",
+        "ss_lr_scheduler": str(train.get("lr_scheduler", "constant")),
+        "ss_lr_warmup_steps": str(train.get("warmup_steps", 0)),
+        "ss_optimizer": OPTIMIZER_NAMES.get(str(train.get("optimizer", "adamw")), str(train.get("optimizer"))),
+        "ss_batch_size_per_device": str(batch),
+        "ss_gradient_accumulation_steps": str(accumulation),
+        "ss_total_batch_size": str(batch * accumulation * int(run.get("processes") or 1)),
+        "ss_gradient_checkpointing": str(bool(train.get("gradient_checkpointing", True))),
+        "ss_mixed_precision": {"fp32": "no"}.get(str(run.get("precision", "")), str(run.get("precision", "")) or "None"),
+        "ss_prior_loss_weight": str(float(train.get("prior_weight", 1.0))) if run.get("with_prior") else "None",
+        "ss_noise_offset": off_as_none(train.get("noise_offset", 0.0)),
+        "ss_min_snr_gamma": off_as_none(train.get("snr_gamma", 0.0)),
+        "ss_flip_aug": str(bool(data.get("flip", False))),
+        "ss_random_crop": str(not data.get("center_crop", True)),
+        "ss_color_aug": str(bool(data.get("color_jitter", 0))),
+        "ss_enable_bucket": str(bool(data.get("buckets", False))),
+        "ss_caption_dropout_rate": str(float(data.get("caption_dropout", 0.0))),
+        "ss_cache_latents": str(bool(data.get("cache_latents", True)) and not data.get("color_jitter") and data.get("center_crop", True)),
+    }
+    if instance_images:
+        meta["ss_num_train_images"] = str(instance_images * repeats)
+        meta["ss_num_reg_images"] = str(int(run.get("class_images") or 0))
+        meta["ss_dataset_dirs"] = json.dumps({Path(str(data.get("instance_dir", "instance"))).name: {"n_repeats": repeats, "img_count": instance_images}})
+        if run.get("with_prior") and data.get("class_dir"):
+            meta["ss_reg_dataset_dirs"] = json.dumps({Path(str(data["class_dir"])).name: {"n_repeats": 1, "img_count": int(run.get("class_images") or 0)}})
+    if per_epoch:
+        meta["ss_num_batches_per_epoch"] = str(int(run.get("batches_per_epoch") or per_epoch))
+        meta["ss_num_epochs"] = str(math.ceil(max_steps / per_epoch)) if max_steps else "None"
+        meta["ss_epoch"] = str(math.ceil(steps / per_epoch))
+    return meta
+
+
+def a1111_metadata(run: dict[str, Any], modules: list[LoraModule], output_name: str, settings: dict[str, Any] | None = None) -> dict[str, str]:
+    """kohya `ss_*` and `modelspec.*` metadata (all strings) for a run's A1111 file; no paths, user or host names.
+    `settings` (the run's config.toml) adds the training record (`_training_metadata`)."""
     rank = _most_common(m.rank for m in modules)
     alpha = _most_common(m.alpha for m in modules)
     resolution = int(run.get("resolution") or 512)
@@ -520,7 +575,7 @@ def a1111_metadata(run: dict[str, Any], modules: list[LoraModule], output_name: 
         "ss_sd_model_name": model,
         "ss_resolution": f"({resolution}, {resolution})",
         "ss_steps": str(run.get("steps", "")),
-        "ss_max_train_steps": str(run.get("steps", "")),
+        "ss_max_train_steps": str(run.get("max_steps") or run.get("steps", "")),
         "ss_seed": str(run.get("seed", "")),
         "ss_clip_skip": str(run["clip_skip"]) if int(run.get("clip_skip", 1)) != 1 else "None",  # kohya writes None for the default
         "ss_output_name": output_name,
@@ -534,6 +589,7 @@ def a1111_metadata(run: dict[str, Any], modules: list[LoraModule], output_name: 
         "modelspec.title": output_name,
         "modelspec.trigger_phrase": token,
         "dreamlora_version": str(run.get("dreamlora_version", "")),
+        **_training_metadata(run, settings or {}),
     }
     return meta
 
@@ -856,16 +912,17 @@ def default_output(run_name: str, fmt: str, exports_root: Path, step: int | None
     return exports_root / f"{stem}-{fmt}"
 
 
+def run_settings(run_dir: Path) -> dict[str, Any]:
+    """The run's config.toml as a dict of sections ({} for a run folder without one)."""
+    import tomllib
+
+    config = Path(run_dir) / CONFIG_FILE
+    return tomllib.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+
+
 def base_model_ref(run_dir: Path, run: dict[str, Any]) -> str:
     """The base model to verify against: the run's config.toml keeps the full reference (run.json only its public name)."""
-    config = Path(run_dir) / CONFIG_FILE
-    if config.is_file():
-        import tomllib
-
-        name = tomllib.loads(config.read_text(encoding="utf-8")).get("model", {}).get("name")
-        if name:
-            return str(name)
-    return str(run["model"])
+    return str(run_settings(run_dir).get("model", {}).get("name") or run["model"])
 
 
 def run_kohya_naming(run_dir: Path, run: dict[str, Any]) -> KohyaNaming | None:
@@ -891,6 +948,8 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
     """Write a run's LoRA (final, or checkpoint `step`) in `cfg.format`, then verify it unless `cfg.verify` is off."""
     run_dir = Path(run_dir)
     run = read_run_info(run_dir)
+    if step is not None:
+        run = {**run, "steps": step}  # a checkpoint's LoRA: its own step in the metadata, not the run's last
     lora_file = find_lora(run_dir, step)
     if not lora_file.is_file():
         raise ExportError(f"run '{run_dir}' has no LoRA weights at '{lora_file}'; train it first or pass --step with an existing checkpoint")
@@ -904,7 +963,7 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
         raise ExportError(f"A1111 output '{out}' must end in .safetensors; pass --out NAME.safetensors")
     _refuse_existing(out)
     if cfg.format == "a1111":
-        write_a1111(out, modules, a1111_metadata(run, modules, out.stem), cfg.dtype, run_kohya_naming(run_dir, run))
+        write_a1111(out, modules, a1111_metadata(run, modules, out.stem, run_settings(run_dir)), cfg.dtype, run_kohya_naming(run_dir, run))
         counts = _count_modules(modules)
     elif cfg.format == "diffusers":
         write_diffusers(out, modules, cfg.dtype)

@@ -16,7 +16,7 @@ from collections.abc import Callable
 
 import torch
 
-from dreamlora.data import ImageFolderDataset, jitter_colors, random_offset, resize_and_crop_to, size_ids, stream_indices, to_tensor
+from dreamlora.data import ImageFolderDataset, jitter_colors, nearest_bucket, random_offset, resize_and_crop_to, size_ids, stream_indices, to_tensor
 from dreamlora.latent_cache import LatentDiskCache, file_digest
 
 Size = tuple[int, int]  # (width, height) in pixels
@@ -82,6 +82,19 @@ class BucketPlan:
     def batch(self, position: int) -> tuple[list[int], Size]:
         epoch, offset = divmod(position, self.batches_per_epoch)
         return self.epoch_batches(epoch)[offset]
+
+
+def instance_plan(sizes: list[Size], resolution: int, batch_size: int, repeats: int, seed: int, buckets: list[Size] | None) -> SquarePlan | BucketPlan:
+    """The instance batches of a run: one square size, or each image in its nearest aspect bucket (`buckets`)."""
+    if buckets:
+        return BucketPlan([nearest_bucket(size, buckets) for size in sizes] or [(resolution, resolution)], batch_size, repeats, seed)
+    return SquarePlan(max(1, len(sizes)), resolution, batch_size, repeats, seed)
+
+
+def steps_per_epoch(plan: SquarePlan | BucketPlan, processes: int, accumulation: int) -> int:
+    """Optimizer steps in one pass over the instance images x repeats: each step takes `accumulation` micro-batches
+    on each of `processes` processes."""
+    return math.ceil(plan.batches_per_epoch / (processes * accumulation))
 
 
 def class_indices(position: int, batch_size: int, ratio: float, n_class: int, seed: int) -> list[int]:

@@ -8,6 +8,7 @@ import functools
 import io
 import logging
 import math
+import os
 import signal
 import threading
 import time
@@ -21,13 +22,13 @@ import torch
 from dreamlora import __version__
 from dreamlora import checkpoint as ckpt
 from dreamlora.config import RunConfig, replace, to_dict, to_toml
-from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, list_images, make_buckets, nearest_bucket, resize_and_crop, to_tensor
+from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, list_images, make_buckets, open_image, resize_and_crop, to_tensor
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
 from dreamlora.lora import LORA_FILE, adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, save_diffusers_lora, trainable_parameters
 from dreamlora.models import Components, PromptEmbeddings, apply_clip_skip, encode_prompts, load_model, public_model_ref, resolve_precision, select_attention, tokenize_all
 from dreamlora.prior import MANIFEST, read_prior_set, safe_name
-from dreamlora.sampling import AugmentedLatents, BucketPlan, SquarePlan, class_indices
+from dreamlora.sampling import AugmentedLatents, class_indices, instance_plan, steps_per_epoch
 from dreamlora.step import CudaGraphStep, batch_loss, dreambooth_loss  # noqa: F401 - dreambooth_loss is part of train's interface
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,31 @@ def resolve_data(cfg: RunConfig, priors_root: Path = Path("priors")) -> tuple[Ru
     prior = replace(cfg.prior, class_name=cfg.prior.class_name or class_name, out=cfg.prior.out or class_dir)
     if needs_prior and not prior.class_name:
         raise ConfigError("a prior set must be generated but no class name is known; pass --class NAME")
-    return replace(cfg, data=data, prior=prior), needs_prior
+    return resolve_epochs(replace(cfg, data=data, prior=prior)), needs_prior
+
+
+def resolve_epochs(cfg: RunConfig, processes: int | None = None) -> RunConfig:
+    """With `train.epochs` set, `train.max_steps` becomes that many passes over the instance photos x repeats, as the
+    run will draw them (batch size, aspect buckets, gradient accumulation and `processes`, default $WORLD_SIZE)."""
+    if not cfg.train.epochs:
+        return cfg
+    data = cfg.data
+    folder = list_images(data.instance_dir, "instance")
+    buckets = None
+    if data.buckets:
+        from dreamlora.dataset_report import model_geometry
+
+        native, factor = model_geometry(cfg.model.name, cfg.model.single_file_config)
+        buckets = make_buckets(data.resolution or native, 8 * factor, data.bucket_max_ratio)
+    sizes = [open_image(path).size for path in folder.paths] if buckets else [(0, 0)] * len(folder.paths)
+    plan = instance_plan(sizes, data.resolution, cfg.train.batch_size, data.repeats, cfg.train.seed, buckets)
+    processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
+    per_epoch = steps_per_epoch(plan, processes, cfg.train.gradient_accumulation)
+    max_steps = cfg.train.epochs * per_epoch
+    if max_steps > 1_000_000:
+        raise ConfigError(f"{cfg.train.epochs} epochs of {per_epoch} steps is {max_steps} steps, more than 1000000; pass fewer --epochs")
+    log.info("%d epochs of %d steps (%d photos x %d repeats, batch %d): %d steps", cfg.train.epochs, per_epoch, len(folder.paths), data.repeats, cfg.train.batch_size, max_steps)
+    return replace(cfg, train=replace(cfg.train, max_steps=max_steps))
 
 
 def only_prior_set(priors_root: Path = Path("priors")) -> Path | None:
@@ -281,12 +306,8 @@ class DreamBoothBatches:
         # Rows index distinct prompts (each encoded once per step): instance prompt, class prompt, then each caption.
         self.prompts += sorted(set(captions) - set(self.prompts))
         self.instance_rows = [self.prompts.index(p) for p in captions]
-        if data.buckets:
-            step = 8 * components.vae_scale_factor
-            self.buckets = make_buckets(data.resolution, step, data.bucket_max_ratio)
-            self.plan: SquarePlan | BucketPlan = BucketPlan([nearest_bucket(im.size, self.buckets) for im in instance.images], self.batch_size, data.repeats, self.seed)
-        else:
-            self.plan = SquarePlan(len(instance), data.resolution, self.batch_size, data.repeats, self.seed)
+        buckets = make_buckets(data.resolution, 8 * components.vae_scale_factor, data.bucket_max_ratio) if data.buckets else None
+        self.plan = instance_plan([im.size for im in instance.images], data.resolution, self.batch_size, data.repeats, self.seed, buckets)
         if disk is not None and rank == 0:  # every process reads the same cache; one line says it
             log.info("latent cache %s: %d views read, %d encoded", disk.root, disk.hits, disk.misses)
 
@@ -568,7 +589,8 @@ def check_gradients(groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, fl
     return norms
 
 
-def _run_info(cfg: RunConfig, components: Components, run_dir: Path, steps: int, status: str, processes: int = 1) -> dict[str, Any]:
+def _run_info(cfg: RunConfig, components: Components, run_dir: Path, steps: int, status: str, processes: int = 1, dataset: dict[str, Any] | None = None) -> dict[str, Any]:
+    """run.json: what the run is (for export metadata, inspect and generate); `dataset`: its image counts and epoch size."""
     return {
         "name": run_dir.name,
         "model": public_model_ref(cfg.model.name),  # never an absolute path of the user's machine
@@ -592,6 +614,7 @@ def _run_info(cfg: RunConfig, components: Components, run_dir: Path, steps: int,
         "dreamlora_version": __version__,
         "status": status,
         "processes": processes,
+        **(dataset or {}),
     }
 
 
@@ -744,6 +767,17 @@ def _train(
         run_dir = ckpt.create_run_dir(path, auto) if accelerator.is_main_process else path
         run_dir = _broadcast_path(accelerator, run_dir)
     control.run_dir = run_dir
+    dataset = {
+        "precision": precision,
+        "instance_images": len(batches.sources[0]),
+        "class_images": len(batches.sources[1]) if batches.with_prior else 0,
+        "batches_per_epoch": batches.plan.batches_per_epoch,
+        "steps_per_epoch": steps_per_epoch(batches.plan, accelerator.num_processes, cfg.train.gradient_accumulation),
+    }
+
+    def run_info(steps: int, status: str) -> dict[str, Any]:
+        return _run_info(cfg, components, run_dir, steps, status, accelerator.num_processes, dataset)
+
     if resume_from is not None:
         check_resume_step(int(ckpt.load_checkpoint_state(resume_from)["step"]), cfg.train.max_steps, resume_from)
         with fp32_lora():
@@ -752,7 +786,7 @@ def _train(
             _truncate_metrics(run_dir / ckpt.METRICS_FILE, start_step)
     if accelerator.is_main_process:
         ckpt.write_atomic(run_dir / ckpt.CONFIG_FILE, to_toml(cfg).encode("utf-8"))
-        ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, start_step, "running", accelerator.num_processes))
+        ckpt.write_json(run_dir / ckpt.RUN_INFO, run_info(start_step, "running"))
         if cfg.train.report_to:
             _start_trackers(accelerator, cfg, run_dir)
     # Samples at fixed seeds (main process): the base model's images are made once, here, before any step.
@@ -890,7 +924,7 @@ def _train(
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
                 ckpt.save_checkpoint(run_dir, done, write_lora, training_state(done), cfg.train.keep_checkpoints)
-                ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, done, "running", accelerator.num_processes))
+                ckpt.write_json(run_dir / ckpt.RUN_INFO, run_info(done, "running"))
         if done < cfg.train.max_steps and control.stop_requested(accelerator):
             # SIGINT/SIGTERM: a checkpoint at this step boundary (unless one was just written), then a clean stop.
             accelerator.wait_for_everyone()
@@ -898,7 +932,7 @@ def _train(
             if accelerator.is_main_process:
                 if not (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and bad_steps == 0):
                     ckpt.save_checkpoint(run_dir, done, write_lora, training_state(done), cfg.train.keep_checkpoints)
-                ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, done, "interrupted", accelerator.num_processes))
+                ckpt.write_json(run_dir / ckpt.RUN_INFO, run_info(done, "interrupted"))
             number = control.signal_number or signal.SIGTERM
             raise TrainingInterrupted(
                 f"training stopped by {signal.Signals(number).name} after step {done} of {cfg.train.max_steps}; checkpoint saved in {folder}. "
@@ -913,7 +947,7 @@ def _train(
     parked_vae.unpark()  # for the final pictures, and where a caller passing `components` expects it
     if accelerator.is_main_process:
         lora_path = ckpt.write_folder_atomic(run_dir / ckpt.LORA_DIR, write_lora) / LORA_FILE
-        ckpt.write_json(run_dir / ckpt.RUN_INFO, _run_info(cfg, components, run_dir, cfg.train.max_steps, "finished", accelerator.num_processes))
+        ckpt.write_json(run_dir / ckpt.RUN_INFO, run_info(cfg.train.max_steps, "finished"))
         samples = _final_pictures(cfg, components, unwrapped(), run_dir, monitor)
     accelerator.end_training()
     capture = graph_step.capture_seconds if graph_step is not None else 0.0
@@ -1087,7 +1121,7 @@ def changed_keys(saved: RunConfig, new: RunConfig) -> list[str]:
             dotted = f"{section}.{key}"
             if dotted in RESUME_FREE_KEYS or before[section].get(key) == value:
                 continue
-            if dotted == "train.max_steps" and _constant_schedules(new) and max(new.train.warmup_steps, new.train.text_encoder_warmup_steps) < min(saved.train.max_steps, new.train.max_steps):
+            if dotted in ("train.max_steps", "train.epochs") and _constant_schedules(new) and max(new.train.warmup_steps, new.train.text_encoder_warmup_steps) < min(saved.train.max_steps, new.train.max_steps):
                 continue  # a constant schedule does not depend on the step budget
             keys.append(f"{dotted}: {before[section].get(key)!r} -> {value!r}")
     return keys
