@@ -225,13 +225,14 @@ def temporary_folder_beside(final: Path) -> Path:
         raise OSError(error.errno, error.strerror, str(final)) from error
 
 
-def write_folder_atomic(folder: Path, write: Any) -> Path:
-    """Write a folder's files with `write(tmp_folder)` beside it, flush, then swap it into place."""
+def write_folder_atomic(folder: Path, write: Any, replace: bool = True) -> Path:
+    """Write a folder's files with `write(tmp_folder)` beside it, flush, then swap it into place (replacing an older
+    one unless `replace` is off: then a folder that appeared meanwhile makes the rename fail and is left alone)."""
     tmp = temporary_folder_beside(folder)
     try:
         write(tmp)
         _fsync_tree(tmp)
-        if folder.exists():
+        if replace and folder.exists():
             shutil.rmtree(folder)
         os.replace(tmp, folder)
     except BaseException:

@@ -13,7 +13,6 @@ import hashlib
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import struct
@@ -24,7 +23,7 @@ from typing import Any, Iterable
 
 import torch
 
-from dreamlora.checkpoint import CONFIG_FILE, find_lora, read_run_info, temporary_folder_beside, write_atomic
+from dreamlora.checkpoint import CONFIG_FILE, find_lora, read_run_info, write_atomic, write_folder_atomic
 from dreamlora.config import ExportConfig
 from dreamlora.errors import ConfigError, ExportError, ModelLoadError
 from dreamlora.models import public_model_ref
@@ -628,17 +627,6 @@ def _refuse_existing(path: Path) -> None:
         raise ExportError(f"'{path}' already exists and is never overwritten; pass another --out, or delete it first")
 
 
-def _write_folder_atomic(final: Path, write: Any) -> None:
-    """Build a folder under a temporary name beside `final`, then rename it into place."""
-    tmp = temporary_folder_beside(final)
-    try:
-        write(tmp)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def _remove(path: Path) -> None:
     if path.is_dir():
         shutil.rmtree(path, ignore_errors=True)
@@ -658,7 +646,7 @@ def write_a1111(path: Path, modules: list[LoraModule], metadata: dict[str, str],
 
 def write_diffusers(folder: Path, modules: list[LoraModule], dtype: str) -> Path:
     state_dicts, metadata = peft_state_dicts(modules)
-    _write_folder_atomic(folder, lambda tmp: save_diffusers_lora(tmp, state_dicts, metadata, DTYPES[dtype]))
+    write_folder_atomic(folder, lambda tmp: save_diffusers_lora(tmp, state_dicts, metadata, DTYPES[dtype]), replace=False)
     return folder
 
 
@@ -898,7 +886,7 @@ def write_merged(out: Path, model_ref: str, lora_file: Path, scale: float, dtype
         architecture = _modelspec_architecture(components.family.name).removesuffix("/lora")
         write_atomic(out, save({k: v.contiguous() for k, v in state_dict.items()}, metadata={"format": "pt", "modelspec.architecture": architecture}))
     else:
-        _write_folder_atomic(out, lambda tmp: build_pipeline(components).save_pretrained(tmp, safe_serialization=True))
+        write_folder_atomic(out, lambda tmp: build_pipeline(components).save_pretrained(tmp, safe_serialization=True), replace=False)
     return counts
 
 

@@ -31,8 +31,9 @@ CACHE_VERSION = 1  # bump when the preprocessing changes what an entry would hol
 
 
 def default_cache_dir() -> Path:
-    root = os.environ.get("DREAMLORA_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "dreamlora")
-    return Path(root) / "latents"
+    from dreamlora.models import cache_root
+
+    return cache_root() / "latents"
 
 
 def file_digest(path: Path) -> str:

@@ -179,7 +179,8 @@ def resolve_precision(precision: str, device: torch.device) -> tuple[str, torch.
 # --- the built-in tiny preset -------------------------------------------------------------------
 
 
-def _cache_root() -> Path:
+def cache_root() -> Path:
+    """dreamlora's cache folder: $DREAMLORA_CACHE, else $XDG_CACHE_HOME/dreamlora or ~/.cache/dreamlora."""
     root = os.environ.get("DREAMLORA_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache", "dreamlora")
     return Path(root)
 
@@ -351,7 +352,7 @@ def _write_model_index(folder: Path) -> None:
 
 def tiny_model_dir(preset: str = "tiny") -> Path:
     """The tiny preset's diffusers folder, built on first use and cached."""
-    folder = _cache_root() / f"{preset}-v1"
+    folder = cache_root() / f"{preset}-v1"
     if not (folder / "model_index.json").is_file():
         folder.parent.mkdir(parents=True, exist_ok=True)
         with torch.random.fork_rng(devices=[]):  # building on first use must not move the caller's random state
@@ -410,7 +411,8 @@ def _check_weights_format(folder: Path, allow_pickle: bool) -> None:
             )
 
 
-def _hub_reachable() -> bool:
+def hub_reachable() -> bool:
+    """Whether the Hugging Face hub answers (never when HF_HUB_OFFLINE is set): offline, loading fails at once."""
     if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
@@ -466,7 +468,7 @@ def load_vae(ref: str, dtype: torch.dtype = torch.float32, allow_pickle: bool = 
     else:
         source, subfolder = ref, None
     try:
-        return AutoencoderKL.from_pretrained(source, subfolder=subfolder, dtype=dtype, use_safetensors=None if allow_pickle else True, local_files_only=not isinstance(source, Path) and not _hub_reachable())
+        return AutoencoderKL.from_pretrained(source, subfolder=subfolder, dtype=dtype, use_safetensors=None if allow_pickle else True, local_files_only=not isinstance(source, Path) and not hub_reachable())
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"could not load the VAE {ref!r}: {error}; pass a local diffusers VAE folder with --vae PATH") from error
 
@@ -494,7 +496,7 @@ def load_components(
         parts, family, extra = load(True)
     except (OSError, ValueError) as error:
         # A hub id not in the cache: download only when the hub can be reached, so offline fails at once.
-        if local or not _hub_reachable():
+        if local or not hub_reachable():
             raise _load_failure(ref, source, error) from error
         try:
             parts, family, extra = load(False)
@@ -547,7 +549,7 @@ def apply_clip_skip(components: Components, clip_skip: int) -> None:
 def _load_failure(ref: str, source: Path | str, error: Exception | None) -> ModelLoadError:
     if isinstance(source, Path):
         return ModelLoadError(f"could not load the model in '{source}': {error}; check that it is a complete diffusers Stable Diffusion folder")
-    reason = "the Hugging Face hub is unreachable from this machine" if not _hub_reachable() else f"loading failed: {error}"
+    reason = "the Hugging Face hub is unreachable from this machine" if not hub_reachable() else f"loading failed: {error}"
     return ModelLoadError(
         f"model {ref!r} is not in the local cache and {reason}. Download it where there is network "
         f"(`huggingface-cli download {ref}`) and pass the local folder with --model PATH, set DREAMLORA_MODEL, "
@@ -565,7 +567,7 @@ def build_random(arch: str, dtype: torch.dtype = torch.float32, device: torch.de
         known = sorted(p.name for p in RANDOM_CONFIGS_DIR.iterdir() if p.is_dir())
         raise ConfigError(f"unknown random architecture {arch!r}; known: {', '.join('random:' + k for k in known)}")
     read = lambda name: json.loads((folder / f"{name}.json").read_text(encoding="utf-8"))  # noqa: E731
-    tokenizer_dir = _cache_root() / "char-tokenizer"
+    tokenizer_dir = cache_root() / "char-tokenizer"
     if not (tokenizer_dir / "vocab.json").is_file():
         write_char_tokenizer(tokenizer_dir)
     tokenizer = CLIPTokenizer.from_pretrained(tokenizer_dir)

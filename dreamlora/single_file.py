@@ -29,9 +29,9 @@ ARCHITECTURE_CONFIGS: dict[str, str | None] = {"sd": None, "sdxl": None}
 
 
 def converted_dir_root() -> Path:
-    from dreamlora.models import _cache_root
+    from dreamlora.models import cache_root
 
-    return _cache_root() / "models"
+    return cache_root() / "models"
 
 
 def converted_usage() -> tuple[Path, int, int]:
@@ -74,7 +74,7 @@ def checkpoint_architecture(path: Path) -> tuple[str, torch.dtype]:
 def converted_folder(path: Path, config: str = "") -> Path:
     """The diffusers folder of single-file checkpoint `path`, converting it on first use (atomically)."""
     from dreamlora.checkpoint import temporary_folder_beside
-    from dreamlora.models import _hub_reachable
+    from dreamlora.models import hub_reachable
 
     path = Path(path).expanduser()
     if path.suffix.lower() != ".safetensors":
@@ -93,7 +93,7 @@ def converted_folder(path: Path, config: str = "") -> Path:
     pipeline_class = diffusers.StableDiffusionXLPipeline if architecture == "sdxl" else diffusers.StableDiffusionPipeline
     extra = {"safety_checker": None, "requires_safety_checker": False} if architecture == "sd" else {}
     local_config = source is not None and Path(source).expanduser().is_dir()
-    offline = not local_config and not _hub_reachable()
+    offline = not local_config and not hub_reachable()
     log.warning("converting the single-file checkpoint %s to a diffusers folder, once: %s", path, folder)
     try:
         pipe = pipeline_class.from_single_file(
