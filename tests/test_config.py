@@ -83,3 +83,14 @@ def test_set_takes_a_toml_list_so_list_values_keep_their_commas() -> None:
         load_config(None, parse_set_options(['train.sample_prompts=["unclosed']))
     with pytest.raises(ConfigError, match="train.sample_prompts must be a tuple"):
         load_config(None, parse_set_options(["train.sample_prompts=[1, [2]]"]))
+
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", [*sorted((ROOT / "samples").glob("*.toml")), ROOT / "dreamlora" / "configs" / "toy.toml"], ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path) -> None:
+    # The README points users at these files; a renamed or misspelt key would make them an error.
+    cfg = load_config(path)
+    assert cfg.model.name and cfg.train.max_steps >= 1
+    assert f"`{path.relative_to(ROOT).as_posix()}`" in (ROOT / "README.md").read_text(encoding="utf-8")
