@@ -24,7 +24,7 @@ from typing import Any, Iterable
 import torch
 
 from dreamlora.checkpoint import CONFIG_FILE, find_lora, read_run_info, write_atomic, write_folder_atomic
-from dreamlora.config import ExportConfig
+from dreamlora.config import ExportConfig, RunConfig, from_dict
 from dreamlora.errors import ConfigError, ExportError, ModelLoadError
 from dreamlora.models import public_model_ref
 from dreamlora.lora import GROUPS, LORA_FILE, load_adapters, read_diffusers_lora, read_safetensors, save_diffusers_lora
@@ -507,49 +507,47 @@ def sgm_checkpoint_state_dict(parts: dict[str, dict[str, torch.Tensor]], unet_co
 OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit", "prodigy": "prodigyopt.Prodigy"}
 
 
-def _training_metadata(run: dict[str, Any], settings: dict[str, Any]) -> dict[str, str]:
-    """kohya's `ss_*` record of how the LoRA was trained (Civitai and LoRA browsers show it), from the run's config.toml
+def _training_metadata(run: dict[str, Any], cfg: RunConfig | None) -> dict[str, str]:
+    """kohya's `ss_*` record of how the LoRA was trained (Civitai and LoRA browsers show it), from the run's config
     and run.json; only folder names, never paths. Empty without a config (a run folder from elsewhere)."""
-    train, data = settings.get("train", {}), settings.get("data", {})
-    if not train:
+    if cfg is None:
         return {}
+    train, data = cfg.train, cfg.data
 
     def off_as_none(value: Any) -> str:
         return str(value) if value else "None"  # kohya writes None for an option not used
 
-    lr = float(train.get("lr", 1e-4))
-    accumulation, batch = int(train.get("gradient_accumulation", 1)), int(train.get("batch_size", 1))
-    steps, max_steps = int(run.get("steps") or 0), int(run.get("max_steps") or train.get("max_steps") or 0)
+    steps, max_steps = int(run.get("steps") or 0), int(run.get("max_steps") or train.max_steps)
     per_epoch = int(run.get("steps_per_epoch") or 0)
-    repeats, instance_images = int(data.get("repeats", 1)), int(run.get("instance_images") or 0)
+    instance_images = int(run.get("instance_images") or 0)
     meta = {
-        "ss_learning_rate": str(lr),
-        "ss_unet_lr": str(lr),
-        "ss_text_encoder_lr": str(float(train.get("text_encoder_lr") or lr)) if run.get("train_text_encoder", True) else "None",
-        "ss_lr_scheduler": str(train.get("lr_scheduler", "constant")),
-        "ss_lr_warmup_steps": str(train.get("warmup_steps", 0)),
-        "ss_optimizer": OPTIMIZER_NAMES.get(str(train.get("optimizer", "adamw")), str(train.get("optimizer"))),
-        "ss_batch_size_per_device": str(batch),
-        "ss_gradient_accumulation_steps": str(accumulation),
-        "ss_total_batch_size": str(batch * accumulation * int(run.get("processes") or 1)),
-        "ss_gradient_checkpointing": str(bool(train.get("gradient_checkpointing", True))),
+        "ss_learning_rate": str(train.lr),
+        "ss_unet_lr": str(train.lr),
+        "ss_text_encoder_lr": str(float(train.resolved_text_encoder_lr)) if cfg.adapter.train_text_encoder else "None",
+        "ss_lr_scheduler": train.lr_scheduler,
+        "ss_lr_warmup_steps": str(train.warmup_steps),
+        "ss_optimizer": OPTIMIZER_NAMES[train.optimizer],
+        "ss_batch_size_per_device": str(train.batch_size),
+        "ss_gradient_accumulation_steps": str(train.gradient_accumulation),
+        "ss_total_batch_size": str(train.batch_size * train.gradient_accumulation * int(run.get("processes") or 1)),
+        "ss_gradient_checkpointing": str(train.gradient_checkpointing),
         "ss_mixed_precision": {"fp32": "no"}.get(str(run.get("precision", "")), str(run.get("precision", "")) or "None"),
-        "ss_prior_loss_weight": str(float(train.get("prior_weight", 1.0))) if run.get("with_prior") else "None",
-        "ss_noise_offset": off_as_none(train.get("noise_offset", 0.0)),
-        "ss_min_snr_gamma": off_as_none(train.get("snr_gamma", 0.0)),
-        "ss_flip_aug": str(bool(data.get("flip", False))),
-        "ss_random_crop": str(not data.get("center_crop", True)),
-        "ss_color_aug": str(bool(data.get("color_jitter", 0))),
-        "ss_enable_bucket": str(bool(data.get("buckets", False))),
-        "ss_caption_dropout_rate": str(float(data.get("caption_dropout", 0.0))),
-        "ss_cache_latents": str(bool(data.get("cache_latents", True)) and not data.get("color_jitter") and data.get("center_crop", True)),
+        "ss_prior_loss_weight": str(float(train.prior_weight)) if run.get("with_prior") else "None",
+        "ss_noise_offset": off_as_none(train.noise_offset),
+        "ss_min_snr_gamma": off_as_none(train.snr_gamma),
+        "ss_flip_aug": str(data.flip),
+        "ss_random_crop": str(not data.center_crop),
+        "ss_color_aug": str(bool(data.color_jitter)),
+        "ss_enable_bucket": str(data.buckets),
+        "ss_caption_dropout_rate": str(float(data.caption_dropout)),
+        "ss_cache_latents": str(data.cache_latents and data.latents_cacheable),
     }
     if instance_images:
-        meta["ss_num_train_images"] = str(instance_images * repeats)
+        meta["ss_num_train_images"] = str(instance_images * data.repeats)
         meta["ss_num_reg_images"] = str(int(run.get("class_images") or 0))
-        meta["ss_dataset_dirs"] = json.dumps({Path(str(data.get("instance_dir", "instance"))).name: {"n_repeats": repeats, "img_count": instance_images}})
-        if run.get("with_prior") and data.get("class_dir"):
-            meta["ss_reg_dataset_dirs"] = json.dumps({Path(str(data["class_dir"])).name: {"n_repeats": 1, "img_count": int(run.get("class_images") or 0)}})
+        meta["ss_dataset_dirs"] = json.dumps({Path(data.instance_dir or "instance").name: {"n_repeats": data.repeats, "img_count": instance_images}})
+        if run.get("with_prior") and data.class_dir:
+            meta["ss_reg_dataset_dirs"] = json.dumps({Path(data.class_dir).name: {"n_repeats": 1, "img_count": int(run.get("class_images") or 0)}})
     if per_epoch:
         meta["ss_num_batches_per_epoch"] = str(int(run.get("batches_per_epoch") or per_epoch))
         meta["ss_num_epochs"] = str(math.ceil(max_steps / per_epoch)) if max_steps else "None"
@@ -557,9 +555,9 @@ def _training_metadata(run: dict[str, Any], settings: dict[str, Any]) -> dict[st
     return meta
 
 
-def a1111_metadata(run: dict[str, Any], modules: list[LoraModule], output_name: str, settings: dict[str, Any] | None = None) -> dict[str, str]:
+def a1111_metadata(run: dict[str, Any], modules: list[LoraModule], output_name: str, cfg: RunConfig | None = None) -> dict[str, str]:
     """kohya `ss_*` and `modelspec.*` metadata (all strings) for a run's A1111 file; no paths, user or host names.
-    `settings` (the run's config.toml) adds the training record (`_training_metadata`)."""
+    `cfg` (the run's config) adds the training record (`_training_metadata`)."""
     rank = _most_common(m.rank for m in modules)
     alpha = _most_common(m.alpha for m in modules)
     resolution = int(run.get("resolution") or 512)
@@ -588,7 +586,7 @@ def a1111_metadata(run: dict[str, Any], modules: list[LoraModule], output_name: 
         "modelspec.title": output_name,
         "modelspec.trigger_phrase": token,
         "dreamlora_version": str(run.get("dreamlora_version", "")),
-        **_training_metadata(run, settings or {}),
+        **_training_metadata(run, cfg),
     }
     return meta
 
@@ -908,6 +906,17 @@ def run_settings(run_dir: Path) -> dict[str, Any]:
     return tomllib.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
 
 
+def run_config(run_dir: Path) -> RunConfig | None:
+    """The run's config as written by this version's `train`; None without one or when it does not load (a run folder
+    from another version), so the export goes on without the training record."""
+    settings = run_settings(run_dir)
+    try:
+        return from_dict(settings) if settings else None
+    except ConfigError as error:
+        log.warning("the run's %s does not load (%s); the export carries no training record", CONFIG_FILE, error)
+        return None
+
+
 def base_model_ref(run_dir: Path, run: dict[str, Any]) -> str:
     """The base model to verify against: the run's config.toml keeps the full reference (run.json only its public name)."""
     return str(run_settings(run_dir).get("model", {}).get("name") or run["model"])
@@ -951,7 +960,7 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
         raise ExportError(f"A1111 output '{out}' must end in .safetensors; pass --out NAME.safetensors")
     _refuse_existing(out)
     if cfg.format == "a1111":
-        write_a1111(out, modules, a1111_metadata(run, modules, out.stem, run_settings(run_dir)), cfg.dtype, run_kohya_naming(run_dir, run))
+        write_a1111(out, modules, a1111_metadata(run, modules, out.stem, run_config(run_dir)), cfg.dtype, run_kohya_naming(run_dir, run))
         counts = _count_modules(modules)
     elif cfg.format == "diffusers":
         write_diffusers(out, modules, cfg.dtype)

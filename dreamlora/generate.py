@@ -185,10 +185,8 @@ def check_settings(num_images: int, steps: int, guidance: float | None, resoluti
 def run_base_model(loras: list[tuple[Path, float]]) -> tuple[str, str, Path] | None:
     """The base model (and replacement VAE, or "") the given run folders or their checkpoints were trained on, and the
     first such run; None when no LoRA comes from a run. Runs on different base models are an error."""
-    import tomllib
-
-    from dreamlora.checkpoint import CONFIG_FILE, RUN_INFO
-    from dreamlora.export import base_model_ref
+    from dreamlora.checkpoint import RUN_INFO
+    from dreamlora.export import base_model_ref, run_settings
 
     found: dict[str, Path] = {}
     for path, _ in loras:
@@ -201,7 +199,7 @@ def run_base_model(loras: list[tuple[Path, float]]) -> tuple[str, str, Path] | N
     if not found:
         return None
     model, run_dir = next(iter(found.items()))
-    vae = tomllib.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("model", {}).get("vae", "")
+    vae = run_settings(run_dir).get("model", {}).get("vae", "")
     return model, str(vae or ""), run_dir
 
 
@@ -215,16 +213,13 @@ def _run_of(path: Path) -> Path | None:
 def recorded_clip_skip(loras: list[tuple[Path, float]]) -> tuple[int, str] | None:
     """The clip skip the LoRAs were trained with (a run's config, else a file's kohya `ss_clip_skip`) and where it was
     read, when one is recorded; None when none is. LoRAs trained with different clip skips are an error."""
-    import tomllib
-
-    from dreamlora.checkpoint import CONFIG_FILE
+    from dreamlora.export import run_settings
     from dreamlora.lora import read_metadata
 
     found: dict[int, str] = {}
     for path, _ in loras:
         if (run_dir := _run_of(Path(path))) is not None:
-            model = tomllib.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8")).get("model", {})
-            found.setdefault(int(model.get("clip_skip", 1)), f"run {run_dir}")
+            found.setdefault(int(run_settings(run_dir).get("model", {}).get("clip_skip", 1)), f"run {run_dir}")
             continue
         recorded = read_metadata(find_lora(Path(path))).get("ss_clip_skip", "")
         if recorded.strip().isdigit():
