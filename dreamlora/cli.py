@@ -305,6 +305,23 @@ def _check_length(max_steps: int | None, epochs: int | None) -> None:
         raise ConfigError("--max-steps and --epochs both set the run's length; pass one")
 
 
+def _target_flags(targets: str | None, conv_rank: int | None, conv_alpha: float | None) -> dict[str, Any]:
+    """--targets PRESET sets both target lists (an unknown preset is refused by `_check_targets`); --conv-rank/--conv-alpha LoCon."""
+    from dreamlora.config import TARGET_PRESETS
+
+    unet, text_encoder = TARGET_PRESETS.get(targets or "", (None, None))
+    return {"adapter.unet_targets": unet, "adapter.text_encoder_targets": text_encoder, "adapter.conv_rank": conv_rank, "adapter.conv_alpha": conv_alpha}
+
+
+def _check_targets(targets: str | None) -> None:
+    from dreamlora.config import TARGET_PRESETS
+
+    if targets is not None and targets not in TARGET_PRESETS:
+        from dreamlora.errors import ConfigError
+
+        raise ConfigError(f"--targets must be one of {', '.join(TARGET_PRESETS)}; got {targets!r}")
+
+
 def _dataset_flags(no_captions: bool, caption_dropout: Any, repeats: Any, class_ratio: Any, buckets: bool, color_jitter: Any) -> dict[str, Any]:
     return {
         "data.captions": False if no_captions else None, "data.caption_dropout": caption_dropout, "data.repeats": repeats,
@@ -438,6 +455,9 @@ def train(
     num_class_images: Annotated[Optional[int], typer.Option(help="Prior set size when one is generated (default 200).")] = None,
     rank: Annotated[Optional[int], typer.Option(help="LoRA rank (default 4).")] = None,
     alpha: Annotated[Optional[float], typer.Option(help="LoRA alpha (default = rank).")] = None,
+    targets: Annotated[Optional[str], typer.Option(help="attention (default: UNet and text-encoder attention, as diffusers' script) or all (also the transformers' feed-forward and projections and the text encoder's MLPs, as kohya's LoRA).")] = None,
+    conv_rank: Annotated[Optional[int], typer.Option(help="Also train the UNet's ResNet and resampling blocks, 3x3 convolutions at this rank (kohya's conv_dim, LoCon; default 0: off).")] = None,
+    conv_alpha: Annotated[Optional[float], typer.Option(help="Alpha of the 3x3-convolution LoRAs (default = --conv-rank).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="UNet LoRA learning rate (default 1e-4).")] = None,
     text_encoder_lr: Annotated[Optional[float], typer.Option(help="Text-encoder LoRA learning rate (default = --lr).")] = None,
     no_text_encoder: Annotated[bool, typer.Option("--no-text-encoder", help="Train the UNet LoRA alone.")] = False,
@@ -508,6 +528,7 @@ def train(
         "model.allow_pickle": True if allow_pickle else None, "model.clip_skip": clip_skip,
         **_dataset_flags(no_captions, caption_dropout, repeats, class_ratio, buckets, color_jitter),
         "data.cache_latents": False if no_latent_cache else None, "data.latent_cache_dir": latent_cache,
+        **_target_flags(targets, conv_rank, conv_alpha),
     }
 
     def action() -> None:
@@ -516,6 +537,7 @@ def train(
         from dreamlora.config import load_config, read_toml
 
         _check_length(max_steps, epochs)
+        _check_targets(targets)
         overrides = _overrides(set_, flags)
         if resume or resume_from:
             run_dir, checkpoint = training.resume_point(Path(out_dir) if out_dir else None, resume_from)

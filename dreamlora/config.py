@@ -23,6 +23,14 @@ OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 TRACKERS = ("tensorboard", "wandb")
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+# kohya's networks.lora: every Linear and 1x1 convolution of the UNet's transformers and of the text encoder's attention and MLP.
+UNET_ALL_TARGETS = UNET_TARGETS + ("proj_in", "proj_out", "ff.net.0.proj", "ff.net.2")
+TEXT_ENCODER_ALL_TARGETS = TEXT_ENCODER_TARGETS + ("fc1", "fc2")
+TARGET_PRESETS = {"attention": (UNET_TARGETS, TEXT_ENCODER_TARGETS), "all": (UNET_ALL_TARGETS, TEXT_ENCODER_ALL_TARGETS)}
+# kohya's conv_dim (LoCon): the ResNet, down- and upsampling blocks join; their 3x3 convolutions take the conv rank and
+# alpha, their 1x1 shortcut and time projection the main ones.
+CONV3X3_TARGETS = ("conv1", "conv2", "downsamplers.0.conv", "upsamplers.0.conv")
+RESNET_TARGETS = CONV3X3_TARGETS + ("conv_shortcut", "time_emb_proj")
 
 
 def _default_model() -> str:
@@ -144,10 +152,15 @@ class AdapterConfig:
     text_encoder_targets: tuple[str, ...] = TEXT_ENCODER_TARGETS
     dropout: float = 0.0
     init: str = "default"  # default: zero up-weights; gaussian; nonzero (tests: adapted differs from base at step 0)
+    conv_rank: int = 0  # > 0: LoRA on the UNet's ResNet and resampling blocks too, 3x3 convolutions at this rank (kohya's conv_dim, LoCon)
+    conv_alpha: float = 0.0  # 0: equal to conv_rank (kohya's conv_alpha)
 
     def __post_init__(self) -> None:
         _check(1 <= self.rank <= 1024, f"adapter.rank must be in 1..1024; got {self.rank}")
         _check(self.alpha >= 0, f"adapter.alpha must be >= 0 (0 = rank); got {self.alpha}")
+        _check(0 <= self.conv_rank <= 1024, f"adapter.conv_rank must be in 0..1024 (0: no LoRA on 3x3 convolutions); got {self.conv_rank}")
+        _check(self.conv_alpha >= 0, f"adapter.conv_alpha must be >= 0 (0 = conv_rank); got {self.conv_alpha}")
+        _check(not self.conv_alpha or self.conv_rank > 0, "adapter.conv_alpha needs adapter.conv_rank (--conv-rank N): without it no convolution is trained")
         _check(0 <= self.dropout < 1, f"adapter.dropout must be in [0, 1); got {self.dropout}")
         _check(bool(self.unet_targets), "adapter.unet_targets is empty; the UNet needs at least one LoRA target")
         _check_choice("adapter.init", self.init, ("default", "gaussian", "nonzero"))
@@ -155,6 +168,16 @@ class AdapterConfig:
     @property
     def resolved_alpha(self) -> float:
         return float(self.alpha or self.rank)
+
+    @property
+    def resolved_conv_alpha(self) -> float:
+        return float(self.conv_alpha or self.conv_rank)
+
+    @property
+    def all_unet_targets(self) -> tuple[str, ...]:
+        """The UNet's LoRA targets with the ResNet and resampling layers when `conv_rank` is set."""
+        extra = tuple(t for t in RESNET_TARGETS if t not in self.unet_targets) if self.conv_rank else ()
+        return tuple(self.unet_targets) + extra
 
 
 @dataclass(frozen=True)

@@ -55,6 +55,11 @@ class LoraModule:
     def rank(self) -> int:
         return int(self.down.shape[0])
 
+    @property
+    def is_conv3x3(self) -> bool:
+        """A convolution with a kernel wider than 1x1 (kohya's conv_dim/LoCon layers)."""
+        return self.down.dim() == 4 and tuple(self.down.shape[2:]) != (1, 1)
+
 
 @dataclass
 class VerifyReport:
@@ -558,8 +563,13 @@ def _training_metadata(run: dict[str, Any], cfg: RunConfig | None) -> dict[str, 
 def a1111_metadata(run: dict[str, Any], modules: list[LoraModule], output_name: str, cfg: RunConfig | None = None) -> dict[str, str]:
     """kohya `ss_*` and `modelspec.*` metadata (all strings) for a run's A1111 file; no paths, user or host names.
     `cfg` (the run's config) adds the training record (`_training_metadata`)."""
-    rank = _most_common(m.rank for m in modules)
-    alpha = _most_common(m.alpha for m in modules)
+    linear = [m for m in modules if not m.is_conv3x3] or modules  # kohya's network_dim/alpha; 3x3 convolutions are conv_dim/alpha
+    rank = _most_common(m.rank for m in linear)
+    alpha = _most_common(m.alpha for m in linear)
+    network_args: dict[str, Any] = {"train_text_encoder": bool(run.get("train_text_encoder", any(m.group.startswith("text_encoder") for m in modules)))}
+    convs = [m for m in modules if m.is_conv3x3]
+    if convs:  # kohya writes them as strings
+        network_args.update(conv_dim=str(_most_common(m.rank for m in convs)), conv_alpha=f"{_most_common(m.alpha for m in convs):g}")
     resolution = int(run.get("resolution") or 512)
     token, class_name = run.get("token", ""), run.get("class_name", "")
     model = public_model_ref(str(run.get("model", "")))
@@ -578,7 +588,7 @@ def a1111_metadata(run: dict[str, Any], modules: list[LoraModule], output_name: 
         "ss_output_name": output_name,
         "ss_training_comment": f"dreamlora DreamBooth LoRA; token: {token}; class: {class_name}; instance prompt: {run.get('instance_prompt', '')}",
         "ss_tag_frequency": json.dumps({"instance": {run.get("instance_prompt") or f"{token} {class_name}".strip(): 1}}),
-        "ss_network_args": json.dumps({"train_text_encoder": bool(run.get("train_text_encoder", any(m.group.startswith("text_encoder") for m in modules)))}),
+        "ss_network_args": json.dumps(network_args),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": _modelspec_architecture(str(run.get("family", "sd1"))),
         "modelspec.resolution": f"{resolution}x{resolution}",

@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-from dreamlora.config import AdapterConfig
+from dreamlora.config import CONV3X3_TARGETS, AdapterConfig
 from dreamlora.errors import ExportError
 
 log = logging.getLogger(__name__)
@@ -19,10 +19,16 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 GROUPS = ("unet", "text_encoder", "text_encoder_2")  # the models a LoRA file can adapt, in file-prefix order (text_encoder_2: SDXL)
 
 
-def lora_config(adapter_cfg: AdapterConfig, targets: tuple[str, ...], exclude: list[str] | None = None) -> Any:
+def lora_config(adapter_cfg: AdapterConfig, targets: tuple[str, ...], exclude: list[str] | None = None, conv_layers: tuple[str, ...] = ()) -> Any:
+    """PEFT's LoraConfig; `conv_layers` (target names) take the conv rank and alpha through PEFT's rank/alpha patterns."""
     from peft import LoraConfig
 
     init: bool | str = {"default": True, "gaussian": "gaussian", "nonzero": False}[adapter_cfg.init]
+    patterns: dict[str, Any] = {}
+    if conv_layers and adapter_cfg.conv_rank != adapter_cfg.rank:
+        patterns["rank_pattern"] = {name: adapter_cfg.conv_rank for name in conv_layers}
+    if conv_layers and adapter_cfg.resolved_conv_alpha != adapter_cfg.resolved_alpha:
+        patterns["alpha_pattern"] = {name: adapter_cfg.resolved_conv_alpha for name in conv_layers}
     return LoraConfig(
         r=adapter_cfg.rank,
         lora_alpha=adapter_cfg.resolved_alpha,
@@ -30,7 +36,13 @@ def lora_config(adapter_cfg: AdapterConfig, targets: tuple[str, ...], exclude: l
         target_modules=list(targets),
         init_lora_weights=init,
         **({"exclude_modules": exclude} if exclude else {}),
+        **patterns,
     )
+
+
+def unet_lora_config(adapter_cfg: AdapterConfig) -> Any:
+    """The UNet's LoraConfig: its targets, and with `conv_rank` the ResNet/resampling layers (3x3 convolutions at the conv rank)."""
+    return lora_config(adapter_cfg, adapter_cfg.all_unet_targets, conv_layers=CONV3X3_TARGETS if adapter_cfg.conv_rank else ())
 
 
 def final_layer_modules(text_encoder: torch.nn.Module, targets: tuple[str, ...]) -> list[str]:
@@ -52,7 +64,7 @@ def attach_adapters(
     `skip_final_layer` names encoders whose last layer the UNet never sees (`ModelFamily.penultimate_encoders`): no LoRA there.
     """
     unet.requires_grad_(False)
-    unet.add_adapter(lora_config(adapter_cfg, adapter_cfg.unet_targets))
+    unet.add_adapter(unet_lora_config(adapter_cfg))
     for name, encoder in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         if encoder is not None:
             encoder.requires_grad_(False)
