@@ -178,6 +178,26 @@ def peft_state_dicts(modules: list[LoraModule], dtype: torch.dtype = torch.float
     return state_dicts, metadata
 
 
+_ATTENTION_MODULE = re.compile(r"(^|[._])to_(q|k|v|out)([._]|$)")
+
+
+def alphas_diffusers_misreads(entries: Iterable[tuple[str, str, float]]) -> list[str]:
+    """Of (group, module name, alpha) entries in a kohya file, the modules whose alpha diffusers' kohya loader replaces
+    by its group's most common one: text-encoder and UNet attention modules (measured with diffusers 0.42: it names
+    their alpha patterns in the old attention-processor form, or trims the text encoder's, and PEFT ignores them).
+    UNet convolutions, projections and feed-forward layers keep their own alpha. Names: diffusers or kohya form."""
+    groups: dict[str, dict[str, float]] = {}
+    for group, name, alpha in entries:
+        groups.setdefault(group, {})[name] = alpha
+    misread = []
+    for group, members in groups.items():
+        if len(set(members.values())) < 2:
+            continue
+        common = _most_common(members.values())
+        misread += sorted(n for n, a in members.items() if a != common and (group != "unet" or _ATTENTION_MODULE.search(n)))
+    return misread
+
+
 def fold_alphas(modules: list[LoraModule], per_module_rank: bool) -> tuple[list[LoraModule], list[str]]:
     """Fold each module's alpha into its up weights so every consumer computes the same delta.
 
@@ -969,8 +989,16 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
     if cfg.format == "a1111" and out.suffix != ".safetensors":
         raise ExportError(f"A1111 output '{out}' must end in .safetensors; pass --out NAME.safetensors")
     _refuse_existing(out)
+    notes = []
     if cfg.format == "a1111":
-        write_a1111(out, modules, a1111_metadata(run, modules, out.stem, run_config(run_dir)), cfg.dtype, run_kohya_naming(run_dir, run))
+        metadata = a1111_metadata(run, modules, out.stem, run_config(run_dir))
+        written = modules
+        if alphas_diffusers_misreads((m.group, m.module, m.alpha) for m in modules):
+            # Attention modules off their group's most common alpha (few attention targets beside many convolutions):
+            # A1111 and ComfyUI would read them right, diffusers would not, so the alphas go into the weights.
+            written, changed = fold_alphas(modules, per_module_rank=False)
+            notes.append(f"alphas folded into the up weights of {len(changed)} modules (every module now has alpha {written[0].alpha:g}), so diffusers reads the file as A1111 does")
+        write_a1111(out, written, metadata, cfg.dtype, run_kohya_naming(run_dir, run))
         counts = _count_modules(modules)
     elif cfg.format == "diffusers":
         write_diffusers(out, modules, cfg.dtype)
@@ -985,7 +1013,7 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
         except ExportError as error:
             _remove(out)
             raise ExportError(f"{error}. '{out}' was removed; export with --no-verify to keep an unverified file") from error
-    return ExportResult(out, cfg.format, cfg.dtype, counts, report)
+    return ExportResult(out, cfg.format, cfg.dtype, counts, report, notes)
 
 
 def _read_any_lora(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -1118,9 +1146,9 @@ def convert_lora(src: Path, dst: Path, to: str, base_model: str | None = None, d
     if to == "a1111":
         if dst.suffix != ".safetensors":
             raise ExportError(f"A1111 output '{dst}' must end in .safetensors; pass OUT as NAME.safetensors")
-        if not _alphas_uniform(modules):
+        if alphas_diffusers_misreads((m.group, m.module, m.alpha) for m in modules):
             modules, changed = fold_alphas(modules, per_module_rank=False)
-            notes.append(f"per-module alphas differ (diffusers would apply the most common one to all): folded into the up weights of {len(changed)} modules; every module now has alpha {modules[0].alpha:g}")
+            notes.append(f"per-module alphas differ where diffusers would apply the most common one (text encoder, UNet attention): folded into the up weights of {len(changed)} modules; every module now has alpha {modules[0].alpha:g}")
         kept = {k: v for k, v in file_meta.items() if k.startswith(("ss_", "modelspec.")) and k != "sshs_model_hash"}
         write_a1111(dst, modules, {**kept, "ss_output_name": dst.stem}, dtype, naming)
     else:

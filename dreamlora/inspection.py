@@ -11,7 +11,7 @@ import torch
 
 from dreamlora.checkpoint import RUN_INFO, find_lora, read_run_info
 from dreamlora.errors import ExportError
-from dreamlora.export import is_kohya_key
+from dreamlora.export import alphas_diffusers_misreads, is_kohya_key
 from dreamlora.lora import GROUPS, read_safetensors
 
 CROSS_ATTENTION_FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
@@ -132,7 +132,7 @@ def _kohya_problems(family: str, modules: dict[str, dict[str, Any]], tensors: di
         no_text_model = [n for n in te_names if n.startswith("lora_te_") and not n.startswith("lora_te_text_model_")]
         if no_text_model:
             problems.append(f"{len(no_text_model)} text-encoder modules lack text_model_ (first: {no_text_model[0]}); A1111 ignores them; fix with `dreamlora convert --to a1111`")
-    misread = _alphas_diffusers_misreads(modules)
+    misread = alphas_diffusers_misreads((m["group"], name, m["alpha"]) for name, m in modules.items() if "alpha" in m)
     if misread:
         alphas = sorted({m["alpha"] for m in modules.values() if "alpha" in m})
         problems.append(
@@ -152,25 +152,6 @@ def _kohya_problems(family: str, modules: dict[str, dict[str, Any]], tensors: di
     if dora:
         problems.append(f"{len(dora)} modules are DoRA (dora_scale magnitudes, first: {dora[0]}): AUTOMATIC1111 and ComfyUI load them; dreamlora's convert refuses them rather than drop the magnitudes")
     return problems
-
-
-ATTENTION_PARTS = ("_to_q", "_to_k", "_to_v", "_to_out_")
-
-
-def _alphas_diffusers_misreads(modules: dict[str, dict[str, Any]]) -> list[str]:
-    """Modules whose alpha diffusers' kohya loader replaces by their group's most common one (measured with diffusers 0.42:
-    it names their alpha pattern in the old attention-processor form, or trims the text encoder's, and PEFT ignores it).
-    Other UNet modules (convolutions, projections, feed-forward) keep their own alpha."""
-    misread = []
-    for group in GROUPS:
-        members = {name: m["alpha"] for name, m in modules.items() if m["group"] == group and "alpha" in m}
-        if len(set(members.values())) < 2:
-            continue
-        common = Counter(members.values()).most_common(1)[0][0]
-        misread += sorted(
-            name for name, alpha in members.items() if alpha != common and (group != "unet" or any(part in name for part in ATTENTION_PARTS))
-        )
-    return misread
 
 
 def _adapter_summary(file_meta: dict[str, str]) -> dict[str, dict[str, Any]]:

@@ -171,3 +171,29 @@ def test_sdxl_conv_layers_export_with_sgm_names(tmp_path: Path) -> None:
     for name in ("lora_unet_input_blocks_3_0_op", "lora_unet_output_blocks_2_2_conv", "lora_unet_input_blocks_1_0_in_layers_2"):
         assert float(tensors[f"{name}.alpha"]) == CONV_ALPHA and tensors[f"{name}.lora_down.weight"].shape[0] == CONV_RANK, name
     assert float(tensors["lora_unet_input_blocks_4_0_skip_connection.alpha"]) == ALPHA  # a 1x1 shortcut: the main rank and alpha
+
+
+def test_a1111_export_folds_alphas_diffusers_would_misread(tmp_path: Path) -> None:
+    """Attention modules off their group's most common alpha (here: to_k at 3 among modules at 8): diffusers would give
+    them the common one. The export folds the alphas into the weights and says so; the file then verifies through diffusers."""
+    from dreamlora.config import ExportConfig
+    from dreamlora.export import alphas_diffusers_misreads, export_run, modules_from_peft
+    from dreamlora.lora import adapter_metadata, adapter_state_dicts, save_diffusers_lora
+
+    components = load_components("tiny")
+    cfg = AdapterConfig(rank=RANK, alpha=ALPHA, conv_rank=CONV_RANK, conv_alpha=CONV_ALPHA, init="nonzero")
+    attach_adapters(components.unet, components.text_encoder, cfg)
+    models = {"unet": components.unet, "text_encoder": components.text_encoder}
+    metadata = {k: adapter_metadata(m) for k, m in models.items()}
+    metadata["unet"]["alpha_pattern"] = {**metadata["unet"]["alpha_pattern"], "to_k": 3.0}
+    run = tmp_path / "runs" / "odd"
+    save_diffusers_lora(run / "lora", adapter_state_dicts(models), metadata)
+    (run / "run.json").write_text(json.dumps({"model": "tiny", "family": "sd1", "resolution": 32, "steps": 1, "token": "sks", "class_name": "dog"}))
+    modules = modules_from_peft(*read_diffusers_lora(run / "lora"))
+    misread = alphas_diffusers_misreads((m.group, m.module, m.alpha) for m in modules)
+    assert misread and all(name.endswith(".to_k") for name in misread)
+    assert {m.alpha for m in modules if m.module.endswith(".to_k")} == {3.0}
+    result = export_run(run, ExportConfig(format="a1111", dtype="fp32"), exports_root=tmp_path / "exports")
+    assert result.verify.status == "passed" and any("alphas folded" in note for note in result.notes)
+    tensors, _ = read_safetensors(result.path)
+    assert len({float(v) for k, v in tensors.items() if k.endswith(".alpha")}) == 1
