@@ -21,6 +21,8 @@ ATTENTIONS = ("auto", "sdpa", "xformers")
 LR_SCHEDULERS = ("constant", "cosine", "linear", "cosine_with_restarts")
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
 TRACKERS = ("tensorboard", "wandb")
+LOSSES = ("l2", "l1", "huber", "smooth_l1")  # kohya's --loss_type
+HUBER_SCHEDULES = ("snr", "exponential", "constant")  # kohya's --huber_schedule (snr is its default)
 UNET_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 # kohya's networks.lora: every Linear and 1x1 convolution of the UNet's transformers and of the text encoder's attention and MLP.
@@ -213,6 +215,9 @@ class TrainConfig:
     text_encoder_steps_fraction: float = 1.0  # train the text-encoder LoRA for this fraction of max_steps, then freeze it
     snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (5.0 in the paper); 0: plain MSE
     noise_offset: float = 0.0  # per-image, per-channel shift of the noise mean (0.05-0.1 helps very dark/bright images); 0: off
+    loss: str = "l2"  # l2 (MSE), l1, huber or smooth_l1: the scheduled pseudo-Huber losses resist outlier photos (kohya's --loss_type)
+    huber_c: float = 0.1  # huber/smooth_l1: the pseudo-Huber threshold at the noisiest timestep (kohya's --huber_c)
+    huber_schedule: str = "snr"  # huber/smooth_l1: how the threshold falls from 1 at t=0 to huber_c: snr, exponential, constant
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_steps <= 1_000_000, f"train.max_steps must be in 1..1000000; got {self.max_steps}")
@@ -243,6 +248,14 @@ class TrainConfig:
         _check(0 < self.text_encoder_steps_fraction <= 1, f"train.text_encoder_steps_fraction must be in (0, 1] (1 = all steps); got {self.text_encoder_steps_fraction}")
         _check(self.snr_gamma >= 0, f"train.snr_gamma must be >= 0 (0 = off, 5 is usual); got {self.snr_gamma}")
         _check(self.noise_offset >= 0, f"train.noise_offset must be >= 0 (0 = off, 0.05-0.1 is usual); got {self.noise_offset}")
+        _check_choice("train.loss", self.loss, LOSSES)
+        _check(0 < self.huber_c <= 1, f"train.huber_c must be in (0, 1] (0.1 is usual); got {self.huber_c}")
+        _check_choice("train.huber_schedule", self.huber_schedule, HUBER_SCHEDULES)
+        if self.loss not in ("huber", "smooth_l1"):
+            _check(
+                self.huber_c == 0.1 and self.huber_schedule == "snr",
+                f"train.huber_c and train.huber_schedule shape the huber and smooth_l1 losses, not {self.loss}; add --loss huber or drop them",
+            )
         _check(self.sample_every >= 0, f"train.sample_every must be >= 0 (0 = samples only at the end); got {self.sample_every}")
         _check(self.num_samples >= 0, f"train.num_samples must be >= 0 (0: no sample images); got {self.num_samples}")
 

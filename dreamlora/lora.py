@@ -136,26 +136,25 @@ def save_diffusers_lora(folder: Path, state_dicts: dict[str, dict[str, torch.Ten
     return folder / LORA_FILE
 
 
-def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Every tensor and the metadata of a safetensors file; a truncated or foreign file is a user error, not a crash."""
+def _open_safetensors(path: Path, read: Any) -> Any:
+    """`read(handle)` on an open safetensors file; a truncated or foreign file is a user error, not a crash."""
     from safetensors import safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return {k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})
+            return read(handle)
     except Exception as error:  # noqa: BLE001 - safetensors raises its own types for corrupt files
         raise ExportError(f"'{path}' could not be read as safetensors ({error}); is the file complete? Copy or download it again") from error
+
+
+def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Every tensor and the metadata of a safetensors file."""
+    return _open_safetensors(path, lambda handle: ({k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})))
 
 
 def read_metadata(path: Path) -> dict[str, str]:
     """A safetensors file's metadata alone (its tensors are not read)."""
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(path), framework="pt") as handle:
-            return dict(handle.metadata() or {})
-    except Exception as error:  # noqa: BLE001 - safetensors raises its own types for corrupt files
-        raise ExportError(f"'{path}' could not be read as safetensors ({error}); is the file complete? Copy or download it again") from error
+    return _open_safetensors(path, lambda handle: dict(handle.metadata() or {}))
 
 
 def read_diffusers_lora(path: Path) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, dict[str, Any]]]:

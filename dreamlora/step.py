@@ -3,7 +3,7 @@
 An eager SD 1.5 LoRA step launches about 13,000 kernels and is bound by launch overhead, not arithmetic. Replaying a
 captured graph launches the same work with one call, so the step costs what the GPU needs. The graph holds the text
 encoder, UNet, loss, backward, master-weight copies, gradient clipping and the fused AdamW update; the loop copies each
-step's latents, noise, timesteps, target, loss weights and SDXL size ids into static buffers and replays it.
+step's latents, noise, timesteps, target, loss weights, Huber thresholds and SDXL size ids into static buffers and replays it.
 """
 
 from __future__ import annotations
@@ -21,14 +21,32 @@ log = logging.getLogger(__name__)
 
 
 def dreambooth_loss(
-    pred: torch.Tensor, target: torch.Tensor, n_instance: int, prior_weight: float, weights: torch.Tensor | None = None
+    pred: torch.Tensor,
+    target: torch.Tensor,
+    n_instance: int,
+    prior_weight: float,
+    weights: torch.Tensor | None = None,
+    loss: str = "l2",
+    huber_c: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """MSE on the instance half plus `prior_weight` x MSE on the class half (rows after `n_instance`), in fp32.
+    """The per-example loss averaged over the instance half plus `prior_weight` x over the class half (rows after `n_instance`), in fp32.
 
-    `weights` (one per row, e.g. from `train.snr_weights`) scale each example's MSE before each half is averaged.
+    `loss`: l2 (squared error), l1, or the pseudo-Huber losses with a threshold c per row (`huber_c`, from `train.huber_thresholds`):
+    huber 2c(sqrt(d^2 + c^2) - c), which is d^2 for small errors and 2c|d| for large ones, and smooth_l1 2(sqrt(d^2 + c^2) - c).
+    `weights` (one per row, e.g. from `train.snr_weights`) scale each example's loss before each half is averaged.
     """
-    pred, target = pred.float(), target.float()
-    per_example = (pred - target).square().flatten(1).mean(dim=1)
+    diff = pred.float() - target.float()
+    if loss == "l2":
+        elementwise = diff.square()
+    elif loss == "l1":
+        elementwise = diff.abs()
+    else:
+        if huber_c is None:
+            raise ValueError(f"the {loss} loss needs a threshold per row (huber_c)")
+        c = huber_c.float().view(-1, *[1] * (diff.dim() - 1))
+        elementwise = (diff.square() + c.square()).sqrt() - c
+        elementwise = 2 * c * elementwise if loss == "huber" else 2 * elementwise
+    per_example = elementwise.flatten(1).mean(dim=1)
     if weights is not None:
         per_example = per_example * weights.float()
     instance_loss = per_example[:n_instance].mean()
@@ -51,6 +69,8 @@ def batch_loss(
     weights: torch.Tensor | None = None,
     size_ids: torch.Tensor | None = None,
     added_conditioning: Callable[[PromptEmbeddings, torch.Tensor], dict[str, torch.Tensor] | None] | None = None,
+    loss: str = "l2",
+    huber_c: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Predict with the UNet conditioned on each row's prompt and return (loss, instance loss, prior loss).
 
@@ -64,7 +84,7 @@ def batch_loss(
     added = added_conditioning(embeddings, size_ids) if added_conditioning is not None else None
     added = {key: value.to(weight_dtype) for key, value in added.items()} if added else None
     pred = unet(noisy.to(weight_dtype), timesteps, embeddings.context.to(weight_dtype), added_cond_kwargs=added).sample
-    return dreambooth_loss(pred, target, n_instance, prior_weight, weights)
+    return dreambooth_loss(pred, target, n_instance, prior_weight, weights, loss, huber_c)
 
 
 class CudaGraphStep:

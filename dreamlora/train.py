@@ -74,6 +74,23 @@ def snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float) -> 
     raise TrainingError(f"--snr-gamma does not support prediction_type {prediction_type!r}; use epsilon or v_prediction models")
 
 
+def huber_thresholds(noise_scheduler: Any, timesteps: torch.Tensor, c: float, schedule: str) -> torch.Tensor:
+    """The pseudo-Huber threshold per row (Khrapov et al. 2024, "scheduled pseudo-Huber loss", as kohya's sd-scripts use it):
+    near 1 (the loss is about MSE) at low noise, falling to `c` (robust to outlier pixels) at high noise.
+
+    snr: (1 - c) / (1 + sigma_t)^2 + c with sigma_t = sqrt((1 - alpha_bar_t) / alpha_bar_t); exponential: c^(t / T);
+    constant: c.
+    """
+    if schedule == "constant":
+        return torch.full(timesteps.shape, float(c), device=timesteps.device)
+    if schedule == "exponential":
+        total = int(noise_scheduler.config.num_train_timesteps)
+        return (float(c) ** (timesteps.double() / total)).float()
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].double()
+    sigma = ((1.0 - alphas_cumprod) / alphas_cumprod).sqrt()
+    return ((1.0 - c) / (1.0 + sigma).square() + c).float()
+
+
 def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
     """Gaussian noise like `latents`; `noise_offset` adds a random per-image, per-channel constant (shifts each channel's mean)."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
@@ -820,9 +837,13 @@ def _train(
     unet.train()
     graph_step = None
     if graphs:
-        def graph_loss(rows: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, size_ids: torch.Tensor) -> Any:
+        def graph_loss(
+            rows: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, size_ids: torch.Tensor, huber_c: torch.Tensor
+        ) -> Any:
             # The text encoders stay in the graph after --text-encoder-steps-fraction: their learning rate is 0 from then on.
-            return batch_loss(unet, context_fn, rows, noisy, timesteps, target, bsz, cfg.train.prior_weight, weight_dtype, weights, size_ids, added_conditioning)
+            return batch_loss(
+                unet, context_fn, rows, noisy, timesteps, target, bsz, cfg.train.prior_weight, weight_dtype, weights, size_ids, added_conditioning, cfg.train.loss, huber_c
+            )
 
         params = [p for ps in groups.values() for p in ps]
         first_check = (lambda: check_gradients(groups)) if start_step == 0 or resume_from is not None else None  # noqa: E731
@@ -840,11 +861,14 @@ def _train(
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             target = diffusion_target(noise_scheduler, latents, noise, timesteps)
             weights = snr_weights(noise_scheduler, timesteps, cfg.train.snr_gamma) if cfg.train.snr_gamma else None
+            huber_c = huber_thresholds(noise_scheduler, timesteps, cfg.train.huber_c, cfg.train.huber_schedule) if cfg.train.loss in ("huber", "smooth_l1") else None
             if graph_step is not None:
                 # One replay runs forward, backward, clipping and AdamW; a non-finite loss skips the update in-graph.
                 if weights is None:
                     weights = torch.ones(latents.shape[0], device=device)
-                loss, instance_loss, prior_loss = graph_step(rows, noisy, timesteps, target, weights, batch.size_ids)
+                if huber_c is None:
+                    huber_c = torch.ones(latents.shape[0], device=device)  # a static input the l2/l1 losses do not read
+                loss, instance_loss, prior_loss = graph_step(rows, noisy, timesteps, target, weights, batch.size_ids, huber_c)
                 if graph_step.capture_seconds and step == start_step:
                     log.info("CUDA graph captured in %.1f s", graph_step.capture_seconds)
                 continue
@@ -854,7 +878,8 @@ def _train(
                 step_ids = [ids[used] for ids in input_ids]
                 context_fn = (lambda: encode_prompts(components, step_ids, text_encoders)) if encode_each_step else (lambda: cached_embeddings.select(used))  # noqa: E731
                 loss, instance_loss, prior_loss = batch_loss(
-                    unet, context_fn, rows, noisy, timesteps, target, bsz, cfg.train.prior_weight, weight_dtype, weights, batch.size_ids, added_conditioning
+                    unet, context_fn, rows, noisy, timesteps, target, bsz, cfg.train.prior_weight, weight_dtype, weights, batch.size_ids, added_conditioning,
+                    cfg.train.loss, huber_c,
                 )
                 if not torch.isfinite(loss):
                     # A non-finite loss must not reach the weights: skip the step and stop after several in a row.

@@ -1,5 +1,6 @@
-"""The training knobs: min-SNR weights, noise offset, per-group LR schedules, text-encoder cut-off, 8-bit AdamW, Prodigy."""
+"""The training knobs: min-SNR weights, l1 and scheduled pseudo-Huber losses, noise offset, per-group LR schedules, text-encoder cut-off, 8-bit AdamW, Prodigy."""
 
+import json
 import math
 import sys
 import types
@@ -10,9 +11,9 @@ import torch
 
 from dreamlora.config import load_config
 from dreamlora.errors import ConfigError, TrainingError
-from dreamlora.lora import read_diffusers_lora
+from dreamlora.lora import read_diffusers_lora, read_safetensors
 from dreamlora.models import load_components
-from dreamlora.train import dreambooth_loss, lr_factor, make_lr_scheduler, make_optimizer, resolve_data, sample_noise, snr_weights, train
+from dreamlora.train import dreambooth_loss, huber_thresholds, lr_factor, make_lr_scheduler, make_optimizer, resolve_data, sample_noise, snr_weights, train
 
 
 @pytest.mark.parametrize("preset", ["tiny", "tiny-v"])
@@ -43,6 +44,58 @@ def test_dreambooth_loss_weights_each_example() -> None:
     plain = dreambooth_loss(pred, target, 2, 0.5)
     ones = dreambooth_loss(pred, target, 2, 0.5, torch.ones(4))
     assert all(torch.equal(a, b) for a, b in zip(plain, ones))
+
+
+def test_pseudo_huber_and_l1_losses_follow_their_formulas() -> None:
+    pred = torch.zeros(3, 2)
+    target = torch.tensor([[0.01, -0.01], [3.0, -3.0], [0.5, 0.5]])
+    c = torch.tensor([0.1, 0.1, 1.0])
+    _, huber, _ = dreambooth_loss(pred, target, n_instance=3, prior_weight=1.0, loss="huber", huber_c=c)
+    per_row = [2 * ci * (math.sqrt(d * d + ci * ci) - ci) for d, ci in ((0.01, 0.1), (3.0, 0.1), (0.5, 1.0))]
+    assert huber.item() == pytest.approx(sum(per_row) / 3, rel=1e-5)
+    small = dreambooth_loss(pred[:1], target[:1], 1, 1.0, loss="huber", huber_c=c[:1])[0]
+    assert small.item() == pytest.approx(0.01**2, rel=1e-2)  # about the squared error for errors far below c
+    large = dreambooth_loss(pred[1:2], target[1:2], 1, 1.0, loss="huber", huber_c=c[1:2])[0]
+    assert large.item() == pytest.approx(2 * 0.1 * 3.0, rel=0.05) and large.item() < 9.0 / 10  # linear, far below the MSE of 9
+    _, smooth, _ = dreambooth_loss(pred, target, 3, 1.0, loss="smooth_l1", huber_c=c)
+    assert smooth.item() == pytest.approx(sum(2 * (math.sqrt(d * d + ci * ci) - ci) for d, ci in ((0.01, 0.1), (3.0, 0.1), (0.5, 1.0))) / 3, rel=1e-5)
+    _, l1, _ = dreambooth_loss(pred, target, 3, 1.0, loss="l1")
+    assert l1.item() == pytest.approx((0.01 + 3.0 + 0.5) / 3)
+    with pytest.raises(ValueError, match="huber_c"):
+        dreambooth_loss(pred, target, 3, 1.0, loss="huber")
+
+
+def test_huber_threshold_schedules() -> None:
+    scheduler = load_components("tiny").noise_scheduler
+    total = scheduler.config.num_train_timesteps
+    t = torch.tensor([0, total // 2, total - 1])
+    assert torch.equal(huber_thresholds(scheduler, t, 0.1, "constant"), torch.full((3,), 0.1))
+    exponential = huber_thresholds(scheduler, t, 0.1, "exponential")
+    assert exponential.tolist() == pytest.approx([1.0, 0.1 ** ((total // 2) / total), 0.1 ** ((total - 1) / total)], rel=1e-5)
+    snr = huber_thresholds(scheduler, t, 0.1, "snr")
+    a = scheduler.alphas_cumprod[t].double()
+    expected = 0.9 / (1 + ((1 - a) / a).sqrt()) ** 2 + 0.1
+    assert snr.tolist() == pytest.approx(expected.tolist(), rel=1e-5)
+    assert snr[0] > 0.9 and snr[0] > snr[1] > snr[2] >= 0.1  # about MSE at low noise, robust at high noise
+
+
+def test_huber_loss_trains_and_is_recorded(tmp_path: Path, instance_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dreamlora.cli import app
+
+    runner = CliRunner()
+    common = ["train", "--model", "tiny", "--instance", str(instance_dir), "--max-steps", "2", "--set", "train.num_samples=0"]
+    refused = runner.invoke(app, [*common, "--huber-c", "0.2", "--out", str(tmp_path / "bad")])
+    assert refused.exit_code == 2 and "add --loss huber" in " ".join(refused.output.split()) and not (tmp_path / "bad").exists()
+    trained = runner.invoke(app, [*common, "--loss", "huber", "--huber-schedule", "exponential", "--huber-c", "0.2", "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert losses and all(math.isfinite(v) for v in losses)
+    exported = runner.invoke(app, ["export", str(tmp_path / "run"), "--format", "a1111", "--out", str(tmp_path / "huber.safetensors"), "--no-verify"])
+    assert exported.exit_code == 0, exported.output
+    _, meta = read_safetensors(tmp_path / "huber.safetensors")
+    assert (meta["ss_loss_type"], meta["ss_huber_schedule"], meta["ss_huber_c"]) == ("huber", "exponential", "0.2")
 
 
 def test_noise_offset_shifts_each_channel_mean() -> None:
@@ -173,6 +226,9 @@ def test_prodigy_takes_lr_1_says_how_to_install_it_and_refuses_an_adamw_lr(tmp_p
     ("train.text_encoder_lr_scheduler", "step", "train.text_encoder_lr_scheduler"),
     ("train.lr_cycles", "0", "lr_cycles"),
     ("train.sample_every", "-1", "sample_every"),
+    ("train.loss", "l3", "l2, l1, huber, smooth_l1"),
+    ("train.huber_c", "0", "huber_c must be in"),
+    ("train.huber_schedule", "linear", "snr, exponential, constant"),
 ])
 def test_bad_knob_values_name_the_key(key: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
