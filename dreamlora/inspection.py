@@ -151,7 +151,19 @@ def _kohya_problems(family: str, modules: dict[str, dict[str, Any]], tensors: di
         problems.append("kohya alphas and diffusers adapter metadata in one file: diffusers' load_lora_weights raises; `dreamlora convert` drops the metadata")
     if dora:
         problems.append(f"{len(dora)} modules are DoRA (dora_scale magnitudes, first: {dora[0]}): AUTOMATIC1111 and ComfyUI load them; dreamlora's convert refuses them rather than drop the magnitudes")
+        per_output = [name for name in dora if _dora_per_output(tensors[f"{name}.dora_scale"])]
+        if per_output:
+            problems.append(
+                f"{len(per_output)} DoRA modules keep one magnitude per output row (first: {per_output[0]}), as PEFT and diffusers train DoRA: "
+                "AUTOMATIC1111 reads dora_scale as one magnitude per input column and ComfyUI scales such rows by the base weight's norm, "
+                "so neither reproduces them; only per-input-column DoRA (shape (1, in), as LyCORIS and kohya train it) loads alike everywhere"
+            )
     return problems
+
+
+def _dora_per_output(scale: torch.Tensor) -> bool:
+    """A dora_scale shaped (out, 1, ...): magnitudes per output row (PEFT's orientation), not LyCORIS' (1, in, ...) per input column."""
+    return scale.dim() >= 2 and scale.shape[0] > 1 and all(int(d) == 1 for d in scale.shape[1:])
 
 
 def _adapter_summary(file_meta: dict[str, str]) -> dict[str, dict[str, Any]]:

@@ -265,7 +265,12 @@ def test_text_encoder_only_and_dora_kohya_files(tmp_path):
     with pytest.raises(ExportError, match="DoRA magnitude"):
         convert_lora(tmp_path / "dora.safetensors", tmp_path / "dora-diffusers", "diffusers", base_model="tiny")
     assert not (tmp_path / "dora-diffusers").exists()
-    assert any("DoRA" in problem for problem in inspect_path(tmp_path / "dora.safetensors")["problems"])
+    problems = inspect_path(tmp_path / "dora.safetensors")["problems"]
+    assert any("DoRA" in problem for problem in problems)
+    assert any("one magnitude per output row" in problem for problem in problems)  # (32, 1): PEFT's orientation, which A1111 misreads
+    save_file({**te_only, f"{name}.dora_scale": torch.rand(1, 32) + 0.5}, str(tmp_path / "lycoris.safetensors"))
+    problems = inspect_path(tmp_path / "lycoris.safetensors")["problems"]
+    assert any("DoRA" in problem for problem in problems) and not any("per output row" in problem for problem in problems)
 
 
 def test_convert_command_verifies_on_dreamlora_model_when_no_model_is_given(workspace, tmp_path, monkeypatch):
