@@ -251,13 +251,18 @@ class TrainConfig:
         _check_choice("train.loss", self.loss, LOSSES)
         _check(0 < self.huber_c <= 1, f"train.huber_c must be in (0, 1] (0.1 is usual); got {self.huber_c}")
         _check_choice("train.huber_schedule", self.huber_schedule, HUBER_SCHEDULES)
-        if self.loss not in ("huber", "smooth_l1"):
+        if not self.pseudo_huber:
             _check(
                 self.huber_c == 0.1 and self.huber_schedule == "snr",
                 f"train.huber_c and train.huber_schedule shape the huber and smooth_l1 losses, not {self.loss}; add --loss huber or drop them",
             )
         _check(self.sample_every >= 0, f"train.sample_every must be >= 0 (0 = samples only at the end); got {self.sample_every}")
         _check(self.num_samples >= 0, f"train.num_samples must be >= 0 (0: no sample images); got {self.num_samples}")
+
+    @property
+    def pseudo_huber(self) -> bool:
+        """The loss takes a threshold per row (`huber_c` on the `huber_schedule`): huber or smooth_l1."""
+        return self.loss in ("huber", "smooth_l1")
 
     @property
     def resolved_text_encoder_lr(self) -> float:

@@ -861,7 +861,7 @@ def _train(
             noisy = noise_scheduler.add_noise(latents, noise, timesteps)
             target = diffusion_target(noise_scheduler, latents, noise, timesteps)
             weights = snr_weights(noise_scheduler, timesteps, cfg.train.snr_gamma) if cfg.train.snr_gamma else None
-            huber_c = huber_thresholds(noise_scheduler, timesteps, cfg.train.huber_c, cfg.train.huber_schedule) if cfg.train.loss in ("huber", "smooth_l1") else None
+            huber_c = huber_thresholds(noise_scheduler, timesteps, cfg.train.huber_c, cfg.train.huber_schedule) if cfg.train.pseudo_huber else None
             if graph_step is not None:
                 # One replay runs forward, backward, clipping and AdamW; a non-finite loss skips the update in-graph.
                 if weights is None:
