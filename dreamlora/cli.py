@@ -498,6 +498,13 @@ def train(
     loss: Annotated[Optional[str], typer.Option(help="l2 (default, MSE), l1, huber or smooth_l1 (scheduled pseudo-Huber: robust to outlier photos, as kohya's --loss_type).")] = None,
     huber_c: Annotated[Optional[float], typer.Option(help="huber/smooth_l1: threshold at the noisiest timestep (default 0.1).")] = None,
     huber_schedule: Annotated[Optional[str], typer.Option(help="huber/smooth_l1: snr (default), exponential or constant.")] = None,
+    ip_noise_gamma: Annotated[Optional[float], typer.Option(help="Input perturbation: extra noise the UNet sees but need not predict, e.g. 0.1 (default 0: off; kohya's --ip_noise_gamma).")] = None,
+    min_timestep: Annotated[Optional[int], typer.Option(help="Train on timesteps from this one (default 0).")] = None,
+    max_timestep: Annotated[Optional[int], typer.Option(help="Train on timesteps below this one (default: all, 1000 for SD).")] = None,
+    network_dropout: Annotated[Optional[float], typer.Option(help="Dropout on each LoRA's down-projection output, e.g. 0.1 (default 0; kohya's --network_dropout).")] = None,
+    rank_dropout: Annotated[Optional[float], typer.Option(help="Drop whole LoRA rank channels per image with this probability (default 0; kohya's rank_dropout).")] = None,
+    module_dropout: Annotated[Optional[float], typer.Option(help="Skip each LoRA module for a step with this probability (default 0; kohya's module_dropout).")] = None,
+    scale_weight_norms: Annotated[Optional[float], typer.Option(help="Max-norm: after each step scale down any LoRA whose update norm exceeds this, e.g. 1.0 (default 0: off; kohya's --scale_weight_norms).")] = None,
     text_encoder_steps_fraction: Annotated[Optional[float], typer.Option(help="Train the text-encoder LoRA for this fraction of the steps, then freeze it (default 1).")] = None,
     text_encoder_lr_scheduler: Annotated[Optional[str], typer.Option(help="Text-encoder schedule (default: --lr-scheduler).")] = None,
     text_encoder_warmup_steps: Annotated[Optional[int], typer.Option(help="Text-encoder warmup (default: --warmup-steps).")] = None,
@@ -532,6 +539,9 @@ def train(
         **_dataset_flags(no_captions, caption_dropout, repeats, class_ratio, buckets, color_jitter),
         "data.cache_latents": False if no_latent_cache else None, "data.latent_cache_dir": latent_cache,
         **_target_flags(targets, conv_rank, conv_alpha),
+        "train.ip_noise_gamma": ip_noise_gamma, "train.min_timestep": min_timestep, "train.max_timestep": max_timestep,
+        "adapter.network_dropout": network_dropout, "adapter.rank_dropout": rank_dropout, "adapter.module_dropout": module_dropout,
+        "train.scale_weight_norms": scale_weight_norms,
     }
 
     def action() -> None:

@@ -152,7 +152,10 @@ class AdapterConfig:
     train_text_encoder: bool = True
     unet_targets: tuple[str, ...] = UNET_TARGETS
     text_encoder_targets: tuple[str, ...] = TEXT_ENCODER_TARGETS
-    dropout: float = 0.0
+    dropout: float = 0.0  # PEFT's lora_dropout: dropout on each LoRA's input (diffusers' --lora_dropout)
+    network_dropout: float = 0.0  # dropout on each LoRA's down-projection output, per element (kohya's --network_dropout)
+    rank_dropout: float = 0.0  # drop whole rank channels per image, the rest rescaled (kohya's rank_dropout network arg)
+    module_dropout: float = 0.0  # skip a whole LoRA module for a step with this probability (kohya's module_dropout network arg)
     init: str = "default"  # default: zero up-weights; gaussian; nonzero (tests: adapted differs from base at step 0)
     conv_rank: int = 0  # > 0: LoRA on the UNet's ResNet and resampling blocks too, 3x3 convolutions at this rank (kohya's conv_dim, LoCon)
     conv_alpha: float = 0.0  # 0: equal to conv_rank (kohya's conv_alpha)
@@ -163,13 +166,25 @@ class AdapterConfig:
         _check(0 <= self.conv_rank <= 1024, f"adapter.conv_rank must be in 0..1024 (0: no LoRA on 3x3 convolutions); got {self.conv_rank}")
         _check(self.conv_alpha >= 0, f"adapter.conv_alpha must be >= 0 (0 = conv_rank); got {self.conv_alpha}")
         _check(not self.conv_alpha or self.conv_rank > 0, "adapter.conv_alpha needs adapter.conv_rank (--conv-rank N): without it no convolution is trained")
-        _check(0 <= self.dropout < 1, f"adapter.dropout must be in [0, 1); got {self.dropout}")
+        for name in ("dropout", "network_dropout", "rank_dropout", "module_dropout"):
+            value = getattr(self, name)
+            _check(0 <= value < 1, f"adapter.{name} must be in [0, 1) (0 = off, 0.1 is usual); got {value}")
         _check(bool(self.unet_targets), "adapter.unet_targets is empty; the UNet needs at least one LoRA target")
         _check_choice("adapter.init", self.init, ("default", "gaussian", "nonzero"))
 
     @property
     def resolved_alpha(self) -> float:
         return float(self.alpha or self.rank)
+
+    @property
+    def kohya_dropouts(self) -> bool:
+        """Any of the dropouts applied to each LoRA's down-projection output (`lora.add_dropout_hooks`)."""
+        return bool(self.network_dropout or self.rank_dropout or self.module_dropout)
+
+    @property
+    def any_dropout(self) -> bool:
+        """Some LoRA dropout draws random numbers in the forward pass (checkpointing must then replay the same draws)."""
+        return bool(self.dropout) or self.kohya_dropouts
 
     @property
     def resolved_conv_alpha(self) -> float:
@@ -218,6 +233,10 @@ class TrainConfig:
     loss: str = "l2"  # l2 (MSE), l1, huber or smooth_l1: the scheduled pseudo-Huber losses resist outlier photos (kohya's --loss_type)
     huber_c: float = 0.1  # huber/smooth_l1: the pseudo-Huber threshold at the noisiest timestep (kohya's --huber_c)
     huber_schedule: str = "snr"  # huber/smooth_l1: how the threshold falls from 1 at t=0 to huber_c: snr, exponential, constant
+    ip_noise_gamma: float = 0.0  # input perturbation: the UNet sees latents noised with noise + gamma * extra noise, the target stays the noise (kohya's --ip_noise_gamma, 0.1 usual)
+    min_timestep: int = 0  # train on timesteps in [min_timestep, max_timestep) only (kohya's --min_timestep)
+    max_timestep: int = 0  # 0: the scheduler's num_train_timesteps (kohya's --max_timestep)
+    scale_weight_norms: float = 0.0  # > 0: after each step, scale down any LoRA module whose update norm exceeds this (kohya's max-norm, 1.0 usual)
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_steps <= 1_000_000, f"train.max_steps must be in 1..1000000; got {self.max_steps}")
@@ -256,6 +275,13 @@ class TrainConfig:
                 self.huber_c == 0.1 and self.huber_schedule == "snr",
                 f"train.huber_c and train.huber_schedule shape the huber and smooth_l1 losses, not {self.loss}; add --loss huber or drop them",
             )
+        _check(0 <= self.ip_noise_gamma <= 1, f"train.ip_noise_gamma must be in [0, 1] (0 = off, 0.1 is usual); got {self.ip_noise_gamma}")
+        _check(self.min_timestep >= 0 and self.max_timestep >= 0, f"train.min_timestep and train.max_timestep must be >= 0; got {self.min_timestep} and {self.max_timestep}")
+        _check(
+            not self.max_timestep or self.min_timestep < self.max_timestep,
+            f"train.min_timestep ({self.min_timestep}) must be below train.max_timestep ({self.max_timestep}): timesteps are drawn from [min, max)",
+        )
+        _check(self.scale_weight_norms >= 0, f"train.scale_weight_norms must be >= 0 (0 = off, 1.0 is usual); got {self.scale_weight_norms}")
         _check(self.sample_every >= 0, f"train.sample_every must be >= 0 (0 = samples only at the end); got {self.sample_every}")
         _check(self.num_samples >= 0, f"train.num_samples must be >= 0 (0: no sample images); got {self.num_samples}")
 

@@ -561,6 +561,9 @@ def _training_metadata(run: dict[str, Any], cfg: RunConfig | None) -> dict[str, 
         "ss_noise_offset": off_as_none(train.noise_offset),
         "ss_min_snr_gamma": off_as_none(train.snr_gamma),
         "ss_loss_type": train.loss,
+        "ss_network_dropout": off_as_none(cfg.adapter.network_dropout),
+        "ss_scale_weight_norms": off_as_none(train.scale_weight_norms),
+        "ss_ip_noise_gamma": off_as_none(train.ip_noise_gamma),
         **({"ss_huber_schedule": train.huber_schedule, "ss_huber_c": str(train.huber_c)} if train.pseudo_huber else {}),
         "ss_flip_aug": str(data.flip),
         "ss_random_crop": str(not data.center_crop),
@@ -592,6 +595,8 @@ def a1111_metadata(run: dict[str, Any], modules: list[LoraModule], output_name: 
     convs = [m for m in modules if m.is_conv3x3]
     if convs:  # kohya writes them as strings
         network_args.update(conv_dim=str(_most_common(m.rank for m in convs)), conv_alpha=f"{_most_common(m.alpha for m in convs):g}")
+    if cfg is not None:  # kohya's network args, as strings
+        network_args.update({name: f"{value:g}" for name in ("rank_dropout", "module_dropout") if (value := getattr(cfg.adapter, name))})
     resolution = int(run.get("resolution") or 512)
     token, class_name = run.get("token", ""), run.get("class_name", "")
     model = public_model_ref(str(run.get("model", "")))

@@ -215,3 +215,93 @@ def lora_summary(state_dicts: dict[str, dict[str, torch.Tensor]], metadata: dict
             "nonzero_up": sum(int(v.abs().sum() > 0) for k, v in sd.items() if "lora_B" in k),
         }
     return summary
+
+
+# --- regularizers: kohya's LoRA dropouts and max-norm -------------------------------------------------
+
+
+def lora_layers(model: torch.nn.Module) -> list[tuple[str, Any]]:
+    """(name, PEFT LoRA layer) for every module of `model` that carries the adapter."""
+    from peft.tuners.lora import LoraLayer
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, LoraLayer) and ADAPTER_NAME in m.lora_A]
+
+
+def _dropout_hook(network: float, rank: float, module: float) -> Any:
+    """A forward hook on a LoRA's down projection: kohya's dropouts on its output, in training mode only.
+
+    network: each element dropped with that probability (the rest rescaled); rank: whole rank channels dropped per
+    image, the rest rescaled; module: the whole LoRA skipped for this forward pass (not rescaled, as kohya does).
+    """
+
+    def hook(layer: torch.nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor | None:
+        if not layer.training:
+            return None
+        if network:
+            output = torch.nn.functional.dropout(output, p=network, training=True)
+        if rank:
+            channel_dim = 1 if isinstance(layer, torch.nn.Conv2d) else output.dim() - 1
+            shape = [1] * output.dim()
+            shape[0], shape[channel_dim] = output.shape[0], output.shape[channel_dim]
+            keep = torch.rand(shape, device=output.device) >= rank
+            output = output * (keep.to(output.dtype) / (1.0 - rank))
+        if module:
+            output = output * (torch.rand((), device=output.device) >= module).to(output.dtype)
+        return output
+
+    return hook
+
+
+def add_dropout_hooks(models: list[torch.nn.Module | None], adapter_cfg: AdapterConfig) -> list[Any]:
+    """Hook kohya's network/rank/module dropouts onto every LoRA of `models` (none when all three are 0); returns the handles."""
+    if not adapter_cfg.kohya_dropouts:
+        return []
+    hook = _dropout_hook(adapter_cfg.network_dropout, adapter_cfg.rank_dropout, adapter_cfg.module_dropout)
+    return [layer.lora_A[ADAPTER_NAME].register_forward_hook(hook) for model in models if model is not None for _, layer in lora_layers(model)]
+
+
+def update_norm(down: torch.Tensor, up: torch.Tensor, scaling: float) -> torch.Tensor:
+    """Frobenius norm of a LoRA's weight update scaling * up @ down (convolutions flattened), without forming it."""
+    d, u = down.detach().flatten(1).float(), up.detach().flatten(1).float()
+    return ((u.T @ u) * (d @ d.T)).sum().clamp_min(0).sqrt() * scaling  # ||UD||^2 = sum((U^T U) * (D D^T))
+
+
+class WeightNormLimiter:
+    """kohya's --scale_weight_norms (max-norm regularisation): after each optimizer step, every LoRA whose update
+    norm exceeds `max_norm` has its down and up weights scaled by the same factor, so the norm becomes `max_norm`.
+
+    `substitute` maps a model parameter to the tensor the optimizer steps (the fp32 master copy under bf16 master
+    weights). Statistics stay on the device until `stats` reads them (at log steps).
+    """
+
+    def __init__(self, models: list[torch.nn.Module | None], max_norm: float, substitute: dict[torch.nn.Parameter, torch.Tensor] | None = None) -> None:
+        self.max_norm = float(max_norm)
+        self.pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        for model in models:
+            if model is None:
+                continue
+            for _, layer in lora_layers(model):
+                down, up = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+                if down.requires_grad:
+                    pick = (lambda p: substitute.get(p, p)) if substitute else (lambda p: p)  # noqa: E731
+                    self.pairs.append((pick(down), pick(up), float(layer.scaling[ADAPTER_NAME])))
+        self.norms: torch.Tensor | None = None
+        self.scaled: torch.Tensor | None = None
+
+    @torch.no_grad()
+    def __call__(self) -> None:
+        if not self.pairs:
+            return
+        norms = torch.stack([update_norm(down, up, scaling) for down, up, scaling in self.pairs])
+        over = norms > self.max_norm
+        factors = torch.where(over, self.max_norm / norms.clamp_min(1e-12), torch.ones_like(norms)).sqrt()
+        for (down, up, _), factor in zip(self.pairs, factors):
+            down.mul_(factor.to(down.dtype))
+            up.mul_(factor.to(up.dtype))
+        self.norms, self.scaled = torch.minimum(norms, torch.full_like(norms, self.max_norm)), over.sum()
+
+    def stats(self) -> dict[str, float]:
+        """kohya's logged figures for the last step: modules scaled, and the mean and largest update norm after scaling; syncs."""
+        if self.norms is None or self.scaled is None:
+            return {}
+        return {"keys_scaled": int(self.scaled.item()), "average_key_norm": float(self.norms.mean().item()), "max_key_norm": float(self.norms.max().item())}

@@ -25,7 +25,7 @@ from dreamlora.config import RunConfig, replace, to_dict, to_toml
 from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, list_images, make_buckets, open_image, resize_and_crop, to_tensor
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
-from dreamlora.lora import LORA_FILE, adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, save_diffusers_lora, trainable_parameters
+from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, save_diffusers_lora, trainable_parameters
 from dreamlora.models import Components, PromptEmbeddings, apply_clip_skip, encode_prompts, load_model, public_model_ref, resolve_precision, select_attention, tokenize_all
 from dreamlora.prior import MANIFEST, read_prior_set, safe_name
 from dreamlora.sampling import AugmentedLatents, class_indices, instance_plan, steps_per_epoch
@@ -97,6 +97,28 @@ def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset
     if noise_offset:
         noise = noise + noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=latents.device)
     return noise
+
+
+def draw_timesteps(noise_scheduler: Any, count: int, generator: torch.Generator, device: torch.device, low: int = 0, high: int = 0) -> torch.Tensor:
+    """`count` training timesteps drawn uniformly from [low, high) (high 0: the scheduler's num_train_timesteps)."""
+    top = high or int(noise_scheduler.config.num_train_timesteps)
+    return torch.randint(low, top, (count,), generator=generator, device=device)
+
+
+def check_timestep_range(cfg: RunConfig, noise_scheduler: Any) -> None:
+    """--min-timestep/--max-timestep must lie within the model's training timesteps."""
+    total = int(noise_scheduler.config.num_train_timesteps)
+    low, high = cfg.train.min_timestep, cfg.train.max_timestep or total
+    if high > total or low >= high:
+        raise ConfigError(f"--min-timestep {low} / --max-timestep {high} must satisfy 0 <= min < max <= {total}, the model's number of training timesteps")
+
+
+def noisy_latents(noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, generator: torch.Generator, ip_noise_gamma: float = 0.0) -> torch.Tensor:
+    """The latents noised to `timesteps`; `ip_noise_gamma` perturbs the noise the UNet sees (input perturbation,
+    kohya's --ip_noise_gamma) while the target stays the unperturbed noise."""
+    if ip_noise_gamma:
+        noise = noise + ip_noise_gamma * torch.randn(latents.shape, generator=generator, device=latents.device)
+    return noise_scheduler.add_noise(latents, noise, timesteps)
 
 
 def diffusion_target(noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -424,6 +446,8 @@ def use_cuda_graphs(cfg: RunConfig, device: torch.device, num_processes: int, pr
         reasons.append("fp16 loss scaling (use bf16)")
     if cfg.train.optimizer != "adamw":
         reasons.append(f"optimizer {cfg.train.optimizer}")
+    if cfg.adapter.any_dropout and cfg.train.gradient_checkpointing:
+        reasons.append("LoRA dropout with gradient checkpointing (its RNG state is saved per checkpoint)")
     if cfg.train.compile == "off" or (cfg.train.compile == "auto" and reasons):
         if cfg.train.compile == "auto" and device.type == "cuda":
             log.info("CUDA graphs off: %s", ", ".join(reasons))
@@ -472,6 +496,8 @@ def _freeze_text_encoders(params: list[torch.nn.Parameter], components: Componen
     for param in params:
         param.requires_grad_(False)
         param.grad = None
+    for encoder in text_encoders:
+        encoder.eval()  # the fixed encoding without LoRA dropout
     with torch.no_grad():
         return encode_prompts(components, input_ids, text_encoders)
 
@@ -594,13 +620,14 @@ def prepare_vae(components: Components, weight_dtype: torch.dtype) -> None:
         vae.to(torch.float32)
 
 
-def check_gradients(groups: dict[str, list[torch.nn.Parameter]]) -> dict[str, float]:
-    """Every trained LoRA group must have finite, non-zero gradients after the first step; fail loudly otherwise."""
+def check_gradients(groups: dict[str, list[torch.nn.Parameter]], allow_zero: bool = False) -> dict[str, float]:
+    """Every trained LoRA group must have finite, non-zero gradients after the first step; fail loudly otherwise.
+    `allow_zero`: module dropout may have skipped every LoRA of a group in that step; only non-finite fails."""
     norms = {}
     for name, params in groups.items():
         grads = [p.grad.detach().float() for p in params if p.grad is not None]
         norm = torch.sqrt(sum((g**2).sum() for g in grads)).item() if grads else 0.0
-        if not math.isfinite(norm) or norm == 0.0:
+        if not math.isfinite(norm) or (norm == 0.0 and not allow_zero):
             raise TrainingError(f"the {name} LoRA received {'no' if norm == 0.0 else 'non-finite'} gradients in the first step ({len(grads)}/{len(params)} tensors have a gradient); this is a bug, please report it with --debug output")
         norms[name] = norm
     return norms
@@ -744,8 +771,10 @@ def _train(
     train_te = cfg.adapter.train_text_encoder
     text_encoder_2 = components.text_encoder_2  # SDXL's second text encoder; None for one-encoder families
     attach_adapters(unet, text_encoder, cfg.adapter, text_encoder_2, components.family.penultimate_encoders)
+    add_dropout_hooks([unet, text_encoder, text_encoder_2], cfg.adapter)
     if cfg.train.gradient_checkpointing:
-        _enable_checkpointing(components, train_te, preserve_rng=cfg.adapter.dropout > 0)
+        _enable_checkpointing(components, train_te, preserve_rng=cfg.adapter.any_dropout)
+    check_timestep_range(cfg, components.noise_scheduler)
     graphs = use_cuda_graphs(cfg, device, accelerator.num_processes, precision)
 
     # Data: instance and class latents cached once (each image and its flip), prompts tokenized once.
@@ -768,6 +797,10 @@ def _train(
     masters = MasterWeights(groups, weight_dtype) if weight_dtype == torch.bfloat16 and accelerator.mixed_precision == "no" else None
     optimizer = make_optimizer(masters.masters if masters else groups, cfg, device, capturable=graphs)
     fp32_lora = masters.fp32_in_model if masters else contextlib.nullcontext
+    limiter = None
+    if cfg.train.scale_weight_norms:
+        substitute = {p: m for name in masters.params for p, m in zip(masters.params[name], masters.masters[name])} if masters else None
+        limiter = WeightNormLimiter([unet, text_encoder, text_encoder_2], cfg.train.scale_weight_norms, substitute)
     lr_scheduler = make_lr_scheduler(optimizer, list(groups), cfg)
     models = [unet, *text_encoders] if train_te else [unet]
     prepared = accelerator.prepare(*models, optimizer)
@@ -834,8 +867,10 @@ def _train(
     started = time.perf_counter()
     bad_steps, skipped, loss_value = 0, 0, float("nan")
     encode_each_step = train_te  # False once the text-encoder LoRA is frozen (--text-encoder-steps-fraction)
-    unet.train()
+    for model in (unet, *text_encoders) if train_te else (unet,):
+        model.train()  # the text encoders load in eval mode: LoRA dropout needs training mode
     graph_step = None
+    allow_zero = cfg.adapter.module_dropout > 0  # every LoRA of a group may be skipped in the first step
     if graphs:
         def graph_loss(
             rows: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, size_ids: torch.Tensor, huber_c: torch.Tensor
@@ -846,7 +881,7 @@ def _train(
             )
 
         params = [p for ps in groups.values() for p in ps]
-        first_check = (lambda: check_gradients(groups)) if start_step == 0 or resume_from is not None else None  # noqa: E731
+        first_check = (lambda: check_gradients(groups, allow_zero)) if start_step == 0 or resume_from is not None else None  # noqa: E731
         graph_step = CudaGraphStep(graph_loss, params, getattr(optimizer, "optimizer", optimizer), cfg.train.max_grad_norm, masters, first_check)
     for step in range(start_step, cfg.train.max_steps):
         if encode_each_step and step >= cfg.train.text_encoder_stop_step and graph_step is None:
@@ -857,8 +892,8 @@ def _train(
             batch = batches.draw_batch(step * accum + micro)
             latents, rows, generator = batch.latents, batch.rows, batch.generator
             noise = sample_noise(latents, generator, cfg.train.noise_offset)
-            timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), generator=generator, device=device)
-            noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+            timesteps = draw_timesteps(noise_scheduler, latents.shape[0], generator, device, cfg.train.min_timestep, cfg.train.max_timestep)
+            noisy = noisy_latents(noise_scheduler, latents, noise, timesteps, generator, cfg.train.ip_noise_gamma)
             target = diffusion_target(noise_scheduler, latents, noise, timesteps)
             weights = snr_weights(noise_scheduler, timesteps, cfg.train.snr_gamma) if cfg.train.snr_gamma else None
             huber_c = huber_thresholds(noise_scheduler, timesteps, cfg.train.huber_c, cfg.train.huber_schedule) if cfg.train.pseudo_huber else None
@@ -871,6 +906,10 @@ def _train(
                 loss, instance_loss, prior_loss = graph_step(rows, noisy, timesteps, target, weights, batch.size_ids, huber_c)
                 if graph_step.capture_seconds and step == start_step:
                     log.info("CUDA graph captured in %.1f s", graph_step.capture_seconds)
+                if limiter is not None:
+                    limiter()  # outside the graph, on the weights it reads
+                    if masters:
+                        masters.masters_to_model()
                 continue
             with accelerator.accumulate(*models), accelerator.autocast():
                 # Encode each distinct prompt of this step once and index it: gradients still reach every row.
@@ -888,7 +927,7 @@ def _train(
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if step == start_step:
-                        check_gradients({name: ps for name, ps in groups.items() if name == "unet" or encode_each_step})
+                        check_gradients({name: ps for name, ps in groups.items() if name == "unet" or encode_each_step}, allow_zero)
                     if masters:
                         masters.grads_to_masters()
                     if cfg.train.max_grad_norm > 0:
@@ -896,6 +935,8 @@ def _train(
                         accelerator.clip_grad_norm_([p for ps in trained.values() for p in ps], cfg.train.max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
+                if limiter is not None and accelerator.sync_gradients:
+                    limiter()
                 if masters and accelerator.sync_gradients:
                     masters.masters_to_model()
         done = step + 1
@@ -937,6 +978,7 @@ def _train(
                 **({"lr_text_encoder": float(lr_scheduler.get_last_lr()[1])} if train_te else {}),
                 "time": round(elapsed, 3),
                 "it_s": (done - start_step) / elapsed if elapsed > 0 else 0.0,
+                **(limiter.stats() if limiter is not None else {}),
                 **drift,
             }
             if accelerator.is_main_process:

@@ -1,0 +1,257 @@
+"""kohya's regularizers: network, rank and module dropout on each LoRA, max-norm (--scale-weight-norms), a timestep
+range and input perturbation (--ip-noise-gamma): what each does to the numbers, that checkpointing replays the dropout
+masks, and that a run records them (metrics, export metadata)."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, inject_adapter_in_model
+from typer.testing import CliRunner
+
+from dreamlora import lora as lora_module
+from dreamlora.cli import app
+from dreamlora.config import AdapterConfig, TrainConfig, load_config
+from dreamlora.errors import ConfigError
+from dreamlora.lora import ADAPTER_NAME, WeightNormLimiter, add_dropout_hooks, attach_adapters, lora_layers, read_diffusers_lora, read_safetensors, update_norm
+from dreamlora.models import encode_prompt, load_components, tokenize
+from dreamlora.train import _enable_checkpointing, check_timestep_range, draw_timesteps, noisy_latents, resolve_data, train
+
+runner = CliRunner()
+
+
+class _Pair(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = torch.nn.Linear(8, 8)
+        self.conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+
+
+def _hooked(cfg: AdapterConfig) -> tuple[torch.nn.Module, dict[str, list[torch.Tensor]]]:
+    """A linear and a conv with rank-8 LoRAs, the dropout hooks, and a later hook that records what the up projection gets."""
+    torch.manual_seed(0)
+    model = inject_adapter_in_model(LoraConfig(r=8, lora_alpha=8, target_modules=["proj", "conv"], init_lora_weights=False), _Pair())
+    assert len(add_dropout_hooks([model], cfg)) == 2
+    seen: dict[str, list[torch.Tensor]] = {"proj": [], "conv": []}
+    for name, layer in lora_layers(model):
+        layer.lora_A[ADAPTER_NAME].register_forward_hook(lambda m, i, out, name=name: seen[name].append(out.detach()))
+    return model, seen
+
+
+def test_dropout_settings_are_checked() -> None:
+    assert not AdapterConfig().any_dropout and AdapterConfig(dropout=0.1).any_dropout and not AdapterConfig(dropout=0.1).kohya_dropouts
+    assert AdapterConfig(rank_dropout=0.1).kohya_dropouts and add_dropout_hooks([torch.nn.Linear(2, 2)], AdapterConfig()) == []
+    for name in ("network_dropout", "rank_dropout", "module_dropout"):
+        with pytest.raises(ConfigError, match=f"adapter.{name} must be in \\[0, 1\\)"):
+            AdapterConfig(**{name: 1.0})
+    with pytest.raises(ConfigError, match="min_timestep \\(500\\) must be below train.max_timestep \\(400\\)"):
+        TrainConfig(min_timestep=500, max_timestep=400)
+    scheduler = load_components("tiny").noise_scheduler
+    with pytest.raises(ConfigError, match="0 <= min < max <= 1000"):
+        check_timestep_range(load_config(None, {"train.max_timestep": "2000"}), scheduler)
+    with pytest.raises(ConfigError, match="0 <= min < max <= 1000"):
+        check_timestep_range(load_config(None, {"train.min_timestep": "1000"}), scheduler)
+    check_timestep_range(load_config(None, {"train.min_timestep": "10", "train.max_timestep": "1000"}), scheduler)
+
+
+def test_rank_dropout_drops_whole_channels_per_image_and_rescales() -> None:
+    model, seen = _hooked(AdapterConfig(rank_dropout=0.5))
+    x = torch.randn(64, 5, 8)
+    image = torch.randn(64, 8, 6, 6)
+    model.train()
+    model.proj(x)
+    model.conv(image)
+    for name, before, channel_dim in (("proj", x @ model.proj.lora_A[ADAPTER_NAME].weight.T, -1), ("conv", model.conv.lora_A[ADAPTER_NAME]._conv_forward(image, model.conv.lora_A[ADAPTER_NAME].weight, None), 1)):
+        after = seen[name][-1]
+        kept = after != 0
+        assert torch.allclose(after[kept], 2 * before[kept], rtol=1e-5)  # the kept channels rescaled by 1 / (1 - 0.5)
+        # one decision per image and rank channel, the same at every token / pixel
+        per_channel = kept.movedim(channel_dim, 1).flatten(2)
+        assert torch.equal(per_channel.all(dim=2), per_channel.any(dim=2)), name
+        share = per_channel[:, :, 0].float().mean().item()
+        assert 0.35 < share < 0.65, (name, share)
+    model.eval()
+    model.proj(x)
+    assert torch.equal(seen["proj"][-1], x @ model.proj.lora_A[ADAPTER_NAME].weight.T)  # no dropout at inference
+
+
+def test_network_dropout_is_elementwise_and_module_dropout_skips_whole_loras() -> None:
+    model, seen = _hooked(AdapterConfig(network_dropout=0.5))
+    model.train()
+    x = torch.randn(64, 5, 8)
+    model.proj(x)
+    kept = seen["proj"][-1] != 0
+    assert not torch.equal(kept.all(dim=1), kept.any(dim=1))  # unlike rank dropout, tokens of one channel differ
+    assert 0.35 < kept.float().mean().item() < 0.65
+
+    model, seen = _hooked(AdapterConfig(module_dropout=0.5))
+    model.train()
+    base = torch.nn.functional.linear(x, model.proj.base_layer.weight, model.proj.base_layer.bias)
+    skipped = 0
+    for _ in range(200):
+        out = model.proj(x)
+        lora_out = seen["proj"][-1]
+        if torch.equal(lora_out, torch.zeros_like(lora_out)):
+            skipped += 1
+            assert torch.allclose(out, base, atol=1e-6)  # the whole LoRA is skipped: the base layer's output
+        else:
+            assert torch.equal(lora_out, x @ model.proj.lora_A[ADAPTER_NAME].weight.T)  # kept unscaled, as kohya
+    assert 60 < skipped < 140, skipped
+
+
+def _dropout_grads(checkpointing: bool, preserve_rng: bool) -> dict[str, torch.Tensor]:
+    components = load_components("tiny")
+    torch.manual_seed(0)
+    cfg = AdapterConfig(rank=4, init="nonzero", network_dropout=0.3, rank_dropout=0.3, module_dropout=0.2)
+    attach_adapters(components.unet, components.text_encoder, cfg)
+    add_dropout_hooks([components.unet, components.text_encoder], cfg)
+    if checkpointing:
+        _enable_checkpointing(components, train_text_encoder=True, preserve_rng=preserve_rng)
+    components.unet.train()
+    components.text_encoder.train()
+    ids = tokenize(components.tokenizer, ["a photo of sks dog", "a photo of dog"])
+    latents, timesteps = torch.randn(2, 4, 16, 16, generator=torch.Generator().manual_seed(1)), torch.tensor([300, 700])
+    torch.manual_seed(123)  # the dropout masks
+    context = encode_prompt(components.text_encoder, ids)
+    components.unet(latents, timesteps, context).sample.square().mean().backward()
+    return {f"{group}.{n}": p.grad.clone() for group, m in (("unet", components.unet), ("te", components.text_encoder)) for n, p in m.named_parameters() if p.requires_grad}
+
+
+def test_checkpointing_replays_the_dropout_masks() -> None:
+    """Non-reentrant checkpointing recomputes each block in backward; the dropout there must draw the masks of the
+    forward pass (preserve_rng_state), or the gradients belong to another network than the loss."""
+    plain = _dropout_grads(checkpointing=False, preserve_rng=False)
+    replayed = _dropout_grads(checkpointing=True, preserve_rng=True)
+    assert plain.keys() == replayed.keys() and any(k.startswith("te.") for k in plain)
+    for key in plain:
+        assert torch.allclose(plain[key], replayed[key], rtol=1e-4, atol=1e-7), key
+    assert any(v.abs().sum() > 0 for k, v in plain.items() if k.startswith("te.")) and any(v.abs().sum() > 0 for k, v in plain.items() if k.startswith("unet."))
+    redrawn = _dropout_grads(checkpointing=True, preserve_rng=False)  # the control: without the saved RNG state they differ
+    assert any(not torch.allclose(plain[k], redrawn[k], rtol=1e-4, atol=1e-7) for k in plain)
+
+
+def _explicit_norms(models: list[torch.nn.Module]) -> list[torch.Tensor]:
+    out = []
+    for model in models:
+        for _, layer in lora_layers(model):
+            down, up = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+            out.append(layer.scaling[ADAPTER_NAME] * (up.detach().flatten(1) @ down.detach().flatten(1)))
+    return out
+
+
+def test_weight_norm_limiter_caps_each_update_norm_and_keeps_its_direction() -> None:
+    components = load_components("tiny")
+    torch.manual_seed(0)
+    attach_adapters(components.unet, components.text_encoder, AdapterConfig(rank=4, alpha=2.0, conv_rank=2, conv_alpha=4.0, init="nonzero"))
+    models = [components.unet, components.text_encoder]
+    with torch.no_grad():
+        for i, (_, layer) in enumerate(lora_layers(components.unet)):
+            layer.lora_B[ADAPTER_NAME].weight.mul_(1 + 3 * (i % 3))  # a spread of norms
+    before = _explicit_norms(models)
+    norms = torch.stack([d.norm() for d in before])
+    assert torch.allclose(norms, torch.stack([update_norm(layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight, layer.scaling[ADAPTER_NAME]) for m in models for _, layer in lora_layers(m)]), rtol=1e-4)
+    cap = norms.median().item()
+    over = norms > cap
+    assert 0 < int(over.sum()) < len(norms)
+
+    # With master copies the limiter scales the copies (what the optimizer steps), not the model's weights.
+    params = [p for m in models for p in m.parameters() if p.requires_grad]
+    masters = {p: p.detach().clone() for p in params}
+    shadow = WeightNormLimiter(models, cap, substitute=masters)
+    shadow()
+    assert _explicit_norms(models)[0].equal(before[0]) and any(not masters[p].equal(p) for p in params)
+
+    limiter = WeightNormLimiter(models, cap)
+    assert len(limiter.pairs) == len(norms)
+    limiter()
+    after = _explicit_norms(models)
+    for i, (old, new) in enumerate(zip(before, after)):
+        if over[i]:
+            assert new.norm().item() == pytest.approx(cap, rel=1e-4)
+            assert torch.allclose(new, old * (cap / norms[i]), rtol=1e-4, atol=1e-7)  # the same direction, shorter
+        else:
+            assert torch.equal(new, old)  # modules within the cap are not touched
+    stats = limiter.stats()
+    assert stats["keys_scaled"] == int(over.sum()) and stats["max_key_norm"] == pytest.approx(cap, rel=1e-4)
+    assert stats["average_key_norm"] == pytest.approx(torch.minimum(norms, torch.tensor(cap)).mean().item(), rel=1e-4)
+    zero = WeightNormLimiter([torch.nn.Linear(2, 2)], 1.0)
+    zero()
+    assert zero.stats() == {}
+
+
+def test_timestep_range_and_input_perturbation() -> None:
+    scheduler = load_components("tiny").noise_scheduler
+    drawn = draw_timesteps(scheduler, 5000, torch.Generator().manual_seed(0), torch.device("cpu"), 200, 300)
+    assert drawn.min().item() == 200 and drawn.max().item() == 299
+    full = draw_timesteps(scheduler, 5000, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert full.max().item() > 990 and full.min().item() < 10
+
+    latents, noise = torch.randn(4, 4, 8, 8), torch.randn(4, 4, 8, 8)
+    timesteps = torch.tensor([10, 300, 600, 999])
+    generator = torch.Generator().manual_seed(5)
+    assert torch.equal(noisy_latents(scheduler, latents, noise, timesteps, generator), scheduler.add_noise(latents, noise, timesteps))
+    extra = torch.randn(latents.shape, generator=torch.Generator().manual_seed(5))
+    perturbed = noisy_latents(scheduler, latents, noise, timesteps, torch.Generator().manual_seed(5), ip_noise_gamma=0.1)
+    sigma = (1 - scheduler.alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
+    assert torch.allclose(perturbed - scheduler.add_noise(latents, noise, timesteps), sigma * 0.1 * extra, atol=1e-5)
+
+
+def test_text_encoders_train_in_training_mode(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The text encoders load in eval mode (PEFT's new LoRA layers in training mode); sampling during the run puts each
+    model back in its mode, so a run must put them in training mode, or their LoRA dropout stops after the first samples."""
+    calls: list[tuple[int, bool]] = []
+    original = lora_module._dropout_hook
+
+    def recording(*args: float):
+        hook = original(*args)
+
+        def wrapper(layer, inputs, output):
+            if torch.is_grad_enabled():  # a training forward (sampling runs without gradients)
+                calls.append((id(layer), layer.training))
+            return hook(layer, inputs, output)
+
+        return wrapper
+
+    monkeypatch.setattr(lora_module, "_dropout_hook", recording)
+    overrides = {"model.name": "tiny", "data.instance_dir": str(instance_dir), "data.resolution": "32", "train.max_steps": "2",
+                 "train.out": str(tmp_path / "run"), "train.num_samples": "1", "train.sample_every": "1", "prior.steps": "1", "adapter.rank_dropout": "0.5"}  # fmt: skip
+    cfg, _ = resolve_data(load_config(None, overrides), priors_root=tmp_path / "none")
+    components = load_components("tiny")
+    train(cfg, components=components)
+    text_encoder = {id(layer.lora_A[ADAPTER_NAME]) for _, layer in lora_layers(components.text_encoder)}
+    unet = {id(layer.lora_A[ADAPTER_NAME]) for _, layer in lora_layers(components.unet)}
+    assert text_encoder and {i for i, _ in calls} == text_encoder | unet  # every LoRA's hook ran
+    assert all(training for i, training in calls if i in text_encoder)
+
+
+def test_cli_run_records_the_regularizers(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "--model", "tiny", "--instance", str(instance_dir), "--class", "dog", "--num-class-images", "2", "--max-steps", "3",
+            "--set", "adapter.init=nonzero", "--set", "train.num_samples=0", "--set", "train.log_every=1"]  # fmt: skip
+    for flags, message in ((["--max-timestep", "2000"], "0 <= min < max <= 1000"), (["--rank-dropout", "1"], "adapter.rank_dropout must be in [0, 1)")):
+        bad = runner.invoke(app, [*base, *flags, "--out", "runs/bad"])
+        assert bad.exit_code == 2 and message in " ".join(bad.output.split()) and "Traceback" not in bad.output, bad.output
+    assert not (tmp_path / "runs" / "bad").exists()
+
+    cap = 0.05
+    regularizers = ["--network-dropout", "0.1", "--rank-dropout", "0.2", "--module-dropout", "0.1", "--scale-weight-norms", str(cap),
+                    "--ip-noise-gamma", "0.1", "--min-timestep", "100", "--max-timestep", "900"]  # fmt: skip
+    trained = runner.invoke(app, [*base, *regularizers, "--checkpoint-every", "3", "--out", "runs/reg"])
+    assert trained.exit_code == 0, trained.output
+    run = tmp_path / "runs" / "reg"
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[0]["keys_scaled"] > 0 and all(m["max_key_norm"] <= cap * 1.0001 for m in metrics)
+    state_dicts, metadata = read_diffusers_lora(run / "lora")
+    for group, sd in state_dicts.items():
+        scaling = metadata[group]["lora_alpha"] / metadata[group]["r"]
+        for key in (k for k in sd if "lora_A" in k):
+            assert update_norm(sd[key], sd[key.replace("lora_A", "lora_B")], scaling).item() <= cap * 1.001, key
+
+    exported = runner.invoke(app, ["export", str(run), "--format", "a1111", "--out", "reg.safetensors"])
+    assert exported.exit_code == 0, exported.output
+    _, meta = read_safetensors(tmp_path / "reg.safetensors")
+    assert meta["ss_network_dropout"] == "0.1" and meta["ss_scale_weight_norms"] == str(cap) and meta["ss_ip_noise_gamma"] == "0.1"
+    assert json.loads(meta["ss_network_args"]) == {"train_text_encoder": True, "rank_dropout": "0.2", "module_dropout": "0.1"}
+    changed = runner.invoke(app, ["train", "--resume", "--out", str(run), "--max-steps", "4", "--rank-dropout", "0.3"])
+    assert changed.exit_code == 2 and "adapter.rank_dropout" in " ".join(changed.output.split())
