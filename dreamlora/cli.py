@@ -498,6 +498,9 @@ def train(
     loss: Annotated[Optional[str], typer.Option(help="l2 (default, MSE), l1, huber or smooth_l1 (scheduled pseudo-Huber: robust to outlier photos, as kohya's --loss_type).")] = None,
     huber_c: Annotated[Optional[float], typer.Option(help="huber/smooth_l1: threshold at the noisiest timestep (default 0.1).")] = None,
     huber_schedule: Annotated[Optional[str], typer.Option(help="huber/smooth_l1: snr (default), exponential or constant.")] = None,
+    multires_noise_iterations: Annotated[Optional[int], typer.Option(help="Pyramid (multi-resolution) noise of N scales, e.g. 6 (default 0: off; kohya's --multires_noise_iterations).")] = None,
+    multires_noise_discount: Annotated[Optional[float], typer.Option(help="Weight ratio between pyramid scales (default 0.3).")] = None,
+    debiased_estimation: Annotated[bool, typer.Option("--debiased-estimation", help="Weight each timestep's loss by 1/sqrt(SNR) (kohya's --debiased_estimation_loss).")] = False,
     ip_noise_gamma: Annotated[Optional[float], typer.Option(help="Input perturbation: extra noise the UNet sees but need not predict, e.g. 0.1 (default 0: off; kohya's --ip_noise_gamma).")] = None,
     min_timestep: Annotated[Optional[int], typer.Option(help="Train on timesteps from this one (default 0).")] = None,
     max_timestep: Annotated[Optional[int], typer.Option(help="Train on timesteps below this one (default: all, 1000 for SD).")] = None,
@@ -541,7 +544,8 @@ def train(
         **_target_flags(targets, conv_rank, conv_alpha),
         "train.ip_noise_gamma": ip_noise_gamma, "train.min_timestep": min_timestep, "train.max_timestep": max_timestep,
         "adapter.network_dropout": network_dropout, "adapter.rank_dropout": rank_dropout, "adapter.module_dropout": module_dropout,
-        "train.scale_weight_norms": scale_weight_norms,
+        "train.scale_weight_norms": scale_weight_norms, "train.multires_noise_iterations": multires_noise_iterations,
+        "train.multires_noise_discount": multires_noise_discount, "train.debiased_estimation": True if debiased_estimation else None,
     }
 
     def action() -> None:

@@ -233,6 +233,9 @@ class TrainConfig:
     loss: str = "l2"  # l2 (MSE), l1, huber or smooth_l1: the scheduled pseudo-Huber losses resist outlier photos (kohya's --loss_type)
     huber_c: float = 0.1  # huber/smooth_l1: the pseudo-Huber threshold at the noisiest timestep (kohya's --huber_c)
     huber_schedule: str = "snr"  # huber/smooth_l1: how the threshold falls from 1 at t=0 to huber_c: snr, exponential, constant
+    multires_noise_iterations: int = 0  # > 0: pyramid noise of this many scales (kohya's --multires_noise_iterations, 6-10 usual)
+    multires_noise_discount: float = 0.3  # weight ratio between successive pyramid scales (kohya's --multires_noise_discount)
+    debiased_estimation: bool = False  # weight each timestep's loss by 1/sqrt(SNR) (kohya's --debiased_estimation_loss)
     ip_noise_gamma: float = 0.0  # input perturbation: the UNet sees latents noised with noise + gamma * extra noise, the target stays the noise (kohya's --ip_noise_gamma, 0.1 usual)
     min_timestep: int = 0  # train on timesteps in [min_timestep, max_timestep) only (kohya's --min_timestep)
     max_timestep: int = 0  # 0: the scheduler's num_train_timesteps (kohya's --max_timestep)
@@ -275,6 +278,12 @@ class TrainConfig:
                 self.huber_c == 0.1 and self.huber_schedule == "snr",
                 f"train.huber_c and train.huber_schedule shape the huber and smooth_l1 losses, not {self.loss}; add --loss huber or drop them",
             )
+        _check(0 <= self.multires_noise_iterations <= 20, f"train.multires_noise_iterations must be in 0..20 (0 = off, 6-10 is usual); got {self.multires_noise_iterations}")
+        _check(0 < self.multires_noise_discount <= 1, f"train.multires_noise_discount must be in (0, 1] (0.3 is usual); got {self.multires_noise_discount}")
+        _check(
+            self.multires_noise_iterations or self.multires_noise_discount == 0.3,
+            "train.multires_noise_discount shapes the pyramid noise of --multires-noise-iterations N; add it or drop the discount",
+        )
         _check(0 <= self.ip_noise_gamma <= 1, f"train.ip_noise_gamma must be in [0, 1] (0 = off, 0.1 is usual); got {self.ip_noise_gamma}")
         _check(self.min_timestep >= 0 and self.max_timestep >= 0, f"train.min_timestep and train.max_timestep must be >= 0; got {self.min_timestep} and {self.max_timestep}")
         _check(

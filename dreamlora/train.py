@@ -74,6 +74,19 @@ def snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float) -> 
     raise TrainingError(f"--snr-gamma does not support prediction_type {prediction_type!r}; use epsilon or v_prediction models")
 
 
+def debiased_weights(noise_scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    """Debiased-estimation loss weights (Yu et al. 2024, kohya's --debiased_estimation_loss), one per timestep:
+    1 / sqrt(SNR) for epsilon, 1 / (SNR + 1) for v-prediction, with SNR capped at 1000 (it is infinite at t = 0)."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].double()
+    snr = (alphas_cumprod / (1.0 - alphas_cumprod)).clamp(max=1000.0)
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type == "epsilon":
+        return snr.rsqrt().float()
+    if prediction_type == "v_prediction":
+        return (1.0 / (snr + 1.0)).float()
+    raise TrainingError(f"--debiased-estimation does not support prediction_type {prediction_type!r}; use epsilon or v_prediction models")
+
+
 def huber_thresholds(noise_scheduler: Any, timesteps: torch.Tensor, c: float, schedule: str) -> torch.Tensor:
     """The pseudo-Huber threshold per row (Khrapov et al. 2024, "scheduled pseudo-Huber loss", as kohya's sd-scripts use it):
     near 1 (the loss is about MSE) at low noise, falling to `c` (robust to outlier pixels) at high noise.
@@ -119,6 +132,41 @@ def noisy_latents(noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tens
     if ip_noise_gamma:
         noise = noise + ip_noise_gamma * torch.randn(latents.shape, generator=generator, device=latents.device)
     return noise_scheduler.add_noise(latents, noise, timesteps)
+
+
+def pyramid_noise(noise: torch.Tensor, generator: torch.Generator, iterations: int, discount: float) -> torch.Tensor:
+    """Multi-resolution ("pyramid") noise, as kohya's --multires_noise_iterations: noise at successively coarser random
+    scales (each 2-4x smaller than the last, weighted discount**i) added to `noise`, the sum rescaled to unit standard
+    deviation over the batch. Low-frequency noise lets the model change an image's overall brightness and contrast."""
+    batch, channels, height, width = noise.shape
+    # The scale factors come from a CPU generator seeded by the batch's: reading them needs no device sync.
+    factors = (torch.rand(iterations, generator=torch.Generator().manual_seed(int(generator.initial_seed()) + 2**41)) * 2 + 2).tolist()
+    out = noise.clone()
+    for i, factor in enumerate(factors):
+        h, w = max(1, int(height / factor**i)), max(1, int(width / factor**i))
+        coarse = torch.randn((batch, channels, h, w), generator=generator, device=noise.device)
+        out = out + torch.nn.functional.interpolate(coarse, size=(height, width), mode="bilinear") * discount**i
+        if h == 1 or w == 1:
+            break
+    return out / out.std()
+
+
+def diffusion_inputs(cfg: RunConfig, noise_scheduler: Any, latents: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """A micro-batch's (noisy latents, timesteps, target, loss weights or None, Huber thresholds or None), drawn from
+    the batch's generator in a fixed order (noise, its offset, timesteps, input perturbation)."""
+    t = cfg.train
+    noise = sample_noise(latents, generator, t.noise_offset)
+    if t.multires_noise_iterations:
+        noise = pyramid_noise(noise, generator, t.multires_noise_iterations, t.multires_noise_discount)
+    timesteps = draw_timesteps(noise_scheduler, latents.shape[0], generator, latents.device, t.min_timestep, t.max_timestep)
+    noisy = noisy_latents(noise_scheduler, latents, noise, timesteps, generator, t.ip_noise_gamma)
+    target = diffusion_target(noise_scheduler, latents, noise, timesteps)
+    weights = snr_weights(noise_scheduler, timesteps, t.snr_gamma) if t.snr_gamma else None
+    if t.debiased_estimation:
+        debiased = debiased_weights(noise_scheduler, timesteps)
+        weights = debiased if weights is None else weights * debiased  # both, as kohya applies them
+    huber_c = huber_thresholds(noise_scheduler, timesteps, t.huber_c, t.huber_schedule) if t.pseudo_huber else None
+    return noisy, timesteps, target, weights, huber_c
 
 
 def diffusion_target(noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
@@ -890,20 +938,12 @@ def _train(
             encode_each_step = False
         for micro in range(accum):
             batch = batches.draw_batch(step * accum + micro)
-            latents, rows, generator = batch.latents, batch.rows, batch.generator
-            noise = sample_noise(latents, generator, cfg.train.noise_offset)
-            timesteps = draw_timesteps(noise_scheduler, latents.shape[0], generator, device, cfg.train.min_timestep, cfg.train.max_timestep)
-            noisy = noisy_latents(noise_scheduler, latents, noise, timesteps, generator, cfg.train.ip_noise_gamma)
-            target = diffusion_target(noise_scheduler, latents, noise, timesteps)
-            weights = snr_weights(noise_scheduler, timesteps, cfg.train.snr_gamma) if cfg.train.snr_gamma else None
-            huber_c = huber_thresholds(noise_scheduler, timesteps, cfg.train.huber_c, cfg.train.huber_schedule) if cfg.train.pseudo_huber else None
+            rows = batch.rows
+            noisy, timesteps, target, weights, huber_c = diffusion_inputs(cfg, noise_scheduler, batch.latents, batch.generator)
             if graph_step is not None:
                 # One replay runs forward, backward, clipping and AdamW; a non-finite loss skips the update in-graph.
-                if weights is None:
-                    weights = torch.ones(latents.shape[0], device=device)
-                if huber_c is None:
-                    huber_c = torch.ones(latents.shape[0], device=device)  # a static input the l2/l1 losses do not read
-                loss, instance_loss, prior_loss = graph_step(rows, noisy, timesteps, target, weights, batch.size_ids, huber_c)
+                ones = torch.ones(len(rows), device=device)  # static inputs the plain loss does not read
+                loss, instance_loss, prior_loss = graph_step(rows, noisy, timesteps, target, ones if weights is None else weights, batch.size_ids, ones if huber_c is None else huber_c)
                 if graph_step.capture_seconds and step == start_step:
                     log.info("CUDA graph captured in %.1f s", graph_step.capture_seconds)
                 if limiter is not None:

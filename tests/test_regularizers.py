@@ -1,5 +1,5 @@
 """kohya's regularizers: network, rank and module dropout on each LoRA, max-norm (--scale-weight-norms), a timestep
-range and input perturbation (--ip-noise-gamma): what each does to the numbers, that checkpointing replays the dropout
+range, input perturbation (--ip-noise-gamma), pyramid noise and debiased estimation: what each does to the numbers, that checkpointing replays the dropout
 masks, and that a run records them (metrics, export metadata)."""
 
 import json
@@ -16,7 +16,7 @@ from dreamlora.config import AdapterConfig, TrainConfig, load_config
 from dreamlora.errors import ConfigError
 from dreamlora.lora import ADAPTER_NAME, WeightNormLimiter, add_dropout_hooks, attach_adapters, lora_layers, read_diffusers_lora, read_safetensors, update_norm
 from dreamlora.models import encode_prompt, load_components, tokenize
-from dreamlora.train import _enable_checkpointing, check_timestep_range, draw_timesteps, noisy_latents, resolve_data, train
+from dreamlora.train import _enable_checkpointing, check_timestep_range, debiased_weights, draw_timesteps, noisy_latents, pyramid_noise, resolve_data, train
 
 runner = CliRunner()
 
@@ -197,6 +197,31 @@ def test_timestep_range_and_input_perturbation() -> None:
     assert torch.allclose(perturbed - scheduler.add_noise(latents, noise, timesteps), sigma * 0.1 * extra, atol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-v"])
+def test_debiased_estimation_weights(preset: str) -> None:
+    scheduler = load_components(preset).noise_scheduler
+    timesteps = torch.tensor([0, 50, 400, 999])
+    weights = debiased_weights(scheduler, timesteps)
+    for t, w in zip(timesteps.tolist(), weights.tolist()):
+        a = float(scheduler.alphas_cumprod[t])
+        snr = min(a / (1 - a), 1000.0)
+        assert w == pytest.approx(snr**-0.5 if preset == "tiny" else 1 / (snr + 1), rel=1e-5), t
+    assert weights[-1] > weights[0]  # the noisy timesteps, where the plain loss is biased low, weigh more
+    with pytest.raises(ConfigError, match="multires_noise_discount shapes the pyramid noise"):
+        TrainConfig(multires_noise_discount=0.5)
+
+
+def test_pyramid_noise_adds_low_frequencies_at_unit_std() -> None:
+    noise = torch.randn(8, 4, 64, 64, generator=torch.Generator().manual_seed(0))
+    pyramid = pyramid_noise(noise, torch.Generator().manual_seed(3), iterations=6, discount=0.8)
+    again = pyramid_noise(noise, torch.Generator().manual_seed(3), iterations=6, discount=0.8)
+    assert torch.equal(pyramid, again) and not torch.allclose(pyramid, noise)
+    assert pyramid.std().item() == pytest.approx(1.0, rel=1e-4)
+    white_dc, pyramid_dc = noise.mean(dim=(2, 3)).std().item(), pyramid.mean(dim=(2, 3)).std().item()
+    assert pyramid_dc > 5 * white_dc  # each image's channel means move: overall brightness and colour can be learned
+    assert torch.equal(pyramid_noise(noise, torch.Generator().manual_seed(3), 0, 0.8), noise / noise.std())
+
+
 def test_text_encoders_train_in_training_mode(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The text encoders load in eval mode (PEFT's new LoRA layers in training mode); sampling during the run puts each
     model back in its mode, so a run must put them in training mode, or their LoRA dropout stops after the first samples."""
@@ -236,7 +261,8 @@ def test_cli_run_records_the_regularizers(tmp_path: Path, instance_dir: Path, mo
 
     cap = 0.05
     regularizers = ["--network-dropout", "0.1", "--rank-dropout", "0.2", "--module-dropout", "0.1", "--scale-weight-norms", str(cap),
-                    "--ip-noise-gamma", "0.1", "--min-timestep", "100", "--max-timestep", "900"]  # fmt: skip
+                    "--ip-noise-gamma", "0.1", "--min-timestep", "100", "--max-timestep", "900", "--multires-noise-iterations", "3",
+                    "--debiased-estimation"]  # fmt: skip
     trained = runner.invoke(app, [*base, *regularizers, "--checkpoint-every", "3", "--out", "runs/reg"])
     assert trained.exit_code == 0, trained.output
     run = tmp_path / "runs" / "reg"
@@ -252,6 +278,7 @@ def test_cli_run_records_the_regularizers(tmp_path: Path, instance_dir: Path, mo
     assert exported.exit_code == 0, exported.output
     _, meta = read_safetensors(tmp_path / "reg.safetensors")
     assert meta["ss_network_dropout"] == "0.1" and meta["ss_scale_weight_norms"] == str(cap) and meta["ss_ip_noise_gamma"] == "0.1"
+    assert meta["ss_multires_noise_iterations"] == "3" and meta["ss_multires_noise_discount"] == "0.3" and meta["ss_debiased_estimation"] == "True"
     assert json.loads(meta["ss_network_args"]) == {"train_text_encoder": True, "rank_dropout": "0.2", "module_dropout": "0.1"}
     changed = runner.invoke(app, ["train", "--resume", "--out", str(run), "--max-steps", "4", "--rank-dropout", "0.3"])
     assert changed.exit_code == 2 and "adapter.rank_dropout" in " ".join(changed.output.split())
