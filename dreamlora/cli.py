@@ -504,6 +504,7 @@ def train(
     ip_noise_gamma: Annotated[Optional[float], typer.Option(help="Input perturbation: extra noise the UNet sees but need not predict, e.g. 0.1 (default 0: off; kohya's --ip_noise_gamma).")] = None,
     min_timestep: Annotated[Optional[int], typer.Option(help="Train on timesteps from this one (default 0).")] = None,
     max_timestep: Annotated[Optional[int], typer.Option(help="Train on timesteps below this one (default: all, 1000 for SD).")] = None,
+    lora_dropout: Annotated[Optional[float], typer.Option(help="Dropout on each LoRA's input, e.g. 0.1 (default 0; PEFT's and diffusers' --lora_dropout).")] = None,
     network_dropout: Annotated[Optional[float], typer.Option(help="Dropout on each LoRA's down-projection output, e.g. 0.1 (default 0; kohya's --network_dropout).")] = None,
     rank_dropout: Annotated[Optional[float], typer.Option(help="Drop whole LoRA rank channels per image with this probability (default 0; kohya's rank_dropout).")] = None,
     module_dropout: Annotated[Optional[float], typer.Option(help="Skip each LoRA module for a step with this probability (default 0; kohya's module_dropout).")] = None,
@@ -543,7 +544,7 @@ def train(
         "data.cache_latents": False if no_latent_cache else None, "data.latent_cache_dir": latent_cache,
         **_target_flags(targets, conv_rank, conv_alpha),
         "train.ip_noise_gamma": ip_noise_gamma, "train.min_timestep": min_timestep, "train.max_timestep": max_timestep,
-        "adapter.network_dropout": network_dropout, "adapter.rank_dropout": rank_dropout, "adapter.module_dropout": module_dropout,
+        "adapter.dropout": lora_dropout, "adapter.network_dropout": network_dropout, "adapter.rank_dropout": rank_dropout, "adapter.module_dropout": module_dropout,
         "train.scale_weight_norms": scale_weight_norms, "train.multires_noise_iterations": multires_noise_iterations,
         "train.multires_noise_discount": multires_noise_discount, "train.debiased_estimation": True if debiased_estimation else None,
     }

@@ -260,7 +260,7 @@ def test_cli_run_records_the_regularizers(tmp_path: Path, instance_dir: Path, mo
     assert not (tmp_path / "runs" / "bad").exists()
 
     cap = 0.05
-    regularizers = ["--network-dropout", "0.1", "--rank-dropout", "0.2", "--module-dropout", "0.1", "--scale-weight-norms", str(cap),
+    regularizers = ["--lora-dropout", "0.05", "--network-dropout", "0.1", "--rank-dropout", "0.2", "--module-dropout", "0.1", "--scale-weight-norms", str(cap),
                     "--ip-noise-gamma", "0.1", "--min-timestep", "100", "--max-timestep", "900", "--multires-noise-iterations", "3",
                     "--debiased-estimation"]  # fmt: skip
     trained = runner.invoke(app, [*base, *regularizers, "--checkpoint-every", "3", "--out", "runs/reg"])
@@ -269,6 +269,7 @@ def test_cli_run_records_the_regularizers(tmp_path: Path, instance_dir: Path, mo
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert metrics[0]["keys_scaled"] > 0 and all(m["max_key_norm"] <= cap * 1.0001 for m in metrics)
     state_dicts, metadata = read_diffusers_lora(run / "lora")
+    assert metadata["unet"]["lora_dropout"] == 0.05  # PEFT's own dropout, in the adapter config
     for group, sd in state_dicts.items():
         scaling = metadata[group]["lora_alpha"] / metadata[group]["r"]
         for key in (k for k in sd if "lora_A" in k):
