@@ -504,6 +504,7 @@ def train(
     ip_noise_gamma: Annotated[Optional[float], typer.Option(help="Input perturbation: extra noise the UNet sees but need not predict, e.g. 0.1 (default 0: off; kohya's --ip_noise_gamma).")] = None,
     min_timestep: Annotated[Optional[int], typer.Option(help="Train on timesteps from this one (default 0).")] = None,
     max_timestep: Annotated[Optional[int], typer.Option(help="Train on timesteps below this one (default: all, 1000 for SD).")] = None,
+    init_lora: Annotated[Optional[str], typer.Option(help="Start from this LoRA: a run folder, or a diffusers or kohya/A1111 .safetensors file, at its rank (kohya's --network_weights).")] = None,
     lora_dropout: Annotated[Optional[float], typer.Option(help="Dropout on each LoRA's input, e.g. 0.1 (default 0; PEFT's and diffusers' --lora_dropout).")] = None,
     network_dropout: Annotated[Optional[float], typer.Option(help="Dropout on each LoRA's down-projection output, e.g. 0.1 (default 0; kohya's --network_dropout).")] = None,
     rank_dropout: Annotated[Optional[float], typer.Option(help="Drop whole LoRA rank channels per image with this probability (default 0; kohya's rank_dropout).")] = None,
@@ -544,7 +545,7 @@ def train(
         "data.cache_latents": False if no_latent_cache else None, "data.latent_cache_dir": latent_cache,
         **_target_flags(targets, conv_rank, conv_alpha),
         "train.ip_noise_gamma": ip_noise_gamma, "train.min_timestep": min_timestep, "train.max_timestep": max_timestep,
-        "adapter.dropout": lora_dropout, "adapter.network_dropout": network_dropout, "adapter.rank_dropout": rank_dropout, "adapter.module_dropout": module_dropout,
+        "adapter.init_lora": init_lora, "adapter.dropout": lora_dropout, "adapter.network_dropout": network_dropout, "adapter.rank_dropout": rank_dropout, "adapter.module_dropout": module_dropout,
         "train.scale_weight_norms": scale_weight_norms, "train.multires_noise_iterations": multires_noise_iterations,
         "train.multires_noise_discount": multires_noise_discount, "train.debiased_estimation": True if debiased_estimation else None,
     }
@@ -557,6 +558,10 @@ def train(
         _check_length(max_steps, epochs)
         _check_targets(targets)
         overrides = _overrides(set_, flags)
+        if init_lora and not Path(init_lora).exists():
+            from dreamlora.errors import ConfigError
+
+            raise ConfigError(f"--init-lora '{init_lora}' does not exist; pass a run folder, or a diffusers or kohya/A1111 .safetensors LoRA")
         if resume or resume_from:
             run_dir, checkpoint = training.resume_point(Path(out_dir) if out_dir else None, resume_from)
             saved = load_config(run_dir / "config.toml")

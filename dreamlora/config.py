@@ -159,6 +159,7 @@ class AdapterConfig:
     init: str = "default"  # default: zero up-weights; gaussian; nonzero (tests: adapted differs from base at step 0)
     conv_rank: int = 0  # > 0: LoRA on the UNet's ResNet and resampling blocks too, 3x3 convolutions at this rank (kohya's conv_dim, LoCon)
     conv_alpha: float = 0.0  # 0: equal to conv_rank (kohya's conv_alpha)
+    init_lora: str = ""  # start from this LoRA's weights: a run folder, diffusers or kohya/A1111 .safetensors (kohya's --network_weights)
 
     def __post_init__(self) -> None:
         _check(1 <= self.rank <= 1024, f"adapter.rank must be in 1..1024; got {self.rank}")

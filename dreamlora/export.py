@@ -1092,6 +1092,13 @@ def _architecture_module_names(base_model: str | None, sdxl_file: bool = False) 
     return Architecture(names, UnetLayout.from_config(unet_config), label, family.name, kohya_naming(family.name, unet_config))
 
 
+def live_architecture(components: Any, label: str) -> Architecture:
+    """The module names of loaded components (before adapters are attached), as `_architecture_module_names` gives them."""
+    names = {group: [n for n, _ in model.named_modules()] for group, model in (("unet", components.unet), *components.text_encoders.items())}
+    config = dict(components.unet.config)
+    return Architecture(names, UnetLayout.from_config(config), label, components.family.name, kohya_naming(components.family.name, config))
+
+
 def _looks_sdxl(tensors: dict[str, torch.Tensor]) -> bool:
     """A kohya file made for SDXL: a second text encoder, the label embedding, deep transformer
     stacks (SD 1.x/2.x have one block per attention), or cross-attention keys reading SDXL's 2048-wide context."""
@@ -1103,16 +1110,19 @@ def _looks_sdxl(tensors: dict[str, torch.Tensor]) -> bool:
     return False
 
 
-def read_lora_modules(src: Path, base_model: str | None) -> tuple[list[LoraModule], dict[str, str], list[str], KohyaNaming | None]:
+def read_lora_modules(
+    src: Path, base_model: str | None, arch: Architecture | None = None
+) -> tuple[list[LoraModule], dict[str, str], list[str], KohyaNaming | None]:
     """Any supported LoRA file (kohya/A1111, LoCon, LDM-named, diffusers/PEFT) -> modules, its metadata, notes,
-    and the kohya naming of its model family (None: SD 1.x/2.x)."""
+    and the kohya naming of its model family (None: SD 1.x/2.x). `arch`: the base model's module names when they are
+    at hand (`live_architecture`), instead of building them from `base_model`'s configs."""
     tensors, file_meta = _read_any_lora(Path(src))
     notes: list[str] = []
     if tensors and all(is_kohya_key(k) for k in tensors):
         if "lora_adapter_metadata" in file_meta:
             notes.append("dropped diffusers adapter metadata stored beside kohya alphas (diffusers' loader raises on that mix)")
         sdxl_file = _looks_sdxl(tensors)
-        arch = _architecture_module_names(base_model, sdxl_file)
+        arch = arch or _architecture_module_names(base_model, sdxl_file)
         if sdxl_file and arch.naming is None:
             raise ExportError(f"'{src}' is an SDXL LoRA (its module names and shapes say so), but the base model {arch.label} is not SDXL; pass an SDXL base with --model, or leave --model out")
         table = kohya_name_table(arch.names, arch.naming, diffusers_unet_aliases=arch.naming is not None)
@@ -1127,7 +1137,9 @@ def read_lora_modules(src: Path, base_model: str | None) -> tuple[list[LoraModul
         metadata = {g: {"r": r, "lora_alpha": r} for g, r in ranks.items()}
         notes.append("the diffusers file has no adapter metadata; alpha taken as rank (what diffusers assumes)")
     naming = None
-    if base_model is not None or "text_encoder_2" in state_dicts:
+    if arch is not None:
+        naming = arch.naming
+    elif base_model is not None or "text_encoder_2" in state_dicts:
         unet_config, _, _, family = _base_configs(base_model, "text_encoder_2" in state_dicts)
         naming = kohya_naming(family.name, unet_config)
     return modules_from_peft(state_dicts, metadata), file_meta, notes, naming

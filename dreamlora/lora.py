@@ -217,6 +217,41 @@ def lora_summary(state_dicts: dict[str, dict[str, torch.Tensor]], metadata: dict
     return summary
 
 
+def load_initial_weights(models: dict[str, torch.nn.Module | None], modules: list[Any], source: str) -> int:
+    """Start training from an existing LoRA (kohya's --network_weights): copy each module's down and up weights (any
+    object with group, module, down, up, alpha, rank) into the attached adapters; returns how many were loaded.
+
+    Every module of the file must be adapted here at its rank; a file alpha other than the adapter's is folded into
+    the up weight, so each layer starts with exactly the file's update. Adapted layers the file lacks start as usual.
+    """
+    from dreamlora.errors import ConfigError
+
+    layers = {group: dict(lora_layers(model)) for group, model in models.items() if has_adapter(model)}
+    missing = [m for m in modules if m.module not in layers.get(m.group, {})]
+    if missing:
+        groups = sorted({m.group for m in missing})
+        untrained = [g for g in groups if g not in layers]
+        hint = (
+            f"it adapts the {', '.join(untrained)}, which this run does not train (drop --no-text-encoder)"
+            if untrained
+            else "add the layers it adapts (--targets all, --conv-rank N), or check it was trained on this base model"
+        )
+        raise ConfigError(f"--init-lora {source}: {len(missing)} of its {len(modules)} modules are not adapted in this run (first: {missing[0].group}.{missing[0].module}); {hint}")
+    with torch.no_grad():
+        for m in modules:
+            layer = layers[m.group][m.module]
+            down, up = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+            if tuple(m.down.shape) != tuple(down.shape) or tuple(m.up.shape) != tuple(up.shape):
+                option = "--conv-rank" if m.down.dim() == 4 and tuple(m.down.shape[2:]) != (1, 1) else "--rank"
+                raise ConfigError(
+                    f"--init-lora {source}: {m.group}.{m.module} has rank {m.rank} (shape {tuple(m.down.shape)}), this run's adapter "
+                    f"{tuple(down.shape)}; pass {option} {m.rank}, or check the LoRA was trained on this base model"
+                )
+            down.copy_(m.down.to(down.dtype))
+            up.copy_((m.up.float() * (m.alpha / m.rank / float(layer.scaling[ADAPTER_NAME]))).to(up.dtype))
+    return len(modules)
+
+
 # --- regularizers: kohya's LoRA dropouts and max-norm -------------------------------------------------
 
 

@@ -25,7 +25,7 @@ from dreamlora.config import RunConfig, replace, to_dict, to_toml
 from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, list_images, make_buckets, open_image, resize_and_crop, to_tensor
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
-from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, save_diffusers_lora, trainable_parameters
+from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters
 from dreamlora.models import Components, PromptEmbeddings, apply_clip_skip, encode_prompts, load_model, public_model_ref, resolve_precision, select_attention, tokenize_all
 from dreamlora.prior import MANIFEST, read_prior_set, safe_name
 from dreamlora.sampling import AugmentedLatents, class_indices, instance_plan, steps_per_epoch
@@ -539,6 +539,21 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, group_names: list[str], 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, [text_encoder if name.startswith("text_encoder") else unet for name in group_names])
 
 
+def _initial_lora_modules(cfg: RunConfig, components: Components) -> list[Any]:
+    """The modules of --init-lora (any LoRA file `convert` reads), named for these components. Final-layer modules of
+    encoders the UNet reads at the penultimate layer (SDXL's first) are dropped: they never change the output."""
+    from dreamlora.export import live_architecture, read_lora_modules
+
+    source = ckpt.find_lora(Path(cfg.adapter.init_lora))  # a run or checkpoint folder, or a file
+    modules, _, notes, _ = read_lora_modules(source, None, live_architecture(components, public_model_ref(cfg.model.name)))
+    if not modules:
+        raise ConfigError(f"--init-lora {source} holds no LoRA weights")
+    for note in notes:
+        log.info("--init-lora: %s", note)
+    finals = {name: f"layers.{int(components.text_encoders[name].config.num_hidden_layers) - 1}." for name in components.family.penultimate_encoders}
+    return [m for m in modules if not (m.group in finals and finals[m.group] in m.module)]
+
+
 def _freeze_text_encoders(params: list[torch.nn.Parameter], components: Components, text_encoders: list[torch.nn.Module], input_ids: list[torch.Tensor]) -> PromptEmbeddings:
     """Stop training the text-encoder LoRAs: no gradients from now on (the optimizer skips them); return the prompts' fixed encoding."""
     for param in params:
@@ -818,7 +833,11 @@ def _train(
     vae.requires_grad_(False)
     train_te = cfg.adapter.train_text_encoder
     text_encoder_2 = components.text_encoder_2  # SDXL's second text encoder; None for one-encoder families
+    initial = _initial_lora_modules(cfg, components) if cfg.adapter.init_lora and resume_from is None else None  # names read before adapters wrap them
     attach_adapters(unet, text_encoder, cfg.adapter, text_encoder_2, components.family.penultimate_encoders)
+    if initial is not None:
+        loaded = load_initial_weights({"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}, initial, cfg.adapter.init_lora)
+        log.info("started from %d LoRA modules of %s", loaded, cfg.adapter.init_lora)
     add_dropout_hooks([unet, text_encoder, text_encoder_2], cfg.adapter)
     if cfg.train.gradient_checkpointing:
         _enable_checkpointing(components, train_te, preserve_rng=cfg.adapter.any_dropout)

@@ -283,3 +283,79 @@ def test_cli_run_records_the_regularizers(tmp_path: Path, instance_dir: Path, mo
     assert json.loads(meta["ss_network_args"]) == {"train_text_encoder": True, "rank_dropout": "0.2", "module_dropout": "0.1"}
     changed = runner.invoke(app, ["train", "--resume", "--out", str(run), "--max-steps", "4", "--rank-dropout", "0.3"])
     assert changed.exit_code == 2 and "adapter.rank_dropout" in " ".join(changed.output.split())
+
+
+def _deltas(state_dicts: dict, metadata: dict) -> dict[str, torch.Tensor]:
+    out = {}
+    for group, sd in state_dicts.items():
+        scaling = metadata[group]["lora_alpha"] / metadata[group]["r"]
+        for key in (k for k in sd if k.endswith("lora_A.weight")):
+            up = sd[key.replace("lora_A", "lora_B")].float()
+            out[f"{group}.{key}"] = scaling * (up.flatten(1) @ sd[key].float().flatten(1))
+    return out
+
+
+def test_init_lora_starts_from_an_existing_lora(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kohya's --network_weights: a run starts from a LoRA file (kohya/A1111 or diffusers) with exactly its update,
+    whatever its alpha; a file this run cannot hold is refused before anything is written."""
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "--model", "tiny", "--instance", str(instance_dir), "--class", "dog", "--num-class-images", "2",
+            "--set", "train.num_samples=0"]  # fmt: skip
+    first = runner.invoke(app, [*base, "--max-steps", "2", "--rank", "4", "--alpha", "8", "--set", "adapter.init=nonzero", "--out", "runs/first"])
+    assert first.exit_code == 0, first.output
+    exported = runner.invoke(app, ["export", "runs/first", "--format", "a1111", "--dtype", "fp32", "--out", "first.safetensors"])
+    assert exported.exit_code == 0, exported.output
+    reference = _deltas(*read_diffusers_lora(tmp_path / "runs" / "first" / "lora"))
+    assert all(d.abs().sum() > 0 for d in reference.values())
+
+    for source, name in (("first.safetensors", "from-a1111"), ("runs/first", "from-run")):
+        # alpha 2 here against the file's 8: the start must still be the file's update; lr ~0 keeps it there for a step
+        run = runner.invoke(app, [*base, "--max-steps", "1", "--rank", "4", "--alpha", "2", "--lr", "1e-12", "--text-encoder-lr", "1e-12",
+                                  "--init-lora", source, "--out", f"runs/{name}"])  # fmt: skip
+        assert run.exit_code == 0, run.output
+        started = _deltas(*read_diffusers_lora(tmp_path / "runs" / name / "lora"))
+        assert started.keys() == reference.keys()
+        for key, delta in reference.items():
+            assert torch.allclose(started[key], delta, rtol=1e-4, atol=1e-6), (name, key)
+
+    for flags, message in (
+        (["--rank", "2"], "has rank 4"), (["--no-text-encoder"], "drop --no-text-encoder"),
+        (["--init-lora", "missing.safetensors"], "--init-lora 'missing.safetensors' does not exist"),
+    ):  # fmt: skip
+        args = [*base, "--max-steps", "1", *(["--init-lora", "first.safetensors"] if "--init-lora" not in flags else []), *flags, "--out", "runs/bad"]
+        bad = runner.invoke(app, args)
+        assert bad.exit_code == 2 and message in " ".join(bad.output.split()) and "Traceback" not in bad.output, (flags, bad.output)
+    wide = runner.invoke(app, [*base, "--max-steps", "1", "--targets", "all", "--out", "runs/wide"])
+    assert wide.exit_code == 0, wide.output
+    narrow = runner.invoke(app, [*base, "--max-steps", "1", "--init-lora", "runs/wide", "--out", "runs/bad"])
+    assert narrow.exit_code == 2 and "--targets all" in " ".join(narrow.output.split())
+    assert not (tmp_path / "runs" / "bad").exists()
+
+
+def test_init_lora_on_sdxl_skips_nothing_it_needs(tmp_path: Path) -> None:
+    from dreamlora.lora import adapter_metadata, adapter_state_dicts, load_initial_weights, save_diffusers_lora
+    from dreamlora.train import _initial_lora_modules
+
+    source = load_components("tiny-sdxl")
+    torch.manual_seed(0)
+    adapter = AdapterConfig(rank=4, alpha=8.0, init="nonzero")
+    attach_adapters(source.unet, source.text_encoder, adapter, source.text_encoder_2, source.family.penultimate_encoders)
+    models = {"unet": source.unet, "text_encoder": source.text_encoder, "text_encoder_2": source.text_encoder_2}
+    state_dicts = adapter_state_dicts(models)
+    reference = _deltas(state_dicts, {k: adapter_metadata(m) for k, m in models.items()})
+    # kohya's SDXL files also carry the first encoder's last layer, which SDXL never reads: dropped, not refused.
+    last = source.text_encoder.config.num_hidden_layers - 1
+    state_dicts["text_encoder"][f"encoder.layers.{last}.self_attn.q_proj.lora_A.weight"] = torch.ones(4, 32)
+    state_dicts["text_encoder"][f"encoder.layers.{last}.self_attn.q_proj.lora_B.weight"] = torch.ones(32, 4)
+    path = save_diffusers_lora(tmp_path / "xl", state_dicts, {k: adapter_metadata(m) for k, m in models.items()})
+
+    target = load_components("tiny-sdxl")
+    cfg = load_config(None, {"model.name": "tiny-sdxl", "adapter.rank": "4", "adapter.alpha": "1", "adapter.init_lora": str(path)})
+    modules = _initial_lora_modules(cfg, target)
+    attach_adapters(target.unet, target.text_encoder, cfg.adapter, target.text_encoder_2, target.family.penultimate_encoders)
+    fresh = {"unet": target.unet, "text_encoder": target.text_encoder, "text_encoder_2": target.text_encoder_2}
+    assert load_initial_weights(fresh, modules, str(path)) == len(reference)
+    started = _deltas(adapter_state_dicts(fresh), {k: adapter_metadata(m) for k, m in fresh.items()})
+    assert started.keys() == reference.keys() and any(k.startswith("text_encoder_2.") for k in started)
+    for key, delta in reference.items():
+        assert torch.allclose(started[key], delta, rtol=1e-4, atol=1e-6), key
