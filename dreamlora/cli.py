@@ -305,6 +305,22 @@ def _check_length(max_steps: int | None, epochs: int | None) -> None:
         raise ConfigError("--max-steps and --epochs both set the run's length; pass one")
 
 
+def _every_flags(checkpoint: int | None, checkpoint_epochs: int | None, sample: int | None, sample_epochs: int | None) -> dict[str, Any]:
+    """Checkpoint and sample cadence in steps or epochs; a step count on the command line overrides epochs from a config file."""
+    return {
+        "train.checkpoint_every": checkpoint, "train.checkpoint_every_epochs": checkpoint_epochs if checkpoint_epochs is not None else (0 if checkpoint is not None else None),
+        "train.sample_every": sample, "train.sample_every_epochs": sample_epochs if sample_epochs is not None else (0 if sample is not None else None),
+    }
+
+
+def _check_every(checkpoint: int | None, checkpoint_epochs: int | None, sample: int | None, sample_epochs: int | None) -> None:
+    from dreamlora.errors import ConfigError
+
+    for what, steps, epochs in (("checkpoint", checkpoint, checkpoint_epochs), ("sample", sample, sample_epochs)):
+        if steps is not None and epochs is not None:
+            raise ConfigError(f"--{what}-every and --{what}-every-epochs both set how often to {what}; pass one")
+
+
 def _target_flags(targets: str | None, conv_rank: int | None, conv_alpha: float | None) -> dict[str, Any]:
     """--targets PRESET sets both target lists (an unknown preset is refused by `_check_targets`); --conv-rank/--conv-alpha LoCon."""
     from dreamlora.config import TARGET_PRESETS
@@ -485,11 +501,13 @@ def train(
     out_dir: Annotated[Optional[str], typer.Option("--out", help="Run folder (default runs/<token>-<class>); never overwritten.")] = None,
     compile_: Annotated[Optional[str], typer.Option("--compile", help="CUDA graph of the whole step: auto (default; single GPU, bf16/fp32), on, off.")] = None,
     checkpoint_every: Annotated[Optional[int], typer.Option(help="Save a resumable checkpoint every N steps.")] = None,
+    checkpoint_every_epochs: Annotated[Optional[int], typer.Option(help="Save a resumable checkpoint every N epochs (kohya's --save_every_n_epochs).")] = None,
     keep_checkpoints: Annotated[Optional[int], typer.Option(help="Newest checkpoints to keep (default 2).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run in --out (or the latest run) from its last checkpoint.")] = False,
     resume_from: Annotated[Optional[Path], typer.Option(help="Continue from this checkpoint folder.")] = None,
     force: Annotated[bool, typer.Option("--force", help="Resume even when settings that change the result differ.")] = False,
     sample_every: Annotated[Optional[int], typer.Option(help="Every N steps: sample grid samples/step-N.png and drift figures (0: only at the end).")] = None,
+    sample_every_epochs: Annotated[Optional[int], typer.Option(help="Sample grids and drift figures every N epochs instead.")] = None,
     num_samples: Annotated[Optional[int], typer.Option(help="Images per prompt in sample grids (default 4, fixed seeds).")] = None,
     sample_prompt: Annotated[Optional[list[str]], typer.Option("--sample-prompt", help="Another prompt for the sample grids, e.g. 'a photo of sks dog on a beach' (repeatable).")] = None,
     report_to: Annotated[Optional[str], typer.Option(help="Also log to tensorboard|wandb (extra: pip install 'dreamlora\\[tensorboard]').")] = None,
@@ -534,9 +552,9 @@ def train(
         "model.precision": precision, "train.lr_scheduler": lr_scheduler, "train.warmup_steps": warmup_steps,
         **_length_flags(max_steps, epochs), "train.batch_size": batch_size, "train.gradient_accumulation": gradient_accumulation,
         "train.seed": seed, "data.resolution": resolution, "data.center_crop": False if random_crop else None,
-        "data.flip": True if flip else None, "train.out": out_dir, "train.checkpoint_every": checkpoint_every,
+        "data.flip": True if flip else None, "train.out": out_dir, **_every_flags(checkpoint_every, checkpoint_every_epochs, sample_every, sample_every_epochs),
         "train.keep_checkpoints": keep_checkpoints, "model.name": model, "model.vae": vae, "train.compile": compile_,
-        "train.sample_every": sample_every, "train.num_samples": num_samples, "train.sample_prompts": tuple(sample_prompt) if sample_prompt else None, "train.report_to": report_to,
+        "train.num_samples": num_samples, "train.sample_prompts": tuple(sample_prompt) if sample_prompt else None, "train.report_to": report_to,
         "train.snr_gamma": snr_gamma, "train.noise_offset": noise_offset, "train.loss": loss, "train.huber_c": huber_c, "train.huber_schedule": huber_schedule, "train.text_encoder_steps_fraction": text_encoder_steps_fraction,
         "train.text_encoder_lr_scheduler": text_encoder_lr_scheduler, "train.text_encoder_warmup_steps": text_encoder_warmup_steps,
         "train.lr_cycles": lr_cycles, "train.optimizer": optimizer,
@@ -556,6 +574,7 @@ def train(
         from dreamlora.config import load_config, read_toml
 
         _check_length(max_steps, epochs)
+        _check_every(checkpoint_every, checkpoint_every_epochs, sample_every, sample_every_epochs)
         _check_targets(targets)
         overrides = _overrides(set_, flags)
         if init_lora and not Path(init_lora).exists():
@@ -566,7 +585,7 @@ def train(
             run_dir, checkpoint = training.resume_point(Path(out_dir) if out_dir else None, resume_from)
             saved = load_config(run_dir / "config.toml")
             cfg = load_config(run_dir / "config.toml", overrides)
-            if "train.epochs" in overrides:
+            if {"train.epochs", "train.checkpoint_every_epochs", "train.sample_every_epochs"} & overrides.keys():
                 cfg = training.resolve_epochs(cfg)
             training.check_resume_step(int(load_checkpoint_state(checkpoint)["step"]), cfg.train.max_steps, checkpoint)
             changed = training.changed_keys(saved, cfg)

@@ -216,8 +216,10 @@ class TrainConfig:
     gradient_checkpointing: bool = True
     max_grad_norm: float = 1.0
     checkpoint_every: int = 0  # 0: only the final save
+    checkpoint_every_epochs: int = 0  # N > 0: checkpoint_every becomes N epochs of steps (kohya's --save_every_n_epochs)
     keep_checkpoints: int = 2
     sample_every: int = 0  # 0: samples only at the end
+    sample_every_epochs: int = 0  # N > 0: sample_every becomes N epochs of steps (kohya's --sample_every_n_epochs)
     num_samples: int = 4
     sample_prompts: tuple[str, ...] = ()  # more prompts in every sample grid, e.g. the subject somewhere new
     log_every: int = 10
@@ -292,6 +294,7 @@ class TrainConfig:
             f"train.min_timestep ({self.min_timestep}) must be below train.max_timestep ({self.max_timestep}): timesteps are drawn from [min, max)",
         )
         _check(self.scale_weight_norms >= 0, f"train.scale_weight_norms must be >= 0 (0 = off, 1.0 is usual); got {self.scale_weight_norms}")
+        _check(self.checkpoint_every_epochs >= 0 and self.sample_every_epochs >= 0, "train.checkpoint_every_epochs and train.sample_every_epochs must be >= 0 (0: off)")
         _check(self.sample_every >= 0, f"train.sample_every must be >= 0 (0 = samples only at the end); got {self.sample_every}")
         _check(self.num_samples >= 0, f"train.num_samples must be >= 0 (0: no sample images); got {self.num_samples}")
 

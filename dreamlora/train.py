@@ -229,9 +229,11 @@ def resolve_data(cfg: RunConfig, priors_root: Path = Path("priors")) -> tuple[Ru
 
 
 def resolve_epochs(cfg: RunConfig, processes: int | None = None) -> RunConfig:
-    """With `train.epochs` set, `train.max_steps` becomes that many passes over the instance photos x repeats, as the
-    run will draw them (batch size, aspect buckets, gradient accumulation and `processes`, default $WORLD_SIZE)."""
-    if not cfg.train.epochs:
+    """Settings counted in epochs become steps: with `train.epochs` set, `train.max_steps` becomes that many passes
+    over the instance photos x repeats, as the run will draw them (batch size, aspect buckets, gradient accumulation
+    and `processes`, default $WORLD_SIZE); `checkpoint_every_epochs`/`sample_every_epochs` set checkpoint_every/sample_every."""
+    t = cfg.train
+    if not (t.epochs or t.checkpoint_every_epochs or t.sample_every_epochs):
         return cfg
     data = cfg.data
     folder = list_images(data.instance_dir, "instance")
@@ -245,11 +247,17 @@ def resolve_epochs(cfg: RunConfig, processes: int | None = None) -> RunConfig:
     plan = instance_plan(sizes, data.resolution, cfg.train.batch_size, data.repeats, cfg.train.seed, buckets)
     processes = processes or int(os.environ.get("WORLD_SIZE", "1"))
     per_epoch = steps_per_epoch(plan, processes, cfg.train.gradient_accumulation)
-    max_steps = cfg.train.epochs * per_epoch
-    if max_steps > 1_000_000:
-        raise ConfigError(f"{cfg.train.epochs} epochs of {per_epoch} steps is {max_steps} steps, more than 1000000; pass fewer --epochs")
-    log.info("%d epochs of %d steps (%d photos x %d repeats, batch %d): %d steps", cfg.train.epochs, per_epoch, len(folder.paths), data.repeats, cfg.train.batch_size, max_steps)
-    return replace(cfg, train=replace(cfg.train, max_steps=max_steps))
+    changes = {}
+    if t.checkpoint_every_epochs:
+        changes["checkpoint_every"] = t.checkpoint_every_epochs * per_epoch
+    if t.sample_every_epochs:
+        changes["sample_every"] = t.sample_every_epochs * per_epoch
+    if t.epochs:
+        max_steps = changes["max_steps"] = t.epochs * per_epoch
+        if max_steps > 1_000_000:
+            raise ConfigError(f"{t.epochs} epochs of {per_epoch} steps is {max_steps} steps, more than 1000000; pass fewer --epochs")
+        log.info("%d epochs of %d steps (%d photos x %d repeats, batch %d): %d steps", t.epochs, per_epoch, len(folder.paths), data.repeats, t.batch_size, max_steps)
+    return replace(cfg, train=replace(t, **changes))
 
 
 def only_prior_set(priors_root: Path = Path("priors")) -> Path | None:
@@ -1200,7 +1208,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 
 # Keys that may differ when resuming without changing the result.
 RESUME_FREE_KEYS = {
-    "train.out", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.sample_every",
+    "train.out", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.sample_every", "train.checkpoint_every_epochs", "train.sample_every_epochs",
     "train.num_samples", "train.sample_prompts", "model.attention", "prior.batch_size", "train.compile", "train.report_to", "model.allow_pickle",
     "data.latent_cache_dir",
 }

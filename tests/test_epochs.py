@@ -93,3 +93,23 @@ def test_epochs_through_train_resume_and_the_exported_training_record(tmp_path: 
     report = runner.invoke(app, ["dataset", str(instance_dir), "--model", "tiny", "--repeats", "2", "--epochs", "2"])
     assert report.exit_code == 0, report.output
     assert re.search(r"max steps\W+16\b", report.output) and re.search(r"steps per epoch\W+8\b", report.output)
+
+
+def test_checkpoints_and_samples_every_n_epochs(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kohya's --save_every_n_epochs/--sample_every_n_epochs: the cadence in epochs becomes steps as the run draws them."""
+    monkeypatch.chdir(tmp_path)
+    cfg = resolve_epochs(load_config(None, {"data.instance_dir": str(instance_dir), "data.repeats": "2", "train.checkpoint_every_epochs": "2", "train.sample_every_epochs": "3"}))
+    assert (cfg.train.checkpoint_every, cfg.train.sample_every, cfg.train.max_steps) == (16, 24, 800)  # 8 steps an epoch; the length stays --max-steps
+
+    base = ["train", "--model", "tiny", "--instance", str(instance_dir), "--class", "dog", "--num-class-images", "2", "--epochs", "3",
+            "--set", "train.num_samples=1", "--set", "prior.steps=1", "--set", "train.keep_checkpoints=5"]  # fmt: skip
+    both = runner.invoke(app, [*base, "--checkpoint-every", "2", "--checkpoint-every-epochs", "1", "--out", "runs/bad"])
+    assert both.exit_code == 2 and "--checkpoint-every and --checkpoint-every-epochs both set" in _flat(both.output)
+    assert not (tmp_path / "runs" / "bad").exists()
+    result = runner.invoke(app, [*base, "--checkpoint-every-epochs", "1", "--sample-every-epochs", "2", "--out", "runs/every"])
+    assert result.exit_code == 0, result.output
+    run = tmp_path / "runs" / "every"
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000004", "step-000008", "step-000012"]  # 4 photos: 4 steps an epoch
+    assert (run / "samples" / "step-000008.png").is_file() and not (run / "samples" / "step-000004.png").is_file()
+    saved = load_config(run / "config.toml")
+    assert (saved.train.checkpoint_every, saved.train.sample_every, saved.train.max_steps) == (4, 8, 12)
