@@ -691,7 +691,7 @@ def export(
     _run(debug, action)
 
 
-def _render_export(result: Any) -> None:
+def _render_export(result: Any, title: str = "export") -> None:
     rows: list[tuple[str, Any]] = [("file", result.path), ("format", result.format), ("dtype", result.dtype)]
     rows += [(f"{group} modules", n) for group, n in result.key_counts.items()]
     report = result.verify
@@ -705,7 +705,7 @@ def _render_export(result: Any) -> None:
             rows.append((f"  {group}", detail))
         rows += [("warning", w) for w in report.warnings]
     rows += [("note", note) for note in result.notes]
-    _summary("export", rows)
+    _summary(title, rows)
 
 
 @app.command()
@@ -726,6 +726,50 @@ def convert(
         _render_export(convert_lora(src, dst, to, model or os.environ.get("DREAMLORA_MODEL") or None))
 
     _run(debug, action)
+
+
+@app.command()
+def resize(
+    src: Annotated[Path, typer.Argument(help="A run folder, or a LoRA file (kohya/A1111 or diffusers).")],
+    dst: Annotated[Path, typer.Argument(help="Output file (a1111) or folder (diffusers).")],
+    rank: Annotated[int, typer.Option("--rank", help="The new rank (with a dynamic --method: the most any module keeps).")] = 4,
+    method: Annotated[str, typer.Option("--method", help="fixed (default), or per module from its singular values: sv_ratio, sv_fro, sv_cumulative (kohya's dynamic methods).")] = "fixed",
+    param: Annotated[Optional[float], typer.Option("--param", help="sv_ratio: keep values within this factor of the largest (e.g. 10); sv_fro/sv_cumulative: the share to keep (e.g. 0.95).")] = None,
+    to: Annotated[str, typer.Option("--to", help="a1111|diffusers")] = "a1111",
+    dtype: Annotated[str, typer.Option("--dtype", help="fp16|bf16|fp32")] = "fp16",
+    model: Annotated[Optional[str], typer.Option("--model", help="Base model to verify on (default: $DREAMLORA_MODEL, else the run's; without one the load-back check is skipped).")] = None,
+    debug: Debug = False,
+) -> None:
+    """Lower a LoRA's rank by truncated SVD (smaller file, the closest update of that rank), verified."""
+
+    def action() -> None:
+        import os
+
+        from dreamlora.lora import GROUPS as GROUP_ORDER
+        from dreamlora.resize import check_method, resize_lora
+
+        check_method(method, param, rank)
+        base = model or os.environ.get("DREAMLORA_MODEL") or _run_model(src)
+        result, resized = resize_lora(src, dst, rank, method, param, to, base, dtype)
+        for index, group in enumerate(sorted({r.module.group for r in resized}, key=GROUP_ORDER.index)):
+            members = [r for r in resized if r.module.group == group]
+            new = sorted({r.module.rank for r in members})
+            kept = [r.kept_fro for r in members]
+            result.notes.insert(index, (
+                f"{group}: rank {max(r.old_rank for r in members)} -> {new[0] if len(new) == 1 else f'{new[0]}-{new[-1]}'}, "
+                f"update norm kept {min(kept):.1%} (worst module) to {sum(kept) / len(kept):.1%} (mean)"
+            ))
+        _render_export(result, "resize")
+
+    _run(debug, action)
+
+
+def _run_model(src: Path) -> str | None:
+    """The base model a run folder (or a file inside one) was trained on, for verification; None for other files."""
+    from dreamlora.generate import run_base_model
+
+    found = run_base_model([(Path(src), 1.0)])
+    return found[0] if found else None
 
 
 @app.command()

@@ -1161,18 +1161,27 @@ def convert_lora(src: Path, dst: Path, to: str, base_model: str | None = None, d
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     dst = Path(dst)
     _refuse_existing(dst)
+    if to == "a1111" and dst.suffix != ".safetensors":
+        raise ExportError(f"A1111 output '{dst}' must end in .safetensors; pass OUT as NAME.safetensors")
     modules, file_meta, notes, naming = read_lora_modules(Path(src), base_model)
     if not modules:
         raise ExportError(f"'{src}' holds no LoRA weights")
+    return write_lora_file(modules, file_meta, notes, naming, dst, to, base_model, dtype, verify)
+
+
+def write_lora_file(
+    modules: list[LoraModule], file_meta: dict[str, str], notes: list[str], naming: KohyaNaming | None, dst: Path, to: str,
+    base_model: str | None, dtype: str, verify: bool, metadata: dict[str, str] | None = None,
+) -> ExportResult:
+    """Write `modules` as `to` (`convert_lora`, `resize.resize_lora`), folding alphas where a consumer would misread
+    them, keeping the source's kohya metadata (updated by `metadata`), then load it back and compare (with `base_model`)."""
     original = modules
     if to == "a1111":
-        if dst.suffix != ".safetensors":
-            raise ExportError(f"A1111 output '{dst}' must end in .safetensors; pass OUT as NAME.safetensors")
         if alphas_diffusers_misreads((m.group, m.module, m.alpha) for m in modules):
             modules, changed = fold_alphas(modules, per_module_rank=False)
             notes.append(f"per-module alphas differ where diffusers would apply the most common one (text encoder, UNet attention): folded into the up weights of {len(changed)} modules; every module now has alpha {modules[0].alpha:g}")
         kept = {k: v for k, v in file_meta.items() if k.startswith(("ss_", "modelspec.")) and k != "sshs_model_hash"}
-        write_a1111(dst, modules, {**kept, "ss_output_name": dst.stem}, dtype, naming)
+        write_a1111(dst, modules, {**kept, **(metadata or {}), "ss_output_name": dst.stem}, dtype, naming)
     else:
         if not _alphas_uniform(modules) or len({m.rank for m in modules}) > 1:
             modules, changed = fold_alphas(modules, per_module_rank=True)
