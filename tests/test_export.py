@@ -281,7 +281,7 @@ def test_convert_command_verifies_on_dreamlora_model_when_no_model_is_given(work
 
     exported = export_run(workspace["run"], ExportConfig(format="a1111", out=str(tmp_path / "ours.safetensors"), verify=False)).path
     monkeypatch.delenv("DREAMLORA_MODEL", raising=False)
-    result = CliRunner().invoke(app, ["convert", str(exported), str(tmp_path / "plain")])
+    result = CliRunner().invoke(app, ["convert", str(exported), str(tmp_path / "plain.safetensors")])
     assert result.exit_code == 2 and "match no module of the base model" in result.output
     monkeypatch.setenv("DREAMLORA_MODEL", "tiny")
     result = CliRunner().invoke(app, ["convert", str(exported), str(tmp_path / "back"), "--to", "diffusers"])
