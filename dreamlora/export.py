@@ -1155,18 +1155,25 @@ def convert_lora(src: Path, dst: Path, to: str, base_model: str | None = None, d
     Per-module alphas that diffusers would mis-load are folded into the up weights (noted in the result).
     Verification needs `base_model` (loaded through `load_components`); without it the result says it was skipped.
     """
+    modules, file_meta, notes, naming = read_for_rewrite(Path(src), Path(dst), to, dtype, base_model, "convert")
+    return write_lora_file(modules, file_meta, notes, naming, Path(dst), to, base_model, dtype, verify)
+
+
+def read_for_rewrite(
+    src: Path, dst: Path, to: str, dtype: str, base_model: str | None, command: str
+) -> tuple[list[LoraModule], dict[str, str], list[str], KohyaNaming | None]:
+    """`command`'s output settings checked (nothing is ever overwritten), then `src` read (`read_lora_modules`)."""
     if to not in ("a1111", "diffusers"):
-        raise ExportError(f"convert --to must be a1111 or diffusers; got {to!r}")
+        raise ExportError(f"{command} --to must be a1111 or diffusers; got {to!r}")
     if dtype not in DTYPES:
         raise ExportError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
-    dst = Path(dst)
     _refuse_existing(dst)
     if to == "a1111" and dst.suffix != ".safetensors":
         raise ExportError(f"A1111 output '{dst}' must end in .safetensors; pass OUT as NAME.safetensors")
-    modules, file_meta, notes, naming = read_lora_modules(Path(src), base_model)
+    modules, file_meta, notes, naming = read_lora_modules(src, base_model)
     if not modules:
         raise ExportError(f"'{src}' holds no LoRA weights")
-    return write_lora_file(modules, file_meta, notes, naming, dst, to, base_model, dtype, verify)
+    return modules, file_meta, notes, naming
 
 
 def write_lora_file(

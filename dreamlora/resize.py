@@ -15,8 +15,8 @@ from pathlib import Path
 import torch
 
 from dreamlora.checkpoint import find_lora
-from dreamlora.errors import ConfigError, ExportError
-from dreamlora.export import DTYPES, ExportResult, LoraModule, _refuse_existing, read_lora_modules, write_lora_file
+from dreamlora.errors import ConfigError
+from dreamlora.export import ExportResult, LoraModule, read_for_rewrite, write_lora_file
 
 METHODS = ("fixed", "sv_ratio", "sv_fro", "sv_cumulative")
 
@@ -92,17 +92,8 @@ def resize_lora(
 ) -> tuple[ExportResult, list[Resized]]:
     """Resize any LoRA `convert` reads (or a run's) and write it as `to`, verified against `base_model` when given."""
     value = check_method(method, param, rank)
-    if to not in ("a1111", "diffusers"):
-        raise ExportError(f"resize --to must be a1111 or diffusers; got {to!r}")
-    if dtype not in DTYPES:
-        raise ExportError(f"dtype must be one of {', '.join(DTYPES)}; got {dtype!r}")
     dst = Path(dst)
-    _refuse_existing(dst)
-    if to == "a1111" and dst.suffix != ".safetensors":
-        raise ExportError(f"A1111 output '{dst}' must end in .safetensors; pass OUT as NAME.safetensors")
-    modules, file_meta, notes, naming = read_lora_modules(find_lora(Path(src)), base_model)
-    if not modules:
-        raise ExportError(f"'{src}' holds no LoRA weights")
+    modules, file_meta, notes, naming = read_for_rewrite(find_lora(Path(src)), dst, to, dtype, base_model, "resize")
     resized = [resize_module(m, method, value, rank) for m in modules]
     ranks = sorted({r.module.rank for r in resized})
     old = max(r.old_rank for r in resized)
