@@ -292,33 +292,29 @@ def prior(
 # --- dataset ----------------------------------------------------------------------------------
 
 
+def _steps_or_epochs(steps_key: str, steps: int | None, epochs_key: str, epochs: int | None) -> dict[str, Any]:
+    """A count given in steps or in epochs (the run's length, checkpoint and sample cadence): a step count on the
+    command line also zeroes the epochs one a config file may set. Both flags together are refused by `_check_not_both`."""
+    return {steps_key: steps, epochs_key: epochs if epochs is not None else (0 if steps is not None else None)}
+
+
 def _length_flags(max_steps: int | None, epochs: int | None) -> dict[str, Any]:
-    """--max-steps or --epochs: one of them sets the run's length (--max-steps overrides epochs from a config file).
-    Both together are refused, inside the command's error handling (`_check_length`)."""
-    return {"train.max_steps": max_steps, "train.epochs": epochs if epochs is not None else (0 if max_steps is not None else None)}
-
-
-def _check_length(max_steps: int | None, epochs: int | None) -> None:
-    if max_steps is not None and epochs is not None:
-        from dreamlora.errors import ConfigError
-
-        raise ConfigError("--max-steps and --epochs both set the run's length; pass one")
+    return _steps_or_epochs("train.max_steps", max_steps, "train.epochs", epochs)
 
 
 def _every_flags(checkpoint: int | None, checkpoint_epochs: int | None, sample: int | None, sample_epochs: int | None) -> dict[str, Any]:
-    """Checkpoint and sample cadence in steps or epochs; a step count on the command line overrides epochs from a config file."""
     return {
-        "train.checkpoint_every": checkpoint, "train.checkpoint_every_epochs": checkpoint_epochs if checkpoint_epochs is not None else (0 if checkpoint is not None else None),
-        "train.sample_every": sample, "train.sample_every_epochs": sample_epochs if sample_epochs is not None else (0 if sample is not None else None),
+        **_steps_or_epochs("train.checkpoint_every", checkpoint, "train.checkpoint_every_epochs", checkpoint_epochs),
+        **_steps_or_epochs("train.sample_every", sample, "train.sample_every_epochs", sample_epochs),
     }
 
 
-def _check_every(checkpoint: int | None, checkpoint_epochs: int | None, sample: int | None, sample_epochs: int | None) -> None:
-    from dreamlora.errors import ConfigError
+def _check_not_both(first_flag: str, first: Any, second_flag: str, second: Any, what: str) -> None:
+    """Inside a command's error handling: two flags that set the same thing are refused together."""
+    if first is not None and second is not None:
+        from dreamlora.errors import ConfigError
 
-    for what, steps, epochs in (("checkpoint", checkpoint, checkpoint_epochs), ("sample", sample, sample_epochs)):
-        if steps is not None and epochs is not None:
-            raise ConfigError(f"--{what}-every and --{what}-every-epochs both set how often to {what}; pass one")
+        raise ConfigError(f"{first_flag} and {second_flag} both set {what}; pass one")
 
 
 def _target_flags(targets: str | None, conv_rank: int | None, conv_alpha: float | None) -> dict[str, Any]:
@@ -377,7 +373,7 @@ def dataset(
         from dreamlora.dataset_report import build_dataset_report, model_geometry
         from dreamlora.errors import ConfigError
 
-        _check_length(max_steps, epochs)
+        _check_not_both("--max-steps", max_steps, "--epochs", epochs, "the run's length")
         if instance and instance_option and Path(instance) != Path(instance_option):
             raise ConfigError(f"two instance folders given ('{instance}' and --instance '{instance_option}'); pass one")
         cfg = load_config(config, _overrides(set_, {
@@ -573,8 +569,9 @@ def train(
         from dreamlora.checkpoint import load_checkpoint_state
         from dreamlora.config import load_config, read_toml
 
-        _check_length(max_steps, epochs)
-        _check_every(checkpoint_every, checkpoint_every_epochs, sample_every, sample_every_epochs)
+        _check_not_both("--max-steps", max_steps, "--epochs", epochs, "the run's length")
+        _check_not_both("--checkpoint-every", checkpoint_every, "--checkpoint-every-epochs", checkpoint_every_epochs, "how often to checkpoint")
+        _check_not_both("--sample-every", sample_every, "--sample-every-epochs", sample_every_epochs, "how often to sample")
         _check_targets(targets)
         overrides = _overrides(set_, flags)
         if init_lora and not Path(init_lora).exists():

@@ -1045,6 +1045,11 @@ class Architecture:
     family: str
     naming: KohyaNaming | None
 
+    @classmethod
+    def of(cls, names: dict[str, list[str]], unet_config: dict[str, Any], label: str, family: str) -> Architecture:
+        """The layout and kohya naming follow from the UNet config and the family."""
+        return cls(names, UnetLayout.from_config(unet_config), label, family, kohya_naming(family, unet_config))
+
 
 def _base_configs(base_model: str | None, sdxl_file: bool = False) -> tuple[dict[str, Any], dict[str, Any], str, Any]:
     """UNet config, text-encoder configs by name, label and family of the base model; without `base_model`,
@@ -1089,14 +1094,13 @@ def _architecture_module_names(base_model: str | None, sdxl_file: bool = False) 
         classes = dict(zip(family.text_encoder_names, family.text_encoder_classes))
         encoders = {name: getattr(transformers, classes[name])(config) for name, config in te_configs.items() if name in classes}
     names = {"unet": [n for n, _ in unet.named_modules()], **{g: [n for n, _ in m.named_modules()] for g, m in encoders.items()}}
-    return Architecture(names, UnetLayout.from_config(unet_config), label, family.name, kohya_naming(family.name, unet_config))
+    return Architecture.of(names, unet_config, label, family.name)
 
 
 def live_architecture(components: Any, label: str) -> Architecture:
     """The module names of loaded components (before adapters are attached), as `_architecture_module_names` gives them."""
     names = {group: [n for n, _ in model.named_modules()] for group, model in (("unet", components.unet), *components.text_encoders.items())}
-    config = dict(components.unet.config)
-    return Architecture(names, UnetLayout.from_config(config), label, components.family.name, kohya_naming(components.family.name, config))
+    return Architecture.of(names, dict(components.unet.config), label, components.family.name)
 
 
 def _looks_sdxl(tensors: dict[str, torch.Tensor]) -> bool:

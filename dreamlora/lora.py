@@ -45,10 +45,15 @@ def unet_lora_config(adapter_cfg: AdapterConfig) -> Any:
     return lora_config(adapter_cfg, adapter_cfg.all_unet_targets, conv_layers=CONV3X3_TARGETS if adapter_cfg.conv_rank else ())
 
 
+def last_layer_marker(text_encoder: torch.nn.Module) -> str:
+    """The part of a module name that places it in a CLIP text encoder's last layer (`layers.N.`)."""
+    return f"layers.{int(text_encoder.config.num_hidden_layers) - 1}."
+
+
 def final_layer_modules(text_encoder: torch.nn.Module, targets: tuple[str, ...]) -> list[str]:
     """The target modules of a CLIP text encoder's last layer (SDXL reads the first encoder's penultimate state, so they get no gradient)."""
-    last = int(text_encoder.config.num_hidden_layers) - 1
-    return [name for name, _ in text_encoder.named_modules() if f"layers.{last}." in name and name.endswith(tuple("." + t for t in targets))]
+    marker = last_layer_marker(text_encoder)
+    return [name for name, _ in text_encoder.named_modules() if marker in name and name.endswith(tuple("." + t for t in targets))]
 
 
 def attach_adapters(
@@ -219,7 +224,7 @@ def lora_summary(state_dicts: dict[str, dict[str, torch.Tensor]], metadata: dict
 
 def load_initial_weights(models: dict[str, torch.nn.Module | None], modules: list[Any], source: str) -> int:
     """Start training from an existing LoRA (kohya's --network_weights): copy each module's down and up weights (any
-    object with group, module, down, up, alpha, rank) into the attached adapters; returns how many were loaded.
+    object with group, module, down, up, alpha, rank, is_conv3x3: `export.LoraModule`) into the attached adapters; returns how many were loaded.
 
     Every module of the file must be adapted here at its rank; a file alpha other than the adapter's is folded into
     the up weight, so each layer starts with exactly the file's update. Adapted layers the file lacks start as usual.
@@ -242,7 +247,7 @@ def load_initial_weights(models: dict[str, torch.nn.Module | None], modules: lis
             layer = layers[m.group][m.module]
             down, up = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
             if tuple(m.down.shape) != tuple(down.shape) or tuple(m.up.shape) != tuple(up.shape):
-                option = "--conv-rank" if m.down.dim() == 4 and tuple(m.down.shape[2:]) != (1, 1) else "--rank"
+                option = "--conv-rank" if m.is_conv3x3 else "--rank"
                 raise ConfigError(
                     f"--init-lora {source}: {m.group}.{m.module} has rank {m.rank} (shape {tuple(m.down.shape)}), this run's adapter "
                     f"{tuple(down.shape)}; pass {option} {m.rank}, or check the LoRA was trained on this base model"
@@ -312,14 +317,14 @@ class WeightNormLimiter:
     def __init__(self, models: list[torch.nn.Module | None], max_norm: float, substitute: dict[torch.nn.Parameter, torch.Tensor] | None = None) -> None:
         self.max_norm = float(max_norm)
         self.pairs: list[tuple[torch.Tensor, torch.Tensor, float]] = []
+        substitute = substitute or {}
         for model in models:
             if model is None:
                 continue
             for _, layer in lora_layers(model):
                 down, up = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
                 if down.requires_grad:
-                    pick = (lambda p: substitute.get(p, p)) if substitute else (lambda p: p)  # noqa: E731
-                    self.pairs.append((pick(down), pick(up), float(layer.scaling[ADAPTER_NAME])))
+                    self.pairs.append((substitute.get(down, down), substitute.get(up, up), float(layer.scaling[ADAPTER_NAME])))
         self.norms: torch.Tensor | None = None
         self.scaled: torch.Tensor | None = None
 

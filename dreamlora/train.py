@@ -25,7 +25,7 @@ from dreamlora.config import RunConfig, replace, to_dict, to_toml
 from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, list_images, make_buckets, open_image, resize_and_crop, to_tensor
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
-from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters
+from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, last_layer_marker, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters
 from dreamlora.models import Components, PromptEmbeddings, apply_clip_skip, encode_prompts, load_model, public_model_ref, resolve_precision, select_attention, tokenize_all
 from dreamlora.prior import MANIFEST, read_prior_set, safe_name
 from dreamlora.sampling import AugmentedLatents, class_indices, instance_plan, steps_per_epoch
@@ -558,7 +558,7 @@ def _initial_lora_modules(cfg: RunConfig, components: Components) -> list[Any]:
         raise ConfigError(f"--init-lora {source} holds no LoRA weights")
     for note in notes:
         log.info("--init-lora: %s", note)
-    finals = {name: f"layers.{int(components.text_encoders[name].config.num_hidden_layers) - 1}." for name in components.family.penultimate_encoders}
+    finals = {name: last_layer_marker(components.text_encoders[name]) for name in components.family.penultimate_encoders}
     return [m for m in modules if not (m.group in finals and finals[m.group] in m.module)]
 
 
