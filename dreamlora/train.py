@@ -1028,6 +1028,7 @@ def _train(
                     raise _non_finite_error(run_dir, bad_steps, f"step {done}", skipped, cfg.train.lr)
             else:
                 bad_steps = 0
+        step_lrs = [float(rate) for rate in lr_scheduler.get_last_lr()]  # the rates this step used, before the schedule moves on
         lr_scheduler.step()
         drift = {}
         if sample_now and monitor is not None:
@@ -1041,8 +1042,8 @@ def _train(
                 "loss": loss_value,
                 "instance_loss": accelerator.reduce(instance_loss.detach(), reduction="mean").item(),
                 "prior_loss": accelerator.reduce(prior_loss.detach(), reduction="mean").item(),
-                "lr": float(lr_scheduler.get_last_lr()[0]),
-                **({"lr_text_encoder": float(lr_scheduler.get_last_lr()[1])} if train_te else {}),
+                "lr": step_lrs[0],
+                **({"lr_text_encoder": step_lrs[1]} if train_te else {}),
                 "time": round(elapsed, 3),
                 "it_s": (done - start_step) / elapsed if elapsed > 0 else 0.0,
                 **(limiter.stats() if limiter is not None else {}),

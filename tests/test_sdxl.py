@@ -409,7 +409,7 @@ def test_bf16_training_with_text_encoder_cutoff_and_final_samples(tmp_path: Path
         assert all(torch.equal(loras[1][group][k], loras[3][group][k]) for k in loras[1][group]), f"{group} LoRA trained after its cut-off"
     assert any(not torch.equal(loras[2]["unet"][k], loras[3]["unet"][k]) for k in loras[2]["unet"])
     metrics = [json.loads(line) for line in (result.run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [m["lr_text_encoder"] for m in metrics][1:] == [0.0, 0.0]
+    assert [m["lr_text_encoder"] > 0 for m in metrics] == [True, False, False]
 
 
 def test_samples_decode_when_the_prepared_unet_returns_fp32() -> None:
