@@ -27,7 +27,7 @@ from dreamlora.checkpoint import CONFIG_FILE, find_lora, read_run_info, write_at
 from dreamlora.config import ExportConfig, RunConfig, from_dict
 from dreamlora.errors import ConfigError, ExportError, ModelLoadError
 from dreamlora.models import public_model_ref
-from dreamlora.lora import GROUPS, LORA_FILE, load_adapters, read_diffusers_lora, read_safetensors, save_diffusers_lora
+from dreamlora.lora import GROUPS, LORA_FILE, last_layer_marker, load_adapters, read_diffusers_lora, read_safetensors, save_diffusers_lora
 
 log = logging.getLogger(__name__)
 
@@ -1098,8 +1098,15 @@ def _architecture_module_names(base_model: str | None, sdxl_file: bool = False) 
 
 
 def live_architecture(components: Any, label: str) -> Architecture:
-    """The module names of loaded components (before adapters are attached), as `_architecture_module_names` gives them."""
+    """The module names of loaded components (before adapters are attached), as `_architecture_module_names` gives them.
+    Layers that clip skip dropped from the text encoder are named too: LoRA files trained without it adapt them."""
     names = {group: [n for n, _ in model.named_modules()] for group, model in (("unet", components.unet), *components.text_encoders.items())}
+    skipped = getattr(components, "clip_skip", 1) - 1
+    if skipped:
+        kept = int(components.text_encoder.config.num_hidden_layers)
+        marker = last_layer_marker(components.text_encoder)
+        last = [n for n in names["text_encoder"] if marker in n]
+        names["text_encoder"] += [n.replace(marker, f"layers.{kept + i}.") for i in range(skipped) for n in last]
     return Architecture.of(names, dict(components.unet.config), label, components.family.name)
 
 

@@ -9,6 +9,7 @@ import io
 import logging
 import math
 import os
+import re
 import signal
 import threading
 import time
@@ -25,7 +26,7 @@ from dreamlora.config import RunConfig, replace, to_dict, to_toml
 from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, list_images, make_buckets, open_image, resize_and_crop, to_tensor
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
-from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, last_layer_marker, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters
+from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters
 from dreamlora.models import Components, PromptEmbeddings, apply_clip_skip, encode_prompts, load_model, public_model_ref, resolve_precision, select_attention, tokenize_all
 from dreamlora.prior import MANIFEST, read_prior_set, safe_name
 from dreamlora.sampling import AugmentedLatents, class_indices, instance_plan, steps_per_epoch
@@ -548,8 +549,9 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, group_names: list[str], 
 
 
 def _initial_lora_modules(cfg: RunConfig, components: Components) -> list[Any]:
-    """The modules of --init-lora (any LoRA file `convert` reads), named for these components. Final-layer modules of
-    encoders the UNet reads at the penultimate layer (SDXL's first) are dropped: they never change the output."""
+    """The modules of --init-lora (any LoRA file `convert` reads), named for these components. Text-encoder modules in
+    layers the UNet never reads are dropped, as they never change the output: the last layer of encoders read at the
+    penultimate one (SDXL's first), and the layers --clip-skip removed."""
     from dreamlora.export import live_architecture, read_lora_modules
 
     source = ckpt.find_lora(Path(cfg.adapter.init_lora))  # a run or checkpoint folder, or a file
@@ -558,8 +560,19 @@ def _initial_lora_modules(cfg: RunConfig, components: Components) -> list[Any]:
         raise ConfigError(f"--init-lora {source} holds no LoRA weights")
     for note in notes:
         log.info("--init-lora: %s", note)
-    finals = {name: last_layer_marker(components.text_encoders[name]) for name in components.family.penultimate_encoders}
-    return [m for m in modules if not (m.group in finals and finals[m.group] in m.module)]
+    # The first layer index whose output the UNet does not see, per text encoder.
+    unread = {name: int(encoder.config.num_hidden_layers) for name, encoder in components.text_encoders.items()}
+    for name in components.family.penultimate_encoders:
+        unread[name] -= 1
+
+    def read_by_unet(m: Any) -> bool:
+        layer = re.search(r"layers\.(\d+)\.", m.module) if m.group in unread else None
+        return layer is None or int(layer.group(1)) < unread[m.group]
+
+    kept = [m for m in modules if read_by_unet(m)]
+    if len(kept) < len(modules) and components.clip_skip > 1:
+        log.info("--init-lora: %d text-encoder modules in the layers --clip-skip %d leaves out are not loaded", len(modules) - len(kept), components.clip_skip)
+    return kept
 
 
 def _freeze_text_encoders(params: list[torch.nn.Parameter], components: Components, text_encoders: list[torch.nn.Module], input_ids: list[torch.Tensor]) -> PromptEmbeddings:

@@ -308,14 +308,21 @@ def test_init_lora_starts_from_an_existing_lora(tmp_path: Path, instance_dir: Pa
     reference = _deltas(*read_diffusers_lora(tmp_path / "runs" / "first" / "lora"))
     assert all(d.abs().sum() > 0 for d in reference.values())
 
-    for source, name in (("first.safetensors", "from-a1111"), ("runs/first", "from-run")):
+    last = max(int(k.split("layers.")[1].split(".")[0]) for k in reference if k.startswith("text_encoder."))
+    # --clip-skip 2 removes the text encoder's last layer: the file's modules there are left out, the rest start as saved.
+    without_last = {k: v for k, v in reference.items() if f"text_encoder.encoder.layers.{last}." not in k}
+    assert 0 < len(without_last) < len(reference)
+    for source, name, flags, expected in (
+        ("first.safetensors", "from-a1111", [], reference), ("runs/first", "from-run", [], reference),
+        ("first.safetensors", "clip-skip-a1111", ["--clip-skip", "2"], without_last), ("runs/first", "clip-skip-run", ["--clip-skip", "2"], without_last),
+    ):  # fmt: skip
         # alpha 2 here against the file's 8: the start must still be the file's update; lr ~0 keeps it there for a step
         run = runner.invoke(app, [*base, "--max-steps", "1", "--rank", "4", "--alpha", "2", "--lr", "1e-12", "--text-encoder-lr", "1e-12",
-                                  "--init-lora", source, "--out", f"runs/{name}"])  # fmt: skip
+                                  "--init-lora", source, *flags, "--out", f"runs/{name}"])  # fmt: skip
         assert run.exit_code == 0, run.output
         started = _deltas(*read_diffusers_lora(tmp_path / "runs" / name / "lora"))
-        assert started.keys() == reference.keys()
-        for key, delta in reference.items():
+        assert started.keys() == expected.keys()
+        for key, delta in expected.items():
             assert torch.allclose(started[key], delta, rtol=1e-4, atol=1e-6), (name, key)
 
     for flags, message in (
