@@ -524,6 +524,7 @@ def train(
     rank_dropout: Annotated[Optional[float], typer.Option(help="Drop whole LoRA rank channels per image with this probability (default 0; kohya's rank_dropout).")] = None,
     module_dropout: Annotated[Optional[float], typer.Option(help="Skip each LoRA module for a step with this probability (default 0; kohya's module_dropout).")] = None,
     scale_weight_norms: Annotated[Optional[float], typer.Option(help="Max-norm: after each step scale down any LoRA whose update norm exceeds this, e.g. 1.0 (default 0: off; kohya's --scale_weight_norms).")] = None,
+    loraplus_lr_ratio: Annotated[Optional[float], typer.Option(help="LoRA+: the LoRA up weights learn this many times faster than the down weights, e.g. 16 (default 0: off; kohya's loraplus_lr_ratio).")] = None,
     text_encoder_steps_fraction: Annotated[Optional[float], typer.Option(help="Train the text-encoder LoRA for this fraction of the steps, then freeze it (default 1).")] = None,
     text_encoder_lr_scheduler: Annotated[Optional[str], typer.Option(help="Text-encoder schedule (default: --lr-scheduler).")] = None,
     text_encoder_warmup_steps: Annotated[Optional[int], typer.Option(help="Text-encoder warmup (default: --warmup-steps).")] = None,
@@ -560,7 +561,7 @@ def train(
         **_target_flags(targets, conv_rank, conv_alpha),
         "train.ip_noise_gamma": ip_noise_gamma, "train.min_timestep": min_timestep, "train.max_timestep": max_timestep,
         "adapter.init_lora": init_lora, "adapter.dropout": lora_dropout, "adapter.network_dropout": network_dropout, "adapter.rank_dropout": rank_dropout, "adapter.module_dropout": module_dropout,
-        "train.scale_weight_norms": scale_weight_norms, "train.multires_noise_iterations": multires_noise_iterations,
+        "train.scale_weight_norms": scale_weight_norms, "train.loraplus_lr_ratio": loraplus_lr_ratio, "train.multires_noise_iterations": multires_noise_iterations,
         "train.multires_noise_discount": multires_noise_discount, "train.debiased_estimation": True if debiased_estimation else None,
     }
 

@@ -243,6 +243,9 @@ class TrainConfig:
     min_timestep: int = 0  # train on timesteps in [min_timestep, max_timestep) only (kohya's --min_timestep)
     max_timestep: int = 0  # 0: the scheduler's num_train_timesteps (kohya's --max_timestep)
     scale_weight_norms: float = 0.0  # > 0: after each step, scale down any LoRA module whose update norm exceeds this (kohya's max-norm, 1.0 usual)
+    loraplus_lr_ratio: float = 0.0  # LoRA+: the up (B) weights learn this many times faster than the down weights (kohya's loraplus_lr_ratio; 16 in the paper); 0: off
+    loraplus_unet_lr_ratio: float = 0.0  # the UNet's LoRA+ ratio; 0: loraplus_lr_ratio (kohya's loraplus_unet_lr_ratio)
+    loraplus_text_encoder_lr_ratio: float = 0.0  # the text encoders' LoRA+ ratio; 0: loraplus_lr_ratio (kohya's loraplus_text_encoder_lr_ratio)
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_steps <= 1_000_000, f"train.max_steps must be in 1..1000000; got {self.max_steps}")
@@ -287,6 +290,9 @@ class TrainConfig:
             self.multires_noise_iterations or self.multires_noise_discount == 0.3,
             "train.multires_noise_discount shapes the pyramid noise of --multires-noise-iterations N; add it or drop the discount",
         )
+        for name in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+            value = getattr(self, name)
+            _check(value == 0 or 1 <= value <= 1000, f"train.{name} must be 0 (off) or in [1, 1000] (16 in the LoRA+ paper, 4-16 usual); got {value}")
         _check(0 <= self.ip_noise_gamma <= 1, f"train.ip_noise_gamma must be in [0, 1] (0 = off, 0.1 is usual); got {self.ip_noise_gamma}")
         _check(self.min_timestep >= 0 and self.max_timestep >= 0, f"train.min_timestep and train.max_timestep must be >= 0; got {self.min_timestep} and {self.max_timestep}")
         _check(
@@ -302,6 +308,11 @@ class TrainConfig:
     def pseudo_huber(self) -> bool:
         """The loss takes a threshold per row (`huber_c` on the `huber_schedule`): huber or smooth_l1."""
         return self.loss in ("huber", "smooth_l1")
+
+    def loraplus_ratio(self, model: str) -> float:
+        """How many times the LoRA up weights of `model` (unet, text_encoder, text_encoder_2) out-learn its down weights (1: LoRA+ off)."""
+        own = self.loraplus_unet_lr_ratio if model == "unet" else self.loraplus_text_encoder_lr_ratio
+        return float(own or self.loraplus_lr_ratio or 1.0)
 
     @property
     def resolved_text_encoder_lr(self) -> float:

@@ -600,6 +600,8 @@ def a1111_metadata(run: dict[str, Any], modules: list[LoraModule], output_name: 
         network_args.update(conv_dim=str(_most_common(m.rank for m in convs)), conv_alpha=f"{_most_common(m.alpha for m in convs):g}")
     if cfg is not None:  # kohya's network args, as strings
         network_args.update({name: f"{value:g}" for name in ("rank_dropout", "module_dropout") if (value := getattr(cfg.adapter, name))})
+        loraplus = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
+        network_args.update({name: f"{value:g}" for name in loraplus if (value := getattr(cfg.train, name))})
     resolution = int(run.get("resolution") or 512)
     token, class_name = run.get("token", ""), run.get("class_name", "")
     model = public_model_ref(str(run.get("model", "")))

@@ -88,6 +88,11 @@ def trainable_parameters(model: torch.nn.Module) -> list[torch.nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def up_weight_flags(model: torch.nn.Module) -> list[bool]:
+    """For each of `trainable_parameters(model)`, in its order: whether it is a LoRA up (B) weight (LoRA+ speeds those up)."""
+    return [".lora_B." in name for name, p in model.named_parameters() if p.requires_grad]
+
+
 def has_adapter(model: torch.nn.Module | None) -> bool:
     return model is not None and bool(getattr(model, "peft_config", None))
 

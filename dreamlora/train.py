@@ -26,7 +26,7 @@ from dreamlora.config import RunConfig, replace, to_dict, to_toml
 from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, list_images, make_buckets, open_image, resize_and_crop, to_tensor
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
-from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters
+from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters, up_weight_flags
 from dreamlora.models import Components, PromptEmbeddings, apply_clip_skip, encode_prompts, load_model, public_model_ref, resolve_precision, select_attention, tokenize_all
 from dreamlora.prior import MANIFEST, read_prior_set, safe_name
 from dreamlora.sampling import AugmentedLatents, class_indices, instance_plan, steps_per_epoch
@@ -447,15 +447,29 @@ class DreamBoothBatches:
         return DrawnBatch(torch.cat(latents), torch.tensor(rows, device=self.device), torch.cat(sizes), generator)
 
 
-def make_optimizer(groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, device: torch.device, capturable: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(
+    groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, device: torch.device, capturable: bool = False, up_weights: dict[str, list[bool]] | None = None
+) -> torch.optim.Optimizer:
     """AdamW (or bitsandbytes' 8-bit AdamW, or Prodigy) with one parameter group (and learning rate) per trained model;
-    fused kernels on CUDA.
+    fused kernels on CUDA. Each group names its model under "model" (`make_lr_scheduler` reads it).
 
     `capturable`: state and learning rates live on the GPU so the update can run inside a CUDA graph.
+    `up_weights`: per model, which of its parameters are LoRA up weights (`lora.up_weight_flags`); with LoRA+ on
+    (`train.loraplus_lr_ratio`) they get a group of their own at the model's rate times the ratio, as kohya's
+    loraplus_lr_ratio does.
     """
     lrs = {"unet": cfg.train.lr, "text_encoder": cfg.train.resolved_text_encoder_lr, "text_encoder_2": cfg.train.resolved_text_encoder_lr}
     lr = (lambda v: torch.tensor(v, device=device)) if capturable else float  # noqa: E731
-    param_groups = [{"params": params, "lr": lr(lrs[name])} for name, params in groups.items()]
+    param_groups = []
+    for name, params in groups.items():
+        ratio = cfg.train.loraplus_ratio(name)
+        if ratio == 1.0:
+            param_groups.append({"params": params, "lr": lr(lrs[name]), "model": name})
+            continue
+        if up_weights is None or len(up_weights[name]) != len(params):
+            raise ValueError(f"LoRA+ needs the up-weight flags of every {name} parameter")
+        for up, rate in ((False, lrs[name]), (True, lrs[name] * ratio)):
+            param_groups.append({"params": [p for p, flag in zip(params, up_weights[name]) if flag is up], "lr": lr(rate), "model": name})
     if cfg.train.optimizer == "adamw8bit":
         try:
             import bitsandbytes
@@ -534,8 +548,9 @@ def lr_factor(kind: str, warmup: int, total: int, cycles: int = 1) -> Callable[[
     return factor
 
 
-def make_lr_scheduler(optimizer: torch.optim.Optimizer, group_names: list[str], cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """One schedule per parameter group: the UNet's, and the text encoders' own (which drops to 0 at its stop step)."""
+def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """One schedule per parameter group, by the model it trains (`make_optimizer` names it): the UNet's, and the text
+    encoders' own (which drops to 0 at its stop step)."""
     t = cfg.train
     unet = lr_factor(t.lr_scheduler, t.warmup_steps, t.max_steps, t.lr_cycles)
     te_warmup = t.warmup_steps if t.text_encoder_warmup_steps < 0 else t.text_encoder_warmup_steps
@@ -545,7 +560,7 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, group_names: list[str], 
     def text_encoder(step: int) -> float:
         return te_schedule(step) if step < stop else 0.0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [text_encoder if name.startswith("text_encoder") else unet for name in group_names])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [text_encoder if group["model"].startswith("text_encoder") else unet for group in optimizer.param_groups])
 
 
 def _initial_lora_modules(cfg: RunConfig, components: Components) -> list[Any]:
@@ -883,13 +898,16 @@ def _train(
     if train_te:
         groups.update({name: trainable_parameters(encoder) for name, encoder in components.text_encoders.items()})
     masters = MasterWeights(groups, weight_dtype) if weight_dtype == torch.bfloat16 and accelerator.mixed_precision == "no" else None
-    optimizer = make_optimizer(masters.masters if masters else groups, cfg, device, capturable=graphs)
+    up_weights = {"unet": up_weight_flags(unet), **({name: up_weight_flags(encoder) for name, encoder in components.text_encoders.items()} if train_te else {})}
+    optimizer = make_optimizer(masters.masters if masters else groups, cfg, device, capturable=graphs, up_weights=up_weights)
     fp32_lora = masters.fp32_in_model if masters else contextlib.nullcontext
     limiter = None
     if cfg.train.scale_weight_norms:
         substitute = {p: m for name in masters.params for p, m in zip(masters.params[name], masters.masters[name])} if masters else None
         limiter = WeightNormLimiter([unet, text_encoder, text_encoder_2], cfg.train.scale_weight_norms, substitute)
-    lr_scheduler = make_lr_scheduler(optimizer, list(groups), cfg)
+    lr_scheduler = make_lr_scheduler(optimizer, cfg)
+    # Logged rates: the UNet's and the (first) text encoder's, of their down weights where LoRA+ splits them.
+    logged_groups = [[g["model"] for g in optimizer.param_groups].index(name) for name in ("unet", "text_encoder") if name in groups]
     models = [unet, *text_encoders] if train_te else [unet]
     prepared = accelerator.prepare(*models, optimizer)
     unet = prepared[0]
@@ -1055,8 +1073,8 @@ def _train(
                 "loss": loss_value,
                 "instance_loss": accelerator.reduce(instance_loss.detach(), reduction="mean").item(),
                 "prior_loss": accelerator.reduce(prior_loss.detach(), reduction="mean").item(),
-                "lr": step_lrs[0],
-                **({"lr_text_encoder": step_lrs[1]} if train_te else {}),
+                "lr": step_lrs[logged_groups[0]],
+                **({"lr_text_encoder": step_lrs[logged_groups[1]]} if train_te else {}),
                 "time": round(elapsed, 3),
                 "it_s": (done - start_step) / elapsed if elapsed > 0 else 0.0,
                 **(limiter.stats() if limiter is not None else {}),
@@ -1133,6 +1151,12 @@ def _restore(folder: Path, accelerator: Any, unet: Any, text_encoder: Any, optim
     from dreamlora.lora import read_diffusers_lora
 
     state = ckpt.load_checkpoint_state(folder)
+    saved_groups = len(state["optimizer"]["param_groups"])
+    if saved_groups != len(optimizer.param_groups):
+        raise ConfigError(
+            f"--resume: checkpoint {folder} holds {saved_groups} optimizer parameter groups, this run has {len(optimizer.param_groups)} "
+            "(LoRA+ or --no-text-encoder changed); resume with the run's own settings (drop --force), or start a new run"
+        )
     state_dicts, metadata = read_diffusers_lora(folder / ckpt.LORA_DIR)
     models = {"unet": accelerator.unwrap_model(unet), "text_encoder": accelerator.unwrap_model(text_encoder)}
     if text_encoder_2 is not None:

@@ -140,7 +140,7 @@ def test_each_parameter_group_follows_its_schedule() -> None:
     })
     groups = {"unet": [torch.nn.Parameter(torch.zeros(1))], "text_encoder": [torch.nn.Parameter(torch.zeros(1))]}
     optimizer = make_optimizer(groups, cfg, torch.device("cpu"))
-    scheduler = make_lr_scheduler(optimizer, list(groups), cfg)
+    scheduler = make_lr_scheduler(optimizer, cfg)
     unet_curve, te_curve = [], []
     for _ in range(10):
         unet_lr, te_lr = scheduler.get_last_lr()

@@ -366,3 +366,72 @@ def test_init_lora_on_sdxl_skips_nothing_it_needs(tmp_path: Path) -> None:
     assert started.keys() == reference.keys() and any(k.startswith("text_encoder_2.") for k in started)
     for key, delta in reference.items():
         assert torch.allclose(started[key], delta, rtol=1e-4, atol=1e-6), key
+
+
+def test_loraplus_groups_scale_the_up_weights_learning_rate() -> None:
+    """LoRA+ (kohya's loraplus_lr_ratio): each model's LoRA up weights get a group of their own at its rate times the
+    ratio (the text encoders' own ratio where set); both groups of a model follow its schedule."""
+    from dreamlora.train import make_lr_scheduler, make_optimizer
+
+    cfg = load_config(None, {"train.lr": "1e-3", "train.text_encoder_lr": "5e-4", "train.loraplus_lr_ratio": "16", "train.loraplus_text_encoder_lr_ratio": "4",
+                             "train.text_encoder_steps_fraction": "0.5", "train.max_steps": "4"})  # fmt: skip
+    params = {name: [torch.nn.Parameter(torch.zeros(2)) for _ in range(4)] for name in ("unet", "text_encoder")}
+    flags = {name: [False, True, False, True] for name in params}
+    optimizer = make_optimizer(params, cfg, torch.device("cpu"), up_weights=flags)
+    groups = [(g["model"], g["lr"], [id(p) for p in g["params"]]) for g in optimizer.param_groups]
+    assert groups == [
+        ("unet", 1e-3, [id(params["unet"][0]), id(params["unet"][2])]), ("unet", 16e-3, [id(params["unet"][1]), id(params["unet"][3])]),
+        ("text_encoder", 5e-4, [id(params["text_encoder"][0]), id(params["text_encoder"][2])]), ("text_encoder", 2e-3, [id(params["text_encoder"][1]), id(params["text_encoder"][3])]),
+    ]  # fmt: skip
+    scheduler = make_lr_scheduler(optimizer, cfg)
+    rates = []
+    for _ in range(3):
+        rates.append(scheduler.get_last_lr())
+        optimizer.step()
+        scheduler.step()
+    assert rates[2] == [1e-3, 16e-3, 0.0, 0.0]  # the text encoder stops at step 2 (half of 4), both its groups
+    off = make_optimizer(params, load_config(None, {}), torch.device("cpu"), up_weights=flags)
+    assert [g["model"] for g in off.param_groups] == ["unet", "text_encoder"]
+    with pytest.raises(ConfigError, match="loraplus_lr_ratio must be 0"):
+        TrainConfig(loraplus_lr_ratio=0.5)
+
+
+def test_loraplus_run_moves_the_up_weights_ratio_times_further(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """From the same start (--init-lora), one AdamW step with --loraplus-lr-ratio 16 moves every up weight 16 times
+    as far as without it and every down weight the same; the export records the ratio as kohya does; a resume that
+    changes the optimizer's groups is refused with a message."""
+    monkeypatch.chdir(tmp_path)
+    base = ["train", "--model", "tiny", "--instance", str(instance_dir), "--class", "dog", "--num-class-images", "2", "--set", "train.num_samples=0", "--max-steps", "1"]
+    start = runner.invoke(app, [*base, "--set", "adapter.init=nonzero", "--out", "runs/start"])
+    assert start.exit_code == 0, start.output
+    initial = read_diffusers_lora(tmp_path / "runs" / "start" / "lora")[0]
+    moved = {}
+    for name, flags in (("plain", []), ("plus", ["--loraplus-lr-ratio", "16", "--checkpoint-every", "1"])):
+        run = runner.invoke(app, [*base, "--lr", "1e-3", "--init-lora", "runs/start", *flags, "--out", f"runs/{name}"])
+        assert run.exit_code == 0, run.output
+        after = read_diffusers_lora(tmp_path / "runs" / name / "lora")[0]
+        moved[name] = {f"{g}.{k}": after[g][k] - initial[g][k] for g in initial for k in initial[g]}
+    ups = [k for k in moved["plain"] if ".lora_B." in k]
+    downs = [k for k in moved["plain"] if ".lora_A." in k]
+    assert ups and downs and any(k.startswith("text_encoder.") for k in ups)
+    for key in ups:
+        assert moved["plain"][key].abs().sum() > 0, key
+        assert torch.allclose(moved["plus"][key], 16 * moved["plain"][key], rtol=1e-3, atol=1e-9), key
+    for key in downs:
+        assert torch.allclose(moved["plus"][key], moved["plain"][key], rtol=1e-4, atol=1e-9), key
+    metrics = json.loads((tmp_path / "runs" / "plus" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert metrics["lr"] == 1e-3  # the base (down-weight) rate is the one logged
+
+    exported = runner.invoke(app, ["export", "runs/plus", "--format", "a1111", "--out", "plus.safetensors"])
+    assert exported.exit_code == 0, exported.output
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "plus.safetensors"), "pt") as handle:
+        network_args = json.loads(handle.metadata()["ss_network_args"])
+    assert network_args["loraplus_lr_ratio"] == "16"
+
+    before = {p: p.read_bytes() for p in (tmp_path / "runs" / "plus").rglob("*") if p.is_file()}
+    resumed = runner.invoke(app, ["train", "--out", "runs/plus", "--resume", "--max-steps", "2", "--loraplus-lr-ratio", "0", "--force"])
+    said = " ".join(resumed.output.replace("│", " ").split())
+    assert resumed.exit_code == 2 and "holds 4 optimizer parameter groups, this run has 2" in said and "Traceback" not in said, resumed.output
+    assert {p: p.read_bytes() for p in (tmp_path / "runs" / "plus").rglob("*") if p.is_file()} == before
