@@ -1059,7 +1059,8 @@ def _train(
                     raise _non_finite_error(run_dir, bad_steps, f"step {done}", skipped, cfg.train.lr)
             else:
                 bad_steps = 0
-        step_lrs = [float(rate) for rate in lr_scheduler.get_last_lr()]  # the rates this step used, before the schedule moves on
+        # The rates this step used, read before the schedule moves on (only to log: on the graphed path they are GPU tensors).
+        step_lrs = [float(rate) for rate in lr_scheduler.get_last_lr()] if log_now else []
         lr_scheduler.step()
         drift = {}
         if sample_now and monitor is not None:
