@@ -233,12 +233,14 @@ class TrainConfig:
     text_encoder_steps_fraction: float = 1.0  # train the text-encoder LoRA for this fraction of max_steps, then freeze it
     snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (5.0 in the paper); 0: plain MSE
     noise_offset: float = 0.0  # per-image, per-channel shift of the noise mean (0.05-0.1 helps very dark/bright images); 0: off
+    noise_offset_random_strength: bool = False  # each step's noise offset is drawn in [0, noise_offset) (kohya's --noise_offset_random_strength)
     loss: str = "l2"  # l2 (MSE), l1, huber or smooth_l1: the scheduled pseudo-Huber losses resist outlier photos (kohya's --loss_type)
     huber_c: float = 0.1  # huber/smooth_l1: the pseudo-Huber threshold at the noisiest timestep (kohya's --huber_c)
     huber_schedule: str = "snr"  # huber/smooth_l1: how the threshold falls from 1 at t=0 to huber_c: snr, exponential, constant
     multires_noise_iterations: int = 0  # > 0: pyramid noise of this many scales (kohya's --multires_noise_iterations, 6-10 usual)
     multires_noise_discount: float = 0.3  # weight ratio between successive pyramid scales (kohya's --multires_noise_discount)
     debiased_estimation: bool = False  # weight each timestep's loss by 1/sqrt(SNR) (kohya's --debiased_estimation_loss)
+    ip_noise_gamma_random_strength: bool = False  # each step's ip_noise_gamma is drawn in [0, ip_noise_gamma) (kohya's --ip_noise_gamma_random_strength)
     ip_noise_gamma: float = 0.0  # input perturbation: the UNet sees latents noised with noise + gamma * extra noise, the target stays the noise (kohya's --ip_noise_gamma, 0.1 usual)
     min_timestep: int = 0  # train on timesteps in [min_timestep, max_timestep) only (kohya's --min_timestep)
     max_timestep: int = 0  # 0: the scheduler's num_train_timesteps (kohya's --max_timestep)
@@ -293,6 +295,8 @@ class TrainConfig:
         for name in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
             value = getattr(self, name)
             _check(value == 0 or 1 <= value <= 1000, f"train.{name} must be 0 (off) or in [1, 1000] (16 in the LoRA+ paper, 4-16 usual); got {value}")
+        _check(self.noise_offset > 0 or not self.noise_offset_random_strength, "train.noise_offset_random_strength draws the strength of --noise-offset N; add it or drop the random strength")
+        _check(self.ip_noise_gamma > 0 or not self.ip_noise_gamma_random_strength, "train.ip_noise_gamma_random_strength draws the strength of --ip-noise-gamma G; add it or drop the random strength")
         _check(0 <= self.ip_noise_gamma <= 1, f"train.ip_noise_gamma must be in [0, 1] (0 = off, 0.1 is usual); got {self.ip_noise_gamma}")
         _check(self.min_timestep >= 0 and self.max_timestep >= 0, f"train.min_timestep and train.max_timestep must be >= 0; got {self.min_timestep} and {self.max_timestep}")
         _check(

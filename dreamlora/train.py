@@ -105,11 +105,19 @@ def huber_thresholds(noise_scheduler: Any, timesteps: torch.Tensor, c: float, sc
     return ((1.0 - c) / (1.0 + sigma).square() + c).float()
 
 
-def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0) -> torch.Tensor:
-    """Gaussian noise like `latents`; `noise_offset` adds a random per-image, per-channel constant (shifts each channel's mean)."""
+def random_strength(value: float, generator: torch.Generator, device: torch.device) -> torch.Tensor:
+    """`value` times one uniform draw in [0, 1) for the whole batch (kohya's --noise_offset_random_strength and
+    --ip_noise_gamma_random_strength)."""
+    return value * torch.rand(1, generator=generator, device=device)
+
+
+def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0, random: bool = False) -> torch.Tensor:
+    """Gaussian noise like `latents`; `noise_offset` adds a random per-image, per-channel constant (shifts each
+    channel's mean); `random`: its strength is drawn in [0, noise_offset) for the batch."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
     if noise_offset:
-        noise = noise + noise_offset * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=latents.device)
+        strength = random_strength(noise_offset, generator, latents.device) if random else noise_offset
+        noise = noise + strength * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=latents.device)
     return noise
 
 
@@ -127,11 +135,15 @@ def check_timestep_range(cfg: RunConfig, noise_scheduler: Any) -> None:
         raise ConfigError(f"--min-timestep {low} / --max-timestep {high} must satisfy 0 <= min < max <= {total}, the model's number of training timesteps")
 
 
-def noisy_latents(noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, generator: torch.Generator, ip_noise_gamma: float = 0.0) -> torch.Tensor:
+def noisy_latents(
+    noise_scheduler: Any, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor, generator: torch.Generator, ip_noise_gamma: float = 0.0, random: bool = False
+) -> torch.Tensor:
     """The latents noised to `timesteps`; `ip_noise_gamma` perturbs the noise the UNet sees (input perturbation,
-    kohya's --ip_noise_gamma) while the target stays the unperturbed noise."""
+    kohya's --ip_noise_gamma) while the target stays the unperturbed noise; `random`: its strength is drawn in
+    [0, ip_noise_gamma) for the batch."""
     if ip_noise_gamma:
-        noise = noise + ip_noise_gamma * torch.randn(latents.shape, generator=generator, device=latents.device)
+        gamma = random_strength(ip_noise_gamma, generator, latents.device) if random else ip_noise_gamma
+        noise = noise + gamma * torch.randn(latents.shape, generator=generator, device=latents.device)
     return noise_scheduler.add_noise(latents, noise, timesteps)
 
 
@@ -156,11 +168,11 @@ def diffusion_inputs(cfg: RunConfig, noise_scheduler: Any, latents: torch.Tensor
     """A micro-batch's (noisy latents, timesteps, target, loss weights or None, Huber thresholds or None), drawn from
     the batch's generator in a fixed order (noise, its offset, timesteps, input perturbation)."""
     t = cfg.train
-    noise = sample_noise(latents, generator, t.noise_offset)
+    noise = sample_noise(latents, generator, t.noise_offset, t.noise_offset_random_strength)
     if t.multires_noise_iterations:
         noise = pyramid_noise(noise, generator, t.multires_noise_iterations, t.multires_noise_discount)
     timesteps = draw_timesteps(noise_scheduler, latents.shape[0], generator, latents.device, t.min_timestep, t.max_timestep)
-    noisy = noisy_latents(noise_scheduler, latents, noise, timesteps, generator, t.ip_noise_gamma)
+    noisy = noisy_latents(noise_scheduler, latents, noise, timesteps, generator, t.ip_noise_gamma, t.ip_noise_gamma_random_strength)
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     weights = snr_weights(noise_scheduler, timesteps, t.snr_gamma) if t.snr_gamma else None
     if t.debiased_estimation:

@@ -197,6 +197,34 @@ def test_timestep_range_and_input_perturbation() -> None:
     assert torch.allclose(perturbed - scheduler.add_noise(latents, noise, timesteps), sigma * 0.1 * extra, atol=1e-5)
 
 
+def test_random_strengths_draw_one_scale_per_batch() -> None:
+    """kohya's --noise_offset_random_strength and --ip_noise_gamma_random_strength: the offset (the perturbation) is the
+    fixed-strength one scaled by one uniform draw in [0, 1) for the whole batch, different from batch to batch."""
+    from dreamlora.train import sample_noise
+
+    latents = torch.zeros(6, 4, 8, 8)
+    scales = []
+    for seed in range(8):
+        base = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+        draw = torch.Generator().manual_seed(seed)
+        torch.randn(latents.shape, generator=draw)
+        strength = torch.rand(1, generator=draw).item()
+        channel = torch.randn((6, 4, 1, 1), generator=draw)
+        noise = sample_noise(latents, torch.Generator().manual_seed(seed), 0.1, random=True)
+        assert torch.allclose(noise - base, (0.1 * strength * channel).expand_as(noise), atol=1e-6)
+        scales.append(strength)
+    assert len(set(scales)) == len(scales) and all(0 <= v < 1 for v in scales)
+
+    scheduler = load_components("tiny").noise_scheduler
+    noise, timesteps = torch.randn(4, 4, 8, 8), torch.tensor([10, 300, 600, 999])
+    sigma = (1 - scheduler.alphas_cumprod[timesteps]).sqrt().view(-1, 1, 1, 1)
+    draw = torch.Generator().manual_seed(3)
+    gamma = 0.1 * torch.rand(1, generator=draw).item()
+    extra = torch.randn(noise.shape, generator=draw)
+    perturbed = noisy_latents(scheduler, latents[:4], noise, timesteps, torch.Generator().manual_seed(3), ip_noise_gamma=0.1, random=True)
+    assert 0 < gamma < 0.1 and torch.allclose(perturbed - scheduler.add_noise(latents[:4], noise, timesteps), sigma * gamma * extra, atol=1e-5)
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-v"])
 def test_debiased_estimation_weights(preset: str) -> None:
     scheduler = load_components(preset).noise_scheduler
@@ -254,14 +282,17 @@ def test_cli_run_records_the_regularizers(tmp_path: Path, instance_dir: Path, mo
     monkeypatch.chdir(tmp_path)
     base = ["train", "--model", "tiny", "--instance", str(instance_dir), "--class", "dog", "--num-class-images", "2", "--max-steps", "3",
             "--set", "adapter.init=nonzero", "--set", "train.num_samples=0", "--set", "train.log_every=1"]  # fmt: skip
-    for flags, message in ((["--max-timestep", "2000"], "0 <= min < max <= 1000"), (["--rank-dropout", "1"], "adapter.rank_dropout must be in [0, 1)")):
+    for flags, message in (
+        (["--max-timestep", "2000"], "0 <= min < max <= 1000"), (["--rank-dropout", "1"], "adapter.rank_dropout must be in [0, 1)"),
+        (["--noise-offset-random-strength"], "noise_offset_random_strength draws the strength of --noise-offset N"),
+    ):  # fmt: skip
         bad = runner.invoke(app, [*base, *flags, "--out", "runs/bad"])
         assert bad.exit_code == 2 and message in " ".join(bad.output.split()) and "Traceback" not in bad.output, bad.output
     assert not (tmp_path / "runs" / "bad").exists()
 
     cap = 0.05
     regularizers = ["--lora-dropout", "0.05", "--network-dropout", "0.1", "--rank-dropout", "0.2", "--module-dropout", "0.1", "--scale-weight-norms", str(cap),
-                    "--ip-noise-gamma", "0.1", "--min-timestep", "100", "--max-timestep", "900", "--multires-noise-iterations", "3",
+                    "--ip-noise-gamma", "0.1", "--ip-noise-gamma-random-strength", "--noise-offset", "0.05", "--noise-offset-random-strength", "--min-timestep", "100", "--max-timestep", "900", "--multires-noise-iterations", "3",
                     "--debiased-estimation"]  # fmt: skip
     trained = runner.invoke(app, [*base, *regularizers, "--checkpoint-every", "3", "--out", "runs/reg"])
     assert trained.exit_code == 0, trained.output
@@ -279,6 +310,7 @@ def test_cli_run_records_the_regularizers(tmp_path: Path, instance_dir: Path, mo
     assert exported.exit_code == 0, exported.output
     _, meta = read_safetensors(tmp_path / "reg.safetensors")
     assert meta["ss_network_dropout"] == "0.1" and meta["ss_scale_weight_norms"] == str(cap) and meta["ss_ip_noise_gamma"] == "0.1"
+    assert meta["ss_noise_offset"] == "0.05" and meta["ss_noise_offset_random_strength"] == meta["ss_ip_noise_gamma_random_strength"] == "True"
     assert meta["ss_multires_noise_iterations"] == "3" and meta["ss_multires_noise_discount"] == "0.3" and meta["ss_debiased_estimation"] == "True"
     assert json.loads(meta["ss_network_args"]) == {"train_text_encoder": True, "rank_dropout": "0.2", "module_dropout": "0.1"}
     changed = runner.invoke(app, ["train", "--resume", "--out", str(run), "--max-steps", "4", "--rank-dropout", "0.3"])
