@@ -765,6 +765,35 @@ def resize(
     _run(debug, action)
 
 
+@app.command()
+def merge(
+    loras: Annotated[list[str], typer.Argument(help="Two or more run folders or LoRA files (kohya/A1111 or diffusers), each optionally PATH:WEIGHT (default 1; negative subtracts).")],
+    out: Annotated[Path, typer.Option("--out", help="Output file (a1111) or folder (diffusers).")],
+    rank: Annotated[Optional[int], typer.Option("--rank", help="Cut the merged LoRA to this rank by SVD (default: exact, rank = the sum of the ranks).")] = None,
+    method: Annotated[str, typer.Option("--method", help="With --rank: fixed (default), or per module: sv_ratio, sv_fro, sv_cumulative (as resize).")] = "fixed",
+    param: Annotated[Optional[float], typer.Option("--param", help="With a dynamic --method: its parameter (as resize).")] = None,
+    to: Annotated[str, typer.Option("--to", help="a1111|diffusers")] = "a1111",
+    dtype: Annotated[str, typer.Option("--dtype", help="fp16|bf16|fp32")] = "fp16",
+    model: Annotated[Optional[str], typer.Option("--model", help="Base model to verify on (default: $DREAMLORA_MODEL, else the first run's; without one the load-back check is skipped).")] = None,
+    debug: Debug = False,
+) -> None:
+    """Merge several LoRAs into one: their weighted sum, exact or cut to --rank (kohya's merge_lora/svd_merge_lora), verified."""
+
+    def action() -> None:
+        import os
+
+        from dreamlora.merge import merge_loras
+
+        sources = [_parse_lora(item, 1.0, "merge") for item in loras]
+        base = model or os.environ.get("DREAMLORA_MODEL") or next((found for path, _ in sources if (found := _run_model(path))), None)
+        result, merged = merge_loras(sources, out, rank, method, param, to, base, dtype)
+        ranks = sorted({m.rank for m in merged})
+        result.notes.insert(0, f"{len(sources)} LoRAs merged; rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}")
+        _render_export(result, "merge")
+
+    _run(debug, action)
+
+
 def _run_model(src: Path) -> str | None:
     """The base model a run folder (or a file inside one) was trained on, for verification; None for other files."""
     from dreamlora.generate import run_base_model
@@ -1046,7 +1075,7 @@ def parse_size(text: str, flag: str) -> int:
     return int(float(match.group(1)) * SIZE_UNITS[unit])
 
 
-def _parse_lora(item: str, default_scale: float) -> tuple[Path, float]:
+def _parse_lora(item: str, default_scale: float, flag: str = "--lora") -> tuple[Path, float]:
     path, sep, value = item.rpartition(":")
     if sep and path and not Path(item).exists():
         try:
@@ -1055,7 +1084,7 @@ def _parse_lora(item: str, default_scale: float) -> tuple[Path, float]:
             if Path(path).exists():
                 from dreamlora.errors import ConfigError
 
-                raise ConfigError(f"--lora {item}: the scale {value!r} is not a number; write PATH:SCALE, e.g. {path}:0.8") from None
+                raise ConfigError(f"{flag} {item}: the scale {value!r} is not a number; write PATH:SCALE, e.g. {path}:0.8") from None
     return Path(item), default_scale
 
 
