@@ -33,6 +33,10 @@ Model = Annotated[Optional[str], typer.Option("--model", help="Hub id, local dif
 Vae = Annotated[Optional[str], typer.Option("--vae", help="Replacement VAE folder or hub id (SDXL in fp16: madebyollin/sdxl-vae-fp16-fix).")]
 Precision = Annotated[Optional[str], typer.Option("--precision", help="auto|fp16|bf16|fp32")]
 ClipSkip = Annotated[Optional[int], typer.Option("--clip-skip", help="Read prompts from the text encoder's Nth layer from the end, as A1111 and kohya count (2 for most anime SD 1.5 models; default 1).")]
+LoraFormat = Annotated[str, typer.Option("--to", help="a1111|diffusers")]
+LoraDtype = Annotated[str, typer.Option("--dtype", help="fp16|bf16|fp32")]
+SvdMethod = Annotated[str, typer.Option("--method", help="fixed (default), or per module from its singular values: sv_ratio, sv_fro, sv_cumulative (kohya's dynamic methods).")]
+SvdParam = Annotated[Optional[float], typer.Option("--param", help="sv_ratio: keep values within this factor of the largest (e.g. 10); sv_fro/sv_cumulative: the share to keep (e.g. 0.95).")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Load .bin/.ckpt/.pt model weights (pickle can run code: only for files you trust).")]
 
 
@@ -713,7 +717,7 @@ def _render_export(result: Any, title: str = "export") -> None:
 def convert(
     src: Annotated[Path, typer.Argument(help="A LoRA file trained elsewhere (kohya/A1111 or diffusers).")],
     dst: Annotated[Path, typer.Argument(help="Output file (a1111) or folder (diffusers).")],
-    to: Annotated[str, typer.Option("--to", help="a1111|diffusers")] = "a1111",
+    to: LoraFormat = "a1111",
     model: Annotated[Optional[str], typer.Option("--model", help="Base model to check the names against and verify on (default: $DREAMLORA_MODEL; without either, names are checked against SD 1.x / SDXL 1.0 and the load-back check is skipped).")] = None,
     debug: Debug = False,
 ) -> None:
@@ -734,10 +738,10 @@ def resize(
     src: Annotated[Path, typer.Argument(help="A run folder, or a LoRA file (kohya/A1111 or diffusers).")],
     dst: Annotated[Path, typer.Argument(help="Output file (a1111) or folder (diffusers).")],
     rank: Annotated[int, typer.Option("--rank", help="The new rank (with a dynamic --method: the most any module keeps).")] = 4,
-    method: Annotated[str, typer.Option("--method", help="fixed (default), or per module from its singular values: sv_ratio, sv_fro, sv_cumulative (kohya's dynamic methods).")] = "fixed",
-    param: Annotated[Optional[float], typer.Option("--param", help="sv_ratio: keep values within this factor of the largest (e.g. 10); sv_fro/sv_cumulative: the share to keep (e.g. 0.95).")] = None,
-    to: Annotated[str, typer.Option("--to", help="a1111|diffusers")] = "a1111",
-    dtype: Annotated[str, typer.Option("--dtype", help="fp16|bf16|fp32")] = "fp16",
+    method: SvdMethod = "fixed",
+    param: SvdParam = None,
+    to: LoraFormat = "a1111",
+    dtype: LoraDtype = "fp16",
     model: Annotated[Optional[str], typer.Option("--model", help="Base model to verify on (default: $DREAMLORA_MODEL, else the run's; without one the load-back check is skipped).")] = None,
     debug: Debug = False,
 ) -> None:
@@ -770,10 +774,10 @@ def merge(
     loras: Annotated[list[str], typer.Argument(help="Two or more run folders or LoRA files (kohya/A1111 or diffusers), each optionally PATH:WEIGHT (default 1; negative subtracts).")],
     out: Annotated[Path, typer.Option("--out", help="Output file (a1111) or folder (diffusers).")],
     rank: Annotated[Optional[int], typer.Option("--rank", help="Cut the merged LoRA to this rank by SVD (default: exact, rank = the sum of the ranks).")] = None,
-    method: Annotated[str, typer.Option("--method", help="With --rank: fixed (default), or per module: sv_ratio, sv_fro, sv_cumulative (as resize).")] = "fixed",
-    param: Annotated[Optional[float], typer.Option("--param", help="With a dynamic --method: its parameter (as resize).")] = None,
-    to: Annotated[str, typer.Option("--to", help="a1111|diffusers")] = "a1111",
-    dtype: Annotated[str, typer.Option("--dtype", help="fp16|bf16|fp32")] = "fp16",
+    method: SvdMethod = "fixed",
+    param: SvdParam = None,
+    to: LoraFormat = "a1111",
+    dtype: LoraDtype = "fp16",
     model: Annotated[Optional[str], typer.Option("--model", help="Base model to verify on (default: $DREAMLORA_MODEL, else the first run's; without one the load-back check is skipped).")] = None,
     debug: Debug = False,
 ) -> None:
