@@ -258,7 +258,18 @@ class TrainConfig:
         if self.optimizer == "prodigy":
             # Prodigy finds the step size itself; the learning rates scale it (1.0 as its authors and diffusers use it).
             _check(0.1 <= self.lr <= 10, f"train.lr with --optimizer prodigy scales the step size Prodigy finds (1.0 is usual); got {self.lr}: pass --lr 1.0")
-            _check(self.text_encoder_lr == 0 or 0.1 <= self.text_encoder_lr <= 10, f"train.text_encoder_lr with --optimizer prodigy must be 0 (= lr) or in [0.1, 10]; got {self.text_encoder_lr}")
+            # Its step-size estimate is shared: every group must run at the first group's rate or at 0 (it raises otherwise, mid-run).
+            one_rate = "Prodigy runs every parameter group at one learning rate (its step-size estimate is shared)"
+            _check(self.text_encoder_lr in (0, self.lr), f"{one_rate}: drop --text-encoder-lr {self.text_encoder_lr:g} or set it to --lr {self.lr:g}")
+            _check(
+                self.text_encoder_lr_scheduler in ("", self.lr_scheduler) and self.text_encoder_warmup_steps in (-1, self.warmup_steps),
+                f"{one_rate}: drop --text-encoder-lr-scheduler and --text-encoder-warmup-steps (the text encoder follows --lr-scheduler; "
+                "--text-encoder-steps-fraction still works)",
+            )
+            _check(
+                not (self.loraplus_lr_ratio or self.loraplus_unet_lr_ratio or self.loraplus_text_encoder_lr_ratio),
+                f"{one_rate}, so LoRA+ (--loraplus-lr-ratio) cannot go with it; use --optimizer adamw for LoRA+",
+            )
         else:
             _check(0 < self.lr < 1, f"train.lr must be in (0, 1); got {self.lr}")
             _check(0 <= self.text_encoder_lr < 1, f"train.text_encoder_lr must be in [0, 1) (0 = lr); got {self.text_encoder_lr}")

@@ -2,6 +2,7 @@
 
 import json
 import math
+import re
 import sys
 import types
 from pathlib import Path
@@ -210,6 +211,17 @@ def test_prodigy_takes_lr_1_says_how_to_install_it_and_refuses_an_adamw_lr(tmp_p
     assert type(make_optimizer(groups, cfg, torch.device("cpu"))).__name__ == "Prodigy"
     with pytest.raises(ConfigError, match=r"scales the step size Prodigy finds \(1.0 is usual\); got 0.0001: pass --lr 1.0"):
         load_config(None, {"train.optimizer": "prodigy"})
+    # Prodigy raises mid-run when its groups' rates differ (other than 0): such settings are refused up front.
+    for overrides, message in (
+        ({"train.text_encoder_lr": "0.5"}, "drop --text-encoder-lr 0.5 or set it to --lr 1"),
+        ({"train.text_encoder_warmup_steps": "5"}, "drop --text-encoder-lr-scheduler and --text-encoder-warmup-steps"),
+        ({"train.text_encoder_lr_scheduler": "cosine"}, "drop --text-encoder-lr-scheduler"),
+        ({"train.loraplus_lr_ratio": "16"}, "LoRA+ (--loraplus-lr-ratio) cannot go with it"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, {"train.optimizer": "prodigy", "train.lr": "1.0", **overrides})
+    same = load_config(None, {"train.optimizer": "prodigy", "train.lr": "1.0", "train.text_encoder_lr": "1.0", "train.text_encoder_steps_fraction": "0.5"})
+    assert same.train.resolved_text_encoder_lr == 1.0
     # On the command line, --optimizer prodigy without --lr trains at lr 1.0 and says so (the AdamW default would stall it).
     monkeypatch.chdir(tmp_path)
     (tmp_path / "none").mkdir()
