@@ -212,6 +212,15 @@ def _staged(folder: Path) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def writable_on_any_rank(*models: Any) -> None:
+    """Let transformers models save their files from any process. transformers 5's `save_pretrained` writes nothing
+    (not even config.json) on a torch.distributed rank other than 0, whatever `is_main_process` says: a first-use build
+    or conversion run by another rank of `accelerate launch` would leave an empty folder behind."""
+    for model in models:
+        if model is not None and hasattr(model, "should_save_on_this_rank"):
+            model.should_save_on_this_rank = lambda is_main_process: is_main_process
+
+
 def _sd_scheduler(**extra: Any) -> Any:
     """Stable Diffusion's training noise schedule (1000 steps, scaled-linear betas)."""
     from diffusers import DDPMScheduler
@@ -276,6 +285,7 @@ def build_tiny(folder: Path, prediction_type: str = "epsilon", seed: int = 0) ->
         scheduler = _sd_scheduler(prediction_type=prediction_type)
         unet.save_pretrained(tmp / "unet")
         vae.save_pretrained(tmp / "vae")
+        writable_on_any_rank(text_encoder)
         text_encoder.save_pretrained(tmp / "text_encoder")
         scheduler.save_pretrained(tmp / "scheduler")
         _write_model_index(tmp)
@@ -328,6 +338,7 @@ def build_tiny_sdxl(folder: Path, seed: int = 0, text_encoder_2_width: int = 32)
             vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2, tokenizer=tokenizer,
             tokenizer_2=CLIPTokenizer.from_pretrained(tmp / "tokenizer_2"), unet=unet, scheduler=scheduler, add_watermarker=False,
         )  # fmt: skip
+        writable_on_any_rank(text_encoder, text_encoder_2)
         pipeline.save_pretrained(tmp, safe_serialization=True)
     return folder
 
@@ -353,13 +364,23 @@ def _write_model_index(folder: Path) -> None:
 def tiny_model_dir(preset: str = "tiny") -> Path:
     """The tiny preset's diffusers folder, built on first use and cached."""
     folder = cache_root() / f"{preset}-v1"
-    if not (folder / "model_index.json").is_file():
+
+    def built() -> bool:  # a rank other than 0 of an older dreamlora could leave the text encoder empty: built again
+        return (folder / "model_index.json").is_file() and any((folder / "text_encoder").glob("*.safetensors"))
+
+    if not built():
+        from filelock import FileLock
+
         folder.parent.mkdir(parents=True, exist_ok=True)
-        with torch.random.fork_rng(devices=[]):  # building on first use must not move the caller's random state
-            if preset == "tiny-sdxl":
-                build_tiny_sdxl(folder)
-            else:
-                build_tiny(folder, prediction_type=TINY_PRESETS[preset])
+        # One builder at a time: processes starting together (accelerate's ranks) would otherwise replace the folder
+        # under each other's loads.
+        with FileLock(str(folder.parent / f".{folder.name}.lock")):
+            if not built():  # not built by another process while this one waited
+                with torch.random.fork_rng(devices=[]):  # building on first use must not move the caller's random state
+                    if preset == "tiny-sdxl":
+                        build_tiny_sdxl(folder)
+                    else:
+                        build_tiny(folder, prediction_type=TINY_PRESETS[preset])
     return folder
 
 

@@ -74,7 +74,7 @@ def checkpoint_architecture(path: Path) -> tuple[str, torch.dtype]:
 def converted_folder(path: Path, config: str = "") -> Path:
     """The diffusers folder of single-file checkpoint `path`, converting it on first use (atomically)."""
     from dreamlora.checkpoint import temporary_folder_beside
-    from dreamlora.models import hub_reachable
+    from dreamlora.models import hub_reachable, writable_on_any_rank
 
     path = Path(path).expanduser()
     if path.suffix.lower() != ".safetensors":
@@ -110,6 +110,7 @@ def converted_folder(path: Path, config: str = "") -> Path:
         ) from error
     temporary = temporary_folder_beside(folder)
     try:
+        writable_on_any_rank(getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))
         pipe.save_pretrained(temporary, safe_serialization=True)
         if folder.exists() and not (folder / "model_index.json").is_file():
             shutil.rmtree(folder)  # not a finished conversion (those appear whole, by rename)

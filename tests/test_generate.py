@@ -89,10 +89,11 @@ def test_compare_without_a_lora_and_unusable_xformers_are_user_errors(tmp_path: 
 
 
 @pytest.mark.skipif(sys.platform != "linux", reason="gloo on CPU is exercised on Linux CI")
-def test_two_cpu_processes_train_data_parallel(tmp_path: Path, instance_dir: Path, model_cache: Path) -> None:
+def test_two_cpu_processes_train_data_parallel(tmp_path: Path, instance_dir: Path) -> None:
     """`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` really runs two gloo ranks, the
-    automatic prior set first (split between them), then data-parallel training on it."""
-    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "DREAMLORA_CACHE": str(model_cache), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    automatic prior set first (split between them), then data-parallel training on it. The model cache starts empty:
+    both ranks want the tiny model at once, one builds it (under a lock) whichever rank that is."""
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "DREAMLORA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517",
                "-m", "dreamlora", "train", "--model", "tiny", "--instance", str(instance_dir), "--max-steps", "4", "--out", "runs/ddp",
                "--class", "dog", "--set", "prior.num_images=4", "--set", "prior.steps=2", "--resolution", "32",
@@ -109,6 +110,7 @@ def test_two_cpu_processes_train_data_parallel(tmp_path: Path, instance_dir: Pat
     assert result.stderr.count("latent cache") == 1  # one line for both processes
     assert sorted(p.name for p in (tmp_path / "priors" / "dog").glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
     assert info["with_prior"] is True
+    assert sorted(p.name for p in (tmp_path / "cache" / "tiny-v1" / "text_encoder").iterdir()) == ["config.json", "model.safetensors"]
 
 
 def test_generate_images_calls_the_pipeline_once_per_batch() -> None:

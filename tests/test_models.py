@@ -67,3 +67,29 @@ def test_unreachable_hub_fails_fast_with_guidance() -> None:
     assert time.perf_counter() - started < 20
     message = str(error.value)
     assert "unreachable" in message and "--model tiny" in message and "--model PATH" in message
+
+
+def test_a_tiny_model_left_without_text_encoder_weights_is_built_again(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank other than 0 of `accelerate launch` once built the tiny model with transformers writing no text encoder
+    files (transformers 5 writes only on rank 0): such a cache is built again on first use, and the build writes them."""
+    import json
+
+    from dreamlora.models import tiny_model_dir, writable_on_any_rank
+
+    monkeypatch.setenv("DREAMLORA_CACHE", str(tmp_path))
+    folder = tiny_model_dir("tiny")
+    encoder = folder / "text_encoder"
+    for path in encoder.iterdir():
+        path.unlink()
+    index = json.loads((folder / "model_index.json").read_text())
+    assert tiny_model_dir("tiny") == folder and sorted(p.name for p in encoder.iterdir()) == ["config.json", "model.safetensors"]
+    assert json.loads((folder / "model_index.json").read_text()) == index
+    assert load_components(str(folder)).text_encoder is not None
+
+    class Model:
+        def should_save_on_this_rank(self, is_main_process: bool) -> bool:
+            return False  # as transformers 5 answers on rank 1
+
+    model = Model()
+    writable_on_any_rank(model, None)
+    assert model.should_save_on_this_rank(True) is True and model.should_save_on_this_rank(False) is False
