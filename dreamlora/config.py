@@ -477,7 +477,18 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
             all_keys = [f"{s}.{k}" for s, c in _SECTION_CLASSES.items() for k in _field_types(c)]
             raise ConfigError(f"unknown config key {dotted!r}{_closest(dotted, all_keys)}")
         raw[section][key] = value
-    return RunConfig(**{section: _build_section(section, values) for section, values in raw.items()})
+    cfg = RunConfig(**{section: _build_section(section, values) for section, values in raw.items()})
+    check_across_sections(cfg)
+    return cfg
+
+
+def check_across_sections(cfg: RunConfig) -> None:
+    """Settings of one section that another makes moot (checked where a user's config is read, not for saved runs)."""
+    if not cfg.adapter.train_text_encoder:
+        defaults = TrainConfig()
+        text_encoder_only = ("text_encoder_lr", "text_encoder_lr_scheduler", "text_encoder_warmup_steps", "text_encoder_steps_fraction", "loraplus_text_encoder_lr_ratio")
+        moot = [f"train.{name}" for name in text_encoder_only if getattr(cfg.train, name) != getattr(defaults, name)]
+        _check(not moot, f"--no-text-encoder (adapter.train_text_encoder false) trains no text-encoder LoRA, so {', '.join(moot)} would do nothing; drop them or drop --no-text-encoder")
 
 
 def parse_set_options(items: list[str]) -> dict[str, str]:

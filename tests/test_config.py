@@ -94,3 +94,15 @@ def test_every_shipped_config_loads(path: Path) -> None:
     cfg = load_config(path)
     assert cfg.model.name and cfg.train.max_steps >= 1
     assert f"`{path.relative_to(ROOT).as_posix()}`" in (ROOT / "README.md").read_text(encoding="utf-8")
+
+
+def test_text_encoder_settings_without_a_text_encoder_lora_are_refused() -> None:
+    """--no-text-encoder makes every text-encoder-only setting moot: a config with both is a mistake, said up front."""
+    assert not load_config(None, {"adapter.train_text_encoder": "false"}).adapter.train_text_encoder
+    for key, value in (
+        ("train.text_encoder_lr", "1e-3"), ("train.text_encoder_lr_scheduler", "cosine"), ("train.text_encoder_warmup_steps", "10"),
+        ("train.text_encoder_steps_fraction", "0.5"), ("train.loraplus_text_encoder_lr_ratio", "4"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"so {key} would do nothing; drop them or drop --no-text-encoder"):
+            load_config(None, {"adapter.train_text_encoder": "false", key: value})
+        assert load_config(None, {key: value})  # with a text-encoder LoRA they are fine
