@@ -233,6 +233,7 @@ class TrainConfig:
     text_encoder_steps_fraction: float = 1.0  # train the text-encoder LoRA for this fraction of max_steps, then freeze it
     snr_gamma: float = 0.0  # min-SNR-gamma loss weighting (5.0 in the paper); 0: plain MSE
     noise_offset: float = 0.0  # per-image, per-channel shift of the noise mean (0.05-0.1 helps very dark/bright images); 0: off
+    adaptive_noise_scale: float = 0.0  # adds this times each image's absolute channel mean to the noise offset (kohya's --adaptive_noise_scale, 0.00357 suggested); may be negative
     noise_offset_random_strength: bool = False  # each step's noise offset is drawn in [0, noise_offset) (kohya's --noise_offset_random_strength)
     loss: str = "l2"  # l2 (MSE), l1, huber or smooth_l1: the scheduled pseudo-Huber losses resist outlier photos (kohya's --loss_type)
     huber_c: float = 0.1  # huber/smooth_l1: the pseudo-Huber threshold at the noisiest timestep (kohya's --huber_c)
@@ -306,6 +307,8 @@ class TrainConfig:
         for name in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
             value = getattr(self, name)
             _check(value == 0 or 1 <= value <= 1000, f"train.{name} must be 0 (off) or in [1, 1000] (16 in the LoRA+ paper, 4-16 usual); got {value}")
+        _check(self.noise_offset > 0 or not self.adaptive_noise_scale, "train.adaptive_noise_scale adapts the strength of --noise-offset N; add it or drop the adaptive scale")
+        _check(-1 <= self.adaptive_noise_scale <= 1, f"train.adaptive_noise_scale must be in [-1, 1] (about a tenth of --noise-offset is usual); got {self.adaptive_noise_scale}")
         _check(self.noise_offset > 0 or not self.noise_offset_random_strength, "train.noise_offset_random_strength draws the strength of --noise-offset N; add it or drop the random strength")
         _check(self.ip_noise_gamma > 0 or not self.ip_noise_gamma_random_strength, "train.ip_noise_gamma_random_strength draws the strength of --ip-noise-gamma G; add it or drop the random strength")
         _check(0 <= self.ip_noise_gamma <= 1, f"train.ip_noise_gamma must be in [0, 1] (0 = off, 0.1 is usual); got {self.ip_noise_gamma}")

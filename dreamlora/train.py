@@ -111,12 +111,15 @@ def random_strength(value: float, generator: torch.Generator, device: torch.devi
     return value * torch.rand(1, generator=generator, device=device)
 
 
-def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0, random: bool = False) -> torch.Tensor:
+def sample_noise(latents: torch.Tensor, generator: torch.Generator, noise_offset: float = 0.0, random: bool = False, adaptive_scale: float = 0.0) -> torch.Tensor:
     """Gaussian noise like `latents`; `noise_offset` adds a random per-image, per-channel constant (shifts each
-    channel's mean); `random`: its strength is drawn in [0, noise_offset) for the batch."""
+    channel's mean); `random`: its strength is drawn in [0, noise_offset) for the batch; `adaptive_scale` adds that
+    many times each image's absolute channel mean to the strength (kohya's --adaptive_noise_scale), never below 0."""
     noise = torch.randn(latents.shape, generator=generator, device=latents.device)
     if noise_offset:
         strength = random_strength(noise_offset, generator, latents.device) if random else noise_offset
+        if adaptive_scale:
+            strength = (strength + adaptive_scale * latents.float().mean(dim=(2, 3), keepdim=True).abs()).clamp(min=0.0)
         noise = noise + strength * torch.randn((latents.shape[0], latents.shape[1], 1, 1), generator=generator, device=latents.device)
     return noise
 
@@ -168,7 +171,7 @@ def diffusion_inputs(cfg: RunConfig, noise_scheduler: Any, latents: torch.Tensor
     """A micro-batch's (noisy latents, timesteps, target, loss weights or None, Huber thresholds or None), drawn from
     the batch's generator in a fixed order (noise, its offset, timesteps, input perturbation)."""
     t = cfg.train
-    noise = sample_noise(latents, generator, t.noise_offset, t.noise_offset_random_strength)
+    noise = sample_noise(latents, generator, t.noise_offset, t.noise_offset_random_strength, t.adaptive_noise_scale)
     if t.multires_noise_iterations:
         noise = pyramid_noise(noise, generator, t.multires_noise_iterations, t.multires_noise_discount)
     timesteps = draw_timesteps(noise_scheduler, latents.shape[0], generator, latents.device, t.min_timestep, t.max_timestep)

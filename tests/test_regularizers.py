@@ -225,6 +225,25 @@ def test_random_strengths_draw_one_scale_per_batch() -> None:
     assert 0 < gamma < 0.1 and torch.allclose(perturbed - scheduler.add_noise(latents[:4], noise, timesteps), sigma * gamma * extra, atol=1e-5)
 
 
+def test_adaptive_noise_scale_follows_each_images_channel_means() -> None:
+    """kohya's --adaptive_noise_scale: each image and channel's offset strength is noise_offset + scale x |its latent
+    mean|, never below 0; the draws are the plain offset's."""
+    from dreamlora.train import sample_noise
+
+    latents = torch.zeros(2, 4, 8, 8)
+    latents[0, 1] += 2.0
+    latents[1, 2] -= 3.0
+    base = sample_noise(latents, torch.Generator().manual_seed(4), 0.0)
+    plain = sample_noise(latents, torch.Generator().manual_seed(4), 0.1) - base  # 0.1 x channel draws
+    adaptive = sample_noise(latents, torch.Generator().manual_seed(4), 0.1, adaptive_scale=0.05) - base
+    means = latents.mean(dim=(2, 3), keepdim=True).abs()
+    assert torch.allclose(adaptive, plain * (0.1 + 0.05 * means) / 0.1, atol=1e-6)
+    assert not torch.allclose(adaptive, plain)
+    negative = sample_noise(latents, torch.Generator().manual_seed(4), 0.1, adaptive_scale=-0.05) - base
+    assert torch.allclose(negative, plain * (0.1 - 0.05 * means).clamp(min=0) / 0.1, atol=1e-6)
+    assert negative[1, 2].abs().max() == 0 and negative[0, 0].abs().max() > 0  # |mean| 3 x 0.05 > 0.1: no offset left
+
+
 @pytest.mark.parametrize("preset", ["tiny", "tiny-v"])
 def test_debiased_estimation_weights(preset: str) -> None:
     scheduler = load_components(preset).noise_scheduler
@@ -285,6 +304,7 @@ def test_cli_run_records_the_regularizers(tmp_path: Path, instance_dir: Path, mo
     for flags, message in (
         (["--max-timestep", "2000"], "0 <= min < max <= 1000"), (["--rank-dropout", "1"], "adapter.rank_dropout must be in [0, 1)"),
         (["--noise-offset-random-strength"], "noise_offset_random_strength draws the strength of --noise-offset N"),
+        (["--adaptive-noise-scale", "0.01"], "adaptive_noise_scale adapts the strength of --noise-offset N"),
     ):  # fmt: skip
         bad = runner.invoke(app, [*base, *flags, "--out", "runs/bad"])
         assert bad.exit_code == 2 and message in " ".join(bad.output.split()) and "Traceback" not in bad.output, bad.output
@@ -292,7 +312,7 @@ def test_cli_run_records_the_regularizers(tmp_path: Path, instance_dir: Path, mo
 
     cap = 0.05
     regularizers = ["--lora-dropout", "0.05", "--network-dropout", "0.1", "--rank-dropout", "0.2", "--module-dropout", "0.1", "--scale-weight-norms", str(cap),
-                    "--ip-noise-gamma", "0.1", "--ip-noise-gamma-random-strength", "--noise-offset", "0.05", "--noise-offset-random-strength", "--min-timestep", "100", "--max-timestep", "900", "--multires-noise-iterations", "3",
+                    "--ip-noise-gamma", "0.1", "--ip-noise-gamma-random-strength", "--noise-offset", "0.05", "--noise-offset-random-strength", "--adaptive-noise-scale", "0.005", "--min-timestep", "100", "--max-timestep", "900", "--multires-noise-iterations", "3",
                     "--debiased-estimation"]  # fmt: skip
     trained = runner.invoke(app, [*base, *regularizers, "--checkpoint-every", "3", "--out", "runs/reg"])
     assert trained.exit_code == 0, trained.output
@@ -310,6 +330,7 @@ def test_cli_run_records_the_regularizers(tmp_path: Path, instance_dir: Path, mo
     assert exported.exit_code == 0, exported.output
     _, meta = read_safetensors(tmp_path / "reg.safetensors")
     assert meta["ss_network_dropout"] == "0.1" and meta["ss_scale_weight_norms"] == str(cap) and meta["ss_ip_noise_gamma"] == "0.1"
+    assert meta["ss_adaptive_noise_scale"] == "0.005"
     assert meta["ss_noise_offset"] == "0.05" and meta["ss_noise_offset_random_strength"] == meta["ss_ip_noise_gamma_random_strength"] == "True"
     assert meta["ss_multires_noise_iterations"] == "3" and meta["ss_multires_noise_discount"] == "0.3" and meta["ss_debiased_estimation"] == "True"
     assert json.loads(meta["ss_network_args"]) == {"train_text_encoder": True, "rank_dropout": "0.2", "module_dropout": "0.1"}
