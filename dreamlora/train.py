@@ -64,28 +64,34 @@ def snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float) -> 
     SNR(t) = alpha_bar_t / (1 - alpha_bar_t). Dividing by SNR + 1 for v-prediction gives the same effective
     weighting of the x0 error as epsilon-prediction does, because the v loss is the epsilon loss times (SNR + 1) / SNR.
     """
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].double()
-    snr = alphas_cumprod / (1.0 - alphas_cumprod)
+    snr = timestep_snr(noise_scheduler, timesteps)
     clipped = torch.clamp(snr, max=gamma)
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
+    if _prediction_type(noise_scheduler, "--snr-gamma") == "epsilon":
         return (clipped / snr).float()
-    if prediction_type == "v_prediction":
-        return (clipped / (snr + 1.0)).float()
-    raise TrainingError(f"--snr-gamma does not support prediction_type {prediction_type!r}; use epsilon or v_prediction models")
+    return (clipped / (snr + 1.0)).float()
+
+
+def timestep_snr(noise_scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
+    """SNR(t) = alpha_bar_t / (1 - alpha_bar_t) per timestep, in float64 (infinite at t = 0 for schedules that reach it)."""
+    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].double()
+    return alphas_cumprod / (1.0 - alphas_cumprod)
+
+
+def _prediction_type(noise_scheduler: Any, option: str) -> str:
+    """The model's prediction type where `option` supports it (epsilon or v_prediction); refused with a message otherwise."""
+    prediction_type = noise_scheduler.config.prediction_type
+    if prediction_type not in ("epsilon", "v_prediction"):
+        raise TrainingError(f"{option} does not support prediction_type {prediction_type!r}; use epsilon or v_prediction models")
+    return prediction_type
 
 
 def debiased_weights(noise_scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
     """Debiased-estimation loss weights (Yu et al. 2024, kohya's --debiased_estimation_loss), one per timestep:
     1 / sqrt(SNR) for epsilon, 1 / (SNR + 1) for v-prediction, with SNR capped at 1000 (it is infinite at t = 0)."""
-    alphas_cumprod = noise_scheduler.alphas_cumprod.to(timesteps.device)[timesteps].double()
-    snr = (alphas_cumprod / (1.0 - alphas_cumprod)).clamp(max=1000.0)
-    prediction_type = noise_scheduler.config.prediction_type
-    if prediction_type == "epsilon":
+    snr = timestep_snr(noise_scheduler, timesteps).clamp(max=1000.0)
+    if _prediction_type(noise_scheduler, "--debiased-estimation") == "epsilon":
         return snr.rsqrt().float()
-    if prediction_type == "v_prediction":
-        return (1.0 / (snr + 1.0)).float()
-    raise TrainingError(f"--debiased-estimation does not support prediction_type {prediction_type!r}; use epsilon or v_prediction models")
+    return (1.0 / (snr + 1.0)).float()
 
 
 def huber_thresholds(noise_scheduler: Any, timesteps: torch.Tensor, c: float, schedule: str) -> torch.Tensor:
