@@ -749,21 +749,15 @@ def resize(
     """Lower a LoRA's rank by truncated SVD (smaller file, the closest update of that rank), verified."""
 
     def action() -> None:
-        import os
-
         from dreamlora.lora import GROUPS as GROUP_ORDER
-        from dreamlora.resize import check_method, resize_lora
+        from dreamlora.resize import check_method, kept_summary, rank_span, resize_lora
 
         check_method(method, param, rank)
-        base = model or os.environ.get("DREAMLORA_MODEL") or _run_model(src)
-        result, resized = resize_lora(src, dst, rank, method, param, to, base, dtype)
+        result, resized = resize_lora(src, dst, rank, method, param, to, _verify_model(model, [src]), dtype)
         for index, group in enumerate(sorted({r.module.group for r in resized}, key=GROUP_ORDER.index)):
             members = [r for r in resized if r.module.group == group]
-            new = sorted({r.module.rank for r in members})
-            kept = [r.kept_fro for r in members]
             result.notes.insert(index, (
-                f"{group}: rank {max(r.old_rank for r in members)} -> {new[0] if len(new) == 1 else f'{new[0]}-{new[-1]}'}, "
-                f"update norm kept {min(kept):.1%} (worst module) to {sum(kept) / len(kept):.1%} (mean)"
+                f"{group}: rank {max(r.old_rank for r in members)} -> {rank_span({r.module.rank for r in members})}, {kept_summary([r.kept_fro for r in members])}"
             ))
         _render_export(result, "resize")
 
@@ -785,26 +779,23 @@ def merge(
     """Merge several LoRAs into one: their weighted sum, exact or cut to --rank (kohya's merge_lora/svd_merge_lora), verified."""
 
     def action() -> None:
-        import os
-
         from dreamlora.merge import merge_loras
+        from dreamlora.resize import rank_span
 
         sources = [_parse_lora(item, 1.0, "merge") for item in loras]
-        base = model or os.environ.get("DREAMLORA_MODEL") or next((found for path, _ in sources if (found := _run_model(path))), None)
-        result, merged = merge_loras(sources, out, rank, method, param, to, base, dtype)
-        ranks = sorted({m.rank for m in merged})
-        result.notes.insert(0, f"{len(sources)} LoRAs merged; rank {ranks[0] if len(ranks) == 1 else f'{ranks[0]}-{ranks[-1]}'}")
+        result, merged = merge_loras(sources, out, rank, method, param, to, _verify_model(model, [path for path, _ in sources]), dtype)
+        result.notes.insert(0, f"{len(sources)} LoRAs merged; rank {rank_span({m.rank for m in merged})}")
         _render_export(result, "merge")
 
     _run(debug, action)
 
 
-def _run_model(src: Path) -> str | None:
-    """The base model a run folder (or a file inside one) was trained on, for verification; None for other files."""
+def _verify_model(model: str | None, sources: list[Path]) -> str | None:
+    """The base model to verify a rewritten LoRA on: --model, else $DREAMLORA_MODEL, else the first source run's; None
+    when no source is a run (the load-back check is then skipped)."""
     from dreamlora.generate import run_base_model
 
-    found = run_base_model([(Path(src), 1.0)])
-    return found[0] if found else None
+    return model or os.environ.get("DREAMLORA_MODEL") or next((found[0] for src in sources if (found := run_base_model([(Path(src), 1.0)]))), None)
 
 
 @app.command()

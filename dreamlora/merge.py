@@ -18,7 +18,7 @@ import torch
 from dreamlora.checkpoint import find_lora
 from dreamlora.errors import ConfigError
 from dreamlora.export import ExportResult, LoraModule, read_for_rewrite, read_lora_modules, write_lora_file
-from dreamlora.resize import check_method, resize_module
+from dreamlora.resize import check_method, describe_cut, kept_summary, rank_metadata, resize_module
 
 
 @dataclass(frozen=True)
@@ -97,13 +97,9 @@ def merge_loras(
     if rank is not None:
         resized = [resize_module(m, method, value or 0.0, rank) for m in merged]
         merged = [r.module for r in resized]
-        kept = [r.kept_fro for r in resized]
-        notes.append(f"cut to {'rank ' + str(rank) if method == 'fixed' else f'{method} {value:g} (rank at most {rank})'}: update norm kept {min(kept):.1%} (worst module) to {sum(kept) / len(kept):.1%} (mean)")
-    ranks = sorted({m.rank for m in merged})
-    dynamic = len(ranks) > 1
+        notes.append(f"cut to {describe_cut(method, value or 0.0, rank)}: {kept_summary([r.kept_fro for r in resized])}")
     metadata = {
-        "ss_network_dim": "Dynamic" if dynamic else str(ranks[0]),
-        "ss_network_alpha": "Dynamic" if dynamic else str(ranks[0]),
+        **rank_metadata(merged),
         "ss_training_comment": f"merged by dreamlora: {how}" + (f", cut to rank {rank}" if rank is not None else " (exact)"),
     }
     result = write_lora_file(merged, shared_metadata(metas), notes, naming, dst, to, base_model, dtype, verify, metadata)

@@ -67,6 +67,29 @@ def choose_rank(singular: torch.Tensor, method: str, param: float, rank: int) ->
     return max(1, min(keep, rank, available))
 
 
+def describe_cut(method: str, param: float, rank: int) -> str:
+    """How a rank cut was chosen, for notes and `ss_training_comment`."""
+    return f"fixed rank {rank}" if method == "fixed" else f"{method} {param:g} (rank at most {rank})"
+
+
+def kept_summary(kept: list[float]) -> str:
+    """The share of the update norm the cut modules kept: the worst and the mean."""
+    return f"update norm kept {min(kept):.1%} (worst module) to {sum(kept) / len(kept):.1%} (mean)"
+
+
+def rank_span(ranks: list[int] | set[int]) -> str:
+    """`4`, or `2-8` where modules differ."""
+    ordered = sorted(set(ranks))
+    return str(ordered[0]) if len(ordered) == 1 else f"{ordered[0]}-{ordered[-1]}"
+
+
+def rank_metadata(modules: list[LoraModule]) -> dict[str, str]:
+    """kohya's `ss_network_dim`/`ss_network_alpha` for modules with alpha = rank: the rank, or `Dynamic` where they differ."""
+    ranks = {m.rank for m in modules}
+    value = "Dynamic" if len(ranks) > 1 else str(next(iter(ranks)))
+    return {"ss_network_dim": value, "ss_network_alpha": value}
+
+
 @dataclass(frozen=True)
 class Resized:
     module: LoraModule
@@ -95,16 +118,12 @@ def resize_lora(
     dst = Path(dst)
     modules, file_meta, notes, naming = read_for_rewrite(find_lora(Path(src)), dst, to, dtype, base_model, "resize")
     resized = [resize_module(m, method, value, rank) for m in modules]
-    ranks = sorted({r.module.rank for r in resized})
     old = max(r.old_rank for r in resized)
     if method == "fixed" and rank > old:
         notes.append(f"--rank {rank} is above the LoRA's rank {old}: ranks kept, nothing cut")
-    dynamic = len(ranks) > 1
-    how = f"fixed rank {rank}" if method == "fixed" else f"{method} {value:g} (rank at most {rank})"
     metadata = {
-        "ss_network_dim": "Dynamic" if dynamic else str(ranks[0]),
-        "ss_network_alpha": "Dynamic" if dynamic else str(ranks[0]),
-        "ss_training_comment": f"resized by dreamlora from rank {old}: {how}; " + file_meta.get("ss_training_comment", ""),
+        **rank_metadata([r.module for r in resized]),
+        "ss_training_comment": f"resized by dreamlora from rank {old}: {describe_cut(method, value, rank)}; " + file_meta.get("ss_training_comment", ""),
     }
     result = write_lora_file([r.module for r in resized], file_meta, notes, naming, dst, to, base_model, dtype, verify, metadata)
     return result, resized
