@@ -160,6 +160,9 @@ class AdapterConfig:
     conv_rank: int = 0  # > 0: LoRA on the UNet's ResNet and resampling blocks too, 3x3 convolutions at this rank (kohya's conv_dim, LoCon)
     conv_alpha: float = 0.0  # 0: equal to conv_rank (kohya's conv_alpha)
     init_lora: str = ""  # start from this LoRA's weights: a run folder, diffusers or kohya/A1111 .safetensors (kohya's --network_weights)
+    pivotal: bool = False  # pivotal tuning: also learn new token embeddings for the subject's token (diffusers' --train_text_encoder_ti)
+    pivotal_vectors: int = 2  # embedding vectors (new tokens) the subject's token stands for
+    pivotal_init: str = ""  # the word the vectors start from; empty: the class name (random without one)
 
     def __post_init__(self) -> None:
         _check(1 <= self.rank <= 1024, f"adapter.rank must be in 1..1024; got {self.rank}")
@@ -172,6 +175,11 @@ class AdapterConfig:
             _check(0 <= value < 1, f"adapter.{name} must be in [0, 1) (0 = off, 0.1 is usual); got {value}")
         _check(bool(self.unet_targets), "adapter.unet_targets is empty; the UNet needs at least one LoRA target")
         _check_choice("adapter.init", self.init, ("default", "gaussian", "nonzero"))
+        _check(1 <= self.pivotal_vectors <= 16, f"adapter.pivotal_vectors must be in 1..16 (2 is usual); got {self.pivotal_vectors}")
+        _check(
+            self.pivotal or (self.pivotal_vectors == 2 and not self.pivotal_init),
+            "adapter.pivotal_vectors and adapter.pivotal_init shape pivotal tuning's new embeddings; add --pivotal or drop them",
+        )
 
     @property
     def resolved_alpha(self) -> float:
@@ -249,6 +257,7 @@ class TrainConfig:
     loraplus_lr_ratio: float = 0.0  # LoRA+: the up (B) weights learn this many times faster than the down weights (kohya's loraplus_lr_ratio; 16 in the paper); 0: off
     loraplus_unet_lr_ratio: float = 0.0  # the UNet's LoRA+ ratio; 0: loraplus_lr_ratio (kohya's loraplus_unet_lr_ratio)
     loraplus_text_encoder_lr_ratio: float = 0.0  # the text encoders' LoRA+ ratio; 0: loraplus_lr_ratio (kohya's loraplus_text_encoder_lr_ratio)
+    pivotal_lr: float = 0.0  # learning rate of pivotal tuning's embeddings; 0: 5e-4 (with Prodigy: lr). They follow the text encoder's schedule and stop step
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_steps <= 1_000_000, f"train.max_steps must be in 1..1000000; got {self.max_steps}")
@@ -271,9 +280,11 @@ class TrainConfig:
                 not (self.loraplus_lr_ratio or self.loraplus_unet_lr_ratio or self.loraplus_text_encoder_lr_ratio),
                 f"{one_rate}, so LoRA+ (--loraplus-lr-ratio) cannot go with it; use --optimizer adamw for LoRA+",
             )
+            _check(self.pivotal_lr in (0, self.lr), f"{one_rate}: drop --pivotal-lr {self.pivotal_lr:g} or set it to --lr {self.lr:g}")
         else:
             _check(0 < self.lr < 1, f"train.lr must be in (0, 1); got {self.lr}")
             _check(0 <= self.text_encoder_lr < 1, f"train.text_encoder_lr must be in [0, 1) (0 = lr); got {self.text_encoder_lr}")
+            _check(0 <= self.pivotal_lr < 1, f"train.pivotal_lr must be in [0, 1) (0 = 5e-4); got {self.pivotal_lr}")
         _check_choice("train.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0; got {self.warmup_steps}")
         _check(self.prior_weight >= 0, f"train.prior_weight must be >= 0; got {self.prior_weight}")
@@ -329,6 +340,8 @@ class TrainConfig:
 
     def loraplus_ratio(self, model: str) -> float:
         """How many times the LoRA up weights of `model` (unet, text_encoder, text_encoder_2) out-learn its down weights (1: LoRA+ off)."""
+        if model == "embeddings":
+            return 1.0  # pivotal tuning's vectors have no up weights
         own = self.loraplus_unet_lr_ratio if model == "unet" else self.loraplus_text_encoder_lr_ratio
         return float(own or self.loraplus_lr_ratio or 1.0)
 
@@ -337,11 +350,16 @@ class TrainConfig:
         return self.text_encoder_lr or self.lr
 
     @property
+    def resolved_pivotal_lr(self) -> float:
+        return self.pivotal_lr or (self.lr if self.optimizer == "prodigy" else DEFAULT_PIVOTAL_LR)
+
+    @property
     def text_encoder_stop_step(self) -> int:
         """The step from which the text-encoder LoRA is frozen (max_steps: never)."""
         return math.ceil(self.text_encoder_steps_fraction * self.max_steps)
 
 
+DEFAULT_PIVOTAL_LR = 5e-4  # cloneofsimo's lora_pti rate for textual-inversion vectors
 EXPORT_FORMATS = ("a1111", "diffusers", "merged")
 EXPORT_DTYPES = ("fp16", "bf16", "fp32")
 
@@ -487,11 +505,14 @@ def load_config(path: Path | None = None, overrides: dict[str, Any] | None = Non
 
 def check_across_sections(cfg: RunConfig) -> None:
     """Settings of one section that another makes moot (checked where a user's config is read, not for saved runs)."""
+    defaults = TrainConfig()
     if not cfg.adapter.train_text_encoder:
-        defaults = TrainConfig()
-        text_encoder_only = ("text_encoder_lr", "text_encoder_lr_scheduler", "text_encoder_warmup_steps", "text_encoder_steps_fraction", "loraplus_text_encoder_lr_ratio")
+        # Pivotal tuning's embeddings follow the text encoder's schedule and stop step, not its rate or LoRA+.
+        schedule = ("text_encoder_lr_scheduler", "text_encoder_warmup_steps", "text_encoder_steps_fraction")
+        text_encoder_only = ("text_encoder_lr", "loraplus_text_encoder_lr_ratio", *(() if cfg.adapter.pivotal else schedule))
         moot = [f"train.{name}" for name in text_encoder_only if getattr(cfg.train, name) != getattr(defaults, name)]
         _check(not moot, f"--no-text-encoder (adapter.train_text_encoder false) trains no text-encoder LoRA, so {', '.join(moot)} would do nothing; drop them or drop --no-text-encoder")
+    _check(cfg.adapter.pivotal or cfg.train.pivotal_lr == defaults.pivotal_lr, "train.pivotal_lr is the rate of pivotal tuning's embeddings; add --pivotal or drop it")
 
 
 def parse_set_options(items: list[str]) -> dict[str, str]:

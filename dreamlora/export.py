@@ -27,6 +27,7 @@ from dreamlora.checkpoint import CONFIG_FILE, find_lora, read_run_info, write_at
 from dreamlora.config import ExportConfig, RunConfig, from_dict
 from dreamlora.errors import ConfigError, ExportError, ModelLoadError
 from dreamlora.models import public_model_ref
+from dreamlora.pivotal import bundle, embeddings_for, export_path, save_embeddings, split_bundle, usage_note
 from dreamlora.lora import GROUPS, LORA_FILE, last_layer_marker, load_adapters, read_diffusers_lora, read_safetensors, save_diffusers_lora
 
 log = logging.getLogger(__name__)
@@ -83,6 +84,7 @@ class ExportResult:
     key_counts: dict[str, int]  # LoRA modules per group (unet, text_encoder); merged: tensors per model part
     verify: VerifyReport | None
     notes: list[str] = field(default_factory=list)
+    embedding: Path | None = None  # pivotal tuning's standalone embedding file, written beside the LoRA
 
 
 # --- pure key mapping ----------------------------------------------------------------------------
@@ -681,9 +683,37 @@ def _count_modules(modules: list[LoraModule]) -> dict[str, int]:
     return {group: sum(m.group == group for m in modules) for group in GROUPS if any(m.group == group for m in modules)}
 
 
-def write_a1111(path: Path, modules: list[LoraModule], metadata: dict[str, str], dtype: str, naming: KohyaNaming | None = None) -> Path:
-    blob, _ = safetensors_bytes_with_hash(kohya_state_dict(modules, DTYPES[dtype], naming), metadata)
+def write_a1111(
+    path: Path, modules: list[LoraModule], metadata: dict[str, str], dtype: str, naming: KohyaNaming | None = None, extra: dict[str, torch.Tensor] | None = None
+) -> Path:
+    """`extra`: tensors written as they are beside the modules (pivotal tuning's bundled embeddings)."""
+    blob, _ = safetensors_bytes_with_hash({**kohya_state_dict(modules, DTYPES[dtype], naming), **(extra or {})}, metadata)
     write_atomic(path, blob)
+    return path
+
+
+Embedding = tuple[str, dict[str, torch.Tensor]]  # pivotal tuning's token and its vectors per text encoder
+
+
+def _embedding_output(out: Path, embedding: Embedding | None) -> Path | None:
+    """Where the export's standalone embedding file goes (checked free before anything is written)."""
+    if embedding is None:
+        return None
+    path = export_path(out)
+    _refuse_existing(path)
+    return path
+
+
+def _write_embedding(out: Path, fmt: str, embedding: Embedding, notes: list[str]) -> Path:
+    """The standalone embedding file beside an export (read back to check it), and how to load it in the notes."""
+    token, tensors = embedding
+    path = save_embeddings(export_path(out), token, tensors)
+    from dreamlora.pivotal import read_embeddings
+
+    _, back = read_embeddings(path)
+    if set(back) != set(tensors) or any(not torch.equal(back[k], tensors[k].float()) for k in tensors):
+        raise ExportError(f"the embedding written to '{path}' does not read back as written")
+    notes.append(usage_note(token, tensors, path, bundled=fmt == "a1111"))
     return path
 
 
@@ -813,7 +843,10 @@ def _load_with_diffusers(base: Any, path: Path) -> dict[str, torch.nn.Module]:
     parts = copy.copy(base)
     for name, model in models.items():
         setattr(parts, name, model)
-    build_pipeline(parts).load_lora_weights(str(path))
+    from dreamlora.pivotal import lora_without_bundle
+
+    unbundled = lora_without_bundle(path)
+    build_pipeline(parts).load_lora_weights(str(path) if unbundled is None else unbundled)
     return models
 
 
@@ -835,7 +868,7 @@ def verify_export(path: Path, fmt: str, modules: list[LoraModule], model_ref: st
         if fmt == "a1111":
             from safetensors.torch import load_file
 
-            check_kohya_keys(load_file(str(path)), base)
+            check_kohya_keys(split_bundle(load_file(str(path)))[0], base)
         report.loader = "diffusers load_lora_weights"
         try:
             models = _load_with_diffusers(base, lora_path)
@@ -874,7 +907,7 @@ def _load_kohya_file_exactly(base: Any, path: Path) -> dict[str, torch.nn.Module
 
     models = _fresh_models(base)
     table = kohya_name_table({g: [n for n, _ in m.named_modules()] for g, m in models.items()}, base_kohya_naming(base))
-    modules, _ = modules_from_kohya(load_file(str(path)), table, UnetLayout.from_config(dict(base.unet.config)))
+    modules, _ = modules_from_kohya(split_bundle(load_file(str(path)))[0], table, UnetLayout.from_config(dict(base.unet.config)))
     state_dicts, metadata = peft_state_dicts(modules)
     load_adapters(models, state_dicts, metadata)
     return models
@@ -1004,7 +1037,9 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
     if cfg.format == "a1111" and out.suffix != ".safetensors":
         raise ExportError(f"A1111 output '{out}' must end in .safetensors; pass --out NAME.safetensors")
     _refuse_existing(out)
-    notes = []
+    embedding = embeddings_for(lora_file)
+    _embedding_output(out, embedding)
+    notes: list[str] = []
     if cfg.format == "a1111":
         metadata = a1111_metadata(run, modules, out.stem, run_config(run_dir))
         written = modules
@@ -1013,13 +1048,20 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
             # A1111 and ComfyUI would read them right, diffusers would not, so the alphas go into the weights.
             written, changed = fold_alphas(modules, per_module_rank=False)
             notes.append(f"alphas folded into the up weights of {len(changed)} modules (every module now has alpha {written[0].alpha:g}), so diffusers reads the file as A1111 does")
-        write_a1111(out, written, metadata, cfg.dtype, run_kohya_naming(run_dir, run))
+        write_a1111(out, written, metadata, cfg.dtype, run_kohya_naming(run_dir, run), bundle(*embedding) if embedding else None)
         counts = _count_modules(modules)
     elif cfg.format == "diffusers":
         write_diffusers(out, modules, cfg.dtype)
         counts = _count_modules(modules)
     else:
         counts = write_merged(out, base_model_ref(run_dir, run), lora_file, cfg.scale, cfg.dtype, cfg.single_file)
+    emb_out = None
+    if embedding is not None:
+        try:
+            emb_out = _write_embedding(out, cfg.format, embedding, notes)
+        except ExportError:
+            _remove(out)
+            raise
     report = None
     if cfg.verify:
         prompt = str(run.get("instance_prompt") or "a photo")
@@ -1027,8 +1069,10 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
             report = verify_export(out, cfg.format, modules, base_model_ref(run_dir, run), cfg.dtype, cfg.scale if cfg.format == "merged" else 1.0, prompt)
         except ExportError as error:
             _remove(out)
+            if emb_out is not None:
+                _remove(emb_out)
             raise ExportError(f"{error}. '{out}' was removed; export with --no-verify to keep an unverified file") from error
-    return ExportResult(out, cfg.format, cfg.dtype, counts, report, notes)
+    return ExportResult(out, cfg.format, cfg.dtype, counts, report, notes, emb_out)
 
 
 def _read_any_lora(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -1037,7 +1081,8 @@ def _read_any_lora(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
         raise ExportError(f"no LoRA file at '{src}'; pass a .safetensors LoRA or a folder holding {LORA_FILE}")
     if path.suffix != ".safetensors":
         raise ExportError(f"'{path}' is not a .safetensors file; dreamlora reads only safetensors LoRAs (pickle files can run code)")
-    return read_safetensors(path)
+    tensors, metadata = read_safetensors(path)
+    return split_bundle(tensors)[0], metadata  # pivotal tuning's bundled embeddings are read by `pivotal.embeddings_for`
 
 
 @dataclass(frozen=True)
@@ -1172,7 +1217,7 @@ def convert_lora(src: Path, dst: Path, to: str, base_model: str | None = None, d
     Verification needs `base_model` (loaded through `load_components`); without it the result says it was skipped.
     """
     modules, file_meta, notes, naming = read_for_rewrite(Path(src), Path(dst), to, dtype, base_model, "convert")
-    return write_lora_file(modules, file_meta, notes, naming, Path(dst), to, base_model, dtype, verify)
+    return write_lora_file(modules, file_meta, notes, naming, Path(dst), to, base_model, dtype, verify, embedding=embeddings_for(find_lora(Path(src))))
 
 
 def read_for_rewrite(
@@ -1194,22 +1239,30 @@ def read_for_rewrite(
 
 def write_lora_file(
     modules: list[LoraModule], file_meta: dict[str, str], notes: list[str], naming: KohyaNaming | None, dst: Path, to: str,
-    base_model: str | None, dtype: str, verify: bool, metadata: dict[str, str] | None = None,
+    base_model: str | None, dtype: str, verify: bool, metadata: dict[str, str] | None = None, embedding: Embedding | None = None,
 ) -> ExportResult:
     """Write `modules` as `to` (`convert_lora`, `resize.resize_lora`), folding alphas where a consumer would misread
-    them, keeping the source's kohya metadata (updated by `metadata`), then load it back and compare (with `base_model`)."""
+    them, keeping the source's kohya metadata (updated by `metadata`), then load it back and compare (with `base_model`).
+    `embedding`: the source's pivotal-tuned embedding, carried over (bundled in a1111, and as its own file beside)."""
     original = modules
+    emb_out = _embedding_output(dst, embedding)
     if to == "a1111":
         if alphas_diffusers_misreads((m.group, m.module, m.alpha) for m in modules):
             modules, changed = fold_alphas(modules, per_module_rank=False)
             notes.append(f"per-module alphas differ where diffusers would apply the most common one (text encoder, UNet attention): folded into the up weights of {len(changed)} modules; every module now has alpha {modules[0].alpha:g}")
         kept = {k: v for k, v in file_meta.items() if k.startswith(("ss_", "modelspec.")) and k != "sshs_model_hash"}
-        write_a1111(dst, modules, {**kept, **(metadata or {}), "ss_output_name": dst.stem}, dtype, naming)
+        write_a1111(dst, modules, {**kept, **(metadata or {}), "ss_output_name": dst.stem}, dtype, naming, bundle(*embedding) if embedding else None)
     else:
         if not _alphas_uniform(modules) or len({m.rank for m in modules}) > 1:
             modules, changed = fold_alphas(modules, per_module_rank=True)
             notes.append(f"alphas/ranks differ between modules: alpha/rank folded into the up weights of {len(changed)} modules, so alpha = rank everywhere (right for every consumer)")
         write_diffusers(dst, modules, dtype)
+    if embedding is not None:
+        try:
+            _write_embedding(dst, to, embedding, notes)
+        except ExportError:
+            _remove(dst)
+            raise
     report = None
     if verify:
         if base_model is None:
@@ -1219,5 +1272,7 @@ def write_lora_file(
                 report = verify_export(dst, to, original, base_model, dtype)
             except ExportError as error:
                 _remove(dst)
+                if emb_out is not None:
+                    _remove(emb_out)
                 raise ExportError(f"{error}. '{dst}' was removed") from error
-    return ExportResult(dst, to, dtype, _count_modules(modules), report, notes)
+    return ExportResult(dst, to, dtype, _count_modules(modules), report, notes, emb_out)

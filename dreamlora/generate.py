@@ -113,8 +113,10 @@ def comparison_grid(
     resolution: int,
     base: dict[str, list[Image.Image]] | None = None,
     adapted: dict[str, list[Image.Image]] | None = None,
+    adapted_prompt: Callable[[str], str] | None = None,
 ) -> Image.Image:
-    """For each prompt, a row from the base model and a row with the LoRA, at the same seeds; `base` and `adapted` reuse images already made."""
+    """For each prompt, a row from the base model and a row with the LoRA, at the same seeds; `base` and `adapted` reuse
+    images already made; `adapted_prompt` rewrites the LoRA rows' prompts (pivotal tuning's new tokens)."""
     pipeline = build_pipeline(components)
     seeds = list(range(seed, seed + n))
     rows, labels = [], []
@@ -125,7 +127,8 @@ def comparison_grid(
             with adapters_disabled([components.unet, *components.text_encoders.values()]):
                 rows.append(generate_images(pipeline, prompt, seeds, steps, guidance, resolution))
         labels.append(f"base: {prompt}")
-        rows.append(adapted[prompt] if adapted and prompt in adapted else generate_images(pipeline, prompt, seeds, steps, guidance, resolution))
+        lora_prompt = adapted_prompt(prompt) if adapted_prompt else prompt
+        rows.append(adapted[prompt] if adapted and prompt in adapted else generate_images(pipeline, lora_prompt, seeds, steps, guidance, resolution))
         labels.append(f"LoRA: {prompt}")
     return make_grid(upscale_small(rows), labels)
 
@@ -142,12 +145,15 @@ def upscale_small(rows: list[list[Image.Image]], minimum: int = 128) -> list[lis
 def load_loras(pipeline: Any, loras: list[tuple[Path, float]]) -> None:
     """Load each LoRA (a run folder, a diffusers or an A1111 file) through diffusers' own loader at its scale."""
 
+    from dreamlora.pivotal import lora_without_bundle
+
     names, scales = [], []
     for index, (path, scale) in enumerate(loras):
         file = find_lora(Path(path))
         name = f"lora{index}"
         try:
-            pipeline.load_lora_weights(str(file), adapter_name=name)
+            unbundled = lora_without_bundle(file)  # an A1111 file's bundled embedding goes in with install_embeddings
+            pipeline.load_lora_weights(str(file) if unbundled is None else unbundled, adapter_name=name)
         except (ValueError, KeyError, OSError) as error:
             raise ConfigError(
                 f"LoRA '{path}' could not be loaded ({error}); check it was trained for this base model (`dreamlora inspect {path}` "
@@ -157,6 +163,30 @@ def load_loras(pipeline: Any, loras: list[tuple[Path, float]]) -> None:
         scales.append(scale)
     if names:
         pipeline.set_adapters(names, adapter_weights=scales)
+
+
+def install_embeddings(components: Components, loras: list[tuple[Path, float]]) -> Callable[[str], str]:
+    """Give the model the new tokens of each pivotal-tuned LoRA (`dreamlora.pivotal`); return the prompt rewrite that
+    spells each one's token as them (the identity when no LoRA has an embedding)."""
+    from dreamlora.pivotal import embeddings_for, expand_prompt, install
+
+    tokens: list[tuple[str, int]] = []
+    for path, _ in loras:
+        found = embeddings_for(find_lora(Path(path)))
+        if found is None:
+            continue
+        token, tensors = found
+        if any(token.lower() == seen.lower() for seen, _ in tokens):
+            raise ConfigError(f"two of the LoRAs carry an embedding for the token {token!r}; load one of them")
+        tokens.append((token, install(components, token, tensors)))
+        log.info("LoRA %s: %r is its pivotal-tuned embedding of %d vectors", path, token, tokens[-1][1])
+
+    def rewrite(prompt: str) -> str:
+        for token, vectors in tokens:
+            prompt = expand_prompt(prompt, token, vectors)
+        return prompt
+
+    return rewrite
 
 
 DEFAULT_OUT = Path("samples-out")
@@ -268,6 +298,7 @@ def generate(
     pipeline = build_pipeline(components)
     seeds = list(range(seed, seed + num_images))
     load_loras(pipeline, loras)  # a LoRA that does not load fails before any image is drawn
+    lora_prompt = install_embeddings(components, loras)  # base images read the prompt as written
     batch = batch_size or auto_batch_size(pipeline.device, resolution)
     progress = {"done": 0, "total": num_images * (2 if compare else 1)}
 
@@ -284,7 +315,7 @@ def generate(
             base_images = generate_images(pipeline, prompt, seeds, steps, guidance, resolution, negative_prompt, batch, counted)
         finally:
             pipeline.enable_lora()
-    images = generate_images(pipeline, prompt, seeds, steps, guidance, resolution, negative_prompt, batch, counted)
+    images = generate_images(pipeline, lora_prompt(prompt), seeds, steps, guidance, resolution, lora_prompt(negative_prompt), batch, counted)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     for s, image in zip(seeds, images):

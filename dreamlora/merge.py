@@ -18,6 +18,7 @@ import torch
 from dreamlora.checkpoint import find_lora
 from dreamlora.errors import ConfigError
 from dreamlora.export import ExportResult, LoraModule, read_for_rewrite, read_lora_modules, write_lora_file
+from dreamlora.pivotal import embeddings_for
 from dreamlora.resize import check_method, describe_cut, kept_summary, rank_metadata, resize_module
 
 
@@ -55,6 +56,15 @@ def shared_metadata(metas: list[dict[str, str]]) -> dict[str, str]:
     """The kohya metadata every source agrees on (base model, resolution, ...); training details that differ are dropped."""
     first = metas[0]
     return {k: v for k, v in first.items() if all(m.get(k) == v for m in metas[1:])}
+
+
+def carried_embedding(files: list[Path]) -> tuple[str, dict[str, torch.Tensor]] | None:
+    """The one pivotal-tuned embedding among the sources, carried over as it is (its token means one subject)."""
+    found = [(file, e) for file in files if (e := embeddings_for(file)) is not None]
+    if len(found) > 1:
+        listed = ", ".join(f"{file.name} ({e[0]})" for file, e in found)
+        raise ConfigError(f"several of the LoRAs carry a pivotal-tuned embedding: {listed}; a merged LoRA carries one embedding, so merge at most one pivotal-tuned LoRA")
+    return found[0][1] if found else None
 
 
 def merge_loras(
@@ -102,6 +112,7 @@ def merge_loras(
         **rank_metadata(merged),
         "ss_training_comment": f"merged by dreamlora: {how}" + (f", cut to rank {rank}" if rank is not None else " (exact)"),
     }
-    result = write_lora_file(merged, shared_metadata(metas), notes, naming, dst, to, base_model, dtype, verify, metadata)
+    embedding = carried_embedding(files)
+    result = write_lora_file(merged, shared_metadata(metas), notes, naming, dst, to, base_model, dtype, verify, metadata, embedding)
     return result, merged
 

@@ -15,7 +15,7 @@ model, is the same on every machine, and at fixed seeds tracks what a person see
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -67,7 +67,9 @@ class SampleMonitor:
         resolution: int,
         out_dir: Path,
         extra_prompts: Sequence[str] = (),
+        adapted_prompt: Callable[[str], str] | None = None,
     ) -> None:
+        self.adapted_prompt = adapted_prompt or (lambda prompt: prompt)  # pivotal tuning: the token spelled as its new tokens
         self.components, self.seeds, self.steps, self.guidance, self.resolution = components, seeds, steps, guidance, resolution
         # The instance row, the class row, then the user's own prompts (`--sample-prompt`), each once.
         self.prompts = list(dict.fromkeys(p for p in (instance_prompt, class_prompt, *extra_prompts) if p))
@@ -89,7 +91,7 @@ class SampleMonitor:
     def sample(self, step: int) -> dict[str, float]:
         """Write `samples/step-NNNNNN.png` (instance row, class row, extra prompts' rows) and return the drift figures."""
         with _eval_mode(self._models()):
-            images = {prompt: self._generate(prompt) for prompt in self.prompts}
+            images = {prompt: self._generate(self.adapted_prompt(prompt)) for prompt in self.prompts}
         self.latest = (step, images)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         rows = [images[p] for p in self.prompts]

@@ -17,6 +17,7 @@ import torch
 from dreamlora.checkpoint import find_lora
 from dreamlora.errors import ConfigError
 from dreamlora.export import ExportResult, LoraModule, read_for_rewrite, write_lora_file
+from dreamlora.pivotal import embeddings_for
 
 METHODS = ("fixed", "sv_ratio", "sv_fro", "sv_cumulative")
 
@@ -125,5 +126,6 @@ def resize_lora(
         **rank_metadata([r.module for r in resized]),
         "ss_training_comment": f"resized by dreamlora from rank {old}: {describe_cut(method, value, rank)}; " + file_meta.get("ss_training_comment", ""),
     }
-    result = write_lora_file([r.module for r in resized], file_meta, notes, naming, dst, to, base_model, dtype, verify, metadata)
+    embedding = embeddings_for(find_lora(Path(src)))  # pivotal tuning's embedding is carried over as it is
+    result = write_lora_file([r.module for r in resized], file_meta, notes, naming, dst, to, base_model, dtype, verify, metadata, embedding)
     return result, resized

@@ -27,6 +27,7 @@ from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, f
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
 from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters, up_weight_flags
+from dreamlora.pivotal import EMBEDDINGS_FILE, PivotalEmbeddings, embeddings_for, save_embeddings
 from dreamlora.models import Components, PromptEmbeddings, apply_clip_skip, encode_prompts, load_model, public_model_ref, resolve_precision, select_attention, tokenize_all
 from dreamlora.prior import MANIFEST, read_prior_set, safe_name
 from dreamlora.sampling import AugmentedLatents, class_indices, instance_plan, steps_per_epoch
@@ -479,7 +480,7 @@ def make_optimizer(
     (`train.loraplus_lr_ratio`) they get a group of their own at the model's rate times the ratio, as kohya's
     loraplus_lr_ratio does.
     """
-    lrs = {"unet": cfg.train.lr, "text_encoder": cfg.train.resolved_text_encoder_lr, "text_encoder_2": cfg.train.resolved_text_encoder_lr}
+    lrs = {"unet": cfg.train.lr, "text_encoder": cfg.train.resolved_text_encoder_lr, "text_encoder_2": cfg.train.resolved_text_encoder_lr, "embeddings": cfg.train.resolved_pivotal_lr}
     lr = (lambda v: torch.tensor(v, device=device)) if capturable else float  # noqa: E731
     param_groups = []
     for name, params in groups.items():
@@ -540,6 +541,8 @@ def use_cuda_graphs(cfg: RunConfig, device: torch.device, num_processes: int, pr
         reasons.append(f"optimizer {cfg.train.optimizer}")
     if cfg.adapter.any_dropout and cfg.train.gradient_checkpointing:
         reasons.append("LoRA dropout with gradient checkpointing (its RNG state is saved per checkpoint)")
+    if cfg.adapter.pivotal:
+        reasons.append("pivotal tuning")
     if cfg.train.compile == "off" or (cfg.train.compile == "auto" and reasons):
         if cfg.train.compile == "auto" and device.type == "cuda":
             log.info("CUDA graphs off: %s", ", ".join(reasons))
@@ -571,7 +574,7 @@ def lr_factor(kind: str, warmup: int, total: int, cycles: int = 1) -> Callable[[
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """One schedule per parameter group, by the model it trains (`make_optimizer` names it): the UNet's, and the text
-    encoders' own (which drops to 0 at its stop step)."""
+    encoders' own (which drops to 0 at its stop step), which pivotal tuning's embeddings follow too."""
     t = cfg.train
     unet = lr_factor(t.lr_scheduler, t.warmup_steps, t.max_steps, t.lr_cycles)
     te_warmup = t.warmup_steps if t.text_encoder_warmup_steps < 0 else t.text_encoder_warmup_steps
@@ -581,7 +584,7 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch
     def text_encoder(step: int) -> float:
         return te_schedule(step) if step < stop else 0.0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [text_encoder if group["model"].startswith("text_encoder") else unet for group in optimizer.param_groups])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [unet if group["model"] == "unet" else text_encoder for group in optimizer.param_groups])
 
 
 def _initial_lora_modules(cfg: RunConfig, components: Components) -> list[Any]:
@@ -611,6 +614,32 @@ def _initial_lora_modules(cfg: RunConfig, components: Components) -> list[Any]:
     return kept
 
 
+def _attach_pivotal(cfg: RunConfig, components: Components, resume_from: Path | None) -> PivotalEmbeddings:
+    """Pivotal tuning's new tokens, hooked into the text encoders: resumed from the checkpoint's vectors, started from
+    --init-lora's when it has some for this token, else from --pivotal-init (default: the class name)."""
+    token, vectors = cfg.data.token, cfg.adapter.pivotal_vectors
+    initial = None
+    source = resume_from if resume_from is not None else (Path(cfg.adapter.init_lora) if cfg.adapter.init_lora else None)
+    found = embeddings_for(ckpt.find_lora(source)) if source is not None else None
+    if resume_from is not None and found is None:
+        raise ConfigError(f"checkpoint '{resume_from}' has no pivotal-tuning embeddings ({EMBEDDINGS_FILE}), so it was not trained with --pivotal; resume without --pivotal")
+    if found is not None:
+        saved_token, tensors = found
+        shape = tuple(next(iter(tensors.values())).shape)
+        if saved_token.lower() == token.lower() and shape[0] == vectors:
+            initial = tensors
+            log.info("pivotal tuning: %s's %d vectors start from %s", token, vectors, source)
+        elif resume_from is not None:
+            raise ConfigError(f"checkpoint '{resume_from}' holds {shape[0]} vectors for {saved_token!r}, not {vectors} for {token!r}; resume with the run's own --token and --pivotal-vectors")
+        else:
+            log.warning("--init-lora's embedding is for %r with %d vectors, not %r with %d; the vectors start afresh", saved_token, shape[0], token, vectors)
+    init_word = cfg.adapter.pivotal_init or cfg.data.class_name
+    pivotal = PivotalEmbeddings.attach(components, token, vectors, init_word, initial)
+    if initial is None:
+        log.info("pivotal tuning: %s stands for %d new tokens, starting from %s", token, vectors, repr(init_word) if init_word else "random vectors")
+    return pivotal
+
+
 def _freeze_text_encoders(params: list[torch.nn.Parameter], components: Components, text_encoders: list[torch.nn.Module], input_ids: list[torch.Tensor]) -> PromptEmbeddings:
     """Stop training the text-encoder LoRAs: no gradients from now on (the optimizer skips them); return the prompts' fixed encoding."""
     for param in params:
@@ -628,7 +657,7 @@ def _sample_prompts(cfg: RunConfig) -> tuple[str, str]:
     return cfg.data.resolved_instance_prompt(), class_prompt
 
 
-def _make_monitor(cfg: RunConfig, components: Components, run_dir: Path) -> Any:
+def _make_monitor(cfg: RunConfig, components: Components, run_dir: Path, adapted_prompt: Callable[[str], str] | None = None) -> Any:
     """Sampler for `--sample-every`: the base model's images at the sample seeds are made here, once."""
     from dreamlora.monitor import SampleMonitor
 
@@ -636,7 +665,7 @@ def _make_monitor(cfg: RunConfig, components: Components, run_dir: Path) -> Any:
     seeds = list(range(cfg.train.seed, cfg.train.seed + cfg.train.num_samples))
     return SampleMonitor(
         components, instance_prompt, class_prompt, cfg.data.instance_dir, seeds, cfg.prior.steps, cfg.prior.resolved_guidance(components.family.default_guidance),
-        cfg.data.resolution, run_dir / "samples", cfg.train.sample_prompts,
+        cfg.data.resolution, run_dir / "samples", cfg.train.sample_prompts, adapted_prompt,
     )
 
 
@@ -896,8 +925,10 @@ def _train(
         loaded = load_initial_weights({"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}, initial, cfg.adapter.init_lora)
         log.info("started from %d LoRA modules of %s", loaded, cfg.adapter.init_lora)
     add_dropout_hooks([unet, text_encoder, text_encoder_2], cfg.adapter)
+    pivotal = _attach_pivotal(cfg, components, resume_from) if cfg.adapter.pivotal else None
+    encode_each_step = train_te or pivotal is not None  # the text encoders run every step while something in them trains
     if cfg.train.gradient_checkpointing:
-        _enable_checkpointing(components, train_te, preserve_rng=cfg.adapter.any_dropout)
+        _enable_checkpointing(components, encode_each_step, preserve_rng=cfg.adapter.any_dropout)
     check_timestep_range(cfg, components.noise_scheduler)
     graphs = use_cuda_graphs(cfg, device, accelerator.num_processes, precision)
 
@@ -905,10 +936,11 @@ def _train(
     prepare_vae(components, weight_dtype)
     batches = DreamBoothBatches(cfg, components, device, accelerator.num_processes, accelerator.process_index)
     with_prior = batches.with_prior
-    warn_long_prompts(components.tokenizers[0], batches.prompts)
-    input_ids = [ids.to(device) for ids in tokenize_all(components, batches.prompts)]  # one tensor per tokenizer (SDXL: two)
+    prompts = [pivotal.expand(p) for p in batches.prompts] if pivotal else batches.prompts  # the token as its new tokens
+    warn_long_prompts(components.tokenizers[0], prompts)
+    input_ids = [ids.to(device) for ids in tokenize_all(components, prompts)]  # one tensor per tokenizer (SDXL: two)
     text_encoders = list(components.text_encoders.values())
-    if not train_te:
+    if not encode_each_step:
         with torch.no_grad():
             cached_embeddings = encode_prompts(components, input_ids)
     # SDXL also conditions on the pooled prompt and each image's size and crop; other families add nothing.
@@ -918,6 +950,8 @@ def _train(
     groups = {"unet": trainable_parameters(unet)}
     if train_te:
         groups.update({name: trainable_parameters(encoder) for name, encoder in components.text_encoders.items()})
+    if pivotal:
+        groups["embeddings"] = list(pivotal.parameters())
     masters = MasterWeights(groups, weight_dtype) if weight_dtype == torch.bfloat16 and accelerator.mixed_precision == "no" else None
     up_weights = {"unet": up_weight_flags(unet), **({name: up_weight_flags(encoder) for name, encoder in components.text_encoders.items()} if train_te else {})}
     optimizer = make_optimizer(masters.masters if masters else groups, cfg, device, capturable=graphs, up_weights=up_weights)
@@ -937,7 +971,7 @@ def _train(
         text_encoder = text_encoders[0]
         text_encoder_2 = text_encoders[1] if len(text_encoders) > 1 else None
     optimizer = prepared[-1]
-    context_fn = (lambda: encode_prompts(components, input_ids, text_encoders)) if train_te else (lambda: cached_embeddings)  # noqa: E731
+    context_fn = (lambda: encode_prompts(components, input_ids, text_encoders)) if encode_each_step else (lambda: cached_embeddings)  # noqa: E731
 
     # Run folder: created by the main process, its path shared with the others.
     start_step = 0
@@ -969,7 +1003,8 @@ def _train(
         if cfg.train.report_to:
             _start_trackers(accelerator, cfg, run_dir)
     # Samples at fixed seeds (main process): the base model's images are made once, here, before any step.
-    monitor = _make_monitor(cfg, components, run_dir) if cfg.train.sample_every and cfg.train.num_samples and accelerator.is_main_process else None
+    adapted_prompt = pivotal.expand if pivotal else None  # samples spell the token as its new tokens; base images do not
+    monitor = _make_monitor(cfg, components, run_dir, adapted_prompt) if cfg.train.sample_every and cfg.train.num_samples and accelerator.is_main_process else None
     parked_vae = ParkedVae(vae, device, enabled=not batches.needs_vae)
     parked_vae.park()
 
@@ -982,7 +1017,10 @@ def _train(
     def write_lora(folder: Path) -> Path:
         parts = unwrapped()
         with fp32_lora():
-            return save_diffusers_lora(folder, adapter_state_dicts(parts), {k: adapter_metadata(m) for k, m in parts.items()})
+            path = save_diffusers_lora(folder, adapter_state_dicts(parts), {k: adapter_metadata(m) for k, m in parts.items()})
+            if pivotal:
+                save_embeddings(folder / EMBEDDINGS_FILE, pivotal.token, pivotal.tensors())
+            return path
 
     def training_state(step: int) -> dict[str, Any]:
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
@@ -993,7 +1031,7 @@ def _train(
     metrics_path = run_dir / ckpt.METRICS_FILE
     started = time.perf_counter()
     bad_steps, skipped, loss_value = 0, 0, float("nan")
-    encode_each_step = train_te  # False once the text-encoder LoRA is frozen (--text-encoder-steps-fraction)
+    # encode_each_step turns False once the text-encoder LoRA (and the embeddings) freeze (--text-encoder-steps-fraction).
     for model in (unet, *text_encoders) if train_te else (unet,):
         model.train()  # the text encoders load in eval mode: LoRA dropout needs training mode
     graph_step = None
@@ -1047,6 +1085,8 @@ def _train(
                 if accelerator.sync_gradients:
                     if step == start_step:
                         check_gradients({name: ps for name, ps in groups.items() if name == "unet" or encode_each_step}, allow_zero)
+                    if pivotal and accelerator.num_processes > 1 and encode_each_step:
+                        pivotal.average_gradients(accelerator)  # outside any prepared model, so DDP does not average them
                     if masters:
                         masters.grads_to_masters()
                     if cfg.train.max_grad_norm > 0:
@@ -1138,7 +1178,7 @@ def _train(
     if accelerator.is_main_process:
         lora_path = ckpt.write_folder_atomic(run_dir / ckpt.LORA_DIR, write_lora) / LORA_FILE
         ckpt.write_json(run_dir / ckpt.RUN_INFO, run_info(cfg.train.max_steps, "finished"))
-        samples = _final_pictures(cfg, components, unwrapped(), run_dir, monitor)
+        samples = _final_pictures(cfg, components, unwrapped(), run_dir, monitor, adapted_prompt)
     accelerator.wait_for_everyone()  # the process group is torn down together, not while the main process still writes
     accelerator.end_training()
     capture = graph_step.capture_seconds if graph_step is not None else 0.0
@@ -1229,7 +1269,9 @@ class ParkedVae:
             self.park()
 
 
-def _final_pictures(cfg: RunConfig, components: Components, models: dict[str, torch.nn.Module], run_dir: Path, monitor: Any = None) -> list[Path]:
+def _final_pictures(
+    cfg: RunConfig, components: Components, models: dict[str, torch.nn.Module], run_dir: Path, monitor: Any = None, adapted_prompt: Callable[[str], str] | None = None
+) -> list[Path]:
     """Sample grid (base vs trained, instance and class prompts; reusing the monitor's images where it has them) and the curves."""
     from dreamlora.generate import comparison_grid, plot_metrics
 
@@ -1241,7 +1283,7 @@ def _final_pictures(cfg: RunConfig, components: Components, models: dict[str, to
         base = monitor.base if monitor is not None else None
         adapted = monitor.latest[1] if monitor is not None and monitor.latest[0] == cfg.train.max_steps else None
         guidance = cfg.prior.resolved_guidance(components.family.default_guidance)
-        grid = comparison_grid(components, prompts, cfg.train.num_samples, cfg.train.seed, cfg.prior.steps, guidance, cfg.data.resolution, base, adapted)
+        grid = comparison_grid(components, prompts, cfg.train.num_samples, cfg.train.seed, cfg.prior.steps, guidance, cfg.data.resolution, base, adapted, adapted_prompt)
         samples_dir = run_dir / "samples"
         samples_dir.mkdir(exist_ok=True)
         grid.save(samples_dir / "final.png")
