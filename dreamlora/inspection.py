@@ -13,6 +13,7 @@ from dreamlora.checkpoint import RUN_INFO, find_lora, read_run_info
 from dreamlora.errors import ExportError
 from dreamlora.export import alphas_diffusers_misreads, is_kohya_key
 from dreamlora.lora import GROUPS, read_safetensors
+from dreamlora.pivotal import embeddings_for, split_bundle
 
 CROSS_ATTENTION_FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
 BASE_MODEL_FAMILIES = {"sd_v1": "sd1", "sd_v2": "sd2", "sdxl_base_v1-0": "sdxl"}
@@ -176,6 +177,16 @@ def _adapter_summary(file_meta: dict[str, str]) -> dict[str, dict[str, Any]]:
     }
 
 
+def _embedding_summary(lora_file: Path, bundled: bool) -> str:
+    """Pivotal tuning's embedding that goes with the LoRA (`pivotal.embeddings_for`), in a line; "" without one."""
+    found = embeddings_for(lora_file)
+    if found is None:
+        return ""
+    token, tensors = found
+    shapes = ", ".join(f"{key} {'x'.join(str(n) for n in value.shape)}" for key, value in tensors.items())
+    return f"{token!r}, {next(iter(tensors.values())).shape[0]} vectors ({shapes}), " + ("bundled in the file" if bundled else "in its own file beside the LoRA")
+
+
 def inspect_path(path: Path) -> dict[str, Any]:
     """Describe a run folder or a LoRA file (kohya/A1111 or diffusers); see the keys of the returned dict."""
     path = Path(path)
@@ -184,6 +195,7 @@ def inspect_path(path: Path) -> dict[str, Any]:
     run = read_run_info(path) if path.is_dir() and (path / RUN_INFO).is_file() else None
     lora_file = find_lora(path)
     tensors, file_meta = _read(lora_file)
+    tensors, bundled = split_bundle(tensors)
     if tensors and all(is_kohya_key(k) for k in tensors):
         fmt, modules = "a1111", _kohya_modules(tensors)
     elif tensors and all(k.split(".", 1)[0] in GROUPS and (".lora_A." in k or ".lora_B." in k) for k in tensors):
@@ -208,6 +220,7 @@ def inspect_path(path: Path) -> dict[str, Any]:
         "unet_modules": groups.get("unet", {}).get("modules", 0),
         "text_encoder_modules": groups.get("text_encoder", {}).get("modules", 0),
         **({"text_encoder_2_modules": groups["text_encoder_2"]["modules"]} if "text_encoder_2" in groups else {}),
+        "embedding": _embedding_summary(lora_file, bool(bundled)),
         "groups": groups,
         "metadata": {k: v for k, v in file_meta.items() if k.startswith(("ss_", "sshs_", "modelspec.", "dreamlora_"))},
         "adapter_metadata": _adapter_summary(file_meta),

@@ -167,7 +167,7 @@ def install(components: Any, token: str, tensors: dict[str, torch.Tensor]) -> in
         first = _add_tokens(tokenizer, encoder, token, vectors)
         with torch.no_grad():
             table = encoder.get_input_embeddings()
-            table.weight[first : first + vectors] = value.to(table.weight.dtype, table.weight.device)
+            table.weight[first : first + vectors] = value.to(device=table.weight.device, dtype=table.weight.dtype)
     return vectors
 
 

@@ -27,7 +27,7 @@ from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, f
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
 from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters, up_weight_flags
-from dreamlora.pivotal import EMBEDDINGS_FILE, PivotalEmbeddings, embeddings_for, save_embeddings
+from dreamlora.pivotal import EMBEDDINGS_FILE, PivotalEmbeddings, embeddings_for, placeholders, save_embeddings
 from dreamlora.models import Components, PromptEmbeddings, apply_clip_skip, encode_prompts, load_model, public_model_ref, resolve_precision, select_attention, tokenize_all
 from dreamlora.prior import MANIFEST, read_prior_set, safe_name
 from dreamlora.sampling import AugmentedLatents, class_indices, instance_plan, steps_per_epoch
@@ -804,6 +804,7 @@ def _run_info(cfg: RunConfig, components: Components, run_dir: Path, steps: int,
         "conv_rank": cfg.adapter.conv_rank,
         "conv_alpha": cfg.adapter.resolved_conv_alpha,
         "train_text_encoder": cfg.adapter.train_text_encoder,
+        **({"pivotal": {"token": cfg.data.token, "vectors": cfg.adapter.pivotal_vectors, "tokens": placeholders(cfg.data.token, cfg.adapter.pivotal_vectors)}} if cfg.adapter.pivotal else {}),
         "unet_layout": {key: components.unet.config[key] for key in ("layers_per_block", "down_block_types", "up_block_types")},
         "seed": cfg.train.seed,
         "dreamlora_version": __version__,

@@ -92,18 +92,21 @@ def test_compare_without_a_lora_and_unusable_xformers_are_user_errors(tmp_path: 
 def test_two_cpu_processes_train_data_parallel(tmp_path: Path, instance_dir: Path) -> None:
     """`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` really runs two gloo ranks, the
     automatic prior set first (split between them), then data-parallel training on it. The model cache starts empty:
-    both ranks want the tiny model at once, one builds it (under a lock) whichever rank that is."""
+    both ranks want the tiny model at once, one builds it (under a lock) whichever rank that is. With --pivotal, whose
+    embeddings DDP does not average itself."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "DREAMLORA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517",
                "-m", "dreamlora", "train", "--model", "tiny", "--instance", str(instance_dir), "--max-steps", "4", "--out", "runs/ddp",
                "--class", "dog", "--set", "prior.num_images=4", "--set", "prior.steps=2", "--resolution", "32",
-               "--set", "train.num_samples=0", "--checkpoint-every", "2"]
+               "--set", "train.num_samples=0", "--checkpoint-every", "2", "--pivotal"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     info = json.loads((tmp_path / "runs" / "ddp" / "run.json").read_text())
     assert info["processes"] == 2 and info["steps"] == 4 and info["status"] == "finished"
     assert result.stdout.count("training finished") == 1  # only the main process reports
     assert (tmp_path / "runs" / "ddp" / "checkpoints" / "step-000002" / "state.json").is_file()
+    # Pivotal tuning's embeddings sit outside the models DDP wraps: their gradients are averaged by hand.
+    assert (tmp_path / "runs" / "ddp" / "lora" / "embeddings.safetensors").is_file()
     # The prior set was made once (how the processes split it: test_prior) and the run trained on it.
     manifest = json.loads((tmp_path / "priors" / "dog" / "manifest.json").read_text())
     assert [f["index"] for f in manifest["files"]] == [0, 1, 2, 3] and result.stderr.count("generating 4 class images first") == 1
