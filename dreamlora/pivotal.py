@@ -104,6 +104,7 @@ class PivotalEmbeddings(torch.nn.Module):
         self.vectors_of = torch.nn.ParameterDict()
         self.first_ids: dict[str, int] = {}
         self._hooks: list[Any] = []
+        self._encoders: dict[str, torch.nn.Module] = {}  # not submodules: the vectors are all this module holds
 
     @classmethod
     def attach(cls, components: Any, token: str, vectors: int, init_word: str, initial: dict[str, torch.Tensor] | None = None) -> PivotalEmbeddings:
@@ -118,6 +119,7 @@ class PivotalEmbeddings(torch.nn.Module):
             device = encoder.get_input_embeddings().weight.device
             self.vectors_of[name] = torch.nn.Parameter(start.to(device))
             self._hooks.append(encoder.get_input_embeddings().register_forward_hook(self._hook(name)))
+            self._encoders[name] = encoder
         return self
 
     def _hook(self, name: str) -> Any:
@@ -136,7 +138,14 @@ class PivotalEmbeddings(torch.nn.Module):
             if param.grad is not None:
                 param.grad = accelerator.reduce(param.grad, reduction="mean")
 
-    def detach_hooks(self) -> None:
+    @torch.no_grad()
+    def bake(self) -> None:
+        """End of training: write the vectors into the new rows and remove the hooks, leaving the text encoders as
+        `install` would (a caller that passed its own components gets them in that state)."""
+        for name, encoder in self._encoders.items():
+            table = encoder.get_input_embeddings().weight
+            first = self.first_ids[name]
+            table[first : first + self.vectors] = self.vectors_of[name].detach().to(device=table.device, dtype=table.dtype)
         for hook in self._hooks:
             hook.remove()
         self._hooks = []

@@ -1180,6 +1180,8 @@ def _train(
         lora_path = ckpt.write_folder_atomic(run_dir / ckpt.LORA_DIR, write_lora) / LORA_FILE
         ckpt.write_json(run_dir / ckpt.RUN_INFO, run_info(cfg.train.max_steps, "finished"))
         samples = _final_pictures(cfg, components, unwrapped(), run_dir, monitor, adapted_prompt)
+    if pivotal is not None:
+        pivotal.bake()  # the caller's text encoders keep the trained tokens, without the training hook
     accelerator.wait_for_everyone()  # the process group is torn down together, not while the main process still writes
     accelerator.end_training()
     capture = graph_step.capture_seconds if graph_step is not None else 0.0

@@ -19,7 +19,7 @@ from dreamlora.lora import read_diffusers_lora
 from dreamlora.merge import merge_loras
 from dreamlora.models import build_pipeline, encode_prompts, load_components, tokenize_all
 from dreamlora.pivotal import PivotalEmbeddings, embeddings_for, expand_prompt, install, read_embeddings
-from dreamlora.train import resolve_data, train
+from dreamlora.train import _attach_pivotal, resolve_data, train
 
 runner = CliRunner()
 
@@ -80,8 +80,18 @@ def test_pivotal_trains_the_embeddings_beside_the_unet_lora_only(tmp_path: Path,
     moved = (tensors["emb_params"] - dog).abs().amax(dim=1)
     assert torch.all(moved > 0), "each vector started at 'dog' and must have been trained"
     assert torch.equal(components.text_encoder.get_input_embeddings().weight[: len(table)], table)
+    # The caller's components end as `install` leaves them: the trained vectors in the new rows, no hook.
+    assert torch.equal(components.text_encoder.get_input_embeddings().weight[len(table) :], tensors["emb_params"])
+    hooks = components.text_encoder.get_input_embeddings()._forward_hooks.values()
+    assert not [hook for hook in hooks if hook.__name__ == "put_vectors"]
     info = json.loads((result.run_dir / "run.json").read_text())
     assert info["pivotal"] == {"token": "sks", "vectors": 2, "tokens": ["<sks_0>", "<sks_1>"]}
+    # --init-lora from this run starts from its vectors; with another vector count they start afresh.
+    again = _config(instance_dir, class_dir, tmp_path / "runs" / "q", **{"adapter.init_lora": str(result.run_dir)})
+    started = _attach_pivotal(again, load_components("tiny"), None).tensors()
+    assert torch.equal(started["emb_params"], tensors["emb_params"])
+    other = _config(instance_dir, class_dir, tmp_path / "runs" / "r", **{"adapter.init_lora": str(result.run_dir), "adapter.pivotal_vectors": "3"})
+    assert torch.allclose(_attach_pivotal(other, load_components("tiny"), None).tensors()["emb_params"], dog.expand(3, -1))
 
 
 def test_embeddings_follow_the_text_encoder_stop_step_and_resume_exactly(tmp_path: Path, instance_dir: Path, class_dir: Path) -> None:
