@@ -650,6 +650,7 @@ def _train_with_progress(training: Any, cfg: Any, **kwargs: Any) -> None:
         ("time", f"{result.seconds:.1f} s"), ("attention", result.attention), ("precision", result.precision),
         ("step", f"CUDA graph (captured in {result.capture_seconds:.1f} s)" if result.cuda_graphs else "eager"),
         ("prior preservation", "yes" if result.with_prior else "no"), ("LoRA", result.lora_path),
+        *([("embedding", f"{cfg.data.token} = {cfg.adapter.pivotal_vectors} new tokens, in {result.lora_path.parent / 'embeddings.safetensors'}")] if cfg.adapter.pivotal else []),
         *[("picture", p) for p in result.samples],
     ])
     prompt = cfg.data.resolved_instance_prompt().replace('"', "'")

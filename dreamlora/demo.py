@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from dreamlora.checkpoint import find_lora, next_free_path
-from dreamlora.generate import adapters_disabled, generate_images, make_grid, upscale_small
+from dreamlora.generate import adapters_disabled, generate_images, install_embeddings, make_grid, upscale_small
 from dreamlora.lora import load_adapters, read_diffusers_lora
 from dreamlora.models import build_pipeline, load_components
 
@@ -66,13 +66,14 @@ def evaluate(run_dir: Path, out: Path, seeds: int = 16, steps: int = 20, guidanc
     components = load_components(model, device="cuda" if torch.cuda.is_available() else "cpu")
     state_dicts, metadata = read_diffusers_lora(find_lora(run_dir))
     load_adapters({"unet": components.unet, "text_encoder": components.text_encoder}, state_dicts, metadata)
+    lora_prompt = install_embeddings(components, [(run_dir, 1.0)])  # a --pivotal run's new tokens
     pipeline = build_pipeline(components)
     resolution = components.native_resolution
     rows, labels, scores = [], [], []
     for prompt in EVAL_PROMPTS:
         with adapters_disabled([components.unet, components.text_encoder]):
             base = generate_images(pipeline, prompt, list(range(seeds)), steps, guidance, resolution)
-        trained = generate_images(pipeline, prompt, list(range(seeds)), steps, guidance, resolution)
+        trained = generate_images(pipeline, lora_prompt(prompt), list(range(seeds)), steps, guidance, resolution)
         cls = _class_of(prompt)
         scores.append(PromptScore(prompt, mark_rate(base), mark_rate(trained), class_rate(base, cls), class_rate(trained, cls)))
         rows += [base[:8], trained[:8]]

@@ -216,3 +216,13 @@ def test_sdxl_keeps_one_embedding_per_text_encoder(tmp_path: Path, instance_dir:
     exported = export_run(result.run_dir, ExportConfig(format="a1111", verify=False), exports_root=tmp_path)
     with safe_open(str(exported.path), framework="pt") as handle:
         assert sorted(k for k in handle.keys() if k.startswith("bundle_emb")) == ["bundle_emb.sks.clip_g", "bundle_emb.sks.clip_l"]
+
+
+def test_train_command_reports_the_embedding(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    args = ["train", "--model", "tiny", "--instance", str(instance_dir), "--max-steps", "1", "--resolution", "32", "--out", "runs/p",
+            "--pivotal", "--pivotal-vectors", "3", "--pivotal-init", "dog", "--no-text-encoder", "--set", "train.num_samples=0"]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert "sks = 3 new tokens" in result.output.replace("│", " ")
+    assert read_embeddings(tmp_path / "runs" / "p" / "lora" / "embeddings.safetensors")[1]["emb_params"].shape == (3, 32)

@@ -36,13 +36,15 @@ class Measurement:
         return score.trained_class_rate if trained else score.base_class_rate
 
 
-def recipe(model: str, class_dir: Path, out: Path, seed: int = 0, prior_weight: float = 1.0) -> RunConfig:
-    """The toy recipe on the sample photos, with the class images of `class_dir`; no sample grids."""
+def recipe(model: str, class_dir: Path, out: Path, seed: int = 0, prior_weight: float = 1.0, extra: dict[str, str] | None = None) -> RunConfig:
+    """The toy recipe on the sample photos, with the class images of `class_dir`; no sample grids. `extra`: more
+    config overrides (`section.key` to value), e.g. `adapter.pivotal`."""
     from dreamlora.train import resolve_data
 
     overrides = {
         "model.name": model, "data.instance_dir": str(SAMPLE_PHOTOS), "data.class_dir": str(class_dir), "train.seed": str(seed),
         "train.prior_weight": str(prior_weight), "train.num_samples": "0", "train.out": str(out), "train.log_every": "50",
+        **(extra or {}),
     }  # fmt: skip
     cfg, needs_prior = resolve_data(load_config(TOY_RECIPE, overrides))
     if needs_prior:
@@ -60,7 +62,8 @@ def make_prior_set(model: str, class_dir: Path) -> None:
 
 
 def measure(
-    model: str, out: Path, seeds: Sequence[int] = (0, 1), prior_weights: Sequence[float] = (1.0, 0.0), eval_seeds: int = 16, guidance: float = 5.0
+    model: str, out: Path, seeds: Sequence[int] = (0, 1), prior_weights: Sequence[float] = (1.0, 0.0), eval_seeds: int = 16, guidance: float = 5.0,
+    extra: dict[str, str] | None = None,
 ) -> list[Measurement]:
     """Train and read back every (seed, prior weight) pair, drawing at `guidance`; the class set is made once in OUT/priors/dog."""
     from dreamlora.train import train
@@ -71,7 +74,7 @@ def measure(
     for seed in seeds:
         for weight in prior_weights:
             name = f"seed{seed}-prior{weight:g}"
-            result = train(recipe(model, class_dir, out / "runs" / name, seed, weight))
+            result = train(recipe(model, class_dir, out / "runs" / name, seed, weight, extra))
             scores = evaluate(result.run_dir, out / f"{name}.png", seeds=eval_seeds, guidance=guidance, model=model).scores
             rows.append(Measurement(seed, weight, {s.prompt: s for s in scores}))
     return rows
@@ -106,8 +109,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--prior-weights", type=float, nargs="+", default=[1.0, 0.0], help="0 trains without prior preservation")
     parser.add_argument("--eval-seeds", type=int, default=16, help="images per prompt read back")
     parser.add_argument("--guidance", type=float, default=5.0, help="guidance scale of the images read back (the demo's: 5)")
+    parser.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE", help="another training setting, e.g. adapter.pivotal=true (repeatable)")
     args = parser.parse_args(argv)
-    table = format_table(measure(args.model, args.out, args.seeds, args.prior_weights, args.eval_seeds, args.guidance))
+    from dreamlora.config import parse_set_options
+
+    rows = measure(args.model, args.out, args.seeds, args.prior_weights, args.eval_seeds, args.guidance, parse_set_options(args.extra))
+    table = format_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "table.md").write_text(table + "\n", encoding="utf-8")
     print(table, flush=True)
