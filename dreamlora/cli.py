@@ -532,11 +532,12 @@ def train(
     module_dropout: Annotated[Optional[float], typer.Option(help="Skip each LoRA module for a step with this probability (default 0; kohya's module_dropout).")] = None,
     scale_weight_norms: Annotated[Optional[float], typer.Option(help="Max-norm: after each step scale down any LoRA whose update norm exceeds this, e.g. 1.0 (default 0: off; kohya's --scale_weight_norms).")] = None,
     loraplus_lr_ratio: Annotated[Optional[float], typer.Option(help="LoRA+: the LoRA up weights learn this many times faster than the down weights, e.g. 16 (default 0: off; kohya's loraplus_lr_ratio).")] = None,
-    text_encoder_steps_fraction: Annotated[Optional[float], typer.Option(help="Train the text-encoder LoRA (and --pivotal's embeddings) for this fraction of the steps, then freeze it (default 1).")] = None,
+    text_encoder_steps_fraction: Annotated[Optional[float], typer.Option(help="Train the text-encoder LoRA for this fraction of the steps, then freeze it (default 1).")] = None,
     pivotal: Annotated[bool, typer.Option("--pivotal", help="Pivotal tuning: also learn new token embeddings for --token (diffusers' --train_text_encoder_ti); exports carry them.")] = False,
     pivotal_vectors: Annotated[Optional[int], typer.Option(help="--pivotal: embedding vectors (new tokens) the token stands for (default 2).")] = None,
     pivotal_init: Annotated[Optional[str], typer.Option(help="--pivotal: the word the vectors start from (default: the class name).")] = None,
     pivotal_lr: Annotated[Optional[float], typer.Option(help="--pivotal: the embeddings' learning rate (default 5e-4; with Prodigy: --lr).")] = None,
+    pivotal_steps_fraction: Annotated[Optional[float], typer.Option(help="--pivotal: train the embeddings for this fraction of the steps, then freeze them (default 0.5, diffusers' --train_text_encoder_ti_frac).")] = None,
     text_encoder_lr_scheduler: Annotated[Optional[str], typer.Option(help="Text-encoder schedule (default: --lr-scheduler).")] = None,
     text_encoder_warmup_steps: Annotated[Optional[int], typer.Option(help="Text-encoder warmup (default: --warmup-steps).")] = None,
     lr_cycles: Annotated[Optional[int], typer.Option(help="cosine_with_restarts: number of cycles (default 1).")] = None,
@@ -576,6 +577,7 @@ def train(
         "train.scale_weight_norms": scale_weight_norms, "train.loraplus_lr_ratio": loraplus_lr_ratio, "train.multires_noise_iterations": multires_noise_iterations,
         "train.multires_noise_discount": multires_noise_discount, "train.debiased_estimation": True if debiased_estimation else None,
         "adapter.pivotal": True if pivotal else None, "adapter.pivotal_vectors": pivotal_vectors, "adapter.pivotal_init": pivotal_init, "train.pivotal_lr": pivotal_lr,
+        "train.pivotal_steps_fraction": pivotal_steps_fraction,
     }
 
     def action() -> None:

@@ -257,7 +257,8 @@ class TrainConfig:
     loraplus_lr_ratio: float = 0.0  # LoRA+: the up (B) weights learn this many times faster than the down weights (kohya's loraplus_lr_ratio; 16 in the paper); 0: off
     loraplus_unet_lr_ratio: float = 0.0  # the UNet's LoRA+ ratio; 0: loraplus_lr_ratio (kohya's loraplus_unet_lr_ratio)
     loraplus_text_encoder_lr_ratio: float = 0.0  # the text encoders' LoRA+ ratio; 0: loraplus_lr_ratio (kohya's loraplus_text_encoder_lr_ratio)
-    pivotal_lr: float = 0.0  # learning rate of pivotal tuning's embeddings; 0: 5e-4 (with Prodigy: lr). They follow the text encoder's schedule and stop step
+    pivotal_lr: float = 0.0  # learning rate of pivotal tuning's embeddings; 0: 5e-4 (with Prodigy: lr). They follow the text encoder's schedule
+    pivotal_steps_fraction: float = 0.5  # train the embeddings for this fraction of max_steps, then freeze them (diffusers' --train_text_encoder_ti_frac)
 
     def __post_init__(self) -> None:
         _check(1 <= self.max_steps <= 1_000_000, f"train.max_steps must be in 1..1000000; got {self.max_steps}")
@@ -299,6 +300,7 @@ class TrainConfig:
             _check_choice("train.text_encoder_lr_scheduler", self.text_encoder_lr_scheduler, LR_SCHEDULERS)
         _check(self.text_encoder_warmup_steps >= -1, f"train.text_encoder_warmup_steps must be >= 0 (or -1 = warmup_steps); got {self.text_encoder_warmup_steps}")
         _check(0 < self.text_encoder_steps_fraction <= 1, f"train.text_encoder_steps_fraction must be in (0, 1] (1 = all steps); got {self.text_encoder_steps_fraction}")
+        _check(0 < self.pivotal_steps_fraction <= 1, f"train.pivotal_steps_fraction must be in (0, 1] (0.5: the first half; 1 = all steps); got {self.pivotal_steps_fraction}")
         _check(self.snr_gamma >= 0, f"train.snr_gamma must be >= 0 (0 = off, 5 is usual); got {self.snr_gamma}")
         _check(self.noise_offset >= 0, f"train.noise_offset must be >= 0 (0 = off, 0.05-0.1 is usual); got {self.noise_offset}")
         _check_choice("train.loss", self.loss, LOSSES)
@@ -357,6 +359,15 @@ class TrainConfig:
     def text_encoder_stop_step(self) -> int:
         """The step from which the text-encoder LoRA is frozen (max_steps: never)."""
         return math.ceil(self.text_encoder_steps_fraction * self.max_steps)
+
+    @property
+    def pivotal_stop_step(self) -> int:
+        """The step from which pivotal tuning's embeddings are frozen (max_steps: never)."""
+        return math.ceil(self.pivotal_steps_fraction * self.max_steps)
+
+    def stop_step(self, model: str) -> int:
+        """The step from which a trained part (a `make_optimizer` group name) is frozen: the UNet's LoRA never is."""
+        return {"unet": self.max_steps, "embeddings": self.pivotal_stop_step}.get(model, self.text_encoder_stop_step)
 
 
 DEFAULT_PIVOTAL_LR = 5e-4  # cloneofsimo's lora_pti rate for textual-inversion vectors
@@ -507,12 +518,13 @@ def check_across_sections(cfg: RunConfig) -> None:
     """Settings of one section that another makes moot (checked where a user's config is read, not for saved runs)."""
     defaults = TrainConfig()
     if not cfg.adapter.train_text_encoder:
-        # Pivotal tuning's embeddings follow the text encoder's schedule and stop step, not its rate or LoRA+.
-        schedule = ("text_encoder_lr_scheduler", "text_encoder_warmup_steps", "text_encoder_steps_fraction")
-        text_encoder_only = ("text_encoder_lr", "loraplus_text_encoder_lr_ratio", *(() if cfg.adapter.pivotal else schedule))
+        # Pivotal tuning's embeddings follow the text encoder's schedule and warm-up, not its rate, stop step or LoRA+.
+        schedule = ("text_encoder_lr_scheduler", "text_encoder_warmup_steps")
+        text_encoder_only = ("text_encoder_lr", "loraplus_text_encoder_lr_ratio", "text_encoder_steps_fraction", *(() if cfg.adapter.pivotal else schedule))
         moot = [f"train.{name}" for name in text_encoder_only if getattr(cfg.train, name) != getattr(defaults, name)]
         _check(not moot, f"--no-text-encoder (adapter.train_text_encoder false) trains no text-encoder LoRA, so {', '.join(moot)} would do nothing; drop them or drop --no-text-encoder")
-    _check(cfg.adapter.pivotal or cfg.train.pivotal_lr == defaults.pivotal_lr, "train.pivotal_lr is the rate of pivotal tuning's embeddings; add --pivotal or drop it")
+    moot = [f"train.{name}" for name in ("pivotal_lr", "pivotal_steps_fraction") if getattr(cfg.train, name) != getattr(defaults, name)]
+    _check(cfg.adapter.pivotal or not moot, f"{', '.join(moot)} shape pivotal tuning's embeddings; add --pivotal or drop them")
 
 
 def parse_set_options(items: list[str]) -> dict[str, str]:

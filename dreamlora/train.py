@@ -574,17 +574,16 @@ def lr_factor(kind: str, warmup: int, total: int, cycles: int = 1) -> Callable[[
 
 def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch.optim.lr_scheduler.LambdaLR:
     """One schedule per parameter group, by the model it trains (`make_optimizer` names it): the UNet's, and the text
-    encoders' own (which drops to 0 at its stop step), which pivotal tuning's embeddings follow too."""
+    encoders' own, which pivotal tuning's embeddings follow too; each drops to 0 at its part's stop step."""
     t = cfg.train
     unet = lr_factor(t.lr_scheduler, t.warmup_steps, t.max_steps, t.lr_cycles)
     te_warmup = t.warmup_steps if t.text_encoder_warmup_steps < 0 else t.text_encoder_warmup_steps
     te_schedule = lr_factor(t.text_encoder_lr_scheduler or t.lr_scheduler, te_warmup, t.max_steps, t.lr_cycles)
-    stop = t.text_encoder_stop_step
 
-    def text_encoder(step: int) -> float:
-        return te_schedule(step) if step < stop else 0.0
+    def until(stop: int) -> Callable[[int], float]:
+        return lambda step: te_schedule(step) if step < stop else 0.0
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, [unet if group["model"] == "unet" else text_encoder for group in optimizer.param_groups])
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, [unet if group["model"] == "unet" else until(t.stop_step(group["model"])) for group in optimizer.param_groups])
 
 
 def _initial_lora_modules(cfg: RunConfig, components: Components) -> list[Any]:
@@ -640,11 +639,15 @@ def _attach_pivotal(cfg: RunConfig, components: Components, resume_from: Path | 
     return pivotal
 
 
-def _freeze_text_encoders(params: list[torch.nn.Parameter], components: Components, text_encoders: list[torch.nn.Module], input_ids: list[torch.Tensor]) -> PromptEmbeddings:
-    """Stop training the text-encoder LoRAs: no gradients from now on (the optimizer skips them); return the prompts' fixed encoding."""
+def _freeze(params: list[torch.nn.Parameter]) -> None:
+    """Stop training these parameters: no gradients from now on (the optimizer skips them)."""
     for param in params:
         param.requires_grad_(False)
         param.grad = None
+
+
+def _fixed_encoding(components: Components, text_encoders: list[torch.nn.Module], input_ids: list[torch.Tensor]) -> PromptEmbeddings:
+    """Once nothing in the text encoders trains: the prompts' encoding, computed once."""
     for encoder in text_encoders:
         encoder.eval()  # the fixed encoding without LoRA dropout
     with torch.no_grad():
@@ -1032,7 +1035,9 @@ def _train(
     metrics_path = run_dir / ckpt.METRICS_FILE
     started = time.perf_counter()
     bad_steps, skipped, loss_value = 0, 0, float("nan")
-    # encode_each_step turns False once the text-encoder LoRA (and the embeddings) freeze (--text-encoder-steps-fraction).
+    # Each trained part of the text encoders freezes at its stop step (--text-encoder-steps-fraction, --pivotal-steps-fraction);
+    # once all have, encode_each_step turns False and the prompts' encoding is computed once.
+    frozen: set[str] = set()
     for model in (unet, *text_encoders) if train_te else (unet,):
         model.train()  # the text encoders load in eval mode: LoRA dropout needs training mode
     graph_step = None
@@ -1050,10 +1055,13 @@ def _train(
         first_check = (lambda: check_gradients(groups, allow_zero)) if start_step == 0 or resume_from is not None else None  # noqa: E731
         graph_step = CudaGraphStep(graph_loss, params, getattr(optimizer, "optimizer", optimizer), cfg.train.max_grad_norm, masters, first_check)
     for step in range(start_step, cfg.train.max_steps):
-        if encode_each_step and step >= cfg.train.text_encoder_stop_step and graph_step is None:
-            te_params = [p for name, ps in groups.items() if name != "unet" for p in ps]
-            cached_embeddings = _freeze_text_encoders(te_params, components, text_encoders, input_ids)
-            encode_each_step = False
+        if encode_each_step and graph_step is None:
+            for name in [n for n in groups if n != "unet" and n not in frozen and step >= cfg.train.stop_step(n)]:
+                _freeze(groups[name])
+                frozen.add(name)
+            if len(frozen) == len(groups) - 1:
+                cached_embeddings = _fixed_encoding(components, text_encoders, input_ids)
+                encode_each_step = False
         for micro in range(accum):
             batch = batches.draw_batch(step * accum + micro)
             rows = batch.rows
@@ -1085,8 +1093,8 @@ def _train(
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     if step == start_step:
-                        check_gradients({name: ps for name, ps in groups.items() if name == "unet" or encode_each_step}, allow_zero)
-                    if pivotal and accelerator.num_processes > 1 and encode_each_step:
+                        check_gradients({name: ps for name, ps in groups.items() if name not in frozen}, allow_zero)
+                    if pivotal and accelerator.num_processes > 1 and "embeddings" not in frozen:
                         pivotal.average_gradients(accelerator)  # outside any prepared model, so DDP does not average them
                     if masters:
                         masters.grads_to_masters()

@@ -94,18 +94,26 @@ def test_pivotal_trains_the_embeddings_beside_the_unet_lora_only(tmp_path: Path,
     assert torch.allclose(_attach_pivotal(other, load_components("tiny"), None).tensors()["emb_params"], dog.expand(3, -1))
 
 
-def test_embeddings_follow_the_text_encoder_stop_step_and_resume_exactly(tmp_path: Path, instance_dir: Path, class_dir: Path) -> None:
-    extra = {"train.text_encoder_steps_fraction": "0.5", "train.max_steps": "4", "train.checkpoint_every": "1", "train.keep_checkpoints": "5", "adapter.pivotal_vectors": "1"}
-    full = train(_config(instance_dir, class_dir, tmp_path / "runs" / "full", **extra)).run_dir
-    vectors = {step: read_embeddings(full / "checkpoints" / f"step-{step:06d}" / "lora" / "embeddings.safetensors")[1]["emb_params"] for step in (1, 2, 3, 4)}
+def test_embeddings_freeze_at_their_stop_step_and_resume_exactly(tmp_path: Path, instance_dir: Path, class_dir: Path) -> None:
+    extra = {"train.max_steps": "4", "train.checkpoint_every": "1", "train.keep_checkpoints": "5", "adapter.pivotal_vectors": "1"}
+    full = train(_config(instance_dir, class_dir, tmp_path / "runs" / "full", **extra)).run_dir  # --pivotal-steps-fraction 0.5
+    saved = {step: full / "checkpoints" / f"step-{step:06d}" / "lora" for step in (1, 2, 3, 4)}
+    vectors = {step: read_embeddings(folder / "embeddings.safetensors")[1]["emb_params"] for step, folder in saved.items()}
     assert not torch.equal(vectors[1], vectors[2])  # trained in steps 1 and 2
-    assert torch.equal(vectors[2], vectors[3]) and torch.equal(vectors[3], vectors[4])  # frozen with the text encoder from step 3
+    assert torch.equal(vectors[2], vectors[3]) and torch.equal(vectors[3], vectors[4])  # frozen from step 3
+    text_lora = {step: read_diffusers_lora(folder / "pytorch_lora_weights.safetensors")[0]["text_encoder"] for step, folder in saved.items()}
+    assert any(not torch.equal(text_lora[3][k], text_lora[4][k]) for k in text_lora[4])  # the text-encoder LoRA still trains
     final = read_embeddings(full / "lora" / "embeddings.safetensors")[1]["emb_params"]
     assert torch.equal(final, vectors[4])
-    # Resuming from step 1 gives the uninterrupted run's vectors.
+    # Resuming from step 1 gives the uninterrupted run's vectors and LoRA.
     cfg = _config(instance_dir, class_dir, tmp_path / "runs" / "full", **extra)
     resumed = train(cfg, resume_from=full / "checkpoints" / "step-000001", run_dir=tmp_path / "runs" / "full")
     assert torch.equal(read_embeddings(resumed.run_dir / "lora" / "embeddings.safetensors")[1]["emb_params"], final)
+    assert torch.equal(read_diffusers_lora(resumed.lora_path)[0]["text_encoder"][next(iter(text_lora[4]))], next(iter(text_lora[4].values())))
+    # With the text encoder frozen too (and no text-encoder LoRA), the encoding is computed once from step 2 on.
+    only = train(_config(instance_dir, class_dir, tmp_path / "runs" / "only", **{**extra, "adapter.train_text_encoder": "false", "train.pivotal_steps_fraction": "0.25"})).run_dir
+    first, last = (read_embeddings(only / "checkpoints" / f"step-{s:06d}" / "lora" / "embeddings.safetensors")[1]["emb_params"] for s in (1, 4))
+    assert torch.equal(first, last)
 
 
 @pytest.fixture(scope="module")
@@ -191,10 +199,15 @@ def test_pivotal_settings_need_pivotal_and_embeddings_that_do_not_fit_are_refuse
         assert result.exit_code == 2 and "--pivotal" in result.output.replace("│", " ") and "Traceback" not in result.output, flags
     result = runner.invoke(app, ["train", "--model", "tiny", "--instance", str(instance_dir), "--pivotal", "--optimizer", "prodigy", "--pivotal-lr", "1e-3"])
     assert result.exit_code == 2 and "Prodigy" in result.output
-    # --no-text-encoder with --pivotal: the text encoder's schedule still applies (to the embeddings).
-    load_config(None, {"adapter.train_text_encoder": "false", "adapter.pivotal": "true", "train.text_encoder_steps_fraction": "0.5"})
+    # --no-text-encoder with --pivotal: the text encoder's schedule still applies (to the embeddings), its stop step does not.
+    load_config(None, {"adapter.train_text_encoder": "false", "adapter.pivotal": "true", "train.text_encoder_lr_scheduler": "cosine"})
+    for key in ("train.text_encoder_steps_fraction", "train.text_encoder_lr_scheduler"):
+        with pytest.raises(ConfigError, match=key):
+            load_config(None, {"adapter.train_text_encoder": "false", key: "0.5" if "fraction" in key else "cosine"})
     with pytest.raises(ConfigError, match="text_encoder_steps_fraction"):
-        load_config(None, {"adapter.train_text_encoder": "false", "train.text_encoder_steps_fraction": "0.5"})
+        load_config(None, {"adapter.train_text_encoder": "false", "adapter.pivotal": "true", "train.text_encoder_steps_fraction": "0.5"})
+    with pytest.raises(ConfigError, match="pivotal_steps_fraction"):
+        load_config(None, {"train.pivotal_steps_fraction": "0.7"})
     components = load_components("tiny")
     with pytest.raises(ConfigError, match="another base model"):
         install(components, "sks", {"emb_params": torch.zeros(2, 7)})
