@@ -930,6 +930,8 @@ def _train(
         log.info("started from %d LoRA modules of %s", loaded, cfg.adapter.init_lora)
     add_dropout_hooks([unet, text_encoder, text_encoder_2], cfg.adapter)
     pivotal = _attach_pivotal(cfg, components, resume_from) if cfg.adapter.pivotal else None
+    if pivotal is None and initial is not None and (found := embeddings_for(ckpt.find_lora(Path(cfg.adapter.init_lora)))) is not None:
+        log.warning("--init-lora carries a pivotal-tuned embedding of %r, which this run does not train or use; add --pivotal (and --token %s) to start from it", found[0], found[0])
     encode_each_step = train_te or pivotal is not None  # the text encoders run every step while something in them trains
     if cfg.train.gradient_checkpointing:
         _enable_checkpointing(components, encode_each_step, preserve_rng=cfg.adapter.any_dropout)

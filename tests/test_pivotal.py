@@ -239,3 +239,11 @@ def test_train_command_reports_the_embedding(tmp_path: Path, instance_dir: Path,
     assert result.exit_code == 0, result.output
     assert "sks = 3 new tokens" in result.output.replace("│", " ")
     assert read_embeddings(tmp_path / "runs" / "p" / "lora" / "embeddings.safetensors")[1]["emb_params"].shape == (3, 32)
+
+
+def test_init_lora_with_an_embedding_but_without_pivotal_says_it_is_unused(tmp_path: Path, instance_dir: Path, pivotal_run: Path, caplog: pytest.LogCaptureFixture) -> None:
+    cfg = _config(instance_dir, None, tmp_path / "runs" / "plain", **{"adapter.pivotal": "false", "adapter.init_lora": str(pivotal_run), "train.max_steps": "1"})
+    with caplog.at_level("WARNING", logger="dreamlora.train"):
+        result = train(cfg)
+    assert "carries a pivotal-tuned embedding of 'sks'" in caplog.text
+    assert not (result.run_dir / "lora" / "embeddings.safetensors").exists()
