@@ -353,6 +353,9 @@ def plot_metrics(metrics_path: Path, out: Path) -> Path | None:
     ax_lr.plot(steps, [r["lr"] for r in records], color="tab:green", label="UNet")
     if any("lr_text_encoder" in r for r in records):
         ax_lr.plot(steps, [r.get("lr_text_encoder", float("nan")) for r in records], color="tab:olive", linestyle="--", label="text encoder")
+    if any("lr_embeddings" in r for r in records):
+        ax_lr.plot(steps, [r.get("lr_embeddings", float("nan")) for r in records], color="tab:purple", linestyle=":", label="embeddings")
+    if any("lr_text_encoder" in r or "lr_embeddings" in r for r in records):
         ax_lr.legend()
     ax_lr.set_ylabel("learning rate")
     if drift_keys:

@@ -27,8 +27,8 @@ from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, f
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
 from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters, up_weight_flags
-from dreamlora.pivotal import EMBEDDINGS_FILE, PivotalEmbeddings, embeddings_for, placeholders, save_embeddings
 from dreamlora.models import Components, PromptEmbeddings, apply_clip_skip, encode_prompts, load_model, public_model_ref, resolve_precision, select_attention, tokenize_all
+from dreamlora.pivotal import EMBEDDINGS_FILE, PivotalEmbeddings, embeddings_for, placeholders, save_embeddings
 from dreamlora.prior import MANIFEST, read_prior_set, safe_name
 from dreamlora.sampling import AugmentedLatents, class_indices, instance_plan, steps_per_epoch
 from dreamlora.step import CudaGraphStep, batch_loss, dreambooth_loss  # noqa: F401 - dreambooth_loss is part of train's interface
@@ -467,6 +467,9 @@ class DreamBoothBatches:
                 sizes.append(ids)
                 rows += [1] * len(chosen)
         return DrawnBatch(torch.cat(latents), torch.tensor(rows, device=self.device), torch.cat(sizes), generator)
+
+
+LOGGED_RATES = {"lr": "unet", "lr_text_encoder": "text_encoder", "lr_embeddings": "embeddings"}  # metrics.jsonl key: optimizer group
 
 
 def make_optimizer(
@@ -967,8 +970,8 @@ def _train(
         substitute = {p: m for name in masters.params for p, m in zip(masters.params[name], masters.masters[name])} if masters else None
         limiter = WeightNormLimiter([unet, text_encoder, text_encoder_2], cfg.train.scale_weight_norms, substitute)
     lr_scheduler = make_lr_scheduler(optimizer, cfg)
-    # Logged rates: the UNet's and the (first) text encoder's, of their down weights where LoRA+ splits them.
-    logged_groups = [[g["model"] for g in optimizer.param_groups].index(name) for name in ("unet", "text_encoder") if name in groups]
+    # Logged rates: the UNet's, the (first) text encoder's and the embeddings', of the down weights where LoRA+ splits them.
+    logged_groups = {key: [g["model"] for g in optimizer.param_groups].index(name) for key, name in LOGGED_RATES.items() if name in groups}
     models = [unet, *text_encoders] if train_te else [unet]
     prepared = accelerator.prepare(*models, optimizer)
     unet = prepared[0]
@@ -1146,8 +1149,7 @@ def _train(
                 "loss": loss_value,
                 "instance_loss": accelerator.reduce(instance_loss.detach(), reduction="mean").item(),
                 "prior_loss": accelerator.reduce(prior_loss.detach(), reduction="mean").item(),
-                "lr": step_lrs[logged_groups[0]],
-                **({"lr_text_encoder": step_lrs[logged_groups[1]]} if train_te else {}),
+                **{key: step_lrs[index] for key, index in logged_groups.items()},
                 "time": round(elapsed, 3),
                 "it_s": (done - start_step) / elapsed if elapsed > 0 else 0.0,
                 **(limiter.stats() if limiter is not None else {}),

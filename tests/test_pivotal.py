@@ -105,6 +105,8 @@ def test_embeddings_freeze_at_their_stop_step_and_resume_exactly(tmp_path: Path,
     assert any(not torch.equal(text_lora[3][k], text_lora[4][k]) for k in text_lora[4])  # the text-encoder LoRA still trains
     final = read_embeddings(full / "lora" / "embeddings.safetensors")[1]["emb_params"]
     assert torch.equal(final, vectors[4])
+    metrics = [json.loads(line) for line in (full / "metrics.jsonl").read_text().splitlines()]
+    assert [m["lr_embeddings"] for m in metrics] == [5e-4, 5e-4, 0.0, 0.0] and [m["lr_text_encoder"] for m in metrics] == [1e-4] * 4
     # Resuming from step 1 gives the uninterrupted run's vectors and LoRA.
     cfg = _config(instance_dir, class_dir, tmp_path / "runs" / "full", **extra)
     resumed = train(cfg, resume_from=full / "checkpoints" / "step-000001", run_dir=tmp_path / "runs" / "full")
