@@ -519,6 +519,7 @@ def train(
     multires_noise_iterations: Annotated[Optional[int], typer.Option(help="Pyramid (multi-resolution) noise of N scales, e.g. 6 (default 0: off; kohya's --multires_noise_iterations).")] = None,
     multires_noise_discount: Annotated[Optional[float], typer.Option(help="Weight ratio between pyramid scales (default 0.3).")] = None,
     debiased_estimation: Annotated[bool, typer.Option("--debiased-estimation", help="Weight each timestep's loss by 1/sqrt(SNR) (kohya's --debiased_estimation_loss).")] = False,
+    zero_terminal_snr: Annotated[bool, typer.Option("--zero-terminal-snr", help="Rescale the training noise schedule so its last timestep is pure noise (kohya's --zero_terminal_snr; best with v-prediction models).")] = False,
     ip_noise_gamma: Annotated[Optional[float], typer.Option(help="Input perturbation: extra noise the UNet sees but need not predict, e.g. 0.1 (default 0: off; kohya's --ip_noise_gamma).")] = None,
     adaptive_noise_scale: Annotated[Optional[float], typer.Option(help="Add this times each image's absolute latent channel mean to --noise-offset, e.g. 0.005 (kohya's --adaptive_noise_scale).")] = None,
     noise_offset_random_strength: Annotated[bool, typer.Option("--noise-offset-random-strength", help="Draw each step's noise offset in [0, --noise-offset) (kohya's --noise_offset_random_strength).")] = False,
@@ -576,6 +577,7 @@ def train(
         "adapter.init_lora": init_lora, "adapter.dropout": lora_dropout, "adapter.network_dropout": network_dropout, "adapter.rank_dropout": rank_dropout, "adapter.module_dropout": module_dropout,
         "train.scale_weight_norms": scale_weight_norms, "train.loraplus_lr_ratio": loraplus_lr_ratio, "train.multires_noise_iterations": multires_noise_iterations,
         "train.multires_noise_discount": multires_noise_discount, "train.debiased_estimation": True if debiased_estimation else None,
+        "train.zero_terminal_snr": True if zero_terminal_snr else None,
         "adapter.pivotal": True if pivotal else None, "adapter.pivotal_vectors": pivotal_vectors, "adapter.pivotal_init": pivotal_init, "train.pivotal_lr": pivotal_lr,
         "train.pivotal_steps_fraction": pivotal_steps_fraction,
     }

@@ -249,6 +249,7 @@ class TrainConfig:
     multires_noise_iterations: int = 0  # > 0: pyramid noise of this many scales (kohya's --multires_noise_iterations, 6-10 usual)
     multires_noise_discount: float = 0.3  # weight ratio between successive pyramid scales (kohya's --multires_noise_discount)
     debiased_estimation: bool = False  # weight each timestep's loss by 1/sqrt(SNR) (kohya's --debiased_estimation_loss)
+    zero_terminal_snr: bool = False  # rescale the noise schedule so its last timestep is pure noise (Lin et al. 2024; kohya's --zero_terminal_snr)
     ip_noise_gamma_random_strength: bool = False  # each step's ip_noise_gamma is drawn in [0, ip_noise_gamma) (kohya's --ip_noise_gamma_random_strength)
     ip_noise_gamma: float = 0.0  # input perturbation: the UNet sees latents noised with noise + gamma * extra noise, the target stays the noise (kohya's --ip_noise_gamma, 0.1 usual)
     min_timestep: int = 0  # train on timesteps in [min_timestep, max_timestep) only (kohya's --min_timestep)

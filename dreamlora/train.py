@@ -68,8 +68,23 @@ def snr_weights(noise_scheduler: Any, timesteps: torch.Tensor, gamma: float) -> 
     snr = timestep_snr(noise_scheduler, timesteps)
     clipped = torch.clamp(snr, max=gamma)
     if _prediction_type(noise_scheduler, "--snr-gamma") == "epsilon":
-        return (clipped / snr).float()
+        # min(SNR, gamma) / SNR is 1 for every SNR below gamma, also in the limit at SNR 0 (--zero-terminal-snr's last step).
+        return torch.where(snr > 0, clipped / snr.clamp(min=1e-30), 1.0).float()
     return (clipped / (snr + 1.0)).float()
+
+
+def training_scheduler(noise_scheduler: Any, cfg: RunConfig) -> Any:
+    """The noise schedule training draws from: the model's, or with `--zero-terminal-snr` the same betas rescaled so the
+    last timestep's SNR is 0 (diffusers' `rescale_betas_zero_snr`, the rescaling of Lin et al. that kohya's
+    --zero_terminal_snr applies). Images are still drawn with the model's own schedule."""
+    if not cfg.train.zero_terminal_snr:
+        return noise_scheduler
+    rescaled = type(noise_scheduler).from_config(noise_scheduler.config, rescale_betas_zero_snr=True)
+    if float(rescaled.alphas_cumprod[-1]) > 1e-12:
+        raise ConfigError(f"--zero-terminal-snr: this model's {type(noise_scheduler).__name__} does not rescale its betas to a zero terminal SNR; drop --zero-terminal-snr")
+    if cfg.train.debiased_estimation and _prediction_type(rescaled, "--debiased-estimation") == "epsilon":
+        raise ConfigError("--debiased-estimation weights the loss by 1/sqrt(SNR), which is infinite at --zero-terminal-snr's last timestep for an epsilon model; drop one of them")
+    return rescaled
 
 
 def timestep_snr(noise_scheduler: Any, timesteps: torch.Tensor) -> torch.Tensor:
@@ -938,7 +953,8 @@ def _train(
     encode_each_step = train_te or pivotal is not None  # the text encoders run every step while something in them trains
     if cfg.train.gradient_checkpointing:
         _enable_checkpointing(components, encode_each_step, preserve_rng=cfg.adapter.any_dropout)
-    check_timestep_range(cfg, components.noise_scheduler)
+    noise_scheduler = training_scheduler(components.noise_scheduler, cfg)
+    check_timestep_range(cfg, noise_scheduler)
     graphs = use_cuda_graphs(cfg, device, accelerator.num_processes, precision)
 
     # Data: instance and class latents cached once (each image and its flip), prompts tokenized once.
@@ -1035,7 +1051,6 @@ def _train(
         scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
         return {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler, "rng": ckpt.capture_rng_state(), "config": to_dict(cfg)}
 
-    noise_scheduler = components.noise_scheduler
     bsz, accum = cfg.train.batch_size, cfg.train.gradient_accumulation
     metrics_path = run_dir / ckpt.METRICS_FILE
     started = time.perf_counter()

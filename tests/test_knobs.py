@@ -247,3 +247,37 @@ def test_prodigy_takes_lr_1_says_how_to_install_it_and_refuses_an_adamw_lr(tmp_p
 def test_bad_knob_values_name_the_key(key: str, value: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         load_config(None, {key: value})
+
+
+def test_zero_terminal_snr_rescales_the_training_schedule_only(tmp_path: Path, instance_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dreamlora.cli import app
+    from dreamlora.train import debiased_weights, training_scheduler
+
+    components = load_components("tiny")
+    cfg = load_config(None, {"train.zero_terminal_snr": "true"})
+    base = components.noise_scheduler
+    rescaled = training_scheduler(base, cfg)
+    assert training_scheduler(base, load_config(None, {})) is base
+    assert float(rescaled.alphas_cumprod[-1]) == 0.0 and float(base.alphas_cumprod[-1]) > 0  # the last step is pure noise
+    assert float(rescaled.alphas_cumprod[0]) == pytest.approx(float(base.alphas_cumprod[0]), rel=1e-6)  # the first step is as before
+    last = torch.tensor([999, 0])
+    # Min-SNR: min(SNR, gamma)/SNR is 1 below gamma, also at SNR 0 (not 0/0); v-prediction gives 0 there.
+    assert torch.equal(snr_weights(rescaled, last, 5.0)[:1], torch.ones(1))
+    v_model = type(rescaled).from_config(rescaled.config, prediction_type="v_prediction")
+    assert float(snr_weights(v_model, last, 5.0)[0]) == 0.0 and torch.isfinite(debiased_weights(v_model, last)).all()
+    with pytest.raises(ConfigError, match="infinite"):
+        training_scheduler(base, load_config(None, {"train.zero_terminal_snr": "true", "train.debiased_estimation": "true"}))
+
+    runner = CliRunner()
+    common = ["train", "--model", "tiny", "--instance", str(instance_dir), "--max-steps", "2", "--set", "train.num_samples=0", "--set", "train.log_every=1"]
+    trained = runner.invoke(app, [*common, "--zero-terminal-snr", "--snr-gamma", "5", "--min-timestep", "998", "--out", str(tmp_path / "run")])
+    assert trained.exit_code == 0, trained.output
+    losses = [json.loads(line)["loss"] for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses)
+    exported = runner.invoke(app, ["export", str(tmp_path / "run"), "--format", "a1111", "--out", str(tmp_path / "z.safetensors"), "--no-verify"])
+    assert exported.exit_code == 0, exported.output
+    assert read_safetensors(tmp_path / "z.safetensors")[1]["ss_zero_terminal_snr"] == "True"
+    refused = runner.invoke(app, [*common, "--zero-terminal-snr", "--debiased-estimation", "--out", str(tmp_path / "bad")])
+    assert refused.exit_code == 2 and "drop one of them" in " ".join(refused.output.split()) and not (tmp_path / "bad").exists()
