@@ -492,6 +492,9 @@ def train(
     flip: Annotated[bool, typer.Option("--flip", help="Random horizontal flips.")] = False,
     no_captions: Annotated[bool, typer.Option("--no-captions", help="Ignore photo.txt caption files.")] = False,
     caption_dropout: Annotated[Optional[float], typer.Option(help="Probability of the plain instance prompt for a captioned image.")] = None,
+    shuffle_caption: Annotated[bool, typer.Option("--shuffle-caption", help="Shuffle each caption's comma-separated tags every step (kohya's --shuffle_caption).")] = False,
+    keep_tokens: Annotated[Optional[int], typer.Option(help="With --shuffle-caption/--caption-tag-dropout: the first N tags stay in place (kohya's --keep_tokens; default 0).")] = None,
+    caption_tag_dropout: Annotated[Optional[float], typer.Option(help="Drop each tag with this probability every step, e.g. 0.1 (kohya's --caption_tag_dropout_rate).")] = None,
     repeats: Annotated[Optional[int], typer.Option(help="Times each instance image appears per epoch (default 1).")] = None,
     class_ratio: Annotated[Optional[float], typer.Option(help="Class images per instance image in a batch (default 1).")] = None,
     buckets: Annotated[bool, typer.Option("--buckets", help="Aspect-ratio buckets: non-square photos train whole.")] = False,
@@ -578,6 +581,7 @@ def train(
         "train.scale_weight_norms": scale_weight_norms, "train.loraplus_lr_ratio": loraplus_lr_ratio, "train.multires_noise_iterations": multires_noise_iterations,
         "train.multires_noise_discount": multires_noise_discount, "train.debiased_estimation": True if debiased_estimation else None,
         "train.zero_terminal_snr": True if zero_terminal_snr else None,
+        "data.shuffle_caption": True if shuffle_caption else None, "data.keep_tokens": keep_tokens, "data.caption_tag_dropout": caption_tag_dropout,
         "adapter.pivotal": True if pivotal else None, "adapter.pivotal_vectors": pivotal_vectors, "adapter.pivotal_init": pivotal_init, "train.pivotal_lr": pivotal_lr,
         "train.pivotal_steps_fraction": pivotal_steps_fraction,
     }

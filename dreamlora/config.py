@@ -82,6 +82,10 @@ class DataConfig:
     flip: bool = False  # random horizontal flip (both orientations are cached)
     captions: bool = True  # `photo.txt` beside `photo.jpg` is its prompt (`{token}` places the token, else it is prefixed)
     caption_dropout: float = 0.0  # probability of training a captioned image on the plain instance prompt instead
+    shuffle_caption: bool = False  # shuffle each prompt's comma-separated tags every step (kohya's --shuffle_caption)
+    keep_tokens: int = 0  # the first N tags stay in place and are never dropped (kohya's --keep_tokens)
+    caption_tag_dropout: float = 0.0  # drop each other tag with this probability every step (kohya's --caption_tag_dropout_rate)
+    caption_separator: str = ","  # what separates tags (kohya's --caption_separator)
     repeats: int = 1  # each instance image appears this many times per epoch
     class_ratio: float = 1.0  # class images per instance image in a batch (0.5: one every other step at batch size 1)
     buckets: bool = False  # aspect-ratio buckets of about resolution**2 pixels, so non-square photos train whole
@@ -93,6 +97,13 @@ class DataConfig:
     def __post_init__(self) -> None:
         _check(bool(self.token.strip()), "data.token is empty; pass a rare word such as `sks`")
         _check(0 <= self.caption_dropout <= 1, f"data.caption_dropout must be in [0, 1]; got {self.caption_dropout}")
+        _check(0 <= self.caption_tag_dropout < 1, f"data.caption_tag_dropout must be in [0, 1) (0 = off, 0.1 is usual); got {self.caption_tag_dropout}")
+        _check(0 <= self.keep_tokens <= 100, f"data.keep_tokens must be in 0..100 tags; got {self.keep_tokens}")
+        _check(bool(self.caption_separator.strip()), "data.caption_separator is empty; pass the character between tags, e.g. ','")
+        _check(
+            self.varies_captions or (self.keep_tokens == 0 and self.caption_separator == ","),
+            "data.keep_tokens and data.caption_separator shape --shuffle-caption and --caption-tag-dropout; add one of them or drop them",
+        )
         _check(1 <= self.repeats <= 1000, f"data.repeats must be in 1..1000; got {self.repeats}")
         _check(0 < self.class_ratio <= 16, f"data.class_ratio must be in (0, 16] class images per instance image; got {self.class_ratio}")
         _check(1 <= self.bucket_max_ratio <= 4, f"data.bucket_max_ratio must be in [1, 4]; got {self.bucket_max_ratio}")
@@ -107,6 +118,11 @@ class DataConfig:
         if self.instance_prompt:
             return self.instance_prompt.replace("{token}", self.token)
         return " ".join(part for part in ("a photo of", self.token, self.class_name) if part)
+
+    @property
+    def varies_captions(self) -> bool:
+        """Whether prompts change from step to step (tags shuffled or dropped), so they are encoded every step."""
+        return self.shuffle_caption or self.caption_tag_dropout > 0
 
     @property
     def latents_cacheable(self) -> bool:

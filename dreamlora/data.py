@@ -197,6 +197,23 @@ def caption_prompt(caption: str, token: str) -> str:
     return f"{token}, {caption}"
 
 
+def vary_caption(prompt: str, separator: str, keep: int, shuffle: bool, tag_dropout: float, generator: torch.Generator) -> str:
+    """One step's version of a tagged prompt, as kohya's sd-scripts make it: split at `separator`, the first `keep`
+    tags fixed, each other tag dropped with probability `tag_dropout`, the rest shuffled; joined with ", " (another
+    separator: with a space each side). A prompt without the separator comes back unchanged."""
+    if separator not in prompt:
+        return prompt
+    tags = [t.strip() for t in prompt.split(separator) if t.strip()]
+    fixed, rest = tags[:keep], tags[keep:]
+    if tag_dropout > 0 and rest:
+        kept = torch.rand(len(rest), generator=generator) >= tag_dropout
+        rest = [tag for tag, k in zip(rest, kept.tolist()) if k]
+    if shuffle and len(rest) > 1:
+        rest = [rest[i] for i in torch.randperm(len(rest), generator=generator).tolist()]
+    joiner = ", " if separator.strip() == "," else f" {separator.strip()} "
+    return joiner.join(fixed + rest)
+
+
 def instance_prompts(folder: ImageFolder, token: str, default: str, captions: bool = True) -> list[str]:
     """The prompt of each image: its caption file made into a prompt, else `default`."""
     if not captions:

@@ -579,6 +579,9 @@ def _training_metadata(run: dict[str, Any], cfg: RunConfig | None) -> dict[str, 
         "ss_color_aug": str(bool(data.color_jitter)),
         "ss_enable_bucket": str(data.buckets),
         "ss_caption_dropout_rate": str(float(data.caption_dropout)),
+        "ss_shuffle_caption": str(data.shuffle_caption),
+        "ss_keep_tokens": str(data.keep_tokens),
+        "ss_caption_tag_dropout_rate": str(float(data.caption_tag_dropout)),
         "ss_cache_latents": str(data.cache_latents and data.latents_cacheable),
     }
     if instance_images:

@@ -23,7 +23,7 @@ import torch
 from dreamlora import __version__
 from dreamlora import checkpoint as ckpt
 from dreamlora.config import RunConfig, replace, to_dict, to_toml
-from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, list_images, make_buckets, open_image, resize_and_crop, to_tensor
+from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, list_images, make_buckets, open_image, resize_and_crop, to_tensor, vary_caption
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
 from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters, up_weight_flags
@@ -413,6 +413,7 @@ class DrawnBatch:
     rows: torch.Tensor  # the prompt of each example (an index into DreamBoothBatches.prompts)
     size_ids: torch.Tensor  # (examples, 6) SDXL size conditioning; other families ignore it
     generator: torch.Generator  # for the micro-step's other random draws
+    texts: list[str] | None = None  # with --shuffle-caption / --caption-tag-dropout: each example's prompt this step
 
 
 class DreamBoothBatches:
@@ -439,6 +440,10 @@ class DreamBoothBatches:
         # Rows index distinct prompts (each encoded once per step): instance prompt, class prompt, then each caption.
         self.prompts += sorted(set(captions) - set(self.prompts))
         self.instance_rows = [self.prompts.index(p) for p in captions]
+        # Shuffled or dropped tags: only prompts holding the separator change (the plain instance prompt usually does not).
+        self.varied = data.varies_captions and any(data.caption_separator in p for p in captions)
+        if data.varies_captions and not self.varied and rank == 0:
+            log.warning("--shuffle-caption/--caption-tag-dropout: no instance prompt holds the separator %r, so nothing is shuffled or dropped", data.caption_separator)
         buckets = make_buckets(data.resolution, 8 * components.vae_scale_factor, data.bucket_max_ratio) if data.buckets else None
         self.plan = instance_plan([im.size for im in instance.images], data.resolution, self.batch_size, data.repeats, self.seed, buckets)
         if disk is not None and rank == 0:  # every process reads the same cache; one line says it
@@ -474,6 +479,12 @@ class DreamBoothBatches:
             # Its own generator, so turning dropout on leaves every other draw of the run unchanged.
             keep = torch.rand(len(rows), generator=torch.Generator().manual_seed(self.seed * 7_919 + position + 2**40)) >= self.data.caption_dropout
             rows = [row if kept else 0 for row, kept in zip(rows, keep.tolist())]
+        texts = None
+        if self.varied:
+            # Their own generator too; the same (seed, micro-step, rank) gives the same tags, so resume is exact.
+            tags = torch.Generator().manual_seed(self.seed * 7_919 + position + 2**41)
+            d = self.data
+            texts = [vary_caption(self.prompts[row], d.caption_separator, d.keep_tokens, d.shuffle_caption, d.caption_tag_dropout, tags) for row in rows]
         if self.with_prior:
             chosen = class_indices(position, self.batch_size, self.data.class_ratio, len(self.sources[1]), self.seed + 1)
             if chosen:
@@ -481,7 +492,9 @@ class DreamBoothBatches:
                 latents.append(sampled)
                 sizes.append(ids)
                 rows += [1] * len(chosen)
-        return DrawnBatch(torch.cat(latents), torch.tensor(rows, device=self.device), torch.cat(sizes), generator)
+                if texts is not None:
+                    texts += [self.prompts[1]] * len(chosen)
+        return DrawnBatch(torch.cat(latents), torch.tensor(rows, device=self.device), torch.cat(sizes), generator, texts)
 
 
 LOGGED_RATES = {"lr": "unet", "lr_text_encoder": "text_encoder", "lr_embeddings": "embeddings"}  # metrics.jsonl key: optimizer group
@@ -561,6 +574,8 @@ def use_cuda_graphs(cfg: RunConfig, device: torch.device, num_processes: int, pr
         reasons.append("LoRA dropout with gradient checkpointing (its RNG state is saved per checkpoint)")
     if cfg.adapter.pivotal:
         reasons.append("pivotal tuning")
+    if cfg.data.varies_captions:
+        reasons.append("prompts that change every step (--shuffle-caption, --caption-tag-dropout)")
     if cfg.train.compile == "off" or (cfg.train.compile == "auto" and reasons):
         if cfg.train.compile == "auto" and device.type == "cuda":
             log.info("CUDA graphs off: %s", ", ".join(reasons))
@@ -655,6 +670,24 @@ def _attach_pivotal(cfg: RunConfig, components: Components, resume_from: Path | 
     if initial is None:
         log.info("pivotal tuning: %s stands for %d new tokens, starting from %s", token, vectors, repr(init_word) if init_word else "random vectors")
     return pivotal
+
+
+def _varied_prompts(
+    components: Components, texts: list[str], text_encoders: list[torch.nn.Module], trains: bool, expand: Callable[[str], str] | None, device: torch.device
+) -> tuple[Callable[[], PromptEmbeddings], torch.Tensor]:
+    """This step's prompts when tags are shuffled or dropped: each distinct one tokenized and encoded now (with
+    gradients while something in the text encoders trains), and the row of each example."""
+    distinct = list(dict.fromkeys(texts))
+    rows = torch.tensor([distinct.index(t) for t in texts], device=device)
+    ids = [t.to(device) for t in tokenize_all(components, [expand(t) for t in distinct] if expand else distinct)]
+    if trains:
+        return (lambda: encode_prompts(components, ids, text_encoders)), rows
+
+    def fixed() -> PromptEmbeddings:
+        with torch.no_grad():
+            return encode_prompts(components, ids, text_encoders)
+
+    return fixed, rows
 
 
 def _freeze(params: list[torch.nn.Parameter]) -> None:
@@ -1099,9 +1132,12 @@ def _train(
                 continue
             with accelerator.accumulate(*models), accelerator.autocast():
                 # Encode each distinct prompt of this step once and index it: gradients still reach every row.
-                used, rows = rows.unique(return_inverse=True)  # with captions, only this step's prompts
-                step_ids = [ids[used] for ids in input_ids]
-                context_fn = (lambda: encode_prompts(components, step_ids, text_encoders)) if encode_each_step else (lambda: cached_embeddings.select(used))  # noqa: E731
+                if batch.texts is not None:
+                    context_fn, rows = _varied_prompts(components, batch.texts, text_encoders, encode_each_step, pivotal.expand if pivotal else None, device)
+                else:
+                    used, rows = rows.unique(return_inverse=True)  # with captions, only this step's prompts
+                    step_ids = [ids[used] for ids in input_ids]
+                    context_fn = (lambda: encode_prompts(components, step_ids, text_encoders)) if encode_each_step else (lambda: cached_embeddings.select(used))  # noqa: E731
                 loss, instance_loss, prior_loss = batch_loss(
                     unet, context_fn, rows, noisy, timesteps, target, bsz, cfg.train.prior_weight, weight_dtype, weights, batch.size_ids, added_conditioning,
                     cfg.train.loss, huber_c,

@@ -381,3 +381,61 @@ def test_captions_longer_than_the_text_encoder_reads_are_warned_about(caplog: py
         cut = warn_long_prompts(tokenizer, ["a photo of sks dog", long])
     assert cut == [long]
     assert "1 prompt(s) are longer than the text encoder's 77 tokens" in caplog.text and "sks dog sitting on a red sofa" in caplog.text
+
+
+def test_vary_caption_keeps_the_first_tags_shuffles_and_drops_the_rest() -> None:
+    from dreamlora.data import vary_caption
+
+    prompt = "sks, dog, red collar, on grass, sunny, close-up"
+    seen = set()
+    for seed in range(30):
+        out = vary_caption(prompt, ",", 2, True, 0.0, torch.Generator().manual_seed(seed))
+        tags = out.split(", ")
+        assert tags[:2] == ["sks", "dog"] and sorted(tags[2:]) == sorted(["red collar", "on grass", "sunny", "close-up"])
+        seen.add(out)
+    assert len(seen) > 5  # really shuffled
+    assert vary_caption(prompt, ",", 2, True, 0.0, torch.Generator().manual_seed(3)) == vary_caption(prompt, ",", 2, True, 0.0, torch.Generator().manual_seed(3))
+    dropped = [vary_caption(prompt, ",", 1, False, 0.5, torch.Generator().manual_seed(s)).split(", ") for s in range(40)]
+    assert all(tags[0] == "sks" for tags in dropped) and min(map(len, dropped)) < 4 and max(map(len, dropped)) == 6
+    assert all(tags[1:] == [t for t in prompt.split(", ")[1:] if t in tags[1:]] for tags in dropped)  # order kept without --shuffle-caption
+    assert vary_caption("a photo of sks dog", ",", 0, True, 0.5, torch.Generator().manual_seed(0)) == "a photo of sks dog"
+    assert sorted(vary_caption("sks | dog | grass", "|", 1, True, 0.0, torch.Generator().manual_seed(1)).split(" | ")) == ["dog", "grass", "sks"]
+
+
+def test_shuffled_captions_train_per_step_and_resume_exactly(tmp_path: Path, instance_dir: Path, class_dir: Path) -> None:
+    (instance_dir / "photo1.txt").write_text("{token}, dog, red collar, on grass, sunny")
+    cfg, components = _batches(instance_dir, class_dir, **{"data.shuffle_caption": "true", "data.keep_tokens": "1", "data.caption_tag_dropout": "0.2", "data.latent_cache_dir": str(tmp_path / "c")})
+    batches = DreamBoothBatches(cfg, components, torch.device("cpu"))
+    texts = [batches.draw_batch(s).texts for s in range(24)]
+    captioned = [t[0] for t in texts if t[0] != "a photo of sks dog"]
+    assert len(set(captioned)) > 2 and all(t.startswith("sks, ") for t in captioned)
+    assert all(t[-1] == "a photo of dog" for t in texts if len(t) > 1)  # class prompts are left alone
+    assert [batches.draw_batch(s).texts for s in range(24)] == texts  # a pure function of the step: resume is exact
+    with pytest.raises(Exception, match="keep_tokens"):
+        load_config(None, {"data.keep_tokens": "1"})
+
+    runner = CliRunner()
+    common = ["train", "--model", "tiny", "--instance", str(instance_dir), "--max-steps", "4", "--resolution", "32", "--set", "train.num_samples=0",
+              "--shuffle-caption", "--keep-tokens", "1", "--caption-tag-dropout", "0.2", "--checkpoint-every", "2", "--set", "train.log_every=1"]
+    for extra in ([], ["--no-text-encoder"]):
+        out = tmp_path / ("run" + "".join(extra))
+        trained = runner.invoke(app, [*common, *extra, "--out", str(out)])
+        assert trained.exit_code == 0, trained.output
+        losses = [json.loads(line)["loss"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+        assert len(losses) == 4 and all(math.isfinite(v) for v in losses)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(tmp_path / "run", resumed)
+    shutil.rmtree(resumed / "lora")
+    shutil.rmtree(resumed / "checkpoints" / "step-000004")
+    again = runner.invoke(app, ["train", "--resume", "--out", str(resumed)])
+    assert again.exit_code == 0, again.output
+    from dreamlora.lora import read_diffusers_lora
+
+    a, b = read_diffusers_lora(tmp_path / "run" / "lora")[0], read_diffusers_lora(resumed / "lora")[0]
+    assert all(torch.equal(a[g][k], b[g][k]) for g in a for k in a[g])
+    exported = runner.invoke(app, ["export", str(tmp_path / "run"), "--format", "a1111", "--out", str(tmp_path / "s.safetensors"), "--no-verify"])
+    assert exported.exit_code == 0, exported.output
+    from dreamlora.lora import read_safetensors
+
+    meta = read_safetensors(tmp_path / "s.safetensors")[1]
+    assert (meta["ss_shuffle_caption"], meta["ss_keep_tokens"], meta["ss_caption_tag_dropout_rate"]) == ("True", "1", "0.2")
