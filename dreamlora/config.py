@@ -44,6 +44,40 @@ def _check(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+BLOCKS = 12  # kohya's block weights: 12 down, 1 middle, 12 up (SD 1.x's input and output blocks)
+BLOCK_PRESETS = ("sine", "cosine", "linear", "reverse_linear", "zeros")
+
+
+def block_weights(spec: str, name: str) -> tuple[float, ...] | None:
+    """kohya's down_lr_weight/up_lr_weight: 12 comma-separated factors, or a preset (sine, cosine, linear,
+    reverse_linear, zeros) with an optional +N added to each; None for an empty spec."""
+    spec = spec.strip()
+    if not spec:
+        return None
+    preset, _, plus = spec.partition("+")
+    if preset in BLOCK_PRESETS:
+        try:
+            base = float(plus) if plus else 0.0
+        except ValueError:
+            raise ConfigError(f"{name} {spec!r}: the part after + must be a number, e.g. sine+0.5") from None
+        steps = [i / (BLOCKS - 1) for i in range(BLOCKS)]
+        values = {
+            "sine": [math.sin(math.pi * s / 2) for s in steps],
+            "cosine": [math.sin(math.pi * s / 2) for s in reversed(steps)],
+            "linear": steps,
+            "reverse_linear": list(reversed(steps)),
+            "zeros": [0.0] * BLOCKS,
+        }[preset]
+        return tuple(v + base for v in values)
+    try:
+        values = [float(v) for v in spec.split(",")]
+    except ValueError:
+        raise ConfigError(f"{name} must be {BLOCKS} comma-separated numbers or one of {', '.join(BLOCK_PRESETS)} (with an optional +N); got {spec!r}") from None
+    _check(len(values) == BLOCKS, f"{name} needs {BLOCKS} factors, one per block (kohya's layout); got {len(values)}: {spec!r}")
+    _check(all(0 <= v <= 100 for v in values), f"{name} factors must be in [0, 100]; got {spec!r}")
+    return tuple(values)
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
@@ -176,6 +210,10 @@ class AdapterConfig:
     conv_rank: int = 0  # > 0: LoRA on the UNet's ResNet and resampling blocks too, 3x3 convolutions at this rank (kohya's conv_dim, LoCon)
     conv_alpha: float = 0.0  # 0: equal to conv_rank (kohya's conv_alpha)
     init_lora: str = ""  # start from this LoRA's weights: a run folder, diffusers or kohya/A1111 .safetensors (kohya's --network_weights)
+    down_lr_weight: str = ""  # kohya's block weights: 12 comma-separated factors for the UNet's down blocks (or sine, cosine, linear, reverse_linear, zeros, each +N)
+    mid_lr_weight: float = 1.0  # the factor for the UNet's middle block
+    up_lr_weight: str = ""  # 12 factors for the up blocks, as down_lr_weight
+    block_lr_zero_threshold: float = 0.0  # factors at or below this count as 0: no LoRA in that block
     pivotal: bool = False  # pivotal tuning: also learn new token embeddings for the subject's token (diffusers' --train_text_encoder_ti)
     pivotal_vectors: int = 2  # embedding vectors (new tokens) the subject's token stands for
     pivotal_init: str = ""  # the word the vectors start from; empty: the class name (random without one)
@@ -191,6 +229,14 @@ class AdapterConfig:
             _check(0 <= value < 1, f"adapter.{name} must be in [0, 1) (0 = off, 0.1 is usual); got {value}")
         _check(bool(self.unet_targets), "adapter.unet_targets is empty; the UNet needs at least one LoRA target")
         _check_choice("adapter.init", self.init, ("default", "gaussian", "nonzero"))
+        for name in ("down_lr_weight", "up_lr_weight"):
+            block_weights(getattr(self, name), f"adapter.{name}")  # checked here, used by `block_lr_weight`
+        _check(0 <= self.mid_lr_weight <= 100, f"adapter.mid_lr_weight must be in [0, 100] (1 = --lr); got {self.mid_lr_weight}")
+        _check(0 <= self.block_lr_zero_threshold < 100, f"adapter.block_lr_zero_threshold must be in [0, 100); got {self.block_lr_zero_threshold}")
+        _check(
+            self.block_lr_zero_threshold == 0 or self.block_weights_set,
+            "adapter.block_lr_zero_threshold applies to the block weights; add --down-lr-weight, --mid-lr-weight or --up-lr-weight, or drop it",
+        )
         _check(1 <= self.pivotal_vectors <= 16, f"adapter.pivotal_vectors must be in 1..16 (2 is usual); got {self.pivotal_vectors}")
         _check(
             self.pivotal or (self.pivotal_vectors == 2 and not self.pivotal_init),
@@ -200,6 +246,28 @@ class AdapterConfig:
     @property
     def resolved_alpha(self) -> float:
         return float(self.alpha or self.rank)
+
+    @property
+    def block_weights_set(self) -> bool:
+        return bool(self.down_lr_weight or self.up_lr_weight) or self.mid_lr_weight != 1.0
+
+    @property
+    def block_lr_factors(self) -> set[float]:
+        """Every UNet block's learning-rate factor (1 outside the blocks)."""
+        return {self.block_lr_weight(block) for block in range(-1, 2 * BLOCKS + 1)}
+
+    def block_lr_weight(self, block: int) -> float:
+        """The learning-rate factor of a UNet block as kohya numbers them (`lora.unet_block_index`): 1-11 down, 12
+        middle, 13-24 up, -1 outside the blocks (always 1); 0 means no LoRA there (also at or below the threshold)."""
+        if block < 0:
+            return 1.0
+        if block < BLOCKS:
+            weight = (block_weights(self.down_lr_weight, "adapter.down_lr_weight") or (1.0,) * BLOCKS)[block]
+        elif block == BLOCKS:
+            weight = self.mid_lr_weight
+        else:
+            weight = (block_weights(self.up_lr_weight, "adapter.up_lr_weight") or (1.0,) * BLOCKS)[block - BLOCKS - 1]
+        return 0.0 if weight <= self.block_lr_zero_threshold else weight
 
     @property
     def kohya_dropouts(self) -> bool:
@@ -540,6 +608,11 @@ def check_across_sections(cfg: RunConfig) -> None:
         text_encoder_only = ("text_encoder_lr", "loraplus_text_encoder_lr_ratio", "text_encoder_steps_fraction", *(() if cfg.adapter.pivotal else schedule))
         moot = [f"train.{name}" for name in text_encoder_only if getattr(cfg.train, name) != getattr(defaults, name)]
         _check(not moot, f"--no-text-encoder (adapter.train_text_encoder false) trains no text-encoder LoRA, so {', '.join(moot)} would do nothing; drop them or drop --no-text-encoder")
+    _check(
+        cfg.train.optimizer != "prodigy" or cfg.adapter.block_lr_factors <= {0.0, 1.0},
+        "Prodigy runs every parameter group at one learning rate (its step-size estimate is shared), so block weights other than 0 and 1 "
+        "cannot go with it; use --optimizer adamw for them",
+    )
     moot = [f"train.{name}" for name in ("pivotal_lr", "pivotal_steps_fraction") if getattr(cfg.train, name) != getattr(defaults, name)]
     _check(cfg.adapter.pivotal or not moot, f"{', '.join(moot)} shape pivotal tuning's embeddings; add --pivotal or drop them")
 

@@ -611,6 +611,11 @@ def a1111_metadata(run: dict[str, Any], modules: list[LoraModule], output_name: 
         network_args.update({name: f"{value:g}" for name in ("rank_dropout", "module_dropout") if (value := getattr(cfg.adapter, name))})
         loraplus = ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio")
         network_args.update({name: f"{value:g}" for name in loraplus if (value := getattr(cfg.train, name))})
+        if cfg.adapter.block_weights_set:  # kohya writes the block weights as given
+            blocks = {"down_lr_weight": cfg.adapter.down_lr_weight, "mid_lr_weight": f"{cfg.adapter.mid_lr_weight:g}", "up_lr_weight": cfg.adapter.up_lr_weight}
+            network_args.update({name: value for name, value in blocks.items() if value})
+            if cfg.adapter.block_lr_zero_threshold:
+                network_args["block_lr_zero_threshold"] = f"{cfg.adapter.block_lr_zero_threshold:g}"
     resolution = int(run.get("resolution") or 512)
     token, class_name = run.get("token", ""), run.get("class_name", "")
     model = public_model_ref(str(run.get("model", "")))

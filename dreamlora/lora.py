@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import json
+import re
 import logging
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from dreamlora.config import CONV3X3_TARGETS, AdapterConfig
-from dreamlora.errors import ExportError
+from dreamlora.config import BLOCKS, CONV3X3_TARGETS, AdapterConfig
+from dreamlora.errors import ConfigError, ExportError
 
 log = logging.getLogger(__name__)
 
@@ -40,9 +41,36 @@ def lora_config(adapter_cfg: AdapterConfig, targets: tuple[str, ...], exclude: l
     )
 
 
-def unet_lora_config(adapter_cfg: AdapterConfig) -> Any:
-    """The UNet's LoraConfig: its targets, and with `conv_rank` the ResNet/resampling layers (3x3 convolutions at the conv rank)."""
-    return lora_config(adapter_cfg, adapter_cfg.all_unet_targets, conv_layers=CONV3X3_TARGETS if adapter_cfg.conv_rank else ())
+def unet_lora_config(adapter_cfg: AdapterConfig, unet: torch.nn.Module | None = None) -> Any:
+    """The UNet's LoraConfig: its targets, and with `conv_rank` the ResNet/resampling layers (3x3 convolutions at the conv rank).
+    With block weights (`adapter.down_lr_weight` ...), the target modules of blocks whose factor is 0 get no LoRA."""
+    exclude = None
+    if unet is not None and adapter_cfg.block_weights_set:
+        targets = tuple("." + t for t in adapter_cfg.all_unet_targets)
+        exclude = [name for name, _ in unet.named_modules() if name.endswith(targets) and adapter_cfg.block_lr_weight(unet_block_index(name)) == 0]
+        if exclude and len(exclude) == sum(1 for name, _ in unet.named_modules() if name.endswith(targets)):
+            raise ConfigError("the block weights are 0 for every UNet block with a LoRA target, so nothing would train; raise some of --down-lr-weight, --mid-lr-weight, --up-lr-weight")
+    return lora_config(adapter_cfg, adapter_cfg.all_unet_targets, exclude, conv_layers=CONV3X3_TARGETS if adapter_cfg.conv_rank else ())
+
+
+_UNET_BLOCK = re.compile(r"(?:^|\.)(up|down)_blocks\.(\d+)\.(resnets|upsamplers|downsamplers|attentions)\.(\d+)\.")
+
+
+def unet_block_index(module: str) -> int:
+    """kohya's block number of a UNet module (diffusers name): 1-11 down (0 would be conv_in), 12 the middle block,
+    13-24 up, -1 outside the blocks. A down or up block i counts 3 places, resnets/attentions j at 3i + j and its
+    resampler at 3i + 2 (as kohya's get_block_index)."""
+    found = _UNET_BLOCK.search(module)
+    if found:
+        side, i, kind, j = found.groups()
+        place = 3 * int(i) + (2 if kind in ("upsamplers", "downsamplers") else int(j))
+        return 1 + place if side == "down" else BLOCKS + 1 + place
+    return BLOCKS if module.startswith("mid_block.") or ".mid_block." in module else -1
+
+
+def block_lr_factors(unet: torch.nn.Module, adapter_cfg: AdapterConfig) -> list[float]:
+    """For each of `trainable_parameters(unet)`, in its order: the learning-rate factor of its block."""
+    return [adapter_cfg.block_lr_weight(unet_block_index(name)) for name, p in unet.named_parameters() if p.requires_grad]
 
 
 def last_layer_marker(text_encoder: torch.nn.Module) -> str:
@@ -69,7 +97,7 @@ def attach_adapters(
     `skip_final_layer` names encoders whose last layer the UNet never sees (`ModelFamily.penultimate_encoders`): no LoRA there.
     """
     unet.requires_grad_(False)
-    unet.add_adapter(unet_lora_config(adapter_cfg))
+    unet.add_adapter(unet_lora_config(adapter_cfg, unet))
     for name, encoder in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
         if encoder is not None:
             encoder.requires_grad_(False)

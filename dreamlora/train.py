@@ -26,7 +26,7 @@ from dreamlora.config import RunConfig, replace, to_dict, to_toml
 from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, list_images, make_buckets, open_image, resize_and_crop, to_tensor, vary_caption
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
-from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters, up_weight_flags
+from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, block_lr_factors, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters, up_weight_flags
 from dreamlora.models import Components, PromptEmbeddings, apply_clip_skip, encode_prompts, load_model, public_model_ref, resolve_precision, select_attention, tokenize_all
 from dreamlora.pivotal import EMBEDDINGS_FILE, PivotalEmbeddings, embeddings_for, placeholders, save_embeddings
 from dreamlora.prior import MANIFEST, read_prior_set, safe_name
@@ -501,7 +501,8 @@ LOGGED_RATES = {"lr": "unet", "lr_text_encoder": "text_encoder", "lr_embeddings"
 
 
 def make_optimizer(
-    groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, device: torch.device, capturable: bool = False, up_weights: dict[str, list[bool]] | None = None
+    groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, device: torch.device, capturable: bool = False, up_weights: dict[str, list[bool]] | None = None,
+    lr_factors: dict[str, list[float]] | None = None,
 ) -> torch.optim.Optimizer:
     """AdamW (or bitsandbytes' 8-bit AdamW, or Prodigy) with one parameter group (and learning rate) per trained model;
     fused kernels on CUDA. Each group names its model under "model" (`make_lr_scheduler` reads it).
@@ -510,19 +511,27 @@ def make_optimizer(
     `up_weights`: per model, which of its parameters are LoRA up weights (`lora.up_weight_flags`); with LoRA+ on
     (`train.loraplus_lr_ratio`) they get a group of their own at the model's rate times the ratio, as kohya's
     loraplus_lr_ratio does.
+    `lr_factors`: per model, each parameter's factor on its rate (the UNet's block weights, `lora.block_lr_factors`):
+    one group per factor, as kohya's block-wise learning rates. Each group's "scale" is its rate over the model's.
     """
     lrs = {"unet": cfg.train.lr, "text_encoder": cfg.train.resolved_text_encoder_lr, "text_encoder_2": cfg.train.resolved_text_encoder_lr, "embeddings": cfg.train.resolved_pivotal_lr}
     lr = (lambda v: torch.tensor(v, device=device)) if capturable else float  # noqa: E731
     param_groups = []
     for name, params in groups.items():
         ratio = cfg.train.loraplus_ratio(name)
-        if ratio == 1.0:
-            param_groups.append({"params": params, "lr": lr(lrs[name]), "model": name})
-            continue
-        if up_weights is None or len(up_weights[name]) != len(params):
+        if ratio != 1.0 and (up_weights is None or len(up_weights[name]) != len(params)):
             raise ValueError(f"LoRA+ needs the up-weight flags of every {name} parameter")
-        for up, rate in ((False, lrs[name]), (True, lrs[name] * ratio)):
-            param_groups.append({"params": [p for p, flag in zip(params, up_weights[name]) if flag is up], "lr": lr(rate), "model": name})
+        factors = (lr_factors or {}).get(name) or [1.0] * len(params)
+        if len(factors) != len(params):
+            raise ValueError(f"block weights need the factor of every {name} parameter")
+        ups = up_weights[name] if ratio != 1.0 and up_weights is not None else [False] * len(params)
+        # Groups by factor (in block order), each split into down then up weights when LoRA+ is on.
+        for factor in dict.fromkeys(factors):
+            for up in (False, True) if ratio != 1.0 else (False,):
+                members = [p for p, f, flag in zip(params, factors, ups) if f == factor and flag is up]
+                scale = (ratio if up else 1.0) * factor
+                rate = (lrs[name] * ratio if up else lrs[name]) * (factor if factor != 1.0 else 1)
+                param_groups.append({"params": members, "lr": lr(rate), "model": name, "scale": scale})
     if cfg.train.optimizer == "adamw8bit":
         try:
             import bitsandbytes
@@ -1012,14 +1021,16 @@ def _train(
         groups["embeddings"] = list(pivotal.parameters())
     masters = MasterWeights(groups, weight_dtype) if weight_dtype == torch.bfloat16 and accelerator.mixed_precision == "no" else None
     up_weights = {"unet": up_weight_flags(unet), **({name: up_weight_flags(encoder) for name, encoder in components.text_encoders.items()} if train_te else {})}
-    optimizer = make_optimizer(masters.masters if masters else groups, cfg, device, capturable=graphs, up_weights=up_weights)
+    factors = {"unet": block_lr_factors(unet, cfg.adapter)} if cfg.adapter.block_weights_set else None
+    optimizer = make_optimizer(masters.masters if masters else groups, cfg, device, capturable=graphs, up_weights=up_weights, lr_factors=factors)
     fp32_lora = masters.fp32_in_model if masters else contextlib.nullcontext
     limiter = None
     if cfg.train.scale_weight_norms:
         substitute = {p: m for name in masters.params for p, m in zip(masters.params[name], masters.masters[name])} if masters else None
         limiter = WeightNormLimiter([unet, text_encoder, text_encoder_2], cfg.train.scale_weight_norms, substitute)
     lr_scheduler = make_lr_scheduler(optimizer, cfg)
-    # Logged rates: the UNet's, the (first) text encoder's and the embeddings', of the down weights where LoRA+ splits them.
+    # Logged rates: the UNet's, the (first) text encoder's and the embeddings' own (a group's rate over its "scale":
+    # LoRA+ and block weights move groups off the model's rate).
     logged_groups = {key: [g["model"] for g in optimizer.param_groups].index(name) for key, name in LOGGED_RATES.items() if name in groups}
     models = [unet, *text_encoders] if train_te else [unet]
     prepared = accelerator.prepare(*models, optimizer)
@@ -1200,7 +1211,7 @@ def _train(
                 "loss": loss_value,
                 "instance_loss": accelerator.reduce(instance_loss.detach(), reduction="mean").item(),
                 "prior_loss": accelerator.reduce(prior_loss.detach(), reduction="mean").item(),
-                **{key: step_lrs[index] for key, index in logged_groups.items()},
+                **{key: step_lrs[index] / (optimizer.param_groups[index].get("scale") or 1.0) for key, index in logged_groups.items()},
                 "time": round(elapsed, 3),
                 "it_s": (done - start_step) / elapsed if elapsed > 0 else 0.0,
                 **(limiter.stats() if limiter is not None else {}),
