@@ -18,8 +18,8 @@ from dreamlora.errors import ConfigError
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 ATTENTIONS = ("auto", "sdpa", "xformers")
-LR_SCHEDULERS = ("constant", "cosine", "linear", "cosine_with_restarts")
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")  # constant_with_warmup: constant (which warms up too)
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
 TRACKERS = ("tensorboard", "wandb")
 LOSSES = ("l2", "l1", "huber", "smooth_l1")  # kohya's --loss_type
 HUBER_SCHEDULES = ("snr", "exponential", "constant")  # kohya's --huber_schedule (snr is its default)
@@ -318,8 +318,9 @@ class TrainConfig:
     compile: str = "auto"  # CUDA graph of the whole step: auto (when possible), on, off
     master_weights: bool = True  # bf16: LoRA weights compute in bf16 with fp32 master copies (no per-use casts); False: autocast
     report_to: str = ""  # tensorboard or wandb through accelerate (optional extras); empty: metrics.jsonl only
-    optimizer: str = "adamw"  # adamw8bit: bitsandbytes' 8-bit AdamW (extra `bnb`); prodigy: Prodigy, lr 1.0 (extra `prodigy`)
+    optimizer: str = "adamw"  # adamw8bit: bitsandbytes' 8-bit AdamW (extra `bnb`); prodigy: Prodigy, lr 1.0 (extra `prodigy`); adafactor: transformers' Adafactor at a fixed lr
     lr_cycles: int = 1  # cosine_with_restarts: number of cosine cycles, each restarting at the full lr
+    lr_power: float = 1.0  # polynomial: the decay's power (1: linear; diffusers' --lr_power, kohya's --lr_scheduler_power)
     text_encoder_lr_scheduler: str = ""  # empty: same as lr_scheduler
     text_encoder_warmup_steps: int = -1  # -1: same as warmup_steps
     text_encoder_steps_fraction: float = 1.0  # train the text-encoder LoRA for this fraction of max_steps, then freeze it
@@ -381,6 +382,11 @@ class TrainConfig:
         if self.report_to:
             _check_choice("train.report_to", self.report_to, TRACKERS)
         _check(self.lr_cycles >= 1, f"train.lr_cycles must be >= 1; got {self.lr_cycles}")
+        _check(0 < self.lr_power <= 10, f"train.lr_power must be in (0, 10] (1 = linear decay); got {self.lr_power}")
+        _check(
+            self.lr_power == 1.0 or "polynomial" in (self.lr_scheduler, self.text_encoder_lr_scheduler),
+            "train.lr_power shapes the polynomial schedule; add --lr-scheduler polynomial or drop it",
+        )
         if self.text_encoder_lr_scheduler:
             _check_choice("train.text_encoder_lr_scheduler", self.text_encoder_lr_scheduler, LR_SCHEDULERS)
         _check(self.text_encoder_warmup_steps >= -1, f"train.text_encoder_warmup_steps must be >= 0 (or -1 = warmup_steps); got {self.text_encoder_warmup_steps}")

@@ -531,7 +531,10 @@ def sgm_checkpoint_state_dict(parts: dict[str, dict[str, torch.Tensor]], unet_co
 # --- metadata ------------------------------------------------------------------------------------
 
 
-OPTIMIZER_NAMES = {"adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit", "prodigy": "prodigyopt.Prodigy"}
+OPTIMIZER_NAMES = {
+    "adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit", "prodigy": "prodigyopt.Prodigy",
+    "adafactor": "transformers.optimization.Adafactor(scale_parameter=False,relative_step=False,warmup_init=False)",
+}  # fmt: skip
 
 
 def _training_metadata(run: dict[str, Any], cfg: RunConfig | None) -> dict[str, str]:

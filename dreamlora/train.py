@@ -538,6 +538,11 @@ def make_optimizer(
         except ImportError as error:
             raise ConfigError(f"--optimizer adamw8bit needs bitsandbytes, which is not installed ({error}); pip install 'dreamlora[bnb]', or use --optimizer adamw") from error
         return bitsandbytes.optim.AdamW8bit(param_groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    if cfg.train.optimizer == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # At the given rates, as kohya's guides set it for LoRA: no relative step size, no parameter scaling, no warm-up init.
+        return Adafactor(param_groups, lr=cfg.train.lr, scale_parameter=False, relative_step=False, warmup_init=False)
     if cfg.train.optimizer == "prodigy":
         try:
             from prodigyopt import Prodigy
@@ -594,22 +599,24 @@ def use_cuda_graphs(cfg: RunConfig, device: torch.device, num_processes: int, pr
     return True
 
 
-def lr_factor(kind: str, warmup: int, total: int, cycles: int = 1) -> Callable[[int], float]:
+def lr_factor(kind: str, warmup: int, total: int, cycles: int = 1, power: float = 1.0) -> Callable[[int], float]:
     """The learning-rate multiplier at each step for a schedule (the formulas of diffusers' schedulers, warmup included)."""
 
     def factor(step: int) -> float:
         if step < warmup:
             return step / max(1, warmup)
-        if kind == "constant":
+        if kind in ("constant", "constant_with_warmup"):
             return 1.0
         progress = (step - warmup) / max(1, total - warmup)
         if kind == "linear":
             return max(0.0, (total - step) / max(1, total - warmup))
         if kind == "cosine":
             return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+        if kind == "polynomial":  # diffusers' polynomial decay, to 0 rather than its 1e-7
+            return max(0.0, 1.0 - progress) ** power
         if kind == "cosine_with_restarts":
             return 0.0 if progress >= 1.0 else max(0.0, 0.5 * (1.0 + math.cos(math.pi * ((cycles * progress) % 1.0))))
-        raise ConfigError(f"unknown lr scheduler {kind!r}; use constant, linear, cosine or cosine_with_restarts")
+        raise ConfigError(f"unknown lr scheduler {kind!r}; use constant, linear, cosine, cosine_with_restarts or polynomial")
 
     return factor
 
@@ -618,9 +625,9 @@ def make_lr_scheduler(optimizer: torch.optim.Optimizer, cfg: RunConfig) -> torch
     """One schedule per parameter group, by the model it trains (`make_optimizer` names it): the UNet's, and the text
     encoders' own, which pivotal tuning's embeddings follow too; each drops to 0 at its part's stop step."""
     t = cfg.train
-    unet = lr_factor(t.lr_scheduler, t.warmup_steps, t.max_steps, t.lr_cycles)
+    unet = lr_factor(t.lr_scheduler, t.warmup_steps, t.max_steps, t.lr_cycles, t.lr_power)
     te_warmup = t.warmup_steps if t.text_encoder_warmup_steps < 0 else t.text_encoder_warmup_steps
-    te_schedule = lr_factor(t.text_encoder_lr_scheduler or t.lr_scheduler, te_warmup, t.max_steps, t.lr_cycles)
+    te_schedule = lr_factor(t.text_encoder_lr_scheduler or t.lr_scheduler, te_warmup, t.max_steps, t.lr_cycles, t.lr_power)
 
     def until(stop: int) -> Callable[[int], float]:
         return lambda step: te_schedule(step) if step < stop else 0.0

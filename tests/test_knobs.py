@@ -116,16 +116,21 @@ def test_noise_offset_shifts_each_channel_mean() -> None:
     ("linear", "linear", 3, 1),
     ("cosine", "cosine", 2, 1),
     ("cosine_with_restarts", "cosine_with_restarts", 2, 3),
+    ("constant_with_warmup", "constant_with_warmup", 3, 1),
+    ("polynomial", "polynomial", 3, 1),
+    ("polynomial", "polynomial", 2, 2),  # cycles stands for the power here
 ])
 def test_lr_factors_match_diffusers_schedules(kind: str, diffusers_name: str, warmup: int, cycles: int) -> None:
     from diffusers.optimization import get_scheduler
 
     total = 20
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
-    reference = get_scheduler(diffusers_name, optimizer, num_warmup_steps=warmup, num_training_steps=total, num_cycles=cycles)
-    ours = lr_factor(kind, warmup, total, cycles)
+    power = float(cycles) if kind == "polynomial" else 1.0
+    reference = get_scheduler(diffusers_name, optimizer, num_warmup_steps=warmup, num_training_steps=total, num_cycles=cycles, power=power)
+    ours = lr_factor(kind, warmup, total, cycles, power)
+    tolerance = 2e-7 if kind == "polynomial" else 1e-9  # diffusers decays to 1e-7, not 0
     for step in range(total):
-        assert ours(step) == pytest.approx(reference.get_last_lr()[0], abs=1e-9), step
+        assert ours(step) == pytest.approx(reference.get_last_lr()[0], abs=tolerance), step
         optimizer.step()
         reference.step()
     if kind == "cosine_with_restarts":
@@ -281,3 +286,29 @@ def test_zero_terminal_snr_rescales_the_training_schedule_only(tmp_path: Path, i
     assert read_safetensors(tmp_path / "z.safetensors")[1]["ss_zero_terminal_snr"] == "True"
     refused = runner.invoke(app, [*common, "--zero-terminal-snr", "--debiased-estimation", "--out", str(tmp_path / "bad")])
     assert refused.exit_code == 2 and "drop one of them" in " ".join(refused.output.split()) and not (tmp_path / "bad").exists()
+
+
+def test_adafactor_trains_at_the_given_rates_and_is_recorded(tmp_path: Path, instance_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dreamlora.cli import app
+
+    cfg = load_config(None, {"train.optimizer": "adafactor", "train.lr": "1e-3", "train.text_encoder_lr": "5e-4"})
+    params = {name: [torch.nn.Parameter(torch.ones(4, 4))] for name in ("unet", "text_encoder")}
+    optimizer = make_optimizer(params, cfg, torch.device("cpu"))
+    assert type(optimizer).__name__ == "Adafactor" and [g["lr"] for g in optimizer.param_groups] == [1e-3, 5e-4]
+    assert not optimizer.defaults["relative_step"] and not optimizer.defaults["scale_parameter"]
+    runner = CliRunner()
+    run = tmp_path / "run"
+    trained = runner.invoke(app, ["train", "--model", "tiny", "--instance", str(instance_dir), "--max-steps", "2", "--set", "train.num_samples=0", "--optimizer", "adafactor",
+                                  "--lr-scheduler", "polynomial", "--lr-power", "2", "--set", "train.log_every=1", "--out", str(run)])  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    state_dicts, _ = read_diffusers_lora(run / "lora")
+    assert all(v.abs().sum() > 0 for k, v in state_dicts["unet"].items() if "lora_B" in k)  # zero-initialised up weights moved
+    assert [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()] == [1e-4, 1e-4 * 0.25]
+    exported = runner.invoke(app, ["export", str(run), "--format", "a1111", "--out", str(tmp_path / "a.safetensors"), "--no-verify"])
+    assert exported.exit_code == 0, exported.output
+    meta = read_safetensors(tmp_path / "a.safetensors")[1]
+    assert meta["ss_optimizer"].startswith("transformers.optimization.Adafactor(") and meta["ss_lr_scheduler"] == "polynomial"
+    with pytest.raises(ConfigError, match="lr_power shapes the polynomial"):
+        load_config(None, {"train.lr_power": "2"})
