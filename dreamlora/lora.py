@@ -272,7 +272,7 @@ def load_initial_weights(models: dict[str, torch.nn.Module | None], modules: lis
         hint = (
             f"it adapts the {', '.join(untrained)}, which this run does not train (drop --no-text-encoder)"
             if untrained
-            else "add the layers it adapts (--targets all, --conv-rank N), or check it was trained on this base model"
+            else "add the layers it adapts (--targets all, --conv-rank N, a block weight above 0 where it adapts a block), or check it was trained on this base model"
         )
         raise ConfigError(f"--init-lora {source}: {len(missing)} of its {len(modules)} modules are not adapted in this run (first: {missing[0].group}.{missing[0].module}); {hint}")
     with torch.no_grad():
