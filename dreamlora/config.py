@@ -120,6 +120,7 @@ class DataConfig:
     keep_tokens: int = 0  # the first N tags stay in place and are never dropped (kohya's --keep_tokens)
     caption_tag_dropout: float = 0.0  # drop each other tag with this probability every step (kohya's --caption_tag_dropout_rate)
     caption_separator: str = ","  # what separates tags (kohya's --caption_separator)
+    masked_loss: bool = False  # weight the instance loss by each photo's alpha channel, so transparent background is not learned (kohya's --masked_loss --alpha_mask)
     repeats: int = 1  # each instance image appears this many times per epoch
     class_ratio: float = 1.0  # class images per instance image in a batch (0.5: one every other step at batch size 1)
     buckets: bool = False  # aspect-ratio buckets of about resolution**2 pixels, so non-square photos train whole

@@ -98,6 +98,7 @@ class LoadedImage:
     format: str  # PIL's name of the file format, e.g. JPEG
     file_size: tuple[int, int]  # width, height as stored, before EXIF rotation
     fixes: tuple[str, ...]  # e.g. `EXIF orientation 6 applied`, `alpha flattened on white`
+    alpha: Image.Image | None = None  # the alpha channel (mode L, upright) of a photo that has one: --masked-loss's mask
 
 
 def open_image(path: Path) -> Image.Image:
@@ -118,13 +119,14 @@ def load_image(path: Path) -> LoadedImage:
                         f"image '{path}' is {image.width}x{image.height} pixels, too large to be a photo (limit {MAX_PIXELS:,}); downscale it"
                     )
                 image.load()  # the first frame of an animated GIF
-                fmt, file_size, fixes = image.format or path.suffix.lstrip(".").upper(), image.size, []
+                fmt, file_size, fixes, alpha = image.format or path.suffix.lstrip(".").upper(), image.size, [], None
                 orientation = image.getexif().get(0x0112, 1)
                 image = ImageOps.exif_transpose(image)
                 if orientation not in (0, 1):
                     fixes.append(f"EXIF orientation {orientation} applied")
                 if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
                     rgba = image.convert("RGBA")
+                    alpha = rgba.getchannel("A")
                     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                     image = Image.alpha_composite(background, rgba)
                     fixes.append("alpha flattened on white")
@@ -142,7 +144,7 @@ def load_image(path: Path) -> LoadedImage:
                     image = Image.fromarray(np.clip(values / top * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
                 elif image.mode not in ("RGB", "L"):
                     fixes.append(f"{image.mode} converted to RGB")
-                return LoadedImage(image.convert("RGB"), fmt, file_size, tuple(fixes))
+                return LoadedImage(image.convert("RGB"), fmt, file_size, tuple(fixes), alpha)
     except DataError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
@@ -294,6 +296,16 @@ def nearest_bucket(image_size: tuple[int, int], buckets: list[tuple[int, int]]) 
     return min(buckets, key=lambda b: (abs(np.log(b[0] / b[1]) - ratio), -b[0] * b[1]))
 
 
+def latent_mask(alpha: Image.Image | None, latent_hw: tuple[int, int], flipped: bool) -> torch.Tensor:
+    """A view's loss mask at latent size, (1, h, w) in [0, 1]: the alpha channel cropped as the pixels were (the caller
+    does that), mirrored with them, and area-averaged down; all ones without an alpha channel."""
+    if alpha is None:
+        return torch.ones(1, *latent_hw)
+    mask = torch.from_numpy(np.asarray(alpha, dtype=np.float32) / 255.0)[None, None]
+    mask = torch.nn.functional.interpolate(mask, size=latent_hw, mode="area")[0]
+    return mask.flip(-1) if flipped else mask
+
+
 def to_tensor(image: Image.Image) -> torch.Tensor:
     """HWC uint8 to CHW float in [-1, 1]."""
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
@@ -303,10 +315,15 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 class ImageFolderDataset(torch.utils.data.Dataset):
     """Images of one folder with one prompt (or one per image: `prompts`), resized and cropped to the training resolution."""
 
-    def __init__(self, folder: ImageFolder, prompt: str, resolution: int, role: str, center_crop: bool = True, prompts: list[str] | None = None) -> None:
+    def __init__(
+        self, folder: ImageFolder, prompt: str, resolution: int, role: str, center_crop: bool = True, prompts: list[str] | None = None, alphas: bool = False
+    ) -> None:
         self.folder, self.prompt, self.resolution, self.center_crop = folder, prompt, resolution, center_crop
         self.prompts = list(prompts) if prompts is not None else [prompt] * len(folder.paths)
-        self.images = [open_image(path) for path in folder.paths]
+        loaded = [load_image(path) for path in folder.paths]
+        self.images = [item.image for item in loaded]
+        # --masked-loss: each photo's alpha channel (None: no alpha, the whole image counts).
+        self.alphas: list[Image.Image | None] | None = [item.alpha for item in loaded] if alphas else None
         for path, image in zip(folder.paths, self.images):
             if min(image.size) < resolution // 2:
                 log.warning("%s image '%s' is %dx%d, less than half the training resolution %d; it will look blurry", role, path.name, *image.size, resolution)

@@ -189,6 +189,9 @@ def build_dataset_report(cfg: RunConfig, vae_scale_factor: int = 8, sheet_path: 
         notes.append("random crops: the contact sheet shows the centre crop; training sees other crops of the same scaled image")
     if data.color_jitter:
         notes.append(f"colour jitter {data.color_jitter}: not shown on the contact sheet")
+    if data.masked_loss:
+        masked = sum("alpha flattened on white" in e.fixes for e in instance.images)
+        notes.append(f"--masked-loss: {masked} of {len(instance.images)} photos have an alpha channel, which weights their loss (the others count whole)")
     if data.varies_captions and instance.captions:
         what = " and ".join(w for w, on in (("shuffled", data.shuffle_caption), (f"dropped with probability {data.caption_tag_dropout:g}", data.caption_tag_dropout > 0)) if on)
         notes.append(f"caption tags (split at {data.caption_separator!r}) are {what} every step; the first {data.keep_tokens} stay in place")

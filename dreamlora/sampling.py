@@ -15,8 +15,9 @@ import math
 from collections.abc import Callable
 
 import torch
+from PIL import Image
 
-from dreamlora.data import ImageFolderDataset, jitter_colors, nearest_bucket, random_offset, resize_and_crop_to, size_ids, stream_indices, to_tensor
+from dreamlora.data import ImageFolderDataset, jitter_colors, latent_mask, nearest_bucket, random_offset, resize_and_crop_to, size_ids, stream_indices, to_tensor
 from dreamlora.latent_cache import LatentDiskCache, file_digest
 
 Size = tuple[int, int]  # (width, height) in pixels
@@ -163,6 +164,10 @@ class AugmentedLatents:
 
     def sample_with_sizes(self, indices: list[int], generator: torch.Generator, size: Size) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents of the examples `indices` at `size` = (width, height) and their size conditioning, shape (len(indices), 6)."""
+        return self.sample_views(indices, generator, size)[:2]
+
+    def sample_views(self, indices: list[int], generator: torch.Generator, size: Size, masks: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`sample_with_sizes`, and with `masks` each view's loss mask at latent size (`data.latent_mask`), cropped as its pixels."""
         device = generator.device
         flips = torch.randint(0, 2, (len(indices),), generator=generator, device=device) if self.flip else torch.zeros(len(indices), dtype=torch.long, device=device)
         if self.cacheable:
@@ -174,4 +179,19 @@ class AugmentedLatents:
             mean, std = self.encode(torch.stack([v[0] for v in views]))
             ids = [v[1] for v in views]
         eps = torch.randn(mean.shape, generator=generator, device=device)
-        return ((mean.to(device) + std.to(device) * eps) - self.shift) * self.scaling, torch.stack(ids).to(device)
+        mask = None
+        if masks:
+            # The crop each view took: the centre, or the offset `_render` drew first from the view's own generator.
+            alphas = self.dataset.alphas or [None] * len(self.dataset)
+            mask = torch.stack([
+                latent_mask(self._crop_alpha(alphas[i], i, size, generator), tuple(mean.shape[-2:]), bool(f)) for i, f in zip(indices, flips.tolist())
+            ]).to(device)  # fmt: skip
+        return ((mean.to(device) + std.to(device) * eps) - self.shift) * self.scaling, torch.stack(ids).to(device), mask
+
+    def _crop_alpha(self, alpha: Image.Image | None, index: int, size: Size, generator: torch.Generator) -> Image.Image | None:
+        if alpha is None:
+            return None
+        offset = None
+        if not self.center_crop:
+            offset = random_offset(self.dataset.images[index].size, size, torch.Generator().manual_seed(int(generator.initial_seed()) + index))
+        return resize_and_crop_to(alpha, size, offset)

@@ -28,12 +28,14 @@ def dreambooth_loss(
     weights: torch.Tensor | None = None,
     loss: str = "l2",
     huber_c: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The per-example loss averaged over the instance half plus `prior_weight` x over the class half (rows after `n_instance`), in fp32.
 
     `loss`: l2 (squared error), l1, or the pseudo-Huber losses with a threshold c per row (`huber_c`, from `train.huber_thresholds`):
     huber 2c(sqrt(d^2 + c^2) - c), which is d^2 for small errors and 2c|d| for large ones, and smooth_l1 2(sqrt(d^2 + c^2) - c).
     `weights` (one per row, e.g. from `train.snr_weights`) scale each example's loss before each half is averaged.
+    `mask` (rows, 1, h, w) in [0, 1] weights each latent position before the mean (--masked-loss: as kohya, not renormalised).
     """
     diff = pred.float() - target.float()
     if loss == "l2":
@@ -46,6 +48,8 @@ def dreambooth_loss(
         c = huber_c.float().view(-1, *[1] * (diff.dim() - 1))
         elementwise = (diff.square() + c.square()).sqrt() - c
         elementwise = 2 * c * elementwise if loss == "huber" else 2 * elementwise
+    if mask is not None:
+        elementwise = elementwise * mask.float()
     per_example = elementwise.flatten(1).mean(dim=1)
     if weights is not None:
         per_example = per_example * weights.float()
@@ -71,6 +75,7 @@ def batch_loss(
     added_conditioning: Callable[[PromptEmbeddings, torch.Tensor], dict[str, torch.Tensor] | None] | None = None,
     loss: str = "l2",
     huber_c: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Predict with the UNet conditioned on each row's prompt and return (loss, instance loss, prior loss).
 
@@ -84,7 +89,7 @@ def batch_loss(
     added = added_conditioning(embeddings, size_ids) if added_conditioning is not None else None
     added = {key: value.to(weight_dtype) for key, value in added.items()} if added else None
     pred = unet(noisy.to(weight_dtype), timesteps, embeddings.context.to(weight_dtype), added_cond_kwargs=added).sample
-    return dreambooth_loss(pred, target, n_instance, prior_weight, weights, loss, huber_c)
+    return dreambooth_loss(pred, target, n_instance, prior_weight, weights, loss, huber_c, mask)
 
 
 class CudaGraphStep:

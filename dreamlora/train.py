@@ -23,7 +23,7 @@ import torch
 from dreamlora import __version__
 from dreamlora import checkpoint as ckpt
 from dreamlora.config import RunConfig, replace, to_dict, to_toml
-from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, list_images, make_buckets, open_image, resize_and_crop, to_tensor, vary_caption
+from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, latent_mask, list_images, make_buckets, open_image, resize_and_crop, to_tensor, vary_caption
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
 from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, block_lr_factors, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters, up_weight_flags
@@ -388,13 +388,21 @@ class LatentSource:
 
     def sample_with_sizes(self, indices: list[int], generator: torch.Generator, size: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Latents of the examples `indices` and their SDXL size conditioning, shape (len(indices), 6)."""
+        return self.sample_views(indices, generator, size)[:2]
+
+    def sample_views(
+        self, indices: list[int], generator: torch.Generator, size: tuple[int, int] | None = None, masks: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """`sample_with_sizes`, and with `masks` each view's loss mask at latent size (`data.latent_mask`)."""
         device = generator.device
         flips = torch.randint(0, 2, (len(indices),), generator=generator, device=device) if self.flip else torch.zeros(len(indices), dtype=torch.long, device=device)
+        boxes: list[tuple[int, int] | None]
         if self.cache:
             index = torch.tensor(indices, device=self.means.device)
             mean = self.means[flips.to(self.means.device), index]
             std = self.stds[flips.to(self.means.device), index]
             sizes = self.size_ids[flips.cpu(), index.cpu()]
+            boxes = [None] * len(indices)  # the centre crop
         else:
             boxes = [self.dataset.random_crop_box(i, torch.Generator().manual_seed(int(generator.initial_seed()) + i)) for i in indices]
             pixels = torch.stack([to_tensor(resize_and_crop(self.dataset.images[i], self.dataset.resolution, box)) for i, box in zip(indices, boxes)])
@@ -402,7 +410,12 @@ class LatentSource:
             mean, std = self.encode(pixels)
             sizes = torch.stack([self.dataset.size_conditioning(i, box, bool(f)) for i, box, f in zip(indices, boxes, flips.tolist())])
         eps = torch.randn(mean.shape, generator=generator, device=device)
-        return ((mean.to(device) + std.to(device) * eps) - self.shift) * self.scaling, sizes.to(device)
+        mask = None
+        if masks:
+            alphas = self.dataset.alphas or [None] * len(self.dataset)
+            views = [(resize_and_crop(alphas[i], self.dataset.resolution, box) if alphas[i] is not None else None, bool(f)) for i, box, f in zip(indices, boxes, flips.tolist())]
+            mask = torch.stack([latent_mask(alpha, tuple(mean.shape[-2:]), flipped) for alpha, flipped in views]).to(device)
+        return ((mean.to(device) + std.to(device) * eps) - self.shift) * self.scaling, sizes.to(device), mask
 
 
 @dataclass
@@ -414,6 +427,7 @@ class DrawnBatch:
     size_ids: torch.Tensor  # (examples, 6) SDXL size conditioning; other families ignore it
     generator: torch.Generator  # for the micro-step's other random draws
     texts: list[str] | None = None  # with --shuffle-caption / --caption-tag-dropout: each example's prompt this step
+    masks: torch.Tensor | None = None  # with --masked-loss: (examples, 1, h, w) loss weights, ones for class images
 
 
 class DreamBoothBatches:
@@ -425,7 +439,13 @@ class DreamBoothBatches:
         self.data = data
         folder = list_images(data.instance_dir, "instance")
         captions = instance_prompts(folder, data.token, data.resolved_instance_prompt(), data.captions)
-        instance = ImageFolderDataset(folder, data.resolved_instance_prompt(), data.resolution, "instance", data.center_crop, captions)
+        instance = ImageFolderDataset(folder, data.resolved_instance_prompt(), data.resolution, "instance", data.center_crop, captions, alphas=data.masked_loss)
+        if data.masked_loss and rank == 0:
+            with_alpha = sum(alpha is not None for alpha in instance.alphas or [])
+            if not with_alpha:
+                log.warning("--masked-loss: none of the %d photos has an alpha channel, so every pixel counts; save cut-outs as PNG/WebP with transparency", len(instance))
+            else:
+                log.info("--masked-loss: %d of %d photos masked by their alpha channel (the others count whole)", with_alpha, len(instance))
         disk = open_latent_cache(data.cache_latents, data.latent_cache_dir, components.vae) if data.latents_cacheable else None
         self.disk = disk
         # The plain path (square, no jitter) keeps LatentSource; buckets or colour jitter render views per size.
@@ -472,8 +492,8 @@ class DreamBoothBatches:
         position = micro_step * self.world + self.rank
         generator = torch.Generator(device=self.device).manual_seed(self.seed * 7_919 + position)
         indices, size = self.plan.batch(position)
-        sampled, ids = self.sources[0].sample_with_sizes(indices, generator, size)
-        latents, sizes = [sampled], [ids]
+        sampled, ids, masks = self.sources[0].sample_views(indices, generator, size, masks=self.data.masked_loss)
+        latents, sizes, mask_parts = [sampled], [ids], [masks]
         rows = [self.instance_rows[i] for i in indices]
         if self.data.caption_dropout > 0:
             # Its own generator, so turning dropout on leaves every other draw of the run unchanged.
@@ -491,10 +511,12 @@ class DreamBoothBatches:
                 sampled, ids = self.sources[1].sample_with_sizes(chosen, generator, size)
                 latents.append(sampled)
                 sizes.append(ids)
+                mask_parts.append(torch.ones_like(sampled[:, :1]) if masks is not None else None)  # class images count whole
                 rows += [1] * len(chosen)
                 if texts is not None:
                     texts += [self.prompts[1]] * len(chosen)
-        return DrawnBatch(torch.cat(latents), torch.tensor(rows, device=self.device), torch.cat(sizes), generator, texts)
+        mask = torch.cat(mask_parts) if masks is not None else None
+        return DrawnBatch(torch.cat(latents), torch.tensor(rows, device=self.device), torch.cat(sizes), generator, texts, mask)
 
 
 LOGGED_RATES = {"lr": "unet", "lr_text_encoder": "text_encoder", "lr_embeddings": "embeddings"}  # metrics.jsonl key: optimizer group
@@ -590,6 +612,8 @@ def use_cuda_graphs(cfg: RunConfig, device: torch.device, num_processes: int, pr
         reasons.append("pivotal tuning")
     if cfg.data.varies_captions:
         reasons.append("prompts that change every step (--shuffle-caption, --caption-tag-dropout)")
+    if cfg.data.masked_loss:
+        reasons.append("--masked-loss")
     if cfg.train.compile == "off" or (cfg.train.compile == "auto" and reasons):
         if cfg.train.compile == "auto" and device.type == "cuda":
             log.info("CUDA graphs off: %s", ", ".join(reasons))
@@ -1158,7 +1182,7 @@ def _train(
                     context_fn = (lambda: encode_prompts(components, step_ids, text_encoders)) if encode_each_step else (lambda: cached_embeddings.select(used))  # noqa: E731
                 loss, instance_loss, prior_loss = batch_loss(
                     unet, context_fn, rows, noisy, timesteps, target, bsz, cfg.train.prior_weight, weight_dtype, weights, batch.size_ids, added_conditioning,
-                    cfg.train.loss, huber_c,
+                    cfg.train.loss, huber_c, batch.masks,
                 )
                 if not torch.isfinite(loss):
                     # A non-finite loss must not reach the weights: skip the step and stop after several in a row.
