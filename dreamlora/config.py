@@ -120,6 +120,7 @@ class DataConfig:
     keep_tokens: int = 0  # the first N tags stay in place and are never dropped (kohya's --keep_tokens)
     caption_tag_dropout: float = 0.0  # drop each other tag with this probability every step (kohya's --caption_tag_dropout_rate)
     caption_separator: str = ","  # what separates tags (kohya's --caption_separator)
+    max_token_length: int = 75  # tokens of a prompt read: 75 (one window), 150 or 225 (kohya's --max_token_length, windows joined)
     masked_loss: bool = False  # weight the instance loss by each photo's alpha channel, so transparent background is not learned (kohya's --masked_loss --alpha_mask)
     repeats: int = 1  # each instance image appears this many times per epoch
     class_ratio: float = 1.0  # class images per instance image in a batch (0.5: one every other step at batch size 1)
@@ -133,6 +134,7 @@ class DataConfig:
         _check(bool(self.token.strip()), "data.token is empty; pass a rare word such as `sks`")
         _check(0 <= self.caption_dropout <= 1, f"data.caption_dropout must be in [0, 1]; got {self.caption_dropout}")
         _check(0 <= self.caption_tag_dropout < 1, f"data.caption_tag_dropout must be in [0, 1) (0 = off, 0.1 is usual); got {self.caption_tag_dropout}")
+        _check(self.max_token_length in (75, 150, 225), f"data.max_token_length must be 75, 150 or 225 (tokens, in windows of 75); got {self.max_token_length}")
         _check(0 <= self.keep_tokens <= 100, f"data.keep_tokens must be in 0..100 tags; got {self.keep_tokens}")
         _check(bool(self.caption_separator.strip()), "data.caption_separator is empty; pass the character between tags, e.g. ','")
         _check(

@@ -640,9 +640,27 @@ def model_fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def tokenize(tokenizer: Any, prompts: list[str]) -> torch.Tensor:
-    """Token ids padded to the tokenizer's maximum length, as Stable Diffusion expects."""
-    return tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt").input_ids
+def tokenize(tokenizer: Any, prompts: list[str], max_tokens: int = 0) -> torch.Tensor:
+    """Token ids padded to the tokenizer's maximum length, as Stable Diffusion expects.
+
+    `max_tokens` past the window's 75 (kohya's --max_token_length 150 or 225): each prompt is read to that many tokens
+    and cut into windows of BOS + 75 tokens + EOS/pad, side by side, (prompts, windows x 77); `encode_prompts` joins
+    their encodings back. For tokenizers whose pad is not EOS (SD 2.x, SDXL's second) a window cut mid-prompt ends in
+    EOS and an empty one reads BOS EOS PAD ..., as kohya makes them.
+    """
+    window = tokenizer.model_max_length
+    if max_tokens + 2 <= window:
+        return tokenizer(prompts, padding="max_length", max_length=window, truncation=True, return_tensors="pt").input_ids
+    ids = tokenizer(prompts, padding="max_length", max_length=max_tokens + 2, truncation=True, return_tensors="pt").input_ids
+    windows = []
+    for start in range(1, max_tokens + 1, window - 2):
+        part = torch.cat([ids[:, :1], ids[:, start : start + window - 2], ids[:, -1:]], dim=1)
+        eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+        if pad != eos:
+            part[(part[:, -2] != eos) & (part[:, -2] != pad), -1] = eos
+            part[part[:, 1] == pad, 1] = eos
+        windows.append(part)
+    return torch.cat(windows, dim=1)
 
 
 def encode_prompt(text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
@@ -650,15 +668,26 @@ def encode_prompt(text_encoder: torch.nn.Module, input_ids: torch.Tensor) -> tor
     return text_encoder(input_ids)[0]
 
 
-def tokenize_all(components: Components, prompts: list[str]) -> list[torch.Tensor]:
-    """Token ids of `prompts` for each of the family's tokenizers, in text-encoder order."""
-    return [tokenize(tokenizer, prompts) for tokenizer in components.tokenizers]
+def tokenize_all(components: Components, prompts: list[str], max_tokens: int = 0) -> list[torch.Tensor]:
+    """Token ids of `prompts` for each of the family's tokenizers, in text-encoder order (`tokenize`'s `max_tokens`)."""
+    return [tokenize(tokenizer, prompts, max_tokens) for tokenizer in components.tokenizers]
 
 
 def encode_prompts(components: Components, input_ids: list[torch.Tensor], text_encoders: Sequence[torch.nn.Module] | None = None) -> PromptEmbeddings:
     """The family's prompt encoding (`text_encoders` replaces the components' own, e.g. wrapped for training)."""
     encoders = list(text_encoders) if text_encoders is not None else list(components.text_encoders.values())
-    return components.family.encode(encoders, input_ids)
+    window = int(components.tokenizers[0].model_max_length)
+    count = int(input_ids[0].shape[-1]) // window
+    if count <= 1:
+        return components.family.encode(encoders, input_ids)
+    # Long prompts (`tokenize`'s windows): each window encoded alone, then BOS, every window's 75 tokens and the last
+    # EOS joined (1 + 75 x windows + 1 positions); the pooled prompt is the first window's, as kohya's scripts do.
+    rows = int(input_ids[0].shape[0])
+    out = components.family.encode(encoders, [ids.reshape(rows * count, window) for ids in input_ids])
+    hidden = out.context.reshape(rows, count * window, -1)
+    parts = [hidden[:, :1], *[hidden[:, i * window + 1 : (i + 1) * window - 1] for i in range(count)], hidden[:, -1:]]
+    pooled = out.pooled.reshape(rows, count, -1)[:, 0] if out.pooled is not None else None
+    return PromptEmbeddings(torch.cat(parts, dim=1), pooled)
 
 
 def build_pipeline(components: Components, scheduler: str = "dpm++") -> Any:

@@ -713,13 +713,14 @@ def _attach_pivotal(cfg: RunConfig, components: Components, resume_from: Path | 
 
 
 def _varied_prompts(
-    components: Components, texts: list[str], text_encoders: list[torch.nn.Module], trains: bool, expand: Callable[[str], str] | None, device: torch.device
+    components: Components, texts: list[str], text_encoders: list[torch.nn.Module], trains: bool, expand: Callable[[str], str] | None, device: torch.device,
+    max_tokens: int = 0,
 ) -> tuple[Callable[[], PromptEmbeddings], torch.Tensor]:
     """This step's prompts when tags are shuffled or dropped: each distinct one tokenized and encoded now (with
     gradients while something in the text encoders trains), and the row of each example."""
     distinct = list(dict.fromkeys(texts))
     rows = torch.tensor([distinct.index(t) for t in texts], device=device)
-    ids = [t.to(device) for t in tokenize_all(components, [expand(t) for t in distinct] if expand else distinct)]
+    ids = [t.to(device) for t in tokenize_all(components, [expand(t) for t in distinct] if expand else distinct, max_tokens)]
     if trains:
         return (lambda: encode_prompts(components, ids, text_encoders)), rows
 
@@ -1035,8 +1036,9 @@ def _train(
     batches = DreamBoothBatches(cfg, components, device, accelerator.num_processes, accelerator.process_index)
     with_prior = batches.with_prior
     prompts = [pivotal.expand(p) for p in batches.prompts] if pivotal else batches.prompts  # the token as its new tokens
-    warn_long_prompts(components.tokenizers[0], prompts)
-    input_ids = [ids.to(device) for ids in tokenize_all(components, prompts)]  # one tensor per tokenizer (SDXL: two)
+    max_tokens = cfg.data.max_token_length
+    warn_long_prompts(components.tokenizers[0], prompts, max_tokens)
+    input_ids = [ids.to(device) for ids in tokenize_all(components, prompts, max_tokens)]  # one tensor per tokenizer (SDXL: two)
     text_encoders = list(components.text_encoders.values())
     if not encode_each_step:
         with torch.no_grad():
@@ -1175,7 +1177,7 @@ def _train(
             with accelerator.accumulate(*models), accelerator.autocast():
                 # Encode each distinct prompt of this step once and index it: gradients still reach every row.
                 if batch.texts is not None:
-                    context_fn, rows = _varied_prompts(components, batch.texts, text_encoders, encode_each_step, pivotal.expand if pivotal else None, device)
+                    context_fn, rows = _varied_prompts(components, batch.texts, text_encoders, encode_each_step, pivotal.expand if pivotal else None, device, max_tokens)
                 else:
                     used, rows = rows.unique(return_inverse=True)  # with captions, only this step's prompts
                     step_ids = [ids[used] for ids in input_ids]
@@ -1293,15 +1295,15 @@ def _train(
     return TrainResult(run_dir, cfg.train.max_steps, loss_value, seconds, lora_path, attention, precision, with_prior, skipped, samples, graphs, capture)
 
 
-def warn_long_prompts(tokenizer: Any, prompts: list[str]) -> list[str]:
-    """Warn about prompts (long captions) the text encoder cuts at its context length; returns them."""
-    limit = tokenizer.model_max_length
+def warn_long_prompts(tokenizer: Any, prompts: list[str], max_tokens: int = 0) -> list[str]:
+    """Warn about prompts (long captions) cut at the text encoder's context length (or `max_tokens`); returns them."""
+    limit = max(int(tokenizer.model_max_length), max_tokens + 2)
     long = [(prompt, n) for prompt in prompts if (n := len(tokenizer(prompt).input_ids)) > limit]
     if long:
         shown = "; ".join(f"{prompt[:60]!r}{'...' if len(prompt) > 60 else ''} ({n} tokens)" for prompt, n in long[:3])
         log.warning(
-            "%d prompt(s) are longer than the text encoder's %d tokens and are cut there, as Stable Diffusion reads them: %s%s. "
-            "Shorten those captions to keep their ends",
+            "%d prompt(s) are longer than the %d tokens read and are cut there: %s%s. "
+            "Shorten those captions to keep their ends, or read up to 150 or 225 tokens with --max-token-length",
             len(long), limit, shown, " ..." if len(long) > 3 else "",
         )
     return [prompt for prompt, _ in long]
