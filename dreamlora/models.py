@@ -643,13 +643,13 @@ def model_fingerprint(folder: Path) -> str:
 def tokenize(tokenizer: Any, prompts: list[str], max_tokens: int = 0) -> torch.Tensor:
     """Token ids padded to the tokenizer's maximum length, as Stable Diffusion expects.
 
-    `max_tokens` past the window's 75 (kohya's --max_token_length 150 or 225): each prompt is read to that many tokens
-    and cut into windows of BOS + 75 tokens + EOS/pad, side by side, (prompts, windows x 77); `encode_prompts` joins
+    `max_tokens` past 75 (kohya's --max_token_length 150 or 225): each prompt is read to that many tokens and cut into
+    windows of BOS + 75 tokens + EOS/pad (a smaller tokenizer's window less 2), side by side; `encode_prompts` joins
     their encodings back. For tokenizers whose pad is not EOS (SD 2.x, SDXL's second) a window cut mid-prompt ends in
     EOS and an empty one reads BOS EOS PAD ..., as kohya makes them.
     """
     window = tokenizer.model_max_length
-    if max_tokens + 2 <= window:
+    if max_tokens <= 75 or max_tokens + 2 <= window:  # 75 (the default): the tokenizer's own window, whatever its size
         return tokenizer(prompts, padding="max_length", max_length=window, truncation=True, return_tensors="pt").input_ids
     ids = tokenizer(prompts, padding="max_length", max_length=max_tokens + 2, truncation=True, return_tensors="pt").input_ids
     windows = []

@@ -25,6 +25,10 @@ def test_windows_hold_the_prompt_in_order() -> None:
     assert first[0] == second[0] == tokenizer.bos_token_id and first[-1] == second[-1] == tokenizer.eos_token_id
     assert first[1:76] + second[1:76][: len(full) - 76] == full[1:-1] + [tokenizer.eos_token_id]  # content, then EOS, then padding
     assert torch.equal(tokenize(tokenizer, ["a photo"], 75), tokenize(tokenizer, ["a photo"]))  # 75: one window, as before
+    small = copy.deepcopy(tokenizer)
+    small.model_max_length = 32  # the toy model's window
+    assert tokenize(small, [LONG], 75).shape == (1, 32)  # the default is the tokenizer's own window, whatever its size
+    assert tokenize(small, [LONG], 150).shape == (1, 5 * 32)  # windows of 30 tokens
     # A tokenizer whose pad is not EOS (SD 2.x, SDXL's second): a window cut mid-prompt ends in EOS, an empty one reads BOS EOS PAD.
     padded = copy.deepcopy(tokenizer)
     padded.pad_token = padded.convert_ids_to_tokens(2)
