@@ -640,6 +640,13 @@ def model_fingerprint(folder: Path) -> str:
     return digest.hexdigest()[:16]
 
 
+def read_length(tokenizer: Any, max_tokens: int = 0) -> int:
+    """How many tokens of a prompt (BOS and EOS included) `tokenize` reads: the tokenizer's own window, whatever its
+    size, up to `max_tokens` 75 (the default); `max_tokens` + 2 past it."""
+    window = int(tokenizer.model_max_length)
+    return window if max_tokens <= 75 or max_tokens + 2 <= window else max_tokens + 2
+
+
 def tokenize(tokenizer: Any, prompts: list[str], max_tokens: int = 0) -> torch.Tensor:
     """Token ids padded to the tokenizer's maximum length, as Stable Diffusion expects.
 
@@ -648,10 +655,10 @@ def tokenize(tokenizer: Any, prompts: list[str], max_tokens: int = 0) -> torch.T
     their encodings back. For tokenizers whose pad is not EOS (SD 2.x, SDXL's second) a window cut mid-prompt ends in
     EOS and an empty one reads BOS EOS PAD ..., as kohya makes them.
     """
-    window = tokenizer.model_max_length
-    if max_tokens <= 75 or max_tokens + 2 <= window:  # 75 (the default): the tokenizer's own window, whatever its size
-        return tokenizer(prompts, padding="max_length", max_length=window, truncation=True, return_tensors="pt").input_ids
-    ids = tokenizer(prompts, padding="max_length", max_length=max_tokens + 2, truncation=True, return_tensors="pt").input_ids
+    window, length = tokenizer.model_max_length, read_length(tokenizer, max_tokens)
+    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
+    if length == window:
+        return ids
     windows = []
     for start in range(1, max_tokens + 1, window - 2):
         part = torch.cat([ids[:, :1], ids[:, start : start + window - 2], ids[:, -1:]], dim=1)

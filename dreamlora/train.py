@@ -27,7 +27,7 @@ from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, f
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
 from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, block_lr_factors, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters, up_weight_flags
-from dreamlora.models import Components, PromptEmbeddings, apply_clip_skip, encode_prompts, load_model, public_model_ref, resolve_precision, select_attention, tokenize_all
+from dreamlora.models import Components, PromptEmbeddings, apply_clip_skip, encode_prompts, load_model, public_model_ref, read_length, resolve_precision, select_attention, tokenize_all
 from dreamlora.pivotal import EMBEDDINGS_FILE, PivotalEmbeddings, embeddings_for, placeholders, save_embeddings
 from dreamlora.prior import MANIFEST, read_prior_set, safe_name
 from dreamlora.sampling import AugmentedLatents, class_indices, instance_plan, steps_per_epoch
@@ -1296,8 +1296,8 @@ def _train(
 
 
 def warn_long_prompts(tokenizer: Any, prompts: list[str], max_tokens: int = 0) -> list[str]:
-    """Warn about prompts (long captions) cut at the text encoder's context length (or `max_tokens`); returns them."""
-    limit = max(int(tokenizer.model_max_length), max_tokens + 2)
+    """Warn about prompts (long captions) cut where `tokenize` stops reading (`models.read_length`); returns them."""
+    limit = read_length(tokenizer, max_tokens)
     long = [(prompt, n) for prompt in prompts if (n := len(tokenizer(prompt).input_ids)) > limit]
     if long:
         shown = "; ".join(f"{prompt[:60]!r}{'...' if len(prompt) > 60 else ''} ({n} tokens)" for prompt, n in long[:3])

@@ -69,3 +69,13 @@ def test_training_reads_long_captions_whole_and_records_it(tmp_path: Path, insta
     assert read_safetensors(tmp_path / "w.safetensors")[1]["ss_max_token_length"] == "150"
     bad = runner.invoke(app, [*args, "--max-token-length", "100", "--out", str(tmp_path / "bad")])
     assert bad.exit_code == 2 and "75, 150 or 225" in " ".join(bad.output.replace("│", " ").split())
+
+
+def test_the_warning_names_what_tokenize_cuts_for_any_window() -> None:
+    from dreamlora.train import warn_long_prompts
+
+    small = copy.deepcopy(load_components("tiny").tokenizer)
+    small.model_max_length = 32  # the toy model's window: its default reads 32 tokens, not 77
+    forty = "x" * 40  # 42 tokens with BOS and EOS
+    assert warn_long_prompts(small, [forty], 75) == [forty] and warn_long_prompts(small, [forty], 150) == []
+    assert tokenize(small, [forty], 75).shape == (1, 32)
