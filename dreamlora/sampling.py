@@ -15,7 +15,6 @@ import math
 from collections.abc import Callable
 
 import torch
-from PIL import Image
 
 from dreamlora.data import ImageFolderDataset, jitter_colors, latent_mask, nearest_bucket, random_offset, resize_and_crop_to, size_ids, stream_indices, to_tensor
 from dreamlora.latent_cache import LatentDiskCache, file_digest
@@ -137,8 +136,9 @@ class AugmentedLatents:
         """The pixels training sees: cover-resize and crop (random with a generator and random crops), jitter, flip."""
         return self._render(index, size, flipped, generator)[0]
 
-    def _render(self, index: int, size: Size, flipped: bool, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """The view's pixels and its SDXL size conditioning (the crop it took, mirrored when flipped)."""
+    def _render(self, index: int, size: Size, flipped: bool, generator: torch.Generator | None) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int] | None]:
+        """The view's pixels, its SDXL size conditioning (the crop it took, mirrored when flipped) and its crop offset
+        (None: the centre)."""
         image = self.dataset.images[index]
         offset = random_offset(image.size, size, generator) if generator is not None and not self.center_crop else None
         ids = size_ids(image.size, size, offset, flipped)
@@ -146,7 +146,7 @@ class AugmentedLatents:
         if generator is not None and self.color_jitter > 0:
             image = jitter_colors(image, self.color_jitter, generator)
         pixels = to_tensor(image)
-        return (pixels.flip(-1) if flipped else pixels), ids
+        return (pixels.flip(-1) if flipped else pixels), ids, offset
 
     def stats(self, index: int, size: Size, flipped: bool) -> tuple[torch.Tensor, torch.Tensor]:
         key = (index, size, flipped)
@@ -174,24 +174,15 @@ class AugmentedLatents:
             stats = [self.stats(i, size, bool(f)) for i, f in zip(indices, flips.tolist())]
             mean, std = torch.stack([s[0] for s in stats]), torch.stack([s[1] for s in stats])
             ids = [size_ids(self.dataset.images[i].size, size, None, bool(f)) for i, f in zip(indices, flips.tolist())]
+            offsets = [None] * len(indices)  # the centre crop
         else:
             views = [self._render(i, size, bool(f), torch.Generator().manual_seed(int(generator.initial_seed()) + i)) for i, f in zip(indices, flips.tolist())]
             mean, std = self.encode(torch.stack([v[0] for v in views]))
-            ids = [v[1] for v in views]
+            ids, offsets = [v[1] for v in views], [v[2] for v in views]
         eps = torch.randn(mean.shape, generator=generator, device=device)
         mask = None
-        if masks:
-            # The crop each view took: the centre, or the offset `_render` drew first from the view's own generator.
+        if masks:  # each alpha cropped at the offset its view took
             alphas = self.dataset.alphas or [None] * len(self.dataset)
-            mask = torch.stack([
-                latent_mask(self._crop_alpha(alphas[i], i, size, generator), tuple(mean.shape[-2:]), bool(f)) for i, f in zip(indices, flips.tolist())
-            ]).to(device)  # fmt: skip
+            crops = [resize_and_crop_to(alphas[i], size, offset) if alphas[i] is not None else None for i, offset in zip(indices, offsets)]
+            mask = torch.stack([latent_mask(alpha, tuple(mean.shape[-2:]), bool(f)) for alpha, f in zip(crops, flips.tolist())]).to(device)
         return ((mean.to(device) + std.to(device) * eps) - self.shift) * self.scaling, torch.stack(ids).to(device), mask
-
-    def _crop_alpha(self, alpha: Image.Image | None, index: int, size: Size, generator: torch.Generator) -> Image.Image | None:
-        if alpha is None:
-            return None
-        offset = None
-        if not self.center_crop:
-            offset = random_offset(self.dataset.images[index].size, size, torch.Generator().manual_seed(int(generator.initial_seed()) + index))
-        return resize_and_crop_to(alpha, size, offset)
