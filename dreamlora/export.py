@@ -27,7 +27,7 @@ from dreamlora.checkpoint import CONFIG_FILE, find_lora, read_run_info, write_at
 from dreamlora.config import ExportConfig, RunConfig, from_dict
 from dreamlora.errors import ConfigError, ExportError, ModelLoadError
 from dreamlora.models import public_model_ref
-from dreamlora.pivotal import bundle, embeddings_for, export_path, save_embeddings, split_bundle, usage_note
+from dreamlora.pivotal import bundle, embeddings_for, export_path, read_embeddings, save_embeddings, split_bundle, usage_note
 from dreamlora.lora import GROUPS, LORA_FILE, last_layer_marker, load_adapters, read_diffusers_lora, read_safetensors, save_diffusers_lora
 
 log = logging.getLogger(__name__)
@@ -710,24 +710,26 @@ def write_a1111(
 Embedding = tuple[str, dict[str, torch.Tensor]]  # pivotal tuning's token and its vectors per text encoder
 
 
-def _embedding_output(out: Path, embedding: Embedding | None) -> Path | None:
-    """Where the export's standalone embedding file goes (checked free before anything is written)."""
+def _refuse_existing_embedding(out: Path, embedding: Embedding | None) -> None:
+    """Before anything is written: the export's standalone embedding file must not exist either."""
+    if embedding is not None:
+        _refuse_existing(export_path(out))
+
+
+def _write_embedding(out: Path, fmt: str, embedding: Embedding | None, notes: list[str]) -> Path | None:
+    """The standalone embedding file beside the export at `out` (None without an embedding), read back to check it,
+    and how to load it in the notes; when it fails the export is removed too."""
     if embedding is None:
         return None
-    path = export_path(out)
-    _refuse_existing(path)
-    return path
-
-
-def _write_embedding(out: Path, fmt: str, embedding: Embedding, notes: list[str]) -> Path:
-    """The standalone embedding file beside an export (read back to check it), and how to load it in the notes."""
     token, tensors = embedding
-    path = save_embeddings(export_path(out), token, tensors)
-    from dreamlora.pivotal import read_embeddings
-
-    _, back = read_embeddings(path)
-    if set(back) != set(tensors) or any(not torch.equal(back[k], tensors[k].float()) for k in tensors):
-        raise ExportError(f"the embedding written to '{path}' does not read back as written")
+    try:
+        path = save_embeddings(export_path(out), token, tensors)
+        _, back = read_embeddings(path)
+        if set(back) != set(tensors) or any(not torch.equal(back[k], tensors[k].float()) for k in tensors):
+            raise ExportError(f"the embedding written to '{path}' does not read back as written")
+    except ExportError:
+        _remove(out)
+        raise
     notes.append(usage_note(token, tensors, path, bundled=fmt == "a1111"))
     return path
 
@@ -1053,7 +1055,7 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
         raise ExportError(f"A1111 output '{out}' must end in .safetensors; pass --out NAME.safetensors")
     _refuse_existing(out)
     embedding = embeddings_for(lora_file)
-    _embedding_output(out, embedding)
+    _refuse_existing_embedding(out, embedding)
     notes: list[str] = []
     if cfg.format == "a1111":
         metadata = a1111_metadata(run, modules, out.stem, run_config(run_dir))
@@ -1070,13 +1072,7 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
         counts = _count_modules(modules)
     else:
         counts = write_merged(out, base_model_ref(run_dir, run), lora_file, cfg.scale, cfg.dtype, cfg.single_file)
-    emb_out = None
-    if embedding is not None:
-        try:
-            emb_out = _write_embedding(out, cfg.format, embedding, notes)
-        except ExportError:
-            _remove(out)
-            raise
+    emb_out = _write_embedding(out, cfg.format, embedding, notes)
     report = None
     if cfg.verify:
         prompt = str(run.get("instance_prompt") or "a photo")
@@ -1260,7 +1256,7 @@ def write_lora_file(
     them, keeping the source's kohya metadata (updated by `metadata`), then load it back and compare (with `base_model`).
     `embedding`: the source's pivotal-tuned embedding, carried over (bundled in a1111, and as its own file beside)."""
     original = modules
-    emb_out = _embedding_output(dst, embedding)
+    _refuse_existing_embedding(dst, embedding)
     if to == "a1111":
         if alphas_diffusers_misreads((m.group, m.module, m.alpha) for m in modules):
             modules, changed = fold_alphas(modules, per_module_rank=False)
@@ -1272,12 +1268,7 @@ def write_lora_file(
             modules, changed = fold_alphas(modules, per_module_rank=True)
             notes.append(f"alphas/ranks differ between modules: alpha/rank folded into the up weights of {len(changed)} modules, so alpha = rank everywhere (right for every consumer)")
         write_diffusers(dst, modules, dtype)
-    if embedding is not None:
-        try:
-            _write_embedding(dst, to, embedding, notes)
-        except ExportError:
-            _remove(dst)
-            raise
+    emb_out = _write_embedding(dst, to, embedding, notes)
     report = None
     if verify:
         if base_model is None:
