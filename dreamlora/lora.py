@@ -47,8 +47,9 @@ def unet_lora_config(adapter_cfg: AdapterConfig, unet: torch.nn.Module | None = 
     exclude = None
     if unet is not None and adapter_cfg.block_weights_set:
         targets = tuple("." + t for t in adapter_cfg.all_unet_targets)
-        exclude = [name for name, _ in unet.named_modules() if name.endswith(targets) and adapter_cfg.block_lr_weight(unet_block_index(name)) == 0]
-        if exclude and len(exclude) == sum(1 for name, _ in unet.named_modules() if name.endswith(targets)):
+        adapted = [name for name, _ in unet.named_modules() if name.endswith(targets)]
+        exclude = [name for name in adapted if adapter_cfg.block_lr_weight(unet_block_index(name)) == 0]
+        if exclude and len(exclude) == len(adapted):
             raise ConfigError("the block weights are 0 for every UNet block with a LoRA target, so nothing would train; raise some of --down-lr-weight, --mid-lr-weight, --up-lr-weight")
     return lora_config(adapter_cfg, adapter_cfg.all_unet_targets, exclude, conv_layers=CONV3X3_TARGETS if adapter_cfg.conv_rank else ())
 

@@ -117,7 +117,8 @@ def resize_lora(
     """Resize any LoRA `convert` reads (or a run's) and write it as `to`, verified against `base_model` when given."""
     value = check_method(method, param, rank)
     dst = Path(dst)
-    modules, file_meta, notes, naming = read_for_rewrite(find_lora(Path(src)), dst, to, dtype, base_model, "resize")
+    source = find_lora(Path(src))
+    modules, file_meta, notes, naming = read_for_rewrite(source, dst, to, dtype, base_model, "resize")
     resized = [resize_module(m, method, value, rank) for m in modules]
     old = max(r.old_rank for r in resized)
     if method == "fixed" and rank > old:
@@ -126,6 +127,6 @@ def resize_lora(
         **rank_metadata([r.module for r in resized]),
         "ss_training_comment": f"resized by dreamlora from rank {old}: {describe_cut(method, value, rank)}; " + file_meta.get("ss_training_comment", ""),
     }
-    embedding = embeddings_for(find_lora(Path(src)))  # pivotal tuning's embedding is carried over as it is
+    embedding = embeddings_for(source)  # pivotal tuning's embedding is carried over as it is
     result = write_lora_file([r.module for r in resized], file_meta, notes, naming, dst, to, base_model, dtype, verify, metadata, embedding)
     return result, resized

@@ -552,7 +552,7 @@ def make_optimizer(
             for up in (False, True) if ratio != 1.0 else (False,):
                 members = [p for p, f, flag in zip(params, factors, ups) if f == factor and flag is up]
                 scale = (ratio if up else 1.0) * factor
-                rate = (lrs[name] * ratio if up else lrs[name]) * (factor if factor != 1.0 else 1)
+                rate = (lrs[name] * ratio if up else lrs[name]) * factor
                 param_groups.append({"params": members, "lr": lr(rate), "model": name, "scale": scale})
     if cfg.train.optimizer == "adamw8bit":
         try:
