@@ -33,6 +33,7 @@ Model = Annotated[Optional[str], typer.Option("--model", help="Hub id, local dif
 Vae = Annotated[Optional[str], typer.Option("--vae", help="Replacement VAE folder or hub id (SDXL in fp16: madebyollin/sdxl-vae-fp16-fix).")]
 Precision = Annotated[Optional[str], typer.Option("--precision", help="auto|fp16|bf16|fp32")]
 ClipSkip = Annotated[Optional[int], typer.Option("--clip-skip", help="Read prompts from the text encoder's Nth layer from the end, as A1111 and kohya count (2 for most anime SD 1.5 models; default 1).")]
+PredictionType = Annotated[Optional[str], typer.Option("--prediction-type", help="epsilon|v_prediction: what the UNet predicts, for v-prediction models whose files do not say so (kohya's --v_parameterization; default auto: the model's own config or v_pred marker).")]
 LoraFormat = Annotated[str, typer.Option("--to", help="a1111|diffusers")]
 LoraDtype = Annotated[str, typer.Option("--dtype", help="fp16|bf16|fp32")]
 SvdMethod = Annotated[str, typer.Option("--method", help="fixed (default), or per module from its singular values: sv_ratio, sv_fro, sv_cumulative (kohya's dynamic methods).")]
@@ -259,6 +260,7 @@ def prior(
     vae: Vae = None,
     precision: Precision = None,
     clip_skip: ClipSkip = None,
+    prediction_type: PredictionType = None,
     allow_pickle: AllowPickle = False,
     config: ConfigPath = None,
     set_: SetOption = None,
@@ -276,7 +278,7 @@ def prior(
                 "prior.negative_prompt": negative_prompt, "prior.steps": steps, "prior.guidance": guidance,
                 "prior.scheduler": scheduler, "prior.batch_size": batch_size, "prior.seed": seed, "prior.out": out_dir,
                 "model.name": model, "model.precision": precision, "data.resolution": resolution, "model.vae": vae,
-                "model.allow_pickle": True if allow_pickle else None, "model.clip_skip": clip_skip,
+                "model.allow_pickle": True if allow_pickle else None, "model.clip_skip": clip_skip, "model.prediction_type": prediction_type,
             }),
         )
         result = _prior_with_progress(cfg.prior, cfg.model, cfg.data.resolution)
@@ -556,6 +558,7 @@ def train(
     model: Model = None,
     vae: Vae = None,
     clip_skip: ClipSkip = None,
+    prediction_type: PredictionType = None,
     allow_pickle: AllowPickle = False,
     config: ConfigPath = None,
     set_: SetOption = None,
@@ -578,7 +581,7 @@ def train(
         "train.snr_gamma": snr_gamma, "train.noise_offset": noise_offset, "train.loss": loss, "train.huber_c": huber_c, "train.huber_schedule": huber_schedule, "train.text_encoder_steps_fraction": text_encoder_steps_fraction,
         "train.text_encoder_lr_scheduler": text_encoder_lr_scheduler, "train.text_encoder_warmup_steps": text_encoder_warmup_steps,
         "train.lr_cycles": lr_cycles, "train.lr_power": lr_power, "train.optimizer": optimizer,
-        "model.allow_pickle": True if allow_pickle else None, "model.clip_skip": clip_skip,
+        "model.allow_pickle": True if allow_pickle else None, "model.clip_skip": clip_skip, "model.prediction_type": prediction_type,
         **_dataset_flags(no_captions, caption_dropout, repeats, class_ratio, buckets, color_jitter),
         "data.cache_latents": False if no_latent_cache else None, "data.latent_cache_dir": latent_cache,
         **_target_flags(targets, conv_rank, conv_alpha),
@@ -844,7 +847,7 @@ def inspect(
             ranks = ", ".join(str(r) for r in info.get("ranks", []))
             alphas = ", ".join(f"{a:g}" for a in info.get("alphas", []) if a is not None) or "missing"
             rows.append((group, f"{info.get('modules')} modules, rank {ranks}, alpha {alphas}"))
-        for key in ("token", "class_name", "steps", "resolution", "model", "clip_skip", "status"):
+        for key in ("token", "class_name", "steps", "resolution", "model", "clip_skip", "prediction_type", "status"):
             if key in run:
                 rows.append((f"run {key}", run[key]))
         for key in sorted(metadata):
@@ -880,6 +883,7 @@ def generate(
     vae: Vae = None,
     precision: Precision = None,
     clip_skip: ClipSkip = None,
+    prediction_type: PredictionType = None,
     allow_pickle: AllowPickle = False,
     debug: Debug = False,
 ) -> None:
@@ -890,7 +894,7 @@ def generate(
 
         from dreamlora.checkpoint import find_lora
         from dreamlora.config import ModelConfig
-        from dreamlora.generate import check_settings, output_folder, recorded_clip_skip, run_base_model
+        from dreamlora.generate import check_settings, output_folder, recorded_clip_skip, recorded_prediction_type, run_base_model
         from dreamlora.generate import generate as run_generate
         from dreamlora.lora import read_safetensors
         from dreamlora.models import load_model, resolve_precision
@@ -909,7 +913,12 @@ def generate(
         if skip is None and (trained_with := recorded_clip_skip(loras)) and trained_with[0] != 1:
             skip = trained_with[0]
             console.print(f"clip skip {skip}, as {trained_with[1]} was trained with (--clip-skip to choose another)")
-        model_cfg = ModelConfig(**{k: v for k, v in {"name": base, "vae": base_vae, "precision": precision, "allow_pickle": allow_pickle, "clip_skip": skip}.items() if v is not None})
+        predicts = prediction_type
+        if predicts is None and (trained_for := recorded_prediction_type(loras)):
+            predicts = trained_for[0]
+            console.print(f"prediction type {predicts}, as {trained_for[1]} was trained for (--prediction-type to choose another)")
+        settings = {"name": base, "vae": base_vae, "precision": precision, "allow_pickle": allow_pickle, "clip_skip": skip, "prediction_type": predicts}
+        model_cfg = ModelConfig(**{k: v for k, v in settings.items() if v is not None})
         folder = output_folder(out_dir)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         _, dtype = resolve_precision(model_cfg.precision, device)

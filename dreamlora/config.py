@@ -18,6 +18,7 @@ from dreamlora.errors import ConfigError
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 ATTENTIONS = ("auto", "sdpa", "xformers")
+PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")  # constant_with_warmup: constant (which warms up too)
 OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor")
 TRACKERS = ("tensorboard", "wandb")
@@ -93,12 +94,14 @@ class ModelConfig:
     vae: str = ""  # replacement VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16
     single_file_config: str = ""  # a .safetensors checkpoint's configs and tokenizer: a diffusers folder or hub id of its architecture (default: diffusers' choice)
     clip_skip: int = 1  # read prompts from the text encoder's Nth layer from the end, as A1111/kohya count (2: penultimate, for most anime SD 1.5 models)
+    prediction_type: str = "auto"  # what the UNet predicts; auto: the model's scheduler config (a single file's v_pred marker); v_prediction as kohya's --v_parameterization
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "model.name is empty; pass a hub id, a local diffusers folder or `tiny`")
         _check(1 <= self.clip_skip <= 12, f"model.clip_skip must be in 1..12 (1: the text encoder's last layer, 2: the penultimate, as A1111 and kohya count); got {self.clip_skip}")
         _check_choice("model.precision", self.precision, PRECISIONS)
         _check_choice("model.attention", self.attention, ATTENTIONS)
+        _check_choice("model.prediction_type", self.prediction_type, PREDICTION_TYPES)
 
 
 @dataclass(frozen=True)

@@ -623,6 +623,7 @@ def a1111_metadata(run: dict[str, Any], modules: list[LoraModule], output_name: 
             if cfg.adapter.block_lr_zero_threshold:
                 network_args["block_lr_zero_threshold"] = f"{cfg.adapter.block_lr_zero_threshold:g}"
     resolution = int(run.get("resolution") or 512)
+    v_prediction = run.get("prediction_type") == "v_prediction"
     token, class_name = run.get("token", ""), run.get("class_name", "")
     model = public_model_ref(str(run.get("model", "")))
     meta = {
@@ -642,20 +643,24 @@ def a1111_metadata(run: dict[str, Any], modules: list[LoraModule], output_name: 
         "ss_tag_frequency": json.dumps({"instance": {run.get("instance_prompt") or f"{token} {class_name}".strip(): 1}}),
         "ss_network_args": json.dumps(network_args),
         "modelspec.sai_model_spec": "1.0.0",
-        "modelspec.architecture": _modelspec_architecture(str(run.get("family", "sd1"))),
+        "modelspec.architecture": _modelspec_architecture(str(run.get("family", "sd1")), v_prediction),
         "modelspec.resolution": f"{resolution}x{resolution}",
         "modelspec.implementation": "https://github.com/huggingface/diffusers",
         "modelspec.title": output_name,
         "modelspec.trigger_phrase": token,
+        **({"modelspec.prediction_type": "v" if v_prediction else "epsilon", "ss_v_parameterization": str(v_prediction)} if run.get("prediction_type") else {}),
         "dreamlora_version": str(run.get("dreamlora_version", "")),
         **_training_metadata(run, cfg),
     }
     return meta
 
 
-def _modelspec_architecture(family_name: str) -> str:
-    from dreamlora.models import FAMILIES, SD1
+def _modelspec_architecture(family_name: str, v_prediction: bool = False) -> str:
+    """The model spec's architecture name; SD 2.x v-prediction models are the 768-v architecture."""
+    from dreamlora.models import FAMILIES, SD1, SD2
 
+    if family_name == SD2.name and v_prediction:
+        return SD2.modelspec_architecture.replace("-512", "-768-v")
     return FAMILIES.get(family_name, SD1).modelspec_architecture
 
 
@@ -946,11 +951,13 @@ def _load_merged(path: Path, base: Any) -> dict[str, torch.nn.Module]:
 # --- merged models ------------------------------------------------------------------------------
 
 
-def _merged_components(model_ref: str, lora_file: Path, scale: float) -> Any:
-    """The base model with the LoRA fused in at `scale` and the adapters removed."""
-    from dreamlora.models import build_pipeline, load_components
+def _merged_components(model_ref: str, lora_file: Path, scale: float, prediction_type: str = "auto") -> Any:
+    """The base model with the LoRA fused in at `scale` and the adapters removed; its scheduler predicts
+    `prediction_type` (the run's: a model trained as v-prediction is saved as one)."""
+    from dreamlora.models import apply_prediction_type, build_pipeline, load_components
 
     components = load_components(model_ref)
+    apply_prediction_type(components, prediction_type)
     pipe = build_pipeline(components)
     pipe.load_lora_weights(str(lora_file), adapter_name="dreamlora")
     pipe.fuse_lora(lora_scale=scale, adapter_names=["dreamlora"])
@@ -958,11 +965,13 @@ def _merged_components(model_ref: str, lora_file: Path, scale: float) -> Any:
     return components
 
 
-def write_merged(out: Path, model_ref: str, lora_file: Path, scale: float, dtype: str, single_file: bool) -> dict[str, int]:
-    """A full pipeline folder (or one original-layout checkpoint file) with the LoRA fused; returns tensor counts per part."""
+def write_merged(out: Path, model_ref: str, lora_file: Path, scale: float, dtype: str, single_file: bool, prediction_type: str = "auto") -> dict[str, int]:
+    """A full pipeline folder (or one original-layout checkpoint file, marked `v_pred`/`ztsnr` as ComfyUI reads them
+    when its scheduler says so) with the LoRA fused; returns tensor counts per part."""
     from dreamlora.models import build_pipeline
+    from dreamlora.single_file import scheduler_markers
 
-    components = _merged_components(model_ref, lora_file, scale)
+    components = _merged_components(model_ref, lora_file, scale, prediction_type)
     torch_dtype = DTYPES[dtype]
     for part in (components.unet, components.vae, *components.text_encoders.values()):
         part.to(torch_dtype)
@@ -976,8 +985,11 @@ def write_merged(out: Path, model_ref: str, lora_file: Path, scale: float, dtype
             state_dict = sgm_checkpoint_state_dict(parts, dict(components.unet.config), vae_blocks)
         else:
             state_dict = ldm_checkpoint_state_dict(parts["unet"], parts["vae"], parts["text_encoder"], dict(components.unet.config), vae_blocks)
-        architecture = _modelspec_architecture(components.family.name).removesuffix("/lora")
-        write_atomic(out, save({k: v.contiguous() for k, v in state_dict.items()}, metadata={"format": "pt", "modelspec.architecture": architecture}))
+        v_prediction = components.prediction_type == "v_prediction"
+        architecture = _modelspec_architecture(components.family.name, v_prediction).removesuffix("/lora")
+        metadata = {"format": "pt", "modelspec.architecture": architecture, "modelspec.prediction_type": "v" if v_prediction else "epsilon"}
+        state_dict.update(scheduler_markers(components.noise_scheduler.config))
+        write_atomic(out, save({k: v.contiguous() for k, v in state_dict.items()}, metadata=metadata))
     else:
         write_folder_atomic(out, lambda tmp: build_pipeline(components).save_pretrained(tmp, safe_serialization=True), replace=False)
     return counts
@@ -1071,7 +1083,7 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
         write_diffusers(out, modules, cfg.dtype)
         counts = _count_modules(modules)
     else:
-        counts = write_merged(out, base_model_ref(run_dir, run), lora_file, cfg.scale, cfg.dtype, cfg.single_file)
+        counts = write_merged(out, base_model_ref(run_dir, run), lora_file, cfg.scale, cfg.dtype, cfg.single_file, str(run.get("prediction_type") or "auto"))
     emb_out = _write_embedding(out, cfg.format, embedding, notes)
     report = None
     if cfg.verify:

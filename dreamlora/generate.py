@@ -240,26 +240,41 @@ def _run_of(path: Path) -> Path | None:
     return next((folder for folder in (path, *list(path.parents)[:4]) if (folder / RUN_INFO).is_file() and (folder / CONFIG_FILE).is_file()), None)
 
 
-def recorded_clip_skip(loras: list[tuple[Path, float]]) -> tuple[int, str] | None:
-    """The clip skip the LoRAs were trained with (a run's config, else a file's kohya `ss_clip_skip`) and where it was
-    read, when one is recorded; None when none is. LoRAs trained with different clip skips are an error."""
+def _recorded(
+    loras: list[tuple[Path, float]], setting: str, key: str, from_run: Callable[[dict[str, Any]], Any], from_file: Callable[[str], Any], flag: str
+) -> tuple[Any, str] | None:
+    """A model setting the LoRAs were trained with, read from a run's config (`from_run` of its model section) or else
+    from a file's kohya metadata `key` (`from_file` of its value; None: not recorded), and where it was read; None
+    when none records it. LoRAs trained with different values are an error that names `flag`."""
     from dreamlora.export import run_settings
     from dreamlora.lora import read_metadata
 
-    found: dict[int, str] = {}
+    found: dict[Any, str] = {}
     for path, _ in loras:
         if (run_dir := _run_of(Path(path))) is not None:
-            found.setdefault(int(run_settings(run_dir).get("model", {}).get("clip_skip", 1)), f"run {run_dir}")
-            continue
-        recorded = read_metadata(find_lora(Path(path))).get("ss_clip_skip", "")
-        if recorded.strip().isdigit():
-            found.setdefault(int(recorded), f"LoRA {Path(path).name}")
-        elif recorded.strip() == "None":  # kohya's default: the last layer
-            found.setdefault(1, f"LoRA {Path(path).name}")
+            found.setdefault(from_run(run_settings(run_dir).get("model", {})), f"run {run_dir}")
+        elif (value := from_file(read_metadata(find_lora(Path(path))).get(key, "").strip())) is not None:
+            found.setdefault(value, f"LoRA {Path(path).name}")
     if len(found) > 1:
-        listed = ", ".join(f"{skip} ({where})" for skip, where in sorted(found.items()))
-        raise ConfigError(f"the LoRAs were trained with different clip skips: {listed}; pass the one to use with --clip-skip")
+        listed = ", ".join(f"{value} ({where})" for value, where in sorted(found.items()))
+        raise ConfigError(f"the LoRAs were trained with different {setting}s: {listed}; pass the one to use with {flag}")
     return next(iter(found.items())) if found else None
+
+
+def recorded_clip_skip(loras: list[tuple[Path, float]]) -> tuple[int, str] | None:
+    """The clip skip the LoRAs were trained with (a run's config, else a file's kohya `ss_clip_skip`; its "None" is
+    kohya's default, the last layer) and where it was read."""
+    from_file = lambda value: int(value) if value.isdigit() else 1 if value == "None" else None  # noqa: E731
+    return _recorded(loras, "clip skip", "ss_clip_skip", lambda model: int(model.get("clip_skip", 1)), from_file, "--clip-skip")
+
+
+def recorded_prediction_type(loras: list[tuple[Path, float]]) -> tuple[str, str] | None:
+    """The prediction type the LoRAs were trained for when it was chosen rather than read from the model: a run's
+    `model.prediction_type` other than auto, else a file's kohya `ss_v_parameterization` ("True": v_prediction).
+    A run that read it from its model records auto, and the model then says it again."""
+    from_file = lambda value: "v_prediction" if value == "True" else None  # noqa: E731
+    found = _recorded(loras, "prediction type", "ss_v_parameterization", lambda model: str(model.get("prediction_type", "auto")), from_file, "--prediction-type")
+    return found if found and found[0] != "auto" else None
 
 
 def output_folder(out: Path | None) -> Path:

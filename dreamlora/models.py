@@ -537,7 +537,18 @@ def load_model(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32, devic
         model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle, vae=model_cfg.vae, single_file_config=model_cfg.single_file_config
     )
     apply_clip_skip(components, model_cfg.clip_skip)
+    apply_prediction_type(components, model_cfg.prediction_type)
     return components
+
+
+def apply_prediction_type(components: Components, prediction_type: str) -> None:
+    """Treat the UNet as predicting `prediction_type` (epsilon or v_prediction; auto keeps the model's scheduler
+    config), for training targets and sampling alike: a v-prediction model whose files do not say so (kohya's
+    --v_parameterization, diffusers' --prediction_type)."""
+    if prediction_type == "auto" or components.prediction_type == prediction_type:
+        return
+    log.warning("treating the model as %s (its scheduler config says %s)", prediction_type, components.prediction_type)
+    components.noise_scheduler = type(components.noise_scheduler).from_config(components.noise_scheduler.config, prediction_type=prediction_type)
 
 
 def apply_clip_skip(components: Components, clip_skip: int) -> None:

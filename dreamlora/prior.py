@@ -26,8 +26,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 # Settings that change the images: a folder made with other values is not topped up with these.
 MAX_RETRIES = 3  # new seeds tried for a blank, black, NaN or near-duplicate class image
-IDENTITY_KEYS = ("model", "prompt", "negative_prompt", "resolution", "steps", "guidance", "scheduler", "seed", "clip_skip")
+IDENTITY_KEYS = ("model", "prompt", "negative_prompt", "resolution", "steps", "guidance", "scheduler", "seed", "clip_skip", "prediction_type")
 IDENTITY_DEFAULTS = {"clip_skip": 1}  # what a set written before the key existed was made with
+UNRECORDED_AGREES = ("prediction_type",)  # a set written before these keys existed was made with the model's own
 
 
 @dataclass(frozen=True)
@@ -230,7 +231,8 @@ def generate_class_images(
     With several `ranks`, each process draws its share of the indices; `on_progress` then counts this
     process's share. `model_fingerprint` (of a local model folder) tells apart two local models whose public
     names agree; a set recorded with another fingerprint is not topped up. `clip_skip` (the one the pipeline's text
-    encoder reads prompts with, `models.apply_clip_skip`) is part of the set's identity too.
+    encoder reads prompts with, `models.apply_clip_skip`) and the prediction type of the pipeline's scheduler
+    (`models.apply_prediction_type`) are part of the set's identity too.
     """
     import time
 
@@ -250,10 +252,11 @@ def generate_class_images(
         "scheduler": prior_cfg.scheduler,
         "seed": prior_cfg.seed,
         "clip_skip": clip_skip,
+        "prediction_type": pipeline.scheduler.config.get("prediction_type", "epsilon"),
     }
     manifest = _read_manifest(out_dir)
     if manifest is not None:
-        recorded_settings = {k: manifest.get(k, IDENTITY_DEFAULTS.get(k)) for k in IDENTITY_KEYS}
+        recorded_settings = {k: manifest.get(k, settings[k] if k in UNRECORDED_AGREES else IDENTITY_DEFAULTS.get(k)) for k in IDENTITY_KEYS}
         changed = [f"{k}: {recorded_settings[k]!r} -> {settings[k]!r}" for k in IDENTITY_KEYS if recorded_settings[k] != settings[k]]
         recorded_print = manifest.get("model_fingerprint")
         if recorded_print and model_fingerprint and recorded_print != model_fingerprint and manifest.get("model") == settings["model"]:

@@ -11,11 +11,14 @@ converts again and a moved one does not.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import re
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -53,13 +56,15 @@ def file_key(path: Path) -> str:
     return digest.hexdigest()[:16]
 
 
-def checkpoint_architecture(path: Path) -> tuple[str, torch.dtype]:
-    """`sd` (SD 1.x/2.x) or `sdxl`, and the dtype of the UNet's weights, from the tensor names and header alone."""
+def checkpoint_architecture(path: Path) -> tuple[str, torch.dtype, dict[str, Any]]:
+    """`sd` (SD 1.x/2.x) or `sdxl`, the dtype of the UNet's weights and the scheduler settings its markers say
+    (`marked_scheduler_settings`), from the tensor names and header alone."""
     from safetensors import SafetensorError, safe_open
 
     try:
         with safe_open(str(path), framework="pt") as handle:
             keys = list(handle.keys())
+            settings = marked_scheduler_settings(keys, handle.metadata() or {})
             unet_key = next((k for k in keys if k.startswith("model.diffusion_model.")), None)
             if unet_key is None:
                 hint = " (it looks like a LoRA: pass it to generate --lora, or inspect it)" if any("lora" in k for k in keys[:200]) else ""
@@ -68,7 +73,52 @@ def checkpoint_architecture(path: Path) -> tuple[str, torch.dtype]:
     except SafetensorError as error:
         raise ModelLoadError(f"'{path}' could not be read as safetensors ({error}); the file is damaged or not a checkpoint") from error
     architecture = "sdxl" if any(k.startswith("conditioner.embedders.1.") for k in keys) else "sd"
-    return architecture, torch.float16 if dtype in ("F16", "BF16") else torch.float32
+    return architecture, torch.float16 if dtype in ("F16", "BF16") else torch.float32, settings
+
+
+# Empty tensors that say how a checkpoint was trained, as ComfyUI reads them (NoobAI-XL v-pred and other v-prediction
+# anime checkpoints carry them; diffusers' from_single_file ignores them and loads such a model as epsilon).
+V_PRED_MARKER, ZTSNR_MARKER = "v_pred", "ztsnr"
+
+
+def scheduler_markers(scheduler_config: Any) -> dict[str, torch.Tensor]:
+    """The marker tensors a single-file checkpoint of a model with this scheduler config carries: `v_pred` for
+    v-prediction, `ztsnr` for a zero-terminal-SNR schedule."""
+    markers = {V_PRED_MARKER: torch.zeros(0)} if scheduler_config.get("prediction_type") == "v_prediction" else {}
+    if scheduler_config.get("rescale_betas_zero_snr"):
+        markers[ZTSNR_MARKER] = torch.zeros(0)
+    return markers
+
+
+def marked_scheduler_settings(keys: Iterable[str], metadata: dict[str, str]) -> dict[str, Any]:
+    """The scheduler settings a checkpoint's markers (and its model spec's `prediction_type`, "v" or "epsilon") say:
+    {} when it says nothing."""
+    keys = set(keys)
+    spec = (metadata.get("modelspec.prediction_type") or "").strip().lower()
+    settings: dict[str, Any] = {}
+    if V_PRED_MARKER in keys or spec in ("v", "v_prediction", "v-prediction"):
+        settings["prediction_type"] = "v_prediction"
+    elif spec in ("epsilon", "eps"):
+        settings["prediction_type"] = "epsilon"
+    if ZTSNR_MARKER in keys:
+        settings.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    return settings
+
+
+def _mark_scheduler(folder: Path, settings: dict[str, Any]) -> None:
+    """Write the checkpoint's marked settings into a converted folder's scheduler config (which diffusers took from
+    the architecture's configs), once: a folder converted by an older dreamlora is corrected the same way."""
+    from dreamlora.checkpoint import write_atomic
+
+    config_file = folder / "scheduler" / "scheduler_config.json"
+    if not settings or not config_file.is_file():
+        return
+    config = json.loads(config_file.read_text(encoding="utf-8"))
+    if all(config.get(key) == value for key, value in settings.items()):
+        return
+    log.warning("the checkpoint is marked %s: its scheduler config now says so", ", ".join(f"{k}={v}" for k, v in settings.items()))
+    config.update(settings)
+    write_atomic(config_file, (json.dumps(config, indent=2, sort_keys=True) + "\n").encode())
 
 
 def converted_folder(path: Path, config: str = "") -> Path:
@@ -82,10 +132,11 @@ def converted_folder(path: Path, config: str = "") -> Path:
             f"'{path}' is a pickled single-file checkpoint ({path.suffix}), which can run code when loaded; dreamlora reads "
             "single files in .safetensors only: use the .safetensors download of the model, or convert it"
         )
-    architecture, dtype = checkpoint_architecture(path)
+    architecture, dtype, settings = checkpoint_architecture(path)
     stem = re.sub(r"[^A-Za-z0-9._-]+", "-", path.stem)[:60]
     folder = converted_dir_root() / f"{stem}-{file_key(path)}"
     if (folder / "model_index.json").is_file():
+        _mark_scheduler(folder, settings)
         return folder
     import diffusers
 
@@ -112,6 +163,7 @@ def converted_folder(path: Path, config: str = "") -> Path:
     try:
         writable_on_any_rank(getattr(pipe, "text_encoder", None), getattr(pipe, "text_encoder_2", None))
         pipe.save_pretrained(temporary, safe_serialization=True)
+        _mark_scheduler(temporary, settings)
         if folder.exists() and not (folder / "model_index.json").is_file():
             shutil.rmtree(folder)  # not a finished conversion (those appear whole, by rename)
         try:

@@ -71,7 +71,7 @@ def test_clip_skip_from_class_images_to_training_export_and_generate(tmp_path: P
     _, metadata = read_safetensors(tmp_path / "skip2.safetensors")
     assert metadata["ss_clip_skip"] == "2"
     inspected = runner.invoke(app, ["inspect", str(run)])
-    assert inspected.exit_code == 0 and "run clip_skip" in inspected.output
+    assert inspected.exit_code == 0 and "run clip_skip" in inspected.output and "run prediction_type" in inspected.output
 
     generate = ["generate", "-p", "a photo of sks dog", "-n", "1", "--steps", "2"]
     from_run = runner.invoke(app, [*generate, "--lora", str(run), "--out", "from-run"])

@@ -92,6 +92,10 @@ class FaultyPipeline:
     def device(self):
         return self.pipeline.device
 
+    @property
+    def scheduler(self):
+        return self.pipeline.scheduler
+
     def __call__(self, generator, **kwargs):
         import numpy as np
         import torch

@@ -115,7 +115,7 @@ def test_an_sdxl_checkpoint_converts_with_the_sdxl_pipeline(tmp_path: Path, monk
     (run / "run.json").write_text(json.dumps(info), encoding="utf-8")
     file = export_run(run, ExportConfig(format="merged", dtype="fp32", single_file=True, out=str(tmp_path / "xl.safetensors"))).path
     folder = export_run(run, ExportConfig(format="merged", dtype="fp32", out=str(tmp_path / "xl-diffusers"))).path
-    assert single_file.checkpoint_architecture(file) == ("sdxl", torch.float32)
+    assert single_file.checkpoint_architecture(file) == ("sdxl", torch.float32, {"prediction_type": "epsilon"})  # from its model spec
     monkeypatch.setenv("DREAMLORA_CACHE", str(tmp_path / "cache"))
     loaded = load_components(str(file), single_file_config=str(base_dir))
     assert loaded.family.name == "sdxl" and loaded.text_encoder_2 is not None
