@@ -125,6 +125,7 @@ class DataConfig:
     caption_separator: str = ","  # what separates tags (kohya's --caption_separator)
     max_token_length: int = 75  # tokens of a prompt read: 75 (one window), 150 or 225 (kohya's --max_token_length, windows joined)
     masked_loss: bool = False  # weight the instance loss by each photo's alpha channel, so transparent background is not learned (kohya's --masked_loss --alpha_mask)
+    mask_dir: str = ""  # with masked_loss: masks from this folder (same file names, white learned) instead of the alpha channel (kohya's conditioning_data_dir)
     repeats: int = 1  # each instance image appears this many times per epoch
     class_ratio: float = 1.0  # class images per instance image in a batch (0.5: one every other step at batch size 1)
     buckets: bool = False  # aspect-ratio buckets of about resolution**2 pixels, so non-square photos train whole
@@ -144,6 +145,7 @@ class DataConfig:
             self.varies_captions or (self.keep_tokens == 0 and self.caption_separator == ","),
             "data.keep_tokens and data.caption_separator shape --shuffle-caption and --caption-tag-dropout; add one of them or drop them",
         )
+        _check(not self.mask_dir or self.masked_loss, "data.mask_dir is set but data.masked_loss is off; set masked_loss = true (the masks weight the loss) or drop mask_dir")
         _check(1 <= self.repeats <= 1000, f"data.repeats must be in 1..1000; got {self.repeats}")
         _check(0 < self.class_ratio <= 16, f"data.class_ratio must be in (0, 16] class images per instance image; got {self.class_ratio}")
         _check(1 <= self.bucket_max_ratio <= 4, f"data.bucket_max_ratio must be in [1, 4]; got {self.bucket_max_ratio}")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,6 +152,39 @@ def load_image(path: Path) -> LoadedImage:
         raise DataError(f"image '{path}' is a decompression bomb ({error}); remove it") from error
     except (OSError, ValueError, SyntaxError) as error:
         raise DataError(f"image '{path}' cannot be read ({error}); it is corrupt or truncated: remove or replace it") from error
+
+
+def load_masks(folder: ImageFolder, mask_dir: Path | str, sizes: list[tuple[int, int]]) -> list[Image.Image]:
+    """Each photo's loss mask from `mask_dir` (kohya's conditioning_data_dir for --masked_loss): the greyscale image of
+    the same name (any image suffix), white learned and black ignored, upright as its EXIF says and scaled to the
+    photo's size `sizes[i]` (width, height) when it is smaller or larger with the same shape. Missing, ambiguous,
+    unreadable and misshapen masks are one DataError naming them."""
+    masks_folder = list_images(mask_dir, "mask")
+    by_stem: dict[str, list[Path]] = {}
+    for path in masks_folder.paths:
+        by_stem.setdefault(path.stem, []).append(path)
+    missing = [p.name for p in folder.paths if p.stem not in by_stem]
+    if missing:
+        listed = ", ".join(missing[:5]) + (" ..." if len(missing) > 5 else "")
+        raise DataError(f"mask folder '{mask_dir}' has no mask for {len(missing)} of the {len(folder.paths)} photos ({listed}); add a greyscale image of the same name for each (white: learned, black: ignored)")
+    ambiguous = [f"{stem} ({', '.join(p.name for p in paths)})" for stem, paths in by_stem.items() if len(paths) > 1 and any(p.stem == stem for p in folder.paths)]
+    if ambiguous:
+        raise DataError(f"mask folder '{mask_dir}' has more than one mask for {'; '.join(ambiguous[:3])}; keep one per photo")
+    masks = []
+    for photo, size in zip(folder.paths, sizes):
+        path = by_stem[photo.stem][0]
+        mask = load_image(path).image.convert("L")
+        if mask.size != size:
+            if abs(math.log((mask.width / mask.height) / (size[0] / size[1]))) > 0.01:
+                raise DataError(f"mask '{path}' is {mask.width}x{mask.height} but its photo '{photo.name}' is {size[0]}x{size[1]}; a mask must have its photo's shape (the same size, or scaled)")
+            mask = mask.resize(size, Image.Resampling.BILINEAR)
+        masks.append(mask)
+    return masks
+
+
+def learned_share(mask: Image.Image) -> float:
+    """The share of a loss mask (mode L) that is learned: its mean, 0 (all black) to 1 (all white)."""
+    return float(np.asarray(mask, dtype=np.float32).mean() / 255.0)
 
 
 def check_images(folder: ImageFolder) -> None:
@@ -316,14 +350,24 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     """Images of one folder with one prompt (or one per image: `prompts`), resized and cropped to the training resolution."""
 
     def __init__(
-        self, folder: ImageFolder, prompt: str, resolution: int, role: str, center_crop: bool = True, prompts: list[str] | None = None, alphas: bool = False
+        self,
+        folder: ImageFolder,
+        prompt: str,
+        resolution: int,
+        role: str,
+        center_crop: bool = True,
+        prompts: list[str] | None = None,
+        alphas: bool = False,
+        mask_dir: str = "",
     ) -> None:
         self.folder, self.prompt, self.resolution, self.center_crop = folder, prompt, resolution, center_crop
         self.prompts = list(prompts) if prompts is not None else [prompt] * len(folder.paths)
         loaded = [load_image(path) for path in folder.paths]
         self.images = [item.image for item in loaded]
-        # --masked-loss: each photo's alpha channel (None: no alpha, the whole image counts).
+        # --masked-loss: each photo's alpha channel (None: no alpha, the whole image counts), or its mask from `mask_dir`.
         self.alphas: list[Image.Image | None] | None = [item.alpha for item in loaded] if alphas else None
+        if alphas and mask_dir:
+            self.alphas = list(load_masks(folder, mask_dir, [image.size for image in self.images]))
         for path, image in zip(folder.paths, self.images):
             if min(image.size) < resolution // 2:
                 log.warning("%s image '%s' is %dx%d, less than half the training resolution %d; it will look blurry", role, path.name, *image.size, resolution)

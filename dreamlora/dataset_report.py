@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from dreamlora.config import RunConfig
-from dreamlora.data import IGNORED_NAMES, ImageFolder, caption_path, caption_prompt, few_photos_warning, list_images, load_image, make_buckets, nearest_bucket, read_caption, resize_and_crop_to
+from dreamlora.data import IGNORED_NAMES, ImageFolder, caption_path, caption_prompt, few_photos_warning, learned_share, list_images, load_image, load_masks, make_buckets, nearest_bucket, read_caption, resize_and_crop_to
 from dreamlora.errors import DataError
 from dreamlora.hygiene import NEAR_DUPLICATE_BITS, dhash, hamming, image_problem, near_duplicates
 from dreamlora.sampling import class_span, instance_plan, steps_per_epoch
@@ -189,7 +189,12 @@ def build_dataset_report(cfg: RunConfig, vae_scale_factor: int = 8, sheet_path: 
         notes.append("random crops: the contact sheet shows the centre crop; training sees other crops of the same scaled image")
     if data.color_jitter:
         notes.append(f"colour jitter {data.color_jitter}: not shown on the contact sheet")
-    if data.masked_loss:
+    if data.mask_dir:
+        shares = [learned_share(mask) for mask in load_masks(folder, data.mask_dir, [e.size for e in instance.images])]
+        notes.append(f"--mask-dir: every photo has its mask in '{data.mask_dir}'; on average {100 * sum(shares) / len(shares):.0f}% of a photo is learned")
+        if blank := [e.name for e, share in zip(instance.images, shares) if share < 0.01]:
+            notes.append(f"the masks of {', '.join(blank[:5])} are black, so those photos teach nothing (white marks what is learned)")
+    elif data.masked_loss:
         masked = sum("alpha flattened on white" in e.fixes for e in instance.images)
         notes.append(f"--masked-loss: {masked} of {len(instance.images)} photos have an alpha channel, which weights their loss (the others count whole)")
     if data.varies_captions and instance.captions:

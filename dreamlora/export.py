@@ -587,7 +587,7 @@ def _training_metadata(run: dict[str, Any], cfg: RunConfig | None) -> dict[str, 
         "ss_caption_tag_dropout_rate": str(float(data.caption_tag_dropout)),
         "ss_max_token_length": "None" if data.max_token_length == 75 else str(data.max_token_length),  # kohya's default: None
         "ss_masked_loss": str(data.masked_loss),
-        "ss_alpha_mask": str(data.masked_loss),  # kohya's masks from the alpha channel
+        "ss_alpha_mask": str(data.masked_loss and not data.mask_dir),  # kohya's masks from the alpha channel (not from a mask folder)
         "ss_cache_latents": str(data.cache_latents and data.latents_cacheable),
     }
     if instance_images:

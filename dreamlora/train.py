@@ -23,7 +23,7 @@ import torch
 from dreamlora import __version__
 from dreamlora import checkpoint as ckpt
 from dreamlora.config import RunConfig, replace, to_dict, to_toml
-from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, latent_mask, list_images, make_buckets, open_image, resize_and_crop, to_tensor, vary_caption
+from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, latent_mask, learned_share, list_images, make_buckets, open_image, resize_and_crop, to_tensor, vary_caption
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
 from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, block_lr_factors, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters, up_weight_flags
@@ -439,8 +439,13 @@ class DreamBoothBatches:
         self.data = data
         folder = list_images(data.instance_dir, "instance")
         captions = instance_prompts(folder, data.token, data.resolved_instance_prompt(), data.captions)
-        instance = ImageFolderDataset(folder, data.resolved_instance_prompt(), data.resolution, "instance", data.center_crop, captions, alphas=data.masked_loss)
-        if data.masked_loss and rank == 0:
+        instance = ImageFolderDataset(folder, data.resolved_instance_prompt(), data.resolution, "instance", data.center_crop, captions, data.masked_loss, data.mask_dir)
+        if data.mask_dir and rank == 0:
+            kept = [learned_share(mask) for mask in instance.alphas or []]
+            log.info("--mask-dir: %d photos masked by the files in %s (on average %.0f%% of each is learned)", len(kept), data.mask_dir, 100 * sum(kept) / max(1, len(kept)))
+            if blank := [path.name for path, share in zip(folder.paths, kept) if share < 0.01]:
+                log.warning("--mask-dir: the masks of %s are black, so those photos teach nothing; white marks what is learned", ", ".join(blank[:5]))
+        elif data.masked_loss and rank == 0:
             with_alpha = sum(alpha is not None for alpha in instance.alphas or [])
             if not with_alpha:
                 log.warning("--masked-loss: none of the %d photos has an alpha channel, so every pixel counts; save cut-outs as PNG/WebP with transparency", len(instance))
@@ -1192,8 +1197,9 @@ def _train(
                     continue
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
-                    if step == start_step:
-                        check_gradients({name: ps for name, ps in groups.items() if name not in frozen}, allow_zero)
+                    if step == start_step:  # a first batch whose masks hide every pixel (a black mask) teaches nothing, rightly
+                        hidden = batch.masks is not None and not bool(batch.masks.any())
+                        check_gradients({name: ps for name, ps in groups.items() if name not in frozen}, allow_zero or hidden)
                     if pivotal and accelerator.num_processes > 1 and "embeddings" not in frozen:
                         pivotal.average_gradients(accelerator)  # outside any prepared model, so DDP does not average them
                     if masters:

@@ -107,3 +107,101 @@ def test_masked_training_runs_and_is_recorded(tmp_path: Path, monkeypatch: pytes
     assert report.exit_code == 0 and "3 of 3 photos have an alpha channel" in " ".join(report.output.replace("│", " ").split()), report.output
     plain = runner.invoke(app, [*common, "--instance", str(instance_dir), "--out", "runs/plain"])
     assert plain.exit_code == 0 and "none of the" in " ".join(plain.output.split()), plain.output
+
+
+def _mask_folder(photos: Path, out: Path, scale: float = 1.0) -> Path:
+    """Each cut-out's alpha channel as a greyscale mask of the same name (a .png, or .jpg for the second), `scale` times its size."""
+    out.mkdir(parents=True)
+    for i, path in enumerate(sorted(photos.glob("*.png"))):
+        alpha = Image.open(path).getchannel("A")
+        alpha = alpha.resize((round(alpha.width * scale), round(alpha.height * scale)), Image.Resampling.NEAREST) if scale != 1 else alpha
+        alpha.save(out / f"{path.stem}.{'jpg' if i == 1 and scale == 1 else 'png'}", **({"quality": 100} if i == 1 else {}))
+    return out
+
+
+def _flattened(photos: Path, out: Path) -> Path:
+    """The cut-outs as plain RGB photos (flattened on white, as training sees them) without an alpha channel."""
+    from dreamlora.data import load_image
+
+    out.mkdir(parents=True)
+    for path in sorted(photos.glob("*.png")):
+        load_image(path).image.save(out / path.name)
+    return out
+
+
+@pytest.mark.parametrize("extra", [{}, {"data.buckets": "true", "data.center_crop": "false"}], ids=["centre", "buckets-random-crop"])
+def test_masks_from_a_folder_weight_the_loss_as_the_alpha_channel_does(tmp_path: Path, class_dir: Path, extra: dict[str, str]) -> None:
+    photos = _cutouts(tmp_path / "cutouts")
+    plain, masks = _flattened(photos, tmp_path / "plain"), _mask_folder(photos, tmp_path / "masks")
+    common = {"model.name": "tiny", "data.class_dir": str(class_dir), "data.class_name": "dog", "data.resolution": "32", "data.flip": "true",
+              "data.masked_loss": "true", "data.cache_latents": "false", "train.batch_size": "2", **extra}  # fmt: skip
+    components = load_components("tiny")
+    by_alpha = DreamBoothBatches(resolve_data(load_config(None, {**common, "data.instance_dir": str(photos)}), priors_root=tmp_path / "none")[0], components, torch.device("cpu"))
+    folder_cfg = resolve_data(load_config(None, {**common, "data.instance_dir": str(plain), "data.mask_dir": str(masks)}), priors_root=tmp_path / "none")[0]
+    by_folder = DreamBoothBatches(folder_cfg, components, torch.device("cpu"))
+    for step in range(6):
+        alpha_batch, folder_batch = by_alpha.draw_batch(step), by_folder.draw_batch(step)
+        torch.testing.assert_close(folder_batch.latents, alpha_batch.latents)
+        torch.testing.assert_close(folder_batch.masks, alpha_batch.masks, atol=0.02, rtol=0)  # one mask is a JPEG
+        assert folder_batch.masks[:2].min() < 0.1 < 0.9 < folder_batch.masks[:2].max()  # masks, not all ones
+
+
+def test_mask_files_are_matched_by_name_scaled_and_checked(tmp_path: Path) -> None:
+    from dreamlora.data import list_images, load_masks
+    from dreamlora.errors import DataError
+
+    photos = _cutouts(tmp_path / "cutouts")
+    folder, sizes = list_images(photos, "instance"), [(48, 32)] * 3
+    half = load_masks(folder, _mask_folder(photos, tmp_path / "half", scale=0.5), sizes)
+    whole = load_masks(folder, _mask_folder(photos, tmp_path / "whole"), sizes)
+    assert [m.size for m in half] == sizes and [m.mode for m in half] == ["L"] * 3
+    for small, full in zip(half, whole):  # scaled up to the photo: the same region, up to its blurred edge
+        assert (torch.tensor(list(small.getdata()), dtype=torch.float) - torch.tensor(list(full.getdata()), dtype=torch.float)).abs().mean() < 20
+    (tmp_path / "whole" / "cut0.png").unlink()
+    with pytest.raises(DataError, match=r"no mask for 1 of the 3 photos \(cut0.png\)"):
+        load_masks(folder, tmp_path / "whole", sizes)
+    Image.new("L", (48, 32), 255).save(tmp_path / "whole" / "cut0.png")
+    Image.new("L", (48, 32), 255).save(tmp_path / "whole" / "cut0.webp")
+    with pytest.raises(DataError, match=r"more than one mask for cut0 \(cut0.png, cut0.webp\)"):
+        load_masks(folder, tmp_path / "whole", sizes)
+    (tmp_path / "whole" / "cut0.webp").unlink()
+    Image.new("L", (32, 32), 255).save(tmp_path / "whole" / "cut0.png")
+    with pytest.raises(DataError, match=r"mask '.*cut0.png' is 32x32 but its photo 'cut0.png' is 48x32"):
+        load_masks(folder, tmp_path / "whole", sizes)
+
+
+def test_mask_folder_training_from_the_command_line(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    photos = _cutouts(tmp_path / "cutouts")
+    plain, masks = _flattened(photos, tmp_path / "plain"), _mask_folder(photos, tmp_path / "masks")
+    Image.new("L", (48, 32), 0).save(masks / "cut2.png")  # one all-black mask: that photo teaches nothing
+    common = ["train", "--model", "tiny", "--instance", str(plain), "--max-steps", "1", "--resolution", "32", "--set", "train.num_samples=0"]
+    trained = runner.invoke(app, [*common, "--mask-dir", str(masks), "--out", "runs/m"])
+    assert trained.exit_code == 0, trained.output
+    said = " ".join(trained.output.replace("│", " ").split())
+    assert "--mask-dir: 3 photos masked by the files in" in said and "the masks of cut2.png are black" in said
+    exported = runner.invoke(app, ["export", "runs/m", "--format", "a1111", "--out", "m.safetensors", "--no-verify"])
+    assert exported.exit_code == 0, exported.output
+    meta = read_safetensors(tmp_path / "m.safetensors")[1]
+    assert meta["ss_masked_loss"] == "True" and meta["ss_alpha_mask"] == "False"
+    report = runner.invoke(app, ["dataset", "--instance", str(plain), "--set", "data.masked_loss=true", "--set", f"data.mask_dir={masks}"])
+    assert report.exit_code == 0 and "every photo has its mask in" in " ".join(report.output.replace("│", " ").split()), report.output
+    (masks / "cut1.jpg").unlink()
+    missing = runner.invoke(app, [*common, "--mask-dir", str(masks), "--out", "runs/missing"])
+    assert missing.exit_code == 2 and "has no mask for 1 of the 3 photos (cut1.png)" in " ".join(missing.output.replace("│", " ").split())
+    assert "Traceback" not in missing.output
+    unmasked = runner.invoke(app, [*common, "--set", f"data.mask_dir={masks}", "--out", "runs/off"])
+    assert unmasked.exit_code == 2 and "data.mask_dir is set but data.masked_loss is off" in " ".join(unmasked.output.replace("│", " ").split())
+
+
+def test_a_first_batch_hidden_by_its_masks_is_not_taken_for_a_gradient_bug(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    plain = _flattened(_cutouts(tmp_path / "cutouts"), tmp_path / "plain")
+    masks = tmp_path / "black"
+    masks.mkdir()
+    for path in plain.iterdir():
+        Image.new("L", (48, 32), 0).save(masks / path.name)
+    trained = runner.invoke(app, ["train", "--model", "tiny", "--instance", str(plain), "--mask-dir", str(masks), "--max-steps", "1", "--resolution", "32",
+                                  "--set", "train.num_samples=0", "--out", "runs/black"])  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    assert "the masks of cut0.png, cut1.png, cut2.png are black" in " ".join(trained.output.replace("│", " ").split())
