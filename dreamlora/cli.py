@@ -868,7 +868,8 @@ def inspect(
 
 @app.command()
 def generate(
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="e.g. 'a photo of sks dog'.")],
+    prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="e.g. 'a photo of sks dog'.")] = None,
+    from_file: Annotated[Optional[Path], typer.Option("--from-file", help="Prompts from a text file instead, one per line, each optionally ending in kohya's --n NEGATIVE --w WIDTH --h HEIGHT --d SEED --l GUIDANCE --s STEPS; the flags below are the defaults.")] = None,
     lora: Annotated[Optional[list[str]], typer.Option("--lora", help="Run folder or LoRA file, optionally PATH:SCALE (repeatable).")] = None,
     scale: Annotated[float, typer.Option(help="Scale of LoRAs given without :SCALE.")] = 1.0,
     num_images: Annotated[int, typer.Option("--num-images", "-n")] = 4,
@@ -895,11 +896,16 @@ def generate(
 
         from dreamlora.checkpoint import find_lora
         from dreamlora.config import ModelConfig
-        from dreamlora.generate import check_settings, output_folder, recorded_clip_skip, recorded_prediction_type, run_base_model
+        from dreamlora.errors import ConfigError
+        from dreamlora.generate import check_settings, output_folder, read_prompt_file, recorded_clip_skip, recorded_prediction_type, run_base_model
         from dreamlora.generate import generate as run_generate
         from dreamlora.lora import read_safetensors
         from dreamlora.models import load_model, resolve_precision
 
+        if prompt is None and from_file is None:
+            raise ConfigError("no prompt given; pass --prompt 'a photo of sks dog', or a file of prompts with --from-file FILE")
+        _check_not_both("--prompt", prompt, "--from-file", from_file, "the prompts")
+        prompts = read_prompt_file(from_file) if from_file is not None else prompt
         loras = [_parse_lora(item, scale) for item in lora or []]
         check_settings(num_images, steps, guidance, resolution, loras, batch_size)
         base, base_vae = model or os.environ.get("DREAMLORA_MODEL"), vae
@@ -928,7 +934,7 @@ def generate(
         with _progress() as progress:
             on_progress = _image_counter(progress, "images")
             result = run_generate(
-                components, prompt, folder, loras, num_images, seed, steps, guidance_scale, resolution or components.native_resolution,
+                components, prompts, folder, loras, num_images, seed, steps, guidance_scale, resolution or components.native_resolution,
                 negative_prompt, compare, batch_size, on_progress,
             )
         _summary("generated", [("images", len(result.images)), ("folder", folder), ("grid", result.grid)])

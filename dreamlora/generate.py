@@ -32,13 +32,14 @@ def generate_images(
     seeds: list[int],
     steps: int,
     guidance: float,
-    resolution: int,
+    resolution: int | tuple[int, int],
     negative_prompt: str = "",
     batch_size: int = 0,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[Image.Image]:
-    """One image per seed; the same seed gives the same image whatever the batch. `batch_size` images per pipeline
-    call (0: all at once); `on_batch` gets the number drawn after each call."""
+    """One image per seed at `resolution` (square, or (width, height)); the same seed gives the same image whatever
+    the batch. `batch_size` images per pipeline call (0: all at once); `on_batch` gets the number drawn after each call."""
+    width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     device = pipeline.device
     images: list[Image.Image] = []
     size = batch_size or max(len(seeds), 1)
@@ -51,8 +52,8 @@ def generate_images(
                 negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
-                height=resolution,
-                width=resolution,
+                height=height,
+                width=width,
                 generator=generators,
                 callback_on_step_end=latents_in_vae_dtype,
             ).images
@@ -75,8 +76,8 @@ def latents_in_vae_dtype(pipeline: Any, index: int, timestep: Any, tensors: dict
 
 
 def make_grid(rows: list[list[Image.Image]], labels: list[str] | None = None, label_width: int = 0) -> Image.Image:
-    """Rows of equally sized images in one picture, with an optional text label left of each row."""
-    width, height = rows[0][0].size
+    """Rows of images in one picture, each in a cell the size of the largest, with an optional text label left of each row."""
+    width, height = max(im.width for row in rows for im in row), max(im.height for row in rows for im in row)
     columns = max(len(r) for r in rows)
     font = ImageFont.load_default(size=12)  # the default bitmap font runs words together
     label_width = label_width or (max(160, int(max(font.getlength(s) for s in labels)) + 10) if labels else 0)
@@ -134,12 +135,12 @@ def comparison_grid(
 
 
 def upscale_small(rows: list[list[Image.Image]], minimum: int = 128) -> list[list[Image.Image]]:
-    """Tiny-model images (32-64 px) are enlarged with nearest neighbour so a person can see them."""
-    size = rows[0][0].width
+    """Tiny-model images (32-64 px) are enlarged with nearest neighbour, all by one whole factor, so a person can see them."""
+    size = min(min(im.size) for row in rows for im in row)
     if size >= minimum:
         return rows
     factor = -(-minimum // size)
-    return [[im.resize((size * factor, size * factor), Image.Resampling.NEAREST) for im in row] for row in rows]
+    return [[im.resize((im.width * factor, im.height * factor), Image.Resampling.NEAREST) for im in row] for row in rows]
 
 
 def load_loras(pipeline: Any, loras: list[tuple[Path, float]]) -> None:
@@ -190,6 +191,79 @@ def install_embeddings(components: Components, loras: list[tuple[Path, float]]) 
 
 
 DEFAULT_OUT = Path("samples-out")
+# kohya's sample-prompt options: `a photo of sks dog --n blurry --w 512 --h 768 --d 42 --l 7.5 --s 30`
+PROMPT_OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "guidance", "s": "steps"}
+
+
+@dataclass(frozen=True)
+class PromptSpec:
+    """One prompt to draw and the settings it chooses (None: the command's)."""
+
+    prompt: str
+    negative_prompt: str | None = None
+    width: int | None = None
+    height: int | None = None
+    seed: int | None = None
+    guidance: float | None = None
+    steps: int | None = None
+
+
+def setting_problems(steps: int | None = None, guidance: float | None = None, sizes: dict[str, int | None] | None = None) -> list[str]:
+    """What is wrong with sampling settings (None: not given), one message per problem, named as the flags are."""
+    import math
+
+    problems = []
+    if steps is not None and not 1 <= steps <= 1000:
+        problems.append(f"--steps must be in 1..1000; got {steps}")
+    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
+        problems.append(f"--guidance must be 0 or more; got {guidance}")
+    for flag, size in (sizes or {}).items():
+        if size is not None and not (8 <= size <= 8192 and size % 8 == 0):
+            problems.append(f"{flag} must be a positive multiple of 8; got {size}")
+    return problems
+
+
+def read_prompt_file(path: Path) -> list[PromptSpec]:
+    """The prompts of a text file, one per line, in kohya's sample-prompt format: each may end in options `--n`
+    (negative prompt), `--w`/`--h` (size), `--d` (seed), `--l` (guidance) and `--s` (steps); blank lines and lines
+    starting with # are skipped. Other options (kohya's `--ss` sampler, say) are ignored with a warning; a bad value
+    is a ConfigError naming its line."""
+    import re
+
+    try:
+        text = Path(path).expanduser().read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"prompt file '{path}' cannot be read ({error}); pass a UTF-8 text file with one prompt per line") from error
+    specs, ignored = [], set()
+    for number, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        prompt, *options = re.split(r"\s+--(?=[A-Za-z]+\b)", " " + line)
+        values: dict[str, Any] = {}
+        for option in options:
+            name, _, value = option.strip().partition(" ")
+            field = PROMPT_OPTIONS.get(name.lower())
+            if field is None:
+                ignored.add(f"--{name}")
+                continue
+            value = value.strip()
+            try:
+                values[field] = value if field == "negative_prompt" else float(value) if field == "guidance" else int(value)
+            except ValueError:
+                kind = "a number" if field == "guidance" else "a whole number"
+                raise ConfigError(f"prompt file '{path}' line {number}: --{name} {value!r} is not {kind}") from None
+        problems = setting_problems(values.get("steps"), values.get("guidance"), {"--w": values.get("width"), "--h": values.get("height")})
+        if problems:
+            raise ConfigError(f"prompt file '{path}' line {number}: {'; '.join(problems)}")
+        if not prompt.strip():
+            raise ConfigError(f"prompt file '{path}' line {number} has options but no prompt; write the prompt first, then --n, --w, --h, --d, --l, --s")
+        specs.append(PromptSpec(prompt.strip(), **values))
+    if not specs:
+        raise ConfigError(f"prompt file '{path}' has no prompts; write one per line (# starts a comment)")
+    if ignored:
+        log.warning("prompt file %s: %s ignored (dreamlora reads --n, --w, --h, --d, --l and --s)", path, ", ".join(sorted(ignored)))
+    return specs
 
 
 def check_settings(num_images: int, steps: int, guidance: float | None, resolution: int | None, loras: list[tuple[Path, float]], batch_size: int = 0) -> None:
@@ -199,14 +273,10 @@ def check_settings(num_images: int, steps: int, guidance: float | None, resoluti
     problems = []
     if not 1 <= num_images <= 10_000:
         problems.append(f"--num-images must be in 1..10000; got {num_images}")
-    if not 1 <= steps <= 1000:
-        problems.append(f"--steps must be in 1..1000; got {steps}")
-    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
-        problems.append(f"--guidance must be 0 or more; got {guidance}")
+    problems += setting_problems(steps, guidance)
     if not 0 <= batch_size <= 1024:
         problems.append(f"--batch-size must be in 1..1024, or 0 for automatic; got {batch_size}")
-    if resolution is not None and not (8 <= resolution <= 8192 and resolution % 8 == 0):
-        problems.append(f"--resolution must be a positive multiple of 8; got {resolution}")
+    problems += setting_problems(sizes={"--resolution": resolution})
     problems += [f"LoRA '{path}' has scale {scale}; pass a finite number as PATH:SCALE" for path, scale in loras if not math.isfinite(scale)]
     if problems:
         raise ConfigError("; ".join(problems))
@@ -291,7 +361,7 @@ def output_folder(out: Path | None) -> Path:
 
 def generate(
     components: Components,
-    prompt: str,
+    prompts: str | list[PromptSpec],
     out_dir: Path,
     loras: list[tuple[Path, float]],
     num_images: int,
@@ -304,18 +374,20 @@ def generate(
     batch_size: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
 ) -> GenerateResult:
-    """Save `num_images` images and a grid; with `compare`, the grid shows base vs LoRA at the same seeds.
-    `batch_size` images per pipeline call (0: automatic, as `prior` batches); `on_progress(done, total)`."""
+    """Save `num_images` images of each prompt (a `PromptSpec` overrides the settings it sets: negative prompt, size,
+    first seed, guidance, steps), `images.json` (each file's prompt and settings) and a grid with a row per prompt;
+    with `compare`, a base-model row above each LoRA row at the same seeds. One prompt's images are `seed-S.png`,
+    several prompts' `NN-seed-S.png`. `batch_size` images per pipeline call (0: automatic, as `prior` batches);
+    `on_progress(done, total)`."""
     from dreamlora.prior import auto_batch_size
 
     if compare and not loras:
         raise ConfigError("--compare needs at least one --lora to compare with the base model")
+    specs = [PromptSpec(prompts)] if isinstance(prompts, str) else list(prompts)
     pipeline = build_pipeline(components)
-    seeds = list(range(seed, seed + num_images))
     load_loras(pipeline, loras)  # a LoRA that does not load fails before any image is drawn
     lora_prompt = install_embeddings(components, loras)  # base images read the prompt as written
-    batch = batch_size or auto_batch_size(pipeline.device, resolution)
-    progress = {"done": 0, "total": num_images * (2 if compare else 1)}
+    progress = {"done": 0, "total": num_images * len(specs) * (2 if compare else 1)}
 
     def counted(drawn: int) -> None:
         progress["done"] += drawn
@@ -323,24 +395,38 @@ def generate(
             on_progress(progress["done"], progress["total"])
 
     counted(0)
-    base_images = None
-    if compare:
-        pipeline.disable_lora()
-        try:
-            base_images = generate_images(pipeline, prompt, seeds, steps, guidance, resolution, negative_prompt, batch, counted)
-        finally:
-            pipeline.enable_lora()
-    images = generate_images(pipeline, lora_prompt(prompt), seeds, steps, guidance, resolution, lora_prompt(negative_prompt), batch, counted)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths = []
-    for s, image in zip(seeds, images):
-        path = out_dir / f"seed-{s}.png"
-        image.save(path)
-        paths.append(path)
-    rows = [base_images, images] if base_images else [images]
-    labels = ["base", "LoRA"] if base_images else None
+    paths: list[Path] = []
+    records: list[dict[str, Any]] = []
+    rows: list[list[Image.Image]] = []
+    labels: list[str] = []
+    for number, spec in enumerate(specs, 1):
+        first = spec.seed if spec.seed is not None else seed
+        seeds = list(range(first, first + num_images))
+        size = (spec.width or resolution, spec.height or resolution)
+        negative = spec.negative_prompt if spec.negative_prompt is not None else negative_prompt
+        spec_steps, spec_guidance = spec.steps or steps, spec.guidance if spec.guidance is not None else guidance
+        batch = batch_size or auto_batch_size(pipeline.device, max(size))
+        label = spec.prompt if len(spec.prompt) <= 60 else spec.prompt[:57] + "..."
+        if compare:
+            pipeline.disable_lora()
+            try:
+                rows.append(generate_images(pipeline, spec.prompt, seeds, spec_steps, spec_guidance, size, negative, batch, counted))
+            finally:
+                pipeline.enable_lora()
+            labels.append(f"base: {label}" if len(specs) > 1 else "base")
+        images = generate_images(pipeline, lora_prompt(spec.prompt), seeds, spec_steps, spec_guidance, size, lora_prompt(negative), batch, counted)
+        rows.append(images)
+        labels.append((f"LoRA: {label}" if compare else label) if len(specs) > 1 else "LoRA")
+        for s, image in zip(seeds, images):
+            path = out_dir / (f"seed-{s}.png" if len(specs) == 1 else f"{number:02d}-seed-{s}.png")
+            image.save(path)
+            paths.append(path)
+            records.append({"file": path.name, "prompt": spec.prompt, "negative_prompt": negative, "seed": s, "steps": spec_steps,
+                            "guidance": spec_guidance, "width": size[0], "height": size[1]})  # fmt: skip
+    (out_dir / "images.json").write_text(json.dumps({"loras": [[str(p), scale] for p, scale in loras], "images": records}, indent=2), encoding="utf-8")
     grid_path = out_dir / "grid.png"
-    make_grid(upscale_small(rows), labels).save(grid_path)
+    make_grid(upscale_small(rows), labels if compare or len(specs) > 1 else None).save(grid_path)
     return GenerateResult(paths, grid_path)
 
 

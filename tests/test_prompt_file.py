@@ -1,0 +1,93 @@
+"""`generate --from-file`: many prompts in one run, each line in kohya's sample-prompt format with its own negative
+prompt, size, seed, guidance and steps."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from dreamlora.cli import app
+from dreamlora.errors import ConfigError
+from dreamlora.generate import PromptSpec, read_prompt_file
+
+runner = CliRunner()
+
+
+def _flat(output: str) -> str:
+    return " ".join(output.replace("│", " ").split())
+
+
+def test_prompt_lines_are_read_as_kohya_writes_them(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    file = tmp_path / "prompts.txt"
+    file.write_text(
+        "# the subject in new places\n"
+        "a photo of sks dog on a beach --n blurry, low quality --w 512 --h 768 --d 42 --l 7.5 --s 30\n"
+        "\n"
+        "a photo of sks dog--in a bucket --ss euler_a --S 12\n"
+        "a photo of dog\n",
+        encoding="utf-8",
+    )
+    with caplog.at_level(logging.WARNING):
+        specs = read_prompt_file(file)
+    assert specs == [
+        PromptSpec("a photo of sks dog on a beach", negative_prompt="blurry, low quality", width=512, height=768, seed=42, guidance=7.5, steps=30),
+        PromptSpec("a photo of sks dog--in a bucket", steps=12),  # "--" inside a word is the prompt's; options are case-blind
+        PromptSpec("a photo of dog"),
+    ]
+    assert "--ss ignored" in caplog.text
+    for line, message in (
+        ("a dog --w wide", "line 1: --w 'wide' is not a whole number"),
+        ("a dog --l high", "line 1: --l 'high' is not a number"),
+        ("a dog --w 500", "line 1: --w must be a positive multiple of 8; got 500"),
+        ("a dog --s 0", "line 1: --steps must be in 1..1000; got 0"),
+        ("--d 3", "line 1 has options but no prompt"),
+        ("# only a comment", "has no prompts"),
+    ):
+        file.write_text(line + "\n", encoding="utf-8")
+        with pytest.raises(ConfigError, match=message):
+            read_prompt_file(file)
+    with pytest.raises(ConfigError, match="cannot be read"):
+        read_prompt_file(tmp_path / "missing.txt")
+
+
+def test_generate_draws_each_line_with_its_own_settings(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    Path("prompts.txt").write_text("a photo of dog --d 7 --s 3\na photo of cat --w 48 --h 32 --n dog --l 3\n", encoding="utf-8")
+    common = ["generate", "--model", "tiny", "-n", "2", "--steps", "2"]
+    result = runner.invoke(app, [*common, "--from-file", "prompts.txt", "--out", "many"])
+    assert result.exit_code == 0, result.output
+    files = sorted(p.name for p in Path("many").glob("*-seed-*.png"))
+    assert files == ["01-seed-7.png", "01-seed-8.png", "02-seed-0.png", "02-seed-1.png"]
+    assert Image.open("many/01-seed-7.png").size == (32, 32) and Image.open("many/02-seed-0.png").size == (48, 32)
+    records = {r["file"]: r for r in json.loads(Path("many/images.json").read_text())["images"]}
+    assert records["01-seed-7.png"] == {"file": "01-seed-7.png", "prompt": "a photo of dog", "negative_prompt": "", "seed": 7, "steps": 3,
+                                             "guidance": 7.5, "width": 32, "height": 32}  # fmt: skip
+    assert records["02-seed-1.png"]["negative_prompt"] == "dog" and records["02-seed-1.png"]["guidance"] == 3
+    # A line draws what the same settings on the command line draw.
+    single = runner.invoke(app, [*common, "-p", "a photo of dog", "--seed", "7", "--steps", "3", "-n", "1", "--out", "one"])
+    assert single.exit_code == 0, single.output
+    assert Image.open("one/seed-7.png").tobytes() == Image.open("many/01-seed-7.png").tobytes()
+    grid = Image.open("many/grid.png")
+    assert grid.height == 2 * 128 and grid.width > 2 * 192  # a row per prompt, 32 px images enlarged 4x, cells of the largest
+
+    trained = runner.invoke(app, ["train", "--model", "tiny", "--instance", str(instance_dir), "--max-steps", "1", "--set", "adapter.init=nonzero",
+                                  "--set", "train.num_samples=0", "--out", "runs/a"])  # fmt: skip
+    assert trained.exit_code == 0, trained.output
+    compared = runner.invoke(app, [*common, "--from-file", "prompts.txt", "--lora", "runs/a", "--compare", "--out", "compared"])
+    assert compared.exit_code == 0, compared.output
+    assert Image.open("compared/grid.png").height == 4 * 128  # base and LoRA rows for each prompt
+    assert Image.open("compared/01-seed-7.png").tobytes() != Image.open("many/01-seed-7.png").tobytes()  # the LoRA's images
+
+    neither = runner.invoke(app, common)
+    assert neither.exit_code == 2 and "no prompt given" in _flat(neither.output)
+    both = runner.invoke(app, [*common, "-p", "a dog", "--from-file", "prompts.txt"])
+    assert both.exit_code == 2 and "--prompt and --from-file both set the prompts; pass one" in _flat(both.output)
+    Path("bad.txt").write_text("a dog --h 33\n", encoding="utf-8")
+    bad = runner.invoke(app, [*common, "--from-file", "bad.txt", "--out", "bad"])
+    assert bad.exit_code == 2 and "line 1: --h must be a positive multiple of 8; got 33" in _flat(bad.output) and "Traceback" not in bad.output
+    assert not Path("bad").exists()
