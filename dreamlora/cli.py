@@ -517,7 +517,8 @@ def train(
     sample_every: Annotated[Optional[int], typer.Option(help="Every N steps: sample grid samples/step-N.png and drift figures (0: only at the end).")] = None,
     sample_every_epochs: Annotated[Optional[int], typer.Option(help="Sample grids and drift figures every N epochs instead.")] = None,
     num_samples: Annotated[Optional[int], typer.Option(help="Images per prompt in sample grids (default 4, fixed seeds).")] = None,
-    sample_prompt: Annotated[Optional[list[str]], typer.Option("--sample-prompt", help="Another prompt for the sample grids, e.g. 'a photo of sks dog on a beach' (repeatable).")] = None,
+    sample_prompt: Annotated[Optional[list[str]], typer.Option("--sample-prompt", help="Another prompt for the sample grids, e.g. 'a photo of sks dog on a beach' (repeatable; may end in kohya's --n --w --h --d --l --s).")] = None,
+    sample_prompts: Annotated[Optional[Path], typer.Option("--sample-prompts", help="Sample-grid prompts from a text file, one per line in kohya's format (its --sample_prompts): 'a photo of sks dog --n blurry --s 30'.")] = None,
     report_to: Annotated[Optional[str], typer.Option(help="Also log to tensorboard|wandb (extra: pip install 'dreamlora\\[tensorboard]').")] = None,
     snr_gamma: Annotated[Optional[float], typer.Option(help="Min-SNR-gamma loss weighting, e.g. 5 (default 0: off).")] = None,
     noise_offset: Annotated[Optional[float], typer.Option(help="Noise offset, e.g. 0.05 (default 0: off).")] = None,
@@ -608,6 +609,14 @@ def train(
         _check_not_both("--checkpoint-every", checkpoint_every, "--checkpoint-every-epochs", checkpoint_every_epochs, "how often to checkpoint")
         _check_not_both("--sample-every", sample_every, "--sample-every-epochs", sample_every_epochs, "how often to sample")
         _check_targets(targets)
+        if sample_prompts is not None:  # the file's lines go into the run's config, so it records them
+            from dreamlora.prompts import parse_prompt_line, prompt_lines, warn_ignored
+
+            lines, ignored = prompt_lines(sample_prompts), set()
+            for number, line in lines:
+                parse_prompt_line(line, f"prompt file '{sample_prompts}' line {number}", ignored)
+            warn_ignored(ignored, f"prompt file {sample_prompts}")
+            flags["train.sample_prompts"] = (*(sample_prompt or ()), *(line for _, line in lines))
         overrides = _overrides(set_, flags)
         if init_lora and not Path(init_lora).exists():
             from dreamlora.errors import ConfigError
@@ -897,7 +906,8 @@ def generate(
         from dreamlora.checkpoint import find_lora
         from dreamlora.config import ModelConfig
         from dreamlora.errors import ConfigError
-        from dreamlora.generate import check_settings, output_folder, read_prompt_file, recorded_clip_skip, recorded_prediction_type, run_base_model
+        from dreamlora.generate import check_settings, output_folder, recorded_clip_skip, recorded_prediction_type, run_base_model
+        from dreamlora.prompts import read_prompt_file
         from dreamlora.generate import generate as run_generate
         from dreamlora.lora import read_safetensors
         from dreamlora.models import load_model, resolve_precision

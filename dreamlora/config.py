@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dreamlora.errors import ConfigError
+from dreamlora.prompts import parse_prompt_line
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
@@ -433,6 +434,8 @@ class TrainConfig:
         _check(self.checkpoint_every_epochs >= 0 and self.sample_every_epochs >= 0, "train.checkpoint_every_epochs and train.sample_every_epochs must be >= 0 (0: off)")
         _check(self.sample_every >= 0, f"train.sample_every must be >= 0 (0 = samples only at the end); got {self.sample_every}")
         _check(self.num_samples >= 0, f"train.num_samples must be >= 0 (0: no sample images); got {self.num_samples}")
+        for prompt in self.sample_prompts:  # kohya's options: a bad one stops the run before it starts
+            parse_prompt_line(prompt, f"train.sample_prompts {prompt!r}")
 
     @property
     def pseudo_huber(self) -> bool:

@@ -16,6 +16,7 @@ from PIL import Image, ImageDraw, ImageFont
 from dreamlora.checkpoint import find_lora, next_free_path
 from dreamlora.errors import ConfigError
 from dreamlora.models import Components, build_pipeline
+from dreamlora.prompts import PromptSpec, parse_prompt_line, setting_problems
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +61,32 @@ def generate_images(
         if on_batch:
             on_batch(len(chunk))
     return images
+
+
+def draw_prompt(
+    pipeline: Any,
+    spec: PromptSpec,
+    seeds: list[int],
+    steps: int,
+    guidance: float,
+    resolution: int,
+    negative_prompt: str = "",
+    batch_size: int = 0,
+    on_batch: Callable[[int], None] | None = None,
+    rewrite: Callable[[str], str] | None = None,
+) -> tuple[list[Image.Image], list[int]]:
+    """`generate_images` of one `PromptSpec`: its own settings where it sets them, else the ones given (`seeds`: as
+    many images from its own first seed when it has one); `rewrite` respells its prompts (pivotal tuning's tokens).
+    Returns the images and the seeds they were drawn at."""
+    rewrite = rewrite or (lambda prompt: prompt)
+    if spec.seed is not None:
+        seeds = list(range(spec.seed, spec.seed + len(seeds)))
+    negative = spec.negative_prompt if spec.negative_prompt is not None else negative_prompt
+    images = generate_images(
+        pipeline, rewrite(spec.prompt), seeds, spec.steps or steps, spec.guidance if spec.guidance is not None else guidance,
+        spec.size(resolution), rewrite(negative), batch_size, on_batch,
+    )
+    return images, seeds
 
 
 def latents_in_vae_dtype(pipeline: Any, index: int, timestep: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -122,15 +149,15 @@ def comparison_grid(
     seeds = list(range(seed, seed + n))
     rows, labels = [], []
     for prompt in prompts:
+        spec = parse_prompt_line(prompt, "--sample-prompt")  # may carry kohya's options: --n --w --h --d --l --s
         if base and prompt in base:
             rows.append(base[prompt])
         else:
             with adapters_disabled([components.unet, *components.text_encoders.values()]):
-                rows.append(generate_images(pipeline, prompt, seeds, steps, guidance, resolution))
-        labels.append(f"base: {prompt}")
-        lora_prompt = adapted_prompt(prompt) if adapted_prompt else prompt
-        rows.append(adapted[prompt] if adapted and prompt in adapted else generate_images(pipeline, lora_prompt, seeds, steps, guidance, resolution))
-        labels.append(f"LoRA: {prompt}")
+                rows.append(draw_prompt(pipeline, spec, seeds, steps, guidance, resolution)[0])
+        labels.append(f"base: {spec.prompt}")
+        rows.append(adapted[prompt] if adapted and prompt in adapted else draw_prompt(pipeline, spec, seeds, steps, guidance, resolution, rewrite=adapted_prompt)[0])
+        labels.append(f"LoRA: {spec.prompt}")
     return make_grid(upscale_small(rows), labels)
 
 
@@ -191,81 +218,6 @@ def install_embeddings(components: Components, loras: list[tuple[Path, float]]) 
 
 
 DEFAULT_OUT = Path("samples-out")
-# kohya's sample-prompt options: `a photo of sks dog --n blurry --w 512 --h 768 --d 42 --l 7.5 --s 30`
-PROMPT_OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "guidance", "s": "steps"}
-
-
-@dataclass(frozen=True)
-class PromptSpec:
-    """One prompt to draw and the settings it chooses (None: the command's)."""
-
-    prompt: str
-    negative_prompt: str | None = None
-    width: int | None = None
-    height: int | None = None
-    seed: int | None = None
-    guidance: float | None = None
-    steps: int | None = None
-
-
-def setting_problems(steps: int | None = None, guidance: float | None = None, sizes: dict[str, int | None] | None = None) -> list[str]:
-    """What is wrong with sampling settings (None: not given), one message per problem, named as the flags are."""
-    import math
-
-    problems = []
-    if steps is not None and not 1 <= steps <= 1000:
-        problems.append(f"--steps must be in 1..1000; got {steps}")
-    if guidance is not None and not (math.isfinite(guidance) and guidance >= 0):
-        problems.append(f"--guidance must be 0 or more; got {guidance}")
-    for flag, size in (sizes or {}).items():
-        if size is not None and not (8 <= size <= 8192 and size % 8 == 0):
-            problems.append(f"{flag} must be a positive multiple of 8; got {size}")
-    return problems
-
-
-def read_prompt_file(path: Path) -> list[PromptSpec]:
-    """The prompts of a text file, one per line, in kohya's sample-prompt format: each may end in options `--n`
-    (negative prompt), `--w`/`--h` (size), `--d` (seed), `--l` (guidance) and `--s` (steps); blank lines and lines
-    starting with # are skipped. Other options (kohya's `--ss` sampler, say) are ignored with a warning; a bad value
-    is a ConfigError naming its line."""
-    import re
-
-    try:
-        text = Path(path).expanduser().read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as error:
-        raise ConfigError(f"prompt file '{path}' cannot be read ({error}); pass a UTF-8 text file with one prompt per line") from error
-    specs, ignored = [], set()
-    for number, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        prompt, *options = re.split(r"\s+--(?=[A-Za-z]+\b)", " " + line)
-        values: dict[str, Any] = {}
-        for option in options:
-            name, _, value = option.strip().partition(" ")
-            field = PROMPT_OPTIONS.get(name.lower())
-            if field is None:
-                ignored.add(f"--{name}")
-                continue
-            value = value.strip()
-            try:
-                values[field] = value if field == "negative_prompt" else float(value) if field == "guidance" else int(value)
-            except ValueError:
-                kind = "a number" if field == "guidance" else "a whole number"
-                raise ConfigError(f"prompt file '{path}' line {number}: --{name} {value!r} is not {kind}") from None
-        problems = setting_problems(values.get("steps"), values.get("guidance"), {"--w": values.get("width"), "--h": values.get("height")})
-        if problems:
-            raise ConfigError(f"prompt file '{path}' line {number}: {'; '.join(problems)}")
-        if not prompt.strip():
-            raise ConfigError(f"prompt file '{path}' line {number} has options but no prompt; write the prompt first, then --n, --w, --h, --d, --l, --s")
-        specs.append(PromptSpec(prompt.strip(), **values))
-    if not specs:
-        raise ConfigError(f"prompt file '{path}' has no prompts; write one per line (# starts a comment)")
-    if ignored:
-        log.warning("prompt file %s: %s ignored (dreamlora reads --n, --w, --h, --d, --l and --s)", path, ", ".join(sorted(ignored)))
-    return specs
-
-
 def check_settings(num_images: int, steps: int, guidance: float | None, resolution: int | None, loras: list[tuple[Path, float]], batch_size: int = 0) -> None:
     """`generate`'s settings, checked before the model loads."""
     import math
@@ -401,21 +353,19 @@ def generate(
     rows: list[list[Image.Image]] = []
     labels: list[str] = []
     for number, spec in enumerate(specs, 1):
-        first = spec.seed if spec.seed is not None else seed
-        seeds = list(range(first, first + num_images))
-        size = (spec.width or resolution, spec.height or resolution)
-        negative = spec.negative_prompt if spec.negative_prompt is not None else negative_prompt
+        size, negative = spec.size(resolution), spec.negative_prompt if spec.negative_prompt is not None else negative_prompt
         spec_steps, spec_guidance = spec.steps or steps, spec.guidance if spec.guidance is not None else guidance
         batch = batch_size or auto_batch_size(pipeline.device, max(size))
         label = spec.prompt if len(spec.prompt) <= 60 else spec.prompt[:57] + "..."
+        drawn = list(range(seed, seed + num_images))
         if compare:
             pipeline.disable_lora()
             try:
-                rows.append(generate_images(pipeline, spec.prompt, seeds, spec_steps, spec_guidance, size, negative, batch, counted))
+                rows.append(draw_prompt(pipeline, spec, drawn, steps, guidance, resolution, negative_prompt, batch, counted)[0])
             finally:
                 pipeline.enable_lora()
             labels.append(f"base: {label}" if len(specs) > 1 else "base")
-        images = generate_images(pipeline, lora_prompt(spec.prompt), seeds, spec_steps, spec_guidance, size, lora_prompt(negative), batch, counted)
+        images, seeds = draw_prompt(pipeline, spec, drawn, steps, guidance, resolution, negative_prompt, batch, counted, lora_prompt)
         rows.append(images)
         labels.append((f"LoRA: {label}" if compare else label) if len(specs) > 1 else "LoRA")
         for s, image in zip(seeds, images):

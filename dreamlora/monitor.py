@@ -23,8 +23,9 @@ import torch
 from PIL import Image
 
 from dreamlora.data import list_images, open_image, resize_and_crop
-from dreamlora.generate import adapters_disabled, generate_images, make_grid, upscale_small
+from dreamlora.generate import adapters_disabled, draw_prompt, make_grid, upscale_small
 from dreamlora.models import Components, build_pipeline
+from dreamlora.prompts import parse_prompt_line
 
 
 def image_distance(a: Image.Image, b: Image.Image) -> float:
@@ -73,6 +74,7 @@ class SampleMonitor:
         self.components, self.seeds, self.steps, self.guidance, self.resolution = components, seeds, steps, guidance, resolution
         # The instance row, the class row, then the user's own prompts (`--sample-prompt`), each once.
         self.prompts = list(dict.fromkeys(p for p in (instance_prompt, class_prompt, *extra_prompts) if p))
+        self.specs = {p: parse_prompt_line(p, "--sample-prompt") for p in self.prompts}  # kohya's --n --w --h --d --l --s
         self.instance_prompt, self.class_prompt = instance_prompt, class_prompt
         self.photos = [open_image(path) for path in list_images(instance_dir, "instance").paths]
         self.out_dir = out_dir
@@ -85,17 +87,17 @@ class SampleMonitor:
     def _models(self) -> list[torch.nn.Module]:
         return [self.components.unet, *self.components.text_encoders.values()]
 
-    def _generate(self, prompt: str) -> list[Image.Image]:
-        return generate_images(self.pipeline, prompt, self.seeds, self.steps, self.guidance, self.resolution)
+    def _generate(self, prompt: str, rewrite: Callable[[str], str] | None = None) -> list[Image.Image]:
+        return draw_prompt(self.pipeline, self.specs[prompt], self.seeds, self.steps, self.guidance, self.resolution, rewrite=rewrite)[0]
 
     def sample(self, step: int) -> dict[str, float]:
         """Write `samples/step-NNNNNN.png` (instance row, class row, extra prompts' rows) and return the drift figures."""
         with _eval_mode(self._models()):
-            images = {prompt: self._generate(self.adapted_prompt(prompt)) for prompt in self.prompts}
+            images = {prompt: self._generate(prompt, self.adapted_prompt) for prompt in self.prompts}
         self.latest = (step, images)
         self.out_dir.mkdir(parents=True, exist_ok=True)
         rows = [images[p] for p in self.prompts]
-        make_grid(upscale_small(rows), [f"step {step}: {p}" for p in self.prompts]).save(self.out_dir / f"step-{step:06d}.png")
+        make_grid(upscale_small(rows), [f"step {step}: {self.specs[p].prompt}" for p in self.prompts]).save(self.out_dir / f"step-{step:06d}.png")
         figures = {"instance_distance": instance_distance(images[self.instance_prompt], self.photos)}
         if self.class_prompt:
             figures["class_drift"] = class_drift(images[self.class_prompt], self.base[self.class_prompt])

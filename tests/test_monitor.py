@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from dreamlora import generate, monitor
+from dreamlora import generate
 from dreamlora import train as train_module
 from dreamlora.cli import app
 from dreamlora.config import load_config
@@ -48,7 +48,6 @@ def test_sample_every_writes_grids_drift_and_curves(tmp_path: Path, instance_dir
         calls.append(prompt)
         return real(pipeline, prompt, seeds, *args, **kwargs)
 
-    monkeypatch.setattr(monitor, "generate_images", counting)
     monkeypatch.setattr(generate, "generate_images", counting)
     overrides = {
         "model.name": "tiny", "data.instance_dir": str(instance_dir), "data.class_dir": str(class_dir), "data.class_name": "dog",
@@ -181,7 +180,6 @@ def test_training_parks_the_vae_only_when_every_latent_is_cached(tmp_path: Path,
     recorders: list[Recording] = []
     recorder_home = lambda: not recorders or recorders[0].home  # noqa: E731
     monkeypatch.setattr(train_module, "ParkedVae", lambda *a, **k: recorders.append(Recording(*a, **k)) or recorders[0])
-    monkeypatch.setattr(monitor, "generate_images", generating)
     monkeypatch.setattr(generate, "generate_images", generating)
     overrides = {
         "model.name": "tiny", "data.instance_dir": str(instance_dir), "data.class_dir": str(class_dir), "data.class_name": "dog",

@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from dreamlora.cli import app
 from dreamlora.errors import ConfigError
-from dreamlora.generate import PromptSpec, read_prompt_file
+from dreamlora.prompts import PromptSpec, read_prompt_file
 
 runner = CliRunner()
 
@@ -91,3 +91,25 @@ def test_generate_draws_each_line_with_its_own_settings(tmp_path: Path, instance
     bad = runner.invoke(app, [*common, "--from-file", "bad.txt", "--out", "bad"])
     assert bad.exit_code == 2 and "line 1: --h must be a positive multiple of 8; got 33" in _flat(bad.output) and "Traceback" not in bad.output
     assert not Path("bad").exists()
+
+
+def test_training_sample_prompts_carry_their_own_settings(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kohya's --sample_prompts file: its lines join the sample grids with their options (here a wide image and its own
+    seed), recorded in the run's config; a bad line stops the run before it starts."""
+    monkeypatch.chdir(tmp_path)
+    Path("samples.txt").write_text("# kohya's file\na photo of sks dog on a beach --w 64 --h 32 --d 5 --ss euler_a\n", encoding="utf-8")
+    train = ["train", "--model", "tiny", "--instance", str(instance_dir), "--max-steps", "2", "--set", "train.num_samples=1"]
+    trained = runner.invoke(app, [*train, "--sample-prompts", "samples.txt", "--sample-every", "1", "--out", "runs/s"])
+    assert trained.exit_code == 0, trained.output
+    assert "--ss ignored" in _flat(trained.output)
+    config = Path("runs/s/config.toml").read_text()
+    assert "a photo of sks dog on a beach --w 64 --h 32 --d 5 --ss euler_a" in config
+    final, step = Image.open("runs/s/samples/final.png"), Image.open("runs/s/samples/step-000001.png")
+    # Instance and class rows of 32x32 (enlarged 4x) and the beach rows of 64x32: cells as wide as the widest image.
+    assert final.height == 4 * 128 and final.width > 256 and step.height == 2 * 128
+    Path("bad.txt").write_text("a dog\na dog --d x\n", encoding="utf-8")
+    bad = runner.invoke(app, [*train, "--sample-prompts", "bad.txt", "--out", "runs/bad"])
+    assert bad.exit_code == 2 and "prompt file 'bad.txt' line 2: --d 'x' is not a whole number" in _flat(bad.output)
+    assert not Path("runs/bad").exists()
+    flagged = runner.invoke(app, [*train, "--sample-prompt", "a dog --w 12", "--out", "runs/flag"])
+    assert flagged.exit_code == 2 and "--w must be a positive multiple of 8; got 12" in _flat(flagged.output)
