@@ -252,7 +252,7 @@ def prior(
     resolution: Annotated[Optional[int], typer.Option(help="Image size (default: the model's, 512 for SD 1.5).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Sampling steps (default 25, DPM-Solver++).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="Classifier-free guidance (default: the model's, 7.5 SD 1.x, 5.0 SDXL).")] = None,
-    scheduler: Annotated[Optional[str], typer.Option(help="dpm++|pndm|ddim|euler")] = None,
+    scheduler: Annotated[Optional[str], typer.Option(help="dpm++ (default)|pndm|ddim|euler|euler_a|heun|dpm2|dpm2_a|unipc")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per batch (default: automatic).")] = None,
     seed: Annotated[Optional[int], typer.Option()] = None,
     out_dir: Annotated[Optional[str], typer.Option("--out", help="Folder (default priors/<class>).")] = None,
@@ -878,7 +878,7 @@ def inspect(
 @app.command()
 def generate(
     prompt: Annotated[Optional[str], typer.Option("--prompt", "-p", help="e.g. 'a photo of sks dog'.")] = None,
-    from_file: Annotated[Optional[Path], typer.Option("--from-file", help="Prompts from a text file instead, one per line, each optionally ending in kohya's --n NEGATIVE --w WIDTH --h HEIGHT --d SEED --l GUIDANCE --s STEPS; the flags below are the defaults.")] = None,
+    from_file: Annotated[Optional[Path], typer.Option("--from-file", help="Prompts from a text file instead, one per line, each optionally ending in kohya's --n NEGATIVE --w WIDTH --h HEIGHT --d SEED --l GUIDANCE --s STEPS --ss SAMPLER; the flags below are the defaults.")] = None,
     lora: Annotated[Optional[list[str]], typer.Option("--lora", help="Run folder or LoRA file, optionally PATH:SCALE (repeatable).")] = None,
     scale: Annotated[float, typer.Option(help="Scale of LoRAs given without :SCALE.")] = 1.0,
     num_images: Annotated[int, typer.Option("--num-images", "-n")] = 4,
@@ -888,6 +888,7 @@ def generate(
     negative_prompt: Annotated[str, typer.Option()] = "",
     resolution: Annotated[Optional[int], typer.Option(help="Default: the model's.")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Grid of base vs LoRA at the same seeds.")] = False,
+    scheduler: Annotated[str, typer.Option("--scheduler", help="Sampler: dpm++ (default)|pndm|ddim|euler|euler_a|heun|dpm2|dpm2_a|unipc (a --from-file line's --ss chooses its own).")] = "dpm++",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch (default 0: automatic, as prior batches); the images do not depend on it.")] = 0,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="New or empty output folder (default: samples-out, or the next free samples-out-N).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Hub id, local diffusers folder, `tiny`, `tiny-sdxl` or `toy` (default: $DREAMLORA_MODEL, else the model a --lora run was trained on, else SD 1.5).")] = None,
@@ -917,7 +918,7 @@ def generate(
         _check_not_both("--prompt", prompt, "--from-file", from_file, "the prompts")
         prompts = read_prompt_file(from_file) if from_file is not None else prompt
         loras = [_parse_lora(item, scale) for item in lora or []]
-        check_settings(num_images, steps, guidance, resolution, loras, batch_size)
+        check_settings(num_images, steps, guidance, resolution, loras, batch_size, scheduler)
         base, base_vae = model or os.environ.get("DREAMLORA_MODEL"), vae
         if not base and (trained_on := run_base_model(loras)):  # the model the run was trained on, not SD 1.5
             base, run_vae, run_dir = trained_on
@@ -945,7 +946,7 @@ def generate(
             on_progress = _image_counter(progress, "images")
             result = run_generate(
                 components, prompts, folder, loras, num_images, seed, steps, guidance_scale, resolution or components.native_resolution,
-                negative_prompt, compare, batch_size, on_progress,
+                negative_prompt, compare, batch_size, on_progress, scheduler,
             )
         _summary("generated", [("images", len(result.images)), ("folder", folder), ("grid", result.grid)])
 

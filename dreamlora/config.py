@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from dreamlora.errors import ConfigError
-from dreamlora.prompts import parse_prompt_line
+from dreamlora.prompts import SAMPLERS, parse_prompt_line
 
 DEFAULT_MODEL = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 PRECISIONS = ("auto", "fp16", "bf16", "fp32")
@@ -183,7 +183,7 @@ class PriorConfig:
     num_images: int = 200
     steps: int = 25
     guidance: float = 0.0  # 0: the model family's default (7.5 SD 1.x/2.x, 5.0 SDXL)
-    scheduler: str = "dpm++"  # dpm++ or pndm (the reference script's default)
+    scheduler: str = "dpm++"  # one of SAMPLERS; pndm is the reference script's default
     batch_size: int = 0  # 0: automatic (large on GPU, small on CPU)
     seed: int = 0
     out: str = ""  # default priors/<class_name>
@@ -193,7 +193,7 @@ class PriorConfig:
         _check(1 <= self.steps <= 1000, f"prior.steps must be in 1..1000; got {self.steps}")
         _check(self.guidance >= 0, f"prior.guidance must be >= 0; got {self.guidance}")
         _check(self.batch_size >= 0, f"prior.batch_size must be >= 0 (0 = automatic); got {self.batch_size}")
-        _check_choice("prior.scheduler", self.scheduler, ("dpm++", "pndm", "ddim", "euler"))
+        _check_choice("prior.scheduler", self.scheduler, SAMPLERS)
 
     def resolved_prompt(self) -> str:
         return self.prompt or f"a photo of {self.class_name}"

@@ -78,14 +78,22 @@ def draw_prompt(
     """`generate_images` of one `PromptSpec`: its own settings where it sets them, else the ones given (`seeds`: as
     many images from its own first seed when it has one); `rewrite` respells its prompts (pivotal tuning's tokens).
     Returns the images and the seeds they were drawn at."""
+    from dreamlora.models import sampler_from
+
     rewrite = rewrite or (lambda prompt: prompt)
     if spec.seed is not None:
         seeds = list(range(spec.seed, spec.seed + len(seeds)))
     negative = spec.negative_prompt if spec.negative_prompt is not None else negative_prompt
-    images = generate_images(
-        pipeline, rewrite(spec.prompt), seeds, spec.steps or steps, spec.guidance if spec.guidance is not None else guidance,
-        spec.size(resolution), rewrite(negative), batch_size, on_batch,
-    )
+    own = pipeline.scheduler
+    if spec.scheduler:  # its own sampler, on the same noise schedule, for this prompt only
+        pipeline.scheduler = sampler_from(own.config, spec.scheduler)
+    try:
+        images = generate_images(
+            pipeline, rewrite(spec.prompt), seeds, spec.steps or steps, spec.guidance if spec.guidance is not None else guidance,
+            spec.size(resolution), rewrite(negative), batch_size, on_batch,
+        )
+    finally:
+        pipeline.scheduler = own
     return images, seeds
 
 
@@ -218,11 +226,15 @@ def install_embeddings(components: Components, loras: list[tuple[Path, float]]) 
 
 
 DEFAULT_OUT = Path("samples-out")
-def check_settings(num_images: int, steps: int, guidance: float | None, resolution: int | None, loras: list[tuple[Path, float]], batch_size: int = 0) -> None:
+def check_settings(
+    num_images: int, steps: int, guidance: float | None, resolution: int | None, loras: list[tuple[Path, float]], batch_size: int = 0, scheduler: str = "dpm++"
+) -> None:
     """`generate`'s settings, checked before the model loads."""
     import math
 
-    problems = []
+    from dreamlora.prompts import SAMPLERS
+
+    problems = [] if scheduler in SAMPLERS else [f"--scheduler must be one of {', '.join(SAMPLERS)}; got {scheduler!r}"]
     if not 1 <= num_images <= 10_000:
         problems.append(f"--num-images must be in 1..10000; got {num_images}")
     problems += setting_problems(steps, guidance)
@@ -325,9 +337,10 @@ def generate(
     compare: bool = False,
     batch_size: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
+    scheduler: str = "dpm++",
 ) -> GenerateResult:
     """Save `num_images` images of each prompt (a `PromptSpec` overrides the settings it sets: negative prompt, size,
-    first seed, guidance, steps), `images.json` (each file's prompt and settings) and a grid with a row per prompt;
+    first seed, guidance, steps, sampler; `scheduler` is the sampler otherwise), `images.json` (each file's prompt and settings) and a grid with a row per prompt;
     with `compare`, a base-model row above each LoRA row at the same seeds. One prompt's images are `seed-S.png`,
     several prompts' `NN-seed-S.png`. `batch_size` images per pipeline call (0: automatic, as `prior` batches);
     `on_progress(done, total)`."""
@@ -336,7 +349,7 @@ def generate(
     if compare and not loras:
         raise ConfigError("--compare needs at least one --lora to compare with the base model")
     specs = [PromptSpec(prompts)] if isinstance(prompts, str) else list(prompts)
-    pipeline = build_pipeline(components)
+    pipeline = build_pipeline(components, scheduler)
     load_loras(pipeline, loras)  # a LoRA that does not load fails before any image is drawn
     lora_prompt = install_embeddings(components, loras)  # base images read the prompt as written
     progress = {"done": 0, "total": num_images * len(specs) * (2 if compare else 1)}
@@ -373,7 +386,7 @@ def generate(
             image.save(path)
             paths.append(path)
             records.append({"file": path.name, "prompt": spec.prompt, "negative_prompt": negative, "seed": s, "steps": spec_steps,
-                            "guidance": spec_guidance, "width": size[0], "height": size[1]})  # fmt: skip
+                            "guidance": spec_guidance, "width": size[0], "height": size[1], "scheduler": spec.scheduler or scheduler})  # fmt: skip
     (out_dir / "images.json").write_text(json.dumps({"loras": [[str(p), scale] for p, scale in loras], "images": records}, indent=2), encoding="utf-8")
     grid_path = out_dir / "grid.png"
     make_grid(upscale_small(rows), labels if compare or len(specs) > 1 else None).save(grid_path)

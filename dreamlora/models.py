@@ -708,28 +708,47 @@ def encode_prompts(components: Components, input_ids: list[torch.Tensor], text_e
     return PromptEmbeddings(torch.cat(parts, dim=1), pooled)
 
 
-def build_pipeline(components: Components, scheduler: str = "dpm++") -> Any:
-    """A StableDiffusionPipeline over the loaded components with an inference scheduler."""
-    from diffusers import (
-        DDIMScheduler,
-        DPMSolverMultistepScheduler,
-        EulerDiscreteScheduler,
-        PNDMScheduler,
-        StableDiffusionPipeline,
-    )
+def inference_scheduler(components: Components, scheduler: str = "dpm++") -> Any:
+    """Sampler `scheduler` (one of `prompts.SAMPLERS`) on the model's noise schedule (its prediction type, betas and,
+    for a zero-terminal-SNR model, its rescaling)."""
+    return sampler_from(components.noise_scheduler.config, scheduler)
 
-    classes = {"dpm++": DPMSolverMultistepScheduler, "pndm": PNDMScheduler, "ddim": DDIMScheduler, "euler": EulerDiscreteScheduler}
-    config = dict(components.noise_scheduler.config)
-    extra = {"algorithm_type": "dpmsolver++"} if scheduler == "dpm++" else {}
-    inference_scheduler = classes[scheduler].from_config(config, **extra)
+
+def sampler_from(config: Any, scheduler: str) -> Any:
+    """Sampler `scheduler` on the noise schedule of a scheduler `config` (the model's, or another sampler's)."""
+    import diffusers
+
+    class_name, extra = SAMPLER_CLASSES[scheduler]
+    return getattr(diffusers, class_name).from_config(dict(config), **extra)
+
+
+# prompts.SAMPLERS -> (diffusers class, options)
+SAMPLER_CLASSES: dict[str, tuple[str, dict[str, Any]]] = {
+    "dpm++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++"}),
+    "pndm": ("PNDMScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "heun": ("HeunDiscreteScheduler", {}),
+    "dpm2": ("KDPM2DiscreteScheduler", {}),
+    "dpm2_a": ("KDPM2AncestralDiscreteScheduler", {}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+}
+
+
+def build_pipeline(components: Components, scheduler: str = "dpm++") -> Any:
+    """A StableDiffusionPipeline (the family's pipeline class) over the loaded components with an inference scheduler."""
+    from diffusers import StableDiffusionPipeline
+
+    inference = inference_scheduler(components, scheduler)
     if components.family.pipeline_class != "StableDiffusionPipeline":
-        return _build_family_pipeline(components, inference_scheduler)
+        return _build_family_pipeline(components, inference)
     pipeline = StableDiffusionPipeline(
         vae=components.vae,
         text_encoder=components.text_encoder,
         tokenizer=components.tokenizer,
         unet=components.unet,
-        scheduler=inference_scheduler,
+        scheduler=inference,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -743,13 +762,13 @@ def pipeline_family(pipeline: Any) -> ModelFamily:
     return next((f for f in FAMILIES.values() if f.pipeline_class == type(pipeline).__name__), SD1)
 
 
-def _build_family_pipeline(components: Components, inference_scheduler: Any) -> Any:
+def _build_family_pipeline(components: Components, scheduler: Any) -> Any:
     """The family's own pipeline class (SDXL: StableDiffusionXLPipeline) over the loaded components."""
     import diffusers
 
     parts = {name: getattr(components, name) for name in (*components.family.text_encoder_names, *components.family.tokenizer_names)}
     options = {"add_watermarker": False} if components.family.pipeline_class == "StableDiffusionXLPipeline" else {}
-    pipeline = getattr(diffusers, components.family.pipeline_class)(vae=components.vae, unet=components.unet, scheduler=inference_scheduler, **parts, **options)
+    pipeline = getattr(diffusers, components.family.pipeline_class)(vae=components.vae, unet=components.unet, scheduler=scheduler, **parts, **options)
     pipeline.set_progress_bar_config(disable=True)
     return pipeline
 

@@ -1,5 +1,5 @@
 """Prompts with their own sampling settings, in kohya's sample-prompt format: `a photo of sks dog on a beach --n blurry
---w 512 --h 768 --d 42 --l 7.5 --s 30` (negative prompt, width, height, first seed, guidance, steps). `generate
+--w 512 --h 768 --d 42 --l 7.5 --s 30 --ss euler_a` (negative prompt, width, height, first seed, guidance, steps, sampler). `generate
 --from-file` reads a file of them, and `train --sample-prompt`/`--sample-prompts` lines may carry them too."""
 
 from __future__ import annotations
@@ -15,7 +15,13 @@ from dreamlora.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-PROMPT_OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "guidance", "s": "steps"}
+SAMPLERS = ("dpm++", "pndm", "ddim", "euler", "euler_a", "heun", "dpm2", "dpm2_a", "unipc")  # inference schedulers (models.SAMPLER_CLASSES)
+PROMPT_OPTIONS = {"n": "negative_prompt", "w": "width", "h": "height", "d": "seed", "l": "guidance", "s": "steps", "ss": "scheduler"}
+# kohya's sampler names (--ss, --sample_sampler) -> dreamlora's (SAMPLERS); its lms and dpmsingle are not offered
+KOHYA_SAMPLERS = {
+    "dpmsolver++": "dpm++", "k_euler": "euler", "k_euler_a": "euler_a", "k_heun": "heun",
+    "dpm_2": "dpm2", "k_dpm_2": "dpm2", "dpm_2_a": "dpm2_a", "k_dpm_2_a": "dpm2_a",
+}  # fmt: skip
 _OPTION = re.compile(r"\s+--(?=[A-Za-z]+\b)")  # " --w": an option; "dog--w" inside a word is the prompt's
 
 
@@ -30,6 +36,7 @@ class PromptSpec:
     seed: int | None = None
     guidance: float | None = None
     steps: int | None = None
+    scheduler: str | None = None  # one of SAMPLERS
 
     def size(self, resolution: int) -> tuple[int, int]:
         """(width, height): its own, else `resolution`."""
@@ -62,6 +69,13 @@ def parse_prompt_line(line: str, where: str, ignored: set[str] | None = None) ->
                 ignored.add(f"--{name}")
             continue
         value = value.strip()
+        if field == "scheduler":
+            sampler = KOHYA_SAMPLERS.get(value.lower(), value.lower())
+            if sampler in SAMPLERS:
+                values[field] = sampler
+            elif ignored is not None:
+                ignored.add(f"--{name} {value} (samplers: {', '.join(SAMPLERS)})")
+            continue
         try:
             values[field] = value if field == "negative_prompt" else float(value) if field == "guidance" else int(value)
         except ValueError:
@@ -71,7 +85,7 @@ def parse_prompt_line(line: str, where: str, ignored: set[str] | None = None) ->
     if problems:
         raise ConfigError(f"{where}: {'; '.join(problems)}")
     if not prompt.strip():
-        raise ConfigError(f"{where} has options but no prompt; write the prompt first, then --n, --w, --h, --d, --l, --s")
+        raise ConfigError(f"{where} has options but no prompt; write the prompt first, then --n, --w, --h, --d, --l, --s, --ss")
     return PromptSpec(prompt.strip(), **values)
 
 
@@ -98,4 +112,4 @@ def read_prompt_file(path: Path | str) -> list[PromptSpec]:
 
 def warn_ignored(ignored: set[str], where: str) -> None:
     if ignored:
-        log.warning("%s: %s ignored (dreamlora reads --n, --w, --h, --d, --l and --s)", where, ", ".join(sorted(ignored)))
+        log.warning("%s: %s ignored (dreamlora reads --n, --w, --h, --d, --l, --s and --ss)", where, ", ".join(sorted(ignored)))

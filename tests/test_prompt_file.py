@@ -28,18 +28,18 @@ def test_prompt_lines_are_read_as_kohya_writes_them(tmp_path: Path, caplog: pyte
         "# the subject in new places\n"
         "a photo of sks dog on a beach --n blurry, low quality --w 512 --h 768 --d 42 --l 7.5 --s 30\n"
         "\n"
-        "a photo of sks dog--in a bucket --ss euler_a --S 12\n"
-        "a photo of dog\n",
+        "a photo of sks dog--in a bucket --ss k_euler_a --S 12 --cn canny.png\n"
+        "a photo of dog --ss k_lms\n",
         encoding="utf-8",
     )
     with caplog.at_level(logging.WARNING):
         specs = read_prompt_file(file)
     assert specs == [
         PromptSpec("a photo of sks dog on a beach", negative_prompt="blurry, low quality", width=512, height=768, seed=42, guidance=7.5, steps=30),
-        PromptSpec("a photo of sks dog--in a bucket", steps=12),  # "--" inside a word is the prompt's; options are case-blind
+        PromptSpec("a photo of sks dog--in a bucket", steps=12, scheduler="euler_a"),  # "--" inside a word is the prompt's; kohya's names; case-blind
         PromptSpec("a photo of dog"),
     ]
-    assert "--ss ignored" in caplog.text
+    assert "--cn" in caplog.text and "--ss k_lms (samplers: dpm++, pndm" in caplog.text  # options and samplers dreamlora does not have
     for line, message in (
         ("a dog --w wide", "line 1: --w 'wide' is not a whole number"),
         ("a dog --l high", "line 1: --l 'high' is not a number"),
@@ -57,7 +57,7 @@ def test_prompt_lines_are_read_as_kohya_writes_them(tmp_path: Path, caplog: pyte
 
 def test_generate_draws_each_line_with_its_own_settings(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    Path("prompts.txt").write_text("a photo of dog --d 7 --s 3\na photo of cat --w 48 --h 32 --n dog --l 3\n", encoding="utf-8")
+    Path("prompts.txt").write_text("a photo of dog --d 7 --s 3\na photo of cat --w 48 --h 32 --n dog --l 3 --ss euler_a\n", encoding="utf-8")
     common = ["generate", "--model", "tiny", "-n", "2", "--steps", "2"]
     result = runner.invoke(app, [*common, "--from-file", "prompts.txt", "--out", "many"])
     assert result.exit_code == 0, result.output
@@ -66,8 +66,18 @@ def test_generate_draws_each_line_with_its_own_settings(tmp_path: Path, instance
     assert Image.open("many/01-seed-7.png").size == (32, 32) and Image.open("many/02-seed-0.png").size == (48, 32)
     records = {r["file"]: r for r in json.loads(Path("many/images.json").read_text())["images"]}
     assert records["01-seed-7.png"] == {"file": "01-seed-7.png", "prompt": "a photo of dog", "negative_prompt": "", "seed": 7, "steps": 3,
-                                             "guidance": 7.5, "width": 32, "height": 32}  # fmt: skip
+                                             "guidance": 7.5, "width": 32, "height": 32, "scheduler": "dpm++"}  # fmt: skip
     assert records["02-seed-1.png"]["negative_prompt"] == "dog" and records["02-seed-1.png"]["guidance"] == 3
+    assert records["02-seed-1.png"]["scheduler"] == "euler_a"
+    # The line's sampler drew its images: the same prompt and settings with another sampler differ, with euler_a equal.
+    Path("cat.txt").write_text("a photo of cat --w 48 --h 32 --n dog --l 3\n", encoding="utf-8")
+    for sampler in ("euler_a", "ddim"):
+        again = runner.invoke(app, [*common, "--from-file", "cat.txt", "--scheduler", sampler, "--out", f"cat-{sampler}"])
+        assert again.exit_code == 0, again.output
+    assert Image.open("cat-euler_a/seed-0.png").tobytes() == Image.open("many/02-seed-0.png").tobytes()
+    assert Image.open("cat-ddim/seed-0.png").tobytes() != Image.open("many/02-seed-0.png").tobytes()
+    unknown = runner.invoke(app, [*common, "-p", "a dog", "--scheduler", "lms"])
+    assert unknown.exit_code == 2 and "--scheduler must be one of dpm++, pndm" in _flat(unknown.output)
     # A line draws what the same settings on the command line draw.
     single = runner.invoke(app, [*common, "-p", "a photo of dog", "--seed", "7", "--steps", "3", "-n", "1", "--out", "one"])
     assert single.exit_code == 0, single.output
@@ -101,7 +111,7 @@ def test_training_sample_prompts_carry_their_own_settings(tmp_path: Path, instan
     train = ["train", "--model", "tiny", "--instance", str(instance_dir), "--max-steps", "2", "--set", "train.num_samples=1"]
     trained = runner.invoke(app, [*train, "--sample-prompts", "samples.txt", "--sample-every", "1", "--out", "runs/s"])
     assert trained.exit_code == 0, trained.output
-    assert "--ss ignored" in _flat(trained.output)
+    assert "--ss" not in _flat(trained.output)  # euler_a is a sampler dreamlora has
     config = Path("runs/s/config.toml").read_text()
     assert "a photo of sks dog on a beach --w 64 --h 32 --d 5 --ss euler_a" in config
     final, step = Image.open("runs/s/samples/final.png"), Image.open("runs/s/samples/step-000001.png")
