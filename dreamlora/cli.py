@@ -712,6 +712,11 @@ def export(
     scale: Annotated[float, typer.Option(help="merged: LoRA strength fused into the weights.")] = 1.0,
     single_file: Annotated[bool, typer.Option("--single-file", help="merged: one original-layout checkpoint file.")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip loading the file back to check it.")] = False,
+    title: Annotated[Optional[str], typer.Option(help="a1111: the model spec's title, as Civitai and LoRA browsers show it (default: the file name; kohya's --metadata_title).")] = None,
+    author: Annotated[Optional[str], typer.Option(help="a1111: modelspec.author.")] = None,
+    description: Annotated[Optional[str], typer.Option(help="a1111: modelspec.description.")] = None,
+    license_: Annotated[Optional[str], typer.Option("--license", help="a1111: modelspec.license, e.g. CreativeML OpenRAIL-M.")] = None,
+    tags: Annotated[Optional[str], typer.Option(help="a1111: modelspec.tags, comma-separated.")] = None,
     debug: Debug = False,
 ) -> None:
     """Export a run's LoRA for A1111/ComfyUI/kohya tools or diffusers."""
@@ -725,7 +730,10 @@ def export(
 
         if run_arg and run and Path(run_arg) != Path(run):
             raise ConfigError(f"two run folders given ('{run_arg}' and --run '{run}'); pass one")
-        cfg = ExportConfig(format=fmt, dtype=dtype, out=out_path or "", scale=scale, single_file=single_file, verify=not no_verify)
+        published = {"title": title, "author": author, "description": description, "license": license_, "tags": tags}
+        cfg = ExportConfig(
+            format=fmt, dtype=dtype, out=out_path or "", scale=scale, single_file=single_file, verify=not no_verify, **{k: v for k, v in published.items() if v is not None}
+        )
         run_dir = run_arg or run or latest_run()
         result = export_run(run_dir, cfg, step=step)
         _render_export(result)

@@ -487,6 +487,19 @@ class ExportConfig:
     scale: float = 1.0  # merged: LoRA strength fused into the weights
     single_file: bool = False  # merged: one original-layout checkpoint .safetensors instead of a diffusers folder
     verify: bool = True  # load the written file back through diffusers and compare with the run's LoRA
+    # a1111: the model spec's publishing fields (kohya's --metadata_title, _author, _description, _license, _tags)
+    title: str = ""  # default: the file's name
+    author: str = ""
+    description: str = ""
+    license: str = ""
+    tags: str = ""  # comma-separated
+
+    @property
+    def publishing_metadata(self) -> dict[str, str]:
+        """The `modelspec.*` fields given (title, author, description, license, tags), tags as ", "-joined words."""
+        tags = ", ".join(t.strip() for t in self.tags.split(",") if t.strip())
+        fields = {"title": self.title.strip(), "author": self.author.strip(), "description": self.description.strip(), "license": self.license.strip(), "tags": tags}
+        return {f"modelspec.{name}": value for name, value in fields.items() if value}
 
     def __post_init__(self) -> None:
         _check(
@@ -496,6 +509,7 @@ class ExportConfig:
         )
         _check_choice("export dtype", self.dtype, EXPORT_DTYPES)
         _check(not (self.single_file and self.format != "merged"), "--single-file only applies to --format merged")
+        _check(not self.publishing_metadata or self.format == "a1111", "--title, --author, --description, --license and --tags go into the a1111 file's metadata; use them with --format a1111")
 
 
 @dataclass(frozen=True)

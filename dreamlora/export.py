@@ -9,6 +9,7 @@ Every format goes through one intermediate: a list of `LoraModule` (diffusers mo
 from __future__ import annotations
 
 import copy
+import datetime
 import hashlib
 import json
 import logging
@@ -652,6 +653,11 @@ def a1111_metadata(run: dict[str, Any], modules: list[LoraModule], output_name: 
         "dreamlora_version": str(run.get("dreamlora_version", "")),
         **_training_metadata(run, cfg),
     }
+    if run.get("started_at"):  # kohya's unix times; the model spec's date is when training finished
+        meta["ss_training_started_at"] = str(run["started_at"])
+        if run.get("finished_at"):
+            meta["ss_training_finished_at"] = str(run["finished_at"])
+            meta["modelspec.date"] = datetime.datetime.fromtimestamp(float(run["finished_at"]), datetime.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
     return meta
 
 
@@ -1070,7 +1076,7 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
     _refuse_existing_embedding(out, embedding)
     notes: list[str] = []
     if cfg.format == "a1111":
-        metadata = a1111_metadata(run, modules, out.stem, run_config(run_dir))
+        metadata = {**a1111_metadata(run, modules, out.stem, run_config(run_dir)), **cfg.publishing_metadata}
         written = modules
         if alphas_diffusers_misreads((m.group, m.module, m.alpha) for m in modules):
             # Attention modules off their group's most common alpha (few attention targets beside many convolutions):

@@ -882,8 +882,11 @@ def check_gradients(groups: dict[str, list[torch.nn.Parameter]], allow_zero: boo
     return norms
 
 
-def _run_info(cfg: RunConfig, components: Components, run_dir: Path, steps: int, status: str, processes: int = 1, dataset: dict[str, Any] | None = None) -> dict[str, Any]:
-    """run.json: what the run is (for export metadata, inspect and generate); `dataset`: its image counts and epoch size."""
+def _run_info(
+    cfg: RunConfig, components: Components, run_dir: Path, steps: int, status: str, processes: int = 1, dataset: dict[str, Any] | None = None, times: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """run.json: what the run is (for export metadata, inspect and generate); `dataset`: its image counts and epoch size;
+    `times`: when it started and finished (unix seconds, kohya's ss_training_started_at/finished_at)."""
     return {
         "name": run_dir.name,
         "model": public_model_ref(cfg.model.name),  # never an absolute path of the user's machine
@@ -911,7 +914,19 @@ def _run_info(cfg: RunConfig, components: Components, run_dir: Path, steps: int,
         "status": status,
         "processes": processes,
         **(dataset or {}),
+        **(times or {}),
     }
+
+
+def _recorded_start(run_dir: Path) -> int | None:
+    """When the run in `run_dir` first started, from its run.json (None: not recorded, or unreadable)."""
+    import json
+
+    try:
+        started = json.loads((run_dir / ckpt.RUN_INFO).read_text(encoding="utf-8")).get("started_at")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return int(started) if isinstance(started, (int, float)) else None
 
 
 class RunControl:
@@ -1095,8 +1110,14 @@ def _train(
         "steps_per_epoch": steps_per_epoch(batches.plan, accelerator.num_processes, cfg.train.gradient_accumulation),
     }
 
+    times = {"started_at": int(time.time())}
+    if resume_from is not None and (recorded := _recorded_start(run_dir)):
+        times["started_at"] = recorded  # a resumed run started when it first did
+
     def run_info(steps: int, status: str) -> dict[str, Any]:
-        return _run_info(cfg, components, run_dir, steps, status, accelerator.num_processes, dataset)
+        if status == "finished":
+            times["finished_at"] = int(time.time())
+        return _run_info(cfg, components, run_dir, steps, status, accelerator.num_processes, dataset, times)
 
     if resume_from is not None:
         check_resume_step(int(ckpt.load_checkpoint_state(resume_from)["step"]), cfg.train.max_steps, resume_from)

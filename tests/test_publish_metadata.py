@@ -1,0 +1,47 @@
+"""What an a1111 export says about itself for Civitai and LoRA browsers: kohya's training times and the model spec's
+date, and the publishing fields (`--title`, `--author`, `--description`, `--license`, `--tags`)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from dreamlora.cli import app
+from dreamlora.lora import read_safetensors
+
+runner = CliRunner()
+
+
+def test_export_records_training_times_and_publishing_fields(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    train = ["train", "--model", "tiny", "--instance", str(instance_dir), "--set", "train.num_samples=0", "--checkpoint-every", "1", "--out", "runs/rex"]
+    first = runner.invoke(app, [*train, "--max-steps", "1"])
+    assert first.exit_code == 0, first.output
+    info = json.loads(Path("runs/rex/run.json").read_text())
+    assert 0 < info["started_at"] <= info["finished_at"]
+    resumed = runner.invoke(app, [*train, "--resume", "--max-steps", "2"])
+    assert resumed.exit_code == 0, resumed.output
+    again = json.loads(Path("runs/rex/run.json").read_text())
+    assert again["started_at"] == info["started_at"] and again["finished_at"] >= info["finished_at"]  # the run started once
+
+    exported = runner.invoke(app, ["export", "runs/rex", "--out", "rex.safetensors", "--title", "Rex the dog", "--author", "Ada",
+                                   "--description", "My dog, trained with dreamlora", "--license", "CreativeML OpenRAIL-M", "--tags", " dog, pet ,,rex "])  # fmt: skip
+    assert exported.exit_code == 0, exported.output
+    _, meta = read_safetensors(tmp_path / "rex.safetensors")
+    assert meta["ss_training_started_at"] == str(info["started_at"]) and meta["ss_training_finished_at"] == str(again["finished_at"])
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ", meta["modelspec.date"])
+    assert {k: meta[k] for k in ("modelspec.title", "modelspec.author", "modelspec.description", "modelspec.license", "modelspec.tags")} == {
+        "modelspec.title": "Rex the dog", "modelspec.author": "Ada", "modelspec.description": "My dog, trained with dreamlora",
+        "modelspec.license": "CreativeML OpenRAIL-M", "modelspec.tags": "dog, pet, rex",
+    }  # fmt: skip
+    plain = runner.invoke(app, ["export", "runs/rex", "--out", "plain.safetensors", "--no-verify"])
+    assert plain.exit_code == 0, plain.output
+    _, meta = read_safetensors(tmp_path / "plain.safetensors")
+    assert meta["modelspec.title"] == "plain" and "modelspec.author" not in meta  # fields not given are not written
+    wrong = runner.invoke(app, ["export", "runs/rex", "--format", "diffusers", "--out", "folder", "--title", "Rex"])
+    assert wrong.exit_code == 2 and "use them with --format a1111" in " ".join(wrong.output.replace("│", " ").split())
+    assert not Path("folder").exists()
