@@ -34,6 +34,7 @@ Vae = Annotated[Optional[str], typer.Option("--vae", help="Replacement VAE folde
 Precision = Annotated[Optional[str], typer.Option("--precision", help="auto|fp16|bf16|fp32")]
 ClipSkip = Annotated[Optional[int], typer.Option("--clip-skip", help="Read prompts from the text encoder's Nth layer from the end, as A1111 and kohya count (2 for most anime SD 1.5 models; default 1).")]
 PredictionType = Annotated[Optional[str], typer.Option("--prediction-type", help="epsilon|v_prediction: what the UNet predicts, for v-prediction models whose files do not say so (kohya's --v_parameterization; default auto: the model's own config or v_pred marker).")]
+BaseWeights = Annotated[Optional[list[str]], typer.Option("--base-weights", help="LoRA (run folder or file, PATH:SCALE for a strength) fused into the base model first, e.g. a style to train on top of (kohya's --base_weights; repeatable).")]
 LoraFormat = Annotated[str, typer.Option("--to", help="a1111|diffusers")]
 LoraDtype = Annotated[str, typer.Option("--dtype", help="fp16|bf16|fp32")]
 SvdMethod = Annotated[str, typer.Option("--method", help="fixed (default), or per module from its singular values: sv_ratio, sv_fro, sv_cumulative (kohya's dynamic methods).")]
@@ -261,6 +262,7 @@ def prior(
     precision: Precision = None,
     clip_skip: ClipSkip = None,
     prediction_type: PredictionType = None,
+    base_weights: BaseWeights = None,
     allow_pickle: AllowPickle = False,
     config: ConfigPath = None,
     set_: SetOption = None,
@@ -279,6 +281,7 @@ def prior(
                 "prior.scheduler": scheduler, "prior.batch_size": batch_size, "prior.seed": seed, "prior.out": out_dir,
                 "model.name": model, "model.precision": precision, "data.resolution": resolution, "model.vae": vae,
                 "model.allow_pickle": True if allow_pickle else None, "model.clip_skip": clip_skip, "model.prediction_type": prediction_type,
+                "model.base_weights": tuple(base_weights) if base_weights else None,
             }),
         )
         result = _prior_with_progress(cfg.prior, cfg.model, cfg.data.resolution)
@@ -561,6 +564,7 @@ def train(
     vae: Vae = None,
     clip_skip: ClipSkip = None,
     prediction_type: PredictionType = None,
+    base_weights: BaseWeights = None,
     allow_pickle: AllowPickle = False,
     config: ConfigPath = None,
     set_: SetOption = None,
@@ -584,6 +588,7 @@ def train(
         "train.text_encoder_lr_scheduler": text_encoder_lr_scheduler, "train.text_encoder_warmup_steps": text_encoder_warmup_steps,
         "train.lr_cycles": lr_cycles, "train.lr_power": lr_power, "train.optimizer": optimizer,
         "model.allow_pickle": True if allow_pickle else None, "model.clip_skip": clip_skip, "model.prediction_type": prediction_type,
+        "model.base_weights": tuple(base_weights) if base_weights else None,
         **_dataset_flags(no_captions, caption_dropout, repeats, class_ratio, buckets, color_jitter),
         "data.cache_latents": False if no_latent_cache else None, "data.latent_cache_dir": latent_cache,
         **_target_flags(targets, conv_rank, conv_alpha),
@@ -904,6 +909,7 @@ def generate(
     precision: Precision = None,
     clip_skip: ClipSkip = None,
     prediction_type: PredictionType = None,
+    base_weights: BaseWeights = None,
     allow_pickle: AllowPickle = False,
     debug: Debug = False,
 ) -> None:
@@ -915,6 +921,7 @@ def generate(
         from dreamlora.checkpoint import find_lora
         from dreamlora.config import ModelConfig
         from dreamlora.errors import ConfigError
+        from dreamlora.export import run_settings
         from dreamlora.generate import check_settings, output_folder, recorded_clip_skip, recorded_prediction_type, run_base_model
         from dreamlora.prompts import read_prompt_file
         from dreamlora.generate import generate as run_generate
@@ -927,12 +934,15 @@ def generate(
         prompts = read_prompt_file(from_file) if from_file is not None else prompt
         loras = [_parse_lora(item, scale) for item in lora or []]
         check_settings(num_images, steps, guidance, resolution, loras, batch_size, scheduler)
-        base, base_vae = model or os.environ.get("DREAMLORA_MODEL"), vae
+        base, base_vae, fused_weights = model or os.environ.get("DREAMLORA_MODEL"), vae, list(base_weights or [])
         if not base and (trained_on := run_base_model(loras)):  # the model the run was trained on, not SD 1.5
             base, run_vae, run_dir = trained_on
             base_vae = vae or run_vae or None
             with_vae = f" with VAE {base_vae}" if base_vae else ""
             console.print(f"base model [bold]{base}[/]{with_vae}, as run {run_dir} was trained on (--model to choose another)")
+            if not fused_weights and (recorded := run_settings(run_dir).get("model", {}).get("base_weights")):
+                fused_weights = list(recorded)  # the run's LoRA is a change to the base with these fused in
+                console.print(f"base weights {', '.join(fused_weights)}, as run {run_dir} was trained on (--base-weights to choose others)")
         for path, _ in loras:
             read_safetensors(find_lora(path))  # a missing or damaged LoRA is named before the model loads
         skip = clip_skip
@@ -943,7 +953,10 @@ def generate(
         if predicts is None and (trained_for := recorded_prediction_type(loras)):
             predicts = trained_for[0]
             console.print(f"prediction type {predicts}, as {trained_for[1]} was trained for (--prediction-type to choose another)")
-        settings = {"name": base, "vae": base_vae, "precision": precision, "allow_pickle": allow_pickle, "clip_skip": skip, "prediction_type": predicts}
+        settings = {
+            "name": base, "vae": base_vae, "precision": precision, "allow_pickle": allow_pickle, "clip_skip": skip, "prediction_type": predicts,
+            "base_weights": tuple(fused_weights) if fused_weights else None,
+        }  # fmt: skip
         model_cfg = ModelConfig(**{k: v for k, v in settings.items() if v is not None})
         folder = output_folder(out_dir)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1132,16 +1145,9 @@ def parse_size(text: str, flag: str) -> int:
 
 
 def _parse_lora(item: str, default_scale: float, flag: str = "--lora") -> tuple[Path, float]:
-    path, sep, value = item.rpartition(":")
-    if sep and path and not Path(item).exists():
-        try:
-            return Path(path), float(value)
-        except ValueError:
-            if Path(path).exists():
-                from dreamlora.errors import ConfigError
+    from dreamlora.config import lora_reference
 
-                raise ConfigError(f"{flag} {item}: the scale {value!r} is not a number; write PATH:SCALE, e.g. {path}:0.8") from None
-    return Path(item), default_scale
+    return lora_reference(item, default_scale, flag)
 
 
 def main() -> None:  # pragma: no cover - console-script entry

@@ -80,6 +80,18 @@ def block_weights(spec: str, name: str) -> tuple[float, ...] | None:
     return tuple(values)
 
 
+def lora_reference(item: str, default_scale: float = 1.0, flag: str = "--lora") -> tuple[Path, float]:
+    """A LoRA given as PATH or PATH:SCALE (a run folder or a file; a path that exists as written is never split)."""
+    path, sep, value = item.rpartition(":")
+    if sep and path and not Path(item).exists():
+        try:
+            return Path(path), float(value)
+        except ValueError:
+            if Path(path).exists():
+                raise ConfigError(f"{flag} {item}: the scale {value!r} is not a number; write PATH:SCALE, e.g. {path}:0.8") from None
+    return Path(item), default_scale
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     _check(value in choices, f"{name} must be one of {', '.join(choices)}; got {value!r}")
 
@@ -96,6 +108,7 @@ class ModelConfig:
     single_file_config: str = ""  # a .safetensors checkpoint's configs and tokenizer: a diffusers folder or hub id of its architecture (default: diffusers' choice)
     clip_skip: int = 1  # read prompts from the text encoder's Nth layer from the end, as A1111/kohya count (2: penultimate, for most anime SD 1.5 models)
     prediction_type: str = "auto"  # what the UNet predicts; auto: the model's scheduler config (a single file's v_pred marker); v_prediction as kohya's --v_parameterization
+    base_weights: tuple[str, ...] = ()  # LoRAs (PATH or PATH:SCALE) fused into the base weights first: the model is base + them (kohya's --base_weights)
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "model.name is empty; pass a hub id, a local diffusers folder or `tiny`")
@@ -103,6 +116,8 @@ class ModelConfig:
         _check_choice("model.precision", self.precision, PRECISIONS)
         _check_choice("model.attention", self.attention, ATTENTIONS)
         _check_choice("model.prediction_type", self.prediction_type, PREDICTION_TYPES)
+        for item in self.base_weights:
+            lora_reference(item, flag="--base-weights")
 
 
 @dataclass(frozen=True)

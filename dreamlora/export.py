@@ -754,11 +754,13 @@ def write_diffusers(folder: Path, modules: list[LoraModule], dtype: str) -> Path
 # --- loading base models and LoRA files for verification ----------------------------------------
 
 
-def _load_base(model_ref: str) -> tuple[Any, str | None]:
+def _load_base(model_ref: str, base_weights: tuple[str, ...] = ()) -> tuple[Any, str | None]:
     from dreamlora.models import load_components
 
     try:
-        return load_components(model_ref), None
+        components = load_components(model_ref)
+        _fuse_base_weights(components, base_weights)
+        return components, None
     except (ModelLoadError, ConfigError, OSError) as error:
         return None, f"verification skipped: base model {public_model_ref(model_ref)!r} could not be loaded here ({type(error).__name__}); the file was written but not checked"
 
@@ -878,13 +880,16 @@ def _load_with_diffusers(base: Any, path: Path) -> dict[str, torch.nn.Module]:
     return models
 
 
-def verify_export(path: Path, fmt: str, modules: list[LoraModule], model_ref: str, dtype: str, scale: float = 1.0, prompt: str = "a photo") -> VerifyReport:
+def verify_export(
+    path: Path, fmt: str, modules: list[LoraModule], model_ref: str, dtype: str, scale: float = 1.0, prompt: str = "a photo", base_weights: tuple[str, ...] = ()
+) -> VerifyReport:
     """Load the written export back through diffusers' own loaders into a fresh base model and compare it with `modules` loaded exactly.
 
     Raises ExportError on a mismatch beyond the dtype's tolerance or on LoRA modules the loader did not consume;
-    returns a skipped report when the base model is not available here.
+    returns a skipped report when the base model is not available here. `base_weights` (a merged model's: the run's
+    fused LoRAs) go into the base first.
     """
-    base, skipped = _load_base(model_ref)
+    base, skipped = _load_base(model_ref, base_weights)
     if base is None:
         return VerifyReport("skipped", warnings=[skipped or ""])
     if fmt == "merged" and path.is_file() and base.source_dir is None:
@@ -957,12 +962,21 @@ def _load_merged(path: Path, base: Any) -> dict[str, torch.nn.Module]:
 # --- merged models ------------------------------------------------------------------------------
 
 
-def _merged_components(model_ref: str, lora_file: Path, scale: float, prediction_type: str = "auto") -> Any:
-    """The base model with the LoRA fused in at `scale` and the adapters removed; its scheduler predicts
-    `prediction_type` (the run's: a model trained as v-prediction is saved as one)."""
+def _fuse_base_weights(components: Any, base_weights: tuple[str, ...]) -> None:
+    """The run's `model.base_weights` fused into its base, as training had them."""
+    from dreamlora.config import lora_reference
+    from dreamlora.generate import fuse_loras
+
+    fuse_loras(components, [lora_reference(item, flag="--base-weights") for item in base_weights])
+
+
+def _merged_components(model_ref: str, lora_file: Path, scale: float, prediction_type: str = "auto", base_weights: tuple[str, ...] = ()) -> Any:
+    """The base model (with the run's `base_weights` fused first) with the LoRA fused in at `scale` and the adapters
+    removed; its scheduler predicts `prediction_type` (the run's: a model trained as v-prediction is saved as one)."""
     from dreamlora.models import apply_prediction_type, build_pipeline, load_components
 
     components = load_components(model_ref)
+    _fuse_base_weights(components, base_weights)
     apply_prediction_type(components, prediction_type)
     pipe = build_pipeline(components)
     pipe.load_lora_weights(str(lora_file), adapter_name="dreamlora")
@@ -971,13 +985,15 @@ def _merged_components(model_ref: str, lora_file: Path, scale: float, prediction
     return components
 
 
-def write_merged(out: Path, model_ref: str, lora_file: Path, scale: float, dtype: str, single_file: bool, prediction_type: str = "auto") -> dict[str, int]:
+def write_merged(
+    out: Path, model_ref: str, lora_file: Path, scale: float, dtype: str, single_file: bool, prediction_type: str = "auto", base_weights: tuple[str, ...] = ()
+) -> dict[str, int]:
     """A full pipeline folder (or one original-layout checkpoint file, marked `v_pred`/`ztsnr` as ComfyUI reads them
     when its scheduler says so) with the LoRA fused; returns tensor counts per part."""
     from dreamlora.models import build_pipeline
     from dreamlora.single_file import scheduler_markers
 
-    components = _merged_components(model_ref, lora_file, scale, prediction_type)
+    components = _merged_components(model_ref, lora_file, scale, prediction_type, base_weights)
     torch_dtype = DTYPES[dtype]
     for part in (components.unet, components.vae, *components.text_encoders.values()):
         part.to(torch_dtype)
@@ -1072,11 +1088,13 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
     if cfg.format == "a1111" and out.suffix != ".safetensors":
         raise ExportError(f"A1111 output '{out}' must end in .safetensors; pass --out NAME.safetensors")
     _refuse_existing(out)
+    settings = run_config(run_dir)
+    fused = settings.model.base_weights if settings is not None else ()  # a merged model has them fused too
     embedding = embeddings_for(lora_file)
     _refuse_existing_embedding(out, embedding)
     notes: list[str] = []
     if cfg.format == "a1111":
-        metadata = {**a1111_metadata(run, modules, out.stem, run_config(run_dir)), **cfg.publishing_metadata}
+        metadata = {**a1111_metadata(run, modules, out.stem, settings), **cfg.publishing_metadata}
         written = modules
         if alphas_diffusers_misreads((m.group, m.module, m.alpha) for m in modules):
             # Attention modules off their group's most common alpha (few attention targets beside many convolutions):
@@ -1089,13 +1107,14 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
         write_diffusers(out, modules, cfg.dtype)
         counts = _count_modules(modules)
     else:
-        counts = write_merged(out, base_model_ref(run_dir, run), lora_file, cfg.scale, cfg.dtype, cfg.single_file, str(run.get("prediction_type") or "auto"))
+        counts = write_merged(out, base_model_ref(run_dir, run), lora_file, cfg.scale, cfg.dtype, cfg.single_file, str(run.get("prediction_type") or "auto"), fused)
     emb_out = _write_embedding(out, cfg.format, embedding, notes)
     report = None
     if cfg.verify:
         prompt = str(run.get("instance_prompt") or "a photo")
         try:
-            report = verify_export(out, cfg.format, modules, base_model_ref(run_dir, run), cfg.dtype, cfg.scale if cfg.format == "merged" else 1.0, prompt)
+            merged = cfg.format == "merged"
+            report = verify_export(out, cfg.format, modules, base_model_ref(run_dir, run), cfg.dtype, cfg.scale if merged else 1.0, prompt, fused if merged else ())
         except ExportError as error:
             _remove(out)
             if emb_out is not None:

@@ -201,6 +201,23 @@ def load_loras(pipeline: Any, loras: list[tuple[Path, float]]) -> None:
         pipeline.set_adapters(names, adapter_weights=scales)
 
 
+def fuse_loras(components: Components, loras: list[tuple[Path, float]]) -> None:
+    """Fuse LoRAs into the base weights at their scales and drop the adapters (kohya's --base_weights): from here on
+    the model is base + them, for training, sampling and export alike. A pivotal-tuned embedding they carry is not used."""
+    if not loras:
+        return
+    from dreamlora.pivotal import embeddings_for
+
+    pipeline = build_pipeline(components)
+    load_loras(pipeline, loras)
+    pipeline.fuse_lora(lora_scale=1.0, adapter_names=[f"lora{index}" for index in range(len(loras))])
+    pipeline.unload_lora_weights()
+    for path, scale in loras:
+        log.info("base weights: %s fused at %g", path, scale)
+        if (found := embeddings_for(find_lora(Path(path)))) is not None:
+            log.warning("base weights %s carry a pivotal-tuned embedding of %r, which is not used: only their LoRA is fused", path, found[0])
+
+
 def install_embeddings(components: Components, loras: list[tuple[Path, float]]) -> Callable[[str], str]:
     """Give the model the new tokens of each pivotal-tuned LoRA (`dreamlora.pivotal`); return the prompt rewrite that
     spells each one's token as them (the identity when no LoRA has an embedding)."""

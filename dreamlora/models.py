@@ -532,10 +532,16 @@ def load_components(
 
 
 def load_model(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> Components:
-    """The base model a `[model]` config section describes: `load_components` with its options, then its clip skip."""
+    """The base model a `[model]` config section describes: `load_components` with its options, its base weights
+    fused in, then its clip skip and prediction type."""
     components = load_components(
         model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle, vae=model_cfg.vae, single_file_config=model_cfg.single_file_config
     )
+    if model_cfg.base_weights:  # before the clip skip, which drops the layers after the one read
+        from dreamlora.config import lora_reference
+        from dreamlora.generate import fuse_loras
+
+        fuse_loras(components, [lora_reference(item, flag="--base-weights") for item in model_cfg.base_weights])
     apply_clip_skip(components, model_cfg.clip_skip)
     apply_prediction_type(components, model_cfg.prediction_type)
     return components

@@ -26,8 +26,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 # Settings that change the images: a folder made with other values is not topped up with these.
 MAX_RETRIES = 3  # new seeds tried for a blank, black, NaN or near-duplicate class image
-IDENTITY_KEYS = ("model", "prompt", "negative_prompt", "resolution", "steps", "guidance", "scheduler", "seed", "clip_skip", "prediction_type")
-IDENTITY_DEFAULTS = {"clip_skip": 1}  # what a set written before the key existed was made with
+IDENTITY_KEYS = ("model", "prompt", "negative_prompt", "resolution", "steps", "guidance", "scheduler", "seed", "clip_skip", "prediction_type", "base_weights")
+IDENTITY_DEFAULTS: dict[str, Any] = {"clip_skip": 1, "base_weights": []}  # what a set written before the key existed was made with
 UNRECORDED_AGREES = ("prediction_type",)  # a set written before these keys existed was made with the model's own
 
 
@@ -191,6 +191,17 @@ def _render(pipeline: Any, prior_cfg: PriorConfig, settings: dict[str, Any], see
             sink(index, image)
 
 
+def base_weight_identity(base_weights: tuple[str, ...]) -> list[str]:
+    """The LoRAs fused into a model, as a prior set records them: file name, scale and the first 16 hex digits of the
+    file's SHA-256 (the same name retrained is another model)."""
+    from dreamlora.checkpoint import find_lora
+    from dreamlora.config import lora_reference
+    from dreamlora.latent_cache import file_digest
+
+    found = [lora_reference(item, flag="--base-weights") for item in base_weights]
+    return [f"{path.name}:{scale:g}:{file_digest(find_lora(path))[:16]}" for path, scale in found]
+
+
 def find_class_problems(out_dir: Path, files: dict[int, str]) -> dict[int, str]:
     """Blank, black or unreadable images and near-duplicates of an earlier image, by index, with the reason."""
     from dreamlora.hygiene import dhash, image_problem, later_duplicates
@@ -223,6 +234,7 @@ def generate_class_images(
     ranks: Ranks | None = None,
     model_fingerprint: str | None = None,
     clip_skip: int = 1,
+    base_weights: list[str] | None = None,
 ) -> PriorResult:
     """Generate the missing images of `out_dir` up to `prior_cfg.num_images`; each write is atomic.
 
@@ -232,7 +244,8 @@ def generate_class_images(
     process's share. `model_fingerprint` (of a local model folder) tells apart two local models whose public
     names agree; a set recorded with another fingerprint is not topped up. `clip_skip` (the one the pipeline's text
     encoder reads prompts with, `models.apply_clip_skip`) and the prediction type of the pipeline's scheduler
-    (`models.apply_prediction_type`) are part of the set's identity too.
+    (`models.apply_prediction_type`) are part of the set's identity too, as are the `base_weights` fused into the
+    model (`base_weight_identity`).
     """
     import time
 
@@ -253,6 +266,7 @@ def generate_class_images(
         "seed": prior_cfg.seed,
         "clip_skip": clip_skip,
         "prediction_type": pipeline.scheduler.config.get("prediction_type", "epsilon"),
+        "base_weights": list(base_weights or []),
     }
     manifest = _read_manifest(out_dir)
     if manifest is not None:
@@ -368,6 +382,7 @@ def run_prior(
         pipeline, prior_cfg, resolution or components.native_resolution, out_dir, public_model_ref(model_cfg.name),
         on_progress if ranks.is_main else None, ranks,
         model_fingerprint(components.source_dir) if components.source_dir is not None else None, components.clip_skip,
+        base_weight_identity(model_cfg.base_weights),
     )
     if not ranks.is_main:
         return result

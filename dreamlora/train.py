@@ -22,7 +22,7 @@ import torch
 
 from dreamlora import __version__
 from dreamlora import checkpoint as ckpt
-from dreamlora.config import RunConfig, replace, to_dict, to_toml
+from dreamlora.config import RunConfig, lora_reference, replace, to_dict, to_toml
 from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, latent_mask, learned_share, list_images, make_buckets, open_image, resize_and_crop, to_tensor, vary_caption
 from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
@@ -909,6 +909,7 @@ def _run_info(
         "train_text_encoder": cfg.adapter.train_text_encoder,
         **({"pivotal": {"token": cfg.data.token, "vectors": cfg.adapter.pivotal_vectors, "tokens": placeholders(cfg.data.token, cfg.adapter.pivotal_vectors)}} if cfg.adapter.pivotal else {}),
         "unet_layout": {key: components.unet.config[key] for key in ("layers_per_block", "down_block_types", "up_block_types")},
+        **({"base_weights": [f"{path.name}:{scale:g}" for path, scale in map(lora_reference, cfg.model.base_weights)]} if cfg.model.base_weights else {}),
         "seed": cfg.train.seed,
         "dreamlora_version": __version__,
         "status": status,
