@@ -278,7 +278,7 @@ def prior(
             _overrides(set_, {
                 "prior.class_name": class_name, "prior.num_images": num_images, "prior.prompt": prompt,
                 "prior.negative_prompt": negative_prompt, "prior.steps": steps, "prior.guidance": guidance,
-                "prior.scheduler": scheduler, "prior.batch_size": batch_size, "prior.seed": seed, "prior.out": out_dir,
+                "prior.scheduler": _sampler_name(scheduler), "prior.batch_size": batch_size, "prior.seed": seed, "prior.out": out_dir,
                 "model.name": model, "model.precision": precision, "data.resolution": resolution, "model.vae": vae,
                 "model.allow_pickle": True if allow_pickle else None, "model.clip_skip": clip_skip, "model.prediction_type": prediction_type,
                 "model.base_weights": tuple(base_weights) if base_weights else None,
@@ -521,6 +521,7 @@ def train(
     sample_every_epochs: Annotated[Optional[int], typer.Option(help="Sample grids and drift figures every N epochs instead.")] = None,
     num_samples: Annotated[Optional[int], typer.Option(help="Images per prompt in sample grids (default 4, fixed seeds).")] = None,
     sample_prompt: Annotated[Optional[list[str]], typer.Option("--sample-prompt", help="Another prompt for the sample grids, e.g. 'a photo of sks dog on a beach' (repeatable; may end in kohya's --n --w --h --d --l --s).")] = None,
+    sample_scheduler: Annotated[Optional[str], typer.Option("--sample-scheduler", help="The sample grids' sampler: dpm++ (default)|pndm|ddim|euler|euler_a|heun|dpm2|dpm2_a|unipc, or kohya's --sample_sampler names (k_euler_a, ...).")] = None,
     sample_prompts: Annotated[Optional[Path], typer.Option("--sample-prompts", help="Sample-grid prompts from a text file, one per line in kohya's format (its --sample_prompts): 'a photo of sks dog --n blurry --s 30'.")] = None,
     report_to: Annotated[Optional[str], typer.Option(help="Also log to tensorboard|wandb (extra: pip install 'dreamlora\\[tensorboard]').")] = None,
     snr_gamma: Annotated[Optional[float], typer.Option(help="Min-SNR-gamma loss weighting, e.g. 5 (default 0: off).")] = None,
@@ -583,7 +584,7 @@ def train(
         "train.seed": seed, "data.resolution": resolution, "data.center_crop": False if random_crop else None,
         "data.flip": True if flip else None, "train.out": out_dir, **_every_flags(checkpoint_every, checkpoint_every_epochs, sample_every, sample_every_epochs),
         "train.keep_checkpoints": keep_checkpoints, "model.name": model, "model.vae": vae, "train.compile": compile_,
-        "train.num_samples": num_samples, "train.sample_prompts": tuple(sample_prompt) if sample_prompt else None, "train.report_to": report_to,
+        "train.num_samples": num_samples, "train.sample_prompts": tuple(sample_prompt) if sample_prompt else None, "train.sample_scheduler": _sampler_name(sample_scheduler), "train.report_to": report_to,
         "train.snr_gamma": snr_gamma, "train.noise_offset": noise_offset, "train.loss": loss, "train.huber_c": huber_c, "train.huber_schedule": huber_schedule, "train.text_encoder_steps_fraction": text_encoder_steps_fraction,
         "train.text_encoder_lr_scheduler": text_encoder_lr_scheduler, "train.text_encoder_warmup_steps": text_encoder_warmup_steps,
         "train.lr_cycles": lr_cycles, "train.lr_power": lr_power, "train.optimizer": optimizer,
@@ -933,7 +934,8 @@ def generate(
         _check_not_both("--prompt", prompt, "--from-file", from_file, "the prompts")
         prompts = read_prompt_file(from_file) if from_file is not None else prompt
         loras = [_parse_lora(item, scale) for item in lora or []]
-        check_settings(num_images, steps, guidance, resolution, loras, batch_size, scheduler)
+        sampler = _sampler_name(scheduler) or "dpm++"
+        check_settings(num_images, steps, guidance, resolution, loras, batch_size, sampler)
         base, base_vae, fused_weights = model or os.environ.get("DREAMLORA_MODEL"), vae, list(base_weights or [])
         if not base and (trained_on := run_base_model(loras)):  # the model the run was trained on, not SD 1.5
             base, run_vae, run_dir = trained_on
@@ -967,7 +969,7 @@ def generate(
             on_progress = _image_counter(progress, "images")
             result = run_generate(
                 components, prompts, folder, loras, num_images, seed, steps, guidance_scale, resolution or components.native_resolution,
-                negative_prompt, compare, batch_size, on_progress, scheduler,
+                negative_prompt, compare, batch_size, on_progress, sampler,
             )
         _summary("generated", [("images", len(result.images)), ("folder", folder), ("grid", result.grid)])
 
@@ -1142,6 +1144,13 @@ def parse_size(text: str, flag: str) -> int:
     if not match or unit not in SIZE_UNITS:
         raise ConfigError(f"{flag} {text!r} is not a size; write it as 500MB, 2GB or a number of GB")
     return int(float(match.group(1)) * SIZE_UNITS[unit])
+
+
+def _sampler_name(name: str | None) -> str | None:
+    """dreamlora's name of a sampler given by its own name or kohya's (k_euler_a -> euler_a)."""
+    from dreamlora.prompts import KOHYA_SAMPLERS
+
+    return None if name is None else KOHYA_SAMPLERS.get(name.lower(), name.lower())
 
 
 def _parse_lora(item: str, default_scale: float, flag: str = "--lora") -> tuple[Path, float]:

@@ -338,6 +338,7 @@ class TrainConfig:
     sample_every_epochs: int = 0  # N > 0: sample_every becomes N epochs of steps (kohya's --sample_every_n_epochs)
     num_samples: int = 4
     sample_prompts: tuple[str, ...] = ()  # more prompts in every sample grid, e.g. the subject somewhere new
+    sample_scheduler: str = "dpm++"  # the sample grids' sampler, one of SAMPLERS (kohya's --sample_sampler)
     log_every: int = 10
     compile: str = "auto"  # CUDA graph of the whole step: auto (when possible), on, off
     master_weights: bool = True  # bf16: LoRA weights compute in bf16 with fp32 master copies (no per-use casts); False: autocast
@@ -449,6 +450,7 @@ class TrainConfig:
         _check(self.checkpoint_every_epochs >= 0 and self.sample_every_epochs >= 0, "train.checkpoint_every_epochs and train.sample_every_epochs must be >= 0 (0: off)")
         _check(self.sample_every >= 0, f"train.sample_every must be >= 0 (0 = samples only at the end); got {self.sample_every}")
         _check(self.num_samples >= 0, f"train.num_samples must be >= 0 (0: no sample images); got {self.num_samples}")
+        _check_choice("train.sample_scheduler", self.sample_scheduler, SAMPLERS)
         for prompt in self.sample_prompts:  # kohya's options: a bad one stops the run before it starts
             parse_prompt_line(prompt, f"train.sample_prompts {prompt!r}")
 

@@ -150,10 +150,12 @@ def comparison_grid(
     base: dict[str, list[Image.Image]] | None = None,
     adapted: dict[str, list[Image.Image]] | None = None,
     adapted_prompt: Callable[[str], str] | None = None,
+    scheduler: str = "dpm++",
 ) -> Image.Image:
-    """For each prompt, a row from the base model and a row with the LoRA, at the same seeds; `base` and `adapted` reuse
-    images already made; `adapted_prompt` rewrites the LoRA rows' prompts (pivotal tuning's new tokens)."""
-    pipeline = build_pipeline(components)
+    """For each prompt, a row from the base model and a row with the LoRA, at the same seeds, drawn with sampler
+    `scheduler`; `base` and `adapted` reuse images already made; `adapted_prompt` rewrites the LoRA rows' prompts
+    (pivotal tuning's new tokens)."""
+    pipeline = build_pipeline(components, scheduler)
     seeds = list(range(seed, seed + n))
     rows, labels = [], []
     for prompt in prompts:

@@ -69,6 +69,7 @@ class SampleMonitor:
         out_dir: Path,
         extra_prompts: Sequence[str] = (),
         adapted_prompt: Callable[[str], str] | None = None,
+        scheduler: str = "dpm++",
     ) -> None:
         self.adapted_prompt = adapted_prompt or (lambda prompt: prompt)  # pivotal tuning: the token spelled as its new tokens
         self.components, self.seeds, self.steps, self.guidance, self.resolution = components, seeds, steps, guidance, resolution
@@ -79,7 +80,7 @@ class SampleMonitor:
         self.photos = [open_image(path) for path in list_images(instance_dir, "instance").paths]
         self.out_dir = out_dir
         self.latest: tuple[int, dict[str, list[Image.Image]]] = (-1, {})  # the last samples (step, images per prompt)
-        self.pipeline = build_pipeline(components)
+        self.pipeline = build_pipeline(components, scheduler)
         with _eval_mode(self._models()), adapters_disabled(self._models()):
             # The base model's images, generated once per run and compared with every later sample.
             self.base = {prompt: self._generate(prompt) for prompt in self.prompts}

@@ -765,7 +765,7 @@ def _make_monitor(cfg: RunConfig, components: Components, run_dir: Path, adapted
     seeds = list(range(cfg.train.seed, cfg.train.seed + cfg.train.num_samples))
     return SampleMonitor(
         components, instance_prompt, class_prompt, cfg.data.instance_dir, seeds, cfg.prior.steps, cfg.prior.resolved_guidance(components.family.default_guidance),
-        cfg.data.resolution, run_dir / "samples", cfg.train.sample_prompts, adapted_prompt,
+        cfg.data.resolution, run_dir / "samples", cfg.train.sample_prompts, adapted_prompt, cfg.train.sample_scheduler,
     )
 
 
@@ -1421,7 +1421,9 @@ def _final_pictures(
         base = monitor.base if monitor is not None else None
         adapted = monitor.latest[1] if monitor is not None and monitor.latest[0] == cfg.train.max_steps else None
         guidance = cfg.prior.resolved_guidance(components.family.default_guidance)
-        grid = comparison_grid(components, prompts, cfg.train.num_samples, cfg.train.seed, cfg.prior.steps, guidance, cfg.data.resolution, base, adapted, adapted_prompt)
+        grid = comparison_grid(
+            components, prompts, cfg.train.num_samples, cfg.train.seed, cfg.prior.steps, guidance, cfg.data.resolution, base, adapted, adapted_prompt, cfg.train.sample_scheduler
+        )
         samples_dir = run_dir / "samples"
         samples_dir.mkdir(exist_ok=True)
         grid.save(samples_dir / "final.png")
@@ -1450,7 +1452,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
 # Keys that may differ when resuming without changing the result.
 RESUME_FREE_KEYS = {
     "train.out", "train.log_every", "train.checkpoint_every", "train.keep_checkpoints", "train.sample_every", "train.checkpoint_every_epochs", "train.sample_every_epochs",
-    "train.num_samples", "train.sample_prompts", "model.attention", "prior.batch_size", "train.compile", "train.report_to", "model.allow_pickle",
+    "train.num_samples", "train.sample_prompts", "train.sample_scheduler", "model.attention", "prior.batch_size", "train.compile", "train.report_to", "model.allow_pickle",
     "data.latent_cache_dir",
 }
 

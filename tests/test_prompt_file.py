@@ -117,6 +117,10 @@ def test_training_sample_prompts_carry_their_own_settings(tmp_path: Path, instan
     final, step = Image.open("runs/s/samples/final.png"), Image.open("runs/s/samples/step-000001.png")
     # Instance and class rows of 32x32 (enlarged 4x) and the beach rows of 64x32: cells as wide as the widest image.
     assert final.height == 4 * 128 and final.width > 256 and step.height == 2 * 128
+    euler = runner.invoke(app, [*train, "--sample-prompts", "samples.txt", "--sample-scheduler", "k_euler_a", "--out", "runs/e"])
+    assert euler.exit_code == 0, euler.output
+    assert 'sample_scheduler = "euler_a"' in Path("runs/e/config.toml").read_text()  # kohya's name, as dreamlora's
+    assert Image.open("runs/e/samples/final.png").tobytes() != final.tobytes()  # another sampler drew the grid
     Path("bad.txt").write_text("a dog\na dog --d x\n", encoding="utf-8")
     bad = runner.invoke(app, [*train, "--sample-prompts", "bad.txt", "--out", "runs/bad"])
     assert bad.exit_code == 2 and "prompt file 'bad.txt' line 2: --d 'x' is not a whole number" in _flat(bad.output)
