@@ -369,6 +369,8 @@ def dataset(
     color_jitter: Annotated[Optional[float], typer.Option(help="Colour jitter strength.")] = None,
     no_captions: Annotated[bool, typer.Option("--no-captions", help="Ignore photo.txt caption files.")] = False,
     caption_dropout: Annotated[Optional[float], typer.Option(help="Probability of the plain instance prompt.")] = None,
+    masked_loss: Annotated[bool, typer.Option("--masked-loss", help="Report the photos' alpha-channel masks, as train --masked-loss uses them.")] = False,
+    mask_dir: Annotated[Optional[str], typer.Option("--mask-dir", help="Check the masks in this folder, as train --mask-dir uses them.")] = None,
     sheet: Annotated[Optional[Path], typer.Option(help="Contact sheet PNG (default <folder>-dataset.png beside the folder).")] = None,
     model: Model = None,
     config: ConfigPath = None,
@@ -390,6 +392,7 @@ def dataset(
             "data.resolution": resolution, "train.batch_size": batch_size, "train.gradient_accumulation": gradient_accumulation,
             **_length_flags(max_steps, epochs), "data.center_crop": False if random_crop else None, "model.name": model,
             **_dataset_flags(no_captions, caption_dropout, repeats, class_ratio, buckets, color_jitter),
+            "data.masked_loss": True if masked_loss or mask_dir else None, "data.mask_dir": mask_dir,
         }))
         if not cfg.data.class_dir:  # the class images `train` would use: priors/CLASS, or the only prior set
             from dreamlora.prior import MANIFEST, safe_name

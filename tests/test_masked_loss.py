@@ -103,7 +103,7 @@ def test_masked_training_runs_and_is_recorded(tmp_path: Path, monkeypatch: pytes
     assert exported.exit_code == 0, exported.output
     meta = read_safetensors(tmp_path / "m.safetensors")[1]
     assert meta["ss_masked_loss"] == "True" and meta["ss_alpha_mask"] == "True"
-    report = runner.invoke(app, ["dataset", "--instance", str(photos), "--set", "data.masked_loss=true"])
+    report = runner.invoke(app, ["dataset", "--instance", str(photos), "--masked-loss"])
     assert report.exit_code == 0 and "3 of 3 photos have an alpha channel" in " ".join(report.output.replace("│", " ").split()), report.output
     plain = runner.invoke(app, [*common, "--instance", str(instance_dir), "--out", "runs/plain"])
     assert plain.exit_code == 0 and "none of the" in " ".join(plain.output.split()), plain.output
@@ -184,7 +184,7 @@ def test_mask_folder_training_from_the_command_line(tmp_path: Path, monkeypatch:
     assert exported.exit_code == 0, exported.output
     meta = read_safetensors(tmp_path / "m.safetensors")[1]
     assert meta["ss_masked_loss"] == "True" and meta["ss_alpha_mask"] == "False"
-    report = runner.invoke(app, ["dataset", "--instance", str(plain), "--set", "data.masked_loss=true", "--set", f"data.mask_dir={masks}"])
+    report = runner.invoke(app, ["dataset", "--instance", str(plain), "--mask-dir", str(masks)])
     assert report.exit_code == 0 and "every photo has its mask in" in " ".join(report.output.replace("│", " ").split()), report.output
     (masks / "cut1.jpg").unlink()
     missing = runner.invoke(app, [*common, "--mask-dir", str(masks), "--out", "runs/missing"])
