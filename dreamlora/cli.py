@@ -1012,6 +1012,35 @@ def cache(
 
 
 @app.command()
+def doctor(
+    as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    debug: Debug = False,
+) -> None:
+    """What this machine offers: library versions, devices, the attention and precision training picks, hub, caches."""
+
+    def action() -> None:
+        import json
+
+        from dreamlora.doctor import diagnose
+
+        report = diagnose()
+        if as_json:
+            print(json.dumps(report.to_dict(), indent=2))
+            return
+        _summary("versions", [(name, version or "[dim]not installed[/]") for name, version in report.versions.items()])
+        for device in report.devices:
+            _summary(device["device"], [(key, value) for key, value in device.items() if key != "device"])
+        _summary("training would use", [*report.training.items(), ("model hub", report.hub)])
+        _summary("caches", [
+            (name, ", ".join(f"{v / 1e6:.1f} MB" if k == "bytes" else f"{k} {v}" for k, v in info.items())) for name, info in report.caches.items()
+        ])  # fmt: skip
+        for problem in report.problems:
+            console.print(f"[yellow]note:[/] {problem}")
+
+    _run(debug, action)
+
+
+@app.command()
 def bench(
     model: Annotated[Optional[str], typer.Option("--model", help="random:sd15 (default on GPU), tiny (default on CPU), or any model.")] = None,
     part: Annotated[str, typer.Option("--part", help="train|prior|all")] = "all",

@@ -149,6 +149,12 @@ def _entries(root: Path) -> list[tuple[float, int, Path]]:
     return sorted(found)
 
 
+def cache_usage(root: Path) -> CacheUsage:
+    """The cache's entries and bytes, touching nothing."""
+    entries = _entries(Path(root)) if Path(root).is_dir() else []
+    return CacheUsage(len(entries), sum(size for _, size, _ in entries), 0, 0)
+
+
 def prune_cache(root: Path, max_bytes: int | None = None, older_than_days: float | None = None, clear: bool = False) -> CacheUsage:
     """Remove entries unused for `older_than_days`, then the least recently used until at most `max_bytes` remain
     (`clear`: all of them). Only cache entries (`??/<sha256>.safetensors`) are touched; returns what is left and freed."""
