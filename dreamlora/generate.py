@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -151,15 +151,17 @@ def comparison_grid(
     adapted: dict[str, list[Image.Image]] | None = None,
     adapted_prompt: Callable[[str], str] | None = None,
     scheduler: str = "dpm++",
+    literal: Collection[str] = (),
 ) -> Image.Image:
     """For each prompt, a row from the base model and a row with the LoRA, at the same seeds, drawn with sampler
-    `scheduler`; `base` and `adapted` reuse images already made; `adapted_prompt` rewrites the LoRA rows' prompts
-    (pivotal tuning's new tokens)."""
+    `scheduler`; a prompt may end in kohya's options (`--n --w --h --d --l --s --ss`) unless it is one of `literal`
+    (the instance and class prompts, drawn as written). `base` and `adapted` reuse images already made;
+    `adapted_prompt` rewrites the LoRA rows' prompts (pivotal tuning's new tokens)."""
     pipeline = build_pipeline(components, scheduler)
     seeds = list(range(seed, seed + n))
     rows, labels = [], []
     for prompt in prompts:
-        spec = parse_prompt_line(prompt, "--sample-prompt")  # may carry kohya's options: --n --w --h --d --l --s
+        spec = PromptSpec(prompt) if prompt in literal else parse_prompt_line(prompt, "--sample-prompt")
         if base and prompt in base:
             rows.append(base[prompt])
         else:

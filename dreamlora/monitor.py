@@ -25,7 +25,7 @@ from PIL import Image
 from dreamlora.data import list_images, open_image, resize_and_crop
 from dreamlora.generate import adapters_disabled, draw_prompt, make_grid, upscale_small
 from dreamlora.models import Components, build_pipeline
-from dreamlora.prompts import parse_prompt_line
+from dreamlora.prompts import PromptSpec, parse_prompt_line
 
 
 def image_distance(a: Image.Image, b: Image.Image) -> float:
@@ -75,7 +75,8 @@ class SampleMonitor:
         self.components, self.seeds, self.steps, self.guidance, self.resolution = components, seeds, steps, guidance, resolution
         # The instance row, the class row, then the user's own prompts (`--sample-prompt`), each once.
         self.prompts = list(dict.fromkeys(p for p in (instance_prompt, class_prompt, *extra_prompts) if p))
-        self.specs = {p: parse_prompt_line(p, "--sample-prompt") for p in self.prompts}  # kohya's --n --w --h --d --l --s
+        # The user's prompts may end in kohya's options (--n --w --h --d --l --s --ss); instance and class prompts are drawn as written.
+        self.specs = {p: PromptSpec(p) if p in (instance_prompt, class_prompt) else parse_prompt_line(p, "--sample-prompt") for p in self.prompts}
         self.instance_prompt, self.class_prompt = instance_prompt, class_prompt
         self.photos = [open_image(path) for path in list_images(instance_dir, "instance").paths]
         self.out_dir = out_dir

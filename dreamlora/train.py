@@ -1422,7 +1422,8 @@ def _final_pictures(
         adapted = monitor.latest[1] if monitor is not None and monitor.latest[0] == cfg.train.max_steps else None
         guidance = cfg.prior.resolved_guidance(components.family.default_guidance)
         grid = comparison_grid(
-            components, prompts, cfg.train.num_samples, cfg.train.seed, cfg.prior.steps, guidance, cfg.data.resolution, base, adapted, adapted_prompt, cfg.train.sample_scheduler
+            components, prompts, cfg.train.num_samples, cfg.train.seed, cfg.prior.steps, guidance, cfg.data.resolution, base, adapted, adapted_prompt,
+            cfg.train.sample_scheduler, literal=_sample_prompts(cfg),
         )
         samples_dir = run_dir / "samples"
         samples_dir.mkdir(exist_ok=True)

@@ -121,6 +121,10 @@ def test_training_sample_prompts_carry_their_own_settings(tmp_path: Path, instan
     assert euler.exit_code == 0, euler.output
     assert 'sample_scheduler = "euler_a"' in Path("runs/e/config.toml").read_text()  # kohya's name, as dreamlora's
     assert Image.open("runs/e/samples/final.png").tobytes() != final.tobytes()  # another sampler drew the grid
+    literal = runner.invoke(app, [*train, "--instance-prompt", "a photo of sks dog --w 64", "--sample-every", "1", "--out", "runs/lit"])
+    assert literal.exit_code == 0, literal.output  # the instance prompt is drawn as written, never read as options
+    # 32 px images enlarged to 128 beside a label; read as --w 64 they would be 256 wide, and the grids wider than 400.
+    assert Image.open("runs/lit/samples/final.png").width < 400 and Image.open("runs/lit/samples/step-000001.png").width < 400
     Path("bad.txt").write_text("a dog\na dog --d x\n", encoding="utf-8")
     bad = runner.invoke(app, [*train, "--sample-prompts", "bad.txt", "--out", "runs/bad"])
     assert bad.exit_code == 2 and "prompt file 'bad.txt' line 2: --d 'x' is not a whole number" in _flat(bad.output)
