@@ -15,7 +15,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from dreamlora.checkpoint import find_lora, next_free_path
 from dreamlora.errors import ConfigError
-from dreamlora.models import Components, build_pipeline
+from dreamlora.models import Components, build_pipeline, default_guidance_rescale
 from dreamlora.prompts import PromptSpec, parse_prompt_line, setting_problems
 
 log = logging.getLogger(__name__)
@@ -39,7 +39,8 @@ def generate_images(
     on_batch: Callable[[int], None] | None = None,
 ) -> list[Image.Image]:
     """One image per seed at `resolution` (square, or (width, height)); the same seed gives the same image whatever
-    the batch. `batch_size` images per pipeline call (0: all at once); `on_batch` gets the number drawn after each call."""
+    the batch. `batch_size` images per pipeline call (0: all at once); `on_batch` gets the number drawn after each call.
+    A zero-terminal-SNR model's images are drawn with guidance rescale (`default_guidance_rescale`)."""
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     device = pipeline.device
     images: list[Image.Image] = []
@@ -53,6 +54,7 @@ def generate_images(
                 negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
                 num_inference_steps=steps,
                 guidance_scale=guidance,
+                guidance_rescale=default_guidance_rescale(pipeline.scheduler),
                 height=height,
                 width=width,
                 generator=generators,

@@ -714,6 +714,12 @@ def encode_prompts(components: Components, input_ids: list[torch.Tensor], text_e
     return PromptEmbeddings(torch.cat(parts, dim=1), pooled)
 
 
+def default_guidance_rescale(scheduler: Any) -> float:
+    """0.7 for a zero-terminal-SNR schedule, as Lin et al. advise (classifier-free guidance over-exposes such models
+    otherwise; ComfyUI's RescaleCFG, A1111's CFG rescale), else 0 (plain guidance)."""
+    return 0.7 if getattr(scheduler, "config", {}).get("rescale_betas_zero_snr") else 0.0
+
+
 def inference_scheduler(components: Components, scheduler: str = "dpm++") -> Any:
     """Sampler `scheduler` (one of `prompts.SAMPLERS`) on the model's noise schedule (its prediction type, betas and,
     for a zero-terminal-SNR model, its rescaling)."""

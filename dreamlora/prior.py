@@ -20,6 +20,7 @@ from PIL import Image
 from dreamlora.checkpoint import write_atomic, write_json
 from dreamlora.config import PriorConfig
 from dreamlora.errors import ConfigError, DataError
+from dreamlora.models import default_guidance_rescale
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +183,7 @@ def _render(pipeline: Any, prior_cfg: PriorConfig, settings: dict[str, Any], see
             negative_prompt=[prior_cfg.negative_prompt] * len(chunk) if prior_cfg.negative_prompt else None,
             num_inference_steps=prior_cfg.steps,
             guidance_scale=settings["guidance"],
+            guidance_rescale=default_guidance_rescale(pipeline.scheduler),
             height=settings["resolution"],
             width=settings["resolution"],
             generator=generators,

@@ -122,12 +122,15 @@ def test_generate_images_calls_the_pipeline_once_per_batch() -> None:
     from dreamlora.generate import generate_images
 
     calls: list[int] = []
+    rescales: list[object] = []
 
     class Pipeline:
         device = torch.device("cpu")
+        scheduler = None
 
         def __call__(self, prompt: list[str], generator: list[torch.Generator], **kwargs: object) -> object:
             calls.append(len(prompt))
+            rescales.append(kwargs["guidance_rescale"])
             return type("Output", (), {"images": [Image.new("RGB", (8, 8)) for _ in prompt]})()
 
     counted: list[int] = []
@@ -136,3 +139,11 @@ def test_generate_images_calls_the_pipeline_once_per_batch() -> None:
     calls.clear()
     generate_images(Pipeline(), "a photo of dog", list(range(5)), 2, 5.0, 8)
     assert calls == [5]  # 0: all at once (samples during training, the demo's reading)
+    assert set(rescales) == {0.0}  # plain guidance on an ordinary schedule
+    from diffusers import DDPMScheduler
+
+    rescales.clear()
+    zero_snr = Pipeline()
+    zero_snr.scheduler = DDPMScheduler(rescale_betas_zero_snr=True)
+    generate_images(zero_snr, "a photo of dog", [0], 2, 5.0, 8)
+    assert rescales == [0.7]  # a zero-terminal-SNR model is drawn with guidance rescale, as Lin et al. advise
