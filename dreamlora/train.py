@@ -1023,304 +1023,385 @@ def _train(
     run_dir: Path | None,
     control: RunControl,
 ) -> TrainResult:
-    accelerator, precision, weight_dtype = _make_accelerator(cfg)
-    device = accelerator.device
-    torch.manual_seed(cfg.train.seed)  # adapter initialisation
-    if components is None:
-        components = load_model(cfg.model, weight_dtype, device)
-    apply_clip_skip(components, cfg.model.clip_skip)  # components given by the caller too
-    if not cfg.data.resolution:
-        cfg = replace(cfg, data=replace(cfg.data, resolution=components.native_resolution))
-    unet, text_encoder, vae = components.unet, components.text_encoder, components.vae
-    attention = select_attention(components, cfg.model.attention, device)
-    vae.requires_grad_(False)
-    train_te = cfg.adapter.train_text_encoder
-    text_encoder_2 = components.text_encoder_2  # SDXL's second text encoder; None for one-encoder families
-    initial = _initial_lora_modules(cfg, components) if cfg.adapter.init_lora and resume_from is None else None  # names read before adapters wrap them
-    attach_adapters(unet, text_encoder, cfg.adapter, text_encoder_2, components.family.penultimate_encoders)
-    if initial is not None:
-        loaded = load_initial_weights({"unet": unet, "text_encoder": text_encoder, "text_encoder_2": text_encoder_2}, initial, cfg.adapter.init_lora)
-        log.info("started from %d LoRA modules of %s", loaded, cfg.adapter.init_lora)
-    add_dropout_hooks([unet, text_encoder, text_encoder_2], cfg.adapter)
-    pivotal = _attach_pivotal(cfg, components, resume_from) if cfg.adapter.pivotal else None
-    if pivotal is None and initial is not None and (found := embeddings_for(ckpt.find_lora(Path(cfg.adapter.init_lora)))) is not None:
-        log.warning("--init-lora carries a pivotal-tuned embedding of %r, which this run does not train or use; add --pivotal (and --token %s) to start from it", found[0], found[0])
-    encode_each_step = train_te or pivotal is not None  # the text encoders run every step while something in them trains
-    if cfg.train.gradient_checkpointing:
-        _enable_checkpointing(components, encode_each_step, preserve_rng=cfg.adapter.any_dropout)
-    noise_scheduler = training_scheduler(components.noise_scheduler, cfg)
-    check_timestep_range(cfg, noise_scheduler)
-    graphs = use_cuda_graphs(cfg, device, accelerator.num_processes, precision)
+    run = _Trainer(cfg, components, on_log, resume_from, control)
+    run.open_run(run_dir)
+    return run.fit()
 
-    # Data: instance and class latents cached once (each image and its flip), prompts tokenized once.
-    prepare_vae(components, weight_dtype)
-    batches = DreamBoothBatches(cfg, components, device, accelerator.num_processes, accelerator.process_index)
-    with_prior = batches.with_prior
-    prompts = [pivotal.expand(p) for p in batches.prompts] if pivotal else batches.prompts  # the token as its new tokens
-    max_tokens = cfg.data.max_token_length
-    warn_long_prompts(components.tokenizers[0], prompts, max_tokens)
-    input_ids = [ids.to(device) for ids in tokenize_all(components, prompts, max_tokens)]  # one tensor per tokenizer (SDXL: two)
-    text_encoders = list(components.text_encoders.values())
-    if not encode_each_step:
-        with torch.no_grad():
-            cached_embeddings = encode_prompts(components, input_ids)
-    # SDXL also conditions on the pooled prompt and each image's size and crop; other families add nothing.
-    added_conditioning = components.family.added_conditioning
 
-    # Optimizer: separate groups (and learning rates) for the UNet and each text encoder.
-    groups = {"unet": trainable_parameters(unet)}
-    if train_te:
-        groups.update({name: trainable_parameters(encoder) for name, encoder in components.text_encoders.items()})
-    if pivotal:
-        groups["embeddings"] = list(pivotal.parameters())
-    masters = MasterWeights(groups, weight_dtype) if weight_dtype == torch.bfloat16 and accelerator.mixed_precision == "no" else None
-    up_weights = {"unet": up_weight_flags(unet), **({name: up_weight_flags(encoder) for name, encoder in components.text_encoders.items()} if train_te else {})}
-    factors = {"unet": block_lr_factors(unet, cfg.adapter)} if cfg.adapter.block_weights_set else None
-    optimizer = make_optimizer(masters.masters if masters else groups, cfg, device, capturable=graphs, up_weights=up_weights, lr_factors=factors)
-    fp32_lora = masters.fp32_in_model if masters else contextlib.nullcontext
-    limiter = None
-    if cfg.train.scale_weight_norms:
-        substitute = {p: m for name in masters.params for p, m in zip(masters.params[name], masters.masters[name])} if masters else None
-        limiter = WeightNormLimiter([unet, text_encoder, text_encoder_2], cfg.train.scale_weight_norms, substitute)
-    lr_scheduler = make_lr_scheduler(optimizer, cfg)
-    # Logged rates: the UNet's, the (first) text encoder's and the embeddings' own (a group's rate over its "scale":
-    # LoRA+ and block weights move groups off the model's rate).
-    logged_groups = {key: [g["model"] for g in optimizer.param_groups].index(name) for key, name in LOGGED_RATES.items() if name in groups}
-    models = [unet, *text_encoders] if train_te else [unet]
-    prepared = accelerator.prepare(*models, optimizer)
-    unet = prepared[0]
-    if train_te:
-        text_encoders = list(prepared[1:-1])  # wrapped for training, in the family's order
-        text_encoder = text_encoders[0]
-        text_encoder_2 = text_encoders[1] if len(text_encoders) > 1 else None
-    optimizer = prepared[-1]
-    context_fn = (lambda: encode_prompts(components, input_ids, text_encoders)) if encode_each_step else (lambda: cached_embeddings)  # noqa: E731
+class _Trainer:
+    """One training run: set up in phases (models and adapters, data and prompts, optimizer and schedule, run folder),
+    then `fit` steps it, samples, logs, checkpoints and writes the LoRA."""
 
-    # Run folder: created by the main process, its path shared with the others.
-    start_step = 0
-    if run_dir is None:
-        path, auto = default_run_dir(cfg)
-        run_dir = ckpt.create_run_dir(path, auto) if accelerator.is_main_process else path
-        run_dir = _broadcast_path(accelerator, run_dir)
-    control.run_dir = run_dir
-    dataset = {
-        "precision": precision,
-        "instance_images": len(batches.sources[0]),
-        "class_images": len(batches.sources[1]) if batches.with_prior else 0,
-        "batches_per_epoch": batches.plan.batches_per_epoch,
-        "steps_per_epoch": steps_per_epoch(batches.plan, accelerator.num_processes, cfg.train.gradient_accumulation),
-    }
+    def __init__(
+        self, cfg: RunConfig, components: Components | None, on_log: Callable[[dict[str, Any]], None] | None, resume_from: Path | None, control: RunControl
+    ) -> None:
+        self.on_log, self.resume_from, self.control = on_log, resume_from, control
+        self.accelerator, self.precision, self.weight_dtype = _make_accelerator(cfg)
+        self.device = self.accelerator.device
+        torch.manual_seed(cfg.train.seed)  # adapter initialisation
+        self.components = components if components is not None else load_model(cfg.model, self.weight_dtype, self.device)
+        apply_clip_skip(self.components, cfg.model.clip_skip)  # components given by the caller too
+        if not cfg.data.resolution:
+            cfg = replace(cfg, data=replace(cfg.data, resolution=self.components.native_resolution))
+        self.cfg = cfg
+        self._setup_models()
+        self._setup_data()
+        self._setup_optimizer()
 
-    times = {"started_at": int(time.time())}
-    if resume_from is not None and (recorded := _recorded_start(run_dir)):
-        times["started_at"] = recorded  # a resumed run started when it first did
+    # --- setup ------------------------------------------------------------------------------------
 
-    def run_info(steps: int, status: str) -> dict[str, Any]:
-        if status == "finished":
-            times["finished_at"] = int(time.time())
-        return _run_info(cfg, components, run_dir, steps, status, accelerator.num_processes, dataset, times)
+    def _setup_models(self) -> None:
+        """Adapters on the UNet (and text encoders), the pivotal embeddings, checkpointing and the noise schedule."""
+        cfg, components = self.cfg, self.components
+        self.unet, self.text_encoder, self.text_encoder_2 = components.unet, components.text_encoder, components.text_encoder_2  # text_encoder_2: SDXL's
+        self.attention = select_attention(components, cfg.model.attention, self.device)
+        components.vae.requires_grad_(False)
+        self.train_te = cfg.adapter.train_text_encoder
+        initial = _initial_lora_modules(cfg, components) if cfg.adapter.init_lora and self.resume_from is None else None  # names read before adapters wrap them
+        attach_adapters(self.unet, self.text_encoder, cfg.adapter, self.text_encoder_2, components.family.penultimate_encoders)
+        if initial is not None:
+            parts = {"unet": self.unet, "text_encoder": self.text_encoder, "text_encoder_2": self.text_encoder_2}
+            log.info("started from %d LoRA modules of %s", load_initial_weights(parts, initial, cfg.adapter.init_lora), cfg.adapter.init_lora)
+        add_dropout_hooks([self.unet, self.text_encoder, self.text_encoder_2], cfg.adapter)
+        self.pivotal = _attach_pivotal(cfg, components, self.resume_from) if cfg.adapter.pivotal else None
+        if self.pivotal is None and initial is not None and (found := embeddings_for(ckpt.find_lora(Path(cfg.adapter.init_lora)))) is not None:
+            log.warning("--init-lora carries a pivotal-tuned embedding of %r, which this run does not train or use; add --pivotal (and --token %s) to start from it", found[0], found[0])
+        self.encode_each_step = self.train_te or self.pivotal is not None  # the text encoders run every step while something in them trains
+        if cfg.train.gradient_checkpointing:
+            _enable_checkpointing(components, self.encode_each_step, preserve_rng=cfg.adapter.any_dropout)
+        self.noise_scheduler = training_scheduler(components.noise_scheduler, cfg)
+        check_timestep_range(cfg, self.noise_scheduler)
+        self.graphs = use_cuda_graphs(cfg, self.device, self.accelerator.num_processes, self.precision)
 
-    if resume_from is not None:
-        check_resume_step(int(ckpt.load_checkpoint_state(resume_from)["step"]), cfg.train.max_steps, resume_from)
-        with fp32_lora():
-            start_step = _restore(resume_from, accelerator, unet, text_encoder, optimizer, lr_scheduler, text_encoder_2)
+    def _setup_data(self) -> None:
+        """Instance and class latents (cached once per image and flip) and the prompts, tokenized once."""
+        cfg, components = self.cfg, self.components
+        prepare_vae(components, self.weight_dtype)
+        self.batches = DreamBoothBatches(cfg, components, self.device, self.accelerator.num_processes, self.accelerator.process_index)
+        prompts = [self.pivotal.expand(p) for p in self.batches.prompts] if self.pivotal else self.batches.prompts  # the token as its new tokens
+        self.max_tokens = cfg.data.max_token_length
+        warn_long_prompts(components.tokenizers[0], prompts, self.max_tokens)
+        self.input_ids = [ids.to(self.device) for ids in tokenize_all(components, prompts, self.max_tokens)]  # one tensor per tokenizer (SDXL: two)
+        self.text_encoders = list(components.text_encoders.values())
+        self.cached_embeddings: PromptEmbeddings | None = None
+        if not self.encode_each_step:
+            with torch.no_grad():
+                self.cached_embeddings = encode_prompts(components, self.input_ids)
+
+    def _setup_optimizer(self) -> None:
+        """Optimizer groups (and learning rates) for the UNet, each text encoder and the embeddings; the schedule; the
+        max-norm limiter; then the models and optimizer prepared by accelerate."""
+        cfg, components, accelerator = self.cfg, self.components, self.accelerator
+        groups = {"unet": trainable_parameters(self.unet)}
+        if self.train_te:
+            groups.update({name: trainable_parameters(encoder) for name, encoder in components.text_encoders.items()})
+        if self.pivotal:
+            groups["embeddings"] = list(self.pivotal.parameters())
+        self.groups = groups
+        self.masters = MasterWeights(groups, self.weight_dtype) if self.weight_dtype == torch.bfloat16 and accelerator.mixed_precision == "no" else None
+        up_weights = {"unet": up_weight_flags(self.unet), **({name: up_weight_flags(encoder) for name, encoder in components.text_encoders.items()} if self.train_te else {})}
+        factors = {"unet": block_lr_factors(self.unet, cfg.adapter)} if cfg.adapter.block_weights_set else None
+        optimizer = make_optimizer(self.masters.masters if self.masters else groups, cfg, self.device, capturable=self.graphs, up_weights=up_weights, lr_factors=factors)
+        self.fp32_lora = self.masters.fp32_in_model if self.masters else contextlib.nullcontext
+        self.limiter = None
+        if cfg.train.scale_weight_norms:
+            masters = self.masters
+            substitute = {p: m for name in masters.params for p, m in zip(masters.params[name], masters.masters[name])} if masters else None
+            self.limiter = WeightNormLimiter([self.unet, self.text_encoder, self.text_encoder_2], cfg.train.scale_weight_norms, substitute)
+        self.lr_scheduler = make_lr_scheduler(optimizer, cfg)
+        # Logged rates: the UNet's, the (first) text encoder's and the embeddings' own (a group's rate over its "scale":
+        # LoRA+ and block weights move groups off the model's rate).
+        self.logged_groups = {key: [g["model"] for g in optimizer.param_groups].index(name) for key, name in LOGGED_RATES.items() if name in groups}
+        self.models = [self.unet, *self.text_encoders] if self.train_te else [self.unet]  # as accumulate() sees them
+        prepared = accelerator.prepare(*self.models, optimizer)
+        self.unet = prepared[0]
+        if self.train_te:
+            self.text_encoders = list(prepared[1:-1])  # wrapped for training, in the family's order
+            self.text_encoder = self.text_encoders[0]
+            self.text_encoder_2 = self.text_encoders[1] if len(self.text_encoders) > 1 else None
+        self.optimizer = prepared[-1]
+        self.context_fn = (lambda: encode_prompts(components, self.input_ids, self.text_encoders)) if self.encode_each_step else (lambda: self.cached_embeddings)  # noqa: E731
+
+    def open_run(self, run_dir: Path | None) -> None:
+        """The run folder (created by the main process, its path shared with the others), a resumed run's state, the
+        config and run.json, trackers, and the base model's sample images (made once, before any step)."""
+        cfg, accelerator = self.cfg, self.accelerator
+        if run_dir is None:
+            path, auto = default_run_dir(cfg)
+            run_dir = ckpt.create_run_dir(path, auto) if accelerator.is_main_process else path
+            run_dir = _broadcast_path(accelerator, run_dir)
+        self.run_dir = self.control.run_dir = run_dir
+        plan = self.batches.plan
+        self.dataset = {
+            "precision": self.precision,
+            "instance_images": len(self.batches.sources[0]),
+            "class_images": len(self.batches.sources[1]) if self.batches.with_prior else 0,
+            "batches_per_epoch": plan.batches_per_epoch,
+            "steps_per_epoch": steps_per_epoch(plan, accelerator.num_processes, cfg.train.gradient_accumulation),
+        }
+        self.times = {"started_at": int(time.time())}
+        self.start_step = 0
+        if self.resume_from is not None:
+            if recorded := _recorded_start(run_dir):
+                self.times["started_at"] = recorded  # a resumed run started when it first did
+            check_resume_step(int(ckpt.load_checkpoint_state(self.resume_from)["step"]), cfg.train.max_steps, self.resume_from)
+            with self.fp32_lora():
+                self.start_step = _restore(self.resume_from, accelerator, self.unet, self.text_encoder, self.optimizer, self.lr_scheduler, self.text_encoder_2)
+            if accelerator.is_main_process:
+                _truncate_metrics(run_dir / ckpt.METRICS_FILE, self.start_step)
         if accelerator.is_main_process:
-            _truncate_metrics(run_dir / ckpt.METRICS_FILE, start_step)
-    if accelerator.is_main_process:
-        ckpt.write_atomic(run_dir / ckpt.CONFIG_FILE, to_toml(cfg).encode("utf-8"))
-        ckpt.write_json(run_dir / ckpt.RUN_INFO, run_info(start_step, "running"))
-        if cfg.train.report_to:
-            _start_trackers(accelerator, cfg, run_dir)
-    # Samples at fixed seeds (main process): the base model's images are made once, here, before any step.
-    adapted_prompt = pivotal.expand if pivotal else None  # samples spell the token as its new tokens; base images do not
-    monitor = _make_monitor(cfg, components, run_dir, adapted_prompt) if cfg.train.sample_every and cfg.train.num_samples and accelerator.is_main_process else None
-    parked_vae = ParkedVae(vae, device, enabled=not batches.needs_vae)
-    parked_vae.park()
+            ckpt.write_atomic(run_dir / ckpt.CONFIG_FILE, to_toml(cfg).encode("utf-8"))
+            ckpt.write_json(run_dir / ckpt.RUN_INFO, self.run_info(self.start_step, "running"))
+            if cfg.train.report_to:
+                _start_trackers(accelerator, cfg, run_dir)
+        self.adapted_prompt = self.pivotal.expand if self.pivotal else None  # samples spell the token as its new tokens; base images do not
+        sampling = cfg.train.sample_every and cfg.train.num_samples and accelerator.is_main_process
+        self.monitor = _make_monitor(cfg, self.components, run_dir, self.adapted_prompt) if sampling else None
+        self.parked_vae = ParkedVae(self.components.vae, self.device, enabled=not self.batches.needs_vae)
+        self.parked_vae.park()
 
-    def unwrapped() -> dict[str, torch.nn.Module]:
-        out = {"unet": accelerator.unwrap_model(unet)}
-        if train_te:
-            out.update({name: accelerator.unwrap_model(encoder) for name, encoder in zip(components.text_encoders, text_encoders)})
+    # --- what the run writes ----------------------------------------------------------------------
+
+    def run_info(self, steps: int, status: str) -> dict[str, Any]:
+        if status == "finished":
+            self.times["finished_at"] = int(time.time())
+        return _run_info(self.cfg, self.components, self.run_dir, steps, status, self.accelerator.num_processes, self.dataset, self.times)
+
+    def unwrapped(self) -> dict[str, torch.nn.Module]:
+        out = {"unet": self.accelerator.unwrap_model(self.unet)}
+        if self.train_te:
+            out.update({name: self.accelerator.unwrap_model(encoder) for name, encoder in zip(self.components.text_encoders, self.text_encoders)})
         return out
 
-    def write_lora(folder: Path) -> Path:
-        parts = unwrapped()
-        with fp32_lora():
+    def write_lora(self, folder: Path) -> Path:
+        parts = self.unwrapped()
+        with self.fp32_lora():
             path = save_diffusers_lora(folder, adapter_state_dicts(parts), {k: adapter_metadata(m) for k, m in parts.items()})
-            if pivotal:
-                save_embeddings(folder / EMBEDDINGS_FILE, pivotal.token, pivotal.tensors())
+            if self.pivotal:
+                save_embeddings(folder / EMBEDDINGS_FILE, self.pivotal.token, self.pivotal.tensors())
             return path
 
-    def training_state(step: int) -> dict[str, Any]:
-        scaler = accelerator.scaler.state_dict() if accelerator.scaler is not None else None
-        return {"optimizer": optimizer.state_dict(), "lr_scheduler": lr_scheduler.state_dict(), "scaler": scaler, "rng": ckpt.capture_rng_state(), "config": to_dict(cfg)}
+    def training_state(self, step: int) -> dict[str, Any]:
+        scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
+        return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": scaler, "rng": ckpt.capture_rng_state(), "config": to_dict(self.cfg)}
 
-    bsz, accum = cfg.train.batch_size, cfg.train.gradient_accumulation
-    metrics_path = run_dir / ckpt.METRICS_FILE
-    started = time.perf_counter()
-    bad_steps, skipped, loss_value = 0, 0, float("nan")
-    # Each trained part of the text encoders freezes at its stop step (--text-encoder-steps-fraction, --pivotal-steps-fraction);
-    # once all have, encode_each_step turns False and the prompts' encoding is computed once.
-    frozen: set[str] = set()
-    for model in (unet, *text_encoders) if train_te else (unet,):
-        model.train()  # the text encoders load in eval mode: LoRA dropout needs training mode
-    graph_step = None
-    allow_zero = cfg.adapter.module_dropout > 0  # every LoRA of a group may be skipped in the first step
-    if graphs:
+    # --- the loop ---------------------------------------------------------------------------------
+
+    def fit(self) -> TrainResult:
+        cfg = self.cfg
+        self.started = time.perf_counter()
+        self.bad_steps, self.skipped, self.loss_value = 0, 0, float("nan")
+        # Each trained part of the text encoders freezes at its stop step (--text-encoder-steps-fraction, --pivotal-steps-fraction);
+        # once all have, encode_each_step turns False and the prompts' encoding is computed once.
+        self.frozen: set[str] = set()
+        for model in (self.unet, *self.text_encoders) if self.train_te else (self.unet,):
+            model.train()  # the text encoders load in eval mode: LoRA dropout needs training mode
+        self.allow_zero = cfg.adapter.module_dropout > 0  # every LoRA of a group may be skipped in the first step
+        self.graph_step = self._make_graph_step() if self.graphs else None
+        for step in range(self.start_step, cfg.train.max_steps):
+            if self.encode_each_step and self.graph_step is None:
+                self._freeze_finished_parts(step)
+            for micro in range(cfg.train.gradient_accumulation):
+                batch = self.batches.draw_batch(step * cfg.train.gradient_accumulation + micro)
+                inputs = diffusion_inputs(cfg, self.noise_scheduler, batch.latents, batch.generator)
+                if self.graph_step is not None:
+                    self._graph_micro_step(step, batch, *inputs)
+                else:
+                    self._eager_micro_step(step, batch, *inputs)
+            self._after_step(step + 1)
+        return self._finish()
+
+    def _make_graph_step(self) -> CudaGraphStep:
+        """The whole step (forward, backward, clipping, AdamW) captured once as a CUDA graph and replayed."""
+        cfg = self.cfg
+
         def graph_loss(
             rows: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor, weights: torch.Tensor, size_ids: torch.Tensor, huber_c: torch.Tensor
         ) -> Any:
             # The text encoders stay in the graph after --text-encoder-steps-fraction: their learning rate is 0 from then on.
             return batch_loss(
-                unet, context_fn, rows, noisy, timesteps, target, bsz, cfg.train.prior_weight, weight_dtype, weights, size_ids, added_conditioning, cfg.train.loss, huber_c
+                self.unet, self.context_fn, rows, noisy, timesteps, target, cfg.train.batch_size, cfg.train.prior_weight, self.weight_dtype, weights, size_ids,
+                self.components.family.added_conditioning, cfg.train.loss, huber_c,
             )
 
-        params = [p for ps in groups.values() for p in ps]
-        first_check = (lambda: check_gradients(groups, allow_zero)) if start_step == 0 or resume_from is not None else None  # noqa: E731
-        graph_step = CudaGraphStep(graph_loss, params, getattr(optimizer, "optimizer", optimizer), cfg.train.max_grad_norm, masters, first_check)
-    for step in range(start_step, cfg.train.max_steps):
-        if encode_each_step and graph_step is None:
-            for name in [n for n in groups if n != "unet" and n not in frozen and step >= cfg.train.stop_step(n)]:
-                _freeze(groups[name])
-                frozen.add(name)
-            if len(frozen) == len(groups) - 1:
-                cached_embeddings = _fixed_encoding(components, text_encoders, input_ids)
-                encode_each_step = False
-        for micro in range(accum):
-            batch = batches.draw_batch(step * accum + micro)
-            rows = batch.rows
-            noisy, timesteps, target, weights, huber_c = diffusion_inputs(cfg, noise_scheduler, batch.latents, batch.generator)
-            if graph_step is not None:
-                # One replay runs forward, backward, clipping and AdamW; a non-finite loss skips the update in-graph.
-                ones = torch.ones(len(rows), device=device)  # static inputs the plain loss does not read
-                loss, instance_loss, prior_loss = graph_step(rows, noisy, timesteps, target, ones if weights is None else weights, batch.size_ids, ones if huber_c is None else huber_c)
-                if graph_step.capture_seconds and step == start_step:
-                    log.info("CUDA graph captured in %.1f s", graph_step.capture_seconds)
-                if limiter is not None:
-                    limiter()  # outside the graph, on the weights it reads
-                    if masters:
-                        masters.masters_to_model()
-                continue
-            with accelerator.accumulate(*models), accelerator.autocast():
-                # Encode each distinct prompt of this step once and index it: gradients still reach every row.
-                if batch.texts is not None:
-                    context_fn, rows = _varied_prompts(components, batch.texts, text_encoders, encode_each_step, pivotal.expand if pivotal else None, device, max_tokens)
+        params = [p for ps in self.groups.values() for p in ps]
+        first_check = (lambda: check_gradients(self.groups, self.allow_zero)) if self.start_step == 0 or self.resume_from is not None else None  # noqa: E731
+        return CudaGraphStep(graph_loss, params, getattr(self.optimizer, "optimizer", self.optimizer), cfg.train.max_grad_norm, self.masters, first_check)
+
+    def _freeze_finished_parts(self, step: int) -> None:
+        """Stop training the text-encoder LoRAs and embeddings whose stop step has come; once all have, encode once."""
+        for name in [n for n in self.groups if n != "unet" and n not in self.frozen and step >= self.cfg.train.stop_step(n)]:
+            _freeze(self.groups[name])
+            self.frozen.add(name)
+        if len(self.frozen) == len(self.groups) - 1:
+            self.cached_embeddings = _fixed_encoding(self.components, self.text_encoders, self.input_ids)
+            self.encode_each_step = False
+            self.context_fn = lambda: self.cached_embeddings  # noqa: E731
+
+    def _graph_micro_step(self, step: int, batch: DrawnBatch, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor, weights: Any, huber_c: Any) -> None:
+        """One replay runs forward, backward, clipping and AdamW; a non-finite loss skips the update in-graph."""
+        ones = torch.ones(len(batch.rows), device=self.device)  # static inputs the plain loss does not read
+        self.losses = self.graph_step(batch.rows, noisy, timesteps, target, ones if weights is None else weights, batch.size_ids, ones if huber_c is None else huber_c)
+        if self.graph_step.capture_seconds and step == self.start_step:
+            log.info("CUDA graph captured in %.1f s", self.graph_step.capture_seconds)
+        if self.limiter is not None:
+            self.limiter()  # outside the graph, on the weights it reads
+            if self.masters:
+                self.masters.masters_to_model()
+
+    def _eager_micro_step(self, step: int, batch: DrawnBatch, noisy: torch.Tensor, timesteps: torch.Tensor, target: torch.Tensor, weights: Any, huber_c: Any) -> None:
+        cfg, accelerator, components = self.cfg, self.accelerator, self.components
+        with accelerator.accumulate(*self.models), accelerator.autocast():
+            # Encode each distinct prompt of this step once and index it: gradients still reach every row.
+            if batch.texts is not None:
+                expand = self.pivotal.expand if self.pivotal else None
+                context_fn, rows = _varied_prompts(components, batch.texts, self.text_encoders, self.encode_each_step, expand, self.device, self.max_tokens)
+            else:
+                used, rows = batch.rows.unique(return_inverse=True)  # with captions, only this step's prompts
+                step_ids = [ids[used] for ids in self.input_ids]
+                if self.encode_each_step:
+                    context_fn = lambda: encode_prompts(components, step_ids, self.text_encoders)  # noqa: E731
                 else:
-                    used, rows = rows.unique(return_inverse=True)  # with captions, only this step's prompts
-                    step_ids = [ids[used] for ids in input_ids]
-                    context_fn = (lambda: encode_prompts(components, step_ids, text_encoders)) if encode_each_step else (lambda: cached_embeddings.select(used))  # noqa: E731
-                loss, instance_loss, prior_loss = batch_loss(
-                    unet, context_fn, rows, noisy, timesteps, target, bsz, cfg.train.prior_weight, weight_dtype, weights, batch.size_ids, added_conditioning,
-                    cfg.train.loss, huber_c, batch.masks,
-                )
-                if not torch.isfinite(loss):
-                    # A non-finite loss must not reach the weights: skip the step and stop after several in a row.
-                    optimizer.zero_grad(set_to_none=True)
-                    continue
-                accelerator.backward(loss)
-                if accelerator.sync_gradients:
-                    if step == start_step:  # a first batch whose masks hide every pixel (a black mask) teaches nothing, rightly
-                        hidden = batch.masks is not None and not bool(batch.masks.any())
-                        check_gradients({name: ps for name, ps in groups.items() if name not in frozen}, allow_zero or hidden)
-                    if pivotal and accelerator.num_processes > 1 and "embeddings" not in frozen:
-                        pivotal.average_gradients(accelerator)  # outside any prepared model, so DDP does not average them
-                    if masters:
-                        masters.grads_to_masters()
-                    if cfg.train.max_grad_norm > 0:
-                        trained = masters.masters if masters else groups
-                        accelerator.clip_grad_norm_([p for ps in trained.values() for p in ps], cfg.train.max_grad_norm)
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-                if limiter is not None and accelerator.sync_gradients:
-                    limiter()
-                if masters and accelerator.sync_gradients:
-                    masters.masters_to_model()
-        done = step + 1
+                    context_fn = lambda: self.cached_embeddings.select(used)  # noqa: E731
+            self.losses = batch_loss(
+                self.unet, context_fn, rows, noisy, timesteps, target, cfg.train.batch_size, cfg.train.prior_weight, self.weight_dtype, weights, batch.size_ids,
+                components.family.added_conditioning, cfg.train.loss, huber_c, batch.masks,
+            )
+            loss = self.losses[0]
+            if not torch.isfinite(loss):
+                # A non-finite loss must not reach the weights: skip the step and stop after several in a row.
+                self.optimizer.zero_grad(set_to_none=True)
+                return
+            accelerator.backward(loss)
+            if accelerator.sync_gradients:
+                self._before_update(step, batch)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            if self.limiter is not None and accelerator.sync_gradients:
+                self.limiter()
+            if self.masters and accelerator.sync_gradients:
+                self.masters.masters_to_model()
+
+    def _before_update(self, step: int, batch: DrawnBatch) -> None:
+        """Gradients summed over the step's micro-batches: checked on the first step, averaged, moved to the masters, clipped."""
+        if step == self.start_step:  # a first batch whose masks hide every pixel (a black mask) teaches nothing, rightly
+            hidden = batch.masks is not None and not bool(batch.masks.any())
+            check_gradients({name: ps for name, ps in self.groups.items() if name not in self.frozen}, self.allow_zero or hidden)
+        if self.pivotal and self.accelerator.num_processes > 1 and "embeddings" not in self.frozen:
+            self.pivotal.average_gradients(self.accelerator)  # outside any prepared model, so DDP does not average them
+        if self.masters:
+            self.masters.grads_to_masters()
+        if self.cfg.train.max_grad_norm > 0:
+            trained = self.masters.masters if self.masters else self.groups
+            self.accelerator.clip_grad_norm_([p for ps in trained.values() for p in ps], self.cfg.train.max_grad_norm)
+
+    def _after_step(self, done: int) -> None:
+        """Non-finite steps counted (and too many in a row stop the run), the schedule moved on, samples drawn,
+        metrics logged, a checkpoint written, and a stop request honoured."""
+        cfg = self.cfg
         every = cfg.train.sample_every
         sample_now = bool(every) and (done % every == 0 or done == cfg.train.max_steps)  # the same on every process
-        log_now = sample_now or done % cfg.train.log_every == 0 or done == cfg.train.max_steps or done == start_step + 1
-        # The graphed step is not synced between logs: non-finite steps were skipped in-graph and counted on the
-        # device; read at log steps (the run of them that stops training is the longest since capture).
-        if graph_step is not None:
-            if log_now:
-                total, bad_steps, worst = graph_step.skip_counts()
-                if total > skipped:
-                    log.warning("steps up to %d: %d non-finite losses, those steps skipped", done, total - skipped)
-                skipped = total
-                if worst >= MAX_BAD_STEPS:
-                    raise _non_finite_error(run_dir, worst, f"by step {done}", skipped, cfg.train.lr)
-        else:
-            if not torch.isfinite(loss):
-                bad_steps, skipped = bad_steps + 1, skipped + 1
-                log.warning("step %d: non-finite loss, step skipped", done)
-                if bad_steps >= MAX_BAD_STEPS:
-                    raise _non_finite_error(run_dir, bad_steps, f"step {done}", skipped, cfg.train.lr)
-            else:
-                bad_steps = 0
+        log_now = sample_now or done % cfg.train.log_every == 0 or done == cfg.train.max_steps or done == self.start_step + 1
+        self._count_non_finite(done, log_now)
         # The rates this step used, read before the schedule moves on (only to log: on the graphed path they are GPU tensors).
-        step_lrs = [float(rate) for rate in lr_scheduler.get_last_lr()] if log_now else []
-        lr_scheduler.step()
+        step_lrs = [float(rate) for rate in self.lr_scheduler.get_last_lr()] if log_now else []
+        self.lr_scheduler.step()
         drift = {}
-        if sample_now and monitor is not None:
-            with parked_vae.on_device():
-                drift = monitor.sample(done)
+        if sample_now and self.monitor is not None:
+            with self.parked_vae.on_device():
+                drift = self.monitor.sample(done)
         if log_now:
-            loss_value = accelerator.reduce(loss.detach(), reduction="mean").item()
-            elapsed = time.perf_counter() - started
-            record = {
-                "step": done,
-                "loss": loss_value,
-                "instance_loss": accelerator.reduce(instance_loss.detach(), reduction="mean").item(),
-                "prior_loss": accelerator.reduce(prior_loss.detach(), reduction="mean").item(),
-                **{key: step_lrs[index] / (optimizer.param_groups[index].get("scale") or 1.0) for key, index in logged_groups.items()},
-                "time": round(elapsed, 3),
-                "it_s": (done - start_step) / elapsed if elapsed > 0 else 0.0,
-                **(limiter.stats() if limiter is not None else {}),
-                **drift,
-            }
-            if accelerator.is_main_process:
-                with metrics_path.open("a", encoding="utf-8") as handle:
-                    handle.write(ckpt.json_line(record))
-                if cfg.train.report_to:
-                    accelerator.log(record, step=done)
-                if on_log:
-                    on_log({**record, "max_steps": cfg.train.max_steps})
-        # Every N steps and at the last one, so `--resume --max-steps M` can extend a finished run from where it ended.
-        if cfg.train.checkpoint_every and (done % cfg.train.checkpoint_every == 0 or done == cfg.train.max_steps) and bad_steps == 0:
+            self._log(done, step_lrs, drift)
+        self._checkpoint_or_stop(done)
+
+    def _count_non_finite(self, done: int, log_now: bool) -> None:
+        """The graphed step is not synced between logs: non-finite steps were skipped in-graph and counted on the
+        device; read at log steps (the run of them that stops training is the longest since capture)."""
+        if self.graph_step is not None:
+            if log_now:
+                total, self.bad_steps, worst = self.graph_step.skip_counts()
+                if total > self.skipped:
+                    log.warning("steps up to %d: %d non-finite losses, those steps skipped", done, total - self.skipped)
+                self.skipped = total
+                if worst >= MAX_BAD_STEPS:
+                    raise _non_finite_error(self.run_dir, worst, f"by step {done}", self.skipped, self.cfg.train.lr)
+        elif not torch.isfinite(self.losses[0]):
+            self.bad_steps, self.skipped = self.bad_steps + 1, self.skipped + 1
+            log.warning("step %d: non-finite loss, step skipped", done)
+            if self.bad_steps >= MAX_BAD_STEPS:
+                raise _non_finite_error(self.run_dir, self.bad_steps, f"step {done}", self.skipped, self.cfg.train.lr)
+        else:
+            self.bad_steps = 0
+
+    def _log(self, done: int, step_lrs: list[float], drift: dict[str, float]) -> None:
+        accelerator = self.accelerator
+        loss, instance_loss, prior_loss = (accelerator.reduce(value.detach(), reduction="mean").item() for value in self.losses)
+        self.loss_value = loss
+        elapsed = time.perf_counter() - self.started
+        record = {
+            "step": done,
+            "loss": loss,
+            "instance_loss": instance_loss,
+            "prior_loss": prior_loss,
+            **{key: step_lrs[index] / (self.optimizer.param_groups[index].get("scale") or 1.0) for key, index in self.logged_groups.items()},
+            "time": round(elapsed, 3),
+            "it_s": (done - self.start_step) / elapsed if elapsed > 0 else 0.0,
+            **(self.limiter.stats() if self.limiter is not None else {}),
+            **drift,
+        }
+        if accelerator.is_main_process:
+            with (self.run_dir / ckpt.METRICS_FILE).open("a", encoding="utf-8") as handle:
+                handle.write(ckpt.json_line(record))
+            if self.cfg.train.report_to:
+                accelerator.log(record, step=done)
+            if self.on_log:
+                self.on_log({**record, "max_steps": self.cfg.train.max_steps})
+
+    def _checkpoint_or_stop(self, done: int) -> None:
+        """Every N steps and at the last one (so `--resume --max-steps M` can extend a finished run from where it
+        ended); on SIGINT/SIGTERM, a checkpoint at this step boundary (unless one was just written), then a clean stop."""
+        cfg, accelerator, run_dir = self.cfg, self.accelerator, self.run_dir
+        every = cfg.train.checkpoint_every
+        if every and (done % every == 0 or done == cfg.train.max_steps) and self.bad_steps == 0:
             accelerator.wait_for_everyone()
             if accelerator.is_main_process:
-                ckpt.save_checkpoint(run_dir, done, write_lora, training_state(done), cfg.train.keep_checkpoints)
-                ckpt.write_json(run_dir / ckpt.RUN_INFO, run_info(done, "running"))
-        if done < cfg.train.max_steps and control.stop_requested(accelerator):
-            # SIGINT/SIGTERM: a checkpoint at this step boundary (unless one was just written), then a clean stop.
+                ckpt.save_checkpoint(run_dir, done, self.write_lora, self.training_state(done), cfg.train.keep_checkpoints)
+                ckpt.write_json(run_dir / ckpt.RUN_INFO, self.run_info(done, "running"))
+        if done < cfg.train.max_steps and self.control.stop_requested(accelerator):
             accelerator.wait_for_everyone()
             folder = ckpt.checkpoint_dir(run_dir, done)
             if accelerator.is_main_process:
-                if not (cfg.train.checkpoint_every and done % cfg.train.checkpoint_every == 0 and bad_steps == 0):
-                    ckpt.save_checkpoint(run_dir, done, write_lora, training_state(done), cfg.train.keep_checkpoints)
-                ckpt.write_json(run_dir / ckpt.RUN_INFO, run_info(done, "interrupted"))
-            number = control.signal_number or signal.SIGTERM
+                if not (every and done % every == 0 and self.bad_steps == 0):
+                    ckpt.save_checkpoint(run_dir, done, self.write_lora, self.training_state(done), cfg.train.keep_checkpoints)
+                ckpt.write_json(run_dir / ckpt.RUN_INFO, self.run_info(done, "interrupted"))
+            number = self.control.signal_number or signal.SIGTERM
             raise TrainingInterrupted(
                 f"training stopped by {signal.Signals(number).name} after step {done} of {cfg.train.max_steps}; checkpoint saved in {folder}. "
                 f"Continue with: dreamlora train --out {run_dir} --resume",
                 number,
             )
 
-    accelerator.wait_for_everyone()
-    seconds = time.perf_counter() - started
-    lora_path = run_dir / ckpt.LORA_DIR / "pytorch_lora_weights.safetensors"
-    samples: list[Path] = []
-    parked_vae.unpark()  # for the final pictures, and where a caller passing `components` expects it
-    if accelerator.is_main_process:
-        lora_path = ckpt.write_folder_atomic(run_dir / ckpt.LORA_DIR, write_lora) / LORA_FILE
-        ckpt.write_json(run_dir / ckpt.RUN_INFO, run_info(cfg.train.max_steps, "finished"))
-        samples = _final_pictures(cfg, components, unwrapped(), run_dir, monitor, adapted_prompt)
-    if pivotal is not None:
-        pivotal.bake()  # the caller's text encoders keep the trained tokens, without the training hook
-    accelerator.wait_for_everyone()  # the process group is torn down together, not while the main process still writes
-    accelerator.end_training()
-    capture = graph_step.capture_seconds if graph_step is not None else 0.0
-    return TrainResult(run_dir, cfg.train.max_steps, loss_value, seconds, lora_path, attention, precision, with_prior, skipped, samples, graphs, capture)
+    def _finish(self) -> TrainResult:
+        """The final LoRA, run.json, sample grid and curves; the caller's text encoders keep a pivotal run's tokens."""
+        cfg, accelerator = self.cfg, self.accelerator
+        accelerator.wait_for_everyone()
+        seconds = time.perf_counter() - self.started
+        lora_path = self.run_dir / ckpt.LORA_DIR / LORA_FILE
+        samples: list[Path] = []
+        self.parked_vae.unpark()  # for the final pictures, and where a caller passing `components` expects it
+        if accelerator.is_main_process:
+            lora_path = ckpt.write_folder_atomic(self.run_dir / ckpt.LORA_DIR, self.write_lora) / LORA_FILE
+            ckpt.write_json(self.run_dir / ckpt.RUN_INFO, self.run_info(cfg.train.max_steps, "finished"))
+            samples = _final_pictures(cfg, self.components, self.unwrapped(), self.run_dir, self.monitor, self.adapted_prompt)
+        if self.pivotal is not None:
+            self.pivotal.bake()  # the caller's text encoders keep the trained tokens, without the training hook
+        accelerator.wait_for_everyone()  # the process group is torn down together, not while the main process still writes
+        accelerator.end_training()
+        capture = self.graph_step.capture_seconds if self.graph_step is not None else 0.0
+        return TrainResult(
+            self.run_dir, cfg.train.max_steps, self.loss_value, seconds, lora_path, self.attention, self.precision, self.batches.with_prior, self.skipped, samples,
+            self.graphs, capture,
+        )
 
 
 def warn_long_prompts(tokenizer: Any, prompts: list[str], max_tokens: int = 0) -> list[str]:
