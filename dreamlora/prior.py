@@ -193,6 +193,38 @@ def _render(pipeline: Any, prior_cfg: PriorConfig, settings: dict[str, Any], see
             sink(index, image)
 
 
+def _refuse_other_settings(out_dir: Path, manifest: dict[str, Any], settings: dict[str, Any], model_fingerprint: str | None) -> None:
+    """A prior set is only topped up with the settings (and the local model) it was made with."""
+    recorded = {k: manifest.get(k, settings[k] if k in UNRECORDED_AGREES else IDENTITY_DEFAULTS.get(k)) for k in IDENTITY_KEYS}
+    changed = [f"{k}: {recorded[k]!r} -> {settings[k]!r}" for k in IDENTITY_KEYS if recorded[k] != settings[k]]
+    recorded_print = manifest.get("model_fingerprint")
+    if recorded_print and model_fingerprint and recorded_print != model_fingerprint and manifest.get("model") == settings["model"]:
+        changed.append(f"model: {settings['model']!r} is another folder of that name")
+    if changed:
+        raise ConfigError(f"prior set '{out_dir}' was made with other settings ({', '.join(changed)}); use another --out, or delete the folder to regenerate it")
+
+
+def _draw_and_write(
+    pipeline: Any, prior_cfg: PriorConfig, settings: dict[str, Any], seeds: dict[int, int], batch_size: int, out_dir: Path, tick: Callable[[int], None]
+) -> dict[int, str]:
+    """Draw the images of `seeds` (index -> seed) and write each as a PNG, encoded in threads while the GPU draws the
+    next batch; returns the indices whose images had NaNs."""
+    problems: dict[int, str] = {}
+    with ThreadPoolExecutor(max_workers=4) as writers:
+        pending: list[Any] = []
+
+        def sink(index: int, array: np.ndarray) -> None:
+            pending.append(writers.submit(_write_png, array, out_dir / image_name(index)))
+            if not np.isfinite(array).all():
+                problems[index] = "nan"
+            tick(1)
+
+        _render(pipeline, prior_cfg, settings, seeds, batch_size, sink)
+        for future in pending:
+            future.result()
+    return problems
+
+
 def base_weight_identity(base_weights: tuple[str, ...]) -> list[str]:
     """The LoRAs fused into a model, as a prior set records them: file name, scale and the first 16 hex digits of the
     file's SHA-256 (the same name retrained is another model)."""
@@ -272,13 +304,7 @@ def generate_class_images(
     }
     manifest = _read_manifest(out_dir)
     if manifest is not None:
-        recorded_settings = {k: manifest.get(k, settings[k] if k in UNRECORDED_AGREES else IDENTITY_DEFAULTS.get(k)) for k in IDENTITY_KEYS}
-        changed = [f"{k}: {recorded_settings[k]!r} -> {settings[k]!r}" for k in IDENTITY_KEYS if recorded_settings[k] != settings[k]]
-        recorded_print = manifest.get("model_fingerprint")
-        if recorded_print and model_fingerprint and recorded_print != model_fingerprint and manifest.get("model") == settings["model"]:
-            changed.append(f"model: {settings['model']!r} is another folder of that name")
-        if changed:
-            raise ConfigError(f"prior set '{out_dir}' was made with other settings ({', '.join(changed)}); use another --out, or delete the folder to regenerate it")
+        _refuse_other_settings(out_dir, manifest, settings, model_fingerprint)
     recorded = {int(e["index"]): e for e in (manifest or {}).get("files", []) if "index" in e}
     seeds = {i: int(recorded[i].get("seed", image_seed(prior_cfg.seed, i))) if i in recorded else image_seed(prior_cfg.seed, i) for i in range(prior_cfg.num_images)}
     rejected_seeds: dict[int, list[dict[str, Any]]] = {i: list(recorded[i].get("rejected", [])) for i in recorded}
@@ -304,22 +330,9 @@ def generate_class_images(
     if on_progress:
         on_progress(0, progress["total"])
     for attempt in range(MAX_RETRIES + 1):
-        problems: dict[int, str] = {}
-
-        def sink(index: int, array: np.ndarray) -> None:
-            nonlocal generated
-            pending.append(writers.submit(_write_png, array, out_dir / image_name(index)))
-            generated += 1
-            if not np.isfinite(array).all():
-                problems[index] = "nan"
-            tick(1)
-
-        # PNG encoding runs in threads while the GPU draws the next batch.
-        with ThreadPoolExecutor(max_workers=4) as writers:
-            pending: list[Any] = []
-            _render(pipeline, prior_cfg, settings, ranks.share(todo), batch_size, sink)
-            for future in pending:
-                future.result()
+        share = ranks.share(todo)  # this process's indices
+        problems = _draw_and_write(pipeline, prior_cfg, settings, share, batch_size, out_dir, tick)
+        generated += len(share)
         for index, seed in todo.items():
             files[index], seeds[index] = image_name(index), seed
         # Every process sees every file once all have written theirs, and so reaches the same verdicts.
@@ -341,12 +354,7 @@ def generate_class_images(
         progress["total"] += len(ranks.share(todo))
     seconds = time.perf_counter() - started
     per_process = tuple(ranks.gather(generated))
-    entries = []
-    for i in sorted(files):
-        entry: dict[str, Any] = {"file": files[i], "index": i, "seed": seeds.get(i, image_seed(prior_cfg.seed, i))}
-        if rejected_seeds.get(i):
-            entry["rejected"] = rejected_seeds[i]
-        entries.append(entry)
+    entries = [{"file": files[i], "index": i, "seed": seeds.get(i, image_seed(prior_cfg.seed, i)), **({"rejected": rejected_seeds[i]} if rejected_seeds.get(i) else {})} for i in sorted(files)]
     if ranks.is_main:
         write_json(out_dir / MANIFEST, {**header, "num_images": len(entries), "files": entries})
     ranks.barrier()  # no process goes on (to training, say) before the manifest is there
