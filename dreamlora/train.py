@@ -1112,14 +1112,15 @@ class _Trainer:
         # Logged rates: the UNet's, the (first) text encoder's and the embeddings' own (a group's rate over its "scale":
         # LoRA+ and block weights move groups off the model's rate).
         self.logged_groups = {key: [g["model"] for g in optimizer.param_groups].index(name) for key, name in LOGGED_RATES.items() if name in groups}
-        self.models = [self.unet, *self.text_encoders] if self.train_te else [self.unet]  # as accumulate() sees them
-        prepared = accelerator.prepare(*self.models, optimizer)
+        prepared = accelerator.prepare(*([self.unet, *self.text_encoders] if self.train_te else [self.unet]), optimizer)
         self.unet = prepared[0]
         if self.train_te:
             self.text_encoders = list(prepared[1:-1])  # wrapped for training, in the family's order
             self.text_encoder = self.text_encoders[0]
             self.text_encoder_2 = self.text_encoders[1] if len(self.text_encoders) > 1 else None
         self.optimizer = prepared[-1]
+        # The prepared (DDP-wrapped) models: accumulate() then skips the gradient all-reduce of all but a step's last micro-batch.
+        self.models = list(prepared[:-1])
         self.context_fn = (lambda: encode_prompts(components, self.input_ids, self.text_encoders)) if self.encode_each_step else (lambda: self.cached_embeddings)  # noqa: E731
 
     def open_run(self, run_dir: Path | None) -> None:

@@ -93,12 +93,12 @@ def test_two_cpu_processes_train_data_parallel(tmp_path: Path, instance_dir: Pat
     """`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` really runs two gloo ranks, the
     automatic prior set first (split between them), then data-parallel training on it. The model cache starts empty:
     both ranks want the tiny model at once, one builds it (under a lock) whichever rank that is. With --pivotal, whose
-    embeddings DDP does not average itself."""
+    embeddings DDP does not average itself, and gradient accumulation (the prepared models skip all but each step's last all-reduce)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "DREAMLORA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517",
                "-m", "dreamlora", "train", "--model", "tiny", "--instance", str(instance_dir), "--max-steps", "4", "--out", "runs/ddp",
                "--class", "dog", "--set", "prior.num_images=4", "--set", "prior.steps=2", "--resolution", "32",
-               "--set", "train.num_samples=0", "--checkpoint-every", "2", "--pivotal"]
+               "--set", "train.num_samples=0", "--checkpoint-every", "2", "--pivotal", "--gradient-accumulation", "2"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     info = json.loads((tmp_path / "runs" / "ddp" / "run.json").read_text())
