@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import json
 import logging
 from collections.abc import Callable, Collection, Iterator
@@ -363,8 +365,8 @@ def generate(
     scheduler: str = "dpm++",
 ) -> GenerateResult:
     """Save `num_images` images of each prompt (a `PromptSpec` overrides the settings it sets: negative prompt, size,
-    first seed, guidance, steps, sampler; `scheduler` is the sampler otherwise), `images.json` (each file's prompt and settings) and a grid with a row per prompt;
-    with `compare`, a base-model row above each LoRA row at the same seeds. One prompt's images are `seed-S.png`,
+    first seed, guidance, steps, sampler; the arguments are the rest), `images.json` (each file's prompt and settings)
+    and a grid with a row per prompt; with `compare`, a base-model row above each LoRA row at the same seeds. One prompt's images are `seed-S.png`,
     several prompts' `NN-seed-S.png`. `batch_size` images per pipeline call (0: automatic, as `prior` batches);
     `on_progress(done, total)`."""
     from dreamlora.prior import auto_batch_size
@@ -372,6 +374,7 @@ def generate(
     if compare and not loras:
         raise ConfigError("--compare needs at least one --lora to compare with the base model")
     specs = [PromptSpec(prompts)] if isinstance(prompts, str) else list(prompts)
+    defaults = PromptSpec("", negative_prompt, resolution, resolution, seed, guidance, steps, scheduler)
     pipeline = build_pipeline(components, scheduler)
     load_loras(pipeline, loras)  # a LoRA that does not load fails before any image is drawn
     lora_prompt = install_embeddings(components, loras)  # base images read the prompt as written
@@ -384,36 +387,33 @@ def generate(
 
     counted(0)
     out_dir.mkdir(parents=True, exist_ok=True)
-    paths: list[Path] = []
     records: list[dict[str, Any]] = []
     rows: list[list[Image.Image]] = []
     labels: list[str] = []
+    several = len(specs) > 1
     for number, spec in enumerate(specs, 1):
-        size, negative = spec.size(resolution), spec.negative_prompt if spec.negative_prompt is not None else negative_prompt
-        spec_steps, spec_guidance = spec.steps or steps, spec.guidance if spec.guidance is not None else guidance
-        batch = batch_size or auto_batch_size(pipeline.device, max(size))
+        full = spec.filled(defaults)
+        draw = functools.partial(draw_prompt, pipeline, full, list(range(full.seed, full.seed + num_images)), steps, guidance, resolution, "",
+                                 batch_size or auto_batch_size(pipeline.device, max(full.size(resolution))), counted)  # fmt: skip
         label = spec.prompt if len(spec.prompt) <= 60 else spec.prompt[:57] + "..."
-        drawn = list(range(seed, seed + num_images))
         if compare:
             pipeline.disable_lora()
             try:
-                rows.append(draw_prompt(pipeline, spec, drawn, steps, guidance, resolution, negative_prompt, batch, counted)[0])
+                rows.append(draw()[0])
             finally:
                 pipeline.enable_lora()
-            labels.append(f"base: {label}" if len(specs) > 1 else "base")
-        images, seeds = draw_prompt(pipeline, spec, drawn, steps, guidance, resolution, negative_prompt, batch, counted, lora_prompt)
+            labels.append(f"base: {label}" if several else "base")
+        images, seeds = draw(lora_prompt)
         rows.append(images)
-        labels.append((f"LoRA: {label}" if compare else label) if len(specs) > 1 else "LoRA")
+        labels.append((f"LoRA: {label}" if compare else label) if several else "LoRA")
         for s, image in zip(seeds, images):
-            path = out_dir / (f"seed-{s}.png" if len(specs) == 1 else f"{number:02d}-seed-{s}.png")
-            image.save(path)
-            paths.append(path)
-            records.append({"file": path.name, "prompt": spec.prompt, "negative_prompt": negative, "seed": s, "steps": spec_steps,
-                            "guidance": spec_guidance, "width": size[0], "height": size[1], "scheduler": spec.scheduler or scheduler})  # fmt: skip
+            name = f"{number:02d}-seed-{s}.png" if several else f"seed-{s}.png"
+            image.save(out_dir / name)
+            records.append({"file": name, **{k: v for k, v in dataclasses.asdict(full).items() if k != "seed"}, "seed": s})
     (out_dir / "images.json").write_text(json.dumps({"loras": [[str(p), scale] for p, scale in loras], "images": records}, indent=2), encoding="utf-8")
     grid_path = out_dir / "grid.png"
-    make_grid(upscale_small(rows), labels if compare or len(specs) > 1 else None).save(grid_path)
-    return GenerateResult(paths, grid_path)
+    make_grid(upscale_small(rows), labels if compare or several else None).save(grid_path)
+    return GenerateResult([out_dir / r["file"] for r in records], grid_path)
 
 
 def plot_metrics(metrics_path: Path, out: Path) -> Path | None:

@@ -193,6 +193,25 @@ def _render(pipeline: Any, prior_cfg: PriorConfig, settings: dict[str, Any], see
             sink(index, image)
 
 
+def _set_identity(pipeline: Any, prior_cfg: PriorConfig, resolution: int, model_ref: str, clip_skip: int, base_weights: list[str]) -> dict[str, Any]:
+    """What makes a prior set one set (`IDENTITY_KEYS`): the model and everything that changes its images."""
+    from dreamlora.models import pipeline_family
+
+    return {
+        "model": model_ref,
+        "prompt": prior_cfg.resolved_prompt(),
+        "negative_prompt": prior_cfg.negative_prompt,
+        "resolution": resolution,
+        "steps": prior_cfg.steps,
+        "guidance": prior_cfg.resolved_guidance(pipeline_family(pipeline).default_guidance),
+        "scheduler": prior_cfg.scheduler,
+        "seed": prior_cfg.seed,
+        "clip_skip": clip_skip,
+        "prediction_type": pipeline.scheduler.config.get("prediction_type", "epsilon"),
+        "base_weights": list(base_weights),
+    }
+
+
 def _refuse_other_settings(out_dir: Path, manifest: dict[str, Any], settings: dict[str, Any], model_fingerprint: str | None) -> None:
     """A prior set is only topped up with the settings (and the local model) it was made with."""
     recorded = {k: manifest.get(k, settings[k] if k in UNRECORDED_AGREES else IDENTITY_DEFAULTS.get(k)) for k in IDENTITY_KEYS}
@@ -283,25 +302,10 @@ def generate_class_images(
     """
     import time
 
-    from dreamlora.models import pipeline_family
-
     ranks = ranks or Ranks()
     refuse_foreign_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    guidance = prior_cfg.resolved_guidance(pipeline_family(pipeline).default_guidance)
-    settings = {
-        "model": model_ref,
-        "prompt": prior_cfg.resolved_prompt(),
-        "negative_prompt": prior_cfg.negative_prompt,
-        "resolution": resolution,
-        "steps": prior_cfg.steps,
-        "guidance": guidance,
-        "scheduler": prior_cfg.scheduler,
-        "seed": prior_cfg.seed,
-        "clip_skip": clip_skip,
-        "prediction_type": pipeline.scheduler.config.get("prediction_type", "epsilon"),
-        "base_weights": list(base_weights or []),
-    }
+    settings = _set_identity(pipeline, prior_cfg, resolution, model_ref, clip_skip, base_weights or [])
     manifest = _read_manifest(out_dir)
     if manifest is not None:
         _refuse_other_settings(out_dir, manifest, settings, model_fingerprint)

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import re
@@ -41,6 +42,10 @@ class PromptSpec:
     def size(self, resolution: int) -> tuple[int, int]:
         """(width, height): its own, else `resolution`."""
         return self.width or resolution, self.height or resolution
+
+    def filled(self, defaults: PromptSpec) -> PromptSpec:
+        """This prompt with every setting it leaves open (None) taken from `defaults`."""
+        return dataclasses.replace(self, **{f.name: getattr(defaults, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is None})
 
 
 def setting_problems(steps: int | None = None, guidance: float | None = None, sizes: dict[str, int | None] | None = None) -> list[str]:
