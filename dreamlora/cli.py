@@ -906,6 +906,7 @@ def generate(
     resolution: Annotated[Optional[int], typer.Option(help="Default: the model's.")] = None,
     compare: Annotated[bool, typer.Option("--compare", help="Grid of base vs LoRA at the same seeds.")] = False,
     scheduler: Annotated[str, typer.Option("--scheduler", help="Sampler: dpm++ (default)|pndm|ddim|euler|euler_a|heun|dpm2|dpm2_a|unipc (a --from-file line's --ss chooses its own).")] = "dpm++",
+    no_emphasis: Annotated[bool, typer.Option("--no-emphasis", help="Brackets are plain text: do not read A1111's (word:1.2) weights.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch (default 0: automatic, as prior batches); the images do not depend on it.")] = 0,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="New or empty output folder (default: samples-out, or the next free samples-out-N).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Hub id, local diffusers folder, `tiny`, `tiny-sdxl` or `toy` (default: $DREAMLORA_MODEL, else the model a --lora run was trained on, else SD 1.5).")] = None,
@@ -972,7 +973,7 @@ def generate(
             on_progress = _image_counter(progress, "images")
             result = run_generate(
                 components, prompts, folder, loras, num_images, seed, steps, guidance_scale, resolution or components.native_resolution,
-                negative_prompt, compare, batch_size, on_progress, sampler,
+                negative_prompt, compare, batch_size, on_progress, sampler, not no_emphasis,
             )
         _summary("generated", [("images", len(result.images)), ("folder", folder), ("grid", result.grid)])
 

@@ -39,21 +39,28 @@ def generate_images(
     negative_prompt: str = "",
     batch_size: int = 0,
     on_batch: Callable[[int], None] | None = None,
+    emphasis: bool = True,
 ) -> list[Image.Image]:
     """One image per seed at `resolution` (square, or (width, height)); the same seed gives the same image whatever
     the batch. `batch_size` images per pipeline call (0: all at once); `on_batch` gets the number drawn after each call.
+    With `emphasis`, A1111's `(word:1.2)` weights are read (`dreamlora.emphasis`); without, brackets are plain text.
     A zero-terminal-SNR model's images are drawn with guidance rescale (`default_guidance_rescale`)."""
+    from dreamlora.emphasis import pipeline_inputs
+
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     device = pipeline.device
     images: list[Image.Image] = []
     size = batch_size or max(len(seeds), 1)
+    if emphasis:  # encoded once, repeated for each batch
+        text = pipeline_inputs(pipeline, [prompt], [negative_prompt] if negative_prompt else None)
+    else:
+        text = {"prompt": [prompt], "negative_prompt": [negative_prompt] if negative_prompt else None}
     for start in range(0, len(seeds), size):
         chunk = seeds[start : start + size]
         generators = [torch.Generator(device=device).manual_seed(s) for s in chunk]
         with torch.no_grad():
             images += pipeline(
-                prompt=[prompt] * len(chunk),
-                negative_prompt=[negative_prompt] * len(chunk) if negative_prompt else None,
+                **{key: _repeat(value, len(chunk)) for key, value in text.items()},
                 num_inference_steps=steps,
                 guidance_scale=guidance,
                 guidance_rescale=default_guidance_rescale(pipeline.scheduler),
@@ -67,6 +74,13 @@ def generate_images(
     return images
 
 
+def _repeat(value: Any, count: int) -> Any:
+    """A one-prompt pipeline input for `count` images: a list or tensor repeated along its first axis (None stays None)."""
+    if value is None:
+        return None
+    return value * count if isinstance(value, list) else value.repeat(count, *[1] * (value.dim() - 1))
+
+
 def draw_prompt(
     pipeline: Any,
     spec: PromptSpec,
@@ -78,6 +92,7 @@ def draw_prompt(
     batch_size: int = 0,
     on_batch: Callable[[int], None] | None = None,
     rewrite: Callable[[str], str] | None = None,
+    emphasis: bool = True,
 ) -> tuple[list[Image.Image], list[int]]:
     """`generate_images` of one `PromptSpec`: its own settings where it sets them, else the ones given (`seeds`: as
     many images from its own first seed when it has one); `rewrite` respells its prompts (pivotal tuning's tokens).
@@ -94,7 +109,7 @@ def draw_prompt(
     try:
         images = generate_images(
             pipeline, rewrite(spec.prompt), seeds, spec.steps or steps, spec.guidance if spec.guidance is not None else guidance,
-            spec.size(resolution), rewrite(negative), batch_size, on_batch,
+            spec.size(resolution), rewrite(negative), batch_size, on_batch, emphasis,
         )
     finally:
         pipeline.scheduler = own
@@ -363,12 +378,13 @@ def generate(
     batch_size: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
     scheduler: str = "dpm++",
+    emphasis: bool = True,
 ) -> GenerateResult:
     """Save `num_images` images of each prompt (a `PromptSpec` overrides the settings it sets: negative prompt, size,
     first seed, guidance, steps, sampler; the arguments are the rest), `images.json` (each file's prompt and settings)
     and a grid with a row per prompt; with `compare`, a base-model row above each LoRA row at the same seeds. One prompt's images are `seed-S.png`,
     several prompts' `NN-seed-S.png`. `batch_size` images per pipeline call (0: automatic, as `prior` batches);
-    `on_progress(done, total)`."""
+    `on_progress(done, total)`; `emphasis`: read A1111's `(word:1.2)` weights."""
     from dreamlora.prior import auto_batch_size
 
     if compare and not loras:
@@ -399,11 +415,11 @@ def generate(
         if compare:
             pipeline.disable_lora()
             try:
-                rows.append(draw()[0])
+                rows.append(draw(None, emphasis)[0])
             finally:
                 pipeline.enable_lora()
             labels.append(f"base: {label}" if several else "base")
-        images, seeds = draw(lora_prompt)
+        images, seeds = draw(lora_prompt, emphasis)
         rows.append(images)
         labels.append((f"LoRA: {label}" if compare else label) if several else "LoRA")
         for s, image in zip(seeds, images):

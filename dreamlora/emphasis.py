@@ -1,0 +1,109 @@
+"""AUTOMATIC1111's prompt emphasis for the images dreamlora draws (`generate`, sample grids): `(word)` weighs a word
+1.1 times, `((word))` 1.21, `[word]` 1/1.1, `(word:1.3)` 1.3; `\\(` and `\\)` are literal brackets. Each token's
+embedding is scaled by its weight, then the whole prompt's embedding is rescaled to its unweighted mean, as A1111 does.
+Prompts without brackets take diffusers' own path unchanged."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import torch
+
+from dreamlora.models import PromptEmbeddings, pipeline_family
+
+ROUND, SQUARE = 1.1, 1 / 1.1
+# An escaped bracket or backslash, an opening bracket, ":weight)" closing a round bracket, a closing bracket, plain text.
+_PIECE = re.compile(r"\\[()\[\]\\]|\(|\[|:\s*([+-]?(?:\d+\.?\d*|\.\d+))\s*\)|\)|\]|[^\\()\[\]:]+|[\\:]")
+
+
+def has_emphasis(prompt: str) -> bool:
+    return bool(re.search(r"[()\[\]]", prompt))
+
+
+def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
+    """The prompt as (text, weight) pieces, neighbours of equal weight joined. An unclosed bracket still counts from
+    where it opened to the end, and a stray closing one is ignored, as A1111 reads them."""
+    pieces: list[list[Any]] = []
+    round_open: list[int] = []
+    square_open: list[int] = []
+
+    def scale(start: int, factor: float) -> None:
+        for piece in pieces[start:]:
+            piece[1] *= factor
+
+    for match in _PIECE.finditer(prompt):
+        text, weight = match.group(0), match.group(1)
+        if text.startswith("\\") and len(text) == 2:
+            pieces.append([text[1], 1.0])
+        elif text == "(":
+            round_open.append(len(pieces))
+        elif text == "[":
+            square_open.append(len(pieces))
+        elif weight is not None and round_open:
+            scale(round_open.pop(), float(weight))
+        elif text == ")" and round_open:
+            scale(round_open.pop(), ROUND)
+        elif text == "]" and square_open:
+            scale(square_open.pop(), SQUARE)
+        elif weight is not None:  # ":1.2)" with no round bracket open: literal text
+            pieces.append([text, 1.0])
+        elif text not in (")", "]"):
+            pieces.append([text, 1.0])
+    for start in round_open:
+        scale(start, ROUND)
+    for start in square_open:
+        scale(start, SQUARE)
+    joined: list[tuple[str, float]] = []
+    for text, weight in pieces:
+        if joined and joined[-1][1] == weight:
+            joined[-1] = (joined[-1][0] + text, weight)
+        else:
+            joined.append((text, weight))
+    return joined
+
+
+def _ids_and_weights(tokenizer: Any, prompt: str) -> tuple[list[int], list[float]]:
+    """One window's token ids (BOS, up to 75 tokens, EOS, padding) and each position's weight (1 outside the text)."""
+    window = int(tokenizer.model_max_length)
+    ids: list[int] = []
+    weights: list[float] = []
+    for text, weight in parse_emphasis(prompt):
+        tokens = tokenizer(text, add_special_tokens=False).input_ids
+        ids += tokens
+        weights += [weight] * len(tokens)
+    ids, weights = ids[: window - 2], weights[: window - 2]
+    padding = window - 2 - len(ids)
+    return [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id, *[tokenizer.pad_token_id] * padding], [1.0, *weights, *[1.0] * (padding + 1)]
+
+
+def emphasized_embeddings(pipeline: Any, prompts: list[str]) -> PromptEmbeddings:
+    """The pipeline's text encoding of `prompts` with A1111's emphasis: each token's context scaled by its weight, then
+    each prompt's context rescaled to its unweighted mean (SDXL's pooled embedding is not weighted)."""
+    family = pipeline_family(pipeline)
+    tokenizers = [getattr(pipeline, name) for name in family.tokenizer_names]
+    encoders = [getattr(pipeline, name) for name in family.text_encoder_names]
+    device = encoders[0].device
+    input_ids, weights = [], None
+    for tokenizer in tokenizers:
+        rows = [_ids_and_weights(tokenizer, prompt) for prompt in prompts]
+        input_ids.append(torch.tensor([ids for ids, _ in rows], device=device))
+        weights = weights if weights is not None else torch.tensor([w for _, w in rows], device=device)  # the first tokenizer's positions
+    with torch.no_grad():
+        encoded = family.encode(encoders, input_ids)
+    context = encoded.context.float()
+    weighted = context * weights[..., None]
+    weighted = weighted * (context.mean(dim=(1, 2)) / weighted.mean(dim=(1, 2)))[:, None, None]
+    return PromptEmbeddings(weighted.to(encoded.context.dtype), encoded.pooled)
+
+
+def pipeline_inputs(pipeline: Any, prompts: list[str], negative_prompts: list[str] | None) -> dict[str, Any]:
+    """What to pass the pipeline for these prompts: the text itself, or (with emphasis in any of them) the embeddings."""
+    negatives = negative_prompts or [""] * len(prompts)
+    if not any(has_emphasis(p) for p in (*prompts, *negatives)):
+        return {"prompt": prompts, "negative_prompt": negative_prompts}
+    positive, negative = emphasized_embeddings(pipeline, prompts), emphasized_embeddings(pipeline, negatives)
+    inputs = {"prompt_embeds": positive.context, "negative_prompt_embeds": negative.context}
+    if positive.pooled is not None:
+        inputs.update(pooled_prompt_embeds=positive.pooled, negative_pooled_prompt_embeds=negative.pooled)
+    return inputs
