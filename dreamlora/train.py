@@ -978,6 +978,7 @@ def train(
     run_dir: Path | None = None,
 ) -> TrainResult:
     """Train UNet (and text-encoder) LoRAs with prior preservation; write the run folder; return what was done.
+    `components` given by the caller are used as they are (`models.load_model` is what fuses `model.base_weights`).
 
     Faults end in a DreamloraError and never in a partial file: SIGINT/SIGTERM save a checkpoint at the step
     boundary (TrainingInterrupted); out of memory, a full disk or a non-finite loss keep the last checkpoint (TrainingError).
