@@ -523,7 +523,7 @@ def train(
     sample_every: Annotated[Optional[int], typer.Option(help="Every N steps: sample grid samples/step-N.png and drift figures (0: only at the end).")] = None,
     sample_every_epochs: Annotated[Optional[int], typer.Option(help="Sample grids and drift figures every N epochs instead.")] = None,
     num_samples: Annotated[Optional[int], typer.Option(help="Images per prompt in sample grids (default 4, fixed seeds).")] = None,
-    sample_prompt: Annotated[Optional[list[str]], typer.Option("--sample-prompt", help="Another prompt for the sample grids, e.g. 'a photo of sks dog on a beach' (repeatable; may end in kohya's --n --w --h --d --l --s).")] = None,
+    sample_prompt: Annotated[Optional[list[str]], typer.Option("--sample-prompt", help="Another prompt for the sample grids, e.g. 'a photo of sks dog on a beach' (repeatable; may end in kohya's --n --w --h --d --l --s --ss).")] = None,
     sample_scheduler: Annotated[Optional[str], typer.Option("--sample-scheduler", help="The sample grids' sampler: dpm++ (default)|pndm|ddim|euler|euler_a|heun|dpm2|dpm2_a|unipc, or kohya's --sample_sampler names (k_euler_a, ...).")] = None,
     sample_prompts: Annotated[Optional[Path], typer.Option("--sample-prompts", help="Sample-grid prompts from a text file, one per line in kohya's format (its --sample_prompts): 'a photo of sks dog --n blurry --s 30'.")] = None,
     report_to: Annotated[Optional[str], typer.Option(help="Also log to tensorboard|wandb (extra: pip install 'dreamlora\\[tensorboard]').")] = None,

@@ -16,8 +16,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from dreamlora.checkpoint import find_lora, next_free_path
+from dreamlora.emphasis import pipeline_inputs
 from dreamlora.errors import ConfigError
-from dreamlora.models import Components, build_pipeline, default_guidance_rescale
+from dreamlora.models import Components, build_pipeline, default_guidance_rescale, sampler_from
 from dreamlora.prompts import PromptSpec, parse_prompt_line, setting_problems
 
 log = logging.getLogger(__name__)
@@ -45,8 +46,6 @@ def generate_images(
     the batch. `batch_size` images per pipeline call (0: all at once); `on_batch` gets the number drawn after each call.
     With `emphasis`, A1111's `(word:1.2)` weights are read (`dreamlora.emphasis`); without, brackets are plain text.
     A zero-terminal-SNR model's images are drawn with guidance rescale (`default_guidance_rescale`)."""
-    from dreamlora.emphasis import pipeline_inputs
-
     width, height = (resolution, resolution) if isinstance(resolution, int) else resolution
     device = pipeline.device
     images: list[Image.Image] = []
@@ -97,8 +96,6 @@ def draw_prompt(
     """`generate_images` of one `PromptSpec`: its own settings where it sets them, else the ones given (`seeds`: as
     many images from its own first seed when it has one); `rewrite` respells its prompts (pivotal tuning's tokens).
     Returns the images and the seeds they were drawn at."""
-    from dreamlora.models import sampler_from
-
     rewrite = rewrite or (lambda prompt: prompt)
     if spec.seed is not None:
         seeds = list(range(spec.seed, spec.seed + len(seeds)))
