@@ -576,7 +576,7 @@ def _training_metadata(run: dict[str, Any], cfg: RunConfig | None) -> dict[str, 
         "ss_multires_noise_iterations": off_as_none(train.multires_noise_iterations),
         "ss_multires_noise_discount": str(train.multires_noise_discount),
         "ss_debiased_estimation": str(train.debiased_estimation),
-        "ss_zero_terminal_snr": str(train.zero_terminal_snr),
+        "ss_zero_terminal_snr": str(bool(train.zero_terminal_snr or run.get("zero_terminal_snr"))),  # flag, or a zero-terminal-SNR model
         **({"ss_huber_schedule": train.huber_schedule, "ss_huber_c": str(train.huber_c)} if train.pseudo_huber else {}),
         "ss_flip_aug": str(data.flip),
         "ss_random_crop": str(not data.center_crop),

@@ -893,6 +893,7 @@ def _run_info(
         "family": components.family.name,
         "base_model_version": components.family.base_model_version,
         "prediction_type": components.prediction_type,
+        "zero_terminal_snr": bool(cfg.train.zero_terminal_snr or components.noise_scheduler.config.get("rescale_betas_zero_snr")),  # the model's own schedule, too
         "clip_skip": components.clip_skip,
         "resolution": cfg.data.resolution,
         "steps": steps,

@@ -119,6 +119,14 @@ def test_a_v_prediction_model_survives_the_single_file_round_trip(tmp_path: Path
     marked = load_components("ztsnr-model.safetensors")
     assert marked.prediction_type == "v_prediction" and marked.noise_scheduler.config.rescale_betas_zero_snr
     assert marked.noise_scheduler.alphas_cumprod[-1] < 1e-6 < load_components("v-model.safetensors").noise_scheduler.alphas_cumprod[-1]
+    # A LoRA trained on it says what it was trained for, though no flag asked for v-prediction or zero-terminal SNR.
+    on_marked = runner.invoke(app, ["train", "--model", "ztsnr-model.safetensors", "--instance", str(instance_dir), "--max-steps", "1",
+                                    "--set", "train.num_samples=0", "--out", "runs/on-marked"])  # fmt: skip
+    assert on_marked.exit_code == 0, on_marked.output
+    exported = runner.invoke(app, ["export", "runs/on-marked", "--out", "on-marked.safetensors", "--no-verify"])
+    assert exported.exit_code == 0, exported.output
+    _, metadata = read_safetensors(tmp_path / "on-marked.safetensors")
+    assert metadata["ss_v_parameterization"] == "True" and metadata["ss_zero_terminal_snr"] == "True"
     # A folder converted before dreamlora read the markers (its scheduler says epsilon) is corrected on its next use.
     converted = next(p for p in (tmp_path / "cache" / "models").iterdir() if p.name.startswith("v-model-"))
     config_file = converted / "scheduler" / "scheduler_config.json"
