@@ -907,6 +907,7 @@ def generate(
     compare: Annotated[bool, typer.Option("--compare", help="Grid of base vs LoRA at the same seeds.")] = False,
     scheduler: Annotated[str, typer.Option("--scheduler", help="Sampler: dpm++ (default)|pndm|ddim|euler|euler_a|heun|dpm2|dpm2_a|unipc (a --from-file line's --ss chooses its own).")] = "dpm++",
     no_emphasis: Annotated[bool, typer.Option("--no-emphasis", help="Brackets are plain text: do not read A1111's (word:1.2) weights.")] = False,
+    checkpoints: Annotated[bool, typer.Option("--checkpoints", help="A row for each checkpoint of the --lora run (and its final LoRA), at the same seeds: pick the best step.")] = False,
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images per batch (default 0: automatic, as prior batches); the images do not depend on it.")] = 0,
     out_dir: Annotated[Optional[Path], typer.Option("--out", help="New or empty output folder (default: samples-out, or the next free samples-out-N).")] = None,
     model: Annotated[Optional[str], typer.Option("--model", help="Hub id, local diffusers folder, `tiny`, `tiny-sdxl` or `toy` (default: $DREAMLORA_MODEL, else the model a --lora run was trained on, else SD 1.5).")] = None,
@@ -940,6 +941,10 @@ def generate(
         loras = [_parse_lora(item, scale) for item in lora or []]
         sampler = _sampler_name(scheduler) or "dpm++"
         check_settings(num_images, steps, guidance, resolution, loras, batch_size, sampler)
+        if checkpoints:
+            from dreamlora.generate import checkpoint_sets
+
+            checkpoint_sets(loras)  # one run with checkpoints, named before the model loads
         base, base_vae, fused_weights = model or os.environ.get("DREAMLORA_MODEL"), vae, list(base_weights or [])
         if not base and (trained_on := run_base_model(loras)):  # the model the run was trained on, not SD 1.5
             base, run_vae, run_dir = trained_on
@@ -973,7 +978,7 @@ def generate(
             on_progress = _image_counter(progress, "images")
             result = run_generate(
                 components, prompts, folder, loras, num_images, seed, steps, guidance_scale, resolution or components.native_resolution,
-                negative_prompt, compare, batch_size, on_progress, sampler, not no_emphasis,
+                negative_prompt, compare, batch_size, on_progress, sampler, not no_emphasis, checkpoints,
             )
         _summary("generated", [("images", len(result.images)), ("folder", folder), ("grid", result.grid)])
 

@@ -238,9 +238,10 @@ def fuse_loras(components: Components, loras: list[tuple[Path, float]]) -> None:
             log.warning("base weights %s carry a pivotal-tuned embedding of %r, which is not used: only their LoRA is fused", path, found[0])
 
 
-def install_embeddings(components: Components, loras: list[tuple[Path, float]]) -> Callable[[str], str]:
-    """Give the model the new tokens of each pivotal-tuned LoRA (`dreamlora.pivotal`); return the prompt rewrite that
-    spells each one's token as them (the identity when no LoRA has an embedding)."""
+def install_embeddings(components: Components, loras: list[tuple[Path, float]], replace: bool = False) -> Callable[[str], str]:
+    """Give the model the new tokens of each pivotal-tuned LoRA (`dreamlora.pivotal`; `replace`: over the vectors an
+    earlier call installed); return the prompt rewrite that spells each one's token as them (the identity when no LoRA
+    has an embedding)."""
     from dreamlora.pivotal import embeddings_for, expand_prompt, install
 
     tokens: list[tuple[str, int]] = []
@@ -251,7 +252,7 @@ def install_embeddings(components: Components, loras: list[tuple[Path, float]]) 
         token, tensors = found
         if any(token.lower() == seen.lower() for seen, _ in tokens):
             raise ConfigError(f"two of the LoRAs carry an embedding for the token {token!r}; load one of them")
-        tokens.append((token, install(components, token, tensors)))
+        tokens.append((token, install(components, token, tensors, replace)))
         log.info("LoRA %s: %r is its pivotal-tuned embedding of %d vectors", path, token, tokens[-1][1])
 
     def rewrite(prompt: str) -> str:
@@ -360,6 +361,25 @@ def output_folder(out: Path | None) -> Path:
     return out
 
 
+def checkpoint_sets(loras: list[tuple[Path, float]]) -> list[tuple[str, str, list[tuple[Path, float]]]]:
+    """`generate --checkpoints`: each checkpoint of the one run given, oldest first, then its final LoRA when that is
+    not the last checkpoint's, as (row label, file-name tag, LoRAs) at the run's scale."""
+    from dreamlora.checkpoint import LORA_DIR, RUN_INFO, list_checkpoints
+    from dreamlora.lora import LORA_FILE
+
+    if len(loras) != 1 or _run_of(Path(loras[0][0])) != Path(loras[0][0]):
+        raise ConfigError("--checkpoints compares the checkpoints of one run: pass one --lora RUN_FOLDER (e.g. runs/sks-dog)")
+    run, scale = Path(loras[0][0]), loras[0][1]
+    found = list_checkpoints(run)
+    if not found:
+        raise ConfigError(f"run '{run}' has no checkpoints to compare; train with --checkpoint-every N (or --checkpoint-every-epochs N)")
+    sets = [(f"step {step}", f"step-{step:06d}", [(folder / LORA_DIR / LORA_FILE, scale)]) for step, folder in found]
+    final = run / LORA_DIR / LORA_FILE
+    if final.is_file() and int(json.loads((run / RUN_INFO).read_text(encoding="utf-8")).get("steps", -1)) != found[-1][0]:
+        sets.append(("final", "final", [(final, scale)]))
+    return sets
+
+
 def generate(
     components: Components,
     prompts: str | list[PromptSpec],
@@ -376,56 +396,66 @@ def generate(
     on_progress: Callable[[int, int], None] | None = None,
     scheduler: str = "dpm++",
     emphasis: bool = True,
+    checkpoints: bool = False,
 ) -> GenerateResult:
     """Save `num_images` images of each prompt (a `PromptSpec` overrides the settings it sets: negative prompt, size,
     first seed, guidance, steps, sampler; the arguments are the rest), `images.json` (each file's prompt and settings)
-    and a grid with a row per prompt; with `compare`, a base-model row above each LoRA row at the same seeds. One prompt's images are `seed-S.png`,
-    several prompts' `NN-seed-S.png`. `batch_size` images per pipeline call (0: automatic, as `prior` batches);
-    `on_progress(done, total)`; `emphasis`: read A1111's `(word:1.2)` weights."""
+    and a grid with a row per prompt; with `compare`, a base-model row above each prompt's LoRA rows at the same seeds;
+    with `checkpoints`, a row for each checkpoint of the run (`checkpoint_sets`). Files are `seed-S.png`, after the
+    prompt's number `NN-` when there are several and the checkpoint (`step-000200-`, `final-`) with `checkpoints`.
+    `batch_size` images per pipeline call (0: automatic, as `prior` batches); `on_progress(done, total)`; `emphasis`:
+    read A1111's `(word:1.2)` weights."""
     from dreamlora.prior import auto_batch_size
 
     if compare and not loras:
         raise ConfigError("--compare needs at least one --lora to compare with the base model")
+    sets = checkpoint_sets(loras) if checkpoints else [("LoRA", "", loras)]
     specs = [PromptSpec(prompts)] if isinstance(prompts, str) else list(prompts)
     defaults = PromptSpec("", negative_prompt, resolution, resolution, seed, guidance, steps, scheduler)
     pipeline = build_pipeline(components, scheduler)
-    load_loras(pipeline, loras)  # a LoRA that does not load fails before any image is drawn
-    lora_prompt = install_embeddings(components, loras)  # base images read the prompt as written
-    progress = {"done": 0, "total": num_images * len(specs) * (2 if compare else 1)}
+    progress = {"done": 0, "total": num_images * len(specs) * (len(sets) + (1 if compare else 0))}
 
     def counted(drawn: int) -> None:
         progress["done"] += drawn
         if on_progress:
             on_progress(progress["done"], progress["total"])
 
-    counted(0)
     out_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
-    rows: list[list[Image.Image]] = []
-    labels: list[str] = []
-    several = len(specs) > 1
-    for number, spec in enumerate(specs, 1):
-        full = spec.filled(defaults)
-        draw = functools.partial(draw_prompt, pipeline, full, list(range(full.seed, full.seed + num_images)), steps, guidance, resolution, "",
-                                 batch_size or auto_batch_size(pipeline.device, max(full.size(resolution))), counted)  # fmt: skip
-        label = spec.prompt if len(spec.prompt) <= 60 else spec.prompt[:57] + "..."
-        if compare:
-            pipeline.disable_lora()
-            try:
-                rows.append(draw(None, emphasis)[0])
-            finally:
-                pipeline.enable_lora()
-            labels.append(f"base: {label}" if several else "base")
-        images, seeds = draw(lora_prompt, emphasis)
-        rows.append(images)
-        labels.append((f"LoRA: {label}" if compare else label) if several else "LoRA")
-        for s, image in zip(seeds, images):
-            name = f"{number:02d}-seed-{s}.png" if several else f"seed-{s}.png"
-            image.save(out_dir / name)
-            records.append({"file": name, **{k: v for k, v in dataclasses.asdict(full).items() if k != "seed"}, "seed": s})
+    rows: dict[int, list[tuple[str, list[Image.Image]]]] = {number: [] for number in range(1, len(specs) + 1)}
+    for index, (set_label, set_tag, set_loras) in enumerate(sets):
+        if index:
+            pipeline.unload_lora_weights()
+        load_loras(pipeline, set_loras)  # a LoRA that does not load fails before any of its images is drawn
+        lora_prompt = install_embeddings(components, set_loras, replace=index > 0)  # base images read the prompt as written
+        counted(0)
+        for number, spec in enumerate(specs, 1):
+            full = spec.filled(defaults)
+            draw = functools.partial(draw_prompt, pipeline, full, list(range(full.seed, full.seed + num_images)), steps, guidance, resolution, "",
+                                     batch_size or auto_batch_size(pipeline.device, max(full.size(resolution))), counted)  # fmt: skip
+            if compare and index == 0:
+                pipeline.disable_lora()
+                try:
+                    rows[number].append(("base", draw(None, emphasis)[0]))
+                finally:
+                    pipeline.enable_lora()
+            images, seeds = draw(lora_prompt, emphasis)
+            rows[number].append((set_label, images))
+            prefix = [f"{number:02d}"] * (len(specs) > 1) + [set_tag] * bool(set_tag)
+            for s, image in zip(seeds, images):
+                name = "-".join([*prefix, f"seed-{s}"]) + ".png"
+                image.save(out_dir / name)
+                record = {"file": name, **{k: v for k, v in dataclasses.asdict(full).items() if k != "seed"}, "seed": s}
+                records.append({**record, "lora": [str(p) for p, _ in set_loras]} if checkpoints else record)
     (out_dir / "images.json").write_text(json.dumps({"loras": [[str(p), scale] for p, scale in loras], "images": records}, indent=2), encoding="utf-8")
+    grid_rows, labels = [], []
+    for number, spec in enumerate(specs, 1):
+        short = spec.prompt if len(spec.prompt) <= 60 else spec.prompt[:57] + "..."
+        for row_label, images in rows[number]:
+            grid_rows.append(images)
+            labels.append(f"{row_label}: {short}" if len(specs) > 1 else row_label)
     grid_path = out_dir / "grid.png"
-    make_grid(upscale_small(rows), labels if compare or several else None).save(grid_path)
+    make_grid(upscale_small(grid_rows), labels if compare or len(specs) > 1 or len(sets) > 1 else None).save(grid_path)
     return GenerateResult([out_dir / r["file"] for r in records], grid_path)
 
 

@@ -158,9 +158,10 @@ class PivotalEmbeddings(torch.nn.Module):
         return {self.keys[name]: param.detach().float().cpu().clone() for name, param in self.vectors_of.items()}
 
 
-def install(components: Any, token: str, tensors: dict[str, torch.Tensor]) -> int:
+def install(components: Any, token: str, tensors: dict[str, torch.Tensor], replace: bool = False) -> int:
     """Give `components` (for inference) the new tokens of a pivotal-tuned LoRA: add them to each tokenizer and write
-    the vectors into each text encoder's new rows. Returns the number of vectors per token."""
+    the vectors into each text encoder's new rows (`replace`: rows an earlier install added are overwritten, e.g. by
+    another checkpoint of the same run). Returns the number of vectors per token."""
     names = list(components.text_encoders)
     keys = embedding_keys(names)
     missing = [keys[n] for n in names if keys[n] not in tensors]
@@ -173,7 +174,9 @@ def install(components: Any, token: str, tensors: dict[str, torch.Tensor]) -> in
         value = tensors[keys[name]]
         if value.shape != (vectors, table.embedding_dim):
             raise ConfigError(f"the embedding of {token!r} for {name} is {tuple(value.shape)}, but this text encoder's tokens are {table.embedding_dim} wide; it was trained for another base model")
-        first = _add_tokens(tokenizer, encoder, token, vectors)
+        names = placeholders(token, vectors)
+        ids = tokenizer.convert_tokens_to_ids(names) if replace and all(n in tokenizer.get_vocab() for n in names) else None
+        first = ids[0] if ids is not None and ids == list(range(ids[0], ids[0] + vectors)) else _add_tokens(tokenizer, encoder, token, vectors)
         with torch.no_grad():
             table = encoder.get_input_embeddings()
             table.weight[first : first + vectors] = value.to(device=table.weight.device, dtype=table.weight.dtype)
