@@ -442,21 +442,26 @@ def generate(
             images, seeds = draw(lora_prompt, emphasis)
             rows[number].append((set_label, images))
             prefix = [f"{number:02d}"] * (len(specs) > 1) + [set_tag] * bool(set_tag)
+            settings = {k: v for k, v in dataclasses.asdict(full).items() if k != "seed"} | ({"lora": [str(p) for p, _ in set_loras]} if checkpoints else {})
             for s, image in zip(seeds, images):
                 name = "-".join([*prefix, f"seed-{s}"]) + ".png"
                 image.save(out_dir / name)
-                record = {"file": name, **{k: v for k, v in dataclasses.asdict(full).items() if k != "seed"}, "seed": s}
-                records.append({**record, "lora": [str(p) for p, _ in set_loras]} if checkpoints else record)
+                records.append({"file": name, **settings, "seed": s})
     (out_dir / "images.json").write_text(json.dumps({"loras": [[str(p), scale] for p, scale in loras], "images": records}, indent=2), encoding="utf-8")
+    grid_path = out_dir / "grid.png"
+    _labelled_grid(specs, rows, labelled=compare or len(specs) > 1 or len(sets) > 1).save(grid_path)
+    return GenerateResult([out_dir / r["file"] for r in records], grid_path)
+
+
+def _labelled_grid(specs: list[PromptSpec], rows: dict[int, list[tuple[str, list[Image.Image]]]], labelled: bool) -> Image.Image:
+    """Each prompt's rows (base, LoRA or checkpoints) in prompt order, labelled with the row and, for several prompts, the prompt."""
     grid_rows, labels = [], []
     for number, spec in enumerate(specs, 1):
         short = spec.prompt if len(spec.prompt) <= 60 else spec.prompt[:57] + "..."
         for row_label, images in rows[number]:
             grid_rows.append(images)
             labels.append(f"{row_label}: {short}" if len(specs) > 1 else row_label)
-    grid_path = out_dir / "grid.png"
-    make_grid(upscale_small(grid_rows), labels if compare or len(specs) > 1 or len(sets) > 1 else None).save(grid_path)
-    return GenerateResult([out_dir / r["file"] for r in records], grid_path)
+    return make_grid(upscale_small(grid_rows), labels if labelled else None)
 
 
 def plot_metrics(metrics_path: Path, out: Path) -> Path | None:
