@@ -187,6 +187,27 @@ def _embedding_summary(lora_file: Path, bundled: bool) -> str:
     return f"{token!r}, {next(iter(tensors.values())).shape[0]} vectors ({shapes}), " + ("bundled in the file" if bundled else "in its own file beside the LoRA")
 
 
+def _checkpoint_report(path: Path, tensors: dict[str, torch.Tensor], file_meta: dict[str, str]) -> dict[str, Any]:
+    """A single-file model checkpoint (not a LoRA): its architecture, dtype and what its markers say it predicts."""
+    from dreamlora.single_file import checkpoint_architecture
+
+    architecture, dtype, settings = checkpoint_architecture(path)
+    marked = settings.get("prediction_type")
+    return {
+        "path": str(path),
+        "kind": "file",
+        "format": "single-file checkpoint (a model: use it with --model FILE)",
+        "family": "sdxl" if architecture == "sdxl" else "sd1/sd2",
+        "dtype": DTYPE_NAMES.get(dtype, str(dtype)),
+        "file_size": path.stat().st_size,
+        "tensors": len(tensors),
+        "prediction_type": f"{marked} (marked in the file)" if marked else "not marked: epsilon, unless --prediction-type says otherwise",
+        "zero_terminal_snr": "yes (ztsnr marker): sampled with trailing timesteps" if settings.get("rescale_betas_zero_snr") else "no",
+        "metadata": {k: v for k, v in file_meta.items() if k.startswith(("ss_", "sshs_", "modelspec."))},
+        "problems": [],
+    }
+
+
 def inspect_path(path: Path) -> dict[str, Any]:
     """Describe a run folder or a LoRA file (kohya/A1111 or diffusers); see the keys of the returned dict."""
     path = Path(path)
@@ -195,6 +216,8 @@ def inspect_path(path: Path) -> dict[str, Any]:
     run = read_run_info(path) if path.is_dir() and (path / RUN_INFO).is_file() else None
     lora_file = find_lora(path)
     tensors, file_meta = _read(lora_file)
+    if any(key.startswith("model.diffusion_model.") for key in tensors):
+        return _checkpoint_report(path, tensors, file_meta)
     tensors, bundled = split_bundle(tensors)
     if tensors and all(is_kohya_key(k) for k in tensors):
         fmt, modules = "a1111", _kohya_modules(tensors)

@@ -110,6 +110,9 @@ def test_a_v_prediction_model_survives_the_single_file_round_trip(tmp_path: Path
     assert folder.exit_code == 0, folder.output
     assert json.loads((tmp_path / "v-folder" / "scheduler" / "scheduler_config.json").read_text())["prediction_type"] == "v_prediction"
 
+    inspected = runner.invoke(app, ["inspect", "v-model.safetensors"])  # a model file: what it predicts, no LoRA problems
+    said = _flat(inspected.output)
+    assert inspected.exit_code == 0 and "single-file checkpoint" in said and "v_prediction (marked in the file)" in said and "no problems found" in said, said
     monkeypatch.setenv("DREAMLORA_CACHE", str(tmp_path / "cache"))
     monkeypatch.setitem(single_file.ARCHITECTURE_CONFIGS, "sd", str(tiny_dir))  # offline: an epsilon model's configs
     assert load_components("v-model.safetensors").prediction_type == "v_prediction"
