@@ -929,7 +929,7 @@ def generate(
         from dreamlora.errors import ConfigError
         from dreamlora.export import run_settings
         from dreamlora.generate import check_settings, output_folder, recorded_clip_skip, recorded_prediction_type, run_base_model
-        from dreamlora.prompts import read_prompt_file
+        from dreamlora.prompts import PromptSpec, read_prompt_file
         from dreamlora.generate import generate as run_generate
         from dreamlora.lora import read_safetensors
         from dreamlora.models import load_model, resolve_precision
@@ -973,12 +973,12 @@ def generate(
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         _, dtype = resolve_precision(model_cfg.precision, device)
         components = load_model(model_cfg, dtype, device)
+        size = resolution or components.native_resolution
         guidance_scale = guidance if guidance is not None else components.family.default_guidance
+        defaults = PromptSpec("", negative_prompt, size, size, seed, guidance_scale, steps, sampler)
         with _progress() as progress:
-            on_progress = _image_counter(progress, "images")
             result = run_generate(
-                components, prompts, folder, loras, num_images, seed, steps, guidance_scale, resolution or components.native_resolution,
-                negative_prompt, compare, batch_size, on_progress, sampler, not no_emphasis, checkpoints,
+                components, prompts, defaults, folder, loras, num_images, compare, checkpoints, not no_emphasis, batch_size, _image_counter(progress, "images")
             )
         _summary("generated", [("images", len(result.images)), ("folder", folder), ("grid", result.grid)])
 

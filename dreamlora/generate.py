@@ -383,36 +383,30 @@ def checkpoint_sets(loras: list[tuple[Path, float]]) -> list[tuple[str, str, lis
 def generate(
     components: Components,
     prompts: str | list[PromptSpec],
+    defaults: PromptSpec,
     out_dir: Path,
     loras: list[tuple[Path, float]],
     num_images: int,
-    seed: int,
-    steps: int,
-    guidance: float,
-    resolution: int,
-    negative_prompt: str = "",
     compare: bool = False,
+    checkpoints: bool = False,
+    emphasis: bool = True,
     batch_size: int = 0,
     on_progress: Callable[[int, int], None] | None = None,
-    scheduler: str = "dpm++",
-    emphasis: bool = True,
-    checkpoints: bool = False,
 ) -> GenerateResult:
-    """Save `num_images` images of each prompt (a `PromptSpec` overrides the settings it sets: negative prompt, size,
-    first seed, guidance, steps, sampler; the arguments are the rest), `images.json` (each file's prompt and settings)
+    """Save `num_images` images of each prompt (a `PromptSpec` sets what it sets: negative prompt, size, first seed,
+    guidance, steps, sampler; `defaults`, every one of them, the rest), `images.json` (each file's prompt and settings)
     and a grid with a row per prompt; with `compare`, a base-model row above each prompt's LoRA rows at the same seeds;
     with `checkpoints`, a row for each checkpoint of the run (`checkpoint_sets`). Files are `seed-S.png`, after the
     prompt's number `NN-` when there are several and the checkpoint (`step-000200-`, `final-`) with `checkpoints`.
-    `batch_size` images per pipeline call (0: automatic, as `prior` batches); `on_progress(done, total)`; `emphasis`:
-    read A1111's `(word:1.2)` weights."""
+    `emphasis`: read A1111's `(word:1.2)` weights; `batch_size` images per pipeline call (0: automatic, as `prior`
+    batches); `on_progress(done, total)`."""
     from dreamlora.prior import auto_batch_size
 
     if compare and not loras:
         raise ConfigError("--compare needs at least one --lora to compare with the base model")
     sets = checkpoint_sets(loras) if checkpoints else [("LoRA", "", loras)]
     specs = [PromptSpec(prompts)] if isinstance(prompts, str) else list(prompts)
-    defaults = PromptSpec("", negative_prompt, resolution, resolution, seed, guidance, steps, scheduler)
-    pipeline = build_pipeline(components, scheduler)
+    pipeline = build_pipeline(components, defaults.scheduler or "dpm++")
     progress = {"done": 0, "total": num_images * len(specs) * (len(sets) + (1 if compare else 0))}
 
     def counted(drawn: int) -> None:
@@ -431,8 +425,9 @@ def generate(
         counted(0)
         for number, spec in enumerate(specs, 1):
             full = spec.filled(defaults)
-            draw = functools.partial(draw_prompt, pipeline, full, list(range(full.seed, full.seed + num_images)), steps, guidance, resolution, "",
-                                     batch_size or auto_batch_size(pipeline.device, max(full.size(resolution))), counted)  # fmt: skip
+            batch = batch_size or auto_batch_size(pipeline.device, max(full.width, full.height))
+            # `full` sets every setting, so draw_prompt's own defaults (steps, guidance, size, negative) are never read.
+            draw = functools.partial(draw_prompt, pipeline, full, list(range(full.seed, full.seed + num_images)), full.steps, full.guidance, full.width, "", batch, counted)
             if compare and index == 0:
                 pipeline.disable_lora()
                 try:
