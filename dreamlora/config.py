@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
 import json
 import math
 import os
@@ -50,6 +51,7 @@ BLOCKS = 12  # kohya's block weights: 12 down, 1 middle, 12 up (SD 1.x's input a
 BLOCK_PRESETS = ("sine", "cosine", "linear", "reverse_linear", "zeros")
 
 
+@functools.lru_cache(maxsize=64)  # block_lr_weight asks for it once per UNet module and parameter
 def block_weights(spec: str, name: str) -> tuple[float, ...] | None:
     """kohya's down_lr_weight/up_lr_weight: 12 comma-separated factors, or a preset (sine, cosine, linear,
     reverse_linear, zeros) with an optional +N added to each; None for an empty spec."""

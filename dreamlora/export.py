@@ -755,11 +755,12 @@ def write_diffusers(folder: Path, modules: list[LoraModule], dtype: str) -> Path
 
 
 def _load_base(model_ref: str, base_weights: tuple[str, ...] = ()) -> tuple[Any, str | None]:
+    from dreamlora.generate import fuse_base_weights
     from dreamlora.models import load_components
 
     try:
         components = load_components(model_ref)
-        _fuse_base_weights(components, base_weights)
+        fuse_base_weights(components, base_weights)
         return components, None
     except (ModelLoadError, ConfigError, OSError) as error:
         return None, f"verification skipped: base model {public_model_ref(model_ref)!r} could not be loaded here ({type(error).__name__}); the file was written but not checked"
@@ -962,21 +963,14 @@ def _load_merged(path: Path, base: Any) -> dict[str, torch.nn.Module]:
 # --- merged models ------------------------------------------------------------------------------
 
 
-def _fuse_base_weights(components: Any, base_weights: tuple[str, ...]) -> None:
-    """The run's `model.base_weights` fused into its base, as training had them."""
-    from dreamlora.config import lora_reference
-    from dreamlora.generate import fuse_loras
-
-    fuse_loras(components, [lora_reference(item, flag="--base-weights") for item in base_weights])
-
-
 def _merged_components(model_ref: str, lora_file: Path, scale: float, prediction_type: str = "auto", base_weights: tuple[str, ...] = ()) -> Any:
     """The base model (with the run's `base_weights` fused first) with the LoRA fused in at `scale` and the adapters
     removed; its scheduler predicts `prediction_type` (the run's: a model trained as v-prediction is saved as one)."""
+    from dreamlora.generate import fuse_base_weights
     from dreamlora.models import apply_prediction_type, build_pipeline, load_components
 
     components = load_components(model_ref)
-    _fuse_base_weights(components, base_weights)
+    fuse_base_weights(components, base_weights)
     apply_prediction_type(components, prediction_type)
     pipe = build_pipeline(components)
     pipe.load_lora_weights(str(lora_file), adapter_name="dreamlora")

@@ -83,30 +83,27 @@ def _repeat(value: Any, count: int) -> Any:
 def draw_prompt(
     pipeline: Any,
     spec: PromptSpec,
+    defaults: PromptSpec,
     seeds: list[int],
-    steps: int,
-    guidance: float,
-    resolution: int,
-    negative_prompt: str = "",
     batch_size: int = 0,
     on_batch: Callable[[int], None] | None = None,
     rewrite: Callable[[str], str] | None = None,
     emphasis: bool = True,
 ) -> tuple[list[Image.Image], list[int]]:
-    """`generate_images` of one `PromptSpec`: its own settings where it sets them, else the ones given (`seeds`: as
-    many images from its own first seed when it has one); `rewrite` respells its prompts (pivotal tuning's tokens).
-    Returns the images and the seeds they were drawn at."""
+    """`generate_images` of one `PromptSpec` filled from `defaults` (which set at least size, guidance and steps): as
+    many images as `seeds`, from its own first seed when it has one, with its own sampler when it names one (else the
+    pipeline's); `rewrite` respells its prompts (pivotal tuning's tokens). Returns the images and their seeds."""
     rewrite = rewrite or (lambda prompt: prompt)
+    full = spec.filled(defaults)
     if spec.seed is not None:
         seeds = list(range(spec.seed, spec.seed + len(seeds)))
-    negative = spec.negative_prompt if spec.negative_prompt is not None else negative_prompt
     own = pipeline.scheduler
     if spec.scheduler:  # its own sampler, on the same noise schedule, for this prompt only
         pipeline.scheduler = sampler_from(own.config, spec.scheduler)
     try:
         images = generate_images(
-            pipeline, rewrite(spec.prompt), seeds, spec.steps or steps, spec.guidance if spec.guidance is not None else guidance,
-            spec.size(resolution), rewrite(negative), batch_size, on_batch, emphasis,
+            pipeline, rewrite(full.prompt), seeds, full.steps, full.guidance, (full.width, full.height), rewrite(full.negative_prompt or ""),
+            batch_size, on_batch, emphasis,
         )
     finally:
         pipeline.scheduler = own
@@ -175,6 +172,7 @@ def comparison_grid(
     `adapted_prompt` rewrites the LoRA rows' prompts (pivotal tuning's new tokens)."""
     pipeline = build_pipeline(components, scheduler)
     seeds = list(range(seed, seed + n))
+    defaults = PromptSpec("", "", resolution, resolution, guidance=guidance, steps=steps)
     rows, labels = [], []
     for prompt in prompts:
         spec = PromptSpec(prompt) if prompt in literal else parse_prompt_line(prompt, "--sample-prompt")
@@ -182,9 +180,9 @@ def comparison_grid(
             rows.append(base[prompt])
         else:
             with adapters_disabled([components.unet, *components.text_encoders.values()]):
-                rows.append(draw_prompt(pipeline, spec, seeds, steps, guidance, resolution)[0])
+                rows.append(draw_prompt(pipeline, spec, defaults, seeds)[0])
         labels.append(f"base: {spec.prompt}")
-        rows.append(adapted[prompt] if adapted and prompt in adapted else draw_prompt(pipeline, spec, seeds, steps, guidance, resolution, rewrite=adapted_prompt)[0])
+        rows.append(adapted[prompt] if adapted and prompt in adapted else draw_prompt(pipeline, spec, defaults, seeds, rewrite=adapted_prompt)[0])
         labels.append(f"LoRA: {spec.prompt}")
     return make_grid(upscale_small(rows), labels)
 
@@ -236,6 +234,13 @@ def fuse_loras(components: Components, loras: list[tuple[Path, float]]) -> None:
         log.info("base weights: %s fused at %g", path, scale)
         if (found := embeddings_for(find_lora(Path(path)))) is not None:
             log.warning("base weights %s carry a pivotal-tuned embedding of %r, which is not used: only their LoRA is fused", path, found[0])
+
+
+def fuse_base_weights(components: Components, base_weights: tuple[str, ...]) -> None:
+    """A model config's `base_weights` (PATH or PATH:SCALE each) fused into the components (`fuse_loras`)."""
+    from dreamlora.config import lora_reference
+
+    fuse_loras(components, [lora_reference(item, flag="--base-weights") for item in base_weights])
 
 
 def install_embeddings(components: Components, loras: list[tuple[Path, float]], replace: bool = False) -> Callable[[str], str]:
@@ -364,7 +369,7 @@ def output_folder(out: Path | None) -> Path:
 def checkpoint_sets(loras: list[tuple[Path, float]]) -> list[tuple[str, str, list[tuple[Path, float]]]]:
     """`generate --checkpoints`: each checkpoint of the one run given, oldest first, then its final LoRA when that is
     not the last checkpoint's, as (row label, file-name tag, LoRAs) at the run's scale."""
-    from dreamlora.checkpoint import LORA_DIR, RUN_INFO, list_checkpoints
+    from dreamlora.checkpoint import LORA_DIR, list_checkpoints, read_run_info
     from dreamlora.lora import LORA_FILE
 
     if len(loras) != 1 or _run_of(Path(loras[0][0])) != Path(loras[0][0]):
@@ -375,7 +380,7 @@ def checkpoint_sets(loras: list[tuple[Path, float]]) -> list[tuple[str, str, lis
         raise ConfigError(f"run '{run}' has no checkpoints to compare; train with --checkpoint-every N (or --checkpoint-every-epochs N)")
     sets = [(f"step {step}", f"step-{step:06d}", [(folder / LORA_DIR / LORA_FILE, scale)]) for step, folder in found]
     final = run / LORA_DIR / LORA_FILE
-    if final.is_file() and int(json.loads((run / RUN_INFO).read_text(encoding="utf-8")).get("steps", -1)) != found[-1][0]:
+    if final.is_file() and int(read_run_info(run).get("steps", -1)) != found[-1][0]:
         sets.append(("final", "final", [(final, scale)]))
     return sets
 
@@ -414,6 +419,7 @@ def generate(
         if on_progress:
             on_progress(progress["done"], progress["total"])
 
+    counted(0)
     out_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     rows: dict[int, list[tuple[str, list[Image.Image]]]] = {number: [] for number in range(1, len(specs) + 1)}
@@ -422,12 +428,10 @@ def generate(
             pipeline.unload_lora_weights()
         load_loras(pipeline, set_loras)  # a LoRA that does not load fails before any of its images is drawn
         lora_prompt = install_embeddings(components, set_loras, replace=index > 0)  # base images read the prompt as written
-        counted(0)
         for number, spec in enumerate(specs, 1):
             full = spec.filled(defaults)
             batch = batch_size or auto_batch_size(pipeline.device, max(full.width, full.height))
-            # `full` sets every setting, so draw_prompt's own defaults (steps, guidance, size, negative) are never read.
-            draw = functools.partial(draw_prompt, pipeline, full, list(range(full.seed, full.seed + num_images)), full.steps, full.guidance, full.width, "", batch, counted)
+            draw = functools.partial(draw_prompt, pipeline, spec, defaults, list(range(defaults.seed, defaults.seed + num_images)), batch, counted)
             if compare and index == 0:
                 pipeline.disable_lora()
                 try:

@@ -538,10 +538,9 @@ def load_model(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32, devic
         model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle, vae=model_cfg.vae, single_file_config=model_cfg.single_file_config
     )
     if model_cfg.base_weights:  # before the clip skip, which drops the layers after the one read
-        from dreamlora.config import lora_reference
-        from dreamlora.generate import fuse_loras
+        from dreamlora.generate import fuse_base_weights
 
-        fuse_loras(components, [lora_reference(item, flag="--base-weights") for item in model_cfg.base_weights])
+        fuse_base_weights(components, model_cfg.base_weights)
     apply_clip_skip(components, model_cfg.clip_skip)
     apply_prediction_type(components, model_cfg.prediction_type)
     return components
@@ -720,14 +719,9 @@ def default_guidance_rescale(scheduler: Any) -> float:
     return 0.7 if getattr(scheduler, "config", {}).get("rescale_betas_zero_snr") else 0.0
 
 
-def inference_scheduler(components: Components, scheduler: str = "dpm++") -> Any:
-    """Sampler `scheduler` (one of `prompts.SAMPLERS`) on the model's noise schedule (its prediction type, betas and,
-    for a zero-terminal-SNR model, its rescaling)."""
-    return sampler_from(components.noise_scheduler.config, scheduler)
-
-
 def sampler_from(config: Any, scheduler: str) -> Any:
-    """Sampler `scheduler` on the noise schedule of a scheduler `config` (the model's, or another sampler's)."""
+    """Sampler `scheduler` (one of `prompts.SAMPLERS`) on the noise schedule of a scheduler `config` (the model's, with
+    its prediction type, betas and zero-terminal-SNR rescaling, or another sampler's)."""
     import diffusers
 
     class_name, extra = SAMPLER_CLASSES[scheduler]
@@ -752,7 +746,7 @@ def build_pipeline(components: Components, scheduler: str = "dpm++") -> Any:
     """A StableDiffusionPipeline (the family's pipeline class) over the loaded components with an inference scheduler."""
     from diffusers import StableDiffusionPipeline
 
-    inference = inference_scheduler(components, scheduler)
+    inference = sampler_from(components.noise_scheduler.config, scheduler)
     if components.family.pipeline_class != "StableDiffusionPipeline":
         return _build_family_pipeline(components, inference)
     pipeline = StableDiffusionPipeline(

@@ -72,7 +72,8 @@ class SampleMonitor:
         scheduler: str = "dpm++",
     ) -> None:
         self.adapted_prompt = adapted_prompt or (lambda prompt: prompt)  # pivotal tuning: the token spelled as its new tokens
-        self.components, self.seeds, self.steps, self.guidance, self.resolution = components, seeds, steps, guidance, resolution
+        self.components, self.seeds = components, seeds
+        self.defaults = PromptSpec("", "", resolution, resolution, guidance=guidance, steps=steps)  # what a sample prompt does not set itself
         # The instance row, the class row, then the user's own prompts (`--sample-prompt`), each once.
         self.prompts = list(dict.fromkeys(p for p in (instance_prompt, class_prompt, *extra_prompts) if p))
         # The user's prompts may end in kohya's options (--n --w --h --d --l --s --ss); instance and class prompts are drawn as written.
@@ -90,7 +91,7 @@ class SampleMonitor:
         return [self.components.unet, *self.components.text_encoders.values()]
 
     def _generate(self, prompt: str, rewrite: Callable[[str], str] | None = None) -> list[Image.Image]:
-        return draw_prompt(self.pipeline, self.specs[prompt], self.seeds, self.steps, self.guidance, self.resolution, rewrite=rewrite)[0]
+        return draw_prompt(self.pipeline, self.specs[prompt], self.defaults, self.seeds, rewrite=rewrite)[0]
 
     def sample(self, step: int) -> dict[str, float]:
         """Write `samples/step-NNNNNN.png` (instance row, class row, extra prompts' rows) and return the drift figures."""

@@ -39,10 +39,6 @@ class PromptSpec:
     steps: int | None = None
     scheduler: str | None = None  # one of SAMPLERS
 
-    def size(self, resolution: int) -> tuple[int, int]:
-        """(width, height): its own, else `resolution`."""
-        return self.width or resolution, self.height or resolution
-
     def filled(self, defaults: PromptSpec) -> PromptSpec:
         """This prompt with every setting it leaves open (None) taken from `defaults`."""
         return dataclasses.replace(self, **{f.name: getattr(defaults, f.name) for f in dataclasses.fields(self) if getattr(self, f.name) is None})

@@ -24,7 +24,7 @@ from dreamlora import __version__
 from dreamlora import checkpoint as ckpt
 from dreamlora.config import RunConfig, lora_reference, replace, to_dict, to_toml
 from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, latent_mask, learned_share, list_images, make_buckets, open_image, resize_and_crop, to_tensor, vary_caption
-from dreamlora.errors import ConfigError, TrainingError, TrainingInterrupted
+from dreamlora.errors import ConfigError, DreamloraError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
 from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, block_lr_factors, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters, up_weight_flags
 from dreamlora.models import Components, PromptEmbeddings, apply_clip_skip, encode_prompts, load_model, public_model_ref, read_length, resolve_precision, select_attention, tokenize_all
@@ -922,11 +922,9 @@ def _run_info(
 
 def _recorded_start(run_dir: Path) -> int | None:
     """When the run in `run_dir` first started, from its run.json (None: not recorded, or unreadable)."""
-    import json
-
     try:
-        started = json.loads((run_dir / ckpt.RUN_INFO).read_text(encoding="utf-8")).get("started_at")
-    except (OSError, ValueError, AttributeError):
+        started = ckpt.read_run_info(run_dir).get("started_at")
+    except (DreamloraError, OSError, ValueError, AttributeError):
         return None
     return int(started) if isinstance(started, (int, float)) else None
 
