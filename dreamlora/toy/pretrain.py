@@ -83,6 +83,8 @@ class PretrainConfig:
     """The size modifiers and names (world.PREFIX_WORDS) those scenes draw from."""
     ema_decay: float = 0.999
     warmup_steps: int = 100
+    attention_lr_scale: float = 1.0
+    """Learning-rate multiplier for the UNet's cross-attention queries and keys (which words it looks at)."""
 
 
 @dataclass(frozen=True)
@@ -182,6 +184,79 @@ def build_models(vocab_size: int, tokenizer: CLIPTokenizer) -> tuple[Autoencoder
         pad_token_id=tokenizer.pad_token_id,
     )
     return vae, unet, CLIPTextModel(text_config)
+
+
+LEXICAL_POSITION_SCALE = 5.0
+"""Position embeddings of the lexical encoder: 5x the usual init (std 0.1), a tenth of a word's (std 1)."""
+LEXICAL_CONTENT_NORM = TEXT_WIDTH**0.5
+"""Length of the direction every content word's embedding shares: that of a word's own part (~sqrt(width))."""
+
+
+def function_token_ids(tokenizer: CLIPTokenizer) -> list[int]:
+    """Ids of the tokens that carry no content: start, end and the template words ("a", "photo", "of", ...)."""
+    vocab = tokenizer.get_vocab()
+    words = {word for template in TEMPLATES for word in template.format("").split()} | set(EXTRA_WORDS)
+    return sorted({vocab[BOS], vocab[EOS], *(vocab[f"{word}</w>"] for word in words)})
+
+
+LEXICAL_GATHER_GAIN = 3.0
+"""How strongly the lexical encoder's first layer adds the bag of content words to each state (vs. its own word)."""
+LEXICAL_GATHER_SHARPNESS = 4.0
+"""Query length of that layer's content-seeking attention: content words get e^~6 times a function word's weight."""
+
+
+def build_lexical_text_encoder(config: CLIPTextConfig, tokenizer: CLIPTokenizer, seed: int) -> CLIPTextModel:
+    """A CLIP text encoder that keeps words apart, to be frozen while the UNet learns to read it.
+
+    A text encoder trained jointly with the UNet on class prompts learns that only the class
+    word matters: it maps "sks dog" and "dog" to states whose cosine is 0.99, and the UNet
+    reads a near-uniform mean of them (three quarters of it the padding after the prompt),
+    so DreamBooth cannot bind a new word apart from its class (docs/toy-model.md). This one
+    is built, not trained. Every token gets a random embedding of unit variance (different
+    words are near-orthogonal), and every token except the function words
+    (`function_token_ids`: start, end, "a", "photo", "of", ...) also a shared content
+    direction, as a language model tells a noun from a stop word without knowing the noun;
+    position embeddings are a tenth of a word's. The first layer's attention seeks the
+    content words (its keys read the content direction, its query is constant) and adds
+    their mean, `LEXICAL_GATHER_GAIN` times over, to every later position: like CLIP's end
+    token, the padding then carries the bag of the prompt's content words ("sks dog": half
+    "sks", half "dog"), where a UNet reading the mean of the states finds it. The other
+    weights are the usual random init with their residual branches damped (attention output
+    1/4, MLP output 1/2). An unseen word ("sks") is a content word in a new direction, which
+    a LoRA can bind apart from the class. Every weight a LoRA targets stays non-zero, so a
+    text-encoder LoRA still receives gradients.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    model = CLIPTextModel(config).float()
+    width, heads = config.hidden_size, config.num_attention_heads
+    head_dim = width // heads
+    with torch.no_grad():
+        tokens = model.embeddings.token_embedding.weight
+        tokens.copy_(torch.randn(tokens.shape, generator=generator))
+        content = torch.randn(width, generator=generator)
+        content /= content.norm()
+        tokens -= torch.outer(tokens @ content, content)  # a word's own part says nothing along the content direction
+        is_content = torch.ones(tokens.shape[0], dtype=torch.bool)
+        is_content[function_token_ids(tokenizer)] = False
+        tokens[is_content] += LEXICAL_CONTENT_NORM * content
+        model.embeddings.position_embedding.weight.mul_(LEXICAL_POSITION_SCALE)
+        for layer in model.encoder.layers:
+            layer.self_attn.out_proj.weight.mul_(0.25)
+            layer.mlp.fc2.weight.mul_(0.5)
+        gather = model.encoder.layers[0].self_attn
+        seek = torch.zeros(head_dim)
+        seek[0] = 1.0  # every head: key = (content . state) along its first axis; query = a constant along it
+        noise = 1e-3 * torch.randn((width, width), generator=generator)  # non-zero everywhere, for a LoRA's gradient
+        gather.q_proj.weight.copy_(noise)
+        gather.q_proj.bias.copy_((LEXICAL_GATHER_SHARPNESS * seek).repeat(heads))
+        gather.k_proj.weight.copy_(torch.outer(seek.repeat(heads), content) + noise.roll(1, 0))
+        gather.k_proj.bias.zero_()
+        gather.v_proj.weight.copy_(torch.eye(width) + noise.roll(2, 0))
+        gather.v_proj.bias.zero_()
+        gather.out_proj.weight.copy_(LEXICAL_GATHER_GAIN * torch.eye(width) + noise.roll(3, 0))
+        gather.out_proj.bias.zero_()
+    return model.eval().requires_grad_(False)
 
 
 def build_noise_scheduler() -> DDPMScheduler:
@@ -441,17 +516,24 @@ def train_denoiser(
     cfg: PretrainConfig,
     generator: torch.Generator,
     log: Callable[[str], None],
+    train_text_encoder: bool = True,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """Joint epsilon-prediction training of UNet and text encoder; returns their EMA copies."""
+    """Joint epsilon-prediction training of UNet and text encoder (or of the UNet alone, the text encoder
+    frozen); returns their EMA copies (the frozen text encoder itself)."""
     device = generator.device
     scheduler = build_noise_scheduler()
     alphas = scheduler.alphas_cumprod.to(device)
     table, empty = prompt_table(tokenizer, device)
-    models = [unet, text_encoder]
+    models = [unet, text_encoder] if train_text_encoder else [unet]
     params = [p for m in models for p in m.parameters()]
     ema_models = [copy.deepcopy(m).requires_grad_(False) for m in models]
     ema_params = [p for m in ema_models for p in m.parameters()]
-    optimizer = torch.optim.AdamW(params, lr=cfg.unet_lr, weight_decay=1e-2, fused=device.type == "cuda")
+    looking = {id(p) for n, p in unet.named_parameters() if ".attn2.to_q." in n or ".attn2.to_k." in n}
+    groups = [
+        {"params": [p for p in params if id(p) not in looking], "scale": 1.0},
+        {"params": [p for p in params if id(p) in looking], "scale": cfg.attention_lr_scale},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.unet_lr, weight_decay=1e-2, fused=device.type == "cuda")
     bank, bank_classes, bank_modifiers = encode_bank(vae, cfg.bank_size, cfg.modifier_rate, generator, cfg.prefix_words)
     log(f"latent bank: {tuple(bank.shape)}, std {bank.std().item():.3f}")
     total, start = cfg.unet_steps, time.perf_counter()
@@ -460,7 +542,7 @@ def train_denoiser(
     step = 0
     while step < total:
         for group in optimizer.param_groups:
-            group["lr"] = cfg.unet_lr * _lr_factor(step, total, cfg.warmup_steps)
+            group["lr"] = cfg.unet_lr * group["scale"] * _lr_factor(step, total, cfg.warmup_steps)
         with torch.no_grad():
             pick = torch.randint(len(bank), (cfg.unet_batch,), generator=generator, device=device)
             latents, classes, modifiers = bank[pick], bank_classes[pick], bank_modifiers[pick]
@@ -472,7 +554,8 @@ def train_denoiser(
             a = alphas[t][:, None, None, None]
             noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            hidden = text_encoder(ids)[0]
+            with torch.set_grad_enabled(train_text_encoder):
+                hidden = text_encoder(ids)[0]
             prediction = unet(noisy, t, encoder_hidden_states=hidden).sample.float()
         loss = F.mse_loss(prediction, noise)
         optimizer.zero_grad(set_to_none=True)
@@ -488,7 +571,7 @@ def train_denoiser(
             log(f"unet step {step}/{total} loss {loss.item():.4f} ({time.perf_counter() - start:.0f}s)")
     for m in ema_models:
         m.eval()
-    return ema_models[0], ema_models[1]
+    return ema_models[0], (ema_models[1] if train_text_encoder else text_encoder.eval())
 
 
 def save_pipeline(
@@ -826,20 +909,25 @@ def load_for_finetune(
 
 
 def finetune(
-    source: Path, out: Path, cfg: PretrainConfig, device: torch.device, log: Callable[[str], None], adapt_vae_steps: int = 0
+    source: Path, out: Path, cfg: PretrainConfig, device: torch.device, log: Callable[[str], None], adapt_vae_steps: int = 0,
+    lexical: bool = False,
 ) -> None:
     """Continue the UNet and text encoder of `source` and save the pipeline to `out`. The VAE is kept, or first
-    taught the names' marks with its latent space anchored (`adapt_vae_steps`, batch 16, lr 3e-4)."""
+    taught the names' marks with its latent space anchored (`adapt_vae_steps`, batch 16, lr 3e-4). With `lexical`
+    the text encoder is replaced by a frozen `build_lexical_text_encoder` and the UNet learns to read it."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     vae, unet, text_encoder, tokenizer = load_for_finetune(source, device, log)
+    if lexical:
+        text_encoder = build_lexical_text_encoder(text_encoder.config, tokenizer, cfg.seed).to(device)
+        log("text encoder: replaced by a frozen lexical one (build_lexical_text_encoder); training the UNet alone")
     if adapt_vae_steps > 0:
         start = time.perf_counter()
         adapt_vae(vae, adapt_vae_steps, 16, 3e-4, 10.0, generator, log)
         log(f"vae adaptation {time.perf_counter() - start:.0f}s")
     vae.requires_grad_(False)
     start = time.perf_counter()
-    unet, text_encoder = train_denoiser(unet, text_encoder, vae, tokenizer, cfg, generator, log)
+    unet, text_encoder = train_denoiser(unet, text_encoder, vae, tokenizer, cfg, generator, log, not lexical)
     log(f"unet phase {time.perf_counter() - start:.0f}s")
     save_pipeline(out, vae, unet, text_encoder, tokenizer)
     log(f"saved {out}")
@@ -870,6 +958,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--adapt-vae-steps", type=int, default=0,
         help="with --finetune-from: first teach the VAE the names' marks this many steps, its latents anchored",
     )
+    parser.add_argument(
+        "--attention-lr-scale", type=float, default=PretrainConfig.attention_lr_scale,
+        help="learning-rate multiplier for the UNet's cross-attention queries and keys",
+    )
     parser.add_argument("--ema-decay", type=float, default=PretrainConfig.ema_decay)
     parser.add_argument("--warmup", type=int, default=PretrainConfig.warmup_steps, help="warm-up steps (both phases)")
     parser.add_argument(
@@ -879,6 +971,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--refine-decoder-steps", type=int, default=0,
         help="then train only the VAE decoder this many steps on marked and any-hue scenes (batch 8, lr 1e-3)",
+    )
+    parser.add_argument(
+        "--lexical-text-encoder", action="store_true",
+        help="replace the text encoder by a frozen one that keeps words apart (build_lexical_text_encoder); "
+        "the UNet learns to read it",
     )
     parser.add_argument("--eval-images", type=int, default=32, help="images per prompt in evaluation (0 skips it)")
     parser.add_argument("--skip-train", action="store_true", help="evaluate an existing --out folder")
@@ -901,12 +998,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         seed=args.seed, vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_seconds=args.vae_seconds,
         bank_size=args.bank,
         unet_steps=args.steps, unet_batch=args.batch, unet_seconds=args.unet_seconds,
-        unet_lr=args.lr, ema_decay=args.ema_decay, modifier_rate=args.modifier_rate, prefix_words=tuple(args.prefix_words),
+        unet_lr=args.lr, ema_decay=args.ema_decay, attention_lr_scale=args.attention_lr_scale, modifier_rate=args.modifier_rate, prefix_words=tuple(args.prefix_words),
         warmup_steps=min(args.warmup, max(min(args.steps, args.vae_steps) // 10, 1)),
     )
     if args.finetune_from is not None:
         start = time.perf_counter()
-        finetune(args.finetune_from, args.out, cfg, device, logger.info, args.adapt_vae_steps)
+        finetune(args.finetune_from, args.out, cfg, device, logger.info, args.adapt_vae_steps, args.lexical_text_encoder)
         logger.info(f"fine-tuning wall time {time.perf_counter() - start:.0f}s")
     elif not args.skip_train:
         start = time.perf_counter()
