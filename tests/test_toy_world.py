@@ -323,3 +323,23 @@ def test_finetuning_onto_a_lexical_text_encoder_trains_the_unet_alone(tmp_path: 
     gather = written["encoder.layers.0.self_attn.out_proj.weight"].float()
     assert torch.allclose(gather.diagonal(), torch.full((gather.shape[0],), LEXICAL_GATHER_GAIN), atol=0.01)  # the built encoder, saved as built
     assert not torch.equal(shipped["embeddings.token_embedding.weight"], written["embeddings.token_embedding.weight"][: len(shipped["embeddings.token_embedding.weight"])])
+
+
+def test_pretraining_from_scratch_on_a_lexical_text_encoder_saves_it_as_built(tmp_path: Path) -> None:
+    import json
+
+    from safetensors.torch import load_file
+
+    from dreamlora.toy.pretrain import build_lexical_text_encoder, main
+
+    out = tmp_path / "toy"
+    main(["--out", str(out), "--device", "cpu", "--vae-steps", "2", "--vae-batch", "4", "--steps", "2", "--batch", "4",
+          "--bank", "16", "--eval-images", "0", "--prefix-words", "big", "--lexical-text-encoder"])
+    assert json.loads((out / "pretrain.json").read_text())["lexical_text_encoder"] is True  # in its provenance
+    from transformers import CLIPTextConfig
+
+    built = build_lexical_text_encoder(CLIPTextConfig.from_pretrained(out / "text_encoder"), build_tokenizer(), seed=0)
+    saved = load_file(out / "text_encoder" / "model.safetensors")
+    for name, weight in built.state_dict().items():  # frozen through pretraining: saved as built (in fp16)
+        if name in saved:
+            assert torch.allclose(saved[name].float(), weight, atol=2e-3 * max(1.0, weight.abs().max().item())), name

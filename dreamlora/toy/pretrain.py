@@ -8,7 +8,9 @@ a word before the class that changes the picture (`--prefix-words`: the size mod
 dog"), with empty-prompt dropout for classifier-free guidance, and saves an ordinary
 diffusers folder in fp16. `--finetune-from FOLDER` continues the UNet and text encoder of
 an existing toy folder instead of starting from scratch (VAE kept, or first taught the
-names' marks with its latents anchored: `--adapt-vae-steps`).
+names' marks with its latents anchored: `--adapt-vae-steps`). `--lexical-text-encoder`
+uses a built, frozen text encoder that keeps words apart instead of a trained one, and
+trains the UNet alone onto it (docs/toy-model.md has what it gave).
 It then reports how often each class prompt draws its class (read back with
 `world.read_scene`) and, with `--check-dreambooth`, whether a quick DreamBooth-LoRA run
 teaches "sks dog" the yellow mark. The rare token "sks" is in the vocabulary but never
@@ -85,6 +87,8 @@ class PretrainConfig:
     warmup_steps: int = 100
     attention_lr_scale: float = 1.0
     """Learning-rate multiplier for the UNet's cross-attention queries and keys (which words it looks at)."""
+    lexical_text_encoder: bool = False
+    """Use a built, frozen `build_lexical_text_encoder` and train the UNet alone (docs/toy-model.md)."""
 
 
 @dataclass(frozen=True)
@@ -863,11 +867,14 @@ def format_table(title: str, rows: dict[str, dict[str, float]]) -> str:
 
 
 def pretrain(out: Path, cfg: PretrainConfig, device: torch.device, log: Callable[[str], None]) -> None:
-    """Train VAE, then UNet and text encoder, and save the pipeline folder to `out`."""
+    """Train VAE, then UNet and text encoder (or the UNet alone on a frozen lexical encoder, `cfg.lexical_text_encoder`),
+    and save the pipeline folder to `out`."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     tokenizer = build_tokenizer()
     vae, unet, text_encoder = build_models(len(tokenizer), tokenizer)
+    if cfg.lexical_text_encoder:
+        text_encoder = build_lexical_text_encoder(text_encoder.config, tokenizer, cfg.seed)
     sizes = {name: sum(p.numel() for p in m.parameters()) for name, m in (("vae", vae), ("unet", unet), ("text_encoder", text_encoder))}
     log(f"parameters: {sizes}, total {sum(sizes.values()) / 1e6:.2f}M")
     vae.to(device)
@@ -878,7 +885,7 @@ def pretrain(out: Path, cfg: PretrainConfig, device: torch.device, log: Callable
     unet.to(device)
     text_encoder.to(device)
     start = time.perf_counter()
-    unet, text_encoder = train_denoiser(unet, text_encoder, vae, tokenizer, cfg, generator, log)
+    unet, text_encoder = train_denoiser(unet, text_encoder, vae, tokenizer, cfg, generator, log, not cfg.lexical_text_encoder)
     log(f"unet phase {time.perf_counter() - start:.0f}s")
     save_pipeline(out, vae, unet, text_encoder, tokenizer)
     (out / "pretrain.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -909,16 +916,15 @@ def load_for_finetune(
 
 
 def finetune(
-    source: Path, out: Path, cfg: PretrainConfig, device: torch.device, log: Callable[[str], None], adapt_vae_steps: int = 0,
-    lexical: bool = False,
+    source: Path, out: Path, cfg: PretrainConfig, device: torch.device, log: Callable[[str], None], adapt_vae_steps: int = 0
 ) -> None:
     """Continue the UNet and text encoder of `source` and save the pipeline to `out`. The VAE is kept, or first
-    taught the names' marks with its latent space anchored (`adapt_vae_steps`, batch 16, lr 3e-4). With `lexical`
-    the text encoder is replaced by a frozen `build_lexical_text_encoder` and the UNet learns to read it."""
+    taught the names' marks with its latent space anchored (`adapt_vae_steps`, batch 16, lr 3e-4). With
+    `cfg.lexical_text_encoder` the text encoder is replaced by a frozen `build_lexical_text_encoder` and the UNet learns to read it."""
     torch.manual_seed(cfg.seed)
     generator = torch.Generator(device).manual_seed(cfg.seed)
     vae, unet, text_encoder, tokenizer = load_for_finetune(source, device, log)
-    if lexical:
+    if cfg.lexical_text_encoder:
         text_encoder = build_lexical_text_encoder(text_encoder.config, tokenizer, cfg.seed).to(device)
         log("text encoder: replaced by a frozen lexical one (build_lexical_text_encoder); training the UNet alone")
     if adapt_vae_steps > 0:
@@ -927,7 +933,7 @@ def finetune(
         log(f"vae adaptation {time.perf_counter() - start:.0f}s")
     vae.requires_grad_(False)
     start = time.perf_counter()
-    unet, text_encoder = train_denoiser(unet, text_encoder, vae, tokenizer, cfg, generator, log, not lexical)
+    unet, text_encoder = train_denoiser(unet, text_encoder, vae, tokenizer, cfg, generator, log, not cfg.lexical_text_encoder)
     log(f"unet phase {time.perf_counter() - start:.0f}s")
     save_pipeline(out, vae, unet, text_encoder, tokenizer)
     log(f"saved {out}")
@@ -974,8 +980,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--lexical-text-encoder", action="store_true",
-        help="replace the text encoder by a frozen one that keeps words apart (build_lexical_text_encoder); "
-        "the UNet learns to read it",
+        help="use a built, frozen text encoder that keeps words apart (build_lexical_text_encoder) instead of training "
+        "one; the UNet learns to read it (from scratch, or with --finetune-from)",
     )
     parser.add_argument("--eval-images", type=int, default=32, help="images per prompt in evaluation (0 skips it)")
     parser.add_argument("--skip-train", action="store_true", help="evaluate an existing --out folder")
@@ -998,12 +1004,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         seed=args.seed, vae_steps=args.vae_steps, vae_batch=args.vae_batch, vae_seconds=args.vae_seconds,
         bank_size=args.bank,
         unet_steps=args.steps, unet_batch=args.batch, unet_seconds=args.unet_seconds,
-        unet_lr=args.lr, ema_decay=args.ema_decay, attention_lr_scale=args.attention_lr_scale, modifier_rate=args.modifier_rate, prefix_words=tuple(args.prefix_words),
+        unet_lr=args.lr, ema_decay=args.ema_decay, attention_lr_scale=args.attention_lr_scale, lexical_text_encoder=args.lexical_text_encoder, modifier_rate=args.modifier_rate, prefix_words=tuple(args.prefix_words),
         warmup_steps=min(args.warmup, max(min(args.steps, args.vae_steps) // 10, 1)),
     )
     if args.finetune_from is not None:
         start = time.perf_counter()
-        finetune(args.finetune_from, args.out, cfg, device, logger.info, args.adapt_vae_steps, args.lexical_text_encoder)
+        finetune(args.finetune_from, args.out, cfg, device, logger.info, args.adapt_vae_steps)
         logger.info(f"fine-tuning wall time {time.perf_counter() - start:.0f}s")
     elif not args.skip_train:
         start = time.perf_counter()
