@@ -293,7 +293,8 @@ def test_lexical_text_encoder_keeps_words_apart_and_gathers_content_into_the_pad
             return encoder(ids)[0][0, 10:].mean(0)
 
     dog, sks, cat = padding("a photo of dog"), padding("a photo of sks dog"), padding("a photo of cat")
-    assert F.cosine_similarity(dog, cat, dim=0) < 0.7 and F.cosine_similarity(dog, sks, dim=0) < 0.95
+    # Two classes share nothing in the output (the content direction steers the gathering but is left out of it).
+    assert F.cosine_similarity(dog, cat, dim=0) < 0.3 and F.cosine_similarity(dog, sks, dim=0) < 0.9
     assert F.cosine_similarity(padding("an image of the dog"), dog, dim=0) > 0.98  # template words are no content
     vocab = tokenizer.get_vocab()
     assert {vocab["photo</w>"], vocab["a</w>"], tokenizer.bos_token_id, tokenizer.eos_token_id} <= set(function_token_ids(tokenizer))

@@ -203,6 +203,8 @@ def function_token_ids(tokenizer: CLIPTokenizer) -> list[int]:
     return sorted({vocab[BOS], vocab[EOS], *(vocab[f"{word}</w>"] for word in words)})
 
 
+LEXICAL_CONTENT_DIMS = 8
+"""The content direction lives on the first dims of the residual stream, which the final layer norm then drops."""
 LEXICAL_GATHER_GAIN = 3.0
 """How strongly the lexical encoder's first layer adds the bag of content words to each state (vs. its own word)."""
 LEXICAL_GATHER_SHARPNESS = 4.0
@@ -219,8 +221,9 @@ def build_lexical_text_encoder(config: CLIPTextConfig, tokenizer: CLIPTokenizer,
     is built, not trained. Every token gets a random embedding of unit variance (different
     words are near-orthogonal), and every token except the function words
     (`function_token_ids`: start, end, "a", "photo", "of", ...) also a shared content
-    direction, as a language model tells a noun from a stop word without knowing the noun;
-    position embeddings are a tenth of a word's. The first layer's attention seeks the
+    direction, as a language model tells a noun from a stop word without knowing the noun (on
+    `LEXICAL_CONTENT_DIMS` dims of its own, which the final layer norm zeroes: it steers the
+    gathering below but is not in the output); position embeddings are a tenth of a word's. The first layer's attention seeks the
     content words (its keys read the content direction, its query is constant) and adds
     their mean, `LEXICAL_GATHER_GAIN` times over, to every later position: like CLIP's end
     token, the padding then carries the bag of the prompt's content words ("sks dog": half
@@ -238,8 +241,8 @@ def build_lexical_text_encoder(config: CLIPTextConfig, tokenizer: CLIPTokenizer,
     with torch.no_grad():
         tokens = model.embeddings.token_embedding.weight
         tokens.copy_(torch.randn(tokens.shape, generator=generator))
-        content = torch.randn(width, generator=generator)
-        content /= content.norm()
+        content = torch.zeros(width)
+        content[:LEXICAL_CONTENT_DIMS] = LEXICAL_CONTENT_DIMS**-0.5  # a unit vector on the first dims only
         tokens -= torch.outer(tokens @ content, content)  # a word's own part says nothing along the content direction
         is_content = torch.ones(tokens.shape[0], dtype=torch.bool)
         is_content[function_token_ids(tokenizer)] = False
@@ -260,6 +263,10 @@ def build_lexical_text_encoder(config: CLIPTextConfig, tokenizer: CLIPTokenizer,
         gather.v_proj.bias.zero_()
         gather.out_proj.weight.copy_(LEXICAL_GATHER_GAIN * torch.eye(width) + noise.roll(3, 0))
         gather.out_proj.bias.zero_()
+        # The output leaves the content direction out: shared by every content word and by the padding's bag, it
+        # would make all prompts' states nearly collinear, and a LoRA reading them would change every prompt alike.
+        model.final_layer_norm.weight[:LEXICAL_CONTENT_DIMS] = 0.0
+        model.final_layer_norm.bias[:LEXICAL_CONTENT_DIMS] = 0.0
     return model.eval().requires_grad_(False)
 
 
