@@ -110,9 +110,13 @@ class DreamboothCheckConfig:
 def vocabulary_words() -> list[str]:
     """Every word the tokenizer keeps whole: template words, class names, the rare token, then
     the modifier words and names (appended last, so the first toy model's token ids stay valid)."""
-    words = {word for template in TEMPLATES for word in template.format("").split()}
-    words |= set(EXTRA_WORDS) | set(world.CLASSES) | {world.INSTANCE_TOKEN}
+    words = function_words() | set(world.CLASSES) | {world.INSTANCE_TOKEN}
     return sorted(words) + [word for word in world.PREFIX_WORDS if word not in words]
+
+
+def function_words() -> set[str]:
+    """The words of the prompt templates and the extra words: none of them says what to draw."""
+    return {word for template in TEMPLATES for word in template.format("").split()} | set(EXTRA_WORDS)
 
 
 def build_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
@@ -199,8 +203,7 @@ LEXICAL_CONTENT_NORM = TEXT_WIDTH**0.5
 def function_token_ids(tokenizer: CLIPTokenizer) -> list[int]:
     """Ids of the tokens that carry no content: start, end and the template words ("a", "photo", "of", ...)."""
     vocab = tokenizer.get_vocab()
-    words = {word for template in TEMPLATES for word in template.format("").split()} | set(EXTRA_WORDS)
-    return sorted({vocab[BOS], vocab[EOS], *(vocab[f"{word}</w>"] for word in words)})
+    return sorted({vocab[BOS], vocab[EOS], *(vocab[f"{word}</w>"] for word in function_words())})
 
 
 LEXICAL_CONTENT_DIMS = 8
@@ -234,8 +237,9 @@ def build_lexical_text_encoder(config: CLIPTextConfig, tokenizer: CLIPTokenizer,
     text-encoder LoRA still receives gradients.
     """
     generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = CLIPTextModel(config).float()
+    with torch.random.fork_rng(devices=[]):  # the layers' own init is seeded too, without touching the caller's RNG
+        torch.manual_seed(seed)
+        model = CLIPTextModel(config).float()
     width, heads = config.hidden_size, config.num_attention_heads
     head_dim = width // heads
     with torch.no_grad():
@@ -527,10 +531,10 @@ def train_denoiser(
     cfg: PretrainConfig,
     generator: torch.Generator,
     log: Callable[[str], None],
-    train_text_encoder: bool = True,
 ) -> tuple[UNet2DConditionModel, CLIPTextModel]:
-    """Joint epsilon-prediction training of UNet and text encoder (or of the UNet alone, the text encoder
-    frozen); returns their EMA copies (the frozen text encoder itself)."""
+    """Joint epsilon-prediction training of UNet and text encoder (or of the UNet alone, the text encoder frozen:
+    `cfg.lexical_text_encoder`); returns their EMA copies (the frozen text encoder itself)."""
+    train_text_encoder = not cfg.lexical_text_encoder
     device = generator.device
     scheduler = build_noise_scheduler()
     alphas = scheduler.alphas_cumprod.to(device)
@@ -892,7 +896,7 @@ def pretrain(out: Path, cfg: PretrainConfig, device: torch.device, log: Callable
     unet.to(device)
     text_encoder.to(device)
     start = time.perf_counter()
-    unet, text_encoder = train_denoiser(unet, text_encoder, vae, tokenizer, cfg, generator, log, not cfg.lexical_text_encoder)
+    unet, text_encoder = train_denoiser(unet, text_encoder, vae, tokenizer, cfg, generator, log)
     log(f"unet phase {time.perf_counter() - start:.0f}s")
     save_pipeline(out, vae, unet, text_encoder, tokenizer)
     (out / "pretrain.json").write_text(json.dumps(asdict(cfg), indent=2) + "\n")
@@ -940,7 +944,7 @@ def finetune(
         log(f"vae adaptation {time.perf_counter() - start:.0f}s")
     vae.requires_grad_(False)
     start = time.perf_counter()
-    unet, text_encoder = train_denoiser(unet, text_encoder, vae, tokenizer, cfg, generator, log, not cfg.lexical_text_encoder)
+    unet, text_encoder = train_denoiser(unet, text_encoder, vae, tokenizer, cfg, generator, log)
     log(f"unet phase {time.perf_counter() - start:.0f}s")
     save_pipeline(out, vae, unet, text_encoder, tokenizer)
     log(f"saved {out}")
