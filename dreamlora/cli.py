@@ -610,58 +610,76 @@ def train(
     }
 
     def action() -> None:
-        from dreamlora import train as training
-        from dreamlora.checkpoint import load_checkpoint_state
-        from dreamlora.config import load_config, read_toml
-
         _check_not_both("--max-steps", max_steps, "--epochs", epochs, "the run's length")
         _check_not_both("--checkpoint-every", checkpoint_every, "--checkpoint-every-epochs", checkpoint_every_epochs, "how often to checkpoint")
         _check_not_both("--sample-every", sample_every, "--sample-every-epochs", sample_every_epochs, "how often to sample")
         _check_targets(targets)
         if sample_prompts is not None:  # the file's lines go into the run's config, so it records them
-            from dreamlora.prompts import parse_prompt_line, prompt_lines, warn_ignored
-
-            lines, ignored = prompt_lines(sample_prompts), set()
-            for number, line in lines:
-                parse_prompt_line(line, f"prompt file '{sample_prompts}' line {number}", ignored)
-            warn_ignored(ignored, f"prompt file {sample_prompts}")
-            flags["train.sample_prompts"] = (*(sample_prompt or ()), *(line for _, line in lines))
+            flags["train.sample_prompts"] = (*(sample_prompt or ()), *_prompt_file_lines(sample_prompts))
         overrides = _overrides(set_, flags)
         if init_lora and not Path(init_lora).exists():
             from dreamlora.errors import ConfigError
 
             raise ConfigError(f"--init-lora '{init_lora}' does not exist; pass a run folder, or a diffusers or kohya/A1111 .safetensors LoRA")
         if resume or resume_from:
-            run_dir, checkpoint = training.resume_point(Path(out_dir) if out_dir else None, resume_from)
-            saved = load_config(run_dir / "config.toml")
-            cfg = load_config(run_dir / "config.toml", overrides)
-            if {"train.epochs", "train.checkpoint_every_epochs", "train.sample_every_epochs"} & overrides.keys():
-                cfg = training.resolve_epochs(cfg)
-            training.check_resume_step(int(load_checkpoint_state(checkpoint)["step"]), cfg.train.max_steps, checkpoint)
-            changed = training.changed_keys(saved, cfg)
-            if changed and not force:
-                from dreamlora.errors import ConfigError
-
-                raise ConfigError("resuming with settings that change the result:\n  " + "\n  ".join(changed) + "\nrerun without them, or add --force")
-            console.print(f"resuming [bold]{run_dir}[/] from {checkpoint.name}")
-            _train_with_progress(training, cfg, run_dir=run_dir, resume_from=checkpoint)
-            return
-        in_file = read_toml(config).get("train", {}) if config else {}
-        in_file = in_file if isinstance(in_file, dict) else {}
-        if overrides.get("train.optimizer", in_file.get("optimizer")) == "prodigy" and "train.lr" not in overrides and "lr" not in in_file:
-            # Prodigy finds the step size itself; --lr scales it, and the AdamW default (1e-4) would all but stop it.
-            overrides["train.lr"] = 1.0
-            console.print("Prodigy: --lr 1.0 (it finds the step size itself; --lr scales it)")
-        cfg = load_config(config, overrides)
-        cfg, needs_prior = training.resolve_data(cfg)
-        if needs_prior:
-            if _is_main_process():
-                console.print(f"no prior set for [bold]{cfg.prior.class_name}[/] yet: generating {cfg.prior.num_images} class images first")
-            _prior_with_progress(cfg.prior, cfg.model, cfg.data.resolution)
-            cfg, _ = training.resolve_data(cfg)
-        _train_with_progress(training, cfg)
+            _resume_training(Path(out_dir) if out_dir else None, resume_from, overrides, force)
+        else:
+            _start_training(config, overrides)
 
     _run(debug, action)
+
+
+def _prompt_file_lines(path: Path) -> list[str]:
+    """The prompts of a kohya-style prompt file, each line checked (a bad option is an error naming the line)."""
+    from dreamlora.prompts import parse_prompt_line, prompt_lines, warn_ignored
+
+    lines, ignored = prompt_lines(path), set()
+    for number, line in lines:
+        parse_prompt_line(line, f"prompt file '{path}' line {number}", ignored)
+    warn_ignored(ignored, f"prompt file {path}")
+    return [line for _, line in lines]
+
+
+def _resume_training(out_dir: Path | None, resume_from: Path | None, overrides: dict[str, Any], force: bool) -> None:
+    """Continue a run from its last (or the given) checkpoint; settings that change the result need --force."""
+    from dreamlora import train as training
+    from dreamlora.checkpoint import load_checkpoint_state
+    from dreamlora.config import load_config
+
+    run_dir, checkpoint = training.resume_point(out_dir, resume_from)
+    saved = load_config(run_dir / "config.toml")
+    cfg = load_config(run_dir / "config.toml", overrides)
+    if {"train.epochs", "train.checkpoint_every_epochs", "train.sample_every_epochs"} & overrides.keys():
+        cfg = training.resolve_epochs(cfg)
+    training.check_resume_step(int(load_checkpoint_state(checkpoint)["step"]), cfg.train.max_steps, checkpoint)
+    changed = training.changed_keys(saved, cfg)
+    if changed and not force:
+        from dreamlora.errors import ConfigError
+
+        raise ConfigError("resuming with settings that change the result:\n  " + "\n  ".join(changed) + "\nrerun without them, or add --force")
+    console.print(f"resuming [bold]{run_dir}[/] from {checkpoint.name}")
+    _train_with_progress(training, cfg, run_dir=run_dir, resume_from=checkpoint)
+
+
+def _start_training(config: Path | None, overrides: dict[str, Any]) -> None:
+    """A new run: the config file and flags, the prior set generated first when the class has none yet."""
+    from dreamlora import train as training
+    from dreamlora.config import load_config, read_toml
+
+    in_file = read_toml(config).get("train", {}) if config else {}
+    in_file = in_file if isinstance(in_file, dict) else {}
+    if overrides.get("train.optimizer", in_file.get("optimizer")) == "prodigy" and "train.lr" not in overrides and "lr" not in in_file:
+        # Prodigy finds the step size itself; --lr scales it, and the AdamW default (1e-4) would all but stop it.
+        overrides["train.lr"] = 1.0
+        console.print("Prodigy: --lr 1.0 (it finds the step size itself; --lr scales it)")
+    cfg = load_config(config, overrides)
+    cfg, needs_prior = training.resolve_data(cfg)
+    if needs_prior:
+        if _is_main_process():
+            console.print(f"no prior set for [bold]{cfg.prior.class_name}[/] yet: generating {cfg.prior.num_images} class images first")
+        _prior_with_progress(cfg.prior, cfg.model, cfg.data.resolution)
+        cfg, _ = training.resolve_data(cfg)
+    _train_with_progress(training, cfg)
 
 
 def _train_with_progress(training: Any, cfg: Any, **kwargs: Any) -> None:
