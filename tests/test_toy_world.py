@@ -228,6 +228,24 @@ def test_conditioning_diagnostics_on_the_shipped_model() -> None:
 
 
 @pytest.mark.skipif(not (ASSET / "model_index.json").is_file(), reason=f"toy model not built into {ASSET}")
+def test_pretraining_dreambooth_check_trains_the_text_encoder_lora_at_its_own_rate() -> None:
+    """`--check-dreambooth` mirrors the toy recipe: the text-encoder LoRA learns at a tenth of the UNet's rate. Adam's
+    first step moves every weight by about its learning rate, so the LoRA up-weights show the two rates apart."""
+    from dreamlora.toy.pretrain import DreamboothCheckConfig, dreambooth_run, load_pipeline
+
+    base = load_pipeline(ASSET, torch.device("cpu"))
+    cfg = DreamboothCheckConfig(steps=1, instance_batch=2, class_batch=2)
+    latents = torch.randn(4, 4, 16, 16, generator=torch.Generator().manual_seed(0))
+    tuned = dreambooth_run(base, latents[:2], latents[2:], 1e-3, cfg, seed=0)
+    moved = {
+        name: max(p.abs().max().item() for n, p in model.named_parameters() if "lora_B" in n)  # B starts at zero
+        for name, model in (("unet", tuned.unet), ("text_encoder", tuned.text_encoder))
+    }
+    assert 0.5e-3 < moved["unet"] < 2e-3 and 0.5e-4 < moved["text_encoder"] < 2e-4, moved
+    assert not any("lora_" in n for n, _ in base.unet.named_parameters())  # the base pipeline is left as it was
+
+
+@pytest.mark.skipif(not (ASSET / "model_index.json").is_file(), reason=f"toy model not built into {ASSET}")
 def test_vae_adaptation_learns_while_its_anchor_holds_the_latent_space() -> None:
     """`adapt_vae` (teaching a trained VAE the names' marks) moves its weights, but the anchor keeps the encoder's
     latents of scenes without a name's mark far closer to where they were than the same training without it."""
@@ -308,10 +326,13 @@ def test_lexical_text_encoder_keeps_words_apart_and_gathers_content_into_the_pad
 
 @pytest.mark.skipif(not (ASSET / "model_index.json").is_file(), reason=f"toy model not built into {ASSET}")
 def test_finetuning_onto_a_lexical_text_encoder_trains_the_unet_alone(tmp_path: Path) -> None:
+    import json
+
     from diffusers import UNet2DConditionModel
     from safetensors.torch import load_file
+    from transformers import CLIPTextConfig
 
-    from dreamlora.toy.pretrain import LEXICAL_GATHER_GAIN, main
+    from dreamlora.toy.pretrain import LEXICAL_GATHER_GAIN, build_lexical_text_encoder, build_tokenizer, main
 
     out = tmp_path / "lexical"
     main(["--out", str(out), "--device", "cpu", "--finetune-from", str(ASSET), "--lexical-text-encoder", "--steps", "2",
@@ -319,11 +340,15 @@ def test_finetuning_onto_a_lexical_text_encoder_trains_the_unet_alone(tmp_path: 
     before = UNet2DConditionModel.from_pretrained(ASSET / "unet").state_dict()
     after = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)
-    shipped = load_file(ASSET / "text_encoder" / "model.safetensors")
     written = load_file(out / "text_encoder" / "model.safetensors")
     gather = written["encoder.layers.0.self_attn.out_proj.weight"].float()
     assert torch.allclose(gather.diagonal(), torch.full((gather.shape[0],), LEXICAL_GATHER_GAIN), atol=0.01)  # the built encoder, saved as built
-    assert not torch.equal(shipped["embeddings.token_embedding.weight"], written["embeddings.token_embedding.weight"][: len(shipped["embeddings.token_embedding.weight"])])
+    rebuilt = build_lexical_text_encoder(CLIPTextConfig.from_pretrained(out / "text_encoder"), build_tokenizer(), seed=0)
+    assert torch.equal(written["embeddings.token_embedding.weight"], rebuilt.embeddings.token_embedding.weight.detach().half())
+    record = json.loads((out / "pretrain.json").read_text())  # the fine-tune's provenance, chained to its source's
+    assert record["finetune_from"] == str(ASSET) and record["lexical_text_encoder"] is True and record["unet_steps"] == 2
+    if (ASSET / "pretrain.json").is_file():
+        assert record["source_pretrain"] == json.loads((ASSET / "pretrain.json").read_text())
 
 
 def test_pretraining_from_scratch_on_a_lexical_text_encoder_saves_it_as_built(tmp_path: Path) -> None:

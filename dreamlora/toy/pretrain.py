@@ -10,7 +10,8 @@ diffusers folder in fp16. `--finetune-from FOLDER` continues the UNet and text e
 an existing toy folder instead of starting from scratch (VAE kept, or first taught the
 names' marks with its latents anchored: `--adapt-vae-steps`). `--lexical-text-encoder`
 uses a built, frozen text encoder that keeps words apart instead of a trained one, and
-trains the UNet alone onto it (docs/toy-model.md has what it gave).
+trains the UNet alone onto it (the shipped model was made so: its pretrain.json has the
+commands; docs/toy-model.md has what it gave).
 It then reports how often each class prompt draws its class (read back with
 `world.read_scene`) and, with `--check-dreambooth`, whether a quick DreamBooth-LoRA run
 teaches "sks dog" the yellow mark. The rare token "sks" is in the vocabulary but never
@@ -96,6 +97,7 @@ class DreamboothCheckConfig:
     """The quick DreamBooth-LoRA fine-tune run after pretraining."""
 
     learning_rates: tuple[float, ...] = (3e-4, 1e-3)
+    text_encoder_lr_scale: float = 0.1  # the text-encoder LoRA's rate relative to the UNet's, as the toy recipe
     steps: int = 400
     rank: int = 8
     alpha: float = 8.0
@@ -770,8 +772,8 @@ def _encode(vae: AutoencoderKL, images: list, device: torch.device) -> torch.Ten
         return vae.encode(batch).latent_dist.mean * vae.config.scaling_factor
 
 
-def _attach_lora(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, cfg: DreamboothCheckConfig) -> list:
-    """Inject LoRA into UNet attention and text-encoder attention; returns the trainable parameters."""
+def _attach_lora(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, cfg: DreamboothCheckConfig) -> tuple[list, list]:
+    """Inject LoRA into UNet attention and text-encoder attention; returns the trainable parameters of each."""
     from peft import LoraConfig, inject_adapter_in_model
 
     unet.requires_grad_(False)
@@ -782,7 +784,7 @@ def _attach_lora(unet: UNet2DConditionModel, text_encoder: CLIPTextModel, cfg: D
     ):
         config = LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian", target_modules=targets)
         inject_adapter_in_model(config, model)
-    return [p for m in (unet, text_encoder) for n, p in m.named_parameters() if "lora_" in n]
+    return tuple([p for n, p in m.named_parameters() if "lora_" in n] for m in (unet, text_encoder))
 
 
 def dreambooth_run(
@@ -797,8 +799,9 @@ def dreambooth_run(
     device = base.device
     generator = torch.Generator(device).manual_seed(seed)
     unet, text_encoder = copy.deepcopy(base.unet), copy.deepcopy(base.text_encoder)
-    params = _attach_lora(unet, text_encoder, cfg)
-    optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    unet_params, text_params = _attach_lora(unet, text_encoder, cfg)
+    groups = [{"params": unet_params, "lr": lr}, {"params": text_params, "lr": lr * cfg.text_encoder_lr_scale}]
+    optimizer = torch.optim.AdamW(groups, lr=lr, weight_decay=1e-2)
     tokens = base.tokenizer(
         [cfg.instance_prompt] * cfg.instance_batch + [cfg.class_prompt] * cfg.class_batch,
         padding="max_length", max_length=MAX_LENGTH, return_tensors="pt",
@@ -947,6 +950,10 @@ def finetune(
     unet, text_encoder = train_denoiser(unet, text_encoder, vae, tokenizer, cfg, generator, log)
     log(f"unet phase {time.perf_counter() - start:.0f}s")
     save_pipeline(out, vae, unet, text_encoder, tokenizer)
+    record = {"finetune_from": str(source), "adapt_vae_steps": adapt_vae_steps, **asdict(cfg)}
+    if (source / "pretrain.json").is_file():  # the chain of recipes that made the source, so the provenance stays whole
+        record["source_pretrain"] = json.loads((source / "pretrain.json").read_text())
+    (out / "pretrain.json").write_text(json.dumps(record, indent=2) + "\n")
     log(f"saved {out}")
 
 
