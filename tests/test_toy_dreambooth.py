@@ -1,21 +1,23 @@
-"""DreamBooth on the built-in toy model, which understands its prompts: the subject is learned and prior preservation keeps the class.
+"""DreamBooth on the built-in toy model, which understands its prompts: the subject is learned and bound to "sks",
+and prior preservation keeps the class.
 
-Measured on CPU with the toy recipe (rank 8, lr 1e-3, 300 steps, batch 1+1, 50 class images; 16 images per prompt,
-mark rate = share of images the toy world's reader sees the yellow mark in):
+Measured on CPU with the toy recipe (rank 8, lr 1e-3 for the UNet LoRA and 1e-4 for the text-encoder LoRA, 300 steps,
+batch 4+4, 50 class images; 16 images per prompt, mark rate = share of images the toy world's reader sees the yellow
+mark in):
 
 | seed | prior preservation | "a photo of sks dog" | "a photo of dog" | "a photo of cat" (mark / right class) |
 |---|---|---|---|---|
-| 0 | yes | 0.75 | 0.69 | 0.00 / 1.00 |
-| 0 | no  | 0.88 | 0.88 | 0.00 / 1.00 |
-| 1 | yes | 0.44 | 0.44 | 0.00 / 0.94 |
-| 1 | no  | 0.81 | 0.81 | 0.00 / 1.00 |
-| 2 | yes | 0.62 | 0.75 | 0.00 / 1.00 |
-| 2 | no  | 0.88 | 0.81 | 0.00 / 1.00 |
-| 3 | yes | 0.69 | 0.62 | 0.00 / 1.00 |
-| 3 | no  | 0.94 | 0.88 | 0.00 / 1.00 |
-| base model | | 0.06 | 0.00 | 0.00 / 1.00 |
+| 0 | yes | 1.00 | 0.12 | 0.00 / 1.00 |
+| 0 | no  | 0.50 | 0.75 | 0.00 / 1.00 |
+| 1 | yes | 0.56 | 0.12 | 0.00 / 1.00 |
+| 1 | no  | 0.62 | 0.56 | 0.00 / 0.75 |
+| 2 | yes | 0.81 | 0.00 | 0.00 / 1.00 |
+| 2 | no  | 0.94 | 0.88 | 0.00 / 1.00 |
+| 3 | yes | 0.88 | 0.06 | 0.00 / 1.00 |
+| 3 | no  | 0.69 | 0.56 | 0.00 / 0.88 |
+| base model | | 0.00 | 0.00 | 0.00 / 1.00 |
 
-`python -m dreamlora.toy.measure --out FOLDER` measures this table (the README's); the thresholds below sit one to two
+`python -m dreamlora.toy.measure --out FOLDER` measures this table (the README's); the thresholds below sit a few
 images inside its seed-0 rows (deterministic with OMP_NUM_THREADS=1).
 """
 
@@ -33,11 +35,13 @@ def test_subject_is_learned_and_prior_preservation_keeps_the_class(tmp_path: Pat
     # The README's protocol (python -m dreamlora.toy.measure) for training seed 0: with, then without prior preservation.
     kept, drifted = measure("toy", tmp_path, seeds=(0,), prior_weights=(1.0, 0.0))
     print(format_table([kept, drifted]))
-    assert kept.mark("a photo of sks dog", trained=False) <= 0.125  # the base model does not draw the subject
-    assert kept.mark("a photo of sks dog") >= 0.5 and kept.right_class("a photo of sks dog") >= 0.9  # learned, still a dog
-    assert drifted.mark("a photo of sks dog") >= 0.75
-    # Prior preservation: plain "dog" images carry the subject's mark clearly less often than without it.
-    assert kept.mark("a photo of dog") <= drifted.mark("a photo of dog") - 0.125
+    assert kept.mark("a photo of sks dog", trained=False) <= 0.0625  # the base model does not draw the subject
+    assert kept.mark("a photo of sks dog") >= 0.75 and kept.right_class("a photo of sks dog") >= 0.9  # learned, still a dog
+    # Bound to "sks": with prior preservation plain "dog" images rarely carry the subject's mark, "sks dog" ones mostly do.
+    assert kept.mark("a photo of dog") <= 0.25 and kept.mark("a photo of sks dog") >= kept.mark("a photo of dog") + 0.5
+    # Without it, the class drifts to the subject: plain "dog" images carry the mark far more often.
+    assert drifted.mark("a photo of dog") >= kept.mark("a photo of dog") + 0.375
+    assert drifted.mark("a photo of sks dog") >= 0.375
     for run in (kept, drifted):
-        assert run.mark("a photo of cat") <= 0.0625 and run.right_class("a photo of cat") >= 0.9  # another class stays a blue square
+        assert run.mark("a photo of cat") <= 0.0625 and run.right_class("a photo of cat") >= 0.875  # another class stays a blue square
     assert (tmp_path / "seed0-prior1.png").is_file() and (tmp_path / "seed0-prior0.png").is_file()  # base vs trained pictures

@@ -3,11 +3,12 @@
     python -m dreamlora.toy.measure --out toy-table                  # the shipped toy model, seeds 0 and 1
     python -m dreamlora.toy.measure --out t --model path/to/new-toy  # a newly pretrained one (issue 8's protocol)
 
-For each training seed and prior weight it trains the toy recipe (`dreamlora/configs/toy.toml`: rank 8, lr 1e-3, 300
-steps, batch 1+1, 50 class images) on the sample photos, then draws 16 images per prompt at fixed seeds with the base
-model and with the LoRA and reads each back with the toy world's reader (`demo.evaluate`). It prints the table in
-the README's layout and writes it to OUT/table.md, with one base-vs-trained picture per run. The behavioural test
-(`tests/test_toy_dreambooth.py`) trains and reads exactly as this does, for one seed.
+For each training seed and prior weight it trains the toy recipe (`dreamlora/configs/toy.toml`: rank 8, lr 1e-3 for the
+UNet LoRA and 1e-4 for the text-encoder LoRA, 300 steps, batch 4+4, 50 class images) on the sample photos, then
+draws 16 images per prompt at fixed seeds with the base model and with the LoRA and reads each back with the toy
+world's reader (`demo.evaluate`). It prints the table in the README's layout and writes it to OUT/table.md, with one
+base-vs-trained picture per run. The behavioural test (`tests/test_toy_dreambooth.py`) trains and reads exactly as
+this does, for one seed.
 """
 
 from __future__ import annotations
