@@ -6,12 +6,13 @@ BIN := $(VENV)/bin
 
 .PHONY: demo test install clean
 
-$(BIN)/dreamlora: pyproject.toml
+$(BIN)/dreamlora: pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV) || python3 -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# CPU torch, pinned: an unpinned torch pulls a multi-GB CUDA build.
 	$(BIN)/python -m pip install -q "torch==2.13.0"
-	$(BIN)/python -m pip install -q -e ".[test]"
+	# The versions CI last passed with (constraints.txt), so a new release cannot break a fresh install.
+	$(BIN)/python -m pip install -q -c constraints.txt -e ".[test]"
 	touch $(BIN)/dreamlora
 
 install: $(BIN)/dreamlora
