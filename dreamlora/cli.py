@@ -721,7 +721,7 @@ def drift_figures(record: dict[str, Any]) -> str:
     """The drift figures of the latest samples, for the progress line and its own line (both image distances in [0, 1])."""
     text = f"subject dist {record['instance_distance']:.3f}"
     if "class_drift" in record:
-        text += f" class drift {record['class_drift']:.3f}"
+        text += f" class drift {record['class_drift']:.3f} palette {record['class_palette_drift']:.3f}"
     return text
 
 
@@ -1173,10 +1173,13 @@ def demo(
         console.rule("base vs trained")
         result = _run(debug, lambda: evaluate(Path("runs") / "sks-dog", Path("demo.png"), seeds=eval_images))
     table = Table(title=f"what the toy world's reader sees ({eval_images} images per prompt, same seeds)", title_justify="left")
-    for column in ("prompt", "mark (base -> LoRA)", "right class (base -> LoRA)"):
+    for column in ("prompt", "mark (base -> LoRA)", "right class (base -> LoRA)", "palette drift"):
         table.add_column(column)
     for score in result.scores:
-        table.add_row(score.prompt, f"{score.base_mark_rate:.0%} -> {score.trained_mark_rate:.0%}", f"{score.base_class_rate:.0%} -> {score.trained_class_rate:.0%}")
+        table.add_row(
+            score.prompt, f"{score.base_mark_rate:.0%} -> {score.trained_mark_rate:.0%}",
+            f"{score.base_class_rate:.0%} -> {score.trained_class_rate:.0%}", f"{score.palette_drift:.2f}",
+        )  # fmt: skip
     out.print(table)
     written = sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and "dog" != p.parent.name and "priors" not in p.parts)
     _summary("demo wrote", [

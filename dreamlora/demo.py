@@ -19,6 +19,7 @@ from dreamlora.checkpoint import find_lora, next_free_path
 from dreamlora.generate import adapters_disabled, generate_images, install_embeddings, make_grid, upscale_small
 from dreamlora.lora import load_adapters, read_diffusers_lora
 from dreamlora.models import build_pipeline, load_components
+from dreamlora.monitor import palette_drift
 
 PACKAGE_DIR = Path(__file__).resolve().parent
 TOY_RECIPE = PACKAGE_DIR / "configs" / "toy.toml"
@@ -33,6 +34,7 @@ class PromptScore:
     trained_mark_rate: float
     base_class_rate: float  # share of images that read as the prompt's class
     trained_class_rate: float
+    palette_drift: float  # the trained images' colours against the base images' (`monitor.palette_drift`)
 
 
 @dataclass(frozen=True)
@@ -75,7 +77,7 @@ def evaluate(run_dir: Path, out: Path, seeds: int = 16, steps: int = 20, guidanc
             base = generate_images(pipeline, prompt, list(range(seeds)), steps, guidance, resolution)
         trained = generate_images(pipeline, lora_prompt(prompt), list(range(seeds)), steps, guidance, resolution)
         cls = _class_of(prompt)
-        scores.append(PromptScore(prompt, mark_rate(base), mark_rate(trained), class_rate(base, cls), class_rate(trained, cls)))
+        scores.append(PromptScore(prompt, mark_rate(base), mark_rate(trained), class_rate(base, cls), class_rate(trained, cls), palette_drift(trained, base)))
         rows += [base[:8], trained[:8]]
         labels += [f"base: {prompt}", f"LoRA: {prompt}"]
     make_grid(upscale_small(rows), labels).save(out)

@@ -508,5 +508,6 @@ def plot_metrics(metrics_path: Path, out: Path) -> Path | None:
 
 DRIFT_CURVES = (
     ("class_drift", "class drift (vs base, lower = class kept)"),
+    ("class_palette_drift", "class palette drift (colours vs base)"),
     ("instance_distance", "instance distance (vs photos, lower = subject learned)"),
 )

@@ -1,10 +1,15 @@
 """Watching a run: sample grids at fixed seeds during training and the drift they show.
 
-Two numbers say how DreamBooth is going, both image distances in [0, 1]:
+Three numbers say how DreamBooth is going, all in [0, 1]:
 
 - `class_drift`: the mean absolute pixel difference (RGB scaled to [0, 1]) between the class-prompt
   images of the trained model and the base model's at the same seeds, averaged over the seeds.
-  0 means the class is drawn exactly as before; it grows as the LoRA takes the class over (language drift).
+  0 means the class is drawn exactly as before; it grows as the LoRA takes the class over (language drift),
+  but also when a class picture changes without leaving the class (another pose, place or background).
+- `class_palette_drift`: the class-prompt images compared as a set, not seed by seed: the total variation
+  distance between their pooled colour histograms (4 levels per channel) and the base model's. Where the
+  subject has colours of its own it rises when they leak into the class, and it does not count a subject
+  that moved; it is blind to a change of shape that keeps the colours.
 - `instance_distance`: for each instance-prompt image, the mean absolute pixel difference to the
   closest instance photo (centre-cropped and resized to the sample size), averaged over the images.
   It falls as the model learns to draw the subject.
@@ -42,6 +47,23 @@ def class_drift(images: Sequence[Image.Image], base_images: Sequence[Image.Image
     if len(images) != len(base_images) or not images:
         raise ValueError(f"need as many images as base images, at least one; got {len(images)} and {len(base_images)}")
     return float(np.mean([image_distance(a, b) for a, b in zip(images, base_images)]))
+
+
+def colour_histogram(images: Sequence[Image.Image], levels: int = 4) -> np.ndarray:
+    """The share of all pixels of `images` in each of levels**3 equal RGB boxes (sums to 1)."""
+    if not images:
+        raise ValueError("need at least one image")
+    counts = np.zeros(levels**3, dtype=np.float64)
+    for image in images:
+        boxes = (np.asarray(image.convert("RGB"), dtype=np.int64).reshape(-1, 3) * levels) // 256
+        counts += np.bincount((boxes[:, 0] * levels + boxes[:, 1]) * levels + boxes[:, 2], minlength=levels**3)
+    return counts / counts.sum()
+
+
+def palette_drift(images: Sequence[Image.Image], base_images: Sequence[Image.Image], levels: int = 4) -> float:
+    """Total variation distance between the pooled colour histograms of two image sets: 0 for the same palette
+    (wherever the colours sit), 1 for no colour in common."""
+    return float(0.5 * np.abs(colour_histogram(images, levels) - colour_histogram(base_images, levels)).sum())
 
 
 def instance_distance(images: Sequence[Image.Image], photos: Sequence[Image.Image]) -> float:
@@ -104,6 +126,7 @@ class SampleMonitor:
         figures = {"instance_distance": instance_distance(images[self.instance_prompt], self.photos)}
         if self.class_prompt:
             figures["class_drift"] = class_drift(images[self.class_prompt], self.base[self.class_prompt])
+            figures["class_palette_drift"] = palette_drift(images[self.class_prompt], self.base[self.class_prompt])
         return figures
 
 

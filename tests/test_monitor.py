@@ -14,7 +14,7 @@ from dreamlora import generate
 from dreamlora import train as train_module
 from dreamlora.cli import app
 from dreamlora.config import load_config
-from dreamlora.monitor import class_drift, image_distance, instance_distance
+from dreamlora.monitor import class_drift, colour_histogram, image_distance, instance_distance, palette_drift
 from dreamlora.train import ParkedVae, resolve_data, train
 
 
@@ -29,6 +29,25 @@ def test_image_distances_by_hand() -> None:
     assert instance_distance([black, half], [big_white_photo, big_black_photo]) == pytest.approx(0.25)
     with pytest.raises(ValueError, match="size"):
         image_distance(black, Image.new("RGB", (16, 16)))
+
+
+def test_palette_drift_compares_the_sets_colours_not_seed_by_seed() -> None:
+    def disc_at(x: int, colour: str, background: str = "lavender") -> Image.Image:
+        image = Image.new("RGB", (32, 32), background)
+        image.paste(Image.new("RGB", (8, 8), colour), (x, 12))
+        return image
+
+    base = [disc_at(2, "red"), disc_at(20, "red")]
+    moved = [disc_at(20, "red"), disc_at(2, "red")]  # the same pictures, seeds swapped: each seed's image changed
+    assert class_drift(moved, base) > 0.05 and palette_drift(moved, base) == 0.0
+    # The subject's yellow leaking into one of two class images: 64 of 2048 pixels change box.
+    leaked = [disc_at(2, "red"), disc_at(20, "yellow")]
+    assert palette_drift(leaked, base) == pytest.approx(64 / 2048)
+    assert palette_drift([Image.new("RGB", (8, 8), "black")], [Image.new("RGB", (4, 4), "white")]) == 1.0  # sizes may differ
+    histogram = colour_histogram(base)
+    assert histogram.shape == (64,) and histogram.sum() == pytest.approx(1.0) and (histogram > 0).sum() == 2  # background, disc
+    with pytest.raises(ValueError, match="at least one"):
+        palette_drift([], base)
 
 
 def _rows(grid: Path, n_rows: int, n_cols: int, size: int, label_width: int = 160, upscaled: int = 128) -> list[list[Image.Image]]:
@@ -70,12 +89,13 @@ def test_sample_every_writes_grids_drift_and_curves(tmp_path: Path, instance_dir
     assert [m["step"] for m in metrics] == [1, 2, 4]
     assert "class_drift" not in metrics[0]
     for m in metrics[1:]:
-        assert 0 <= m["class_drift"] <= 1 and 0 < m["instance_distance"] <= 1
+        assert 0 <= m["class_drift"] <= 1 and 0 <= m["class_palette_drift"] <= 1 and 0 < m["instance_distance"] <= 1
     # The logged drift is what the pictures show: step-4 class row against the final grid's base class row.
     step_rows = _rows(run / "samples" / "step-000004.png", 2, 2, 32)
     final_rows = _rows(run / "samples" / "final.png", 4, 2, 32)
     assert final_rows[3] == step_rows[1] or class_drift(final_rows[3], step_rows[1]) < 1e-6  # final LoRA row == last sample
     assert class_drift(step_rows[1], final_rows[2]) == pytest.approx(metrics[-1]["class_drift"], abs=1e-6)
+    assert palette_drift(step_rows[1], final_rows[2]) == pytest.approx(metrics[-1]["class_palette_drift"], abs=1e-9)
     assert metrics[-1]["class_drift"] > 0  # a gaussian-initialised LoRA trained at lr 1e-2 moves the class images
 
 
@@ -93,7 +113,7 @@ def test_report_to_tensorboard_logs_loss_and_drift(tmp_path: Path, instance_dir:
     events = EventAccumulator(str(result.run_dir / "tensorboard"))
     events.Reload()
     tags = events.Tags()["scalars"]
-    assert {"loss", "instance_loss", "lr", "lr_text_encoder", "class_drift", "instance_distance"} <= set(tags)
+    assert {"loss", "instance_loss", "lr", "lr_text_encoder", "class_drift", "class_palette_drift", "instance_distance"} <= set(tags)
     assert [e.step for e in events.Scalars("loss")] == [1, 2] and [e.step for e in events.Scalars("class_drift")] == [2]
 
 
@@ -112,7 +132,7 @@ def test_progress_line_shows_drift(tmp_path: Path, instance_dir: Path, monkeypat
             "--sample-prompt", "a photo of sks dog on a beach, at sunset", "--sample-prompt", "a painting of sks dog"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
-    assert "class drift" in result.output and "subject dist" in result.output
+    assert "class drift" in result.output and "palette" in result.output and "subject dist" in result.output
     assert sorted(p.name for p in (tmp_path / "runs").glob("*/samples/*.png")) == ["final.png", "step-000001.png", "step-000002.png"]
     samples = next((tmp_path / "runs").glob("*/samples"))
     # Instance, class, then the two extra prompts: one row each per sampling, base and LoRA rows in the final grid.

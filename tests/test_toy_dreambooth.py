@@ -5,17 +5,17 @@ Measured on CPU with the toy recipe (rank 8, lr 1e-3 for the UNet LoRA and 1e-4 
 batch 4+4, 50 class images; 16 images per prompt, mark rate = share of images the toy world's reader sees the yellow
 mark in):
 
-| seed | prior preservation | "a photo of sks dog" | "a photo of dog" | "a photo of cat" (mark / right class) |
-|---|---|---|---|---|
-| 0 | yes | 1.00 | 0.12 | 0.00 / 1.00 |
-| 0 | no  | 0.50 | 0.75 | 0.00 / 1.00 |
-| 1 | yes | 0.56 | 0.12 | 0.00 / 1.00 |
-| 1 | no  | 0.62 | 0.56 | 0.00 / 0.75 |
-| 2 | yes | 0.81 | 0.00 | 0.00 / 1.00 |
-| 2 | no  | 0.94 | 0.88 | 0.00 / 1.00 |
-| 3 | yes | 0.88 | 0.06 | 0.00 / 1.00 |
-| 3 | no  | 0.69 | 0.56 | 0.00 / 0.88 |
-| base model | | 0.00 | 0.00 | 0.00 / 1.00 |
+| seed | prior preservation | "a photo of sks dog" | "a photo of dog" | "a photo of cat" (mark / right class) | palette drift of "a photo of dog" |
+|---|---|---|---|---|---|
+| 0 | yes | 1.00 | 0.12 | 0.00 / 1.00 | 0.08 |
+| 0 | no  | 0.50 | 0.75 | 0.00 / 1.00 | 0.19 |
+| 1 | yes | 0.56 | 0.12 | 0.00 / 1.00 | 0.13 |
+| 1 | no  | 0.62 | 0.56 | 0.00 / 0.75 | 0.22 |
+| 2 | yes | 0.81 | 0.00 | 0.00 / 1.00 | 0.05 |
+| 2 | no  | 0.94 | 0.88 | 0.00 / 1.00 | 0.27 |
+| 3 | yes | 0.88 | 0.06 | 0.00 / 1.00 | 0.24 |
+| 3 | no  | 0.69 | 0.56 | 0.00 / 0.88 | 0.38 |
+| base model | | 0.00 | 0.00 | 0.00 / 1.00 | - |
 
 `python -m dreamlora.toy.measure --out FOLDER` measures this table (the README's); the thresholds below sit a few
 images inside its seed-0 rows (deterministic with OMP_NUM_THREADS=1).
@@ -42,6 +42,8 @@ def test_subject_is_learned_and_prior_preservation_keeps_the_class(tmp_path: Pat
     # Without it, the class drifts to the subject: plain "dog" images carry the mark far more often.
     assert drifted.mark("a photo of dog") >= kept.mark("a photo of dog") + 0.375
     assert drifted.mark("a photo of sks dog") >= 0.375
+    # The monitor's set-level figure sees it too: the class images' colours move further from the base model's without it.
+    assert drifted.palette_drift("a photo of dog") >= kept.palette_drift("a photo of dog") + 0.05
     for run in (kept, drifted):
         assert run.mark("a photo of cat") <= 0.0625 and run.right_class("a photo of cat") >= 0.875  # another class stays a blue square
     assert (tmp_path / "seed0-prior1.png").is_file() and (tmp_path / "seed0-prior0.png").is_file()  # base vs trained pictures

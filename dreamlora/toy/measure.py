@@ -36,6 +36,10 @@ class Measurement:
         score = self.scores[prompt]
         return score.trained_class_rate if trained else score.base_class_rate
 
+    def palette_drift(self, prompt: str) -> float:
+        """How far the trained images' colours moved from the base model's (`monitor.palette_drift`)."""
+        return self.scores[prompt].palette_drift
+
 
 def recipe(model: str, class_dir: Path, out: Path, seed: int = 0, prior_weight: float = 1.0, extra: dict[str, str] | None = None) -> RunConfig:
     """The toy recipe on the sample photos, with the class images of `class_dir`; no sample grids. `extra`: more
@@ -88,17 +92,19 @@ def _percent(value: float) -> str:
 def format_table(rows: Sequence[Measurement]) -> str:
     """The README's table: one line per run, then the base model's line (the same for every run)."""
     lines = [
-        '| seed | prior preservation | mark in "a photo of sks dog" | mark in "a photo of dog" | "a photo of cat" (mark / right class) |',
-        "|---|---|---|---|---|",
+        '| seed | prior preservation | mark in "a photo of sks dog" | mark in "a photo of dog" | "a photo of cat" (mark / right class) |'
+        ' palette drift of "a photo of dog" |',
+        "|---|---|---|---|---|---|",
     ]
     for row in rows:
         weight = "no" if row.prior_weight == 0 else "yes" if row.prior_weight == 1 else f"weight {row.prior_weight:g}"
         cat = f"{_percent(row.mark('a photo of cat'))} / {_percent(row.right_class('a photo of cat'))}"
-        lines.append(f"| {row.seed} | {weight} | {_percent(row.mark('a photo of sks dog'))} | {_percent(row.mark('a photo of dog'))} | {cat} |")
+        marks = f"{_percent(row.mark('a photo of sks dog'))} | {_percent(row.mark('a photo of dog'))}"
+        lines.append(f"| {row.seed} | {weight} | {marks} | {cat} | {row.palette_drift('a photo of dog'):.2f} |")
     if rows:
         base = rows[0]
         cat = f"{_percent(base.mark('a photo of cat', False))} / {_percent(base.right_class('a photo of cat', False))}"
-        lines.append(f"| base model | | {_percent(base.mark('a photo of sks dog', False))} | {_percent(base.mark('a photo of dog', False))} | {cat} |")
+        lines.append(f"| base model | | {_percent(base.mark('a photo of sks dog', False))} | {_percent(base.mark('a photo of dog', False))} | {cat} | - |")
     return "\n".join(lines)
 
 
