@@ -369,6 +369,7 @@ def dataset(
     color_jitter: Annotated[Optional[float], typer.Option(help="Colour jitter strength.")] = None,
     no_captions: Annotated[bool, typer.Option("--no-captions", help="Ignore photo.txt caption files.")] = False,
     caption_dropout: Annotated[Optional[float], typer.Option(help="Probability of the plain instance prompt.")] = None,
+    weighted_captions: Annotated[bool, typer.Option("--weighted-captions", help="Captions read with A1111 emphasis, as train --weighted-captions.")] = False,
     masked_loss: Annotated[bool, typer.Option("--masked-loss", help="Report the photos' alpha-channel masks, as train --masked-loss uses them.")] = False,
     mask_dir: Annotated[Optional[str], typer.Option("--mask-dir", help="Check the masks in this folder, as train --mask-dir uses them.")] = None,
     sheet: Annotated[Optional[Path], typer.Option(help="Contact sheet PNG (default <folder>-dataset.png beside the folder).")] = None,
@@ -393,6 +394,7 @@ def dataset(
             **_length_flags(max_steps, epochs), "data.center_crop": False if random_crop else None, "model.name": model,
             **_dataset_flags(no_captions, caption_dropout, repeats, class_ratio, buckets, color_jitter),
             "data.masked_loss": True if masked_loss or mask_dir else None, "data.mask_dir": mask_dir,
+            "data.weighted_captions": True if weighted_captions else None,
         }))
         if not cfg.data.class_dir:  # the class images `train` would use: priors/CLASS, or the only prior set
             from dreamlora.prior import MANIFEST, safe_name
@@ -500,6 +502,7 @@ def train(
     flip: Annotated[bool, typer.Option("--flip", help="Random horizontal flips.")] = False,
     no_captions: Annotated[bool, typer.Option("--no-captions", help="Ignore photo.txt caption files.")] = False,
     caption_dropout: Annotated[Optional[float], typer.Option(help="Probability of the plain instance prompt for a captioned image.")] = None,
+    weighted_captions: Annotated[bool, typer.Option("--weighted-captions", help="Read A1111 emphasis in captions and prompts, '(red collar:1.2)', as kohya's --weighted_captions (default: brackets are text).")] = False,
     max_token_length: Annotated[Optional[int], typer.Option(help="Read prompts (long captions) up to 150 or 225 tokens, in windows of 75 joined as kohya's --max_token_length (default 75).")] = None,
     masked_loss: Annotated[bool, typer.Option("--masked-loss", help="Weight the loss by each photo's alpha channel: transparent background is not learned (kohya's --masked_loss --alpha_mask).")] = False,
     mask_dir: Annotated[Optional[str], typer.Option("--mask-dir", help="Masked loss with masks from this folder instead: a greyscale image of each photo's name, white learned, black ignored (kohya's conditioning_data_dir).")] = None,
@@ -602,7 +605,7 @@ def train(
         "train.scale_weight_norms": scale_weight_norms, "train.loraplus_lr_ratio": loraplus_lr_ratio, "train.multires_noise_iterations": multires_noise_iterations,
         "train.multires_noise_discount": multires_noise_discount, "train.debiased_estimation": True if debiased_estimation else None,
         "train.zero_terminal_snr": True if zero_terminal_snr else None,
-        "data.max_token_length": max_token_length, "data.masked_loss": True if masked_loss or mask_dir else None, "data.mask_dir": mask_dir, "data.shuffle_caption": True if shuffle_caption else None, "data.keep_tokens": keep_tokens, "data.caption_tag_dropout": caption_tag_dropout,
+        "data.max_token_length": max_token_length, "data.weighted_captions": True if weighted_captions else None, "data.masked_loss": True if masked_loss or mask_dir else None, "data.mask_dir": mask_dir, "data.shuffle_caption": True if shuffle_caption else None, "data.keep_tokens": keep_tokens, "data.caption_tag_dropout": caption_tag_dropout,
         "adapter.down_lr_weight": down_lr_weight, "adapter.mid_lr_weight": mid_lr_weight, "adapter.up_lr_weight": up_lr_weight,
         "adapter.block_lr_zero_threshold": block_lr_zero_threshold,
         "adapter.pivotal": True if pivotal else None, "adapter.pivotal_vectors": pivotal_vectors, "adapter.pivotal_init": pivotal_init, "train.pivotal_lr": pivotal_lr,

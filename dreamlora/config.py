@@ -141,6 +141,7 @@ class DataConfig:
     keep_tokens: int = 0  # the first N tags stay in place and are never dropped (kohya's --keep_tokens)
     caption_tag_dropout: float = 0.0  # drop each other tag with this probability every step (kohya's --caption_tag_dropout_rate)
     caption_separator: str = ","  # what separates tags (kohya's --caption_separator)
+    weighted_captions: bool = False  # read A1111's emphasis in training prompts, `(red collar:1.2)`, as kohya's --weighted_captions; off: brackets are text
     max_token_length: int = 75  # tokens of a prompt read: 75 (one window), 150 or 225 (kohya's --max_token_length, windows joined)
     masked_loss: bool = False  # weight the instance loss by each photo's alpha channel, so transparent background is not learned (kohya's --masked_loss --alpha_mask)
     mask_dir: str = ""  # with masked_loss: masks from this folder (same file names, white learned) instead of the alpha channel (kohya's conditioning_data_dir)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -225,10 +226,11 @@ def read_caption(image_path: Path) -> str | None:
 
 
 def caption_prompt(caption: str, token: str) -> str:
-    """A caption as a prompt: `{token}` marks where the token goes; without it (and without the token) it is prefixed."""
+    """A caption as a prompt: `{token}` marks where the token goes; without it (and without the token as a word of its
+    own, punctuation and emphasis brackets around it allowed: `sks,` `(sks:1.2)`) it is prefixed."""
     if "{token}" in caption:
         return caption.replace("{token}", token)
-    if token in caption.replace(",", " ").split():
+    if re.search(rf"(?<![\w-]){re.escape(token)}(?![\w-])", caption):
         return caption
     return f"{token}, {caption}"
 

@@ -12,6 +12,7 @@ from PIL import Image, ImageDraw
 
 from dreamlora.config import RunConfig
 from dreamlora.data import IGNORED_NAMES, ImageFolder, caption_path, caption_prompt, few_photos_warning, learned_share, list_images, load_image, load_masks, make_buckets, nearest_bucket, read_caption, resize_and_crop_to
+from dreamlora.emphasis import has_emphasis
 from dreamlora.errors import DataError
 from dreamlora.hygiene import NEAR_DUPLICATE_BITS, dhash, hamming, image_problem, near_duplicates
 from dreamlora.sampling import class_span, instance_plan, steps_per_epoch
@@ -200,6 +201,11 @@ def build_dataset_report(cfg: RunConfig, vae_scale_factor: int = 8, sheet_path: 
     if data.varies_captions and instance.captions:
         what = " and ".join(w for w, on in (("shuffled", data.shuffle_caption), (f"dropped with probability {data.caption_tag_dropout:g}", data.caption_tag_dropout > 0)) if on)
         notes.append(f"caption tags (split at {data.caption_separator!r}) are {what} every step; the first {data.keep_tokens} stay in place")
+    if bracketed := [e.name for e in instance.images if e.prompt is not None and has_emphasis(e.prompt)]:
+        if data.weighted_captions:
+            notes.append(f"--weighted-captions: {len(bracketed)} captions weigh words with brackets, read as AUTOMATIC1111's emphasis")
+        else:
+            notes.append(f"{len(bracketed)} captions have brackets ({', '.join(bracketed[:3])}), trained as plain text; --weighted-captions reads them as emphasis, (word:1.2)")
     if data.caption_dropout and instance.captions:
         notes.append(f"caption dropout {data.caption_dropout}: that share of captioned examples uses '{data.resolved_instance_prompt()}'")
     sheet = None

@@ -1,4 +1,5 @@
-"""AUTOMATIC1111's prompt emphasis for the images dreamlora draws (`generate`, sample grids): `(word)` weighs a word
+"""AUTOMATIC1111's prompt emphasis for the images dreamlora draws (`generate`, sample grids) and, with
+`--weighted-captions` (kohya's `--weighted_captions`), for the captions it trains on: `(word)` weighs a word
 1.1 times, `((word))` 1.21, `[word]` 1/1.1, `(word:1.3)` 1.3; `\\(` and `\\)` are literal brackets. Each token's
 embedding is scaled by its weight, then the whole prompt's embedding is rescaled to its unweighted mean, as A1111 does.
 Prompts without brackets take diffusers' own path unchanged."""
@@ -6,11 +7,12 @@ Prompts without brackets take diffusers' own path unchanged."""
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 import torch
 
-from dreamlora.models import PromptEmbeddings, pipeline_family
+from dreamlora.models import PromptEmbeddings, pipeline_family, read_length, window_ids
 
 ROUND, SQUARE = 1.1, 1 / 1.1
 # An escaped bracket or backslash, an opening bracket, ":weight)" closing a round bracket, a closing bracket, plain text.
@@ -63,38 +65,60 @@ def parse_emphasis(prompt: str) -> list[tuple[str, float]]:
     return joined
 
 
-def _ids_and_weights(tokenizer: Any, prompt: str) -> tuple[list[int], list[float]]:
-    """One window's token ids (BOS, up to 75 tokens, EOS, padding) and each position's weight (1 outside the text)."""
-    window = int(tokenizer.model_max_length)
-    ids: list[int] = []
-    weights: list[float] = []
-    for text, weight in parse_emphasis(prompt):
-        tokens = tokenizer(text, add_special_tokens=False).input_ids
-        ids += tokens
-        weights += [weight] * len(tokens)
-    ids, weights = ids[: window - 2], weights[: window - 2]
-    padding = window - 2 - len(ids)
-    return [tokenizer.bos_token_id, *ids, tokenizer.eos_token_id, *[tokenizer.pad_token_id] * padding], [1.0, *weights, *[1.0] * (padding + 1)]
+def weighted_tokens(tokenizer: Any, prompts: list[str], max_tokens: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompts' token ids with the brackets read, laid out as `models.tokenize` lays out plain ones (windows past 75
+    tokens with `max_tokens`), and each position's weight before windowing: (prompts, `read_length`), 1 on BOS, EOS and
+    padding. A window's encodings joined back (`models.encode_prompts`) line up with the weights."""
+    length = read_length(tokenizer, max_tokens)
+    all_ids, all_weights = [], []
+    for prompt in prompts:
+        ids: list[int] = []
+        weights: list[float] = []
+        for text, weight in parse_emphasis(prompt):
+            tokens = tokenizer(text, add_special_tokens=False).input_ids
+            ids += tokens
+            weights += [weight] * len(tokens)
+        ids, weights = ids[: length - 2], weights[: length - 2]
+        padding = length - 2 - len(ids)
+        all_ids.append([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id, *[tokenizer.pad_token_id] * padding])
+        all_weights.append([1.0, *weights, *[1.0] * (padding + 1)])
+    return window_ids(tokenizer, torch.tensor(all_ids), max_tokens), torch.tensor(all_weights)
+
+
+def weigh_context(encoded: PromptEmbeddings, weights: torch.Tensor | None) -> PromptEmbeddings:
+    """A1111's emphasis on encoded prompts: each position's context scaled by its weight, then each prompt's context
+    rescaled to its unweighted mean (SDXL's pooled embedding is not weighted). Differentiable, so training can use it."""
+    if weights is None:
+        return encoded
+    context = encoded.context.float()
+    weighted = context * weights.to(context.device, context.dtype)[..., None]
+    weighted = weighted * (context.mean(dim=(1, 2)) / weighted.mean(dim=(1, 2)))[:, None, None]
+    return PromptEmbeddings(weighted.to(encoded.context.dtype), encoded.pooled)
+
+
+def tokenize_weighted(tokenizers: Sequence[Any], prompts: list[str], max_tokens: int = 0) -> tuple[list[torch.Tensor], torch.Tensor | None]:
+    """Each tokenizer's ids (`weighted_tokens`) and the first one's weights, which every encoder's context shares
+    (SDXL's two tokenizers split text alike); None when no prompt weighs anything."""
+    rows = [weighted_tokens(tokenizer, prompts, max_tokens) for tokenizer in tokenizers]
+    weights = rows[0][1]
+    return [ids for ids, _ in rows], None if bool((weights == 1).all()) else weights
+
+
+def plain_text(prompt: str) -> str:
+    """The prompt as the text encoder reads it with emphasis: brackets and weights gone."""
+    return "".join(text for text, _ in parse_emphasis(prompt))
 
 
 def emphasized_embeddings(pipeline: Any, prompts: list[str]) -> PromptEmbeddings:
-    """The pipeline's text encoding of `prompts` with A1111's emphasis: each token's context scaled by its weight, then
-    each prompt's context rescaled to its unweighted mean (SDXL's pooled embedding is not weighted)."""
+    """The pipeline's text encoding of `prompts` with A1111's emphasis (`weigh_context`)."""
     family = pipeline_family(pipeline)
     tokenizers = [getattr(pipeline, name) for name in family.tokenizer_names]
     encoders = [getattr(pipeline, name) for name in family.text_encoder_names]
     device = encoders[0].device
-    input_ids, weights = [], None
-    for tokenizer in tokenizers:
-        rows = [_ids_and_weights(tokenizer, prompt) for prompt in prompts]
-        input_ids.append(torch.tensor([ids for ids, _ in rows], device=device))
-        weights = weights if weights is not None else torch.tensor([w for _, w in rows], device=device)  # the first tokenizer's positions
+    input_ids, weights = tokenize_weighted(tokenizers, prompts)
     with torch.no_grad():
-        encoded = family.encode(encoders, input_ids)
-    context = encoded.context.float()
-    weighted = context * weights[..., None]
-    weighted = weighted * (context.mean(dim=(1, 2)) / weighted.mean(dim=(1, 2)))[:, None, None]
-    return PromptEmbeddings(weighted.to(encoded.context.dtype), encoded.pooled)
+        encoded = family.encode(encoders, [ids.to(device) for ids in input_ids])
+    return weigh_context(encoded, weights)
 
 
 def pipeline_inputs(pipeline: Any, prompts: list[str], negative_prompts: list[str] | None) -> dict[str, Any]:

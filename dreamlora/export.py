@@ -586,6 +586,7 @@ def _training_metadata(run: dict[str, Any], cfg: RunConfig | None) -> dict[str, 
         "ss_shuffle_caption": str(data.shuffle_caption),
         "ss_keep_tokens": str(data.keep_tokens),
         "ss_caption_tag_dropout_rate": str(float(data.caption_tag_dropout)),
+        "ss_weighted_captions": str(data.weighted_captions),
         "ss_max_token_length": "None" if data.max_token_length == 75 else str(data.max_token_length),  # kohya's default: None
         "ss_masked_loss": str(data.masked_loss),
         "ss_alpha_mask": str(data.masked_loss and not data.mask_dir),  # kohya's masks from the alpha channel (not from a mask folder)

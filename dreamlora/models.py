@@ -671,9 +671,15 @@ def tokenize(tokenizer: Any, prompts: list[str], max_tokens: int = 0) -> torch.T
     their encodings back. For tokenizers whose pad is not EOS (SD 2.x, SDXL's second) a window cut mid-prompt ends in
     EOS and an empty one reads BOS EOS PAD ..., as kohya makes them.
     """
-    window, length = tokenizer.model_max_length, read_length(tokenizer, max_tokens)
-    ids = tokenizer(prompts, padding="max_length", max_length=length, truncation=True, return_tensors="pt").input_ids
-    if length == window:
+    ids = tokenizer(prompts, padding="max_length", max_length=read_length(tokenizer, max_tokens), truncation=True, return_tensors="pt").input_ids
+    return window_ids(tokenizer, ids, max_tokens)
+
+
+def window_ids(tokenizer: Any, ids: torch.Tensor, max_tokens: int = 0) -> torch.Tensor:
+    """Token ids read to `read_length` (BOS, text, EOS, padding) laid out as `tokenize` gives them: as they are within
+    one window, else cut into windows side by side."""
+    window = tokenizer.model_max_length
+    if ids.shape[-1] == window:
         return ids
     windows = []
     for start in range(1, max_tokens + 1, window - 2):

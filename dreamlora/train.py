@@ -13,7 +13,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -24,6 +24,7 @@ from dreamlora import __version__
 from dreamlora import checkpoint as ckpt
 from dreamlora.config import RunConfig, lora_reference, replace, to_dict, to_toml
 from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, latent_mask, learned_share, list_images, make_buckets, open_image, resize_and_crop, to_tensor, vary_caption
+from dreamlora.emphasis import plain_text, tokenize_weighted, weigh_context
 from dreamlora.errors import ConfigError, DreamloraError, TrainingError, TrainingInterrupted
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
 from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, block_lr_factors, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters, up_weight_flags
@@ -717,21 +718,43 @@ def _attach_pivotal(cfg: RunConfig, components: Components, resume_from: Path | 
     return pivotal
 
 
+@dataclass(frozen=True)
+class PromptTokens:
+    """Training prompts tokenized: one id tensor per tokenizer (SDXL: two) and, with --weighted-captions, each
+    position's emphasis weight (None when nothing is weighed)."""
+
+    ids: list[torch.Tensor]
+    weights: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, components: Components, prompts: list[str], max_tokens: int, weighted: bool, device: torch.device) -> PromptTokens:
+        if not weighted:
+            return cls([ids.to(device) for ids in tokenize_all(components, prompts, max_tokens)])
+        ids, weights = tokenize_weighted(components.tokenizers, prompts, max_tokens)
+        return cls([t.to(device) for t in ids], None if weights is None else weights.to(device))
+
+    def select(self, rows: torch.Tensor) -> PromptTokens:
+        return PromptTokens([ids[rows] for ids in self.ids], None if self.weights is None else self.weights[rows])
+
+    def encode(self, components: Components, text_encoders: Sequence[torch.nn.Module] | None = None) -> PromptEmbeddings:
+        return weigh_context(encode_prompts(components, self.ids, text_encoders), self.weights)
+
+
 def _varied_prompts(
     components: Components, texts: list[str], text_encoders: list[torch.nn.Module], trains: bool, expand: Callable[[str], str] | None, device: torch.device,
-    max_tokens: int = 0,
+    max_tokens: int = 0, weighted: bool = False,
 ) -> tuple[Callable[[], PromptEmbeddings], torch.Tensor]:
     """This step's prompts when tags are shuffled or dropped: each distinct one tokenized and encoded now (with
     gradients while something in the text encoders trains), and the row of each example."""
     distinct = list(dict.fromkeys(texts))
     rows = torch.tensor([distinct.index(t) for t in texts], device=device)
-    ids = [t.to(device) for t in tokenize_all(components, [expand(t) for t in distinct] if expand else distinct, max_tokens)]
+    tokens = PromptTokens.of(components, [expand(t) for t in distinct] if expand else distinct, max_tokens, weighted, device)
     if trains:
-        return (lambda: encode_prompts(components, ids, text_encoders)), rows
+        return (lambda: tokens.encode(components, text_encoders)), rows
 
     def fixed() -> PromptEmbeddings:
         with torch.no_grad():
-            return encode_prompts(components, ids, text_encoders)
+            return tokens.encode(components, text_encoders)
 
     return fixed, rows
 
@@ -743,12 +766,12 @@ def _freeze(params: list[torch.nn.Parameter]) -> None:
         param.grad = None
 
 
-def _fixed_encoding(components: Components, text_encoders: list[torch.nn.Module], input_ids: list[torch.Tensor]) -> PromptEmbeddings:
+def _fixed_encoding(components: Components, text_encoders: list[torch.nn.Module], tokens: PromptTokens) -> PromptEmbeddings:
     """Once nothing in the text encoders trains: the prompts' encoding, computed once."""
     for encoder in text_encoders:
         encoder.eval()  # the fixed encoding without LoRA dropout
     with torch.no_grad():
-        return encode_prompts(components, input_ids, text_encoders)
+        return tokens.encode(components, text_encoders)
 
 
 def _sample_prompts(cfg: RunConfig) -> tuple[str, str]:
@@ -1080,13 +1103,14 @@ class _Trainer:
         self.batches = DreamBoothBatches(cfg, components, self.device, self.accelerator.num_processes, self.accelerator.process_index)
         prompts = [self.pivotal.expand(p) for p in self.batches.prompts] if self.pivotal else self.batches.prompts  # the token as its new tokens
         self.max_tokens = cfg.data.max_token_length
-        warn_long_prompts(components.tokenizers[0], prompts, self.max_tokens)
-        self.input_ids = [ids.to(self.device) for ids in tokenize_all(components, prompts, self.max_tokens)]  # one tensor per tokenizer (SDXL: two)
+        weighted = cfg.data.weighted_captions
+        warn_long_prompts(components.tokenizers[0], [plain_text(p) for p in prompts] if weighted else prompts, self.max_tokens)
+        self.tokens = PromptTokens.of(components, prompts, self.max_tokens, weighted, self.device)
         self.text_encoders = list(components.text_encoders.values())
         self.cached_embeddings: PromptEmbeddings | None = None
         if not self.encode_each_step:
             with torch.no_grad():
-                self.cached_embeddings = encode_prompts(components, self.input_ids)
+                self.cached_embeddings = self.tokens.encode(components)
 
     def _setup_optimizer(self) -> None:
         """Optimizer groups (and learning rates) for the UNet, each text encoder and the embeddings; the schedule; the
@@ -1121,7 +1145,7 @@ class _Trainer:
         self.optimizer = prepared[-1]
         # The prepared (DDP-wrapped) models: accumulate() then skips the gradient all-reduce of all but a step's last micro-batch.
         self.models = list(prepared[:-1])
-        self.context_fn = (lambda: encode_prompts(components, self.input_ids, self.text_encoders)) if self.encode_each_step else (lambda: self.cached_embeddings)  # noqa: E731
+        self.context_fn = (lambda: self.tokens.encode(components, self.text_encoders)) if self.encode_each_step else (lambda: self.cached_embeddings)  # noqa: E731
 
     def open_run(self, run_dir: Path | None) -> None:
         """The run folder (created by the main process, its path shared with the others), a resumed run's state, the
@@ -1235,7 +1259,7 @@ class _Trainer:
             _freeze(self.groups[name])
             self.frozen.add(name)
         if len(self.frozen) == len(self.groups) - 1:
-            self.cached_embeddings = _fixed_encoding(self.components, self.text_encoders, self.input_ids)
+            self.cached_embeddings = _fixed_encoding(self.components, self.text_encoders, self.tokens)
             self.encode_each_step = False
             self.context_fn = lambda: self.cached_embeddings  # noqa: E731
 
@@ -1256,12 +1280,14 @@ class _Trainer:
             # Encode each distinct prompt of this step once and index it: gradients still reach every row.
             if batch.texts is not None:
                 expand = self.pivotal.expand if self.pivotal else None
-                context_fn, rows = _varied_prompts(components, batch.texts, self.text_encoders, self.encode_each_step, expand, self.device, self.max_tokens)
+                context_fn, rows = _varied_prompts(
+                    components, batch.texts, self.text_encoders, self.encode_each_step, expand, self.device, self.max_tokens, cfg.data.weighted_captions,
+                )
             else:
                 used, rows = batch.rows.unique(return_inverse=True)  # with captions, only this step's prompts
-                step_ids = [ids[used] for ids in self.input_ids]
+                step_tokens = self.tokens.select(used)
                 if self.encode_each_step:
-                    context_fn = lambda: encode_prompts(components, step_ids, self.text_encoders)  # noqa: E731
+                    context_fn = lambda: step_tokens.encode(components, self.text_encoders)  # noqa: E731
                 else:
                     context_fn = lambda: self.cached_embeddings.select(used)  # noqa: E731
             self.losses = batch_loss(

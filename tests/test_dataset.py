@@ -101,6 +101,9 @@ def test_captions_become_prompts_with_the_token(messy_dir: Path) -> None:
     assert caption_prompt("{token} dog on a sofa", "sks") == "sks dog on a sofa"
     assert caption_prompt("a dog in the park", "sks") == "sks, a dog in the park"
     assert caption_prompt("photo of sks dog", "sks") == "photo of sks dog"
+    assert caption_prompt("a photo of (sks:1.2) dog.", "sks") == "a photo of (sks:1.2) dog."  # a word of its own in brackets
+    assert caption_prompt("close-up of sks.", "sks") == "close-up of sks."
+    assert caption_prompt("sksdog and sks-like toys", "sks") == "sks, sksdog and sks-like toys"  # part of a longer word: not the token
     prompts = dict(zip([p.name for p in list_images(messy_dir, "instance").paths], instance_prompts(list_images(messy_dir, "instance"), "sks", "a photo of sks dog")))
     assert prompts["portrait.png"] == "sks dog asleep on a sofa" and prompts["landscape.png"] == "sks, a dog in the park"
     assert prompts["heic.png"] == "a photo of sks dog"
