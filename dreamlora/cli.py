@@ -945,15 +945,11 @@ def generate(
     def action() -> None:
         import torch
 
-        from dreamlora.checkpoint import find_lora
-        from dreamlora.config import ModelConfig
         from dreamlora.errors import ConfigError
-        from dreamlora.export import run_settings
-        from dreamlora.generate import check_settings, output_folder, recorded_clip_skip, recorded_prediction_type, run_base_model
-        from dreamlora.prompts import PromptSpec, read_prompt_file
+        from dreamlora.generate import check_settings, output_folder
         from dreamlora.generate import generate as run_generate
-        from dreamlora.lora import read_safetensors
         from dreamlora.models import load_model, resolve_precision
+        from dreamlora.prompts import PromptSpec, read_prompt_file
 
         if prompt is None and from_file is None:
             raise ConfigError("no prompt given; pass --prompt 'a photo of sks dog', or a file of prompts with --from-file FILE")
@@ -966,30 +962,7 @@ def generate(
             from dreamlora.generate import checkpoint_sets
 
             checkpoint_sets(loras)  # one run with checkpoints, named before the model loads
-        base, base_vae, fused_weights = model or os.environ.get("DREAMLORA_MODEL"), vae, list(base_weights or [])
-        if not base and (trained_on := run_base_model(loras)):  # the model the run was trained on, not SD 1.5
-            base, run_vae, run_dir = trained_on
-            base_vae = vae or run_vae or None
-            with_vae = f" with VAE {base_vae}" if base_vae else ""
-            console.print(f"base model [bold]{base}[/]{with_vae}, as run {run_dir} was trained on (--model to choose another)")
-            if not fused_weights and (recorded := run_settings(run_dir).get("model", {}).get("base_weights")):
-                fused_weights = list(recorded)  # the run's LoRA is a change to the base with these fused in
-                console.print(f"base weights {', '.join(fused_weights)}, as run {run_dir} was trained on (--base-weights to choose others)")
-        for path, _ in loras:
-            read_safetensors(find_lora(path))  # a missing or damaged LoRA is named before the model loads
-        skip = clip_skip
-        if skip is None and (trained_with := recorded_clip_skip(loras)) and trained_with[0] != 1:
-            skip = trained_with[0]
-            console.print(f"clip skip {skip}, as {trained_with[1]} was trained with (--clip-skip to choose another)")
-        predicts = prediction_type
-        if predicts is None and (trained_for := recorded_prediction_type(loras)):
-            predicts = trained_for[0]
-            console.print(f"prediction type {predicts}, as {trained_for[1]} was trained for (--prediction-type to choose another)")
-        settings = {
-            "name": base, "vae": base_vae, "precision": precision, "allow_pickle": allow_pickle, "clip_skip": skip, "prediction_type": predicts,
-            "base_weights": tuple(fused_weights) if fused_weights else None,
-        }  # fmt: skip
-        model_cfg = ModelConfig(**{k: v for k, v in settings.items() if v is not None})
+        model_cfg = _generation_model(model, vae, base_weights, clip_skip, prediction_type, precision, allow_pickle, loras)
         folder = output_folder(out_dir)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         _, dtype = resolve_precision(model_cfg.precision, device)
@@ -1004,6 +977,45 @@ def generate(
         _summary("generated", [("images", len(result.images)), ("folder", folder), ("grid", result.grid)])
 
     _run(debug, action)
+
+
+def _generation_model(
+    model: str | None, vae: str | None, base_weights: list[str] | None, clip_skip: int | None, prediction_type: str | None, precision: str | None,
+    allow_pickle: bool, loras: list[tuple[str, float]],
+) -> Any:
+    """The model `generate` draws with: --model, else $DREAMLORA_MODEL, else the one a --lora run was trained on (with
+    its VAE and fused base weights); clip skip and prediction type as the LoRAs were trained unless given. Each choice
+    taken from a run is said; a missing or damaged LoRA is named before anything loads."""
+    from dreamlora.checkpoint import find_lora
+    from dreamlora.config import ModelConfig
+    from dreamlora.export import run_settings
+    from dreamlora.generate import recorded_clip_skip, recorded_prediction_type, run_base_model
+    from dreamlora.lora import read_safetensors
+
+    base, base_vae, fused_weights = model or os.environ.get("DREAMLORA_MODEL"), vae, list(base_weights or [])
+    if not base and (trained_on := run_base_model(loras)):  # the model the run was trained on, not SD 1.5
+        base, run_vae, run_dir = trained_on
+        base_vae = vae or run_vae or None
+        with_vae = f" with VAE {base_vae}" if base_vae else ""
+        console.print(f"base model [bold]{base}[/]{with_vae}, as run {run_dir} was trained on (--model to choose another)")
+        if not fused_weights and (recorded := run_settings(run_dir).get("model", {}).get("base_weights")):
+            fused_weights = list(recorded)  # the run's LoRA is a change to the base with these fused in
+            console.print(f"base weights {', '.join(fused_weights)}, as run {run_dir} was trained on (--base-weights to choose others)")
+    for path, _ in loras:
+        read_safetensors(find_lora(path))  # a missing or damaged LoRA is named before the model loads
+    skip = clip_skip
+    if skip is None and (trained_with := recorded_clip_skip(loras)) and trained_with[0] != 1:
+        skip = trained_with[0]
+        console.print(f"clip skip {skip}, as {trained_with[1]} was trained with (--clip-skip to choose another)")
+    predicts = prediction_type
+    if predicts is None and (trained_for := recorded_prediction_type(loras)):
+        predicts = trained_for[0]
+        console.print(f"prediction type {predicts}, as {trained_for[1]} was trained for (--prediction-type to choose another)")
+    settings = {
+        "name": base, "vae": base_vae, "precision": precision, "allow_pickle": allow_pickle, "clip_skip": skip, "prediction_type": predicts,
+        "base_weights": tuple(fused_weights) if fused_weights else None,
+    }  # fmt: skip
+    return ModelConfig(**{k: v for k, v in settings.items() if v is not None})
 
 
 @app.command()

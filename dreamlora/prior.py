@@ -9,7 +9,7 @@ import os
 import re
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -277,6 +277,64 @@ def find_class_problems(out_dir: Path, files: dict[int, str]) -> dict[int, str]:
     return problems
 
 
+@dataclass
+class _SetDrawing:
+    """Drawing a prior set's missing images, checking the whole set and redrawing bad ones with new seeds; `files`,
+    `seeds` (index -> file name, seed) and `rejected_seeds` (index -> the seeds it replaced) are updated in place.
+    `on_progress(done, total)` counts this process's share."""
+
+    pipeline: Any
+    prior_cfg: PriorConfig
+    settings: dict[str, Any]
+    out_dir: Path
+    ranks: Ranks
+    batch_size: int
+    files: dict[int, str]
+    seeds: dict[int, int]
+    rejected_seeds: dict[int, list[dict[str, Any]]]
+    on_progress: Callable[[int, int], None] | None
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) of each image replaced
+    unresolved: list[tuple[str, str]] = field(default_factory=list)  # still bad after MAX_RETRIES new seeds
+    generated: int = 0  # images this process drew
+    done: int = 0
+    total: int = 0
+
+    def tick(self, count: int) -> None:
+        self.done += count
+        if self.on_progress:
+            self.on_progress(self.done, self.total)
+
+    def until_good(self, todo: dict[int, int]) -> None:
+        """Draw `todo` (index -> seed), then redraw what the checks find, up to MAX_RETRIES new seeds per image."""
+        out_dir = self.out_dir
+        self.total = len(self.ranks.share(todo))
+        self.tick(0)
+        for attempt in range(MAX_RETRIES + 1):
+            share = self.ranks.share(todo)  # this process's indices
+            problems = _draw_and_write(self.pipeline, self.prior_cfg, self.settings, share, self.batch_size, out_dir, self.tick)
+            self.generated += len(share)
+            for index, seed in todo.items():
+                self.files[index], self.seeds[index] = image_name(index), seed
+            # Every process sees every file once all have written theirs, and so reaches the same verdicts.
+            nan = [problem for found in self.ranks.gather(sorted(problems.items())) for problem in found]
+            # Checked on the files: NaN (seen before conversion), then black, blank and near-duplicates of the whole set.
+            problems = {**find_class_problems(out_dir, self.files), **dict(nan)}
+            if not problems:
+                return
+            if attempt == MAX_RETRIES:
+                self.unresolved = [(self.files[i], reason) for i, reason in sorted(problems.items())]
+                bad = ", ".join(f"{f} ({r})" for f, r in self.unresolved)
+                log.warning("prior set %s: %d images still bad after %d new seeds each: %s", out_dir, len(self.unresolved), MAX_RETRIES, bad)
+                return
+            todo = {}
+            for index, reason in sorted(problems.items()):
+                self.rejected.append((self.files[index], reason))
+                self.rejected_seeds.setdefault(index, []).append({"seed": self.seeds[index], "reason": reason})
+                todo[index] = retry_seed(self.prior_cfg.seed, index, len(self.rejected_seeds[index]))
+                log.info("prior set %s: %s is %s; regenerating it with seed %d", out_dir, self.files[index], reason, todo[index])
+            self.total += len(self.ranks.share(todo))
+
+
 def generate_class_images(
     pipeline: Any,
     prior_cfg: PriorConfig,
@@ -323,39 +381,9 @@ def generate_class_images(
         write_json(out_dir / MANIFEST, {**header, "num_images": 0, "files": []})
     batch_size = prior_cfg.batch_size or auto_batch_size(pipeline.device, resolution)
     started = time.perf_counter()
-    todo, rejected, unresolved, generated = {i: seeds[i] for i in missing}, [], [], 0
-    progress = {"done": 0, "total": len(ranks.share(todo))}
-
-    def tick(count: int) -> None:
-        progress["done"] += count
-        if on_progress:
-            on_progress(progress["done"], progress["total"])
-
-    if on_progress:
-        on_progress(0, progress["total"])
-    for attempt in range(MAX_RETRIES + 1):
-        share = ranks.share(todo)  # this process's indices
-        problems = _draw_and_write(pipeline, prior_cfg, settings, share, batch_size, out_dir, tick)
-        generated += len(share)
-        for index, seed in todo.items():
-            files[index], seeds[index] = image_name(index), seed
-        # Every process sees every file once all have written theirs, and so reaches the same verdicts.
-        nan = [problem for found in ranks.gather(sorted(problems.items())) for problem in found]
-        # Checked on the files: NaN (seen before conversion), then black, blank and near-duplicates of the whole set.
-        problems = {**find_class_problems(out_dir, files), **dict(nan)}
-        if not problems:
-            break
-        if attempt == MAX_RETRIES:
-            unresolved = [(files[i], reason) for i, reason in sorted(problems.items())]
-            log.warning("prior set %s: %d images still bad after %d new seeds each: %s", out_dir, len(unresolved), MAX_RETRIES, ", ".join(f"{f} ({r})" for f, r in unresolved))
-            break
-        todo = {}
-        for index, reason in sorted(problems.items()):
-            rejected.append((files[index], reason))
-            rejected_seeds.setdefault(index, []).append({"seed": seeds[index], "reason": reason})
-            todo[index] = retry_seed(prior_cfg.seed, index, len(rejected_seeds[index]))
-            log.info("prior set %s: %s is %s; regenerating it with seed %d", out_dir, files[index], reason, todo[index])
-        progress["total"] += len(ranks.share(todo))
+    draw = _SetDrawing(pipeline, prior_cfg, settings, out_dir, ranks, batch_size, files, seeds, rejected_seeds, on_progress)
+    draw.until_good({i: seeds[i] for i in missing})
+    rejected, unresolved, generated = draw.rejected, draw.unresolved, draw.generated
     seconds = time.perf_counter() - started
     per_process = tuple(ranks.gather(generated))
     entries = [{"file": files[i], "index": i, "seed": seeds.get(i, image_seed(prior_cfg.seed, i)), **({"rejected": rejected_seeds[i]} if rejected_seeds.get(i) else {})} for i in sorted(files)]
