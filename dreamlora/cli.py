@@ -566,7 +566,7 @@ def train(
     text_encoder_warmup_steps: Annotated[Optional[int], typer.Option(help="Text-encoder warmup (default: --warmup-steps).")] = None,
     lr_cycles: Annotated[Optional[int], typer.Option(help="cosine_with_restarts: number of cycles (default 1).")] = None,
     lr_power: Annotated[Optional[float], typer.Option(help="polynomial: the decay's power (default 1).")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adamw|adamw8bit|prodigy|adafactor (8-bit needs pip install 'dreamlora\\[bnb]', prodigy 'dreamlora\\[prodigy]' and sets --lr 1.0; adafactor: transformers' Adafactor at --lr).")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adamw|adamw8bit|prodigy|adafactor|lion (8-bit needs pip install 'dreamlora\\[bnb]', prodigy 'dreamlora\\[prodigy]' and sets --lr 1.0; adafactor: transformers' Adafactor at --lr; lion 'dreamlora\\[lion]', --lr 3e-5 unless given).")] = None,
     model: Model = None,
     vae: Vae = None,
     clip_skip: ClipSkip = None,
@@ -667,7 +667,7 @@ def _resume_training(out_dir: Path | None, resume_from: Path | None, overrides: 
 def _start_training(config: Path | None, overrides: dict[str, Any]) -> None:
     """A new run: the config file and flags, the prior set generated first when the class has none yet."""
     from dreamlora import train as training
-    from dreamlora.config import load_config, read_toml
+    from dreamlora.config import LION_DEFAULT_LR, load_config, read_toml
 
     in_file = read_toml(config).get("train", {}) if config else {}
     in_file = in_file if isinstance(in_file, dict) else {}
@@ -675,6 +675,10 @@ def _start_training(config: Path | None, overrides: dict[str, Any]) -> None:
         # Prodigy finds the step size itself; --lr scales it, and the AdamW default (1e-4) would all but stop it.
         overrides["train.lr"] = 1.0
         console.print("Prodigy: --lr 1.0 (it finds the step size itself; --lr scales it)")
+    if overrides.get("train.optimizer", in_file.get("optimizer")) == "lion" and "train.lr" not in overrides and "lr" not in in_file:
+        # Lion steps by the sign of its momentum, so every weight moves by the full rate: 3-10x below AdamW's, as its authors advise.
+        overrides["train.lr"] = LION_DEFAULT_LR
+        console.print(f"Lion: --lr {LION_DEFAULT_LR:g} (a third of AdamW's default: its steps are sign-sized; --lr to choose another)")
     cfg = load_config(config, overrides)
     cfg, needs_prior = training.resolve_data(cfg)
     if needs_prior:

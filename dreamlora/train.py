@@ -532,7 +532,7 @@ def make_optimizer(
     groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, device: torch.device, capturable: bool = False, up_weights: dict[str, list[bool]] | None = None,
     lr_factors: dict[str, list[float]] | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW (or bitsandbytes' 8-bit AdamW, or Prodigy) with one parameter group (and learning rate) per trained model;
+    """AdamW (or bitsandbytes' 8-bit AdamW, Prodigy, Adafactor or Lion) with one parameter group (and learning rate) per trained model;
     fused kernels on CUDA. Each group names its model under "model" (`make_lr_scheduler` reads it).
 
     `capturable`: state and learning rates live on the GPU so the update can run inside a CUDA graph.
@@ -571,6 +571,13 @@ def make_optimizer(
 
         # At the given rates, as kohya's guides set it for LoRA: no relative step size, no parameter scaling, no warm-up init.
         return Adafactor(param_groups, lr=cfg.train.lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    if cfg.train.optimizer == "lion":
+        try:
+            from lion_pytorch import Lion
+        except ImportError as error:
+            raise ConfigError(f"--optimizer lion needs lion-pytorch, which is not installed ({error}); pip install 'dreamlora[lion]', or use --optimizer adamw") from error
+        # As kohya's --optimizer_type Lion without optimizer_args: the package's betas (0.9, 0.99), no weight decay.
+        return Lion(param_groups, betas=(0.9, 0.99), weight_decay=0.0)
     if cfg.train.optimizer == "prodigy":
         try:
             from prodigyopt import Prodigy

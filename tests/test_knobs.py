@@ -234,6 +234,56 @@ def test_prodigy_takes_lr_1_says_how_to_install_it_and_refuses_an_adamw_lr(tmp_p
     assert "Prodigy: --lr 1.0" in result.output and "has no images" in result.output  # the lr passed validation
 
 
+def test_lion_steps_each_group_at_its_rate_says_how_to_install_it_and_defaults_its_lr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from dreamlora.cli import app
+
+    torch.manual_seed(0)
+    unet, text = torch.nn.Parameter(torch.randn(8)), torch.nn.Parameter(torch.randn(8))
+    cfg = load_config(None, {"train.optimizer": "lion", "train.lr": "3e-5", "train.text_encoder_lr": "1e-5"})
+    monkeypatch.setitem(sys.modules, "lion_pytorch", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"pip install 'dreamlora\[lion\]'"):
+        make_optimizer({"unet": [unet], "text_encoder": [text]}, cfg, torch.device("cpu"))
+    monkeypatch.delitem(sys.modules, "lion_pytorch")
+    pytest.importorskip("lion_pytorch")
+    optimizer = make_optimizer({"unet": [unet], "text_encoder": [text]}, cfg, torch.device("cpu"))
+    assert type(optimizer).__name__ == "Lion"
+    before = unet.detach().clone(), text.detach().clone()
+    (unet.sum() * 2 - text.square().sum()).backward()
+    optimizer.step()
+    # The first step moves every weight by exactly its group's rate, against the sign of its gradient.
+    assert torch.allclose(unet.detach() - before[0], torch.full((8,), -3e-5), atol=1e-6)
+    assert torch.allclose(text.detach() - before[1], 1e-5 * torch.sign(before[1]), atol=1e-6)
+    # On the command line, --optimizer lion without --lr trains at 3e-5 and says so.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "none").mkdir()
+    result = CliRunner().invoke(app, ["train", "--instance", "none", "--optimizer", "lion"])
+    assert "Lion: --lr 3e-05" in result.output and "has no images" in result.output
+
+
+def test_a_lion_run_trains_resumes_exactly_and_records_its_optimizer(tmp_path: Path, instance_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dreamlora.cli import app
+
+    pytest.importorskip("lion_pytorch")
+    runner = CliRunner()
+    args = ["train", "--model", "tiny", "--instance", str(instance_dir), "--resolution", "32", "--optimizer", "lion", "--seed", "1",
+            "--set", "train.num_samples=0", "--set", "adapter.init=gaussian", "--checkpoint-every", "2"]
+    assert runner.invoke(app, [*args, "--max-steps", "4", "--out", str(tmp_path / "whole")]).exit_code == 0
+    assert runner.invoke(app, [*args, "--max-steps", "2", "--out", str(tmp_path / "part")]).exit_code == 0
+    resumed = runner.invoke(app, ["train", "--resume", "--out", str(tmp_path / "part"), "--max-steps", "4"])
+    assert resumed.exit_code == 0, resumed.output
+    whole, _ = read_diffusers_lora(tmp_path / "whole" / "lora")
+    part, _ = read_diffusers_lora(tmp_path / "part" / "lora")
+    for model in whole:
+        assert whole[model].keys() == part[model].keys() and all(torch.equal(whole[model][k], part[model][k]) for k in whole[model])
+    exported = runner.invoke(app, ["export", str(tmp_path / "whole"), "--format", "a1111", "--out", str(tmp_path / "w.safetensors"), "--no-verify"])
+    assert exported.exit_code == 0, exported.output
+    assert read_safetensors(tmp_path / "w.safetensors")[1]["ss_optimizer"] == "lion_pytorch.lion_pytorch.Lion"
+
+
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("train.snr_gamma", "-1", "snr_gamma"),
     ("train.noise_offset", "-0.1", "noise_offset"),
