@@ -566,7 +566,7 @@ def train(
     text_encoder_warmup_steps: Annotated[Optional[int], typer.Option(help="Text-encoder warmup (default: --warmup-steps).")] = None,
     lr_cycles: Annotated[Optional[int], typer.Option(help="cosine_with_restarts: number of cycles (default 1).")] = None,
     lr_power: Annotated[Optional[float], typer.Option(help="polynomial: the decay's power (default 1).")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adamw|adamw8bit|prodigy|adafactor|lion (8-bit needs pip install 'dreamlora\\[bnb]', prodigy 'dreamlora\\[prodigy]' and sets --lr 1.0; adafactor: transformers' Adafactor at --lr; lion 'dreamlora\\[lion]', --lr 3e-5 unless given).")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adamw|adamw8bit|prodigy|adafactor|lion|adamw_schedulefree (8-bit needs pip install 'dreamlora\\[bnb]', prodigy 'dreamlora\\[prodigy]' and sets --lr 1.0; adafactor: transformers' Adafactor at --lr; lion 'dreamlora\\[lion]', --lr 3e-5 unless given; adamw_schedulefree 'dreamlora\\[schedulefree]', constant --lr-scheduler).")] = None,
     model: Model = None,
     vae: Vae = None,
     clip_skip: ClipSkip = None,

@@ -22,7 +22,7 @@ PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 ATTENTIONS = ("auto", "sdpa", "xformers")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")  # constant_with_warmup: constant (which warms up too)
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion")
+OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion", "adamw_schedulefree")
 LION_DEFAULT_LR = 3e-5  # what `train --optimizer lion` runs at without --lr: a third of AdamW's 1e-4 (Lion's steps are sign-sized)
 TRACKERS = ("tensorboard", "wandb")
 LOSSES = ("l2", "l1", "huber", "smooth_l1")  # kohya's --loss_type
@@ -347,7 +347,7 @@ class TrainConfig:
     compile: str = "auto"  # CUDA graph of the whole step: auto (when possible), on, off
     master_weights: bool = True  # bf16: LoRA weights compute in bf16 with fp32 master copies (no per-use casts); False: autocast
     report_to: str = ""  # tensorboard or wandb through accelerate (optional extras); empty: metrics.jsonl only
-    optimizer: str = "adamw"  # adamw8bit: bitsandbytes' 8-bit AdamW (extra `bnb`); prodigy: Prodigy, lr 1.0 (extra `prodigy`); adafactor: transformers' Adafactor at a fixed lr; lion: Lion (extra `lion`; `train` without --lr runs it at LION_DEFAULT_LR)
+    optimizer: str = "adamw"  # adamw8bit: bitsandbytes' 8-bit AdamW (extra `bnb`); prodigy: Prodigy, lr 1.0 (extra `prodigy`); adafactor: transformers' Adafactor at a fixed lr; lion: Lion (extra `lion`; `train` without --lr runs it at LION_DEFAULT_LR); adamw_schedulefree: schedule-free AdamW (extra `schedulefree`), constant rate
     lr_cycles: int = 1  # cosine_with_restarts: number of cosine cycles, each restarting at the full lr
     lr_power: float = 1.0  # polynomial: the decay's power (1: linear; diffusers' --lr_power, kohya's --lr_scheduler_power)
     text_encoder_lr_scheduler: str = ""  # empty: same as lr_scheduler
@@ -402,6 +402,8 @@ class TrainConfig:
             _check(0 <= self.text_encoder_lr < 1, f"train.text_encoder_lr must be in [0, 1) (0 = lr); got {self.text_encoder_lr}")
             _check(0 <= self.pivotal_lr < 1, f"train.pivotal_lr must be in [0, 1) (0 = 5e-4); got {self.pivotal_lr}")
         _check_choice("train.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
+        if self.optimizer == "adamw_schedulefree":
+            self._check_schedule_free()
         _check(self.warmup_steps >= 0, f"train.warmup_steps must be >= 0; got {self.warmup_steps}")
         _check(self.prior_weight >= 0, f"train.prior_weight must be >= 0; got {self.prior_weight}")
         _check(self.checkpoint_every >= 0, f"train.checkpoint_every must be >= 0; got {self.checkpoint_every}")
@@ -457,6 +459,16 @@ class TrainConfig:
         _check_choice("train.sample_scheduler", self.sample_scheduler, SAMPLERS)
         for prompt in self.sample_prompts:  # kohya's options: a bad one stops the run before it starts
             parse_prompt_line(prompt, f"train.sample_prompts {prompt!r}")
+
+    def _check_schedule_free(self) -> None:
+        """Schedule-free AdamW averages its iterates in place of a schedule: a constant rate (a warm-up is fine), and
+        no max-norm rescaling of the weights the gradient is taken at (the average it exports would not follow)."""
+        _check(
+            self.lr_scheduler == "constant" and self.text_encoder_lr_scheduler in ("", "constant"),
+            f"--optimizer adamw_schedulefree replaces the learning-rate schedule by averaging; use --lr-scheduler constant (now "
+            f"{self.lr_scheduler!r}{', text encoder ' + repr(self.text_encoder_lr_scheduler) if self.text_encoder_lr_scheduler else ''}), with --warmup-steps if wanted",
+        )
+        _check(self.scale_weight_norms == 0, "--scale-weight-norms cannot go with --optimizer adamw_schedulefree: it would rescale the weights the gradient is taken at, not the average that is saved")
 
     @property
     def pseudo_huber(self) -> bool:

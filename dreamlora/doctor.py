@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "xformers", "bitsandbytes", "prodigyopt", "lion-pytorch", "pillow-heif")
+PACKAGES = ("torch", "diffusers", "transformers", "peft", "accelerate", "safetensors", "xformers", "bitsandbytes", "prodigyopt", "lion-pytorch", "schedulefree", "pillow-heif")
 
 
 @dataclass

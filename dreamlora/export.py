@@ -536,6 +536,7 @@ OPTIMIZER_NAMES = {
     "adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit", "prodigy": "prodigyopt.Prodigy",
     "adafactor": "transformers.optimization.Adafactor(scale_parameter=False,relative_step=False,warmup_init=False)",
     "lion": "lion_pytorch.lion_pytorch.Lion",
+    "adamw_schedulefree": "schedulefree.adamw_schedulefree.AdamWScheduleFree",
 }  # fmt: skip
 
 

@@ -532,7 +532,7 @@ def make_optimizer(
     groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, device: torch.device, capturable: bool = False, up_weights: dict[str, list[bool]] | None = None,
     lr_factors: dict[str, list[float]] | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW (or bitsandbytes' 8-bit AdamW, Prodigy, Adafactor or Lion) with one parameter group (and learning rate) per trained model;
+    """AdamW (or bitsandbytes' 8-bit AdamW, Prodigy, Adafactor, Lion or schedule-free AdamW) with one parameter group (and learning rate) per trained model;
     fused kernels on CUDA. Each group names its model under "model" (`make_lr_scheduler` reads it).
 
     `capturable`: state and learning rates live on the GPU so the update can run inside a CUDA graph.
@@ -571,6 +571,13 @@ def make_optimizer(
 
         # At the given rates, as kohya's guides set it for LoRA: no relative step size, no parameter scaling, no warm-up init.
         return Adafactor(param_groups, lr=cfg.train.lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    if cfg.train.optimizer == "adamw_schedulefree":
+        try:
+            from schedulefree import AdamWScheduleFree
+        except ImportError as error:
+            raise ConfigError(f"--optimizer adamw_schedulefree needs schedulefree, which is not installed ({error}); pip install 'dreamlora[schedulefree]', or use --optimizer adamw") from error
+        # AdamW's betas, eps and weight decay as here; the warm-up is the schedule's (--warmup-steps ramps the rate it reads).
+        return AdamWScheduleFree(param_groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, warmup_steps=0)
     if cfg.train.optimizer == "lion":
         try:
             from lion_pytorch import Lion
@@ -1213,6 +1220,44 @@ class _Trainer:
                 save_embeddings(folder / EMBEDDINGS_FILE, self.pivotal.token, self.pivotal.tensors())
             return path
 
+    def _schedule_free(self) -> Any:
+        """The schedule-free optimizer (its own object, not accelerate's wrapper), or None for the others."""
+        return getattr(self.optimizer, "optimizer", self.optimizer) if self.cfg.train.optimizer == "adamw_schedulefree" else None
+
+    def _set_weights(self, averaged: bool) -> None:
+        """Schedule-free keeps two points: the average x it exports (eval mode) and the point y gradients are taken at
+        (train mode); put one of them in the model. Going to x, y is kept in the optimizer's state (so a checkpoint
+        holds it too); coming back, y is restored exactly, not recomputed from x (which rounds): sampling and
+        checkpoints do not move training, and a resumed run ends bit-identical. With bf16 master weights, the masters
+        hold the point and the model gets their copy."""
+        optimizer = self._schedule_free()
+        if optimizer is None:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        with torch.no_grad():
+            if averaged:
+                for param in params:
+                    if "z" in optimizer.state[param]:
+                        optimizer.state[param]["y"] = param.detach().clone()
+                optimizer.eval()
+            else:
+                optimizer.train()
+                for param in params:
+                    if (y := optimizer.state[param].pop("y", None)) is not None:
+                        param.copy_(y)
+        if self.masters:
+            self.masters.masters_to_model()
+
+    @contextlib.contextmanager
+    def averaged_weights(self) -> Iterator[None]:
+        """Inside: schedule-free's averaged weights, the ones saved and sampled; after, training's. Every process
+        switches alike (the round trip rounds, and the processes' weights must stay equal). No-op for other optimizers."""
+        self._set_weights(averaged=True)
+        try:
+            yield
+        finally:
+            self._set_weights(averaged=False)
+
     def training_state(self, step: int) -> dict[str, Any]:
         scaler = self.accelerator.scaler.state_dict() if self.accelerator.scaler is not None else None
         return {"optimizer": self.optimizer.state_dict(), "lr_scheduler": self.lr_scheduler.state_dict(), "scaler": scaler, "rng": ckpt.capture_rng_state(), "config": to_dict(self.cfg)}
@@ -1230,6 +1275,7 @@ class _Trainer:
             model.train()  # the text encoders load in eval mode: LoRA dropout needs training mode
         self.allow_zero = cfg.adapter.module_dropout > 0  # every LoRA of a group may be skipped in the first step
         self.graph_step = self._make_graph_step() if self.graphs else None
+        self._set_weights(averaged=False)  # schedule-free steps in train mode (a checkpoint holds the average)
         for step in range(self.start_step, cfg.train.max_steps):
             if self.encode_each_step and self.graph_step is None:
                 self._freeze_finished_parts(step)
@@ -1341,9 +1387,9 @@ class _Trainer:
         step_lrs = [float(rate) for rate in self.lr_scheduler.get_last_lr()] if log_now else []
         self.lr_scheduler.step()
         drift = {}
-        if sample_now and self.monitor is not None:
-            with self.parked_vae.on_device():
-                drift = self.monitor.sample(done)
+        if sample_now:
+            with self.averaged_weights(), self.parked_vae.on_device():
+                drift = self.monitor.sample(done) if self.monitor is not None else {}
         if log_now:
             self._log(done, step_lrs, drift)
         self._checkpoint_or_stop(done)
@@ -1398,16 +1444,18 @@ class _Trainer:
         every = cfg.train.checkpoint_every
         if every and (done % every == 0 or done == cfg.train.max_steps) and self.bad_steps == 0:
             accelerator.wait_for_everyone()
-            if accelerator.is_main_process:
-                ckpt.save_checkpoint(run_dir, done, self.write_lora, self.training_state(done), cfg.train.keep_checkpoints)
-                ckpt.write_json(run_dir / ckpt.RUN_INFO, self.run_info(done, "running"))
+            with self.averaged_weights():
+                if accelerator.is_main_process:
+                    ckpt.save_checkpoint(run_dir, done, self.write_lora, self.training_state(done), cfg.train.keep_checkpoints)
+                    ckpt.write_json(run_dir / ckpt.RUN_INFO, self.run_info(done, "running"))
         if done < cfg.train.max_steps and self.control.stop_requested(accelerator):
             accelerator.wait_for_everyone()
             folder = ckpt.checkpoint_dir(run_dir, done)
-            if accelerator.is_main_process:
-                if not (every and done % every == 0 and self.bad_steps == 0):
-                    ckpt.save_checkpoint(run_dir, done, self.write_lora, self.training_state(done), cfg.train.keep_checkpoints)
-                ckpt.write_json(run_dir / ckpt.RUN_INFO, self.run_info(done, "interrupted"))
+            with self.averaged_weights():
+                if accelerator.is_main_process:
+                    if not (every and done % every == 0 and self.bad_steps == 0):
+                        ckpt.save_checkpoint(run_dir, done, self.write_lora, self.training_state(done), cfg.train.keep_checkpoints)
+                    ckpt.write_json(run_dir / ckpt.RUN_INFO, self.run_info(done, "interrupted"))
             number = self.control.signal_number or signal.SIGTERM
             raise TrainingInterrupted(
                 f"training stopped by {signal.Signals(number).name} after step {done} of {cfg.train.max_steps}; checkpoint saved in {folder}. "
@@ -1423,6 +1471,7 @@ class _Trainer:
         lora_path = self.run_dir / ckpt.LORA_DIR / LORA_FILE
         samples: list[Path] = []
         self.parked_vae.unpark()  # for the final pictures, and where a caller passing `components` expects it
+        self._set_weights(averaged=True)  # schedule-free: the average is the result
         if accelerator.is_main_process:
             lora_path = ckpt.write_folder_atomic(self.run_dir / ckpt.LORA_DIR, self.write_lora) / LORA_FILE
             ckpt.write_json(self.run_dir / ckpt.RUN_INFO, self.run_info(cfg.train.max_steps, "finished"))

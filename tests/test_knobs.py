@@ -284,6 +284,58 @@ def test_a_lion_run_trains_resumes_exactly_and_records_its_optimizer(tmp_path: P
     assert read_safetensors(tmp_path / "w.safetensors")[1]["ss_optimizer"] == "lion_pytorch.lion_pytorch.Lion"
 
 
+def test_schedule_free_needs_a_constant_rate_and_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    for overrides, message in (
+        ({"train.lr_scheduler": "cosine"}, "use --lr-scheduler constant (now 'cosine')"),
+        ({"train.text_encoder_lr_scheduler": "linear"}, "text encoder 'linear'"),
+        ({"train.scale_weight_norms": "1.0"}, "--scale-weight-norms cannot go with --optimizer adamw_schedulefree"),
+    ):  # fmt: skip
+        with pytest.raises(ConfigError, match=re.escape(message)):
+            load_config(None, {"train.optimizer": "adamw_schedulefree", **overrides})
+    cfg = load_config(None, {"train.optimizer": "adamw_schedulefree", "train.warmup_steps": "10"})  # a warm-up is fine
+    groups = {"unet": [torch.nn.Parameter(torch.zeros(2))]}
+    monkeypatch.setitem(sys.modules, "schedulefree", None)  # as if not installed
+    with pytest.raises(ConfigError, match=r"pip install 'dreamlora\[schedulefree\]'"):
+        make_optimizer(groups, cfg, torch.device("cpu"))
+    monkeypatch.delitem(sys.modules, "schedulefree")
+    pytest.importorskip("schedulefree")
+    assert type(make_optimizer(groups, cfg, torch.device("cpu"))).__name__ == "AdamWScheduleFree"
+
+
+def test_a_schedule_free_run_saves_the_average_and_resumes_exactly(tmp_path: Path, instance_dir: Path) -> None:
+    from typer.testing import CliRunner
+
+    from dreamlora.checkpoint import load_checkpoint_state
+    from dreamlora.cli import app
+
+    pytest.importorskip("schedulefree")
+    runner = CliRunner()
+    args = ["train", "--model", "tiny", "--instance", str(instance_dir), "--resolution", "32", "--optimizer", "adamw_schedulefree", "--seed", "1",
+            "--lr", "1e-3", "--set", "train.num_samples=1", "--set", "train.sample_every=1", "--set", "adapter.init=gaussian", "--checkpoint-every", "2"]
+    whole = runner.invoke(app, [*args, "--max-steps", "4", "--out", str(tmp_path / "whole")])
+    assert whole.exit_code == 0, whole.output
+    assert runner.invoke(app, [*args, "--max-steps", "2", "--out", str(tmp_path / "part")]).exit_code == 0
+    resumed = runner.invoke(app, ["train", "--resume", "--out", str(tmp_path / "part"), "--max-steps", "4"])
+    assert resumed.exit_code == 0, resumed.output
+    final, _ = read_diffusers_lora(tmp_path / "whole" / "lora")
+    last = tmp_path / "whole" / "checkpoints" / "step-000004"
+    state = load_checkpoint_state(last)
+    # Checkpoints hold the average (the optimizer saved in eval mode), and the final LoRA is that same average.
+    assert all(group["train_mode"] is False for group in state["optimizer"]["param_groups"])
+    saved, _ = read_diffusers_lora(last / "lora")
+    for model in final:
+        assert all(torch.equal(final[model][k], saved[model][k]) for k in final[model])
+    # Where training steps from (y = x + (1 - beta1)(z - x)) is not the average: saving the wrong one would show.
+    z = [v["z"] for v in state["optimizer"]["state"].values()]
+    assert z and any(not torch.equal(t, torch.zeros_like(t)) for t in z)
+    # Resumed at step 2 (and sampled at every step in both runs): bit-identical to the uninterrupted run.
+    part, _ = read_diffusers_lora(tmp_path / "part" / "lora")
+    for model in final:
+        assert final[model].keys() == part[model].keys() and all(torch.equal(final[model][k], part[model][k]) for k in final[model])
+    exported = runner.invoke(app, ["export", str(tmp_path / "whole"), "--format", "a1111", "--out", str(tmp_path / "w.safetensors"), "--no-verify"])
+    assert exported.exit_code == 0 and read_safetensors(tmp_path / "w.safetensors")[1]["ss_optimizer"] == "schedulefree.adamw_schedulefree.AdamWScheduleFree"
+
+
 @pytest.mark.parametrize(("key", "value", "message"), [
     ("train.snr_gamma", "-1", "snr_gamma"),
     ("train.noise_offset", "-0.1", "noise_offset"),
