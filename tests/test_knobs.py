@@ -201,6 +201,18 @@ def test_adamw8bit_uses_bitsandbytes_or_says_how_to_install_it(monkeypatch: pyte
     assert type(optimizer) is AdamW8bit and optimizer.param_groups[0]["lr"] == cfg.train.lr
 
 
+def _optional_optimizer(monkeypatch: pytest.MonkeyPatch, module: str, extra: str, groups: dict, cfg, class_name: str) -> torch.optim.Optimizer:
+    """An optimizer from an optional package: without it, an install hint; with it (else the test is skipped), the class."""
+    monkeypatch.setitem(sys.modules, module, None)  # as if not installed
+    with pytest.raises(ConfigError, match=re.escape(f"pip install 'dreamlora[{extra}]'")):
+        make_optimizer(groups, cfg, torch.device("cpu"))
+    monkeypatch.delitem(sys.modules, module)
+    pytest.importorskip(module)
+    optimizer = make_optimizer(groups, cfg, torch.device("cpu"))
+    assert type(optimizer).__name__ == class_name
+    return optimizer
+
+
 def test_prodigy_takes_lr_1_says_how_to_install_it_and_refuses_an_adamw_lr(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
@@ -208,12 +220,7 @@ def test_prodigy_takes_lr_1_says_how_to_install_it_and_refuses_an_adamw_lr(tmp_p
 
     groups = {"unet": [torch.nn.Parameter(torch.zeros(2))]}
     cfg = load_config(None, {"train.optimizer": "prodigy", "train.lr": "1.0"})
-    monkeypatch.setitem(sys.modules, "prodigyopt", None)  # as if not installed
-    with pytest.raises(ConfigError, match=r"pip install 'dreamlora\[prodigy\]'"):
-        make_optimizer(groups, cfg, torch.device("cpu"))
-    monkeypatch.delitem(sys.modules, "prodigyopt")
-    pytest.importorskip("prodigyopt")
-    assert type(make_optimizer(groups, cfg, torch.device("cpu"))).__name__ == "Prodigy"
+    _optional_optimizer(monkeypatch, "prodigyopt", "prodigy", groups, cfg, "Prodigy")
     with pytest.raises(ConfigError, match=r"scales the step size Prodigy finds \(1.0 is usual\); got 0.0001: pass --lr 1.0"):
         load_config(None, {"train.optimizer": "prodigy"})
     # Prodigy raises mid-run when its groups' rates differ (other than 0): such settings are refused up front.
@@ -242,13 +249,7 @@ def test_lion_steps_each_group_at_its_rate_says_how_to_install_it_and_defaults_i
     torch.manual_seed(0)
     unet, text = torch.nn.Parameter(torch.randn(8)), torch.nn.Parameter(torch.randn(8))
     cfg = load_config(None, {"train.optimizer": "lion", "train.lr": "3e-5", "train.text_encoder_lr": "1e-5"})
-    monkeypatch.setitem(sys.modules, "lion_pytorch", None)  # as if not installed
-    with pytest.raises(ConfigError, match=r"pip install 'dreamlora\[lion\]'"):
-        make_optimizer({"unet": [unet], "text_encoder": [text]}, cfg, torch.device("cpu"))
-    monkeypatch.delitem(sys.modules, "lion_pytorch")
-    pytest.importorskip("lion_pytorch")
-    optimizer = make_optimizer({"unet": [unet], "text_encoder": [text]}, cfg, torch.device("cpu"))
-    assert type(optimizer).__name__ == "Lion"
+    optimizer = _optional_optimizer(monkeypatch, "lion_pytorch", "lion", {"unet": [unet], "text_encoder": [text]}, cfg, "Lion")
     before = unet.detach().clone(), text.detach().clone()
     (unet.sum() * 2 - text.square().sum()).backward()
     optimizer.step()
@@ -293,13 +294,7 @@ def test_schedule_free_needs_a_constant_rate_and_says_how_to_install_it(monkeypa
         with pytest.raises(ConfigError, match=re.escape(message)):
             load_config(None, {"train.optimizer": "adamw_schedulefree", **overrides})
     cfg = load_config(None, {"train.optimizer": "adamw_schedulefree", "train.warmup_steps": "10"})  # a warm-up is fine
-    groups = {"unet": [torch.nn.Parameter(torch.zeros(2))]}
-    monkeypatch.setitem(sys.modules, "schedulefree", None)  # as if not installed
-    with pytest.raises(ConfigError, match=r"pip install 'dreamlora\[schedulefree\]'"):
-        make_optimizer(groups, cfg, torch.device("cpu"))
-    monkeypatch.delitem(sys.modules, "schedulefree")
-    pytest.importorskip("schedulefree")
-    assert type(make_optimizer(groups, cfg, torch.device("cpu"))).__name__ == "AdamWScheduleFree"
+    _optional_optimizer(monkeypatch, "schedulefree", "schedulefree", {"unet": [torch.nn.Parameter(torch.zeros(2))]}, cfg, "AdamWScheduleFree")
 
 
 def test_a_schedule_free_run_saves_the_average_and_resumes_exactly(tmp_path: Path, instance_dir: Path) -> None:
