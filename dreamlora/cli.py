@@ -196,6 +196,7 @@ def _progress() -> Any:
         TimeRemainingColumn(table_column=whole()),
         console=console,
         transient=False,
+        disable=not _is_main_process(),  # under `accelerate launch`, one bar: the main process's
     )
 
 

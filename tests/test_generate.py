@@ -104,6 +104,7 @@ def test_two_cpu_processes_train_data_parallel(tmp_path: Path, instance_dir: Pat
     info = json.loads((tmp_path / "runs" / "ddp" / "run.json").read_text())
     assert info["processes"] == 2 and info["steps"] == 4 and info["status"] == "finished"
     assert result.stdout.count("training finished") == 1  # only the main process reports
+    assert "4/4" in result.stderr and "0/4" not in result.stderr  # one progress bar, the main process's (not an idle one per rank)
     assert (tmp_path / "runs" / "ddp" / "checkpoints" / "step-000002" / "state.json").is_file()
     # Pivotal tuning's embeddings sit outside the models DDP wraps: their gradients are averaged by hand.
     assert (tmp_path / "runs" / "ddp" / "lora" / "embeddings.safetensors").is_file()
