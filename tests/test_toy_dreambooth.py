@@ -47,3 +47,34 @@ def test_subject_is_learned_and_prior_preservation_keeps_the_class(tmp_path: Pat
     for run in (kept, drifted):
         assert run.mark("a photo of cat") <= 0.0625 and run.right_class("a photo of cat") >= 0.875  # another class stays a blue square
     assert (tmp_path / "seed0-prior1.png").is_file() and (tmp_path / "seed0-prior0.png").is_file()  # base vs trained pictures
+
+
+def test_a_rerun_of_the_measure_keeps_the_earlier_runs_pictures_and_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import types
+
+    from dreamlora import train as train_module
+    from dreamlora.demo import PromptScore
+    from dreamlora.toy import measure as measure_module
+
+    trained: list[Path] = []
+
+    def fake_train(cfg: types.SimpleNamespace) -> types.SimpleNamespace:
+        cfg.out.mkdir(parents=True)  # as train does: an existing folder would be refused
+        trained.append(cfg.out)
+        return types.SimpleNamespace(run_dir=cfg.out)
+
+    def fake_evaluate(run_dir: Path, picture: Path, **_: object) -> types.SimpleNamespace:
+        assert not picture.exists()
+        picture.write_bytes(b"png")
+        prompts = ("a photo of sks dog", "a photo of dog", "a photo of cat")
+        return types.SimpleNamespace(scores=[PromptScore(p, 0.0, 1.0, 1.0, 1.0, 0.1) for p in prompts])
+
+    monkeypatch.setattr(measure_module, "make_prior_set", lambda model, class_dir: None)
+    monkeypatch.setattr(measure_module, "recipe", lambda model, class_dir, out, *args: types.SimpleNamespace(out=out))
+    monkeypatch.setattr(measure_module, "evaluate", fake_evaluate)
+    monkeypatch.setattr(train_module, "train", fake_train)
+    for _ in range(2):
+        measure_module.main(["--out", str(tmp_path), "--seeds", "0", "--prior-weights", "1"])
+    assert [p.name for p in trained] == ["seed0-prior1", "seed0-prior1-2"]
+    assert (tmp_path / "seed0-prior1.png").is_file() and (tmp_path / "seed0-prior1-2.png").is_file()
+    assert (tmp_path / "table.md").is_file() and (tmp_path / "table-2.md").is_file()

@@ -6,7 +6,7 @@
 For each training seed and prior weight it trains the toy recipe (`dreamlora/configs/toy.toml`: rank 8, lr 1e-3 for the
 UNet LoRA and 1e-4 for the text-encoder LoRA, 300 steps, batch 4+4, 50 class images) on the sample photos, then
 draws 16 images per prompt at fixed seeds with the base model and with the LoRA and reads each back with the toy
-world's reader (`demo.evaluate`). It prints the table in the README's layout and writes it to OUT/table.md, with one
+world's reader (`demo.evaluate`). It prints the table in the README's layout and writes it to OUT/table.md (table-2.md and runs/...-2 on a rerun), with one
 base-vs-trained picture per run. The behavioural test (`tests/test_toy_dreambooth.py`) trains and reads exactly as
 this does, for one seed.
 """
@@ -70,7 +70,9 @@ def measure(
     model: str, out: Path, seeds: Sequence[int] = (0, 1), prior_weights: Sequence[float] = (1.0, 0.0), eval_seeds: int = 16, guidance: float = 5.0,
     extra: dict[str, str] | None = None,
 ) -> list[Measurement]:
-    """Train and read back every (seed, prior weight) pair, drawing at `guidance`; the class set is made once in OUT/priors/dog."""
+    """Train and read back every (seed, prior weight) pair, drawing at `guidance`; the class set is made once in OUT/priors/dog.
+    Run again on the same OUT, it reuses the class set and writes new runs and pictures beside the old (`-2`, `-3`, ...)."""
+    from dreamlora.checkpoint import next_free_path
     from dreamlora.train import train
 
     class_dir = out / "priors" / "dog"
@@ -79,8 +81,9 @@ def measure(
     for seed in seeds:
         for weight in prior_weights:
             name = f"seed{seed}-prior{weight:g}"
-            result = train(recipe(model, class_dir, out / "runs" / name, seed, weight, extra))
-            scores = evaluate(result.run_dir, out / f"{name}.png", seeds=eval_seeds, guidance=guidance, model=model).scores
+            result = train(recipe(model, class_dir, next_free_path(out / "runs" / name), seed, weight, extra))
+            picture = next_free_path(out / f"{result.run_dir.name}.png")
+            scores = evaluate(result.run_dir, picture, seeds=eval_seeds, guidance=guidance, model=model).scores
             rows.append(Measurement(seed, weight, {s.prompt: s for s in scores}))
     return rows
 
@@ -123,7 +126,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = measure(args.model, args.out, args.seeds, args.prior_weights, args.eval_seeds, args.guidance, parse_set_options(args.extra))
     table = format_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "table.md").write_text(table + "\n", encoding="utf-8")
+    path, n = args.out / "table.md", 2
+    while path.exists():  # an earlier table is kept
+        path, n = args.out / f"table-{n}.md", n + 1
+    path.write_text(table + "\n", encoding="utf-8")
     print(table, flush=True)
 
 
