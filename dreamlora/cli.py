@@ -527,6 +527,8 @@ def train(
     sample_every: Annotated[Optional[int], typer.Option(help="Every N steps: sample grid samples/step-N.png and drift figures (0: only at the end).")] = None,
     sample_every_epochs: Annotated[Optional[int], typer.Option(help="Sample grids and drift figures every N epochs instead.")] = None,
     num_samples: Annotated[Optional[int], typer.Option(help="Images per prompt in sample grids (default 4, fixed seeds).")] = None,
+    validate_every: Annotated[Optional[int], typer.Option(help="Every N steps: loss at fixed timesteps and noise on class images held out of training (the class drifting shows as it rising above the base model's) and on the photos (a smooth fit curve).")] = None,
+    validation_images: Annotated[Optional[int], typer.Option(help="With --validate-every: class images held out of training for it (default 4).")] = None,
     sample_prompt: Annotated[Optional[list[str]], typer.Option("--sample-prompt", help="Another prompt for the sample grids, e.g. 'a photo of sks dog on a beach' (repeatable; may end in kohya's --n --w --h --d --l --s --ss).")] = None,
     sample_scheduler: Annotated[Optional[str], typer.Option("--sample-scheduler", help="The sample grids' sampler: dpm++ (default)|pndm|ddim|euler|euler_a|heun|dpm2|dpm2_a|unipc, or kohya's --sample_sampler names (k_euler_a, ...).")] = None,
     sample_prompts: Annotated[Optional[Path], typer.Option("--sample-prompts", help="Sample-grid prompts from a text file, one per line in kohya's format (its --sample_prompts): 'a photo of sks dog --n blurry --s 30'.")] = None,
@@ -591,6 +593,7 @@ def train(
         "train.seed": seed, "data.resolution": resolution, "data.center_crop": False if random_crop else None,
         "data.flip": True if flip else None, "train.out": out_dir, **_every_flags(checkpoint_every, checkpoint_every_epochs, sample_every, sample_every_epochs),
         "train.keep_checkpoints": keep_checkpoints, "model.name": model, "model.vae": vae, "train.compile": compile_,
+        "train.validate_every": validate_every, "train.validation_images": validation_images,
         "train.num_samples": num_samples, "train.sample_prompts": tuple(sample_prompt) if sample_prompt else None, "train.sample_scheduler": _sampler_name(sample_scheduler), "train.report_to": report_to,
         "train.snr_gamma": snr_gamma, "train.noise_offset": noise_offset, "train.loss": loss, "train.huber_c": huber_c, "train.huber_schedule": huber_schedule, "train.text_encoder_steps_fraction": text_encoder_steps_fraction,
         "train.text_encoder_lr_scheduler": text_encoder_lr_scheduler, "train.text_encoder_warmup_steps": text_encoder_warmup_steps,
@@ -681,6 +684,10 @@ def _start_training(config: Path | None, overrides: dict[str, Any]) -> None:
         overrides["train.lr"] = LION_DEFAULT_LR
         console.print(f"Lion: --lr {LION_DEFAULT_LR:g} (a third of AdamW's default: its steps are sign-sized; --lr to choose another)")
     cfg = load_config(config, overrides)
+    if "train.validation_images" in overrides and not cfg.train.validate_every:
+        from dreamlora.errors import ConfigError
+
+        raise ConfigError("--validation-images sets how many class images --validate-every holds out; add --validate-every N (e.g. 50) or drop it")
     cfg, needs_prior = training.resolve_data(cfg)
     if needs_prior:
         if _is_main_process():
@@ -700,6 +707,10 @@ def _train_with_progress(training: Any, cfg: Any, **kwargs: Any) -> None:
                 drift[0] = drift_figures(record)
                 # Also a line of its own above the bar: a narrow terminal cuts the bar's text, and the history stays.
                 progress.console.print(f"step {record['step']} samples: {drift[0]}", highlight=False)
+            if "fit_instance_loss" in record:
+                from dreamlora.validation import describe
+
+                progress.console.print(f"step {record['step']} validation: {describe(record)}", highlight=False)
             progress.update(
                 task,
                 completed=record["step"],

@@ -341,6 +341,8 @@ class TrainConfig:
     sample_every: int = 0  # 0: samples only at the end
     sample_every_epochs: int = 0  # N > 0: sample_every becomes N epochs of steps (kohya's --sample_every_n_epochs)
     num_samples: int = 4
+    validate_every: int = 0  # N > 0: every N steps, the loss at fixed timesteps and noise on held-out class images and on the photos (validation.py); 0: off
+    validation_images: int = 4  # class images held out of training for that validation (only with validate_every)
     sample_prompts: tuple[str, ...] = ()  # more prompts in every sample grid, e.g. the subject somewhere new
     sample_scheduler: str = "dpm++"  # the sample grids' sampler, one of SAMPLERS (kohya's --sample_sampler)
     log_every: int = 10
@@ -456,6 +458,8 @@ class TrainConfig:
         _check(self.checkpoint_every_epochs >= 0 and self.sample_every_epochs >= 0, "train.checkpoint_every_epochs and train.sample_every_epochs must be >= 0 (0: off)")
         _check(self.sample_every >= 0, f"train.sample_every must be >= 0 (0 = samples only at the end); got {self.sample_every}")
         _check(self.num_samples >= 0, f"train.num_samples must be >= 0 (0: no sample images); got {self.num_samples}")
+        _check(self.validate_every >= 0, f"train.validate_every must be >= 0 (0 = no validation loss); got {self.validate_every}")
+        _check(1 <= self.validation_images <= 64, f"train.validation_images must be in [1, 64] (class images held out for validation; 4 is usual); got {self.validation_images}")
         _check_choice("train.sample_scheduler", self.sample_scheduler, SAMPLERS)
         for prompt in self.sample_prompts:  # kohya's options: a bad one stops the run before it starts
             parse_prompt_line(prompt, f"train.sample_prompts {prompt!r}")

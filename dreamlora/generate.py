@@ -476,7 +476,8 @@ def plot_metrics(metrics_path: Path, out: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     drift_keys = [(k, label) for k, label in DRIFT_CURVES if any(k in r for r in records)]
-    panels = 3 if drift_keys else 2
+    validation_keys = [(k, label, colour) for k, label, colour in VALIDATION_CURVES if any(k in r for r in records)]
+    panels = 2 + bool(drift_keys) + bool(validation_keys)
     fig, axes = plt.subplots(panels, 1, figsize=(7, 3 * panels), sharex=True)
     ax_loss, ax_lr = axes[0], axes[1]
     steps = [r["step"] for r in records]
@@ -499,6 +500,15 @@ def plot_metrics(metrics_path: Path, out: Path) -> Path | None:
             ax_drift.plot([p[0] for p in points], [p[1] for p in points], marker="o", label=label)
         ax_drift.set_ylabel("image distance")
         ax_drift.legend()
+    if validation_keys:
+        ax_val = axes[2 + bool(drift_keys)]
+        for key, label, colour in validation_keys:
+            points = [(r["step"], r[key], r.get(f"{key}_base")) for r in records if key in r]
+            ax_val.plot([p[0] for p in points], [p[1] for p in points], marker="o", color=colour, label=label)
+            if points[-1][2] is not None:  # the base model's loss on the same images, timesteps and noise
+                ax_val.axhline(points[-1][2], color=colour, linestyle="--", linewidth=1, label=f"{label.split(' (')[0]}: base model")
+        ax_val.set_ylabel("loss (fixed noise)")
+        ax_val.legend(fontsize="small")
     axes[-1].set_xlabel("step")
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -506,6 +516,10 @@ def plot_metrics(metrics_path: Path, out: Path) -> Path | None:
     return out
 
 
+VALIDATION_CURVES = (
+    ("val_class_loss", "held-out class images (above base = class drifts)", "tab:red"),
+    ("fit_instance_loss", "photos (fit)", "tab:blue"),
+)
 DRIFT_CURVES = (
     ("class_drift", "class drift (vs base, lower = class kept)"),
     ("class_palette_drift", "class palette drift (colours vs base)"),

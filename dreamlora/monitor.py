@@ -105,7 +105,7 @@ class SampleMonitor:
         self.out_dir = out_dir
         self.latest: tuple[int, dict[str, list[Image.Image]]] = (-1, {})  # the last samples (step, images per prompt)
         self.pipeline = build_pipeline(components, scheduler)
-        with _eval_mode(self._models()), adapters_disabled(self._models()):
+        with eval_mode(self._models()), adapters_disabled(self._models()):
             # The base model's images, generated once per run and compared with every later sample.
             self.base = {prompt: self._generate(prompt) for prompt in self.prompts}
 
@@ -117,7 +117,7 @@ class SampleMonitor:
 
     def sample(self, step: int) -> dict[str, float]:
         """Write `samples/step-NNNNNN.png` (instance row, class row, extra prompts' rows) and return the drift figures."""
-        with _eval_mode(self._models()):
+        with eval_mode(self._models()):
             images = {prompt: self._generate(prompt, self.adapted_prompt) for prompt in self.prompts}
         self.latest = (step, images)
         self.out_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +130,7 @@ class SampleMonitor:
         return figures
 
 
-class _eval_mode:
+class eval_mode:
     """Put models in eval mode for sampling and restore each one's previous mode."""
 
     def __init__(self, models: list[torch.nn.Module]) -> None:

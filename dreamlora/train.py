@@ -33,6 +33,7 @@ from dreamlora.pivotal import EMBEDDINGS_FILE, PivotalEmbeddings, embeddings_for
 from dreamlora.prior import MANIFEST, read_prior_set, safe_name
 from dreamlora.sampling import AugmentedLatents, class_indices, instance_plan, steps_per_epoch
 from dreamlora.step import CudaGraphStep, batch_loss, dreambooth_loss  # noqa: F401 - dreambooth_loss is part of train's interface
+from dreamlora.validation import Validator, make_set, split_class_folder
 
 log = logging.getLogger(__name__)
 
@@ -459,8 +460,16 @@ class DreamBoothBatches:
         self.sources = [self._source(instance, components, disk)]
         self.prompts = [data.resolved_instance_prompt()]
         self.with_prior = bool(data.class_dir)
+        self.instance = instance
+        self.held_out: ImageFolderDataset | None = None  # --validate-every: class images training never draws
         if self.with_prior:
-            class_set = ImageFolderDataset(list_images(data.class_dir, "class"), data.class_prompt, data.resolution, "class", data.center_crop)
+            class_folder = list_images(data.class_dir, "class")
+            if cfg.train.validate_every:
+                class_folder, held = split_class_folder(class_folder, cfg.train.validation_images)
+                self.held_out = ImageFolderDataset(held, data.class_prompt, data.resolution, "class", True)
+                if rank == 0:
+                    log.info("--validate-every: %d class images held out for the validation loss (%s); training draws from the other %d", len(held.paths), ", ".join(p.name for p in held.paths), len(class_folder.paths))
+            class_set = ImageFolderDataset(class_folder, data.class_prompt, data.resolution, "class", data.center_crop)
             self.sources.append(self._source(class_set, components, disk))
             self.prompts.append(data.class_prompt)
         # Rows index distinct prompts (each encoded once per step): instance prompt, class prompt, then each caption.
@@ -1178,6 +1187,8 @@ class _Trainer:
             "batches_per_epoch": plan.batches_per_epoch,
             "steps_per_epoch": steps_per_epoch(plan, accelerator.num_processes, cfg.train.gradient_accumulation),
         }
+        if self.batches.held_out is not None:
+            self.dataset["validation_class_images"] = [path.name for path in self.batches.held_out.folder.paths]
         self.times = {"started_at": int(time.time())}
         self.start_step = 0
         if self.resume_from is not None:
@@ -1196,8 +1207,27 @@ class _Trainer:
         self.adapted_prompt = self.pivotal.expand if self.pivotal else None  # samples spell the token as its new tokens; base images do not
         sampling = cfg.train.sample_every and cfg.train.num_samples and accelerator.is_main_process
         self.monitor = _make_monitor(cfg, self.components, run_dir, self.adapted_prompt) if sampling else None
+        self.validator = self._make_validator() if cfg.train.validate_every and accelerator.is_main_process else None
         self.parked_vae = ParkedVae(self.components.vae, self.device, enabled=not self.batches.needs_vae)
         self.parked_vae.park()
+
+    def _make_validator(self) -> Validator:
+        """--validate-every: the held-out class images and the photos at fixed timesteps and noise; the base model's loss now."""
+        cfg, components = self.cfg, self.components
+        generator = torch.Generator().manual_seed(cfg.train.seed + 2**42)  # on the CPU: the same noise on any device
+        encode = functools.partial(encode_latent_stats, components.vae, where="the validation images")
+        sets = []
+        if self.batches.held_out is not None:
+            sets.append(make_set("val_class", self.batches.held_out, components, self.noise_scheduler, generator, encode))
+        else:
+            log.warning("--validate-every: no class images to hold out (no prior set), so only the fit to the photos is measured")
+        sets.append(make_set("fit_instance", self.batches.instance, components, self.noise_scheduler, generator, encode))
+        max_tokens, weighted = self.max_tokens, cfg.data.weighted_captions
+
+        def encode_prompts(prompts: list[str]) -> PromptEmbeddings:
+            return PromptTokens.of(components, prompts, max_tokens, weighted, self.device).encode(components)
+
+        return Validator(components, sets, encode_prompts, self.weight_dtype, self.accelerator.autocast, self.adapted_prompt)
 
     # --- what the run writes ----------------------------------------------------------------------
 
@@ -1379,9 +1409,10 @@ class _Trainer:
         """Non-finite steps counted (and too many in a row stop the run), the schedule moved on, samples drawn,
         metrics logged, a checkpoint written, and a stop request honoured."""
         cfg = self.cfg
-        every = cfg.train.sample_every
+        every, validate_every = cfg.train.sample_every, cfg.train.validate_every
         sample_now = bool(every) and (done % every == 0 or done == cfg.train.max_steps)  # the same on every process
-        log_now = sample_now or done % cfg.train.log_every == 0 or done == cfg.train.max_steps or done == self.start_step + 1
+        validate_now = bool(validate_every) and (done % validate_every == 0 or done == cfg.train.max_steps)
+        log_now = sample_now or validate_now or done % cfg.train.log_every == 0 or done == cfg.train.max_steps or done == self.start_step + 1
         self._count_non_finite(done, log_now)
         # The rates this step used, read before the schedule moves on (only to log: on the graphed path they are GPU tensors).
         step_lrs = [float(rate) for rate in self.lr_scheduler.get_last_lr()] if log_now else []
@@ -1390,6 +1421,10 @@ class _Trainer:
         if sample_now:
             with self.averaged_weights(), self.parked_vae.on_device():
                 drift = self.monitor.sample(done) if self.monitor is not None else {}
+        if validate_now:
+            with self.averaged_weights():  # every process switches alike; the main process measures
+                if self.validator is not None:
+                    drift.update(self.validator.measure())
         if log_now:
             self._log(done, step_lrs, drift)
         self._checkpoint_or_stop(done)
@@ -1665,6 +1700,8 @@ def changed_keys(saved: RunConfig, new: RunConfig) -> list[str]:
             dotted = f"{section}.{key}"
             if dotted in RESUME_FREE_KEYS or before[section].get(key) == value:
                 continue
+            if dotted == "train.validate_every" and before[section].get(key) and value:
+                continue  # how often to validate; turning it on or off changes which class images training draws
             if dotted in ("train.max_steps", "train.epochs") and _constant_schedules(new) and max(new.train.warmup_steps, new.train.text_encoder_warmup_steps) < min(saved.train.max_steps, new.train.max_steps):
                 continue  # a constant schedule does not depend on the step budget
             keys.append(f"{dotted}: {before[section].get(key)!r} -> {value!r}")
