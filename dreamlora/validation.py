@@ -72,13 +72,15 @@ class ValidationSet:
 def make_set(
     name: str, dataset: ImageFolderDataset, components: Components, noise_scheduler: Any, generator: torch.Generator, encode: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 ) -> ValidationSet:
-    """Each image's centre crop, unflipped, encoded to its posterior mean; each of the fixed timesteps with its own noise."""
+    """Each image's centre crop, unflipped, encoded to one fixed draw from the VAE posterior (training draws a new one
+    each step; SD's VAE posterior is narrow, so the draw barely matters there); each fixed timestep with its own noise."""
     from dreamlora.train import diffusion_target
 
     vae = components.vae
     pixels = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
-    means, _ = encode(pixels)
-    latents = (means - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
+    means, stds = encode(pixels)
+    draw = torch.randn(means.shape, generator=generator, device=generator.device).to(means.device)
+    latents = (means + stds * draw - (getattr(vae.config, "shift_factor", None) or 0.0)) * vae.config.scaling_factor
     steps = validation_timesteps(noise_scheduler.config.num_train_timesteps)
     latents = latents.repeat_interleave(len(steps), dim=0)
     timesteps = torch.tensor(steps * len(dataset), device=latents.device)

@@ -78,3 +78,27 @@ def test_a_rerun_of_the_measure_keeps_the_earlier_runs_pictures_and_table(tmp_pa
     assert [p.name for p in trained] == ["seed0-prior1", "seed0-prior1-2"]
     assert (tmp_path / "seed0-prior1.png").is_file() and (tmp_path / "seed0-prior1-2.png").is_file()
     assert (tmp_path / "table.md").is_file() and (tmp_path / "table-2.md").is_file()
+
+
+def test_held_out_class_loss_stays_lower_with_prior_preservation(tmp_path: Path) -> None:
+    # `--validate-every` on the toy recipe (seed 0, the first 100 steps of the README's runs, 4 of the 50 class images
+    # held out). The toy VAE's posterior is wide, so most of the fall below the base model's loss is both runs
+    # learning its noise (docs/toy-model.md); prior preservation keeps the held-out loss lower at every reading
+    # (measured: 0.382 / 0.336 with it, 0.395 / 0.345 without, base 0.495).
+    import json
+
+    from dreamlora.toy.measure import make_prior_set, recipe
+    from dreamlora.train import train
+
+    class_dir = tmp_path / "priors" / "dog"
+    make_prior_set("toy", class_dir)
+    readings = {}
+    for weight in (1.0, 0.0):
+        cfg = recipe("toy", class_dir, tmp_path / f"prior{weight:g}", 0, weight, {"train.max_steps": "100", "train.validate_every": "50"})
+        records = [json.loads(line) for line in (train(cfg).run_dir / "metrics.jsonl").read_text().splitlines()]
+        readings[weight] = [r for r in records if "val_class_loss" in r]
+    print(readings)
+    for kept, drifted in zip(readings[1.0], readings[0.0]):
+        assert kept["step"] == drifted["step"] and kept["val_class_loss_base"] == drifted["val_class_loss_base"]
+        assert kept["val_class_loss"] <= drifted["val_class_loss"] - 0.005
+    assert [r["step"] for r in readings[1.0]] == [50, 100]

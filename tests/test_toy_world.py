@@ -369,3 +369,21 @@ def test_pretraining_from_scratch_on_a_lexical_text_encoder_saves_it_as_built(tm
     for name, weight in built.state_dict().items():  # frozen through pretraining: saved as built (in fp16)
         if name in saved:
             assert torch.allclose(saved[name].float(), weight, atol=2e-3 * max(1.0, weight.abs().max().item())), name
+
+
+def test_narrow_posterior_fixes_the_vae_posterior_width_and_keeps_its_means() -> None:
+    # The shipped VAE's posterior is about as wide as its latents (docs/toy-model.md, "The VAE posterior"); the
+    # pretraining option --narrow-posterior makes it narrow, as SD's, without moving a mean.
+    from diffusers import AutoencoderKL
+
+    from dreamlora.toy.pretrain import narrow_posterior
+
+    vae = AutoencoderKL.from_pretrained(ASSET / "vae", dtype=torch.float32)
+    pixels = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    with torch.no_grad():
+        before = vae.encode(pixels).latent_dist
+        assert before.std.mean() > 0.5 * before.mean.abs().mean()  # wide: a draw is mostly noise
+        narrow_posterior(vae, 0.0075)
+        after = vae.encode(pixels).latent_dist
+    assert torch.equal(after.mean, before.mean)
+    assert torch.allclose(after.std, torch.full_like(after.std, 0.0075), rtol=1e-5)

@@ -469,6 +469,21 @@ def adapt_vae(
     vae.requires_grad_(False)
 
 
+def narrow_posterior(vae: AutoencoderKL, std: float) -> None:
+    """Fix the encoder's posterior standard deviation at `std` for every latent (the log-variance half of quant_conv
+    becomes a constant); means and decoder are unchanged, so are generated images.
+
+    The VAE is trained with a tiny KL weight, so its posterior stays about as wide as the latents themselves (std 0.54
+    against a mean of 0.44 on the sample photos), while the UNet learns from posterior means. `dreamlora train` draws
+    latents from the posterior, as diffusers and kohya do, so a toy LoRA learns the posterior's noise. SD's VAE
+    posterior is narrow next to its latents; this makes the toy's so too. Not applied to the shipped model: at the toy
+    recipe its DreamBooth runs then stop binding the subject (docs/toy-model.md, "The VAE posterior")."""
+    channels = vae.config.latent_channels
+    with torch.no_grad():
+        vae.quant_conv.weight[channels:] = 0
+        vae.quant_conv.bias[channels:] = 2 * math.log(std)
+
+
 def prompt_table(tokenizer: CLIPTokenizer, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token ids (classes, 1 + prefix words, templates, MAX_LENGTH) of every prompt, plus the empty prompt.
 
@@ -1001,6 +1016,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="use a built, frozen text encoder that keeps words apart (build_lexical_text_encoder) instead of training "
         "one; the UNet learns to read it (from scratch, or with --finetune-from)",
     )
+    parser.add_argument(
+        "--narrow-posterior", type=float, default=None, metavar="STD",
+        help="then fix the --out folder's VAE posterior standard deviation at STD (narrow_posterior; 0.0075 is 1%% of "
+        "the latents' spread) and record it in pretrain.json",
+    )
     parser.add_argument("--eval-images", type=int, default=32, help="images per prompt in evaluation (0 skips it)")
     parser.add_argument("--skip-train", action="store_true", help="evaluate an existing --out folder")
     parser.add_argument("--grid", type=Path, default=None, help="save a PNG of 8 samples per prompt here")
@@ -1038,6 +1058,14 @@ def main(argv: Sequence[str] | None = None) -> None:
         generator = torch.Generator(device).manual_seed(args.seed)
         refine_decoder(vae, args.refine_decoder_steps, 8, 1e-3, generator, logger.info)
         vae.to(torch.float16).save_pretrained(args.out / "vae", safe_serialization=True)
+    if args.narrow_posterior is not None:
+        vae = AutoencoderKL.from_pretrained(args.out / "vae", dtype=torch.float32)
+        narrow_posterior(vae, args.narrow_posterior)
+        vae.to(torch.float16).save_pretrained(args.out / "vae", safe_serialization=True)
+        record_path = args.out / "pretrain.json"
+        record = json.loads(record_path.read_text()) if record_path.is_file() else {}
+        record["narrow_posterior"] = {"std": args.narrow_posterior, "note": "applied to this folder's VAE afterwards (narrow_posterior)"}
+        record_path.write_text(json.dumps(record, indent=2) + "\n")
     if args.eval_images > 0:
         pipeline = load_pipeline(args.out, device)
         print(format_table(f"base model, {args.eval_images} images per prompt", evaluate(pipeline, args.eval_images, args.seed)), flush=True)
