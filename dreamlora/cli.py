@@ -700,7 +700,7 @@ def _start_training(config: Path | None, overrides: dict[str, Any]) -> None:
 def _train_with_progress(training: Any, cfg: Any, **kwargs: Any) -> None:
     with _progress() as progress:
         task = progress.add_task("training", total=cfg.train.max_steps, rate="", info="")
-        drift = [""]
+        drift, validation = [""], [""]
 
         def on_log(record: dict[str, Any]) -> None:
             if "instance_distance" in record:
@@ -710,7 +710,8 @@ def _train_with_progress(training: Any, cfg: Any, **kwargs: Any) -> None:
             if "fit_instance_loss" in record:
                 from dreamlora.validation import describe
 
-                progress.console.print(f"step {record['step']} validation: {describe(record)}", highlight=False)
+                validation[0] = describe(record)
+                progress.console.print(f"step {record['step']} validation: {validation[0]}", highlight=False)
             progress.update(
                 task,
                 completed=record["step"],
@@ -725,7 +726,7 @@ def _train_with_progress(training: Any, cfg: Any, **kwargs: Any) -> None:
         ("run folder", result.run_dir), ("steps", result.steps), ("final loss", f"{result.final_loss:.4f}"),
         ("time", f"{result.seconds:.1f} s"), ("attention", result.attention), ("precision", result.precision),
         ("step", f"CUDA graph (captured in {result.capture_seconds:.1f} s)" if result.cuda_graphs else "eager"),
-        ("prior preservation", "yes" if result.with_prior else "no"), ("LoRA", result.lora_path),
+        ("prior preservation", "yes" if result.with_prior else "no"), *([("validation", validation[0])] if validation[0] else []), ("LoRA", result.lora_path),
         *([("embedding", f"{cfg.data.token} = {cfg.adapter.pivotal_vectors} new tokens, in {result.lora_path.parent / 'embeddings.safetensors'}")] if cfg.adapter.pivotal else []),
         *[("picture", p) for p in result.samples],
     ])

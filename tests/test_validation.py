@@ -143,7 +143,9 @@ def test_cli_progress_line_and_flag_errors(tmp_path: Path, instance_dir: Path, m
     base = ["train", "--model", "tiny", "--instance", str(instance_dir), "--class-dir", str(class_dir), "--resolution", "32", "--max-steps", "2", "--num-samples", "0"]
     result = CliRunner().invoke(app, [*base, "--validate-every", "2", "--validation-images", "1", "--out", "ok"])
     assert result.exit_code == 0, result.output
-    assert re.search(r"step 2 validation: held-out class loss [\d.]+ \(base [\d.]+\), photo fit [\d.]+ \(base [\d.]+\)", " ".join(result.output.split()))
+    text = " ".join(result.output.split())
+    assert re.search(r"step 2 validation: held-out class loss [\d.]+ \(base [\d.]+\), photo fit [\d.]+ \(base [\d.]+\)", text)
+    assert re.search(r"│ validation │ held-out class loss [\d.]+ \(base", text)  # and in the summary at the end
     for args, message in (
         (["--validation-images", "2"], "add --validate-every"),
         (["--validate-every", "1", "--validation-images", "5"], "holds out 5 class images, but the class set"),
