@@ -93,12 +93,14 @@ def test_two_cpu_processes_train_data_parallel(tmp_path: Path, instance_dir: Pat
     """`ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes 2` really runs two gloo ranks, the
     automatic prior set first (split between them), then data-parallel training on it. The model cache starts empty:
     both ranks want the tiny model at once, one builds it (under a lock) whichever rank that is. With --pivotal, whose
-    embeddings DDP does not average itself, and gradient accumulation (the prepared models skip all but each step's last all-reduce)."""
+    embeddings DDP does not average itself, gradient accumulation (the prepared models skip all but each step's last all-reduce)
+    and --validate-every (measured by the main process alone)."""
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "DREAMLORA_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29517",
                "-m", "dreamlora", "train", "--model", "tiny", "--instance", str(instance_dir), "--max-steps", "4", "--out", "runs/ddp",
                "--class", "dog", "--set", "prior.num_images=4", "--set", "prior.steps=2", "--resolution", "32",
-               "--set", "train.num_samples=0", "--checkpoint-every", "2", "--pivotal", "--gradient-accumulation", "2"]
+               "--set", "train.num_samples=0", "--checkpoint-every", "2", "--pivotal", "--gradient-accumulation", "2",
+               "--validate-every", "2", "--validation-images", "1"]
     result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     info = json.loads((tmp_path / "runs" / "ddp" / "run.json").read_text())
@@ -114,6 +116,11 @@ def test_two_cpu_processes_train_data_parallel(tmp_path: Path, instance_dir: Pat
     assert result.stderr.count("latent cache") == 1  # one line for both processes
     assert sorted(p.name for p in (tmp_path / "priors" / "dog").glob("*.png")) == [f"{i:05d}.png" for i in range(4)]
     assert info["with_prior"] is True
+    # --validate-every: the main process measures (the others wait), one reading every 2 steps, one line each.
+    assert info["validation_class_images"] == ["00002.png"] and info["class_images"] == 3
+    metrics = [json.loads(line) for line in (tmp_path / "runs" / "ddp" / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "val_class_loss" in m] == [2, 4]
+    assert " ".join(result.stderr.split()).count("validation: held-out class loss") == 2  # printed above the progress bar
     assert sorted(p.name for p in (tmp_path / "cache" / "tiny-v1" / "text_encoder").iterdir()) == ["config.json", "model.safetensors"]
 
 
