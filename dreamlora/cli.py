@@ -222,8 +222,11 @@ def _prior_with_progress(prior_cfg: Any, model_cfg: Any, resolution: int) -> Any
 
     if not _is_main_process():
         return run_prior(prior_cfg, model_cfg, resolution)  # under `accelerate launch`, the main process reports
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
+    # Under `accelerate launch` each process draws its share of the missing images; the bar counts the main process's.
+    label = f"class images, process 1/{processes}" if processes > 1 else "class images"
     with _progress() as progress:
-        return run_prior(prior_cfg, model_cfg, resolution, on_progress=_image_counter(progress, "class images"))
+        return run_prior(prior_cfg, model_cfg, resolution, on_progress=_image_counter(progress, label))
 
 
 def _image_counter(progress: Any, description: str) -> Callable[[int, int], None]:

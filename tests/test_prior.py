@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -160,6 +161,7 @@ def test_two_processes_split_the_prior_set(tmp_path: Path, model_cache: Path) ->
     two = subprocess.run(launch + args, cwd=tmp_path / "two", env=env, capture_output=True, text=True, timeout=600)
     assert two.returncode == 0, two.stdout + two.stderr
     assert two.stdout.count("prior set") == 1 and "2 (3 + 2 images)" in two.stdout  # rank 0 takes 0, 2, 4; rank 1 takes 1, 3
+    assert re.search(r"class images, process 1/2 .* 3/3", two.stderr)  # the one bar counts the main process's 3 images
     one = subprocess.run([sys.executable, "-m", "dreamlora", *args], cwd=tmp_path / "one", env=env, capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stdout + one.stderr
     folders = [tmp_path / name / "priors" / "dog" for name in ("two", "one")]
