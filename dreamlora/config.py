@@ -382,6 +382,14 @@ class TrainConfig:
         _check(0 <= self.epochs <= 100_000, f"train.epochs must be in 0..100000 (0: train.max_steps decides); got {self.epochs}")
         _check(1 <= self.batch_size <= 256, f"train.batch_size must be in 1..256; got {self.batch_size}")
         _check(self.gradient_accumulation >= 1, f"train.gradient_accumulation must be >= 1; got {self.gradient_accumulation}")
+        self._check_rates()
+        self._check_schedule_and_step()
+        self._check_loss_and_noise()
+        _check(self.scale_weight_norms >= 0, f"train.scale_weight_norms must be >= 0 (0 = off, 1.0 is usual); got {self.scale_weight_norms}")
+        self._check_monitoring()
+
+    def _check_rates(self) -> None:
+        """The optimizer, its learning rates and LoRA+ ratios (Prodigy has rules of its own)."""
         _check_choice("train.optimizer", self.optimizer, OPTIMIZERS)
         if self.optimizer == "prodigy":
             # Prodigy finds the step size itself; the learning rates scale it (1.0 as its authors and diffusers use it).
@@ -403,6 +411,12 @@ class TrainConfig:
             _check(0 < self.lr < 1, f"train.lr must be in (0, 1); got {self.lr}")
             _check(0 <= self.text_encoder_lr < 1, f"train.text_encoder_lr must be in [0, 1) (0 = lr); got {self.text_encoder_lr}")
             _check(0 <= self.pivotal_lr < 1, f"train.pivotal_lr must be in [0, 1) (0 = 5e-4); got {self.pivotal_lr}")
+        for name in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
+            value = getattr(self, name)
+            _check(value == 0 or 1 <= value <= 1000, f"train.{name} must be 0 (off) or in [1, 1000] (16 in the LoRA+ paper, 4-16 usual); got {value}")
+
+    def _check_schedule_and_step(self) -> None:
+        """Learning-rate schedules, warm-up, how long each part trains, checkpoints, clipping, the CUDA graph and trackers."""
         _check_choice("train.lr_scheduler", self.lr_scheduler, LR_SCHEDULERS)
         if self.optimizer == "adamw_schedulefree":
             self._check_schedule_free()
@@ -425,6 +439,9 @@ class TrainConfig:
         _check(self.text_encoder_warmup_steps >= -1, f"train.text_encoder_warmup_steps must be >= 0 (or -1 = warmup_steps); got {self.text_encoder_warmup_steps}")
         _check(0 < self.text_encoder_steps_fraction <= 1, f"train.text_encoder_steps_fraction must be in (0, 1] (1 = all steps); got {self.text_encoder_steps_fraction}")
         _check(0 < self.pivotal_steps_fraction <= 1, f"train.pivotal_steps_fraction must be in (0, 1] (0.5: the first half; 1 = all steps); got {self.pivotal_steps_fraction}")
+
+    def _check_loss_and_noise(self) -> None:
+        """The loss and its weighting, and every way the noise or the timesteps are shaped."""
         _check(self.snr_gamma >= 0, f"train.snr_gamma must be >= 0 (0 = off, 5 is usual); got {self.snr_gamma}")
         _check(self.noise_offset >= 0, f"train.noise_offset must be >= 0 (0 = off, 0.05-0.1 is usual); got {self.noise_offset}")
         _check_choice("train.loss", self.loss, LOSSES)
@@ -441,9 +458,6 @@ class TrainConfig:
             self.multires_noise_iterations or self.multires_noise_discount == 0.3,
             "train.multires_noise_discount shapes the pyramid noise of --multires-noise-iterations N; add it or drop the discount",
         )
-        for name in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
-            value = getattr(self, name)
-            _check(value == 0 or 1 <= value <= 1000, f"train.{name} must be 0 (off) or in [1, 1000] (16 in the LoRA+ paper, 4-16 usual); got {value}")
         _check(self.noise_offset > 0 or not self.adaptive_noise_scale, "train.adaptive_noise_scale adapts the strength of --noise-offset N; add it or drop the adaptive scale")
         _check(-1 <= self.adaptive_noise_scale <= 1, f"train.adaptive_noise_scale must be in [-1, 1] (about a tenth of --noise-offset is usual); got {self.adaptive_noise_scale}")
         _check(self.noise_offset > 0 or not self.noise_offset_random_strength, "train.noise_offset_random_strength draws the strength of --noise-offset N; add it or drop the random strength")
@@ -454,7 +468,9 @@ class TrainConfig:
             not self.max_timestep or self.min_timestep < self.max_timestep,
             f"train.min_timestep ({self.min_timestep}) must be below train.max_timestep ({self.max_timestep}): timesteps are drawn from [min, max)",
         )
-        _check(self.scale_weight_norms >= 0, f"train.scale_weight_norms must be >= 0 (0 = off, 1.0 is usual); got {self.scale_weight_norms}")
+
+    def _check_monitoring(self) -> None:
+        """Sample grids, their prompts and sampler, and the validation loss."""
         _check(self.checkpoint_every_epochs >= 0 and self.sample_every_epochs >= 0, "train.checkpoint_every_epochs and train.sample_every_epochs must be >= 0 (0: off)")
         _check(self.sample_every >= 0, f"train.sample_every must be >= 0 (0 = samples only at the end); got {self.sample_every}")
         _check(self.num_samples >= 0, f"train.num_samples must be >= 0 (0: no sample images); got {self.num_samples}")
