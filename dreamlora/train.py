@@ -551,6 +551,34 @@ def make_optimizer(
     `lr_factors`: per model, each parameter's factor on its rate (the UNet's block weights, `lora.block_lr_factors`):
     one group per factor, as kohya's block-wise learning rates. Each group's "scale" is its rate over the model's.
     """
+    param_groups = _param_groups(groups, cfg, device, capturable, up_weights, lr_factors)
+    name = cfg.train.optimizer
+    if name == "adamw8bit":
+        return _optional_optimizer("bitsandbytes", "optim.AdamW8bit", name, "bnb", "bitsandbytes")(param_groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    if name == "adafactor":
+        from transformers.optimization import Adafactor
+
+        # At the given rates, as kohya's guides set it for LoRA: no relative step size, no parameter scaling, no warm-up init.
+        return Adafactor(param_groups, lr=cfg.train.lr, scale_parameter=False, relative_step=False, warmup_init=False)
+    if name == "adamw_schedulefree":
+        # AdamW's betas, eps and weight decay as here; the warm-up is the schedule's (--warmup-steps ramps the rate it reads).
+        return _optional_optimizer("schedulefree", "AdamWScheduleFree", name, "schedulefree", "schedulefree")(param_groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, warmup_steps=0)
+    if name == "lion":
+        # As kohya's --optimizer_type Lion without optimizer_args: the package's betas (0.9, 0.99), no weight decay.
+        return _optional_optimizer("lion_pytorch", "Lion", name, "lion", "lion-pytorch")(param_groups, betas=(0.9, 0.99), weight_decay=0.0)
+    if name == "prodigy":
+        prodigy = _optional_optimizer("prodigyopt", "Prodigy", name, "prodigy", "prodigyopt")
+        # As diffusers' DreamBooth-LoRA script sets it: decoupled weight decay, bias correction, and a safeguarded
+        # warm-up (the step-size estimate does not run away while the LoRA up-weights are still zero).
+        with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay" into the progress bar
+            return prodigy(param_groups, betas=(0.9, 0.999), weight_decay=1e-2, decouple=True, use_bias_correction=True, safeguard_warmup=True)
+    return torch.optim.AdamW(param_groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=device.type == "cuda", capturable=capturable)
+
+
+def _param_groups(
+    groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, device: torch.device, capturable: bool, up_weights: dict[str, list[bool]] | None, lr_factors: dict[str, list[float]] | None
+) -> list[dict[str, Any]]:
+    """One optimizer group per model, block-weight factor and (with LoRA+) down/up half; see `make_optimizer`."""
     lrs = {"unet": cfg.train.lr, "text_encoder": cfg.train.resolved_text_encoder_lr, "text_encoder_2": cfg.train.resolved_text_encoder_lr, "embeddings": cfg.train.resolved_pivotal_lr}
     lr = (lambda v: torch.tensor(v, device=device)) if capturable else float  # noqa: E731
     param_groups = []
@@ -569,48 +597,20 @@ def make_optimizer(
                 scale = (ratio if up else 1.0) * factor
                 rate = (lrs[name] * ratio if up else lrs[name]) * factor
                 param_groups.append({"params": members, "lr": lr(rate), "model": name, "scale": scale})
-    if cfg.train.optimizer == "adamw8bit":
-        try:
-            import bitsandbytes
-        except ImportError as error:
-            raise ConfigError(f"--optimizer adamw8bit needs bitsandbytes, which is not installed ({error}); pip install 'dreamlora[bnb]', or use --optimizer adamw") from error
-        return bitsandbytes.optim.AdamW8bit(param_groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
-    if cfg.train.optimizer == "adafactor":
-        from transformers.optimization import Adafactor
+    return param_groups
 
-        # At the given rates, as kohya's guides set it for LoRA: no relative step size, no parameter scaling, no warm-up init.
-        return Adafactor(param_groups, lr=cfg.train.lr, scale_parameter=False, relative_step=False, warmup_init=False)
-    if cfg.train.optimizer == "adamw_schedulefree":
-        try:
-            from schedulefree import AdamWScheduleFree
-        except ImportError as error:
-            raise ConfigError(f"--optimizer adamw_schedulefree needs schedulefree, which is not installed ({error}); pip install 'dreamlora[schedulefree]', or use --optimizer adamw") from error
-        # AdamW's betas, eps and weight decay as here; the warm-up is the schedule's (--warmup-steps ramps the rate it reads).
-        return AdamWScheduleFree(param_groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, warmup_steps=0)
-    if cfg.train.optimizer == "lion":
-        try:
-            from lion_pytorch import Lion
-        except ImportError as error:
-            raise ConfigError(f"--optimizer lion needs lion-pytorch, which is not installed ({error}); pip install 'dreamlora[lion]', or use --optimizer adamw") from error
-        # As kohya's --optimizer_type Lion without optimizer_args: the package's betas (0.9, 0.99), no weight decay.
-        return Lion(param_groups, betas=(0.9, 0.99), weight_decay=0.0)
-    if cfg.train.optimizer == "prodigy":
-        try:
-            from prodigyopt import Prodigy
-        except ImportError as error:
-            raise ConfigError(f"--optimizer prodigy needs prodigyopt, which is not installed ({error}); pip install 'dreamlora[prodigy]', or use --optimizer adamw") from error
-        # As diffusers' DreamBooth-LoRA script sets it: decoupled weight decay, bias correction, and a safeguarded
-        # warm-up (the step-size estimate does not run away while the LoRA up-weights are still zero).
-        with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay" into the progress bar
-            return Prodigy(param_groups, betas=(0.9, 0.999), weight_decay=1e-2, decouple=True, use_bias_correction=True, safeguard_warmup=True)
-    return torch.optim.AdamW(
-        param_groups,
-        betas=(0.9, 0.999),
-        weight_decay=1e-2,
-        eps=1e-8,
-        fused=device.type == "cuda",
-        capturable=capturable,
-    )
+
+def _optional_optimizer(module: str, attribute: str, option: str, extra: str, package: str) -> Any:
+    """The optimizer class `module.attribute` of an optional package, or a message saying how to install it."""
+    import importlib
+
+    try:
+        found: Any = importlib.import_module(module)
+    except ImportError as error:
+        raise ConfigError(f"--optimizer {option} needs {package}, which is not installed ({error}); pip install 'dreamlora[{extra}]', or use --optimizer adamw") from error
+    for part in attribute.split("."):
+        found = getattr(found, part)
+    return found
 
 
 def _non_finite_error(run_dir: Path, in_a_row: int, when: str, skipped: int, lr: float) -> TrainingError:
