@@ -762,11 +762,11 @@ def export(
     scale: Annotated[float, typer.Option(help="merged: LoRA strength fused into the weights.")] = 1.0,
     single_file: Annotated[bool, typer.Option("--single-file", help="merged: one original-layout checkpoint file.")] = False,
     no_verify: Annotated[bool, typer.Option("--no-verify", help="Skip loading the file back to check it.")] = False,
-    title: Annotated[Optional[str], typer.Option(help="a1111: the model spec's title, as Civitai and LoRA browsers show it (default: the file name; kohya's --metadata_title).")] = None,
-    author: Annotated[Optional[str], typer.Option(help="a1111: modelspec.author.")] = None,
-    description: Annotated[Optional[str], typer.Option(help="a1111: modelspec.description.")] = None,
-    license_: Annotated[Optional[str], typer.Option("--license", help="a1111: modelspec.license, e.g. CreativeML OpenRAIL-M.")] = None,
-    tags: Annotated[Optional[str], typer.Option(help="a1111: modelspec.tags, comma-separated.")] = None,
+    title: Annotated[Optional[str], typer.Option(help="The model spec's title, as Civitai and LoRA browsers show it (a1111; default: the file name; kohya's --metadata_title), or a folder's model card title (diffusers, merged).")] = None,
+    author: Annotated[Optional[str], typer.Option(help="modelspec.author (a1111), or in the folder's model card.")] = None,
+    description: Annotated[Optional[str], typer.Option(help="modelspec.description (a1111), or in the folder's model card.")] = None,
+    license_: Annotated[Optional[str], typer.Option("--license", help="modelspec.license (a1111) or the model card's license, e.g. creativeml-openrail-m.")] = None,
+    tags: Annotated[Optional[str], typer.Option(help="modelspec.tags (a1111) or more model-card tags, comma-separated.")] = None,
     debug: Debug = False,
 ) -> None:
     """Export a run's LoRA for A1111/ComfyUI/kohya tools or diffusers."""

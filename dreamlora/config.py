@@ -562,7 +562,11 @@ class ExportConfig:
         )
         _check_choice("export dtype", self.dtype, EXPORT_DTYPES)
         _check(not (self.single_file and self.format != "merged"), "--single-file only applies to --format merged")
-        _check(not self.publishing_metadata or self.format == "a1111", "--title, --author, --description, --license and --tags go into the a1111 file's metadata; use them with --format a1111")
+        _check(
+            not self.publishing_metadata or not (self.format == "merged" and self.single_file),
+            "--title, --author, --description, --license and --tags go into the a1111 file's metadata or a folder's model card (README.md); "
+            "a --single-file merged checkpoint has neither: export a merged folder (drop --single-file) or use --format a1111",
+        )
 
 
 @dataclass(frozen=True)

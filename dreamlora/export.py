@@ -24,7 +24,7 @@ from typing import Any, Iterable
 
 import torch
 
-from dreamlora.checkpoint import CONFIG_FILE, find_lora, read_run_info, write_atomic, write_folder_atomic
+from dreamlora.checkpoint import CONFIG_FILE, METRICS_FILE, find_lora, read_run_info, write_atomic, write_folder_atomic
 from dreamlora.config import ExportConfig, RunConfig, from_dict
 from dreamlora.errors import ConfigError, ExportError, ModelLoadError
 from dreamlora.models import public_model_ref
@@ -748,6 +748,18 @@ def _write_embedding(out: Path, fmt: str, embedding: Embedding | None, notes: li
     return path
 
 
+def _write_card(out: Path, run_dir: Path, run: dict[str, Any], settings: RunConfig | None, cfg: ExportConfig, embedding: Path | None, notes: list[str]) -> None:
+    """README.md (model_card.py) and the run's base-vs-LoRA grid as samples.png, into the export folder."""
+    from dreamlora.model_card import CARD_FILE, PICTURE_FILE, last_figures, model_card
+
+    grid = run_dir / "samples" / "final.png"
+    if grid.is_file():
+        shutil.copyfile(grid, out / PICTURE_FILE)
+    text = model_card(run, settings, cfg, cfg.format == "merged", grid.is_file(), last_figures(run_dir / METRICS_FILE), embedding.name if embedding else None)
+    write_atomic(out / CARD_FILE, text.encode("utf-8"))
+    notes.append(f"model card {CARD_FILE}{' and ' + PICTURE_FILE if grid.is_file() else ''} in the folder (the Hugging Face Hub shows them)")
+
+
 def write_diffusers(folder: Path, modules: list[LoraModule], dtype: str) -> Path:
     state_dicts, metadata = peft_state_dicts(modules)
     write_folder_atomic(folder, lambda tmp: save_diffusers_lora(tmp, state_dicts, metadata, DTYPES[dtype]), replace=False)
@@ -1106,6 +1118,8 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
     else:
         counts = write_merged(out, base_model_ref(run_dir, run), lora_file, cfg.scale, cfg.dtype, cfg.single_file, str(run.get("prediction_type") or "auto"), fused)
     emb_out = _write_embedding(out, cfg.format, embedding, notes)
+    if out.is_dir():  # diffusers and merged folders: a model card, as the Hub reads one
+        _write_card(out, run_dir, run, settings, cfg, emb_out, notes)
     report = None
     if cfg.verify:
         prompt = str(run.get("instance_prompt") or "a photo")

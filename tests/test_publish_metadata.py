@@ -42,6 +42,9 @@ def test_export_records_training_times_and_publishing_fields(tmp_path: Path, ins
     assert plain.exit_code == 0, plain.output
     _, meta = read_safetensors(tmp_path / "plain.safetensors")
     assert meta["modelspec.title"] == "plain" and "modelspec.author" not in meta  # fields not given are not written
-    wrong = runner.invoke(app, ["export", "runs/rex", "--format", "diffusers", "--out", "folder", "--title", "Rex"])
-    assert wrong.exit_code == 2 and "use them with --format a1111" in " ".join(wrong.output.replace("│", " ").split())
-    assert not Path("folder").exists()
+    wrong = runner.invoke(app, ["export", "runs/rex", "--format", "merged", "--single-file", "--out", "m.safetensors", "--title", "Rex"])
+    assert wrong.exit_code == 2 and "drop --single-file) or use --format a1111" in " ".join(wrong.output.replace("│", " ").split())
+    assert not Path("m.safetensors").exists()
+    folder = runner.invoke(app, ["export", "runs/rex", "--format", "diffusers", "--out", "folder", "--title", "Rex", "--no-verify"])
+    assert folder.exit_code == 0, folder.output
+    assert "# Rex" in Path("folder/README.md").read_text()  # a folder's fields go into its model card

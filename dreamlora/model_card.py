@@ -1,0 +1,135 @@
+"""The model card (README.md) of a diffusers-format export, as the Hugging Face Hub reads one.
+
+diffusers' DreamBooth-LoRA script writes a card with YAML metadata (base model, instance prompt, tags), example images
+and a usage stub. This one says what a user of the folder needs: the trigger prompt, how to load the LoRA (and a
+pivotal-tuned embedding) with diffusers, what the run trained and how, and the run's last drift and validation
+figures, with its base-vs-LoRA sample grid. Only names, never local paths.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from dreamlora.config import ExportConfig, RunConfig
+
+CARD_FILE = "README.md"
+PICTURE_FILE = "samples.png"
+FAMILY_TAGS = {"sd1": ["stable-diffusion", "stable-diffusion-diffusers"], "sd2": ["stable-diffusion", "stable-diffusion-diffusers"], "sdxl": ["stable-diffusion-xl", "stable-diffusion-xl-diffusers"]}
+FIGURES = (  # metrics.jsonl keys the card reports, last reading of each
+    ("val_class_loss", "held-out class loss (base model: {val_class_loss_base:.4f}; above it = the class drifted)"),
+    ("fit_instance_loss", "loss on the photos (base model: {fit_instance_loss_base:.4f})"),
+    ("class_palette_drift", "class palette drift (0 = the class images' colours as the base model's)"),
+    ("instance_distance", "distance of subject samples to the photos"),
+)
+
+
+def _yaml_text(value: str) -> str:
+    """A quoted string: valid as a YAML scalar (quotes and colons escaped) and as a Python literal in the usage code."""
+    return json.dumps(value, ensure_ascii=False)
+
+
+def last_figures(metrics_path: Path) -> tuple[int, dict[str, float]]:
+    """The step and values of the last reading of each reported figure in a run's metrics.jsonl."""
+    found: dict[str, float] = {}
+    step = 0
+    if metrics_path.is_file():
+        for line in metrics_path.read_text(encoding="utf-8").splitlines():
+            record = json.loads(line) if line.strip() else {}
+            for key in {k for k, _ in FIGURES} & record.keys():
+                found.update({k: v for k, v in record.items() if k.startswith(key)})
+                step = max(step, int(record.get("step", 0)))
+    return step, found
+
+
+def model_card(
+    run: dict[str, Any], cfg: RunConfig | None, export: ExportConfig, merged: bool, picture: bool, figures: tuple[int, dict[str, float]], embedding: str | None = None,
+) -> str:
+    """README.md text for the export folder. `merged`: a whole pipeline with the LoRA fused in, not a LoRA folder;
+    `picture`: the folder holds the run's base-vs-LoRA grid as samples.png; `embedding`: the file name of a pivotal
+    run's standalone embedding beside the folder."""
+    base, prompt, token = str(run.get("model", "")), str(run.get("instance_prompt", "")), str(run.get("token", ""))
+    family = str(run.get("family", "sd1"))
+    tags = ["text-to-image", "diffusers", "dreambooth", "dreamlora", *(["lora"] if not merged else []), *FAMILY_TAGS.get(family, [])]
+    tags += [t.strip() for t in export.tags.split(",") if t.strip() and t.strip() not in tags]
+    front = ["---", f"base_model: {_yaml_text(base)}", "library_name: diffusers"]
+    if export.license:
+        front.append(f"license: {_yaml_text(export.license)}")
+    front += [f"instance_prompt: {_yaml_text(prompt)}", "tags:", *[f"- {_yaml_text(t)}" for t in tags], "---", ""]
+    title = export.title or str(run.get("name", "dreamlora LoRA"))
+    what = "DreamBooth model (the LoRA fused into the base model's weights)" if merged else "DreamBooth LoRA"
+    body = [f"# {title}", ""]
+    if export.description:
+        body += [export.description, ""]
+    body += [
+        f"A {what} of `{token}`" + (f" (class `{run['class_name']}`)" if run.get("class_name") else "") + f" for `{base}`, trained with "
+        f"dreamlora {run.get('dreamlora_version', '')}. "
+        f"Write `{prompt}` (or `{token}` in any prompt) to draw the subject.",
+        "",
+    ]
+    if export.author:
+        body += [f"Author: {export.author}", ""]
+    if picture:
+        body += ["![Base model (upper rows) and this LoRA (lower rows) at the same seeds](samples.png)", ""]
+    body += ["## Use it with diffusers", "", "```python", "import torch", "from diffusers import AutoPipelineForText2Image", ""]
+    if merged:
+        body += ['pipe = AutoPipelineForText2Image.from_pretrained("PATH/TO/THIS/FOLDER", torch_dtype=torch.float16).to("cuda")']
+    else:
+        body += [f'pipe = AutoPipelineForText2Image.from_pretrained({_yaml_text(base)}, torch_dtype=torch.float16).to("cuda")', 'pipe.load_lora_weights("PATH/TO/THIS/FOLDER")']
+    use_prompt = prompt
+    if embedding:
+        body += _embedding_lines(embedding, token, family)
+        use_prompt = prompt.replace(token, f"<{token}>")
+    body += [f"image = pipe({_yaml_text(use_prompt)}).images[0]", "```", ""]
+    if embedding:
+        body += [f"The subject's token was pivotal-tuned: its embedding is `{embedding}`, beside this folder; AUTOMATIC1111 and ComfyUI users take the `a1111` export instead.", ""]
+    body += ["## Training", "", "| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in _settings(run, cfg)], ""]
+    step, values = figures
+    rows = []
+    for key, label in FIGURES:
+        if key in values:
+            try:
+                rows.append((label.format(**values), values[key]))
+            except KeyError:  # the base model's figure is missing
+                rows.append((label.split(" (")[0], values[key]))
+    if rows:
+        body += [f"Figures at step {step} (dreamlora's training monitor):", "", "| figure | value |", "|---|---|", *[f"| {label} | {value:.4f} |" for label, value in rows], ""]
+    return "\n".join(front + body)
+
+
+def _embedding_lines(embedding: str, token: str, family: str) -> list[str]:
+    if family == "sdxl":
+        return [
+            "from safetensors.torch import load_file",
+            "",
+            f'state = load_file("PATH/TO/{embedding}")',
+            f'pipe.load_textual_inversion(state["clip_l"], token="<{token}>", text_encoder=pipe.text_encoder, tokenizer=pipe.tokenizer)',
+            f'pipe.load_textual_inversion(state["clip_g"], token="<{token}>", text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2)',
+        ]
+    return [f'pipe.load_textual_inversion("PATH/TO/{embedding}", token="<{token}>")']
+
+
+def _settings(run: dict[str, Any], cfg: RunConfig | None) -> list[tuple[str, str]]:
+    rows = [
+        ("base model", f"`{run.get('model', '')}`"),
+        ("instance prompt", f"`{run.get('instance_prompt', '')}` ({run.get('instance_images', '?')} photos)"),
+        ("prior preservation", f"yes: `{run.get('class_prompt', '')}`, {run.get('class_images', 0)} class images" if run.get("with_prior") else "no"),
+        ("steps", str(run.get("steps", ""))),
+        ("resolution", str(run.get("resolution", ""))),
+        ("LoRA rank / alpha", f"{run.get('rank', '')} / {float(run.get('alpha', 0)):g}"),
+        ("text encoder", "LoRA trained too" if run.get("train_text_encoder") else "not trained"),
+        ("precision", str(run.get("precision", ""))),
+    ]
+    if cfg is not None:
+        t = cfg.train
+        rows[3:3] = [("batch size", str(t.batch_size * t.gradient_accumulation))]
+        rows += [
+            ("optimizer", t.optimizer),
+            ("learning rate", f"{t.lr:g} ({t.lr_scheduler}); text encoder {float(t.resolved_text_encoder_lr):g}" if cfg.adapter.train_text_encoder else f"{t.lr:g} ({t.lr_scheduler})"),
+            ("prior weight", f"{t.prior_weight:g}"),
+            ("seed", str(t.seed)),
+        ]
+        if cfg.adapter.pivotal:
+            rows.append(("pivotal tuning", f"{cfg.adapter.pivotal_vectors} new vectors for `{cfg.data.token}`"))
+    return rows
