@@ -45,7 +45,7 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
         Image.new("RGB", (32, 32), (40 * i, 90, 200)).save(classes / f"{i:05d}.png")
     (classes / "manifest.json").write_text(json.dumps({"model": "tiny", "prompt": "a photo of dog", "class_name": "dog", "files": [], "num_images": 4}))
     runs = {}
-    for name, extra in (("plain", {}), ("pivotal", {"adapter.pivotal": "true"})):
+    for name, extra in (("plain", {}), ("pivotal", {"adapter.pivotal": "true"}), ("sdxl-pivotal", {"adapter.pivotal": "true", "model.name": "tiny-sdxl"})):
         overrides = {
             "model.name": "tiny", "data.instance_dir": str(photos), "data.class_dir": str(classes), "data.class_name": "dog", "data.resolution": "32",
             "train.max_steps": "2", "train.num_samples": "1", "prior.steps": "1", "train.validate_every": "2", "train.validation_images": "1",
@@ -90,10 +90,12 @@ def test_pivotal_merged_and_a1111_exports(trained: dict[str, Path]) -> None:
     assert not (single.path.parent / "README.md").exists()  # a single file keeps its record in its metadata
 
 
-def _run_usage_code(card: str, base_dir: Path, folder: Path) -> object:
-    """Execute the card's Python block against the tiny model on the CPU, in a few small steps."""
+def _run_usage_code(card: str, model: str, folder: Path) -> object:
+    """Execute the card's Python block against a tiny model on the CPU, in a few small steps."""
+    from dreamlora.models import tiny_model_dir
+
     code = card.split("```python\n")[1].split("```")[0]
-    code = code.replace('"tiny"', json.dumps(str(base_dir))).replace("torch.float16", "torch.float32").replace('.to("cuda")', '.to("cpu")')
+    code = code.replace(json.dumps(model), json.dumps(str(tiny_model_dir(model)))).replace("torch.float16", "torch.float32").replace('.to("cuda")', '.to("cpu")')
     code = code.replace("PATH/TO/THIS/FOLDER", str(folder)).replace("PATH/TO/", f"{folder.parent}/")
     code = code.replace(").images[0]", ", num_inference_steps=2, height=32, width=32).images[0]")
     scope: dict[str, object] = {}
@@ -102,9 +104,10 @@ def _run_usage_code(card: str, base_dir: Path, folder: Path) -> object:
 
 
 def test_the_cards_usage_code_runs(trained: dict[str, Path]) -> None:
-    from dreamlora.models import tiny_model_dir
-
-    for name in ("plain", "pivotal"):  # the LoRA, and the LoRA with its pivotal-tuned embedding
+    # The LoRA, the LoRA with its pivotal-tuned embedding, and SDXL's two embeddings into its two text encoders.
+    for name, model in (("plain", "tiny"), ("pivotal", "tiny"), ("sdxl-pivotal", "tiny-sdxl")):
         result = export_run(trained[name], ExportConfig(format="diffusers", dtype="fp32", verify=False), exports_root=trained["root"] / f"run-{name}")
-        image = _run_usage_code((result.path / "README.md").read_text(encoding="utf-8"), tiny_model_dir("tiny"), result.path)
+        card = (result.path / "README.md").read_text(encoding="utf-8")
+        assert ("stable-diffusion-xl" in card) == (model == "tiny-sdxl")
+        image = _run_usage_code(card, model, result.path)
         assert isinstance(image, Image.Image) and image.size == (32, 32)
