@@ -572,7 +572,7 @@ def train(
     text_encoder_warmup_steps: Annotated[Optional[int], typer.Option(help="Text-encoder warmup (default: --warmup-steps).")] = None,
     lr_cycles: Annotated[Optional[int], typer.Option(help="cosine_with_restarts: number of cycles (default 1).")] = None,
     lr_power: Annotated[Optional[float], typer.Option(help="polynomial: the decay's power (default 1).")] = None,
-    optimizer: Annotated[Optional[str], typer.Option(help="adamw|adamw8bit|prodigy|adafactor|lion|adamw_schedulefree (8-bit needs pip install 'dreamlora\\[bnb]', prodigy 'dreamlora\\[prodigy]' and sets --lr 1.0; adafactor: transformers' Adafactor at --lr; lion 'dreamlora\\[lion]', --lr 3e-5 unless given; adamw_schedulefree 'dreamlora\\[schedulefree]', constant --lr-scheduler).")] = None,
+    optimizer: Annotated[Optional[str], typer.Option(help="adamw|adamw8bit|paged_adamw8bit|prodigy|adafactor|lion|lion8bit|adamw_schedulefree (8-bit and paged need pip install 'dreamlora\\[bnb]', prodigy 'dreamlora\\[prodigy]' and sets --lr 1.0; adafactor: transformers' Adafactor at --lr; lion 'dreamlora\\[lion]' (lion8bit: bnb), --lr 3e-5 unless given; adamw_schedulefree 'dreamlora\\[schedulefree]', constant --lr-scheduler).")] = None,
     model: Model = None,
     vae: Vae = None,
     clip_skip: ClipSkip = None,
@@ -682,7 +682,7 @@ def _start_training(config: Path | None, overrides: dict[str, Any]) -> None:
         # Prodigy finds the step size itself; --lr scales it, and the AdamW default (1e-4) would all but stop it.
         overrides["train.lr"] = 1.0
         console.print("Prodigy: --lr 1.0 (it finds the step size itself; --lr scales it)")
-    if overrides.get("train.optimizer", in_file.get("optimizer")) == "lion" and "train.lr" not in overrides and "lr" not in in_file:
+    if overrides.get("train.optimizer", in_file.get("optimizer")) in ("lion", "lion8bit") and "train.lr" not in overrides and "lr" not in in_file:
         # Lion steps by the sign of its momentum, so every weight moves by the full rate: 3-10x below AdamW's, as its authors advise.
         overrides["train.lr"] = LION_DEFAULT_LR
         console.print(f"Lion: --lr {LION_DEFAULT_LR:g} (a third of AdamW's default: its steps are sign-sized; --lr to choose another)")

@@ -22,7 +22,7 @@ PRECISIONS = ("auto", "fp16", "bf16", "fp32")
 ATTENTIONS = ("auto", "sdpa", "xformers")
 PREDICTION_TYPES = ("auto", "epsilon", "v_prediction")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "cosine", "linear", "cosine_with_restarts", "polynomial")  # constant_with_warmup: constant (which warms up too)
-OPTIMIZERS = ("adamw", "adamw8bit", "prodigy", "adafactor", "lion", "adamw_schedulefree")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit", "prodigy", "adafactor", "lion", "lion8bit", "adamw_schedulefree")
 LION_DEFAULT_LR = 3e-5  # what `train --optimizer lion` runs at without --lr: a third of AdamW's 1e-4 (Lion's steps are sign-sized)
 TRACKERS = ("tensorboard", "wandb")
 LOSSES = ("l2", "l1", "huber", "smooth_l1")  # kohya's --loss_type
@@ -349,7 +349,7 @@ class TrainConfig:
     compile: str = "auto"  # CUDA graph of the whole step: auto (when possible), on, off
     master_weights: bool = True  # bf16: LoRA weights compute in bf16 with fp32 master copies (no per-use casts); False: autocast
     report_to: str = ""  # tensorboard or wandb through accelerate (optional extras); empty: metrics.jsonl only
-    optimizer: str = "adamw"  # adamw8bit: bitsandbytes' 8-bit AdamW (extra `bnb`); prodigy: Prodigy, lr 1.0 (extra `prodigy`); adafactor: transformers' Adafactor at a fixed lr; lion: Lion (extra `lion`; `train` without --lr runs it at LION_DEFAULT_LR); adamw_schedulefree: schedule-free AdamW (extra `schedulefree`), constant rate
+    optimizer: str = "adamw"  # adamw8bit: bitsandbytes' 8-bit AdamW (extra `bnb`), paged_adamw8bit its paged variant, lion8bit its 8-bit Lion (as lion); prodigy: Prodigy, lr 1.0 (extra `prodigy`); adafactor: transformers' Adafactor at a fixed lr; lion: Lion (extra `lion`; `train` without --lr runs it at LION_DEFAULT_LR); adamw_schedulefree: schedule-free AdamW (extra `schedulefree`), constant rate
     lr_cycles: int = 1  # cosine_with_restarts: number of cosine cycles, each restarting at the full lr
     lr_power: float = 1.0  # polynomial: the decay's power (1: linear; diffusers' --lr_power, kohya's --lr_scheduler_power)
     text_encoder_lr_scheduler: str = ""  # empty: same as lr_scheduler

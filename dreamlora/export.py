@@ -535,7 +535,7 @@ def sgm_checkpoint_state_dict(parts: dict[str, dict[str, torch.Tensor]], unet_co
 OPTIMIZER_NAMES = {
     "adamw": "torch.optim.AdamW", "adamw8bit": "bitsandbytes.optim.AdamW8bit", "prodigy": "prodigyopt.Prodigy",
     "adafactor": "transformers.optimization.Adafactor(scale_parameter=False,relative_step=False,warmup_init=False)",
-    "lion": "lion_pytorch.lion_pytorch.Lion",
+    "lion": "lion_pytorch.lion_pytorch.Lion", "lion8bit": "bitsandbytes.optim.Lion8bit", "paged_adamw8bit": "bitsandbytes.optim.PagedAdamW8bit",
     "adamw_schedulefree": "schedulefree.adamw_schedulefree.AdamWScheduleFree",
 }  # fmt: skip
 

@@ -553,8 +553,11 @@ def make_optimizer(
     """
     param_groups = _param_groups(groups, cfg, device, capturable, up_weights, lr_factors)
     name = cfg.train.optimizer
-    if name == "adamw8bit":
-        return _optional_optimizer("bitsandbytes", "optim.AdamW8bit", name, "bnb", "bitsandbytes")(param_groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    if name in ("adamw8bit", "paged_adamw8bit"):  # bitsandbytes' 8-bit AdamW; paged: its state can spill to CPU memory
+        attribute = "optim.PagedAdamW8bit" if name == "paged_adamw8bit" else "optim.AdamW8bit"
+        return _optional_optimizer("bitsandbytes", attribute, name, "bnb", "bitsandbytes")(param_groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+    if name == "lion8bit":  # as lion, with 8-bit state (kohya's Lion8bit)
+        return _optional_optimizer("bitsandbytes", "optim.Lion8bit", name, "bnb", "bitsandbytes")(param_groups, betas=(0.9, 0.99), weight_decay=0.0)
     if name == "adafactor":
         from transformers.optimization import Adafactor
 

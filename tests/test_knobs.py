@@ -12,6 +12,7 @@ import torch
 
 from dreamlora.config import load_config
 from dreamlora.errors import ConfigError, TrainingError
+from dreamlora.export import OPTIMIZER_NAMES
 from dreamlora.lora import read_diffusers_lora, read_safetensors
 from dreamlora.models import load_components
 from dreamlora.train import dreambooth_loss, huber_thresholds, lr_factor, make_lr_scheduler, make_optimizer, resolve_data, sample_noise, snr_weights, train
@@ -184,21 +185,31 @@ def test_text_encoder_lora_stops_changing_at_its_cutoff(tmp_path: Path, instance
     assert all(m["lr"] == cfg.train.lr for m in metrics)
 
 
-def test_adamw8bit_uses_bitsandbytes_or_says_how_to_install_it(monkeypatch: pytest.MonkeyPatch) -> None:
-    cfg = load_config(None, {"train.optimizer": "adamw8bit"})
+@pytest.mark.parametrize(
+    "name,cls,betas,decay", [("adamw8bit", "AdamW8bit", (0.9, 0.999), 1e-2), ("paged_adamw8bit", "PagedAdamW8bit", (0.9, 0.999), 1e-2), ("lion8bit", "Lion8bit", (0.9, 0.99), 0.0)]
+)
+def test_bitsandbytes_optimizers_or_how_to_install_them(monkeypatch: pytest.MonkeyPatch, name: str, cls: str, betas: tuple, decay: float) -> None:
+    # bitsandbytes' kernels need a GPU: a stand-in module records what each choice builds, with which settings.
+    cfg = load_config(None, {"train.optimizer": name})
     groups = {"unet": [torch.nn.Parameter(torch.zeros(2))]}
     monkeypatch.setitem(sys.modules, "bitsandbytes", None)  # as if not installed
-    with pytest.raises(ConfigError, match=r"pip install 'dreamlora\[bnb\]'"):
+    with pytest.raises(ConfigError, match=rf"--optimizer {name} needs bitsandbytes.*pip install 'dreamlora\[bnb\]'"):
         make_optimizer(groups, cfg, torch.device("cpu"))
+    built: dict[str, tuple] = {}
 
-    class AdamW8bit(torch.optim.AdamW):
-        pass
+    def fake_class(class_name: str) -> type:
+        def init(self, params, **kwargs):  # type: ignore[no-untyped-def]
+            built[class_name] = (kwargs["betas"], kwargs["weight_decay"])
+            torch.optim.SGD.__init__(self, params, lr=0.1)
+
+        return type(class_name, (torch.optim.SGD,), {"__init__": init})
 
     fake = types.ModuleType("bitsandbytes")
-    fake.optim = types.SimpleNamespace(AdamW8bit=AdamW8bit)
+    fake.optim = types.SimpleNamespace(**{c: fake_class(c) for c in ("AdamW8bit", "PagedAdamW8bit", "Lion8bit")})
     monkeypatch.setitem(sys.modules, "bitsandbytes", fake)
     optimizer = make_optimizer(groups, cfg, torch.device("cpu"))
-    assert type(optimizer) is AdamW8bit and optimizer.param_groups[0]["lr"] == cfg.train.lr
+    assert type(optimizer).__name__ == cls and built == {cls: (betas, decay)} and optimizer.param_groups[0]["lr"] == cfg.train.lr
+    assert OPTIMIZER_NAMES[name] == f"bitsandbytes.optim.{cls}"  # ss_optimizer, as kohya writes it
 
 
 def _optional_optimizer(monkeypatch: pytest.MonkeyPatch, module: str, extra: str, groups: dict, cfg, class_name: str) -> torch.optim.Optimizer:
@@ -259,8 +270,9 @@ def test_lion_steps_each_group_at_its_rate_says_how_to_install_it_and_defaults_i
     # On the command line, --optimizer lion without --lr trains at 3e-5 and says so.
     monkeypatch.chdir(tmp_path)
     (tmp_path / "none").mkdir()
-    result = CliRunner().invoke(app, ["train", "--instance", "none", "--optimizer", "lion"])
-    assert "Lion: --lr 3e-05" in result.output and "has no images" in result.output
+    for name in ("lion", "lion8bit"):
+        result = CliRunner().invoke(app, ["train", "--instance", "none", "--optimizer", name])
+        assert "Lion: --lr 3e-05" in result.output and "has no images" in result.output
 
 
 def test_a_lion_run_trains_resumes_exactly_and_records_its_optimizer(tmp_path: Path, instance_dir: Path) -> None:
