@@ -910,6 +910,7 @@ def inspect(
         metadata = report.pop("metadata", {}) or {}
         report.pop("adapter_metadata", None)
         run = report.pop("run", None) or {}
+        readings = report.pop("readings", None) or {}
         rows = [(k, v) for k, v in report.items() if v not in (None, "", {})]
         for group, info in groups.items():
             ranks = ", ".join(str(r) for r in info.get("ranks", []))
@@ -918,6 +919,12 @@ def inspect(
         for key in ("token", "class_name", "steps", "resolution", "model", "clip_skip", "prediction_type", "status"):
             if key in run:
                 rows.append((f"run {key}", run[key]))
+        if "fit_instance_loss" in readings:  # the run's last validation and sample readings
+            from dreamlora.validation import describe
+
+            rows.append((f"run validation, step {readings['fit_instance_loss']['step']}", describe(readings["fit_instance_loss"])))
+        if "instance_distance" in readings:
+            rows.append((f"run samples, step {readings['instance_distance']['step']}", drift_figures(readings["instance_distance"])))
         for key in sorted(metadata):
             value = str(metadata[key])
             rows.append((key, value if len(value) < 70 else value[:67] + "..."))

@@ -750,12 +750,12 @@ def _write_embedding(out: Path, fmt: str, embedding: Embedding | None, notes: li
 
 def _write_card(out: Path, run_dir: Path, run: dict[str, Any], settings: RunConfig | None, cfg: ExportConfig, embedding: Path | None, notes: list[str]) -> None:
     """README.md (model_card.py) and the run's base-vs-LoRA grid as samples.png, into the export folder."""
-    from dreamlora.model_card import CARD_FILE, PICTURE_FILE, last_figures, model_card
+    from dreamlora.model_card import CARD_FILE, PICTURE_FILE, last_readings, model_card
 
     grid = run_dir / "samples" / "final.png"
     if grid.is_file():
         shutil.copyfile(grid, out / PICTURE_FILE)
-    text = model_card(run, settings, cfg, cfg.format == "merged", grid.is_file(), last_figures(run_dir / METRICS_FILE), embedding.name if embedding else None)
+    text = model_card(run, settings, cfg, cfg.format == "merged", grid.is_file(), last_readings(run_dir / METRICS_FILE), embedding.name if embedding else None)
     write_atomic(out / CARD_FILE, text.encode("utf-8"))
     notes.append(f"model card {CARD_FILE}{' and ' + PICTURE_FILE if grid.is_file() else ''} in the folder (the Hugging Face Hub shows them)")
 

@@ -9,7 +9,8 @@ from typing import Any
 
 import torch
 
-from dreamlora.checkpoint import RUN_INFO, find_lora, read_run_info
+from dreamlora.checkpoint import METRICS_FILE, RUN_INFO, find_lora, read_run_info
+from dreamlora.model_card import last_readings
 from dreamlora.errors import ExportError
 from dreamlora.export import alphas_diffusers_misreads, is_kohya_key
 from dreamlora.lora import GROUPS, read_safetensors
@@ -248,5 +249,6 @@ def inspect_path(path: Path) -> dict[str, Any]:
         "metadata": {k: v for k, v in file_meta.items() if k.startswith(("ss_", "sshs_", "modelspec.", "dreamlora_"))},
         "adapter_metadata": _adapter_summary(file_meta),
         "run": run,
+        "readings": last_readings(path / METRICS_FILE) if run is not None else {},
         "problems": problems,
     }

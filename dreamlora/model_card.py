@@ -30,21 +30,18 @@ def _yaml_text(value: str) -> str:
     return json.dumps(value, ensure_ascii=False)
 
 
-def last_figures(metrics_path: Path) -> tuple[int, dict[str, float]]:
-    """The step and values of the last reading of each reported figure in a run's metrics.jsonl."""
-    found: dict[str, float] = {}
-    step = 0
+def last_readings(metrics_path: Path) -> dict[str, dict[str, Any]]:
+    """For each reported figure (FIGURES), the last metrics.jsonl record holding it; empty without metrics."""
+    found: dict[str, dict[str, Any]] = {}
     if metrics_path.is_file():
         for line in metrics_path.read_text(encoding="utf-8").splitlines():
             record = json.loads(line) if line.strip() else {}
-            for key in {k for k, _ in FIGURES} & record.keys():
-                found.update({k: v for k, v in record.items() if k.startswith(key)})
-                step = max(step, int(record.get("step", 0)))
-    return step, found
+            found.update({key: record for key, _ in FIGURES if key in record})
+    return found
 
 
 def model_card(
-    run: dict[str, Any], cfg: RunConfig | None, export: ExportConfig, merged: bool, picture: bool, figures: tuple[int, dict[str, float]], embedding: str | None = None,
+    run: dict[str, Any], cfg: RunConfig | None, export: ExportConfig, merged: bool, picture: bool, readings: dict[str, dict[str, Any]], embedding: str | None = None,
 ) -> str:
     """README.md text for the export folder. `merged`: a whole pipeline with the LoRA fused in, not a LoRA folder;
     `picture`: the folder holds the run's base-vs-LoRA grid as samples.png; `embedding`: the file name of a pivotal
@@ -85,16 +82,17 @@ def model_card(
     if embedding:
         body += [f"The subject's token was pivotal-tuned: its embedding is `{embedding}`, beside this folder; AUTOMATIC1111 and ComfyUI users take the `a1111` export instead.", ""]
     body += ["## Training", "", "| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in _settings(run, cfg)], ""]
-    step, values = figures
     rows = []
     for key, label in FIGURES:
-        if key in values:
+        if key in readings:
+            record = readings[key]
             try:
-                rows.append((label.format(**values), values[key]))
+                text = label.format(**record)
             except KeyError:  # the base model's figure is missing
-                rows.append((label.split(" (")[0], values[key]))
+                text = label.split(" (")[0]
+            rows.append(f"| {text} | {record.get('step', '')} | {record[key]:.4f} |")
     if rows:
-        body += [f"Figures at step {step} (dreamlora's training monitor):", "", "| figure | value |", "|---|---|", *[f"| {label} | {value:.4f} |" for label, value in rows], ""]
+        body += ["The training monitor's last readings:", "", "| figure | step | value |", "|---|---|---|", *rows, ""]
     return "\n".join(front + body)
 
 

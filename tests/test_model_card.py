@@ -10,7 +10,7 @@ from PIL import Image
 
 from dreamlora.config import ExportConfig, load_config
 from dreamlora.export import export_run
-from dreamlora.model_card import last_figures
+from dreamlora.model_card import last_readings
 from dreamlora.train import resolve_data, train
 
 
@@ -68,9 +68,9 @@ def test_diffusers_export_writes_a_card_with_metadata_usage_settings_figures_and
     assert "pipe.load_lora_weights(" in card and "AutoPipelineForText2Image.from_pretrained(\"tiny\"" in card
     assert 'image = pipe("a photo of sks dog")' in card and "load_textual_inversion" not in card
     assert "| prior preservation | yes: `a photo of dog`, 3 class images |" in card and "| LoRA rank / alpha | 4 / 4 |" in card
-    step, figures = last_figures(trained["plain"] / "metrics.jsonl")
-    assert step == 2 and f"| held-out class loss (base model: {figures['val_class_loss_base']:.4f}" in card and "Figures at step 2" in card
-    assert "class palette drift" in card
+    last = last_readings(trained["plain"] / "metrics.jsonl")["val_class_loss"]
+    assert f"| held-out class loss (base model: {last['val_class_loss_base']:.4f}; above it = the class drifted) | 2 | {last['val_class_loss']:.4f} |" in card
+    assert "| class palette drift (0 = the class images' colours as the base model's) | 2 |" in card
     assert "](samples.png)" in card and Image.open(result.path / "samples.png").size == Image.open(trained["plain"] / "samples" / "final.png").size
     assert str(trained["root"]) not in card  # names only, never local paths
     assert result.verify.status == "passed"  # the card and picture do not disturb loading the folder

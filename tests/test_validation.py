@@ -146,6 +146,8 @@ def test_cli_progress_line_and_flag_errors(tmp_path: Path, instance_dir: Path, m
     text = " ".join(result.output.split())
     assert re.search(r"step 2 validation: held-out class loss [\d.]+ \(base [\d.]+\), photo fit [\d.]+ \(base [\d.]+\)", text)
     assert re.search(r"│ validation │ held-out class loss [\d.]+ \(base", text)  # and in the summary at the end
+    inspected = CliRunner().invoke(app, ["inspect", "ok"])  # and `inspect` of the run folder shows the last reading
+    assert inspected.exit_code == 0 and re.search(r"run validation, step 2 │ held-out class loss [\d.]+ \(base", " ".join(inspected.output.split()))
     for args, message in (
         (["--validation-images", "2"], "add --validate-every"),
         (["--validate-every", "1", "--validation-images", "5"], "holds out 5 class images, but the class set"),
