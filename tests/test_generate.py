@@ -124,6 +124,33 @@ def test_two_cpu_processes_train_data_parallel(tmp_path: Path, instance_dir: Pat
     assert sorted(p.name for p in (tmp_path / "cache" / "tiny-v1" / "text_encoder").iterdir()) == ["config.json", "model.safetensors"]
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="gloo on CPU is exercised on Linux CI")
+def test_two_cpu_processes_train_schedule_free(tmp_path: Path, instance_dir: Path, class_dir: Path) -> None:
+    """Schedule-free AdamW on two gloo ranks: every process switches to the averaged weights for checkpoints, samples
+    and validation and back, so the processes stay in step and the final LoRA is the last checkpoint's average."""
+    pytest.importorskip("schedulefree")
+    import torch
+    from safetensors.torch import load_file
+
+    from dreamlora.checkpoint import find_lora
+
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--main_process_port", "29519",
+               "-m", "dreamlora", "train", "--model", "tiny", "--instance", str(instance_dir), "--class-dir", str(class_dir), "--max-steps", "4",
+               "--out", "runs/sf", "--resolution", "32", "--optimizer", "adamw_schedulefree", "--lr", "1e-3", "--checkpoint-every", "2",
+               "--sample-every", "2", "--num-samples", "1", "--set", "prior.steps=1", "--validate-every", "2", "--validation-images", "1"]
+    result = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    run = tmp_path / "runs" / "sf"
+    assert json.loads((run / "run.json").read_text())["processes"] == 2
+    final = load_file(str(run / "lora" / "pytorch_lora_weights.safetensors"))
+    last = load_file(str(find_lora(run, 4)))
+    assert final.keys() == last.keys() and all(torch.equal(final[k], last[k]) for k in final)
+    assert any(final[k].abs().max() > 0 for k in final if "lora_B" in k)  # trained, not the zero start
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in metrics if "val_class_loss" in m] == [2, 4] and [m["step"] for m in metrics if "class_drift" in m] == [2, 4]
+
+
 def test_generate_images_calls_the_pipeline_once_per_batch() -> None:
     import torch
 
