@@ -541,7 +541,7 @@ def make_optimizer(
     groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, device: torch.device, capturable: bool = False, up_weights: dict[str, list[bool]] | None = None,
     lr_factors: dict[str, list[float]] | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW (or bitsandbytes' 8-bit AdamW, Prodigy, Adafactor, Lion or schedule-free AdamW) with one parameter group (and learning rate) per trained model;
+    """AdamW (or bitsandbytes' 8-bit AdamW, paged AdamW or Lion, Prodigy, Adafactor, Lion or schedule-free AdamW) with one parameter group (and learning rate) per trained model;
     fused kernels on CUDA. Each group names its model under "model" (`make_lr_scheduler` reads it).
 
     `capturable`: state and learning rates live on the GPU so the update can run inside a CUDA graph.
