@@ -541,7 +541,7 @@ def make_optimizer(
     groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, device: torch.device, capturable: bool = False, up_weights: dict[str, list[bool]] | None = None,
     lr_factors: dict[str, list[float]] | None = None,
 ) -> torch.optim.Optimizer:
-    """AdamW (or bitsandbytes' 8-bit AdamW, paged AdamW or Lion, Prodigy, Adafactor, Lion or schedule-free AdamW) with one parameter group (and learning rate) per trained model;
+    """AdamW (or bitsandbytes' 8-bit AdamW, paged 8-bit AdamW or 8-bit Lion, Prodigy, Adafactor, Lion or schedule-free AdamW) with one parameter group (and learning rate) per trained model;
     fused kernels on CUDA. Each group names its model under "model" (`make_lr_scheduler` reads it).
 
     `capturable`: state and learning rates live on the GPU so the update can run inside a CUDA graph.
@@ -1421,12 +1421,12 @@ class _Trainer:
         step_lrs = [float(rate) for rate in self.lr_scheduler.get_last_lr()] if log_now else []
         self.lr_scheduler.step()
         drift = {}
-        if sample_now:
-            with self.averaged_weights(), self.parked_vae.on_device():
-                drift = self.monitor.sample(done) if self.monitor is not None else {}
-        if validate_now:
-            with self.averaged_weights():  # every process switches alike; the main process measures
-                if self.validator is not None:
+        if sample_now or validate_now:
+            with self.averaged_weights():  # every process switches alike (once a step); the main process samples and measures
+                if sample_now and self.monitor is not None:
+                    with self.parked_vae.on_device():
+                        drift = self.monitor.sample(done)
+                if validate_now and self.validator is not None:
                     drift.update(self.validator.measure())
         if log_now:
             self._log(done, step_lrs, drift)
