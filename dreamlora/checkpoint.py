@@ -341,3 +341,10 @@ def load_checkpoint_state(folder: Path) -> dict[str, Any]:
 
 def json_line(record: dict[str, Any]) -> str:
     return json.dumps(record, sort_keys=True) + "\n"
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl (one per logged step), oldest first; empty when there is no file."""
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from dreamlora.checkpoint import find_lora, next_free_path
+from dreamlora.checkpoint import find_lora, next_free_path, read_metrics
 from dreamlora.emphasis import pipeline_inputs
 from dreamlora.errors import ConfigError
 from dreamlora.models import Components, build_pipeline, default_guidance_rescale, sampler_from
@@ -465,9 +465,7 @@ def _labelled_grid(specs: list[PromptSpec], rows: dict[int, list[tuple[str, list
 
 def plot_metrics(metrics_path: Path, out: Path) -> Path | None:
     """Loss (instance and prior terms), learning rate per group and, when sampled, drift against steps, as a PNG."""
-    if not metrics_path.is_file():
-        return None
-    records = [json.loads(line) for line in metrics_path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    records = read_metrics(metrics_path)
     if not records:
         return None
     import matplotlib

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from dreamlora.checkpoint import read_metrics
 from dreamlora.config import ExportConfig, RunConfig
 
 CARD_FILE = "README.md"
@@ -33,10 +34,8 @@ def _yaml_text(value: str) -> str:
 def last_readings(metrics_path: Path) -> dict[str, dict[str, Any]]:
     """For each reported figure (FIGURES), the last metrics.jsonl record holding it; empty without metrics."""
     found: dict[str, dict[str, Any]] = {}
-    if metrics_path.is_file():
-        for line in metrics_path.read_text(encoding="utf-8").splitlines():
-            record = json.loads(line) if line.strip() else {}
-            found.update({key: record for key, _ in FIGURES if key in record})
+    for record in read_metrics(metrics_path):
+        found.update({key: record for key, _ in FIGURES if key in record})
     return found
 
 

@@ -66,7 +66,6 @@ class ValidationSet:
     target: torch.Tensor
     size_ids: torch.Tensor
     prompts: list[str]  # one per pair
-    images: int
 
 
 def make_set(
@@ -89,7 +88,7 @@ def make_set(
     target = diffusion_target(noise_scheduler, latents, noise, timesteps)
     sizes = torch.stack([dataset.size_conditioning(i, dataset.center_crop_box(i)) for i in range(len(dataset))]).repeat_interleave(len(steps), dim=0)
     prompts = [dataset.prompts[i] for i in range(len(dataset)) for _ in steps]
-    return ValidationSet(name, noisy, timesteps, target, sizes.to(latents.device), prompts, len(dataset))
+    return ValidationSet(name, noisy, timesteps, target, sizes.to(latents.device), prompts)
 
 
 class Validator:
