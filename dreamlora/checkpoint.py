@@ -58,12 +58,13 @@ def write_json(path: Path, value: Any) -> None:
     write_atomic(path, (json.dumps(value, indent=2, sort_keys=True) + "\n").encode("utf-8"))
 
 
-def next_free_path(path: Path) -> Path:
-    """`path` if nothing is there, else the first of `path-2`, `path-3`, ... that is free."""
+def next_free_path(path: Path, suffix: str = "") -> Path:
+    """`path` if nothing is there, else the first of `path-2`, `path-3`, ... that is free; a `suffix` (".md") goes
+    after the number: `table.md`, `table-2.md`, ..."""
     path, n = Path(path), 2
-    free = path
+    free = path.with_name(path.name + suffix)
     while free.exists():
-        free, n = path.with_name(f"{path.name}-{n}"), n + 1
+        free, n = path.with_name(f"{path.name}-{n}{suffix}"), n + 1
     return free
 
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from dreamlora.checkpoint import next_free_path
 from dreamlora.config import RunConfig, load_config
 from dreamlora.demo import SAMPLE_PHOTOS, TOY_RECIPE, PromptScore, evaluate
 
@@ -72,7 +73,6 @@ def measure(
 ) -> list[Measurement]:
     """Train and read back every (seed, prior weight) pair, drawing at `guidance`; the class set is made once in OUT/priors/dog.
     Run again on the same OUT, it reuses the class set and writes new runs and pictures beside the old (`-2`, `-3`, ...)."""
-    from dreamlora.checkpoint import next_free_path
     from dreamlora.train import train
 
     class_dir = out / "priors" / "dog"
@@ -82,7 +82,7 @@ def measure(
         for weight in prior_weights:
             name = f"seed{seed}-prior{weight:g}"
             result = train(recipe(model, class_dir, next_free_path(out / "runs" / name), seed, weight, extra))
-            picture = next_free_path(out / f"{result.run_dir.name}.png")
+            picture = next_free_path(out / result.run_dir.name, ".png")
             scores = evaluate(result.run_dir, picture, seeds=eval_seeds, guidance=guidance, model=model).scores
             rows.append(Measurement(seed, weight, {s.prompt: s for s in scores}))
     return rows
@@ -126,10 +126,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = measure(args.model, args.out, args.seeds, args.prior_weights, args.eval_seeds, args.guidance, parse_set_options(args.extra))
     table = format_table(rows)
     args.out.mkdir(parents=True, exist_ok=True)
-    path, n = args.out / "table.md", 2
-    while path.exists():  # an earlier table is kept
-        path, n = args.out / f"table-{n}.md", n + 1
-    path.write_text(table + "\n", encoding="utf-8")
+    next_free_path(args.out / "table", ".md").write_text(table + "\n", encoding="utf-8")  # an earlier table is kept
     print(table, flush=True)
 
 
