@@ -55,3 +55,24 @@ def test_unet_tweaks_keep_the_prior_images(tmp_path) -> None:
         assert np.abs(plain - tweaked).max() <= 2
     with pytest.raises(ValueError, match="known: fused-qkv, channels-last"):
         apply_unet_tweaks(None, "fused-qkv+compile")
+
+
+def test_the_device_script_runs_a_part_and_writes_its_json(tmp_path) -> None:
+    # scripts/device_bench.sh is what a session with a GPU runs there (README, Performance); on the tiny model it runs
+    # here, so a broken script is found before device time is spent on it.
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "BENCH_MODEL": "tiny", "OUT": str(tmp_path), "PYTHON": sys.executable, "WHEELS": str(tmp_path / "none")}
+    script = str(root / "scripts" / "device_bench.sh")
+    done = subprocess.run(["bash", script, "sd15-train", "--steps", "2", "--warmup", "1", "--no-variants"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    result = json.loads((tmp_path / "sd15-train.json").read_text())
+    assert result["model"] == "tiny" and len(result["train"]) == 1 and result["train"][0]["it_s"] > 0
+    log = (tmp_path / "sd15-train.log").read_text()
+    assert "diffusers" in log and "--part train" in log and "timing train" in log
+    wrong = subprocess.run(["bash", script, "sd14-train"], env=env, capture_output=True, text=True)
+    assert wrong.returncode == 2 and "usage" in wrong.stderr
