@@ -54,11 +54,16 @@ class PriorBench:
     resolution: int
     peak_memory_gib: float | None
     unet_tweaks: str = ""
-    """Inference-only changes to the UNet for this row ("fused-qkv", "channels-last", both joined by "+"; "" = as
+    """Inference-only changes to the UNet for this row ("fused-qkv", "channels-last", "compile", joined by "+"; "" = as
     `prior` runs today), measured to decide whether `prior` should make them."""
     phase_shares: dict[str, float] = field(default_factory=dict)
     """Where a separate, synchronised pass of one batch spent its time: UNet calls, VAE decoding, and the rest
-    (text encoding, scheduler, conversion to arrays, PNG writes, the class-set checks); shares sum to 1."""
+    (text encoding, scheduler, conversion to arrays, PNG writes, the class-set checks); shares sum to 1. Not taken for
+    a compiled UNet (the timer's syncs inside its forward would break the compiled graph)."""
+    warmup_seconds: float = 0.0  # the untimed first batch: with "compile", the compilation is in it
+    max_pixel_diff: int | None = None
+    """Largest difference (0-255) of any pixel from the same image of the first row with the same sampler and steps
+    (each image has its own seed, so the batch size does not matter): a tweak that keeps the arithmetic stays near 0."""
 
 
 @dataclass
@@ -213,20 +218,26 @@ def prior_phase_shares(pipeline: Any, prior_cfg: PriorConfig, resolution: int, w
     return shares
 
 
-UNET_TWEAKS = ("fused-qkv", "channels-last")
+UNET_TWEAKS = ("fused-qkv", "channels-last")  # the rows each alone and together
+UNET_COMPILE = "compile"
 
 
 def apply_unet_tweaks(unet: Any, tweaks: str) -> None:
     """Inference-only UNet changes that keep its arithmetic: one fused QKV projection per self-attention (diffusers'
-    `fuse_qkv_projections`, with its fused SDPA processor) and channels-last convolution weights."""
+    `fuse_qkv_projections`, with its fused SDPA processor), channels-last convolution weights, and "compile":
+    `torch.compile` of the UNet in place (Inductor's default mode: at prior's large batches the step is bound by
+    arithmetic and memory traffic, not launches, so the fused normalisation and elementwise kernels are what could
+    gain; the CUDA graph that helps training's batch of 2 is not tried)."""
     chosen = [t for t in tweaks.split("+") if t]
-    unknown = sorted(set(chosen) - set(UNET_TWEAKS))
+    unknown = sorted(set(chosen) - {*UNET_TWEAKS, UNET_COMPILE})
     if unknown:
-        raise ValueError(f"unknown UNet tweak(s) {', '.join(unknown)}; known: {', '.join(UNET_TWEAKS)}")
+        raise ValueError(f"unknown UNet tweak(s) {', '.join(unknown)}; known: {', '.join((*UNET_TWEAKS, UNET_COMPILE))}")
     if "fused-qkv" in chosen:
         unet.fuse_qkv_projections()
     if "channels-last" in chosen:
         unet.to(memory_format=torch.channels_last)
+    if UNET_COMPILE in chosen:
+        unet.compile()
 
 
 def bench_prior(cfg: RunConfig, prior_cfg: PriorConfig, workdir: Path, unet_tweaks: str = "", announce: Callable[[str], None] | None = None) -> PriorBench:
@@ -246,12 +257,23 @@ def bench_prior(cfg: RunConfig, prior_cfg: PriorConfig, workdir: Path, unet_twea
     resolution = cfg.data.resolution or components.native_resolution
     batch = prior_cfg.batch_size or auto_batch_size(device, resolution)
     warm = replace(prior_cfg, num_images=batch, batch_size=batch)
+    started = time.perf_counter()
     generate_class_images(pipeline, warm, resolution, workdir / "warm", cfg.model.name)
+    warmup_seconds = time.perf_counter() - started
     _reset_peak(device)
     result = generate_class_images(pipeline, replace(prior_cfg, batch_size=batch), resolution, workdir / "prior", cfg.model.name)
     peak = _peak(device)
-    shares = prior_phase_shares(pipeline, prior_cfg, resolution, workdir / "phases", cfg.model.name, batch)
-    return PriorBench(result.images_per_second, result.generated, batch, prior_cfg.steps, prior_cfg.scheduler, resolution, peak, unet_tweaks, shares)
+    compiled = UNET_COMPILE in unet_tweaks.split("+")
+    shares = {} if compiled else prior_phase_shares(pipeline, prior_cfg, resolution, workdir / "phases", cfg.model.name, batch)
+    return PriorBench(result.images_per_second, result.generated, batch, prior_cfg.steps, prior_cfg.scheduler, resolution, peak, unet_tweaks, shares, warmup_seconds)
+
+
+def max_pixel_diff(first: Path, second: Path) -> int:
+    """Largest difference of any pixel between the same-named PNGs of two prior folders (the images of one index)."""
+    names = sorted(p.name for p in first.glob("*.png"))
+    if not names or names != sorted(p.name for p in second.glob("*.png")):
+        raise ValueError(f"'{first}' and '{second}' hold different images")
+    return max(int(np.abs(np.asarray(Image.open(first / n), dtype=np.int16) - np.asarray(Image.open(second / n), dtype=np.int16)).max()) for n in names)
 
 
 def run_bench(
@@ -279,23 +301,40 @@ def run_bench(
             if graphed and eager:
                 result.graph_vs_eager = compare_runs(graphed[0], eager[0])
         if "prior" in parts:
+            folders: list[Path] = []
+
+            def add(prior_cfg: PriorConfig, name: str, tweaks: str = "") -> None:
+                folders.append(workdir / name)
+                result.prior.append(bench_prior(cfg, prior_cfg, folders[-1], tweaks, announce))
+
             ours = replace(cfg.prior, num_images=prior_images, class_name="dog")
-            result.prior.append(bench_prior(cfg, ours, workdir / "prior-ours", announce=announce))
+            add(ours, "prior-ours")
             if variants:
                 # The issue's second prior goal is PNDM at 50 steps (the reference's scheduler) with our batching;
                 # the reference's own batch of 4 is timed too, for the like-for-like row.
                 pndm = replace(ours, steps=50, scheduler="pndm")
-                result.prior.append(bench_prior(cfg, pndm, workdir / "prior-pndm", announce=announce))
+                add(pndm, "prior-pndm")
                 if device.type == "cuda" and pndm.batch_size != 4:  # on CPU the automatic batch is 4 already
-                    result.prior.append(bench_prior(cfg, replace(pndm, batch_size=4), workdir / "prior-ref", announce=announce))
+                    add(replace(pndm, batch_size=4), "prior-ref")
                 if device.type == "cuda":
-                    # Candidates for prior's defaults, each alone and together, at our settings.
-                    for tweaks in (*UNET_TWEAKS, "+".join(UNET_TWEAKS)):
-                        result.prior.append(bench_prior(cfg, ours, workdir / f"prior-{tweaks}", tweaks, announce))
+                    # Candidates for prior's defaults, each alone and together, then compiled too, at our settings.
+                    both = "+".join(UNET_TWEAKS)
+                    for tweaks in (*UNET_TWEAKS, both, f"{both}+{UNET_COMPILE}"):
+                        add(ours, f"prior-{tweaks}", tweaks)
                     if ours.steps > 20:
                         # DPM-Solver++ is commonly run at 20 steps: with both tweaks, the candidate for faster defaults.
-                        result.prior.append(bench_prior(cfg, replace(ours, steps=20), workdir / "prior-20", "+".join(UNET_TWEAKS), announce))
+                        add(replace(ours, steps=20), "prior-20", both)
+            compare_prior_images(result.prior, [folder / "prior" for folder in folders])
     return result
+
+
+def compare_prior_images(rows: list[PriorBench], folders: list[Path]) -> None:
+    """Set each row's `max_pixel_diff` from the first row drawn with the same sampler and steps (None for that row);
+    `folders[i]` holds row i's images."""
+    for row, folder in zip(rows, folders):
+        first = next(i for i, other in enumerate(rows) if (other.scheduler, other.steps) == (row.scheduler, row.steps))
+        if rows[first] is not row:
+            row.max_pixel_diff = max_pixel_diff(folders[first], folder)
 
 
 def compare_runs(a: TrainBench, b: TrainBench) -> dict[str, float]:

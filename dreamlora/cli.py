@@ -1167,7 +1167,8 @@ def bench(
         for p in result.prior:
             peak = f"{p.peak_memory_gib:.2f}" if p.peak_memory_gib is not None else "-"
             tweaks = f", {p.unet_tweaks}" if p.unet_tweaks else ""
-            table.add_row("prior", f"{p.resolution}px {p.scheduler} {p.steps} steps, batch {p.batch_size}{tweaks}", f"{p.images_per_s:.2f} img/s", "", peak, "")
+            same = f", max pixel diff {p.max_pixel_diff}" if p.max_pixel_diff is not None else ""  # vs the first row at these steps
+            table.add_row("prior", f"{p.resolution}px {p.scheduler} {p.steps} steps, batch {p.batch_size}{tweaks} (first batch {p.warmup_seconds:.1f} s{same})", f"{p.images_per_s:.2f} img/s", "", peak, "")
         out.print(table)
         for p in result.prior:
             if p.phase_shares:

@@ -41,20 +41,39 @@ def test_unet_tweaks_keep_the_prior_images(tmp_path) -> None:
     import pytest
     from PIL import Image
 
-    from dreamlora.bench import apply_unet_tweaks, bench_prior, default_bench_config
+    from dreamlora.bench import apply_unet_tweaks, bench_prior, compare_prior_images, default_bench_config
 
     cfg = default_bench_config("tiny", {})
     prior_cfg = replace(cfg.prior, num_images=3, class_name="dog", steps=3)
-    images = {}
+    images, rows = {}, []
     for tweaks in ("", "fused-qkv+channels-last"):
-        row = bench_prior(cfg, prior_cfg, tmp_path / (tweaks or "plain"), tweaks)
-        assert row.unet_tweaks == tweaks and row.images == 3
+        rows.append(bench_prior(cfg, prior_cfg, tmp_path / (tweaks or "plain"), tweaks))
+        assert rows[-1].unet_tweaks == tweaks and rows[-1].images == 3 and rows[-1].warmup_seconds > 0
         images[tweaks] = [np.asarray(Image.open(p), dtype=np.int16) for p in sorted((tmp_path / (tweaks or "plain") / "prior").glob("*.png"))]
     assert len(images[""]) == 3
     for plain, tweaked in zip(images[""], images["fused-qkv+channels-last"]):
         assert np.abs(plain - tweaked).max() <= 2
-    with pytest.raises(ValueError, match="known: fused-qkv, channels-last"):
-        apply_unet_tweaks(None, "fused-qkv+compile")
+    # The bench's own check (it runs on the GPU rows): each row against the first with the same sampler and steps.
+    compare_prior_images(rows, [tmp_path / "plain" / "prior", tmp_path / "fused-qkv+channels-last" / "prior"])
+    assert rows[0].max_pixel_diff is None and rows[1].max_pixel_diff == max(int(np.abs(a - b).max()) for a, b in zip(images[""], images["fused-qkv+channels-last"]))
+    with pytest.raises(ValueError, match="known: fused-qkv, channels-last, compile"):
+        apply_unet_tweaks(None, "fused-qkv+tensorrt")
+
+
+def test_the_compile_tweak_compiles_the_unet_in_place() -> None:
+    # Compiling the tiny UNet takes minutes on two CPU cores, so CI checks the wiring; the bench compares the compiled
+    # row's images with the plain row's on the GPU (max_pixel_diff).
+    from dreamlora.bench import apply_unet_tweaks
+
+    class Unet:
+        compiled = 0
+
+        def compile(self) -> None:
+            self.compiled += 1
+
+    unet = Unet()
+    apply_unet_tweaks(unet, "compile")
+    assert unet.compiled == 1
 
 
 def test_the_device_script_runs_a_part_and_writes_its_json(tmp_path) -> None:
