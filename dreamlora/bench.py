@@ -91,6 +91,10 @@ def _write_images(folder: Path, n: int, size: int, seed: int) -> Path:
     return folder
 
 
+def _gib(value: float | None) -> str:
+    return f"{value:.2f} GiB" if value is not None else "-"
+
+
 def _peak(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
 
@@ -244,7 +248,7 @@ def bench_prior(cfg: RunConfig, prior_cfg: PriorConfig, workdir: Path, unet_twea
     """Time `generate_class_images` after one warm-up batch (not counted), then split one batch's time by phase."""
     if announce:
         batch = f"batch {prior_cfg.batch_size}" if prior_cfg.batch_size else "automatic batch"
-        announce(f"prior: {prior_cfg.scheduler} {prior_cfg.steps} steps, {batch}{', ' + unet_tweaks if unet_tweaks else ''}, {prior_cfg.num_images} images")
+        announce(f"timing prior: {prior_cfg.scheduler} {prior_cfg.steps} steps, {batch}{', ' + unet_tweaks if unet_tweaks else ''}, {prior_cfg.num_images} images")
     from dreamlora.models import build_pipeline, load_components, resolve_precision, select_attention
     from dreamlora.prior import auto_batch_size, generate_class_images
 
@@ -280,7 +284,8 @@ def run_bench(
     cfg: RunConfig, parts: tuple[str, ...], steps: int, warmup: int, prior_images: int, variants: bool, on_row: Callable[[str], None] | None = None
 ) -> BenchResult:
     """Training (with and, if `variants`, without gradient checkpointing) and prior generation (ours and the reference's
-    defaults). `on_row` is told what each row times before it starts (the whole bench takes minutes)."""
+    defaults). `on_row` is told what each row times before it starts and its figures when it ends (the whole bench
+    takes minutes, and a run cut off at a time limit keeps what it printed)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     announce = on_row or (lambda text: None)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -294,8 +299,9 @@ def run_bench(
                 settings += [(not ckpt, cfg.train.compile)] + ([(ckpt, "off")] if device.type == "cuda" and cfg.train.compile != "off" else [])
             for i, (checkpointing, compile_mode) in enumerate(settings):
                 run_cfg = replace(cfg, train=replace(cfg.train, gradient_checkpointing=checkpointing, compile=compile_mode))
-                announce(f"train: checkpointing {'on' if checkpointing else 'off'}, compile {compile_mode}, {warmup} + {steps} steps")
+                announce(f"timing train: checkpointing {'on' if checkpointing else 'off'}, compile {compile_mode}, {warmup} + {steps} steps")
                 result.train.append(bench_train(run_cfg, workdir / f"train{i}", steps, warmup))
+                announce(f"  measured: {result.train[-1].it_s:.2f} it/s, first step {result.train[-1].first_step_s:.1f} s, peak {_gib(result.train[-1].peak_memory_gib)}")
             graphed = [t for t in result.train if t.cuda_graphs and t.gradient_checkpointing == ckpt]
             eager = [t for t in result.train if not t.cuda_graphs and t.gradient_checkpointing == ckpt]
             if graphed and eager:
@@ -306,6 +312,7 @@ def run_bench(
             def add(prior_cfg: PriorConfig, name: str, tweaks: str = "") -> None:
                 folders.append(workdir / name)
                 result.prior.append(bench_prior(cfg, prior_cfg, folders[-1], tweaks, announce))
+                announce(f"  measured: {result.prior[-1].images_per_s:.2f} img/s, first batch {result.prior[-1].warmup_seconds:.1f} s, peak {_gib(result.prior[-1].peak_memory_gib)}")
 
             ours = replace(cfg.prior, num_images=prior_images, class_name="dog")
             add(ours, "prior-ours")

@@ -1149,7 +1149,7 @@ def bench(
         started = time.perf_counter()
 
         def on_row(text: str) -> None:  # on stderr: --json's stdout stays one JSON object
-            console.print(f"[dim]{time.perf_counter() - started:6.0f} s[/]  timing {text}")
+            console.print(f"[dim]{time.perf_counter() - started:6.0f} s[/]  {text}")
 
         result = run_bench(cfg, parts, steps, warmup, prior_images, variants, on_row)
         if json_out:

@@ -92,6 +92,6 @@ def test_the_device_script_runs_a_part_and_writes_its_json(tmp_path) -> None:
     result = json.loads((tmp_path / "sd15-train.json").read_text())
     assert result["model"] == "tiny" and len(result["train"]) == 1 and result["train"][0]["it_s"] > 0
     log = (tmp_path / "sd15-train.log").read_text()
-    assert "diffusers" in log and "--part train" in log and "timing train" in log
+    assert "diffusers" in log and "--part train" in log and "timing train" in log and "measured: " in log and "it/s, first step" in log
     wrong = subprocess.run(["bash", script, "sd14-train"], env=env, capture_output=True, text=True)
     assert wrong.returncode == 2 and "usage" in wrong.stderr
