@@ -594,6 +594,8 @@ def _training_metadata(run: dict[str, Any], cfg: RunConfig | None) -> dict[str, 
         "ss_alpha_mask": str(data.masked_loss and not data.mask_dir),  # kohya's masks from the alpha channel (not from a mask folder)
         "ss_cache_latents": str(data.cache_latents and data.latents_cacheable),
     }
+    if cfg.model.vae:  # kohya records the replacement VAE by its file name
+        meta["ss_vae_name"] = public_model_ref(cfg.model.vae)
     if instance_images:
         meta["ss_num_train_images"] = str(instance_images * data.repeats)
         meta["ss_num_reg_images"] = str(int(run.get("class_images") or 0))
@@ -769,12 +771,21 @@ def write_diffusers(folder: Path, modules: list[LoraModule], dtype: str) -> Path
 # --- loading base models and LoRA files for verification ----------------------------------------
 
 
-def _load_base(model_ref: str, base_weights: tuple[str, ...] = ()) -> tuple[Any, str | None]:
+def base_load_options(settings: RunConfig | None, merged: bool) -> dict[str, Any]:
+    """How the run loaded its base model, as `load_components` keywords: pickle weights it was allowed, a single-file
+    checkpoint's configs and, for a merged model (which holds a VAE), the replacement VAE it trained and sampled with."""
+    if settings is None:
+        return {}
+    model = settings.model
+    return {"allow_pickle": model.allow_pickle, "single_file_config": model.single_file_config, **({"vae": model.vae} if merged and model.vae else {})}
+
+
+def _load_base(model_ref: str, base_weights: tuple[str, ...] = (), load_options: dict[str, Any] | None = None) -> tuple[Any, str | None]:
     from dreamlora.generate import fuse_base_weights
     from dreamlora.models import load_components
 
     try:
-        components = load_components(model_ref)
+        components = load_components(model_ref, **(load_options or {}))
         fuse_base_weights(components, base_weights)
         return components, None
     except (ModelLoadError, ConfigError, OSError) as error:
@@ -897,15 +908,16 @@ def _load_with_diffusers(base: Any, path: Path) -> dict[str, torch.nn.Module]:
 
 
 def verify_export(
-    path: Path, fmt: str, modules: list[LoraModule], model_ref: str, dtype: str, scale: float = 1.0, prompt: str = "a photo", base_weights: tuple[str, ...] = ()
+    path: Path, fmt: str, modules: list[LoraModule], model_ref: str, dtype: str, scale: float = 1.0, prompt: str = "a photo", base_weights: tuple[str, ...] = (),
+    load_options: dict[str, Any] | None = None,
 ) -> VerifyReport:
     """Load the written export back through diffusers' own loaders into a fresh base model and compare it with `modules` loaded exactly.
 
     Raises ExportError on a mismatch beyond the dtype's tolerance or on LoRA modules the loader did not consume;
     returns a skipped report when the base model is not available here. `base_weights` (a merged model's: the run's
-    fused LoRAs) go into the base first.
+    fused LoRAs) go into the base first; `load_options` are `base_load_options`.
     """
-    base, skipped = _load_base(model_ref, base_weights)
+    base, skipped = _load_base(model_ref, base_weights, load_options)
     if base is None:
         return VerifyReport("skipped", warnings=[skipped or ""])
     if fmt == "merged" and path.is_file() and base.source_dir is None:
@@ -978,13 +990,16 @@ def _load_merged(path: Path, base: Any) -> dict[str, torch.nn.Module]:
 # --- merged models ------------------------------------------------------------------------------
 
 
-def _merged_components(model_ref: str, lora_file: Path, scale: float, prediction_type: str = "auto", base_weights: tuple[str, ...] = ()) -> Any:
-    """The base model (with the run's `base_weights` fused first) with the LoRA fused in at `scale` and the adapters
-    removed; its scheduler predicts `prediction_type` (the run's: a model trained as v-prediction is saved as one)."""
+def _merged_components(
+    model_ref: str, lora_file: Path, scale: float, prediction_type: str = "auto", base_weights: tuple[str, ...] = (), load_options: dict[str, Any] | None = None
+) -> Any:
+    """The base model (with the run's `base_weights` fused first, loaded with `load_options`: its VAE) with the LoRA
+    fused in at `scale` and the adapters removed; its scheduler predicts `prediction_type` (the run's: a model trained
+    as v-prediction is saved as one)."""
     from dreamlora.generate import fuse_base_weights
     from dreamlora.models import apply_prediction_type, build_pipeline, load_components
 
-    components = load_components(model_ref)
+    components = load_components(model_ref, **(load_options or {}))
     fuse_base_weights(components, base_weights)
     apply_prediction_type(components, prediction_type)
     pipe = build_pipeline(components)
@@ -995,14 +1010,15 @@ def _merged_components(model_ref: str, lora_file: Path, scale: float, prediction
 
 
 def write_merged(
-    out: Path, model_ref: str, lora_file: Path, scale: float, dtype: str, single_file: bool, prediction_type: str = "auto", base_weights: tuple[str, ...] = ()
+    out: Path, model_ref: str, lora_file: Path, scale: float, dtype: str, single_file: bool, prediction_type: str = "auto", base_weights: tuple[str, ...] = (),
+    load_options: dict[str, Any] | None = None,
 ) -> dict[str, int]:
     """A full pipeline folder (or one original-layout checkpoint file, marked `v_pred`/`ztsnr` as ComfyUI reads them
     when its scheduler says so) with the LoRA fused; returns tensor counts per part."""
     from dreamlora.models import build_pipeline
     from dreamlora.single_file import scheduler_markers
 
-    components = _merged_components(model_ref, lora_file, scale, prediction_type, base_weights)
+    components = _merged_components(model_ref, lora_file, scale, prediction_type, base_weights, load_options)
     torch_dtype = DTYPES[dtype]
     for part in (components.unet, components.vae, *components.text_encoders.values()):
         part.to(torch_dtype)
@@ -1116,7 +1132,10 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
         write_diffusers(out, modules, cfg.dtype)
         counts = _count_modules(modules)
     else:
-        counts = write_merged(out, base_model_ref(run_dir, run), lora_file, cfg.scale, cfg.dtype, cfg.single_file, str(run.get("prediction_type") or "auto"), fused)
+        options = base_load_options(settings, merged=True)
+        counts = write_merged(out, base_model_ref(run_dir, run), lora_file, cfg.scale, cfg.dtype, cfg.single_file, str(run.get("prediction_type") or "auto"), fused, options)
+        if options.get("vae"):
+            notes.append(f"the merged model holds the VAE the run trained and sampled with ({public_model_ref(options['vae'])}), not the base model's own")
     emb_out = _write_embedding(out, cfg.format, embedding, notes)
     if out.is_dir():  # diffusers and merged folders: a model card, as the Hub reads one
         _write_card(out, run_dir, run, settings, cfg, emb_out, notes)
@@ -1125,7 +1144,9 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
         prompt = str(run.get("instance_prompt") or "a photo")
         try:
             merged = cfg.format == "merged"
-            report = verify_export(out, cfg.format, modules, base_model_ref(run_dir, run), cfg.dtype, cfg.scale if merged else 1.0, prompt, fused if merged else ())
+            report = verify_export(
+                out, cfg.format, modules, base_model_ref(run_dir, run), cfg.dtype, cfg.scale if merged else 1.0, prompt, fused if merged else (), base_load_options(settings, merged),
+            )
         except ExportError as error:
             _remove(out)
             if emb_out is not None:

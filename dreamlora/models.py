@@ -494,6 +494,18 @@ def load_vae(ref: str, dtype: torch.dtype = torch.float32, allow_pickle: bool = 
         raise ModelLoadError(f"could not load the VAE {ref!r}: {error}; pass a local diffusers VAE folder with --vae PATH") from error
 
 
+def vae_identity(ref: str) -> str:
+    """A replacement VAE as a prior set records it ("" for the model's own): a hub id as given; a local folder by its
+    name and `model_fingerprint` (no path: two folders of one name are told apart, the same folder moved is not)."""
+    if not ref:
+        return ""
+    path = Path(ref).expanduser()
+    if not path.is_dir():
+        return ref
+    folder = path / "vae" if (path / "vae" / "config.json").is_file() else path
+    return f"{path.resolve().name}:{model_fingerprint(folder)}"
+
+
 def load_components(
     ref: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", allow_pickle: bool = False, vae: str = "", single_file_config: str = ""
 ) -> Components:
