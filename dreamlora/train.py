@@ -222,6 +222,27 @@ def diffusion_target(noise_scheduler: Any, latents: torch.Tensor, noise: torch.T
 # --- data resolution ------------------------------------------------------------------------------
 
 
+def prior_set_differences(manifest: dict[str, Any], model_cfg: Any) -> list[str]:
+    """How the model and VAE a prior set was drawn with (its manifest) differ from those of `model_cfg`, in words;
+    empty where they agree or the manifest does not say (a set of another tool's images has no model)."""
+    from dreamlora.models import model_fingerprint, public_model_ref, vae_identity
+
+    found = []
+    model, folder = public_model_ref(model_cfg.name), Path(model_cfg.name).expanduser()
+    if manifest.get("model") and manifest["model"] != model:
+        found.append(f"the model {manifest['model']!r} (training: {model!r})")
+    elif manifest.get("model_fingerprint") and folder.is_dir() and model_fingerprint(folder) != manifest["model_fingerprint"]:
+        found.append(f"another model folder named {model!r}")
+    drawn, used = str(manifest.get("vae", "")), vae_identity(model_cfg.vae)
+    if drawn != used:
+        def label(identity: str) -> str:
+            return f"VAE {identity.split(':')[0]!r}" if identity else "the model's own VAE"
+
+        same_name = drawn and used and label(drawn) == label(used)
+        found.append(f"another {label(used)} (a folder of the same name)" if same_name else f"{label(drawn)} (training: {label(used)})")
+    return found
+
+
 def resolve_data(cfg: RunConfig, priors_root: Path = Path("priors")) -> tuple[RunConfig, bool]:
     """Fill in class folder, class name and prompts; return the config and whether a prior set must be generated first."""
     data = cfg.data
@@ -249,6 +270,12 @@ def resolve_data(cfg: RunConfig, priors_root: Path = Path("priors")) -> tuple[Ru
         manifest = read_prior_set(Path(class_dir))
         class_name = class_name or manifest.get("class_name", "")
         class_prompt = class_prompt or manifest["prompt"]
+        if not needs_prior and (differences := prior_set_differences(manifest, cfg.model)):
+            log.warning(
+                "the prior set in %s was drawn with %s, so its images are not what the model you train draws for the class; draw a set "
+                "with `dreamlora prior --class %s --out FOLDER` and the same --model and --vae as train, and pass --class-dir FOLDER",
+                class_dir, "; ".join(differences), class_name or "NAME",
+            )
         drawn_with = int(manifest.get("clip_skip", 1))
         if drawn_with != cfg.model.clip_skip and not needs_prior:
             log.warning(

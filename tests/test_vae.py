@@ -64,7 +64,15 @@ def test_a_replacement_vae_goes_from_class_images_to_training_generate_and_the_m
 
     trained = runner.invoke(app, ["train", "--model", "tiny", "--vae", str(other_vae), "--instance", str(instance_dir), "--class-dir", "priors/dog",
                                   "--max-steps", "2", "--set", "adapter.init=nonzero", "--set", "train.num_samples=0", "--out", "runs/v"])  # fmt: skip
-    assert trained.exit_code == 0, trained.output
+    assert trained.exit_code == 0 and "prior set in" not in trained.output, trained.output
+    # A set drawn with another VAE (or model) is used as given, with a warning that says what differs.
+    other = ["train", "--model", "tiny", "--instance", str(instance_dir), "--max-steps", "1", "--set", "train.num_samples=0"]
+    warned = runner.invoke(app, [*other, "--class-dir", "priors/plain", "--vae", str(other_vae), "--out", "runs/w1"])
+    assert warned.exit_code == 0 and "drawn with the model's own VAE (training: VAE 'my-vae')" in said(warned.output), warned.output
+    warned = runner.invoke(app, [*other, "--class-dir", "priors/dog", "--out", "runs/w2"])
+    assert warned.exit_code == 0 and "drawn with VAE 'my-vae' (training: the model's own VAE)" in said(warned.output), warned.output
+    warned = runner.invoke(app, [*other, "--class-dir", "priors/plain", "--model", str(tiny_dir), "--out", "runs/w3"])
+    assert warned.exit_code == 0 and f"drawn with the model 'tiny' (training: '{tiny_dir.name}')" in said(warned.output), warned.output
 
     # generate --lora RUN, without --model, draws on the model the run trained on: its VAE included.
     draw = ["generate", "-p", "a photo of sks dog", "-n", "1", "--steps", "2", "--lora", "runs/v"]
