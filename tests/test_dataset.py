@@ -333,8 +333,12 @@ def test_latent_cache_prunes_least_recently_used_first(tmp_path: Path) -> None:
     usage = prune_cache(tmp_path / "latents", max_bytes=2 * size)  # least recently used next: entry 2
     assert (usage.removed, usage.entries, usage.bytes) == (1, 2, 2 * size)
     assert [cache.path(k).exists() for k in keys] == [True, False, False, True]
+    pruned = runner.invoke(app, ["cache", "--dir", str(tmp_path / "latents"), "--prune-days", "5"])  # entry 3, unused for 7 days
+    assert pruned.exit_code == 0 and "removed" in pruned.output and [cache.path(k).exists() for k in keys] == [True, False, False, False], pruned.output
+    negative = runner.invoke(app, ["cache", "--dir", str(tmp_path / "latents"), "--prune-days", "-1"])
+    assert negative.exit_code == 2 and "--prune-days must be 0 or more" in negative.output and cache.path(keys[0]).exists()
     result = runner.invoke(app, ["cache", "--dir", str(tmp_path / "latents"), "--clear"])
-    assert result.exit_code == 0 and "2 entries" in result.output, result.output
+    assert result.exit_code == 0 and "1 entries" in result.output, result.output
     assert not list((tmp_path / "latents").glob("??")) and (tmp_path / "latents" / "notes.txt").is_file()
     for wrong in ("-1", "10XB", "GB"):
         bad = runner.invoke(app, ["cache", "--dir", str(tmp_path / "latents"), "--max-size", wrong])
