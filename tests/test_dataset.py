@@ -120,6 +120,8 @@ def test_buckets_are_kohya_style() -> None:
     assert nearest_bucket((4032, 3024), buckets) == (576, 448)
     assert nearest_bucket((1000, 1000), buckets) == (512, 512)
     assert make_buckets(64, 16) == [(48, 80), (64, 64), (80, 48)]  # the tiny model: 8 x its VAE factor of 2
+    assert make_buckets(512, 64, max_ratio=1.0) == [(512, 512)]  # data.bucket_max_ratio: how elongated a bucket may be
+    assert (256, 1024) in make_buckets(512, 64, max_ratio=4.0) and (256, 1024) not in buckets
     wide = scene((97, 41), 3)  # the square path and the bucket path render a square view alike (they share cache entries)
     assert np.array_equal(np.asarray(resize_and_crop(wide, 32)), np.asarray(resize_and_crop_to(wide, (32, 32))))
 

@@ -443,6 +443,8 @@ def test_loraplus_groups_scale_the_up_weights_learning_rate() -> None:
         optimizer.step()
         scheduler.step()
     assert rates[2] == [1e-3, 16e-3, 0.0, 0.0]  # the text encoder stops at step 2 (half of 4), both its groups
+    unet_only = TrainConfig(lr=1e-3, loraplus_lr_ratio=16, loraplus_unet_lr_ratio=8)  # the UNet's own ratio wins there
+    assert [unet_only.loraplus_ratio(m) for m in ("unet", "text_encoder", "text_encoder_2", "embeddings")] == [8.0, 16.0, 16.0, 1.0]
     off = make_optimizer(params, load_config(None, {}), torch.device("cpu"), up_weights=flags)
     assert [g["model"] for g in off.param_groups] == ["unet", "text_encoder"]
     with pytest.raises(ConfigError, match="loraplus_lr_ratio must be 0"):
