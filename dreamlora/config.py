@@ -8,6 +8,7 @@ import functools
 import json
 import math
 import os
+import re
 import tomllib
 import typing
 from dataclasses import dataclass, field
@@ -108,6 +109,7 @@ class ModelConfig:
     attention: str = "auto"  # auto: xformers when its kernels really run, else PyTorch SDPA
     allow_pickle: bool = False  # refuse .bin/.ckpt/.pt weights unless set
     vae: str = ""  # replacement VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16
+    variant: str = ""  # the weights files of a diffusers folder or hub id to read, e.g. fp16: diffusion_pytorch_model.fp16.safetensors (diffusers' --variant; half the download)
     single_file_config: str = ""  # a .safetensors checkpoint's configs and tokenizer: a diffusers folder or hub id of its architecture (default: diffusers' choice)
     clip_skip: int = 1  # read prompts from the text encoder's Nth layer from the end, as A1111/kohya count (2: penultimate, for most anime SD 1.5 models)
     prediction_type: str = "auto"  # what the UNet predicts; auto: the model's scheduler config (a single file's v_pred marker); v_prediction as kohya's --v_parameterization
@@ -115,6 +117,7 @@ class ModelConfig:
 
     def __post_init__(self) -> None:
         _check(bool(self.name.strip()), "model.name is empty; pass a hub id, a local diffusers folder or `tiny`")
+        _check(re.fullmatch(r"[A-Za-z0-9_-]*", self.variant) is not None, f"model.variant is a weights-file infix such as fp16; got {self.variant!r}")
         _check(1 <= self.clip_skip <= 12, f"model.clip_skip must be in 1..12 (1: the text encoder's last layer, 2: the penultimate, as A1111 and kohya count); got {self.clip_skip}")
         _check_choice("model.precision", self.precision, PRECISIONS)
         _check_choice("model.attention", self.attention, ATTENTIONS)

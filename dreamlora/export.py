@@ -773,11 +773,15 @@ def write_diffusers(folder: Path, modules: list[LoraModule], dtype: str) -> Path
 
 def base_load_options(settings: RunConfig | None, merged: bool) -> dict[str, Any]:
     """How the run loaded its base model, as `load_components` keywords: pickle weights it was allowed, a single-file
-    checkpoint's configs and, for a merged model (which holds a VAE), the replacement VAE it trained and sampled with."""
+    checkpoint's configs, its weights variant and, for a merged model (which holds a VAE), the replacement VAE it
+    trained and sampled with."""
     if settings is None:
         return {}
     model = settings.model
-    return {"allow_pickle": model.allow_pickle, "single_file_config": model.single_file_config, **({"vae": model.vae} if merged and model.vae else {})}
+    return {
+        "allow_pickle": model.allow_pickle, "single_file_config": model.single_file_config, "variant": model.variant,
+        **({"vae": model.vae} if merged and model.vae else {}),
+    }
 
 
 def _load_base(model_ref: str, base_weights: tuple[str, ...] = (), load_options: dict[str, Any] | None = None) -> tuple[Any, str | None]:

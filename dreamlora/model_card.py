@@ -72,7 +72,8 @@ def model_card(
     if merged:
         body += ['pipe = AutoPipelineForText2Image.from_pretrained("PATH/TO/THIS/FOLDER", torch_dtype=torch.float16).to("cuda")']
     else:
-        body += [f'pipe = AutoPipelineForText2Image.from_pretrained({_yaml_text(base)}, torch_dtype=torch.float16).to("cuda")', 'pipe.load_lora_weights("PATH/TO/THIS/FOLDER")']
+        variant = f", variant={_yaml_text(cfg.model.variant)}" if cfg is not None and cfg.model.variant else ""  # the weights files the run read
+        body += [f'pipe = AutoPipelineForText2Image.from_pretrained({_yaml_text(base)}{variant}, torch_dtype=torch.float16).to("cuda")', 'pipe.load_lora_weights("PATH/TO/THIS/FOLDER")']
     use_prompt = prompt
     if embedding:
         body += _embedding_lines(embedding, token, family)

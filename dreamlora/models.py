@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import socket
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -448,19 +449,20 @@ def _from_pretrained(cls: Any, source: Path | str, subfolder: str, allow_pickle:
     return cls.from_pretrained(source, subfolder=subfolder, use_safetensors=None if allow_pickle else True, local_files_only=local_only, **kwargs)
 
 
-def _load_parts(source: Path | str, allow_pickle: bool, cache_only: bool, dtype: torch.dtype) -> tuple[Any, ...]:
+def _load_parts(source: Path | str, allow_pickle: bool, cache_only: bool, dtype: torch.dtype, variant: str = "") -> tuple[Any, ...]:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    weights = {"dtype": dtype, "variant": variant or None}
     tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=cache_only)
-    text_encoder = _from_pretrained(CLIPTextModel, source, "text_encoder", allow_pickle, cache_only, dtype=dtype)
-    unet = _from_pretrained(UNet2DConditionModel, source, "unet", allow_pickle, cache_only, dtype=dtype)
-    vae = _from_pretrained(AutoencoderKL, source, "vae", allow_pickle, cache_only, dtype=dtype)
+    text_encoder = _from_pretrained(CLIPTextModel, source, "text_encoder", allow_pickle, cache_only, **weights)
+    unet = _from_pretrained(UNet2DConditionModel, source, "unet", allow_pickle, cache_only, **weights)
+    vae = _from_pretrained(AutoencoderKL, source, "vae", allow_pickle, cache_only, **weights)
     noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", local_files_only=cache_only)
     return tokenizer, text_encoder, unet, vae, noise_scheduler
 
 
-def _load_extra_encoders(family: ModelFamily, source: Path | str, allow_pickle: bool, cache_only: bool, dtype: torch.dtype) -> dict[str, Any]:
+def _load_extra_encoders(family: ModelFamily, source: Path | str, allow_pickle: bool, cache_only: bool, dtype: torch.dtype, variant: str = "") -> dict[str, Any]:
     """The family's tokenizers and text encoders beyond the first (SDXL: tokenizer_2, text_encoder_2)."""
     import transformers
     from transformers import CLIPTokenizer
@@ -468,7 +470,7 @@ def _load_extra_encoders(family: ModelFamily, source: Path | str, allow_pickle: 
     extra: dict[str, Any] = {}
     for tokenizer_name, encoder_name, class_name in list(zip(family.tokenizer_names, family.text_encoder_names, family.text_encoder_classes))[1:]:
         extra[tokenizer_name] = CLIPTokenizer.from_pretrained(source, subfolder=tokenizer_name, local_files_only=cache_only)
-        extra[encoder_name] = _from_pretrained(getattr(transformers, class_name), source, encoder_name, allow_pickle, cache_only, dtype=dtype)
+        extra[encoder_name] = _from_pretrained(getattr(transformers, class_name), source, encoder_name, allow_pickle, cache_only, dtype=dtype, variant=variant or None)
     return extra
 
 
@@ -507,9 +509,11 @@ def vae_identity(ref: str) -> str:
 
 
 def load_components(
-    ref: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", allow_pickle: bool = False, vae: str = "", single_file_config: str = ""
+    ref: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", allow_pickle: bool = False, vae: str = "", single_file_config: str = "",
+    variant: str = "",
 ) -> Components:
-    """Load tokenizers, text encoders, UNet, VAE (or the one `vae` names) and the training noise scheduler of a model reference."""
+    """Load tokenizers, text encoders, UNet, VAE (or the one `vae` names) and the training noise scheduler of a model
+    reference; `variant` (e.g. fp16) reads a diffusers folder's or hub id's `*.fp16.safetensors` weights."""
     if ref.startswith("random:"):
         with torch.random.fork_rng(devices=[]):  # seeded weights, and the caller's random state untouched
             torch.manual_seed(0)
@@ -521,20 +525,20 @@ def load_components(
     local = isinstance(source, Path)
 
     def load(cache_only: bool) -> tuple[tuple[Any, ...], ModelFamily, dict[str, Any]]:
-        parts = _load_parts(source, allow_pickle, cache_only, dtype)
+        parts = _load_parts(source, allow_pickle, cache_only, dtype, variant)
         family = detect_family(parts[1].config, dict(parts[2].config))
-        return parts, family, _load_extra_encoders(family, source, allow_pickle, cache_only, dtype)
+        return parts, family, _load_extra_encoders(family, source, allow_pickle, cache_only, dtype, variant)
 
     try:
         parts, family, extra = load(True)
     except (OSError, ValueError) as error:
         # A hub id not in the cache: download only when the hub can be reached, so offline fails at once.
         if local or not hub_reachable():
-            raise _load_failure(ref, source, error) from error
+            raise _load_failure(ref, source, error, variant) from error
         try:
             parts, family, extra = load(False)
         except (OSError, ValueError) as second:
-            raise _load_failure(ref, source, second) from second
+            raise _load_failure(ref, source, second, variant) from second
     tokenizer, text_encoder, unet, base_vae, noise_scheduler = parts
     if vae:
         base_vae = load_vae(vae, dtype, allow_pickle)
@@ -547,7 +551,8 @@ def load_model(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32, devic
     """The base model a `[model]` config section describes: `load_components` with its options, its base weights
     fused in, then its clip skip and prediction type."""
     components = load_components(
-        model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle, vae=model_cfg.vae, single_file_config=model_cfg.single_file_config
+        model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle, vae=model_cfg.vae, single_file_config=model_cfg.single_file_config,
+        variant=model_cfg.variant,
     )
     if model_cfg.base_weights:  # before the clip skip, which drops the layers after the one read
         from dreamlora.generate import fuse_base_weights
@@ -595,8 +600,22 @@ def apply_clip_skip(components: Components, clip_skip: int) -> None:
     components.clip_skip = clip_skip
 
 
-def _load_failure(ref: str, source: Path | str, error: Exception | None) -> ModelLoadError:
+def _variant_hint(folder: Path, variant: str) -> str:
+    """Why a folder's weights did not load when it is a matter of variants: the files it has are of another one."""
+    files = [p.name for p in folder.glob("*/*.safetensors")]
+    infixes = sorted({m.group(1) for name in files if (m := re.fullmatch(r"[^.]+\.([A-Za-z0-9_]+)(?:-\d+-of-\d+)?\.safetensors", name))})
+    plain = [name for name in files if name.count(".") == 1]
+    if not variant and infixes and not plain:
+        return f"; its weights are {' and '.join(infixes)}-variant files only ({', '.join(sorted(files)[:2])}): pass --variant {infixes[0]}"
+    if variant and variant not in infixes:
+        return f"; it has no {variant}-variant weights (*.{variant}.safetensors): drop --variant{' or pass --variant ' + infixes[0] if infixes else ''}"
+    return ""
+
+
+def _load_failure(ref: str, source: Path | str, error: Exception | None, variant: str = "") -> ModelLoadError:
     if isinstance(source, Path):
+        if hint := _variant_hint(source, variant):
+            return ModelLoadError(f"could not load the model in '{source}'{hint}")
         return ModelLoadError(f"could not load the model in '{source}': {error}; check that it is a complete diffusers Stable Diffusion folder")
     reason = "the Hugging Face hub is unreachable from this machine" if not hub_reachable() else f"loading failed: {error}"
     return ModelLoadError(

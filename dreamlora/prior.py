@@ -27,8 +27,8 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 # Settings that change the images: a folder made with other values is not topped up with these.
 MAX_RETRIES = 3  # new seeds tried for a blank, black, NaN or near-duplicate class image
-IDENTITY_KEYS = ("model", "vae", "prompt", "negative_prompt", "resolution", "steps", "guidance", "scheduler", "seed", "clip_skip", "prediction_type", "base_weights")
-IDENTITY_DEFAULTS: dict[str, Any] = {"clip_skip": 1, "base_weights": [], "vae": ""}  # what a set written before the key existed was made with
+IDENTITY_KEYS = ("model", "variant", "vae", "prompt", "negative_prompt", "resolution", "steps", "guidance", "scheduler", "seed", "clip_skip", "prediction_type", "base_weights")
+IDENTITY_DEFAULTS: dict[str, Any] = {"clip_skip": 1, "base_weights": [], "vae": "", "variant": ""}  # what a set written before the key existed was made with
 UNRECORDED_AGREES = ("prediction_type",)  # a set written before these keys existed was made with the model's own
 
 
@@ -193,12 +193,15 @@ def _render(pipeline: Any, prior_cfg: PriorConfig, settings: dict[str, Any], see
             sink(index, image)
 
 
-def _set_identity(pipeline: Any, prior_cfg: PriorConfig, resolution: int, model_ref: str, clip_skip: int, base_weights: list[str], vae: str) -> dict[str, Any]:
+def _set_identity(
+    pipeline: Any, prior_cfg: PriorConfig, resolution: int, model_ref: str, clip_skip: int, base_weights: list[str], vae: str, variant: str
+) -> dict[str, Any]:
     """What makes a prior set one set (`IDENTITY_KEYS`): the model and everything that changes its images."""
     from dreamlora.models import pipeline_family
 
     return {
         "model": model_ref,
+        "variant": variant,
         "vae": vae,
         "prompt": prior_cfg.resolved_prompt(),
         "negative_prompt": prior_cfg.negative_prompt,
@@ -348,6 +351,7 @@ def generate_class_images(
     clip_skip: int = 1,
     base_weights: list[str] | None = None,
     vae: str = "",
+    variant: str = "",
 ) -> PriorResult:
     """Generate the missing images of `out_dir` up to `prior_cfg.num_images`; each write is atomic.
 
@@ -358,14 +362,15 @@ def generate_class_images(
     names agree; a set recorded with another fingerprint is not topped up. `clip_skip` (the one the pipeline's text
     encoder reads prompts with, `models.apply_clip_skip`) and the prediction type of the pipeline's scheduler
     (`models.apply_prediction_type`) are part of the set's identity too, as are the `base_weights` fused into the
-    model (`base_weight_identity`) and the replacement VAE that decodes the images (`models.vae_identity`).
+    model (`base_weight_identity`), the weights `variant` read (fp16 files are another rounding of the model) and
+    the replacement VAE that decodes the images (`models.vae_identity`).
     """
     import time
 
     ranks = ranks or Ranks()
     refuse_foreign_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = _set_identity(pipeline, prior_cfg, resolution, model_ref, clip_skip, base_weights or [], vae)
+    settings = _set_identity(pipeline, prior_cfg, resolution, model_ref, clip_skip, base_weights or [], vae, variant)
     manifest = _read_manifest(out_dir)
     if manifest is not None:
         _refuse_other_settings(out_dir, manifest, settings, model_fingerprint)
@@ -426,7 +431,7 @@ def run_prior(
         pipeline, prior_cfg, resolution or components.native_resolution, out_dir, public_model_ref(model_cfg.name),
         on_progress if ranks.is_main else None, ranks,
         model_fingerprint(components.source_dir) if components.source_dir is not None else None, components.clip_skip,
-        base_weight_identity(model_cfg.base_weights), vae_identity(model_cfg.vae),
+        base_weight_identity(model_cfg.base_weights), vae_identity(model_cfg.vae), model_cfg.variant,
     )
     if not ranks.is_main:
         return result
