@@ -31,9 +31,15 @@ from dreamlora.toy.measure import format_table, measure
 pytestmark = pytest.mark.skipif(not (TOY_MODEL_DIR / "model_index.json").is_file(), reason="toy model not in the package")
 
 
-def test_subject_is_learned_and_prior_preservation_keeps_the_class(tmp_path: Path) -> None:
+@pytest.fixture(scope="module")
+def toy_out(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The measure's folder, shared: its class set (OUT/priors/dog, 50 images) is drawn once for this module's tests."""
+    return tmp_path_factory.mktemp("toy-measure")
+
+
+def test_subject_is_learned_and_prior_preservation_keeps_the_class(toy_out: Path) -> None:
     # The README's protocol (python -m dreamlora.toy.measure) for training seed 0: with, then without prior preservation.
-    kept, drifted = measure("toy", tmp_path, seeds=(0,), prior_weights=(1.0, 0.0))
+    kept, drifted = measure("toy", toy_out, seeds=(0,), prior_weights=(1.0, 0.0))
     print(format_table([kept, drifted]))
     assert kept.mark("a photo of sks dog", trained=False) <= 0.0625  # the base model does not draw the subject
     assert kept.mark("a photo of sks dog") >= 0.75 and kept.right_class("a photo of sks dog") >= 0.9  # learned, still a dog
@@ -46,7 +52,7 @@ def test_subject_is_learned_and_prior_preservation_keeps_the_class(tmp_path: Pat
     assert drifted.palette_drift("a photo of dog") >= kept.palette_drift("a photo of dog") + 0.05
     for run in (kept, drifted):
         assert run.mark("a photo of cat") <= 0.0625 and run.right_class("a photo of cat") >= 0.875  # another class stays a blue square
-    assert (tmp_path / "seed0-prior1.png").is_file() and (tmp_path / "seed0-prior0.png").is_file()  # base vs trained pictures
+    assert (toy_out / "seed0-prior1.png").is_file() and (toy_out / "seed0-prior0.png").is_file()  # base vs trained pictures
 
 
 def test_a_rerun_of_the_measure_keeps_the_earlier_runs_pictures_and_table(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -80,7 +86,7 @@ def test_a_rerun_of_the_measure_keeps_the_earlier_runs_pictures_and_table(tmp_pa
     assert (tmp_path / "table.md").is_file() and (tmp_path / "table-2.md").is_file()
 
 
-def test_held_out_class_loss_stays_lower_with_prior_preservation(tmp_path: Path) -> None:
+def test_held_out_class_loss_stays_lower_with_prior_preservation(tmp_path: Path, toy_out: Path) -> None:
     # `--validate-every` on the toy recipe (seed 0, the first 100 steps of the README's runs, 4 of the 50 class images
     # held out). The toy VAE's posterior is wide, so most of the fall below the base model's loss is both runs
     # learning its noise (docs/toy-model.md); prior preservation keeps the held-out loss lower at every reading
@@ -90,8 +96,8 @@ def test_held_out_class_loss_stays_lower_with_prior_preservation(tmp_path: Path)
     from dreamlora.toy.measure import make_prior_set, recipe
     from dreamlora.train import train
 
-    class_dir = tmp_path / "priors" / "dog"
-    make_prior_set("toy", class_dir)
+    class_dir = toy_out / "priors" / "dog"
+    make_prior_set("toy", class_dir)  # the measure's set (made here if this test runs alone)
     readings = {}
     for weight in (1.0, 0.0):
         cfg = recipe("toy", class_dir, tmp_path / f"prior{weight:g}", 0, weight, {"train.max_steps": "100", "train.validate_every": "50"})
