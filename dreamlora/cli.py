@@ -32,6 +32,7 @@ SetOption = Annotated[Optional[list[str]], typer.Option("--set", help="Override 
 Model = Annotated[Optional[str], typer.Option("--model", help="Hub id, local diffusers folder (SD 1.x/2.x or SDXL), `tiny`, `tiny-sdxl` or `toy` (default: $DREAMLORA_MODEL or SD 1.5).")]
 Vae = Annotated[Optional[str], typer.Option("--vae", help="Replacement VAE folder or hub id (SDXL in fp16: madebyollin/sdxl-vae-fp16-fix).")]
 Variant = Annotated[Optional[str], typer.Option("--variant", help="Read the model's weights files of this variant, e.g. fp16 (diffusion_pytorch_model.fp16.safetensors): half the download of a hub model (diffusers' --variant).")]
+Revision = Annotated[Optional[str], typer.Option("--revision", help="A hub model's branch, tag or commit to read (diffusers' --revision; hub ids only).")]
 Precision = Annotated[Optional[str], typer.Option("--precision", help="auto|fp16|bf16|fp32")]
 ClipSkip = Annotated[Optional[int], typer.Option("--clip-skip", help="Read prompts from the text encoder's Nth layer from the end, as A1111 and kohya count (2 for most anime SD 1.5 models; default 1).")]
 PredictionType = Annotated[Optional[str], typer.Option("--prediction-type", help="epsilon|v_prediction: what the UNet predicts, for v-prediction models whose files do not say so (kohya's --v_parameterization; default auto: the model's own config or v_pred marker).")]
@@ -265,6 +266,7 @@ def prior(
     model: Model = None,
     vae: Vae = None,
     variant: Variant = None,
+    revision: Revision = None,
     precision: Precision = None,
     clip_skip: ClipSkip = None,
     prediction_type: PredictionType = None,
@@ -285,7 +287,7 @@ def prior(
                 "prior.class_name": class_name, "prior.num_images": num_images, "prior.prompt": prompt,
                 "prior.negative_prompt": negative_prompt, "prior.steps": steps, "prior.guidance": guidance,
                 "prior.scheduler": _sampler_name(scheduler), "prior.batch_size": batch_size, "prior.seed": seed, "prior.out": out_dir,
-                "model.name": model, "model.precision": precision, "data.resolution": resolution, "model.vae": vae, "model.variant": variant,
+                "model.name": model, "model.precision": precision, "data.resolution": resolution, "model.vae": vae, "model.variant": variant, "model.revision": revision,
                 "model.allow_pickle": True if allow_pickle else None, "model.clip_skip": clip_skip, "model.prediction_type": prediction_type,
                 "model.base_weights": tuple(base_weights) if base_weights else None,
             }),
@@ -578,6 +580,7 @@ def train(
     model: Model = None,
     vae: Vae = None,
     variant: Variant = None,
+    revision: Revision = None,
     clip_skip: ClipSkip = None,
     prediction_type: PredictionType = None,
     base_weights: BaseWeights = None,
@@ -598,7 +601,7 @@ def train(
         **_length_flags(max_steps, epochs), "train.batch_size": batch_size, "train.gradient_accumulation": gradient_accumulation,
         "train.seed": seed, "data.resolution": resolution, "data.center_crop": False if random_crop else None,
         "data.flip": True if flip else None, "train.out": out_dir, **_every_flags(checkpoint_every, checkpoint_every_epochs, sample_every, sample_every_epochs),
-        "train.keep_checkpoints": keep_checkpoints, "model.name": model, "model.vae": vae, "model.variant": variant, "train.compile": compile_,
+        "train.keep_checkpoints": keep_checkpoints, "model.name": model, "model.vae": vae, "model.variant": variant, "model.revision": revision, "train.compile": compile_,
         "train.validate_every": validate_every, "train.validation_images": validation_images,
         "train.num_samples": num_samples, "train.sample_prompts": tuple(sample_prompt) if sample_prompt else None, "train.sample_scheduler": _sampler_name(sample_scheduler), "train.report_to": report_to,
         "train.snr_gamma": snr_gamma, "train.noise_offset": noise_offset, "train.loss": loss, "train.huber_c": huber_c, "train.huber_schedule": huber_schedule, "train.text_encoder_steps_fraction": text_encoder_steps_fraction,
@@ -964,6 +967,7 @@ def generate(
     model: Annotated[Optional[str], typer.Option("--model", help="Hub id, local diffusers folder, `tiny`, `tiny-sdxl` or `toy` (default: $DREAMLORA_MODEL, else the model a --lora run was trained on, else SD 1.5).")] = None,
     vae: Vae = None,
     variant: Variant = None,
+    revision: Revision = None,
     precision: Precision = None,
     clip_skip: ClipSkip = None,
     prediction_type: PredictionType = None,
@@ -993,7 +997,7 @@ def generate(
             from dreamlora.generate import checkpoint_sets
 
             checkpoint_sets(loras)  # one run with checkpoints, named before the model loads
-        model_cfg = _generation_model(model, vae, base_weights, clip_skip, prediction_type, precision, allow_pickle, loras, variant)
+        model_cfg = _generation_model(model, vae, base_weights, clip_skip, prediction_type, precision, allow_pickle, loras, variant, revision)
         folder = output_folder(out_dir)
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         _, dtype = resolve_precision(model_cfg.precision, device)
@@ -1012,10 +1016,10 @@ def generate(
 
 def _generation_model(
     model: str | None, vae: str | None, base_weights: list[str] | None, clip_skip: int | None, prediction_type: str | None, precision: str | None,
-    allow_pickle: bool, loras: list[tuple[str, float]], variant: str | None = None,
+    allow_pickle: bool, loras: list[tuple[str, float]], variant: str | None = None, revision: str | None = None,
 ) -> Any:
     """The model `generate` draws with: --model, else $DREAMLORA_MODEL, else the one a --lora run was trained on (with
-    its weights variant, VAE and fused base weights); clip skip and prediction type as the LoRAs were trained unless given. Each choice
+    its hub revision, weights variant, VAE and fused base weights); clip skip and prediction type as the LoRAs were trained unless given. Each choice
     taken from a run is said; a missing or damaged LoRA is named before anything loads."""
     from dreamlora.checkpoint import find_lora
     from dreamlora.config import ModelConfig
@@ -1027,8 +1031,9 @@ def _generation_model(
     if not base and (trained_on := run_base_model(loras)):  # the model the run was trained on, not SD 1.5
         base, run_vae, run_dir = trained_on
         base_vae = vae or run_vae or None
-        variant = variant or run_settings(run_dir).get("model", {}).get("variant") or None
-        with_vae = (f" ({variant} weights)" if variant else "") + (f" with VAE {base_vae}" if base_vae else "")
+        recorded = run_settings(run_dir).get("model", {})
+        variant, revision = variant or recorded.get("variant") or None, revision or recorded.get("revision") or None
+        with_vae = (f" at revision {revision}" if revision else "") + (f" ({variant} weights)" if variant else "") + (f" with VAE {base_vae}" if base_vae else "")
         console.print(f"base model [bold]{base}[/]{with_vae}, as run {run_dir} was trained on (--model to choose another)")
         if not fused_weights and (recorded := run_settings(run_dir).get("model", {}).get("base_weights")):
             fused_weights = list(recorded)  # the run's LoRA is a change to the base with these fused in
@@ -1044,7 +1049,7 @@ def _generation_model(
         predicts = trained_for[0]
         console.print(f"prediction type {predicts}, as {trained_for[1]} was trained for (--prediction-type to choose another)")
     settings = {
-        "name": base, "vae": base_vae, "variant": variant, "precision": precision, "allow_pickle": allow_pickle, "clip_skip": skip, "prediction_type": predicts,
+        "name": base, "vae": base_vae, "variant": variant, "revision": revision, "precision": precision, "allow_pickle": allow_pickle, "clip_skip": skip, "prediction_type": predicts,
         "base_weights": tuple(fused_weights) if fused_weights else None,
     }  # fmt: skip
     return ModelConfig(**{k: v for k, v in settings.items() if v is not None})

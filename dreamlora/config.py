@@ -109,6 +109,7 @@ class ModelConfig:
     attention: str = "auto"  # auto: xformers when its kernels really run, else PyTorch SDPA
     allow_pickle: bool = False  # refuse .bin/.ckpt/.pt weights unless set
     vae: str = ""  # replacement VAE (folder or hub id), e.g. madebyollin/sdxl-vae-fp16-fix for SDXL in fp16
+    revision: str = ""  # a hub model's branch, tag or commit (diffusers' --revision); hub ids only
     variant: str = ""  # the weights files of a diffusers folder or hub id to read, e.g. fp16: diffusion_pytorch_model.fp16.safetensors (diffusers' --variant; half the download)
     single_file_config: str = ""  # a .safetensors checkpoint's configs and tokenizer: a diffusers folder or hub id of its architecture (default: diffusers' choice)
     clip_skip: int = 1  # read prompts from the text encoder's Nth layer from the end, as A1111/kohya count (2: penultimate, for most anime SD 1.5 models)

@@ -773,13 +773,13 @@ def write_diffusers(folder: Path, modules: list[LoraModule], dtype: str) -> Path
 
 def base_load_options(settings: RunConfig | None, merged: bool) -> dict[str, Any]:
     """How the run loaded its base model, as `load_components` keywords: pickle weights it was allowed, a single-file
-    checkpoint's configs, its weights variant and, for a merged model (which holds a VAE), the replacement VAE it
+    checkpoint's configs, its hub revision and weights variant and, for a merged model (which holds a VAE), the replacement VAE it
     trained and sampled with."""
     if settings is None:
         return {}
     model = settings.model
     return {
-        "allow_pickle": model.allow_pickle, "single_file_config": model.single_file_config, "variant": model.variant,
+        "allow_pickle": model.allow_pickle, "single_file_config": model.single_file_config, "variant": model.variant, "revision": model.revision,
         **({"vae": model.vae} if merged and model.vae else {}),
     }
 

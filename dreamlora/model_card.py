@@ -72,7 +72,8 @@ def model_card(
     if merged:
         body += ['pipe = AutoPipelineForText2Image.from_pretrained("PATH/TO/THIS/FOLDER", torch_dtype=torch.float16).to("cuda")']
     else:
-        variant = f", variant={_yaml_text(cfg.model.variant)}" if cfg is not None and cfg.model.variant else ""  # the weights files the run read
+        source = {"revision": cfg.model.revision, "variant": cfg.model.variant} if cfg is not None else {}  # the files the run read
+        variant = "".join(f", {key}={_yaml_text(value)}" for key, value in source.items() if value)
         body += [f'pipe = AutoPipelineForText2Image.from_pretrained({_yaml_text(base)}{variant}, torch_dtype=torch.float16).to("cuda")', 'pipe.load_lora_weights("PATH/TO/THIS/FOLDER")']
     use_prompt = prompt
     if embedding:

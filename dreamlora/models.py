@@ -445,32 +445,35 @@ def hub_reachable() -> bool:
     return True
 
 
-def _from_pretrained(cls: Any, source: Path | str, subfolder: str, allow_pickle: bool, local_only: bool, **kwargs: Any) -> Any:
-    return cls.from_pretrained(source, subfolder=subfolder, use_safetensors=None if allow_pickle else True, local_files_only=local_only, **kwargs)
+def _read_options(allow_pickle: bool, cache_only: bool, dtype: torch.dtype, variant: str, revision: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """`from_pretrained` keywords: where every part is read from (the cache only, a hub revision), and how weights are
+    read (safetensors unless pickle is allowed, the dtype, the files' variant)."""
+    files = {"local_files_only": cache_only, **({"revision": revision} if revision else {})}
+    weights = {**files, "use_safetensors": None if allow_pickle else True, "dtype": dtype, **({"variant": variant} if variant else {})}
+    return files, weights
 
 
-def _load_parts(source: Path | str, allow_pickle: bool, cache_only: bool, dtype: torch.dtype, variant: str = "") -> tuple[Any, ...]:
+def _load_parts(source: Path | str, files: dict[str, Any], weights: dict[str, Any]) -> tuple[Any, ...]:
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    weights = {"dtype": dtype, "variant": variant or None}
-    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", local_files_only=cache_only)
-    text_encoder = _from_pretrained(CLIPTextModel, source, "text_encoder", allow_pickle, cache_only, **weights)
-    unet = _from_pretrained(UNet2DConditionModel, source, "unet", allow_pickle, cache_only, **weights)
-    vae = _from_pretrained(AutoencoderKL, source, "vae", allow_pickle, cache_only, **weights)
-    noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", local_files_only=cache_only)
+    tokenizer = CLIPTokenizer.from_pretrained(source, subfolder="tokenizer", **files)
+    text_encoder = CLIPTextModel.from_pretrained(source, subfolder="text_encoder", **weights)
+    unet = UNet2DConditionModel.from_pretrained(source, subfolder="unet", **weights)
+    vae = AutoencoderKL.from_pretrained(source, subfolder="vae", **weights)
+    noise_scheduler = DDPMScheduler.from_pretrained(source, subfolder="scheduler", **files)
     return tokenizer, text_encoder, unet, vae, noise_scheduler
 
 
-def _load_extra_encoders(family: ModelFamily, source: Path | str, allow_pickle: bool, cache_only: bool, dtype: torch.dtype, variant: str = "") -> dict[str, Any]:
+def _load_extra_encoders(family: ModelFamily, source: Path | str, files: dict[str, Any], weights: dict[str, Any]) -> dict[str, Any]:
     """The family's tokenizers and text encoders beyond the first (SDXL: tokenizer_2, text_encoder_2)."""
     import transformers
     from transformers import CLIPTokenizer
 
     extra: dict[str, Any] = {}
     for tokenizer_name, encoder_name, class_name in list(zip(family.tokenizer_names, family.text_encoder_names, family.text_encoder_classes))[1:]:
-        extra[tokenizer_name] = CLIPTokenizer.from_pretrained(source, subfolder=tokenizer_name, local_files_only=cache_only)
-        extra[encoder_name] = _from_pretrained(getattr(transformers, class_name), source, encoder_name, allow_pickle, cache_only, dtype=dtype, variant=variant or None)
+        extra[tokenizer_name] = CLIPTokenizer.from_pretrained(source, subfolder=tokenizer_name, **files)
+        extra[encoder_name] = getattr(transformers, class_name).from_pretrained(source, subfolder=encoder_name, **weights)
     return extra
 
 
@@ -496,7 +499,7 @@ def load_vae(ref: str, dtype: torch.dtype = torch.float32, allow_pickle: bool = 
         raise ModelLoadError(f"could not load the VAE {ref!r}: {error}; pass a local diffusers VAE folder with --vae PATH") from error
 
 
-def vae_identity(ref: str) -> str:
+def vae_reference_identity(ref: str) -> str:
     """A replacement VAE as a prior set records it ("" for the model's own): a hub id as given; a local folder by its
     name and `model_fingerprint` (no path: two folders of one name are told apart, the same folder moved is not)."""
     if not ref:
@@ -511,9 +514,11 @@ def vae_identity(ref: str) -> str:
 def load_components(
     ref: str, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu", allow_pickle: bool = False, vae: str = "", single_file_config: str = "",
     variant: str = "",
+    revision: str = "",
 ) -> Components:
     """Load tokenizers, text encoders, UNet, VAE (or the one `vae` names) and the training noise scheduler of a model
-    reference; `variant` (e.g. fp16) reads a diffusers folder's or hub id's `*.fp16.safetensors` weights."""
+    reference; `variant` (e.g. fp16) reads a diffusers folder's or hub id's `*.fp16.safetensors` weights, `revision`
+    a hub id's branch, tag or commit."""
     if ref.startswith("random:"):
         with torch.random.fork_rng(devices=[]):  # seeded weights, and the caller's random state untouched
             torch.manual_seed(0)
@@ -523,22 +528,25 @@ def load_components(
         return components
     source = resolve_model_dir(ref, allow_pickle, single_file_config)
     local = isinstance(source, Path)
+    if revision and local:
+        raise ConfigError(f"--revision picks a branch, tag or commit of a Hugging Face hub model; {ref!r} is a local model; drop --revision")
 
     def load(cache_only: bool) -> tuple[tuple[Any, ...], ModelFamily, dict[str, Any]]:
-        parts = _load_parts(source, allow_pickle, cache_only, dtype, variant)
+        files, weights = _read_options(allow_pickle, cache_only, dtype, variant, revision)
+        parts = _load_parts(source, files, weights)
         family = detect_family(parts[1].config, dict(parts[2].config))
-        return parts, family, _load_extra_encoders(family, source, allow_pickle, cache_only, dtype, variant)
+        return parts, family, _load_extra_encoders(family, source, files, weights)
 
     try:
         parts, family, extra = load(True)
     except (OSError, ValueError) as error:
         # A hub id not in the cache: download only when the hub can be reached, so offline fails at once.
         if local or not hub_reachable():
-            raise _load_failure(ref, source, error, variant) from error
+            raise _load_failure(ref, source, error, variant, revision) from error
         try:
             parts, family, extra = load(False)
         except (OSError, ValueError) as second:
-            raise _load_failure(ref, source, second, variant) from second
+            raise _load_failure(ref, source, second, variant, revision) from second
     tokenizer, text_encoder, unet, base_vae, noise_scheduler = parts
     if vae:
         base_vae = load_vae(vae, dtype, allow_pickle)
@@ -552,7 +560,7 @@ def load_model(model_cfg: ModelConfig, dtype: torch.dtype = torch.float32, devic
     fused in, then its clip skip and prediction type."""
     components = load_components(
         model_cfg.name, dtype=dtype, device=device, allow_pickle=model_cfg.allow_pickle, vae=model_cfg.vae, single_file_config=model_cfg.single_file_config,
-        variant=model_cfg.variant,
+        variant=model_cfg.variant, revision=model_cfg.revision,
     )
     if model_cfg.base_weights:  # before the clip skip, which drops the layers after the one read
         from dreamlora.generate import fuse_base_weights
@@ -612,15 +620,16 @@ def _variant_hint(folder: Path, variant: str) -> str:
     return ""
 
 
-def _load_failure(ref: str, source: Path | str, error: Exception | None, variant: str = "") -> ModelLoadError:
+def _load_failure(ref: str, source: Path | str, error: Exception | None, variant: str = "", revision: str = "") -> ModelLoadError:
     if isinstance(source, Path):
         if hint := _variant_hint(source, variant):
             return ModelLoadError(f"could not load the model in '{source}'{hint}")
         return ModelLoadError(f"could not load the model in '{source}': {error}; check that it is a complete diffusers Stable Diffusion folder")
     reason = "the Hugging Face hub is unreachable from this machine" if not hub_reachable() else f"loading failed: {error}"
+    at = f" --revision {revision}" if revision else ""
     return ModelLoadError(
-        f"model {ref!r} is not in the local cache and {reason}. Download it where there is network "
-        f"(`huggingface-cli download {ref}`) and pass the local folder with --model PATH, set DREAMLORA_MODEL, "
+        f"model {ref!r}{' at revision ' + repr(revision) if revision else ''} is not in the local cache and {reason}. Download it where there is network "
+        f"(`huggingface-cli download {ref}{at}`) and pass the local folder with --model PATH, set DREAMLORA_MODEL, "
         "or try the offline built-in model with --model tiny (or toy)"
     )
 

@@ -27,8 +27,9 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 # Settings that change the images: a folder made with other values is not topped up with these.
 MAX_RETRIES = 3  # new seeds tried for a blank, black, NaN or near-duplicate class image
-IDENTITY_KEYS = ("model", "variant", "vae", "prompt", "negative_prompt", "resolution", "steps", "guidance", "scheduler", "seed", "clip_skip", "prediction_type", "base_weights")
-IDENTITY_DEFAULTS: dict[str, Any] = {"clip_skip": 1, "base_weights": [], "vae": "", "variant": ""}  # what a set written before the key existed was made with
+MODEL_SOURCE_KEYS = ("revision", "variant", "vae")  # how the model's files were read, beside its name ("" = the default)
+IDENTITY_KEYS = ("model", *MODEL_SOURCE_KEYS, "prompt", "negative_prompt", "resolution", "steps", "guidance", "scheduler", "seed", "clip_skip", "prediction_type", "base_weights")
+IDENTITY_DEFAULTS: dict[str, Any] = {"clip_skip": 1, "base_weights": [], **dict.fromkeys(MODEL_SOURCE_KEYS, "")}  # what a set written before the key existed was made with
 UNRECORDED_AGREES = ("prediction_type",)  # a set written before these keys existed was made with the model's own
 
 
@@ -194,15 +195,14 @@ def _render(pipeline: Any, prior_cfg: PriorConfig, settings: dict[str, Any], see
 
 
 def _set_identity(
-    pipeline: Any, prior_cfg: PriorConfig, resolution: int, model_ref: str, clip_skip: int, base_weights: list[str], vae: str, variant: str
+    pipeline: Any, prior_cfg: PriorConfig, resolution: int, model_ref: str, clip_skip: int, base_weights: list[str], model_source: dict[str, str]
 ) -> dict[str, Any]:
     """What makes a prior set one set (`IDENTITY_KEYS`): the model and everything that changes its images."""
     from dreamlora.models import pipeline_family
 
     return {
         "model": model_ref,
-        "variant": variant,
-        "vae": vae,
+        **{key: model_source.get(key, "") for key in MODEL_SOURCE_KEYS},
         "prompt": prior_cfg.resolved_prompt(),
         "negative_prompt": prior_cfg.negative_prompt,
         "resolution": resolution,
@@ -246,6 +246,13 @@ def _draw_and_write(
         for future in pending:
             future.result()
     return problems
+
+
+def model_source_identity(model_cfg: Any) -> dict[str, str]:
+    """How a `[model]` section reads its model's files, as a prior set records it (`MODEL_SOURCE_KEYS`)."""
+    from dreamlora.models import vae_reference_identity
+
+    return {"revision": model_cfg.revision, "variant": model_cfg.variant, "vae": vae_reference_identity(model_cfg.vae)}
 
 
 def base_weight_identity(base_weights: tuple[str, ...]) -> list[str]:
@@ -350,8 +357,7 @@ def generate_class_images(
     model_fingerprint: str | None = None,
     clip_skip: int = 1,
     base_weights: list[str] | None = None,
-    vae: str = "",
-    variant: str = "",
+    model_source: dict[str, str] | None = None,
 ) -> PriorResult:
     """Generate the missing images of `out_dir` up to `prior_cfg.num_images`; each write is atomic.
 
@@ -362,15 +368,15 @@ def generate_class_images(
     names agree; a set recorded with another fingerprint is not topped up. `clip_skip` (the one the pipeline's text
     encoder reads prompts with, `models.apply_clip_skip`) and the prediction type of the pipeline's scheduler
     (`models.apply_prediction_type`) are part of the set's identity too, as are the `base_weights` fused into the
-    model (`base_weight_identity`), the weights `variant` read (fp16 files are another rounding of the model) and
-    the replacement VAE that decodes the images (`models.vae_identity`).
+    model (`base_weight_identity`), and `model_source` (`model_source_identity`): the hub revision, the weights variant read
+    (fp16 files are another rounding of the model) and the replacement VAE that decodes the images.
     """
     import time
 
     ranks = ranks or Ranks()
     refuse_foreign_folder(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = _set_identity(pipeline, prior_cfg, resolution, model_ref, clip_skip, base_weights or [], vae, variant)
+    settings = _set_identity(pipeline, prior_cfg, resolution, model_ref, clip_skip, base_weights or [], model_source or {})
     manifest = _read_manifest(out_dir)
     if manifest is not None:
         _refuse_other_settings(out_dir, manifest, settings, model_fingerprint)
@@ -416,7 +422,7 @@ def run_prior(
     images between them (one GPU each); only the main process reports progress.
     """
     from dreamlora.generate import make_grid
-    from dreamlora.models import build_pipeline, load_model, model_fingerprint, public_model_ref, resolve_precision, select_attention, vae_identity
+    from dreamlora.models import build_pipeline, load_model, model_fingerprint, public_model_ref, resolve_precision, select_attention
 
     if not prior_cfg.class_name and not prior_cfg.out:
         raise ConfigError("no class given; pass --class NAME (e.g. --class dog)")
@@ -431,7 +437,7 @@ def run_prior(
         pipeline, prior_cfg, resolution or components.native_resolution, out_dir, public_model_ref(model_cfg.name),
         on_progress if ranks.is_main else None, ranks,
         model_fingerprint(components.source_dir) if components.source_dir is not None else None, components.clip_skip,
-        base_weight_identity(model_cfg.base_weights), vae_identity(model_cfg.vae), model_cfg.variant,
+        base_weight_identity(model_cfg.base_weights), model_source_identity(model_cfg),
     )
     if not ranks.is_main:
         return result

@@ -223,9 +223,9 @@ def diffusion_target(noise_scheduler: Any, latents: torch.Tensor, noise: torch.T
 
 
 def prior_set_differences(manifest: dict[str, Any], model_cfg: Any) -> list[str]:
-    """How the model, weights variant and VAE a prior set was drawn with (its manifest) differ from those of `model_cfg`, in words;
+    """How the model (its revision and weights variant) and VAE a prior set was drawn with (its manifest) differ from those of `model_cfg`, in words;
     empty where they agree or the manifest does not say (a set of another tool's images has no model)."""
-    from dreamlora.models import model_fingerprint, public_model_ref, vae_identity
+    from dreamlora.models import model_fingerprint, public_model_ref, vae_reference_identity
 
     found = []
     model, folder = public_model_ref(model_cfg.name), Path(model_cfg.name).expanduser()
@@ -233,9 +233,11 @@ def prior_set_differences(manifest: dict[str, Any], model_cfg: Any) -> list[str]
         found.append(f"the model {manifest['model']!r} (training: {model!r})")
     elif manifest.get("model_fingerprint") and folder.is_dir() and model_fingerprint(folder) != manifest["model_fingerprint"]:
         found.append(f"another model folder named {model!r}")
+    if "revision" in manifest and manifest["revision"] != model_cfg.revision:
+        found.append(f"the hub revision {manifest['revision'] or 'main'!r} (training: {model_cfg.revision or 'main'!r})")
     if "variant" in manifest and manifest["variant"] != model_cfg.variant:
         found.append(f"the {manifest['variant'] or 'plain'} weights files (training: {model_cfg.variant or 'plain'})")
-    drawn, used = str(manifest.get("vae", "")), vae_identity(model_cfg.vae)
+    drawn, used = str(manifest.get("vae", "")), vae_reference_identity(model_cfg.vae)
     if drawn != used:
         def label(identity: str) -> str:
             return f"VAE {identity.split(':')[0]!r}" if identity else "the model's own VAE"
