@@ -1035,8 +1035,8 @@ def _generation_model(
         variant, revision = variant or recorded.get("variant") or None, revision or recorded.get("revision") or None
         with_vae = (f" at revision {revision}" if revision else "") + (f" ({variant} weights)" if variant else "") + (f" with VAE {base_vae}" if base_vae else "")
         console.print(f"base model [bold]{base}[/]{with_vae}, as run {run_dir} was trained on (--model to choose another)")
-        if not fused_weights and (recorded := run_settings(run_dir).get("model", {}).get("base_weights")):
-            fused_weights = list(recorded)  # the run's LoRA is a change to the base with these fused in
+        if not fused_weights and recorded.get("base_weights"):
+            fused_weights = list(recorded["base_weights"])  # the run's LoRA is a change to the base with these fused in
             console.print(f"base weights {', '.join(fused_weights)}, as run {run_dir} was trained on (--base-weights to choose others)")
     for path, _ in loras:
         read_safetensors(find_lora(path))  # a missing or damaged LoRA is named before the model loads

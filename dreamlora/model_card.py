@@ -73,8 +73,8 @@ def model_card(
         body += ['pipe = AutoPipelineForText2Image.from_pretrained("PATH/TO/THIS/FOLDER", torch_dtype=torch.float16).to("cuda")']
     else:
         source = {"revision": cfg.model.revision, "variant": cfg.model.variant} if cfg is not None else {}  # the files the run read
-        variant = "".join(f", {key}={_yaml_text(value)}" for key, value in source.items() if value)
-        body += [f'pipe = AutoPipelineForText2Image.from_pretrained({_yaml_text(base)}{variant}, torch_dtype=torch.float16).to("cuda")', 'pipe.load_lora_weights("PATH/TO/THIS/FOLDER")']
+        source_args = "".join(f", {key}={_yaml_text(value)}" for key, value in source.items() if value)
+        body += [f'pipe = AutoPipelineForText2Image.from_pretrained({_yaml_text(base)}{source_args}, torch_dtype=torch.float16).to("cuda")', 'pipe.load_lora_weights("PATH/TO/THIS/FOLDER")']
     use_prompt = prompt
     if embedding:
         body += _embedding_lines(embedding, token, family)

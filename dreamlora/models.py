@@ -6,9 +6,9 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import socket
-import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path

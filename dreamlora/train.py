@@ -30,7 +30,7 @@ from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cac
 from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, block_lr_factors, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters, up_weight_flags
 from dreamlora.models import Components, PromptEmbeddings, apply_clip_skip, encode_prompts, load_model, public_model_ref, read_length, resolve_precision, select_attention, tokenize_all
 from dreamlora.pivotal import EMBEDDINGS_FILE, PivotalEmbeddings, embeddings_for, placeholders, save_embeddings
-from dreamlora.prior import MANIFEST, read_prior_set, safe_name
+from dreamlora.prior import MANIFEST, model_source_identity, read_prior_set, safe_name
 from dreamlora.sampling import AugmentedLatents, class_indices, instance_plan, steps_per_epoch
 from dreamlora.step import CudaGraphStep, batch_loss, dreambooth_loss  # noqa: F401 - dreambooth_loss is part of train's interface
 from dreamlora.validation import Validator, make_set, split_class_folder
@@ -225,19 +225,19 @@ def diffusion_target(noise_scheduler: Any, latents: torch.Tensor, noise: torch.T
 def prior_set_differences(manifest: dict[str, Any], model_cfg: Any) -> list[str]:
     """How the model (its revision and weights variant) and VAE a prior set was drawn with (its manifest) differ from those of `model_cfg`, in words;
     empty where they agree or the manifest does not say (a set of another tool's images has no model)."""
-    from dreamlora.models import model_fingerprint, public_model_ref, vae_reference_identity
+    from dreamlora.models import model_fingerprint, public_model_ref
 
-    found = []
+    found, source = [], model_source_identity(model_cfg)
     model, folder = public_model_ref(model_cfg.name), Path(model_cfg.name).expanduser()
     if manifest.get("model") and manifest["model"] != model:
         found.append(f"the model {manifest['model']!r} (training: {model!r})")
     elif manifest.get("model_fingerprint") and folder.is_dir() and model_fingerprint(folder) != manifest["model_fingerprint"]:
         found.append(f"another model folder named {model!r}")
-    if "revision" in manifest and manifest["revision"] != model_cfg.revision:
-        found.append(f"the hub revision {manifest['revision'] or 'main'!r} (training: {model_cfg.revision or 'main'!r})")
-    if "variant" in manifest and manifest["variant"] != model_cfg.variant:
-        found.append(f"the {manifest['variant'] or 'plain'} weights files (training: {model_cfg.variant or 'plain'})")
-    drawn, used = str(manifest.get("vae", "")), vae_reference_identity(model_cfg.vae)
+    if "revision" in manifest and manifest["revision"] != source["revision"]:
+        found.append(f"the hub revision {manifest['revision'] or 'main'!r} (training: {source['revision'] or 'main'!r})")
+    if "variant" in manifest and manifest["variant"] != source["variant"]:
+        found.append(f"the {manifest['variant'] or 'plain'} weights files (training: {source['variant'] or 'plain'})")
+    drawn, used = str(manifest.get("vae", "")), source["vae"]
     if drawn != used:
         def label(identity: str) -> str:
             return f"VAE {identity.split(':')[0]!r}" if identity else "the model's own VAE"
