@@ -883,13 +883,45 @@ def check_kohya_keys(state_dict: dict[str, torch.Tensor], base: Any) -> None:
             if name + suffix not in state_dict:
                 raise ExportError(f"A1111 module {name!r} has no {suffix} key; consumers would mis-scale or skip it")
         group, module_name = table[name]
-        module = models[group].get_submodule(module_name)
-        layer = getattr(module, "base_layer", module)
-        down, up = state_dict[name + ".lora_down.weight"], state_dict[name + ".lora_up.weight"]
-        in_features = getattr(layer, "in_features", getattr(layer, "in_channels", None))
-        out_features = getattr(layer, "out_features", getattr(layer, "out_channels", None))
-        if down.shape[1] != in_features or up.shape[0] != out_features or up.shape[1] != down.shape[0]:
-            raise ExportError(f"A1111 module {name!r} has shapes down {tuple(down.shape)} / up {tuple(up.shape)}, which do not fit {module_name} ({in_features} -> {out_features})")
+        problem = fit_problem(models[group], module_name, state_dict[name + ".lora_down.weight"], state_dict[name + ".lora_up.weight"])
+        if problem:
+            raise ExportError(f"A1111 module {name!r} ({module_name}): {problem}")
+
+
+def fit_problem(model: torch.nn.Module, module_name: str, down: torch.Tensor, up: torch.Tensor) -> str | None:
+    """Why a LoRA's down/up weights cannot adapt `module_name` of `model` (missing, or other shapes), or None when they fit."""
+    try:
+        module = model.get_submodule(module_name)
+    except AttributeError:
+        return "the base model has no such module"
+    layer = getattr(module, "base_layer", module)
+    in_features = getattr(layer, "in_features", getattr(layer, "in_channels", None))
+    out_features = getattr(layer, "out_features", getattr(layer, "out_channels", None))
+    kernel = tuple(getattr(layer, "kernel_size", ()))
+    fits = down.shape[1] == in_features and up.shape[0] == out_features and up.shape[1] == down.shape[0]
+    if fits and down.dim() == 4:  # a 3x3 LoCon down must match the convolution's kernel; 1x1 ones fit any
+        fits = tuple(down.shape[2:]) in ((1, 1), kernel)
+    if fits:
+        return None
+    return f"LoRA down {tuple(down.shape)} / up {tuple(up.shape)} do not fit the base's {in_features} -> {out_features}{f', kernel {kernel}' if kernel else ''} layer"
+
+
+def check_fits(base: Any, modules: list[LoraModule], model_ref: str) -> None:
+    """Every module of the LoRA exists in the loaded base model with the shapes it was trained on; otherwise the base
+    is another architecture than the run's (a moved hub branch, a replaced local folder) and loading would fail deep in
+    PyTorch with a size mismatch."""
+    models = {"unet": base.unet, **base.text_encoders}
+    problems = []
+    for m in modules:
+        model = models.get(m.group)
+        problem = f"the base model has no {m.group}" if model is None else fit_problem(model, m.module, m.down, m.up)
+        if problem:
+            problems.append(f"{m.group} {m.module}: {problem}")
+    if problems:
+        raise ExportError(
+            f"the LoRA does not fit base model {public_model_ref(model_ref)!r}, so that is not the model it was trained on: {len(problems)} of {len(modules)} "
+            f"modules differ (first: {problems[0]}); give the run its own base model back (the local folder it trained with, or the hub revision it used)"
+        )
 
 
 def base_kohya_naming(base: Any) -> KohyaNaming | None:
@@ -926,6 +958,7 @@ def verify_export(
         return VerifyReport("skipped", warnings=[skipped or ""])
     if fmt == "merged" and path.is_file() and base.source_dir is None:
         return VerifyReport("skipped", warnings=["verification skipped: from_single_file needs a local diffusers folder of the base model for its config; pass --model PATH to a local copy to check it"])
+    check_fits(base, modules, model_ref)
     report = VerifyReport("passed")
     base_out, reference = _reference_outputs(base, modules, scale, prompt)
     if fmt in ("a1111", "diffusers"):
@@ -1004,6 +1037,7 @@ def _merged_components(
     from dreamlora.models import apply_prediction_type, build_pipeline, load_components
 
     components = load_components(model_ref, **(load_options or {}))
+    check_fits(components, modules_from_peft(*read_diffusers_lora(lora_file)), model_ref)
     fuse_base_weights(components, base_weights)
     apply_prediction_type(components, prediction_type)
     pipe = build_pipeline(components)
@@ -1151,10 +1185,12 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
             report = verify_export(
                 out, cfg.format, modules, base_model_ref(run_dir, run), cfg.dtype, cfg.scale if merged else 1.0, prompt, fused if merged else (), base_load_options(settings, merged),
             )
-        except ExportError as error:
+        except Exception as error:  # an unverified file is never left looking like a finished export
             _remove(out)
             if emb_out is not None:
                 _remove(emb_out)
+            if not isinstance(error, ExportError):
+                raise
             raise ExportError(f"{error}. '{out}' was removed; export with --no-verify to keep an unverified file") from error
     return ExportResult(out, cfg.format, cfg.dtype, counts, report, notes, emb_out)
 

@@ -208,6 +208,14 @@ def load_loras(pipeline: Any, loras: list[tuple[Path, float]]) -> None:
         try:
             unbundled = lora_without_bundle(file)  # an A1111 file's bundled embedding goes in with install_embeddings
             pipeline.load_lora_weights(str(file) if unbundled is None else unbundled, adapter_name=name)
+        except RuntimeError as error:
+            if "size mismatch" not in str(error):
+                raise
+            first = next(line.strip() for line in str(error).splitlines() if "size mismatch" in line)
+            raise ConfigError(
+                f"LoRA '{path}' was trained on a model of another architecture than this base model ({first}); pass the base model it was "
+                "trained on with --model (a run folder given to --lora names its own in run.json)"
+            ) from error
         except (ValueError, KeyError, OSError) as error:
             raise ConfigError(
                 f"LoRA '{path}' could not be loaded ({error}); check it was trained for this base model (`dreamlora inspect {path}` "
@@ -420,7 +428,6 @@ def generate(
             on_progress(progress["done"], progress["total"])
 
     counted(0)
-    out_dir.mkdir(parents=True, exist_ok=True)
     records: list[dict[str, Any]] = []
     rows: dict[int, list[tuple[str, list[Image.Image]]]] = {number: [] for number in range(1, len(specs) + 1)}
     for index, (set_label, set_tag, set_loras) in enumerate(sets):
@@ -442,10 +449,12 @@ def generate(
             rows[number].append((set_label, images))
             prefix = [f"{number:02d}"] * (len(specs) > 1) + [set_tag] * bool(set_tag)
             settings = {k: v for k, v in dataclasses.asdict(full).items() if k != "seed"} | ({"lora": [str(p) for p, _ in set_loras]} if checkpoints else {})
+            out_dir.mkdir(parents=True, exist_ok=True)  # not before: a LoRA that does not load leaves no empty folder
             for s, image in zip(seeds, images):
                 name = "-".join([*prefix, f"seed-{s}"]) + ".png"
                 image.save(out_dir / name)
                 records.append({"file": name, **settings, "seed": s})
+    out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "images.json").write_text(json.dumps({"loras": [[str(p), scale] for p, scale in loras], "images": records}, indent=2), encoding="utf-8")
     grid_path = out_dir / "grid.png"
     _labelled_grid(specs, rows, labelled=compare or len(specs) > 1 or len(sets) > 1).save(grid_path)

@@ -288,3 +288,40 @@ def test_convert_command_verifies_on_dreamlora_model_when_no_model_is_given(work
     assert result.exit_code == 0, result.output
     assert "passed" in result.output
     assert_reproduces(probe(load_with_diffusers(tmp_path / "back")), workspace, FP16_RTOL)
+
+
+def test_a_base_model_of_another_architecture_is_a_clear_error_and_leaves_no_file(workspace, tmp_path):
+    """A run whose base model changed shape since training (a hub branch moved, a local folder replaced): export,
+    merged export and generate stop with one message naming a module that no longer fits, exit 2, and write nothing."""
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from dreamlora.cli import app
+
+    run = tmp_path / "runs" / "moved"
+    shutil.copytree(workspace["run"], run)
+    info = json.loads((run / "run.json").read_text(encoding="utf-8"))
+    (run / "run.json").write_text(json.dumps({**info, "model": "tiny-sdxl"}), encoding="utf-8")
+    for fmt, out in (("a1111", tmp_path / "x.safetensors"), ("diffusers", tmp_path / "x-folder"), ("merged", tmp_path / "x-merged")):
+        result = CliRunner().invoke(app, ["export", str(run), "--format", fmt, "--out", str(out)])
+        assert result.exit_code == 2, result.output
+        text = " ".join(result.output.split())
+        assert "does not fit base model" in text and "attn2.to_k" in text and "Traceback" not in text, text
+        assert not out.exists()
+    result = CliRunner().invoke(app, ["generate", "-p", PROMPT, "--model", "tiny-sdxl", "--lora", str(run / "lora"), "-n", "1", "--steps", "1", "--out", str(tmp_path / "gen")])
+    assert result.exit_code == 2, result.output
+    assert "another architecture" in " ".join(result.output.split()) and not (tmp_path / "gen").exists()
+
+
+def test_a_verification_that_crashes_leaves_no_unverified_file(workspace, tmp_path, monkeypatch):
+    import dreamlora.export as export
+
+    def crash(*args, **kwargs):
+        raise RuntimeError("a bug in the loader")
+
+    monkeypatch.setattr(export, "verify_export", crash)
+    out = tmp_path / "crash.safetensors"
+    with pytest.raises(RuntimeError, match="a bug in the loader"):
+        export_run(workspace["run"], ExportConfig(format="a1111", out=str(out)))
+    assert not out.exists()
