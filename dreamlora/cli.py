@@ -822,16 +822,16 @@ def convert(
     dst: Annotated[Path, typer.Argument(help="Output file (a1111) or folder (diffusers).")],
     to: LoraFormat = "a1111",
     model: Annotated[Optional[str], typer.Option("--model", help="Base model to check the names against and verify on (default: $DREAMLORA_MODEL; without either, names are checked against SD 1.x / SDXL 1.0 and the load-back check is skipped).")] = None,
+    allow_pickle: AllowPickle = False,
     debug: Debug = False,
 ) -> None:
     """Convert a LoRA from another trainer, verified against the base model."""
 
     def action() -> None:
-        import os
-
         from dreamlora.export import convert_lora
 
-        _render_export(convert_lora(src, dst, to, model or os.environ.get("DREAMLORA_MODEL") or None))
+        base, options = _verify_model(model, [], allow_pickle)
+        _render_export(convert_lora(src, dst, to, base, load_options=options))
 
     _run(debug, action)
 
@@ -846,6 +846,7 @@ def resize(
     to: LoraFormat = "a1111",
     dtype: LoraDtype = "fp16",
     model: Annotated[Optional[str], typer.Option("--model", help="Base model to verify on (default: $DREAMLORA_MODEL, else the run's; without one the load-back check is skipped).")] = None,
+    allow_pickle: AllowPickle = False,
     debug: Debug = False,
 ) -> None:
     """Lower a LoRA's rank by truncated SVD (smaller file, the closest update of that rank), verified."""
@@ -855,7 +856,8 @@ def resize(
         from dreamlora.resize import check_method, kept_summary, rank_span, resize_lora
 
         check_method(method, param, rank)
-        result, resized = resize_lora(src, dst, rank, method, param, to, _verify_model(model, [src]), dtype)
+        base, options = _verify_model(model, [src], allow_pickle)
+        result, resized = resize_lora(src, dst, rank, method, param, to, base, dtype, load_options=options)
         for index, group in enumerate(sorted({r.module.group for r in resized}, key=GROUP_ORDER.index)):
             members = [r for r in resized if r.module.group == group]
             result.notes.insert(index, (
@@ -876,6 +878,7 @@ def merge(
     to: LoraFormat = "a1111",
     dtype: LoraDtype = "fp16",
     model: Annotated[Optional[str], typer.Option("--model", help="Base model to verify on (default: $DREAMLORA_MODEL, else the first run's; without one the load-back check is skipped).")] = None,
+    allow_pickle: AllowPickle = False,
     debug: Debug = False,
 ) -> None:
     """Merge several LoRAs into one: their weighted sum, exact or cut to --rank (kohya's merge_lora/svd_merge_lora), verified."""
@@ -885,19 +888,29 @@ def merge(
         from dreamlora.resize import rank_span
 
         sources = [_parse_lora(item, 1.0, "merge") for item in loras]
-        result, merged = merge_loras(sources, out, rank, method, param, to, _verify_model(model, [path for path, _ in sources]), dtype)
+        base, options = _verify_model(model, [path for path, _ in sources], allow_pickle)
+        result, merged = merge_loras(sources, out, rank, method, param, to, base, dtype, load_options=options)
         result.notes.insert(0, f"{len(sources)} LoRAs merged; rank {rank_span({m.rank for m in merged})}")
         _render_export(result, "merge")
 
     _run(debug, action)
 
 
-def _verify_model(model: str | None, sources: list[Path]) -> str | None:
-    """The base model to verify a rewritten LoRA on: --model, else $DREAMLORA_MODEL, else the first source run's; None
-    when no source is a run (the load-back check is then skipped)."""
+def _verify_model(model: str | None, sources: list[Path], allow_pickle: bool) -> tuple[str | None, dict[str, Any]]:
+    """The base model to verify a rewritten LoRA on, and how to load it: --model, else $DREAMLORA_MODEL (pickle
+    weights as --allow-pickle says), else the first source run's, read as that run read it (its revision, variant,
+    single-file configs, pickle permission); None when no source is a run (the load-back check is then skipped)."""
+    from dreamlora.export import base_load_options, run_config
     from dreamlora.generate import run_base_model
 
-    return model or os.environ.get("DREAMLORA_MODEL") or next((found[0] for src in sources if (found := run_base_model([(Path(src), 1.0)]))), None)
+    given = model or os.environ.get("DREAMLORA_MODEL")
+    if given:
+        return given, {"allow_pickle": allow_pickle}
+    for src in sources:
+        if found := run_base_model([(Path(src), 1.0)]):
+            options = base_load_options(run_config(found[2]), merged=False)
+            return found[0], {**options, "allow_pickle": allow_pickle or bool(options.get("allow_pickle"))}
+    return None, {"allow_pickle": allow_pickle}
 
 
 @app.command()

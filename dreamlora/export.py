@@ -1221,9 +1221,10 @@ class Architecture:
         return cls(names, UnetLayout.from_config(unet_config), label, family, kohya_naming(family, unet_config))
 
 
-def _base_configs(base_model: str | None, sdxl_file: bool = False) -> tuple[dict[str, Any], dict[str, Any], str, Any]:
+def _base_configs(base_model: str | None, sdxl_file: bool = False, load_options: dict[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, Any], str, Any]:
     """UNet config, text-encoder configs by name, label and family of the base model; without `base_model`,
-    SD 1.5's shipped configs, or SDXL 1.0's for an SDXL file."""
+    SD 1.5's shipped configs, or SDXL 1.0's for an SDXL file. `load_options` (`base_load_options`): how the base is
+    read (pickle weights of a single-file checkpoint, its configs, a hub revision)."""
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig
 
@@ -1239,11 +1240,13 @@ def _base_configs(base_model: str | None, sdxl_file: bool = False) -> tuple[dict
         }
         label = "Stable Diffusion XL 1.0 architecture" if sdxl_file else "Stable Diffusion 1.5 architecture"
     else:
-        source = resolve_model_dir(base_model)
+        options = load_options or {}
+        source = resolve_model_dir(base_model, bool(options.get("allow_pickle")), str(options.get("single_file_config") or ""))
+        files = {"local_files_only": True, **({"revision": options["revision"]} if options.get("revision") else {})}
         try:
-            unet_config = dict(UNet2DConditionModel.load_config(source, subfolder="unet", local_files_only=True))
+            unet_config = dict(UNet2DConditionModel.load_config(source, subfolder="unet", **files))
             te_configs = {
-                name: CLIPTextConfig.from_pretrained(source, subfolder=name, local_files_only=True)
+                name: CLIPTextConfig.from_pretrained(source, subfolder=name, **files)
                 for name in encoder_names if name == "text_encoder" or (Path(source) / name).is_dir()
             }
         except (OSError, ValueError) as error:
@@ -1252,12 +1255,12 @@ def _base_configs(base_model: str | None, sdxl_file: bool = False) -> tuple[dict
     return unet_config, te_configs, label, detect_family(te_configs["text_encoder"], unet_config)
 
 
-def _architecture_module_names(base_model: str | None, sdxl_file: bool = False) -> Architecture:
+def _architecture_module_names(base_model: str | None, sdxl_file: bool = False, load_options: dict[str, Any] | None = None) -> Architecture:
     """The base model's module names, built on the meta device from its configs (see `_base_configs`)."""
     import transformers
     from diffusers import UNet2DConditionModel
 
-    unet_config, te_configs, label, family = _base_configs(base_model, sdxl_file)
+    unet_config, te_configs, label, family = _base_configs(base_model, sdxl_file, load_options)
     with torch.device("meta"):
         unet = UNet2DConditionModel.from_config(unet_config)
         # Each encoder as its own class: CLIPTextModelWithProjection (SDXL's second) keeps the `text_model.` level.
@@ -1292,18 +1295,18 @@ def _looks_sdxl(tensors: dict[str, torch.Tensor]) -> bool:
 
 
 def read_lora_modules(
-    src: Path, base_model: str | None, arch: Architecture | None = None
+    src: Path, base_model: str | None, arch: Architecture | None = None, load_options: dict[str, Any] | None = None
 ) -> tuple[list[LoraModule], dict[str, str], list[str], KohyaNaming | None]:
     """Any supported LoRA file (kohya/A1111, LoCon, LDM-named, diffusers/PEFT) -> modules, its metadata, notes,
     and the kohya naming of its model family (None: SD 1.x/2.x). `arch`: the base model's module names when they are
-    at hand (`live_architecture`), instead of building them from `base_model`'s configs."""
+    at hand (`live_architecture`), instead of building them from `base_model`'s configs (read with `load_options`)."""
     tensors, file_meta = _read_any_lora(Path(src))
     notes: list[str] = []
     if tensors and all(is_kohya_key(k) for k in tensors):
         if "lora_adapter_metadata" in file_meta:
             notes.append("dropped diffusers adapter metadata stored beside kohya alphas (diffusers' loader raises on that mix)")
         sdxl_file = _looks_sdxl(tensors)
-        arch = arch or _architecture_module_names(base_model, sdxl_file)
+        arch = arch or _architecture_module_names(base_model, sdxl_file, load_options)
         if sdxl_file and arch.naming is None:
             raise ExportError(f"'{src}' is an SDXL LoRA (its module names and shapes say so), but the base model {arch.label} is not SDXL; pass an SDXL base with --model, or leave --model out")
         table = kohya_name_table(arch.names, arch.naming, diffusers_unet_aliases=arch.naming is not None)
@@ -1321,7 +1324,7 @@ def read_lora_modules(
     if arch is not None:
         naming = arch.naming
     elif base_model is not None or "text_encoder_2" in state_dicts:
-        unet_config, _, _, family = _base_configs(base_model, "text_encoder_2" in state_dicts)
+        unet_config, _, _, family = _base_configs(base_model, "text_encoder_2" in state_dicts, load_options)
         naming = kohya_naming(family.name, unet_config)
     return modules_from_peft(state_dicts, metadata), file_meta, notes, naming
 
@@ -1330,18 +1333,23 @@ def _alphas_uniform(modules: list[LoraModule]) -> bool:
     return len({m.alpha for m in modules}) <= 1
 
 
-def convert_lora(src: Path, dst: Path, to: str, base_model: str | None = None, dtype: str = "fp16", verify: bool = True) -> ExportResult:
+def convert_lora(
+    src: Path, dst: Path, to: str, base_model: str | None = None, dtype: str = "fp16", verify: bool = True, load_options: dict[str, Any] | None = None
+) -> ExportResult:
     """Convert a LoRA trained elsewhere to `to` (a1111: one .safetensors; diffusers: a folder).
 
     Per-module alphas that diffusers would mis-load are folded into the up weights (noted in the result).
-    Verification needs `base_model` (loaded through `load_components`); without it the result says it was skipped.
+    Verification needs `base_model` (loaded through `load_components` with `load_options`); without it the result
+    says it was skipped.
     """
-    modules, file_meta, notes, naming = read_for_rewrite(Path(src), Path(dst), to, dtype, base_model, "convert")
-    return write_lora_file(modules, file_meta, notes, naming, Path(dst), to, base_model, dtype, verify, embedding=embeddings_for(find_lora(Path(src))))
+    modules, file_meta, notes, naming = read_for_rewrite(Path(src), Path(dst), to, dtype, base_model, "convert", load_options)
+    return write_lora_file(
+        modules, file_meta, notes, naming, Path(dst), to, base_model, dtype, verify, embedding=embeddings_for(find_lora(Path(src))), load_options=load_options,
+    )
 
 
 def read_for_rewrite(
-    src: Path, dst: Path, to: str, dtype: str, base_model: str | None, command: str
+    src: Path, dst: Path, to: str, dtype: str, base_model: str | None, command: str, load_options: dict[str, Any] | None = None
 ) -> tuple[list[LoraModule], dict[str, str], list[str], KohyaNaming | None]:
     """`command`'s output settings checked (nothing is ever overwritten), then `src` read (`read_lora_modules`)."""
     if to not in ("a1111", "diffusers"):
@@ -1351,7 +1359,7 @@ def read_for_rewrite(
     _refuse_existing(dst)
     if to == "a1111" and dst.suffix != ".safetensors":
         raise ExportError(f"A1111 output '{dst}' must end in .safetensors; pass OUT as NAME.safetensors")
-    modules, file_meta, notes, naming = read_lora_modules(src, base_model)
+    modules, file_meta, notes, naming = read_lora_modules(src, base_model, load_options=load_options)
     if not modules:
         raise ExportError(f"'{src}' holds no LoRA weights")
     return modules, file_meta, notes, naming
@@ -1360,10 +1368,12 @@ def read_for_rewrite(
 def write_lora_file(
     modules: list[LoraModule], file_meta: dict[str, str], notes: list[str], naming: KohyaNaming | None, dst: Path, to: str,
     base_model: str | None, dtype: str, verify: bool, metadata: dict[str, str] | None = None, embedding: Embedding | None = None,
+    load_options: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Write `modules` as `to` (`convert_lora`, `resize.resize_lora`), folding alphas where a consumer would misread
     them, keeping the source's kohya metadata (updated by `metadata`), then load it back and compare (with `base_model`).
-    `embedding`: the source's pivotal-tuned embedding, carried over (bundled in a1111, and as its own file beside)."""
+    `embedding`: the source's pivotal-tuned embedding, carried over (bundled in a1111, and as its own file beside);
+    `load_options`: how the base model is loaded (`base_load_options`)."""
     original = modules
     _refuse_existing_embedding(dst, embedding)
     if to == "a1111":
@@ -1384,10 +1394,12 @@ def write_lora_file(
             report = VerifyReport("skipped", warnings=["verification skipped: pass --model BASE to load the file back into the base model and compare"])
         else:
             try:
-                report = verify_export(dst, to, original, base_model, dtype)
-            except ExportError as error:
+                report = verify_export(dst, to, original, base_model, dtype, load_options=load_options)
+            except Exception as error:  # an unverified file is never left looking like a finished one
                 _remove(dst)
                 if emb_out is not None:
                     _remove(emb_out)
+                if not isinstance(error, ExportError):
+                    raise
                 raise ExportError(f"{error}. '{dst}' was removed") from error
     return ExportResult(dst, to, dtype, _count_modules(modules), report, notes, emb_out)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -69,9 +70,10 @@ def carried_embedding(files: list[Path]) -> tuple[str, dict[str, torch.Tensor]] 
 
 def merge_loras(
     sources: list[tuple[Path, float]], dst: Path, rank: int | None = None, method: str = "fixed", param: float | None = None,
-    to: str = "a1111", base_model: str | None = None, dtype: str = "fp16", verify: bool = True,
+    to: str = "a1111", base_model: str | None = None, dtype: str = "fp16", verify: bool = True, load_options: dict[str, Any] | None = None,
 ) -> tuple[ExportResult, list[LoraModule]]:
-    """Merge `sources` (path, weight) into `dst` as `to`; exact unless `rank` is given. Returns the written modules too."""
+    """Merge `sources` (path, weight) into `dst` as `to`; exact unless `rank` is given; checked against `base_model`
+    (loaded with `load_options`). Returns the written modules too."""
     if len(sources) < 2:
         raise ConfigError("merge needs two or more LoRAs (PATH or PATH:WEIGHT each); to scale or convert a single one use `dreamlora resize` or `convert`")
     for path, weight in sources:
@@ -84,10 +86,10 @@ def merge_loras(
     files = [find_lora(Path(path)) for path, _ in sources]
     if len(set(files)) < len(files):
         raise ConfigError("the same LoRA is given twice; give it once with the sum of its weights (PATH:WEIGHT)")
-    modules, meta, notes, naming = read_for_rewrite(files[0], dst, to, dtype, base_model, "merge")
+    modules, meta, notes, naming = read_for_rewrite(files[0], dst, to, dtype, base_model, "merge", load_options)
     loaded, metas = [Source(files[0], sources[0][1], modules)], [meta]
     for file, (_, weight) in zip(files[1:], sources[1:]):
-        more, more_meta, more_notes, more_naming = read_lora_modules(file, base_model)
+        more, more_meta, more_notes, more_naming = read_lora_modules(file, base_model, load_options=load_options)
         if looks_sdxl(more) != looks_sdxl(modules):
             raise ConfigError(f"'{files[0]}' and '{file}' are for different model families (SD 1.x/2.x and SDXL); merge LoRAs of one base model")
         naming = naming or more_naming
@@ -113,6 +115,6 @@ def merge_loras(
         "ss_training_comment": f"merged by dreamlora: {how}" + (f", cut to rank {rank}" if rank is not None else " (exact)"),
     }
     embedding = carried_embedding(files)
-    result = write_lora_file(merged, shared_metadata(metas), notes, naming, dst, to, base_model, dtype, verify, metadata, embedding)
+    result = write_lora_file(merged, shared_metadata(metas), notes, naming, dst, to, base_model, dtype, verify, metadata, embedding, load_options)
     return result, merged
 

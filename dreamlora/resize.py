@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -112,13 +113,14 @@ def resize_module(module: LoraModule, method: str, param: float, rank: int) -> R
 
 def resize_lora(
     src: Path, dst: Path, rank: int, method: str = "fixed", param: float | None = None, to: str = "a1111",
-    base_model: str | None = None, dtype: str = "fp16", verify: bool = True,
+    base_model: str | None = None, dtype: str = "fp16", verify: bool = True, load_options: dict[str, Any] | None = None,
 ) -> tuple[ExportResult, list[Resized]]:
-    """Resize any LoRA `convert` reads (or a run's) and write it as `to`, verified against `base_model` when given."""
+    """Resize any LoRA `convert` reads (or a run's) and write it as `to`, verified against `base_model` (loaded with
+    `load_options`) when given."""
     value = check_method(method, param, rank)
     dst = Path(dst)
     source = find_lora(Path(src))
-    modules, file_meta, notes, naming = read_for_rewrite(source, dst, to, dtype, base_model, "resize")
+    modules, file_meta, notes, naming = read_for_rewrite(source, dst, to, dtype, base_model, "resize", load_options)
     resized = [resize_module(m, method, value, rank) for m in modules]
     old = max(r.old_rank for r in resized)
     if method == "fixed" and rank > old:
@@ -128,5 +130,5 @@ def resize_lora(
         "ss_training_comment": f"resized by dreamlora from rank {old}: {describe_cut(method, value, rank)}; " + file_meta.get("ss_training_comment", ""),
     }
     embedding = embeddings_for(source)  # pivotal tuning's embedding is carried over as it is
-    result = write_lora_file([r.module for r in resized], file_meta, notes, naming, dst, to, base_model, dtype, verify, metadata, embedding)
+    result = write_lora_file([r.module for r in resized], file_meta, notes, naming, dst, to, base_model, dtype, verify, metadata, embedding, load_options)
     return result, resized

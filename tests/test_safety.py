@@ -106,3 +106,43 @@ def test_a_class_name_cannot_escape_the_priors_folder(tmp_path: Path, monkeypatc
     cfg = load_config(None, {"data.class_name": "../../x", "data.token": "..%2F"})
     run_dir, _ = default_run_dir(cfg)
     assert run_dir.parent == Path("runs") and ".." not in run_dir.name
+
+
+def _tiny_lora(folder: Path) -> Path:
+    """A non-zero rank-4, alpha-8 LoRA of the tiny model, saved as diffusers writes it."""
+    from dreamlora.config import AdapterConfig
+    from dreamlora.lora import adapter_metadata, adapter_state_dicts, attach_adapters, save_diffusers_lora
+    from dreamlora.models import load_components
+
+    components = load_components("tiny")
+    torch.manual_seed(3)
+    attach_adapters(components.unet, components.text_encoder, AdapterConfig(rank=4, alpha=8.0, init="nonzero"))
+    models = {"unet": components.unet, "text_encoder": components.text_encoder}
+    save_diffusers_lora(folder, adapter_state_dicts(models), {k: adapter_metadata(m) for k, m in models.items()})
+    return folder
+
+
+def test_convert_resize_and_merge_verify_on_a_pickle_base_with_allow_pickle(tmp_path: Path, pickled_model: Path) -> None:
+    """The LoRA tools load the base model to check their output: a pickle-only base is refused with the flag that
+    allows it, and with --allow-pickle (or a run trained with it) the check runs and passes."""
+    lora = _tiny_lora(tmp_path / "lora")
+    a1111 = tmp_path / "a.safetensors"
+    assert runner.invoke(app, ["convert", str(lora), str(a1111), "--model", "tiny"]).exit_code == 0
+    refused = runner.invoke(app, ["convert", str(a1111), str(tmp_path / "c.safetensors"), "--model", str(pickled_model)])
+    assert refused.exit_code == 2 and shows(refused.output, "--allow-pickle") and not (tmp_path / "c.safetensors").exists(), refused.output
+    commands = {
+        "convert": ["convert", str(a1111), str(tmp_path / "c.safetensors")],
+        "resize": ["resize", str(a1111), str(tmp_path / "r.safetensors"), "--rank", "2"],
+        "merge": ["merge", str(a1111), f"{lora}:0.5", "--out", str(tmp_path / "m.safetensors")],
+    }
+    for name, args in commands.items():
+        result = runner.invoke(app, [*args, "--model", str(pickled_model), "--allow-pickle"])
+        assert result.exit_code == 0, (name, result.output)
+        assert "passed" in result.output and "skipped" not in result.output, (name, result.output)
+    # A run that trained on the pickle base with --allow-pickle: resize verifies on that base, as the run read it.
+    run = tmp_path / "runs" / "p"
+    shutil.copytree(lora, run / "lora")
+    (run / "run.json").write_text(json.dumps({"model": "pickled-model", "name": "p", "family": "sd1"}), encoding="utf-8")
+    (run / "config.toml").write_text(f'[model]\nname = "{pickled_model.as_posix()}"\nallow_pickle = true\n', encoding="utf-8")
+    result = runner.invoke(app, ["resize", str(run), str(tmp_path / "r2.safetensors"), "--rank", "2"])
+    assert result.exit_code == 0 and "passed" in result.output, result.output
