@@ -382,6 +382,8 @@ def dataset(
     mask_dir: Annotated[Optional[str], typer.Option("--mask-dir", help="Check the masks in this folder, as train --mask-dir uses them.")] = None,
     sheet: Annotated[Optional[Path], typer.Option(help="Contact sheet PNG (default <folder>-dataset.png beside the folder).")] = None,
     model: Model = None,
+    revision: Revision = None,
+    allow_pickle: AllowPickle = False,
     config: ConfigPath = None,
     set_: SetOption = None,
     debug: Debug = False,
@@ -400,6 +402,7 @@ def dataset(
             "data.instance_dir": instance or instance_option, "data.class_dir": class_dir, "data.token": token, "data.class_name": class_name,
             "data.resolution": resolution, "train.batch_size": batch_size, "train.gradient_accumulation": gradient_accumulation,
             **_length_flags(max_steps, epochs), "data.center_crop": False if random_crop else None, "model.name": model,
+            "model.revision": revision, "model.allow_pickle": True if allow_pickle else None,
             **_dataset_flags(no_captions, caption_dropout, repeats, class_ratio, buckets, color_jitter),
             "data.masked_loss": True if masked_loss or mask_dir else None, "data.mask_dir": mask_dir,
             "data.weighted_captions": True if weighted_captions else None,
@@ -416,7 +419,7 @@ def dataset(
             if found is not None:
                 console.print(f"checking the prior set in [bold]{found}[/] too, as `train` would use it")
                 cfg = replace(cfg, data=replace(cfg.data, class_dir=str(found)))
-        native, factor = model_geometry(cfg.model.name, cfg.model.single_file_config)
+        native, factor = model_geometry(cfg.model.name, cfg.model.single_file_config, cfg.model.revision, cfg.model.allow_pickle)
         if not cfg.data.resolution:
             cfg = replace(cfg, data=replace(cfg.data, resolution=native))
         if cfg.data.instance_dir and Path(cfg.data.instance_dir).is_dir():  # else the report names the problem

@@ -85,13 +85,16 @@ class DatasetReport:
             raise DataError("these files would stop training:\n  " + "\n  ".join(self.fatal) + "\nremove or replace them, then run `dreamlora dataset` again")
 
 
-def model_geometry(ref: str, single_file_config: str = "") -> tuple[int, int]:
-    """(native resolution, VAE scale factor) from a model's config files, without loading weights; SD 1.x's when unknown.
-    (A single-file checkpoint is converted first, once, as every command does.)"""
-    from dreamlora.models import resolve_model_dir
+def model_geometry(ref: str, single_file_config: str = "", revision: str = "", allow_pickle: bool = False) -> tuple[int, int]:
+    """(native resolution, VAE scale factor) from a model's config files (a hub id's at `revision`), without loading
+    weights; SD 1.x's when unknown. (A single-file checkpoint is converted first, once, as every command does; a
+    pickled one only with `allow_pickle`.)"""
+    from dreamlora.models import check_revision, resolve_model_dir
 
     configs: dict[str, dict] = {}
-    source = resolve_model_dir(ref, single_file_config=single_file_config) if not ref.startswith("random:") else None  # a bad path raises ModelLoadError (exit 2)
+    source = resolve_model_dir(ref, allow_pickle, single_file_config) if not ref.startswith("random:") else None  # a bad path raises ModelLoadError (exit 2)
+    if source is not None:
+        check_revision(ref, source, revision)
     for part in ("unet", "vae"):
         path = None
         if isinstance(source, Path):
@@ -100,7 +103,7 @@ def model_geometry(ref: str, single_file_config: str = "") -> tuple[int, int]:
             try:
                 from huggingface_hub import try_to_load_from_cache
 
-                cached = try_to_load_from_cache(source, f"{part}/config.json")
+                cached = try_to_load_from_cache(source, f"{part}/config.json", revision=revision or None)
                 path = Path(cached) if isinstance(cached, str) else None
             except Exception:  # noqa: BLE001 - an unknown hub layout only loses the exact geometry
                 path = None

@@ -388,6 +388,12 @@ def tiny_model_dir(preset: str = "tiny") -> Path:
 # --- resolving and loading ----------------------------------------------------------------------
 
 
+def check_revision(ref: str, source: Path | str, revision: str) -> None:
+    """A revision names a hub model's branch, tag or commit: refused for a local model (`source` a folder)."""
+    if revision and isinstance(source, Path):
+        raise ConfigError(f"--revision picks a branch, tag or commit of a Hugging Face hub model; {ref!r} is a local model; drop --revision")
+
+
 def resolve_model_dir(ref: str, allow_pickle: bool = False, single_file_config: str = "") -> Path | str:
     """A local diffusers folder for presets, paths and single-file checkpoints (converted once, see `single_file`), or
     the hub id itself when it is one."""
@@ -528,8 +534,7 @@ def load_components(
         return components
     source = resolve_model_dir(ref, allow_pickle, single_file_config)
     local = isinstance(source, Path)
-    if revision and local:
-        raise ConfigError(f"--revision picks a branch, tag or commit of a Hugging Face hub model; {ref!r} is a local model; drop --revision")
+    check_revision(ref, source, revision)
 
     def load(cache_only: bool) -> tuple[tuple[Any, ...], ModelFamily, dict[str, Any]]:
         files, weights = _read_options(allow_pickle, cache_only, dtype, variant, revision)

@@ -312,7 +312,7 @@ def resolve_epochs(cfg: RunConfig, processes: int | None = None) -> RunConfig:
     if data.buckets:
         from dreamlora.dataset_report import model_geometry
 
-        native, factor = model_geometry(cfg.model.name, cfg.model.single_file_config)
+        native, factor = model_geometry(cfg.model.name, cfg.model.single_file_config, cfg.model.revision, cfg.model.allow_pickle)
         buckets = make_buckets(data.resolution or native, 8 * factor, data.bucket_max_ratio)
     sizes = [open_image(path).size for path in folder.paths] if buckets else [(0, 0)] * len(folder.paths)
     plan = instance_plan(sizes, data.resolution, cfg.train.batch_size, data.repeats, cfg.train.seed, buckets)

@@ -83,3 +83,17 @@ def test_what_the_cache_lacks_and_a_revision_of_a_local_model_are_one_clear_mess
         assert result.exit_code == 2 and message in said(result.output) and "Traceback" not in result.output, result.output
     assert "huggingface-cli download acme/tiny-sd --revision v2" in said(runner.invoke(app, [*prior, "--model", "acme/tiny-sd", "--revision", "v2"]).output)
     assert not (tmp_path / "priors").exists() or not any((tmp_path / "priors").rglob("*.png"))
+
+
+def test_dataset_reads_the_geometry_of_the_revision_asked_for(hub_cache: Path, tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`dataset` reads the model's native size from its configs: at `main` (here made 48 px) unless --revision pins
+    the commit (32 px), as `train` would load it; a revision of a local model is refused there too."""
+    monkeypatch.chdir(tmp_path)
+    unet_config = hub_cache / "models--acme--tiny-sd" / "snapshots" / MAIN / "unet" / "config.json"
+    unet_config.write_text(json.dumps({**json.loads(unet_config.read_text()), "sample_size": 24}))
+    for extra, size in (([], "48x48"), (["--revision", COMMIT], "32x32")):
+        result = runner.invoke(app, ["dataset", str(instance_dir), "--model", "acme/tiny-sd", *extra])
+        assert result.exit_code == 0, result.output
+        assert f"training sizes {size}: 4" in said(result.output), result.output
+    refused = runner.invoke(app, ["dataset", str(instance_dir), "--model", "tiny", "--revision", COMMIT])
+    assert refused.exit_code == 2 and "'tiny' is a local model" in said(refused.output), refused.output
