@@ -213,8 +213,8 @@ def load_loras(pipeline: Any, loras: list[tuple[Path, float]]) -> None:
                 raise
             first = next(line.strip() for line in str(error).splitlines() if "size mismatch" in line)
             raise ConfigError(
-                f"LoRA '{path}' was trained on a model of another architecture than this base model ({first}); pass the base model it was "
-                "trained on with --model (a run folder given to --lora names its own in run.json)"
+                f"LoRA '{path}' was trained on a model of another architecture than this base model ({first}); use it with the base "
+                f"model it was trained on (`dreamlora inspect {path}` shows what it records)"
             ) from error
         except (ValueError, KeyError, OSError) as error:
             raise ConfigError(

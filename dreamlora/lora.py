@@ -280,6 +280,12 @@ def load_initial_weights(models: dict[str, torch.nn.Module | None], modules: lis
         for m in modules:
             layer = layers[m.group][m.module]
             down, up = layer.lora_A[ADAPTER_NAME].weight, layer.lora_B[ADAPTER_NAME].weight
+            if m.down.shape[0] == down.shape[0] and (tuple(m.down.shape[1:]) != tuple(down.shape[1:]) or tuple(m.up.shape) != tuple(up.shape)):
+                raise ConfigError(
+                    f"--init-lora {source}: {m.group}.{m.module} is {tuple(m.down.shape)} / {tuple(m.up.shape)} (down / up) in the LoRA but "
+                    f"{tuple(down.shape)} / {tuple(up.shape)} in this run: the LoRA was trained on a model of another architecture; "
+                    "start from a LoRA of this base model, or train on the one it was trained on"
+                )
             if tuple(m.down.shape) != tuple(down.shape) or tuple(m.up.shape) != tuple(up.shape):
                 option = "--conv-rank" if m.is_conv3x3 else "--rank"
                 raise ConfigError(

@@ -312,6 +312,16 @@ def test_a_base_model_of_another_architecture_is_a_clear_error_and_leaves_no_fil
     result = CliRunner().invoke(app, ["generate", "-p", PROMPT, "--model", "tiny-sdxl", "--lora", str(run / "lora"), "-n", "1", "--steps", "1", "--out", str(tmp_path / "gen")])
     assert result.exit_code == 2, result.output
     assert "another architecture" in " ".join(result.output.split()) and not (tmp_path / "gen").exists()
+    from conftest import draw_subject
+
+    instance = tmp_path / "photos"
+    instance.mkdir()
+    draw_subject(instance / "a.png")
+    for flag in ("--init-lora", "--base-weights"):  # the run's LoRA to start from, or fused into the base first
+        out = tmp_path / "runs" / flag.strip("-")
+        result = CliRunner().invoke(app, ["train", "--model", "tiny-sdxl", "--instance", str(instance), "--max-steps", "1", flag, str(run), "--out", str(out), "--set", "train.num_samples=0"])
+        assert result.exit_code == 2, (flag, result.output)
+        assert "another architecture" in " ".join(result.output.split()) and "Traceback" not in result.output and not out.exists(), (flag, result.output)
 
 
 def test_a_verification_that_crashes_leaves_no_unverified_file(workspace, tmp_path, monkeypatch):
