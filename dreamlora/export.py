@@ -906,17 +906,22 @@ def fit_problem(model: torch.nn.Module, module_name: str, down: torch.Tensor, up
     return f"LoRA down {tuple(down.shape)} / up {tuple(up.shape)} do not fit the base's {in_features} -> {out_features}{f', kernel {kernel}' if kernel else ''} layer"
 
 
-def check_fits(base: Any, modules: list[LoraModule], model_ref: str) -> None:
-    """Every module of the LoRA exists in the loaded base model with the shapes it was trained on; otherwise the base
-    is another architecture than the run's (a moved hub branch, a replaced local folder) and loading would fail deep in
-    PyTorch with a size mismatch."""
-    models = {"unet": base.unet, **base.text_encoders}
+def fit_problems(models: dict[str, torch.nn.Module], modules: list[LoraModule]) -> list[str]:
+    """Each module of the LoRA that `models` (unet, text encoders) lack or have in other shapes, as "group module: why"."""
     problems = []
     for m in modules:
         model = models.get(m.group)
         problem = f"the base model has no {m.group}" if model is None else fit_problem(model, m.module, m.down, m.up)
         if problem:
             problems.append(f"{m.group} {m.module}: {problem}")
+    return problems
+
+
+def check_fits(base: Any, modules: list[LoraModule], model_ref: str) -> None:
+    """Every module of the LoRA exists in the loaded base model with the shapes it was trained on; otherwise the base
+    is another architecture than the run's (a moved hub branch, a replaced local folder) and loading would fail deep in
+    PyTorch with a size mismatch."""
+    problems = fit_problems({"unet": base.unet, **base.text_encoders}, modules)
     if problems:
         raise ExportError(
             f"the LoRA does not fit base model {public_model_ref(model_ref)!r}, so that is not the model it was trained on: {len(problems)} of {len(modules)} "

@@ -1582,8 +1582,20 @@ def _broadcast_path(accelerator: Any, path: Path) -> Path:
 
 def _restore(folder: Path, accelerator: Any, unet: Any, text_encoder: Any, optimizer: Any, lr_scheduler: Any, text_encoder_2: Any = None) -> int:
     """Load LoRA weights, optimizer, LR schedule and scaler from a checkpoint; return its step."""
+    from dreamlora.export import fit_problems, modules_from_peft
     from dreamlora.lora import read_diffusers_lora
 
+    state_dicts, metadata = read_diffusers_lora(folder / ckpt.LORA_DIR)
+    models = {"unet": accelerator.unwrap_model(unet), "text_encoder": accelerator.unwrap_model(text_encoder)}
+    if text_encoder_2 is not None:
+        models["text_encoder_2"] = accelerator.unwrap_model(text_encoder_2)
+    modules = modules_from_peft(state_dicts, metadata)
+    if problems := fit_problems(models, modules):
+        raise ConfigError(
+            f"--resume: checkpoint {folder} does not fit the base model it was loaded on: {len(problems)} of {len(modules)} modules differ "
+            f"(first: {problems[0]}), so the base is not the model the run started on (a hub branch that moved, a local folder replaced); "
+            "give the run its own base model back, or start a new run"
+        )
     state = ckpt.load_checkpoint_state(folder)
     saved_groups = len(state["optimizer"]["param_groups"])
     if saved_groups != len(optimizer.param_groups):
@@ -1591,10 +1603,6 @@ def _restore(folder: Path, accelerator: Any, unet: Any, text_encoder: Any, optim
             f"--resume: checkpoint {folder} holds {saved_groups} optimizer parameter groups, this run has {len(optimizer.param_groups)} "
             "(LoRA+ or --no-text-encoder changed); resume with the run's own settings (drop --force), or start a new run"
         )
-    state_dicts, metadata = read_diffusers_lora(folder / ckpt.LORA_DIR)
-    models = {"unet": accelerator.unwrap_model(unet), "text_encoder": accelerator.unwrap_model(text_encoder)}
-    if text_encoder_2 is not None:
-        models["text_encoder_2"] = accelerator.unwrap_model(text_encoder_2)
     load_adapters(models, state_dicts, metadata)
     optimizer.load_state_dict(state["optimizer"])
     lr_scheduler.load_state_dict(state["lr_scheduler"])

@@ -183,6 +183,29 @@ def test_resume_from_a_folder_that_is_not_a_checkpoint_exits_2(run_with_checkpoi
     assert _snapshot(run_with_checkpoint) == before
 
 
+def test_resume_on_a_base_model_whose_architecture_changed_exits_2(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The run's local model folder replaced by another architecture (as a hub branch can move): --resume names the
+    module that no longer fits instead of an optimizer-group count, and the run is left as it was."""
+    import shutil
+
+    from dreamlora.models import tiny_model_dir
+
+    monkeypatch.chdir(tmp_path)
+    shutil.copytree(tiny_model_dir("tiny"), tmp_path / "model")
+    done = runner.invoke(app, [
+        "train", "--model", "model", "--instance", str(instance_dir), "--max-steps", "2", "--checkpoint-every", "1", "--out", "runs/m",
+        "--set", "train.num_samples=0",
+    ])  # fmt: skip
+    assert done.exit_code == 0, done.output
+    before = _snapshot(tmp_path / "runs" / "m")
+    shutil.rmtree(tmp_path / "model")
+    shutil.copytree(tiny_model_dir("tiny-sdxl"), tmp_path / "model")
+    result = runner.invoke(app, ["train", "--out", "runs/m", "--resume", "--max-steps", "3"])
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert shows(result.output, "does not fit the base model it was loaded on") and shows(result.output, "attn2.to_k"), result.output
+    assert _snapshot(tmp_path / "runs" / "m") == before
+
+
 def test_resume_of_a_run_without_checkpoints_exits_2(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     done = runner.invoke(app, ["train", "--model", "tiny", "--instance", str(instance_dir), "--resolution", "32", "--max-steps", "1", "--out", "runs/plain", "--set", "train.num_samples=1", "--set", "prior.steps=2"])
