@@ -354,6 +354,12 @@ class TrainConfig:
     master_weights: bool = True  # bf16: LoRA weights compute in bf16 with fp32 master copies (no per-use casts); False: autocast
     report_to: str = ""  # tensorboard or wandb through accelerate (optional extras); empty: metrics.jsonl only
     optimizer: str = "adamw"  # adamw8bit: bitsandbytes' 8-bit AdamW (extra `bnb`), paged_adamw8bit its paged variant, lion8bit its 8-bit Lion (as lion); prodigy: Prodigy, lr 1.0 (extra `prodigy`); adafactor: transformers' Adafactor at a fixed lr; lion: Lion (extra `lion`; `train` without --lr runs it at LION_DEFAULT_LR); adamw_schedulefree: schedule-free AdamW (extra `schedulefree`), constant rate
+    weight_decay: float = -1.0  # the optimizer's (decoupled) weight decay (diffusers' --adam_weight_decay, kohya's weight_decay optimizer arg); -1: its default (1e-2; Lion and Adafactor 0)
+    text_encoder_weight_decay: float = -1.0  # the text encoders' weight decay (diffusers' --adam_weight_decay_text_encoder); -1: weight_decay
+    adam_beta1: float = -1.0  # beta1 of AdamW (all kinds), Prodigy and Lion (diffusers' --adam_beta1); -1: the optimizer's default (0.9)
+    adam_beta2: float = -1.0  # their beta2 (diffusers' --adam_beta2; 0.99 is common with Prodigy); -1: the optimizer's default (0.999; Lion 0.99)
+    adam_epsilon: float = 0.0  # AdamW (all kinds) and Prodigy epsilon (diffusers' --adam_epsilon); 0: the default 1e-8
+    scale_lr: bool = False  # every learning rate times batch size x gradient accumulation x processes (diffusers' --scale_lr)
     lr_cycles: int = 1  # cosine_with_restarts: number of cosine cycles, each restarting at the full lr
     lr_power: float = 1.0  # polynomial: the decay's power (1: linear; diffusers' --lr_power, kohya's --lr_scheduler_power)
     text_encoder_lr_scheduler: str = ""  # empty: same as lr_scheduler
@@ -418,6 +424,28 @@ class TrainConfig:
         for name in ("loraplus_lr_ratio", "loraplus_unet_lr_ratio", "loraplus_text_encoder_lr_ratio"):
             value = getattr(self, name)
             _check(value == 0 or 1 <= value <= 1000, f"train.{name} must be 0 (off) or in [1, 1000] (16 in the LoRA+ paper, 4-16 usual); got {value}")
+        self._check_optimizer_settings()
+
+    def _check_optimizer_settings(self) -> None:
+        """Weight decay, betas and epsilon: in range, and only for an optimizer that has them."""
+        for name in ("weight_decay", "text_encoder_weight_decay"):
+            value = getattr(self, name)
+            _check(value == -1 or 0 <= value <= 1, f"train.{name} must be in [0, 1] (1e-2 is the default) or -1 (the default); got {value}")
+        for name in ("adam_beta1", "adam_beta2"):
+            value = getattr(self, name)
+            _check(value == -1 or 0 <= value < 1, f"train.{name} must be in [0, 1) or -1 (the optimizer's default); got {value}")
+        _check(0 <= self.adam_epsilon < 1, f"train.adam_epsilon must be in [0, 1) (0: the default 1e-8); got {self.adam_epsilon}")
+        if self.optimizer == "adafactor":
+            _check(
+                self.adam_beta1 == -1 and self.adam_beta2 == -1 and not self.adam_epsilon,
+                "--optimizer adafactor has no Adam betas or epsilon (it factors its second moment); drop train.adam_beta1, adam_beta2 and adam_epsilon",
+            )
+        if self.optimizer in ("lion", "lion8bit"):
+            _check(not self.adam_epsilon, f"--optimizer {self.optimizer} has no epsilon (its update is a sign); drop train.adam_epsilon")
+        _check(
+            not (self.scale_lr and self.optimizer == "prodigy"),
+            "--scale-lr multiplies the learning rates, but Prodigy's --lr scales the step size it finds itself (1.0 is usual); drop --scale-lr",
+        )
 
     def _check_schedule_and_step(self) -> None:
         """Learning-rate schedules, warm-up, how long each part trains, checkpoints, clipping, the CUDA graph and trackers."""
@@ -505,6 +533,11 @@ class TrainConfig:
             return 1.0  # pivotal tuning's vectors have no up weights
         own = self.loraplus_unet_lr_ratio if model == "unet" else self.loraplus_text_encoder_lr_ratio
         return float(own or self.loraplus_lr_ratio or 1.0)
+
+    def lr_scale(self, processes: int) -> float:
+        """What every learning rate is multiplied by: with `scale_lr`, the images of one optimizer step (batch size x
+        gradient accumulation x processes), as diffusers' --scale_lr; else 1."""
+        return float(self.batch_size * self.gradient_accumulation * processes) if self.scale_lr else 1.0
 
     @property
     def resolved_text_encoder_lr(self) -> float:

@@ -540,6 +540,21 @@ OPTIMIZER_NAMES = {
 }  # fmt: skip
 
 
+def optimizer_label(train: Any) -> str:
+    """The optimizer as kohya's ss_optimizer names it: its class, and in brackets the arguments the run set."""
+    defaults = (0.9, 0.99) if train.optimizer in ("lion", "lion8bit") else (0.9, 0.999)
+    args = [f"weight_decay={train.weight_decay:g}"] if train.weight_decay >= 0 else []
+    if train.adam_beta1 >= 0 or train.adam_beta2 >= 0:
+        betas = (train.adam_beta1 if train.adam_beta1 >= 0 else defaults[0], train.adam_beta2 if train.adam_beta2 >= 0 else defaults[1])
+        args.append(f"betas=({betas[0]:g},{betas[1]:g})")
+    if train.adam_epsilon:
+        args.append(f"eps={train.adam_epsilon:g}")
+    name = OPTIMIZER_NAMES[train.optimizer]
+    if not args:
+        return name
+    return f"{name[:-1]},{','.join(args)})" if name.endswith(")") else f"{name}({','.join(args)})"
+
+
 def _training_metadata(run: dict[str, Any], cfg: RunConfig | None) -> dict[str, str]:
     """kohya's `ss_*` record of how the LoRA was trained (Civitai and LoRA browsers show it), from the run's config
     and run.json; only folder names, never paths. Empty without a config (a run folder from elsewhere)."""
@@ -553,13 +568,14 @@ def _training_metadata(run: dict[str, Any], cfg: RunConfig | None) -> dict[str, 
     steps, max_steps = int(run.get("steps") or 0), int(run.get("max_steps") or train.max_steps)
     per_epoch = int(run.get("steps_per_epoch") or 0)
     instance_images = int(run.get("instance_images") or 0)
+    scale = train.lr_scale(int(run.get("processes") or 1))  # --scale-lr: the rates it trained at
     meta = {
-        "ss_learning_rate": str(train.lr),
-        "ss_unet_lr": str(train.lr),
-        "ss_text_encoder_lr": str(float(train.resolved_text_encoder_lr)) if cfg.adapter.train_text_encoder else "None",
+        "ss_learning_rate": str(train.lr * scale),
+        "ss_unet_lr": str(train.lr * scale),
+        "ss_text_encoder_lr": str(float(train.resolved_text_encoder_lr) * scale) if cfg.adapter.train_text_encoder else "None",
         "ss_lr_scheduler": train.lr_scheduler,
         "ss_lr_warmup_steps": str(train.warmup_steps),
-        "ss_optimizer": OPTIMIZER_NAMES[train.optimizer],
+        "ss_optimizer": optimizer_label(train),
         "ss_batch_size_per_device": str(train.batch_size),
         "ss_gradient_accumulation_steps": str(train.gradient_accumulation),
         "ss_total_batch_size": str(train.batch_size * train.gradient_accumulation * int(run.get("processes") or 1)),

@@ -123,9 +123,13 @@ def _settings(run: dict[str, Any], cfg: RunConfig | None) -> list[tuple[str, str
     if cfg is not None:
         t = cfg.train
         rows[3:3] = [("batch size", str(t.batch_size * t.gradient_accumulation))]
+        scale = t.lr_scale(int(run.get("processes") or 1))  # --scale-lr: the rates it trained at
         rows += [
             ("optimizer", t.optimizer),
-            ("learning rate", f"{t.lr:g} ({t.lr_scheduler}); text encoder {float(t.resolved_text_encoder_lr):g}" if cfg.adapter.train_text_encoder else f"{t.lr:g} ({t.lr_scheduler})"),
+            (
+                "learning rate",
+                f"{t.lr * scale:g} ({t.lr_scheduler}); text encoder {float(t.resolved_text_encoder_lr) * scale:g}" if cfg.adapter.train_text_encoder else f"{t.lr * scale:g} ({t.lr_scheduler})",
+            ),
             ("prior weight", f"{t.prior_weight:g}"),
             ("seed", str(t.seed)),
         ]

@@ -22,7 +22,7 @@ import torch
 
 from dreamlora import __version__
 from dreamlora import checkpoint as ckpt
-from dreamlora.config import RunConfig, lora_reference, replace, to_dict, to_toml
+from dreamlora.config import RunConfig, TrainConfig, lora_reference, replace, to_dict, to_toml
 from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, latent_mask, learned_share, list_images, make_buckets, open_image, resize_and_crop, to_tensor, vary_caption
 from dreamlora.emphasis import plain_text, tokenize_weighted, weigh_context
 from dreamlora.errors import ConfigError, DreamloraError, TrainingError, TrainingInterrupted
@@ -570,7 +570,7 @@ LOGGED_RATES = {"lr": "unet", "lr_text_encoder": "text_encoder", "lr_embeddings"
 
 def make_optimizer(
     groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, device: torch.device, capturable: bool = False, up_weights: dict[str, list[bool]] | None = None,
-    lr_factors: dict[str, list[float]] | None = None,
+    lr_factors: dict[str, list[float]] | None = None, lr_scale: float = 1.0,
 ) -> torch.optim.Optimizer:
     """AdamW (or bitsandbytes' 8-bit AdamW, paged 8-bit AdamW or 8-bit Lion, Prodigy, Adafactor, Lion or schedule-free AdamW) with one parameter group (and learning rate) per trained model;
     fused kernels on CUDA. Each group names its model under "model" (`make_lr_scheduler` reads it).
@@ -581,39 +581,56 @@ def make_optimizer(
     loraplus_lr_ratio does.
     `lr_factors`: per model, each parameter's factor on its rate (the UNet's block weights, `lora.block_lr_factors`):
     one group per factor, as kohya's block-wise learning rates. Each group's "scale" is its rate over the model's.
+    `lr_scale`: every rate's factor (`TrainConfig.lr_scale`, diffusers' --scale_lr). The text encoders' groups carry
+    their own weight decay when `train.text_encoder_weight_decay` is set.
     """
-    param_groups = _param_groups(groups, cfg, device, capturable, up_weights, lr_factors)
-    name = cfg.train.optimizer
+    param_groups = _param_groups(groups, cfg, device, capturable, up_weights, lr_factors, lr_scale)
+    name, train = cfg.train.optimizer, cfg.train
+    adam, lion = _settings(train, (0.9, 0.999), 1e-2), _settings(train, (0.9, 0.99), 0.0, eps=False)
     if name in ("adamw8bit", "paged_adamw8bit"):  # bitsandbytes' 8-bit AdamW; paged: its state can spill to CPU memory
         attribute = "optim.PagedAdamW8bit" if name == "paged_adamw8bit" else "optim.AdamW8bit"
-        return _optional_optimizer("bitsandbytes", attribute, name, "bnb", "bitsandbytes")(param_groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8)
+        return _optional_optimizer("bitsandbytes", attribute, name, "bnb", "bitsandbytes")(param_groups, **adam)
     if name == "lion8bit":  # as lion, with 8-bit state (kohya's Lion8bit)
-        return _optional_optimizer("bitsandbytes", "optim.Lion8bit", name, "bnb", "bitsandbytes")(param_groups, betas=(0.9, 0.99), weight_decay=0.0)
+        return _optional_optimizer("bitsandbytes", "optim.Lion8bit", name, "bnb", "bitsandbytes")(param_groups, **lion)
     if name == "adafactor":
         from transformers.optimization import Adafactor
 
         # At the given rates, as kohya's guides set it for LoRA: no relative step size, no parameter scaling, no warm-up init.
-        return Adafactor(param_groups, lr=cfg.train.lr, scale_parameter=False, relative_step=False, warmup_init=False)
+        decay = train.weight_decay if train.weight_decay >= 0 else 0.0
+        return Adafactor(param_groups, lr=cfg.train.lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=decay)
     if name == "adamw_schedulefree":
         # AdamW's betas, eps and weight decay as here; the warm-up is the schedule's (--warmup-steps ramps the rate it reads).
-        return _optional_optimizer("schedulefree", "AdamWScheduleFree", name, "schedulefree", "schedulefree")(param_groups, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, warmup_steps=0)
+        return _optional_optimizer("schedulefree", "AdamWScheduleFree", name, "schedulefree", "schedulefree")(param_groups, **adam, warmup_steps=0)
     if name == "lion":
         # As kohya's --optimizer_type Lion without optimizer_args: the package's betas (0.9, 0.99), no weight decay.
-        return _optional_optimizer("lion_pytorch", "Lion", name, "lion", "lion-pytorch")(param_groups, betas=(0.9, 0.99), weight_decay=0.0)
+        return _optional_optimizer("lion_pytorch", "Lion", name, "lion", "lion-pytorch")(param_groups, **lion)
     if name == "prodigy":
         prodigy = _optional_optimizer("prodigyopt", "Prodigy", name, "prodigy", "prodigyopt")
         # As diffusers' DreamBooth-LoRA script sets it: decoupled weight decay, bias correction, and a safeguarded
         # warm-up (the step-size estimate does not run away while the LoRA up-weights are still zero).
         with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay" into the progress bar
-            return prodigy(param_groups, betas=(0.9, 0.999), weight_decay=1e-2, decouple=True, use_bias_correction=True, safeguard_warmup=True)
-    return torch.optim.AdamW(param_groups, betas=(0.9, 0.999), weight_decay=1e-2, eps=1e-8, fused=device.type == "cuda", capturable=capturable)
+            return prodigy(param_groups, **adam, decouple=True, use_bias_correction=True, safeguard_warmup=True)
+    return torch.optim.AdamW(param_groups, **adam, fused=device.type == "cuda", capturable=capturable)
+
+
+def _settings(train: TrainConfig, betas: tuple[float, float], weight_decay: float, eps: bool = True) -> dict[str, Any]:
+    """An optimizer's betas, weight decay (and epsilon): the run's where set (`train.adam_beta1` ...), else these defaults."""
+    chosen = {
+        "betas": (train.adam_beta1 if train.adam_beta1 >= 0 else betas[0], train.adam_beta2 if train.adam_beta2 >= 0 else betas[1]),
+        "weight_decay": train.weight_decay if train.weight_decay >= 0 else weight_decay,
+    }
+    return {**chosen, "eps": train.adam_epsilon or 1e-8} if eps else chosen
 
 
 def _param_groups(
-    groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, device: torch.device, capturable: bool, up_weights: dict[str, list[bool]] | None, lr_factors: dict[str, list[float]] | None
+    groups: dict[str, list[torch.nn.Parameter]], cfg: RunConfig, device: torch.device, capturable: bool, up_weights: dict[str, list[bool]] | None, lr_factors: dict[str, list[float]] | None,
+    lr_scale: float = 1.0,
 ) -> list[dict[str, Any]]:
     """One optimizer group per model, block-weight factor and (with LoRA+) down/up half; see `make_optimizer`."""
-    lrs = {"unet": cfg.train.lr, "text_encoder": cfg.train.resolved_text_encoder_lr, "text_encoder_2": cfg.train.resolved_text_encoder_lr, "embeddings": cfg.train.resolved_pivotal_lr}
+    t = cfg.train
+    lrs = {"unet": t.lr, "text_encoder": t.resolved_text_encoder_lr, "text_encoder_2": t.resolved_text_encoder_lr, "embeddings": t.resolved_pivotal_lr}
+    lrs = {name: rate * lr_scale for name, rate in lrs.items()}
+    own_decay = {"weight_decay": t.text_encoder_weight_decay} if t.text_encoder_weight_decay >= 0 else {}
     lr = (lambda v: torch.tensor(v, device=device)) if capturable else float  # noqa: E731
     param_groups = []
     for name, params in groups.items():
@@ -630,7 +647,7 @@ def _param_groups(
                 members = [p for p, f, flag in zip(params, factors, ups) if f == factor and flag is up]
                 scale = (ratio if up else 1.0) * factor
                 rate = (lrs[name] * ratio if up else lrs[name]) * factor
-                param_groups.append({"params": members, "lr": lr(rate), "model": name, "scale": scale})
+                param_groups.append({"params": members, "lr": lr(rate), "model": name, "scale": scale, **(own_decay if name.startswith("text_encoder") else {})})
     return param_groups
 
 
@@ -1182,7 +1199,10 @@ class _Trainer:
         self.masters = MasterWeights(groups, self.weight_dtype) if self.weight_dtype == torch.bfloat16 and accelerator.mixed_precision == "no" else None
         up_weights = {"unet": up_weight_flags(self.unet), **({name: up_weight_flags(encoder) for name, encoder in components.text_encoders.items()} if self.train_te else {})}
         factors = {"unet": block_lr_factors(self.unet, cfg.adapter)} if cfg.adapter.block_weights_set else None
-        optimizer = make_optimizer(self.masters.masters if self.masters else groups, cfg, self.device, capturable=self.graphs, up_weights=up_weights, lr_factors=factors)
+        optimizer = make_optimizer(
+            self.masters.masters if self.masters else groups, cfg, self.device, capturable=self.graphs, up_weights=up_weights, lr_factors=factors,
+            lr_scale=cfg.train.lr_scale(accelerator.num_processes),
+        )
         self.fp32_lora = self.masters.fp32_in_model if self.masters else contextlib.nullcontext
         self.limiter = None
         if cfg.train.scale_weight_norms:

@@ -422,3 +422,64 @@ def test_adafactor_trains_at_the_given_rates_and_is_recorded(tmp_path: Path, ins
     assert meta["ss_optimizer"].startswith("transformers.optimization.Adafactor(") and meta["ss_lr_scheduler"] == "polynomial"
     with pytest.raises(ConfigError, match="lr_power shapes the polynomial"):
         load_config(None, {"train.lr_power": "2"})
+
+
+def test_weight_decay_betas_and_epsilon_reach_each_optimizer_group() -> None:
+    """diffusers' --adam_weight_decay, --adam_weight_decay_text_encoder, --adam_beta1/2 and --adam_epsilon: the
+    defaults are AdamW's (betas 0.9/0.999, decay 1e-2, eps 1e-8); set, they reach the groups they name."""
+    groups = {"unet": [torch.nn.Parameter(torch.zeros(2))], "text_encoder": [torch.nn.Parameter(torch.zeros(2))]}
+    plain = make_optimizer(groups, load_config(None, {}), torch.device("cpu"))
+    assert [(g["betas"], g["weight_decay"], g["eps"]) for g in plain.param_groups] == [((0.9, 0.999), 1e-2, 1e-8)] * 2
+    cfg = load_config(None, {
+        "train.weight_decay": "0.1", "train.text_encoder_weight_decay": "0.001", "train.adam_beta2": "0.99", "train.adam_epsilon": "1e-6",
+    })  # fmt: skip
+    tuned = make_optimizer(groups, cfg, torch.device("cpu"))
+    assert [(g["model"], g["betas"], g["weight_decay"], g["eps"]) for g in tuned.param_groups] == [
+        ("unet", (0.9, 0.99), 0.1, 1e-6), ("text_encoder", (0.9, 0.99), 0.001, 1e-6),
+    ]  # fmt: skip
+    adafactor = make_optimizer(groups, load_config(None, {"train.optimizer": "adafactor", "train.weight_decay": "0.05"}), torch.device("cpu"))
+    assert [g["weight_decay"] for g in adafactor.param_groups] == [0.05, 0.05]
+    from dreamlora.export import optimizer_label
+
+    assert optimizer_label(cfg.train) == "torch.optim.AdamW(weight_decay=0.1,betas=(0.9,0.99),eps=1e-06)"  # ss_optimizer, as kohya writes its args
+    assert optimizer_label(load_config(None, {"train.optimizer": "lion8bit", "train.adam_beta1": "0.95"}).train) == "bitsandbytes.optim.Lion8bit(betas=(0.95,0.99))"
+    assert optimizer_label(load_config(None, {"train.optimizer": "adafactor", "train.weight_decay": "0.05"}).train).endswith("warmup_init=False,weight_decay=0.05)")
+    assert optimizer_label(load_config(None, {}).train) == "torch.optim.AdamW"
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"train.optimizer": "adafactor", "train.adam_beta1": "0.9"}, "adafactor has no Adam betas or epsilon"),
+    ({"train.optimizer": "lion", "train.adam_epsilon": "1e-6"}, "lion has no epsilon"),
+    ({"train.optimizer": "prodigy", "train.lr": "1.0", "train.scale_lr": "true"}, "drop --scale-lr"),
+    ({"train.weight_decay": "2"}, "train.weight_decay must be in [0, 1]"),
+    ({"train.adam_beta2": "1.0"}, "train.adam_beta2 must be in [0, 1)"),
+])  # fmt: skip
+def test_optimizer_settings_an_optimizer_lacks_are_refused(overrides: dict, message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        load_config(None, overrides)
+
+
+def test_scale_lr_trains_at_the_scaled_rates_and_records_them(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """--scale-lr (diffusers' --scale_lr): every rate times batch size x accumulation x processes, as the steps use
+    it (metrics.jsonl) and as the export's training record and model card report it; --weight-decay is recorded too."""
+    from typer.testing import CliRunner
+
+    from dreamlora.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "train", "--model", "tiny", "--instance", str(instance_dir), "--max-steps", "2", "--lr", "1e-4", "--text-encoder-lr", "5e-5",
+        "--scale-lr", "--weight-decay", "0.1", "--set", "train.gradient_accumulation=2", "--set", "train.batch_size=2",
+        "--set", "train.log_every=1", "--set", "train.num_samples=0", "--out", "runs/scaled",
+    ]  # fmt: skip
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    metrics = [json.loads(line) for line in (tmp_path / "runs" / "scaled" / "metrics.jsonl").read_text().splitlines()]
+    assert [(m["lr"], m["lr_text_encoder"]) for m in metrics] == [(pytest.approx(4e-4), pytest.approx(2e-4))] * 2
+    exported = CliRunner().invoke(app, ["export", "runs/scaled", "--out", "scaled.safetensors", "--no-verify"])
+    assert exported.exit_code == 0, exported.output
+    meta = read_safetensors(tmp_path / "scaled.safetensors")[1]
+    assert (float(meta["ss_learning_rate"]), float(meta["ss_text_encoder_lr"])) == (pytest.approx(4e-4), pytest.approx(2e-4))
+    assert meta["ss_optimizer"] == "torch.optim.AdamW(weight_decay=0.1)"
+    card = CliRunner().invoke(app, ["export", "runs/scaled", "--format", "diffusers", "--out", "scaled-folder", "--no-verify"])
+    assert card.exit_code == 0 and "0.0004 (constant); text encoder 0.0002" in (tmp_path / "scaled-folder" / "README.md").read_text(), card.output
