@@ -779,6 +779,8 @@ def export(
     description: Annotated[Optional[str], typer.Option(help="modelspec.description (a1111), or in the folder's model card.")] = None,
     license_: Annotated[Optional[str], typer.Option("--license", help="modelspec.license (a1111) or the model card's license, e.g. creativeml-openrail-m.")] = None,
     tags: Annotated[Optional[str], typer.Option(help="modelspec.tags (a1111) or more model-card tags, comma-separated.")] = None,
+    push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", metavar="OWNER/NAME", help="Then upload the export (with its model card) to this Hugging Face repo, created if missing (needs `hf auth login` or HF_TOKEN).")] = None,
+    private: Annotated[bool, typer.Option("--private", help="--push-to-hub: create the repo private.")] = False,
     debug: Debug = False,
 ) -> None:
     """Export a run's LoRA for A1111/ComfyUI/kohya tools or diffusers."""
@@ -794,11 +796,23 @@ def export(
             raise ConfigError(f"two run folders given ('{run_arg}' and --run '{run}'); pass one")
         published = {"title": title, "author": author, "description": description, "license": license_, "tags": tags}
         cfg = ExportConfig(
-            format=fmt, dtype=dtype, out=out_path or "", scale=scale, single_file=single_file, verify=not no_verify, **{k: v for k, v in published.items() if v is not None}
+            format=fmt, dtype=dtype, out=out_path or "", scale=scale, single_file=single_file, verify=not no_verify, hub_repo=push_to_hub or "",
+            **{k: v for k, v in published.items() if v is not None},
         )
+        if private and not push_to_hub:
+            raise ConfigError("--private makes the repo --push-to-hub creates private; add --push-to-hub OWNER/NAME or drop --private")
+        if push_to_hub:
+            from dreamlora.hub import check_can_push
+
+            check_can_push(push_to_hub)  # before anything is written
         run_dir = run_arg or run or latest_run()
         result = export_run(run_dir, cfg, step=step)
         _render_export(result)
+        if push_to_hub:
+            from dreamlora.hub import push_export
+
+            url = push_export([result.path, *([result.embedding] if result.embedding else [])], push_to_hub, private, f"dreamlora export of {Path(run_dir).name} ({result.format})")
+            console.print(f"pushed to the hub: [bold]{url}[/]")
 
     _run(debug, action)
 

@@ -583,6 +583,7 @@ class ExportConfig:
     description: str = ""
     license: str = ""
     tags: str = ""  # comma-separated
+    hub_repo: str = ""  # the Hugging Face repo the export is pushed to: a folder's model card loads it from there
 
     @property
     def publishing_metadata(self) -> dict[str, str]:

@@ -69,12 +69,13 @@ def model_card(
     if picture:
         body += ["![Base model (upper rows) and this LoRA (lower rows) at the same seeds](samples.png)", ""]
     body += ["## Use it with diffusers", "", "```python", "import torch", "from diffusers import AutoPipelineForText2Image", ""]
+    here = _yaml_text(export.hub_repo) if export.hub_repo else '"PATH/TO/THIS/FOLDER"'  # pushed: loaded from the hub repo
     if merged:
-        body += ['pipe = AutoPipelineForText2Image.from_pretrained("PATH/TO/THIS/FOLDER", torch_dtype=torch.float16).to("cuda")']
+        body += [f'pipe = AutoPipelineForText2Image.from_pretrained({here}, torch_dtype=torch.float16).to("cuda")']
     else:
         source = {"revision": cfg.model.revision, "variant": cfg.model.variant} if cfg is not None else {}  # the files the run read
         source_args = "".join(f", {key}={_yaml_text(value)}" for key, value in source.items() if value)
-        body += [f'pipe = AutoPipelineForText2Image.from_pretrained({_yaml_text(base)}{source_args}, torch_dtype=torch.float16).to("cuda")', 'pipe.load_lora_weights("PATH/TO/THIS/FOLDER")']
+        body += [f'pipe = AutoPipelineForText2Image.from_pretrained({_yaml_text(base)}{source_args}, torch_dtype=torch.float16).to("cuda")', f"pipe.load_lora_weights({here})"]
     use_prompt = prompt
     if embedding:
         body += _embedding_lines(embedding, token, family)

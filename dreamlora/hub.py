@@ -1,0 +1,68 @@
+"""Publishing an export to the Hugging Face Hub (diffusers' `--push_to_hub`, kohya's `--huggingface_repo_id`).
+
+The export is written and verified on disk first, as always; `push_export` then uploads it (a diffusers or merged
+folder with its model card, or an A1111 file with its pivotal-tuned embedding) in one commit. `check_can_push` runs
+before anything is written, so a bad repo id, a switched-off hub or a missing login cost no export.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from dreamlora.errors import DreamloraError, ExportError
+
+log = logging.getLogger(__name__)
+
+
+def check_can_push(repo_id: str) -> None:
+    """A valid `owner/name` repo id, the hub not switched off (HF_HUB_OFFLINE) and a token to write with."""
+    import huggingface_hub
+    from huggingface_hub.utils import validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except ValueError as error:
+        raise ExportError(f"--push-to-hub {repo_id!r} is not a hub repo id ({error}); pass OWNER/NAME, e.g. your-name/sks-dog-lora") from error
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or huggingface_hub.constants.HF_HUB_OFFLINE:
+        raise ExportError("--push-to-hub needs the Hugging Face hub, but HF_HUB_OFFLINE is set; unset it, or export without --push-to-hub and upload later with `hf upload`")
+    if not huggingface_hub.get_token():
+        raise ExportError("--push-to-hub needs a Hugging Face token with write access: run `hf auth login` or set HF_TOKEN, then export again")
+
+
+def push_export(paths: list[Path], repo_id: str, private: bool, message: str) -> str:
+    """Create `repo_id` (an existing repo is kept, with its visibility) and upload `paths` in one commit: a folder's
+    files at the repo's top, a file under its own name. Returns the commit's URL."""
+    from huggingface_hub import CommitOperationAdd, HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    api = HfApi()
+    operations = []
+    for path in paths:
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+        root = path if path.is_dir() else path.parent
+        operations += [CommitOperationAdd(path_in_repo=file.relative_to(root).as_posix(), path_or_fileobj=str(file)) for file in files]
+    kept = ", ".join(f"'{p}'" for p in paths)
+    try:
+        api.create_repo(repo_id, private=private or None, exist_ok=True)  # None: the hub's default visibility
+        commit = api.create_commit(repo_id, operations=operations, commit_message=message)
+    except HfHubHTTPError as error:
+        status = getattr(getattr(error, "response", None), "status_code", None)
+        if status in (401, 403):
+            raise ExportError(
+                f"the hub refused to write to {repo_id!r} ({status}): the token cannot write there; log in with a write token (`hf auth login`) "
+                f"or pick a repo you own. The export is kept at {kept}; upload it with `hf upload {repo_id} {paths[0]}`"
+            ) from error
+        raise DreamloraError(f"the upload to {repo_id!r} failed ({error}); the export is kept at {kept}; try again with `hf upload {repo_id} {paths[0]}`") from error
+    except Exception as error:  # noqa: BLE001 - no connection: an OSError, or the HTTP client's transport error
+        if not (isinstance(error, OSError) or _is_transport_error(error)):
+            raise
+        raise DreamloraError(f"the hub could not be reached ({error}); the export is kept at {kept}; upload it later with `hf upload {repo_id} {paths[0]}`") from error
+    log.info("pushed %d files to %s", len(operations), repo_id)
+    return str(getattr(commit, "commit_url", "") or f"https://huggingface.co/{repo_id}")
+
+
+def _is_transport_error(error: Exception) -> bool:
+    """A network failure of the HTTP client huggingface_hub uses (httpx, or its successor httpx2): a `TransportError`."""
+    return type(error).__module__.split(".")[0].startswith("httpx") and any(c.__name__ == "TransportError" for c in type(error).__mro__)
