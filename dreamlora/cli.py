@@ -811,7 +811,8 @@ def export(
         if push_to_hub:
             from dreamlora.hub import push_export
 
-            url = push_export([result.path, *([result.embedding] if result.embedding else [])], push_to_hub, private, f"dreamlora export of {Path(run_dir).name} ({result.format})")
+            files = [result.path, *([result.embedding] if result.embedding else [])]
+            url = push_export(files, push_to_hub, private, f"dreamlora export of {Path(run_dir).name} ({result.format})", result.hub_card)
             console.print(f"pushed to the hub: [bold]{url}[/]")
 
     _run(debug, action)

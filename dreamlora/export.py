@@ -86,6 +86,7 @@ class ExportResult:
     verify: VerifyReport | None
     notes: list[str] = field(default_factory=list)
     embedding: Path | None = None  # pivotal tuning's standalone embedding file, written beside the LoRA
+    hub_card: dict[str, bytes] = field(default_factory=dict)  # an a1111 file pushed to the hub: its repo's model card (and grid), by name
 
 
 # --- pure key mapping ----------------------------------------------------------------------------
@@ -778,6 +779,17 @@ def _write_card(out: Path, run_dir: Path, run: dict[str, Any], settings: RunConf
     notes.append(f"model card {CARD_FILE}{' and ' + PICTURE_FILE if grid.is_file() else ''} in the folder (the Hugging Face Hub shows them)")
 
 
+def _hub_card(out: Path, run_dir: Path, run: dict[str, Any], settings: RunConfig | None, cfg: ExportConfig, embedding: Path | None) -> dict[str, bytes]:
+    """The model card (and the run's grid) of a hub repo holding an exported file, which has no folder to keep them
+    in: its code loads the file from the repo by name (`weight_name`)."""
+    from dreamlora.model_card import CARD_FILE, PICTURE_FILE, last_readings, model_card
+
+    grid = run_dir / "samples" / "final.png"
+    readings = last_readings(run_dir / METRICS_FILE)
+    text = model_card(run, settings, cfg, cfg.format == "merged", grid.is_file(), readings, embedding.name if embedding else None, weight_name=out.name)
+    return {CARD_FILE: text.encode("utf-8"), **({PICTURE_FILE: grid.read_bytes()} if grid.is_file() else {})}
+
+
 def write_diffusers(folder: Path, modules: list[LoraModule], dtype: str) -> Path:
     state_dicts, metadata = peft_state_dicts(modules)
     write_folder_atomic(folder, lambda tmp: save_diffusers_lora(tmp, state_dicts, metadata, DTYPES[dtype]), replace=False)
@@ -1213,7 +1225,8 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
             if not isinstance(error, ExportError):
                 raise
             raise ExportError(f"{error}. '{out}' was removed; export with --no-verify to keep an unverified file") from error
-    return ExportResult(out, cfg.format, cfg.dtype, counts, report, notes, emb_out)
+    hub_card = _hub_card(out, run_dir, run, settings, cfg, emb_out) if cfg.hub_repo and not out.is_dir() else {}
+    return ExportResult(out, cfg.format, cfg.dtype, counts, report, notes, emb_out, hub_card)
 
 
 def _read_any_lora(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:

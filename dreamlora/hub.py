@@ -1,8 +1,9 @@
 """Publishing an export to the Hugging Face Hub (diffusers' `--push_to_hub`, kohya's `--huggingface_repo_id`).
 
-The export is written and verified on disk first, as always; `push_export` then uploads it (a diffusers or merged
-folder with its model card, or an A1111 file with its pivotal-tuned embedding) in one commit. `check_can_push` runs
-before anything is written, so a bad repo id, a switched-off hub or a missing login cost no export.
+The export is written and verified on disk first, as always; `push_export` then uploads it in one commit: a diffusers
+or merged folder with its model card, or an exported file with a pivotal run's embedding and a model card made for the
+repo. `check_can_push` runs before anything is written, so a bad repo id, a switched-off hub or a missing login cost
+no export.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ def check_can_push(repo_id: str) -> None:
         raise ExportError("--push-to-hub needs a Hugging Face token with write access: run `hf auth login` or set HF_TOKEN, then export again")
 
 
-def push_export(paths: list[Path], repo_id: str, private: bool, message: str) -> str:
+def push_export(paths: list[Path], repo_id: str, private: bool, message: str, extra: dict[str, bytes] | None = None) -> str:
     """Create `repo_id` (an existing repo is kept, with its visibility) and upload `paths` in one commit: a folder's
-    files at the repo's top, a file under its own name. Returns the commit's URL."""
+    files at the repo's top, a file under its own name, and `extra` files (name: content; an exported file's model
+    card). Returns the commit's URL."""
     from huggingface_hub import CommitOperationAdd, HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
@@ -43,6 +45,7 @@ def push_export(paths: list[Path], repo_id: str, private: bool, message: str) ->
         files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
         root = path if path.is_dir() else path.parent
         operations += [CommitOperationAdd(path_in_repo=file.relative_to(root).as_posix(), path_or_fileobj=str(file)) for file in files]
+    operations += [CommitOperationAdd(path_in_repo=name, path_or_fileobj=content) for name, content in (extra or {}).items()]
     kept = ", ".join(f"'{p}'" for p in paths)
     try:
         api.create_repo(repo_id, private=private or None, exist_ok=True)  # None: the hub's default visibility

@@ -41,10 +41,12 @@ def last_readings(metrics_path: Path) -> dict[str, dict[str, Any]]:
 
 def model_card(
     run: dict[str, Any], cfg: RunConfig | None, export: ExportConfig, merged: bool, picture: bool, readings: dict[str, dict[str, Any]], embedding: str | None = None,
+    weight_name: str | None = None,
 ) -> str:
     """README.md text for the export folder. `merged`: a whole pipeline with the LoRA fused in, not a LoRA folder;
     `picture`: the folder holds the run's base-vs-LoRA grid as samples.png; `embedding`: the file name of a pivotal
-    run's standalone embedding beside the folder."""
+    run's standalone embedding beside the folder; `weight_name`: the card of a hub repo holding the export as this
+    one file (an a1111 LoRA or a single-file merged checkpoint) rather than a folder."""
     base, prompt, token = str(run.get("model", "")), str(run.get("instance_prompt", "")), str(run.get("token", ""))
     family = str(run.get("family", "sd1"))
     tags = ["text-to-image", "diffusers", "dreambooth", "dreamlora", *(["lora"] if not merged else []), *FAMILY_TAGS.get(family, [])]
@@ -70,19 +72,28 @@ def model_card(
         body += ["![Base model (upper rows) and this LoRA (lower rows) at the same seeds](samples.png)", ""]
     body += ["## Use it with diffusers", "", "```python", "import torch", "from diffusers import AutoPipelineForText2Image", ""]
     here = _yaml_text(export.hub_repo) if export.hub_repo else '"PATH/TO/THIS/FOLDER"'  # pushed: loaded from the hub repo
-    if merged:
+    if merged and weight_name:  # one original-layout checkpoint: from_single_file reads it from the repo
+        pipeline_class = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
+        body[-2:] = [f"from diffusers import {pipeline_class}", ""]
+        url = f"https://huggingface.co/{export.hub_repo}/blob/main/{weight_name}"
+        body += [f'pipe = {pipeline_class}.from_single_file({_yaml_text(url)}, torch_dtype=torch.float16).to("cuda")']
+    elif merged:
         body += [f'pipe = AutoPipelineForText2Image.from_pretrained({here}, torch_dtype=torch.float16).to("cuda")']
     else:
         source = {"revision": cfg.model.revision, "variant": cfg.model.variant} if cfg is not None else {}  # the files the run read
         source_args = "".join(f", {key}={_yaml_text(value)}" for key, value in source.items() if value)
-        body += [f'pipe = AutoPipelineForText2Image.from_pretrained({_yaml_text(base)}{source_args}, torch_dtype=torch.float16).to("cuda")', f"pipe.load_lora_weights({here})"]
+        body += [f'pipe = AutoPipelineForText2Image.from_pretrained({_yaml_text(base)}{source_args}, torch_dtype=torch.float16).to("cuda")', f"pipe.load_lora_weights({here}{f', weight_name={_yaml_text(weight_name)}' if weight_name else ''})"]
     use_prompt = prompt
     if embedding:
         body += _embedding_lines(embedding, token, family)
         use_prompt = prompt.replace(token, f"<{token}>")
     body += [f"image = pipe({_yaml_text(use_prompt)}).images[0]", "```", ""]
+    if weight_name and not merged:
+        body += [f"AUTOMATIC1111, Forge and ComfyUI load `{weight_name}` as it is: put it in their LoRA folder and write `<lora:{Path(weight_name).stem}:1>` (A1111) or use a LoRA loader node (ComfyUI).", ""]
     if embedding:
-        body += [f"The subject's token was pivotal-tuned: its embedding is `{embedding}`, beside this folder; AUTOMATIC1111 and ComfyUI users take the `a1111` export instead.", ""]
+        where = "in this repo" if weight_name else "beside this folder"
+        users = "it is also bundled in the LoRA file, which AUTOMATIC1111 and Forge load with it" if weight_name and not merged else "AUTOMATIC1111 and ComfyUI users take the `a1111` export instead"
+        body += [f"The subject's token was pivotal-tuned: its embedding is `{embedding}`, {where}; {users}.", ""]
     body += ["## Training", "", "| setting | value |", "|---|---|", *[f"| {k} | {v} |" for k, v in _settings(run, cfg)], ""]
     rows = []
     for key, label in FIGURES:

@@ -41,7 +41,8 @@ def hub(monkeypatch: pytest.MonkeyPatch) -> dict:
     def create_commit(self, repo_id, operations, commit_message, **kwargs):  # type: ignore[no-untyped-def]
         if calls["fail"] is not None:
             raise calls["fail"]
-        calls["commits"].append((repo_id, sorted(op.path_in_repo for op in operations), commit_message, [Path(op.path_or_fileobj).read_bytes() for op in operations]))
+        contents = [op.path_or_fileobj if isinstance(op.path_or_fileobj, bytes) else Path(op.path_or_fileobj).read_bytes() for op in operations]
+        calls["commits"].append((repo_id, sorted(op.path_in_repo for op in operations), commit_message, contents))
         return type("Commit", (), {"commit_url": f"https://huggingface.co/{repo_id}/commit/abc"})()
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "0")
@@ -57,8 +58,11 @@ def test_an_a1111_file_and_a_diffusers_folder_are_pushed_in_one_commit_each(trai
     assert result.exit_code == 0, result.output
     assert hub["repos"] == [("me/sks-dog", {"private": True, "exist_ok": True})]
     repo, paths, message, contents = hub["commits"][0]
-    assert (repo, paths) == ("me/sks-dog", ["sks.safetensors"]) and "sks" in message
-    assert contents == [(tmp_path / "sks.safetensors").read_bytes()]  # the verified file, as written
+    assert (repo, paths) == ("me/sks-dog", ["README.md", "sks.safetensors"]) and "sks" in message
+    assert contents[0] == (tmp_path / "sks.safetensors").read_bytes()  # the verified file, as written
+    card = contents[1].decode()  # made for the repo: the file has no folder to carry one
+    assert 'pipe.load_lora_weights("me/sks-dog", weight_name="sks.safetensors")' in card and "<lora:sks:1>" in card
+    assert not (tmp_path / "README.md").exists()
     assert "https://huggingface.co/me/sks-dog/commit/abc" in said(result.output)
 
     folder = runner.invoke(app, ["export", "runs/sks", "--format", "diffusers", "--out", "sks-diffusers", "--push-to-hub", "me/sks-dog-diffusers"])
@@ -101,3 +105,15 @@ def test_a_refused_or_failed_upload_keeps_the_export_and_says_how_to_upload_it(t
     offline = runner.invoke(app, ["export", "runs/sks", "--out", "b.safetensors", "--push-to-hub", "me/sks"])
     assert offline.exit_code == 1 and "the hub could not be reached" in said(offline.output) and "Traceback" not in offline.output, offline.output
     assert (tmp_path / "b.safetensors").is_file()
+
+
+def test_the_card_of_a_pushed_single_file_checkpoint_loads_it_with_from_single_file() -> None:
+    from dreamlora.config import ExportConfig
+    from dreamlora.model_card import model_card
+
+    run = {"model": "base/sd", "family": "sdxl", "instance_prompt": "a photo of sks dog", "token": "sks"}
+    card = model_card(run, None, ExportConfig(format="merged", single_file=True, hub_repo="me/m"), True, False, {}, weight_name="m.safetensors")
+    code = card.split("```python")[1].split("```")[0]
+    assert "from diffusers import StableDiffusionXLPipeline" in code and "AutoPipeline" not in code
+    assert 'StableDiffusionXLPipeline.from_single_file("https://huggingface.co/me/m/blob/main/m.safetensors", torch_dtype=torch.float16)' in code
+    compile(code, "card", "exec")  # valid Python
