@@ -118,12 +118,25 @@ def latest_checkpoint(run_dir: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
+def hub_shaped(path: Path) -> bool:
+    """A path that is not here but may name a Hugging Face repo: relative OWNER/NAME[/FILE] whose first folder is not
+    here either (runs/typo, with runs/ here, never is)."""
+    path = Path(path)
+    return len(path.parts) >= 2 and not path.is_absolute() and not Path(path.parts[0]).exists()
+
+
 def find_lora(path: Path, step: int | None = None) -> Path:
-    """The LoRA file of a run folder (final, or at `step`), a checkpoint folder, or a file given directly."""
+    """The LoRA file of a run folder (final, or at `step`), a checkpoint folder, a file given directly, or a LoRA on the
+    Hugging Face Hub (`OWNER/NAME[/FILE.safetensors]`, read from the cache: `hub.hub_lora_file`) where no such path is."""
     path = Path(path)
     if path.is_file():
         return path
     if not path.exists():
+        if step is None and hub_shaped(path):
+            from dreamlora.hub import hub_lora_file
+
+            if (found := hub_lora_file(path.as_posix())) is not None:
+                return found
         raise ExportError(f"'{path}' does not exist; pass a run folder (runs/NAME) or a LoRA .safetensors file")
     if step is not None:
         folder = checkpoint_dir(path, step)

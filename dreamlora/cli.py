@@ -639,7 +639,9 @@ def train(
         if sample_prompts is not None:  # the file's lines go into the run's config, so it records them
             flags["train.sample_prompts"] = (*(sample_prompt or ()), *_prompt_file_lines(sample_prompts))
         overrides = _overrides(set_, flags)
-        if init_lora and not Path(init_lora).exists():
+        from dreamlora.checkpoint import hub_shaped
+
+        if init_lora and not Path(init_lora).exists() and not hub_shaped(Path(init_lora)):  # OWNER/NAME: a hub LoRA
             from dreamlora.errors import ConfigError
 
             raise ConfigError(f"--init-lora '{init_lora}' does not exist; pass a run folder, or a diffusers or kohya/A1111 .safetensors LoRA")

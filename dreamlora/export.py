@@ -1334,7 +1334,8 @@ def read_lora_modules(
     """Any supported LoRA file (kohya/A1111, LoCon, LDM-named, diffusers/PEFT) -> modules, its metadata, notes,
     and the kohya naming of its model family (None: SD 1.x/2.x). `arch`: the base model's module names when they are
     at hand (`live_architecture`), instead of building them from `base_model`'s configs (read with `load_options`)."""
-    tensors, file_meta = _read_any_lora(Path(src))
+    src = Path(src) if Path(src).exists() else find_lora(Path(src))  # a hub LoRA (OWNER/NAME), from the cache; else: it does not exist
+    tensors, file_meta = _read_any_lora(src)
     notes: list[str] = []
     if tensors and all(is_kohya_key(k) for k in tensors):
         if "lora_adapter_metadata" in file_meta:

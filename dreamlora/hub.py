@@ -69,3 +69,60 @@ def push_export(paths: list[Path], repo_id: str, private: bool, message: str, ex
 def _is_transport_error(error: Exception) -> bool:
     """A network failure of the HTTP client huggingface_hub uses (httpx, or its successor httpx2): a `TransportError`."""
     return type(error).__module__.split(".")[0].startswith("httpx") and any(c.__name__ == "TransportError" for c in type(error).__mro__)
+
+
+LORA_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes, and load_lora_weights looks for first
+
+
+def hub_lora_file(ref: str) -> Path | None:
+    """The LoRA file a hub reference names: `OWNER/NAME` (its pytorch_lora_weights.safetensors, else its one top-level
+    .safetensors file) or `OWNER/NAME/FILE.safetensors`, downloaded once into the Hugging Face cache and read from
+    there offline (as diffusers' load_lora_weights takes a repo). None when `ref` is not shaped like one."""
+    from huggingface_hub.utils import validate_repo_id
+
+    parts = ref.strip("/").split("/")
+    if len(parts) < 2 or not all(parts):
+        return None
+    repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
+    try:
+        validate_repo_id(repo)
+    except ValueError:
+        return None
+    if filename and not filename.endswith(".safetensors"):
+        raise ExportError(f"'{ref}': dreamlora reads only .safetensors LoRAs (pickle files can run code); name the repo's .safetensors file")
+    from dreamlora.models import hub_reachable
+
+    online = hub_reachable()
+    try:
+        return _download(repo, filename or _pick_file(repo, online, ref), online)
+    except ExportError:
+        raise
+    except Exception as error:  # noqa: BLE001 - huggingface_hub's not-found, offline and network errors alike
+        where = "and the hub is unreachable from this machine" if not online else f"and the hub did not give it ({type(error).__name__})"
+        raise ExportError(
+            f"'{ref}' is not a file or folder here, and as a Hugging Face LoRA it is not in the local cache {where}; "
+            f"pass a local path, or download it where there is network (`hf download {repo}`)"
+        ) from error
+
+
+def _pick_file(repo: str, online: bool, ref: str) -> str:
+    """The LoRA file of a repo given without one: pytorch_lora_weights.safetensors, else its only top-level .safetensors."""
+    if online:
+        from huggingface_hub import HfApi
+
+        names = [n for n in HfApi().list_repo_files(repo) if "/" not in n and n.endswith(".safetensors")]
+    else:
+        from huggingface_hub import snapshot_download
+
+        snapshot = Path(snapshot_download(repo, local_files_only=True))  # the cached revision of main
+        names = [p.name for p in snapshot.glob("*.safetensors")]
+    if LORA_NAME in names or len(names) == 1:
+        return LORA_NAME if LORA_NAME in names else names[0]
+    listed = ", ".join(sorted(names)) or "none"
+    raise ExportError(f"hub repo {repo!r} holds {len(names)} top-level .safetensors files ({listed}); name one: {ref}/FILE.safetensors")
+
+
+def _download(repo: str, filename: str, online: bool) -> Path:
+    from huggingface_hub import hf_hub_download
+
+    return Path(hf_hub_download(repo, filename, local_files_only=not online))

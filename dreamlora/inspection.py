@@ -212,10 +212,8 @@ def _checkpoint_report(path: Path, tensors: dict[str, torch.Tensor], file_meta: 
 def inspect_path(path: Path) -> dict[str, Any]:
     """Describe a run folder or a LoRA file (kohya/A1111 or diffusers); see the keys of the returned dict."""
     path = Path(path)
-    if not path.exists():
-        raise ExportError(f"'{path}' does not exist; pass a run folder under runs/ or a .safetensors LoRA file")
+    lora_file = find_lora(path)  # a hub LoRA (OWNER/NAME) is read from the cache
     run = read_run_info(path) if path.is_dir() and (path / RUN_INFO).is_file() else None
-    lora_file = find_lora(path)
     tensors, file_meta = _read(lora_file)
     if any(key.startswith("model.diffusion_model.") for key in tensors):
         return _checkpoint_report(path, tensors, file_meta)
