@@ -81,8 +81,8 @@ def hub_lora_file(ref: str) -> Path | None:
     from huggingface_hub.utils import validate_repo_id
 
     parts = ref.strip("/").split("/")
-    if len(parts) < 2 or not all(parts):
-        return None
+    if len(parts) < 2 or not all(parts) or (len(parts) == 2 and "." in parts[1] and parts[1].endswith((".safetensors", ".ckpt", ".pt", ".bin"))):
+        return None  # not OWNER/NAME...; FOLDER/FILE.safetensors is a local file that is not there
     repo, filename = "/".join(parts[:2]), "/".join(parts[2:])
     try:
         validate_repo_id(repo)

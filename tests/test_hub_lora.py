@@ -78,5 +78,7 @@ def test_an_ambiguous_missing_or_mistyped_reference_is_one_clear_message(hub_lor
     (hub_loras / "runs").mkdir()
     typo = runner.invoke(app, ["inspect", "runs/nope"])  # runs/ is here: a local path, never a repo
     assert typo.exit_code == 2 and "'runs/nope' does not exist" in said(typo.output) and "Hugging Face" not in typo.output, typo.output
+    local_file = runner.invoke(app, ["inspect", "exports/sks.safetensors"])  # a file in a folder that is not here: a missing path
+    assert local_file.exit_code == 2 and "'exports/sks.safetensors' does not exist" in said(local_file.output), local_file.output
     pickle = runner.invoke(app, ["inspect", "acme/two/model.bin"])
     assert pickle.exit_code == 2 and "reads only .safetensors LoRAs" in said(pickle.output), pickle.output
