@@ -20,7 +20,7 @@ class Report:
     versions: dict[str, str | None]  # package -> version, None: not installed
     devices: list[dict[str, Any]]
     training: dict[str, str]  # what `train` would pick on the first device: device, precision, attention
-    hub: str  # reachable, offline (HF_HUB_OFFLINE) or unreachable
+    hub: str  # reachable (and whether a token is there to push with), offline (HF_HUB_OFFLINE) or unreachable
     caches: dict[str, dict[str, Any]]
     problems: list[str] = field(default_factory=list)  # what stands in the way, each with what to do
 
@@ -73,6 +73,10 @@ def diagnose() -> Report:
         hub = "reachable" if hub_reachable() else "unreachable"
     if hub != "reachable":
         problems.append("the Hugging Face hub is not reachable: models load from local folders, single files and the local hub cache only (--model PATH)")
+    else:
+        import huggingface_hub
+
+        hub += ", logged in" if huggingface_hub.get_token() else ", not logged in (`export --push-to-hub` needs `hf auth login` or HF_TOKEN)"
     latents = cache_usage(default_cache_dir())
     converted, count, size = converted_usage()
     caches = {

@@ -33,3 +33,17 @@ def test_doctor_reports_the_machine_and_touches_nothing(tmp_path: Path, monkeypa
     assert (tmp_path / "cache" / "latents" / "cd").is_dir()
     shown = runner.invoke(app, ["doctor"])
     assert shown.exit_code == 0 and "training would use" in shown.output and "versions" in shown.output
+
+
+def test_a_reachable_hub_says_whether_a_token_is_there_to_push_with(monkeypatch) -> None:
+    import huggingface_hub
+
+    import dreamlora.models
+    from dreamlora.doctor import diagnose
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    monkeypatch.setattr(dreamlora.models, "hub_reachable", lambda: True)
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    assert diagnose().hub == "reachable, not logged in (`export --push-to-hub` needs `hf auth login` or HF_TOKEN)"
+    monkeypatch.setattr(huggingface_hub, "get_token", lambda: "hf_x")
+    assert diagnose().hub == "reachable, logged in"
