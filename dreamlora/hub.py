@@ -71,9 +71,6 @@ def _is_transport_error(error: Exception) -> bool:
     return type(error).__module__.split(".")[0].startswith("httpx") and any(c.__name__ == "TransportError" for c in type(error).__mro__)
 
 
-LORA_NAME = "pytorch_lora_weights.safetensors"  # what diffusers' save_lora_weights writes, and load_lora_weights looks for first
-
-
 def hub_lora_file(ref: str) -> Path | None:
     """The LoRA file a hub reference names: `OWNER/NAME` (its pytorch_lora_weights.safetensors, else its one top-level
     .safetensors file) or `OWNER/NAME/FILE.safetensors`, downloaded once into the Hugging Face cache and read from
@@ -106,7 +103,10 @@ def hub_lora_file(ref: str) -> Path | None:
 
 
 def _pick_file(repo: str, online: bool, ref: str) -> str:
-    """The LoRA file of a repo given without one: pytorch_lora_weights.safetensors, else its only top-level .safetensors."""
+    """The LoRA file of a repo given without one: pytorch_lora_weights.safetensors (what diffusers writes and
+    load_lora_weights looks for first), else its only top-level .safetensors."""
+    from dreamlora.lora import LORA_FILE
+
     if online:
         from huggingface_hub import HfApi
 
@@ -116,8 +116,8 @@ def _pick_file(repo: str, online: bool, ref: str) -> str:
 
         snapshot = Path(snapshot_download(repo, local_files_only=True))  # the cached revision of main
         names = [p.name for p in snapshot.glob("*.safetensors")]
-    if LORA_NAME in names or len(names) == 1:
-        return LORA_NAME if LORA_NAME in names else names[0]
+    if LORA_FILE in names or len(names) == 1:
+        return LORA_FILE if LORA_FILE in names else names[0]
     listed = ", ".join(sorted(names)) or "none"
     raise ExportError(f"hub repo {repo!r} holds {len(names)} top-level .safetensors files ({listed}); name one: {ref}/FILE.safetensors")
 
