@@ -1074,6 +1074,11 @@ def _generation_model(
         if not fused_weights and recorded.get("base_weights"):
             fused_weights = list(recorded["base_weights"])  # the run's LoRA is a change to the base with these fused in
             console.print(f"base weights {', '.join(fused_weights)}, as run {run_dir} was trained on (--base-weights to choose others)")
+            from dreamlora.checkpoint import read_run_info
+            from dreamlora.generate import BASE_WEIGHTS_RECORD, changed_base_weights
+
+            if changed := changed_base_weights(read_run_info(run_dir).get(BASE_WEIGHTS_RECORD) or {}, tuple(fused_weights)):
+                console.print(f"[yellow]base weights {', '.join(changed)} changed since run {run_dir} trained on them: the images use them as they are now[/]")
     for path, _ in loras:
         read_safetensors(find_lora(path))  # a missing or damaged LoRA is named before the model loads
     skip = clip_skip

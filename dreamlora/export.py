@@ -1189,6 +1189,12 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
     embedding = embeddings_for(lora_file)
     _refuse_existing_embedding(out, embedding)
     notes: list[str] = []
+    if cfg.format == "merged" and fused:
+        from dreamlora.generate import BASE_WEIGHTS_RECORD, changed_base_weights
+
+        if changed := changed_base_weights(run.get(BASE_WEIGHTS_RECORD) or {}, fused):
+            notes.append(f"base weights {', '.join(changed)} changed since the run trained on them: the merged model holds them as they are now, not as trained")
+            log.warning("%s", notes[-1])
     if cfg.format == "a1111":
         metadata = {**a1111_metadata(run, modules, out.stem, settings), **cfg.publishing_metadata}
         written = modules

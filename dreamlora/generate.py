@@ -251,6 +251,24 @@ def fuse_base_weights(components: Components, base_weights: tuple[str, ...]) -> 
     fuse_loras(components, [lora_reference(item, flag="--base-weights") for item in base_weights])
 
 
+BASE_WEIGHTS_RECORD = "base_weights_sha256"  # run.json: each fused LoRA's content hash when the run started
+
+
+def base_weight_hashes(base_weights: tuple[str, ...]) -> dict[str, str]:
+    """Each base-weights entry (PATH[:SCALE], as configured) and the first 16 hex digits of its LoRA file's SHA-256:
+    what a run records, so a file replaced later (or a hub repo that moved) is noticed where the run is used again."""
+    from dreamlora.config import lora_reference
+    from dreamlora.latent_cache import file_digest
+
+    return {item: file_digest(find_lora(lora_reference(item, flag="--base-weights")[0]))[:16] for item in base_weights}
+
+
+def changed_base_weights(recorded: dict[str, str], base_weights: tuple[str, ...]) -> list[str]:
+    """The base-weights entries whose LoRA file is no longer the one `recorded` (a run's run.json) hashed."""
+    now = base_weight_hashes(tuple(item for item in base_weights if item in recorded))
+    return [item for item, digest in now.items() if digest != recorded[item]]
+
+
 def install_embeddings(components: Components, loras: list[tuple[Path, float]], replace: bool = False) -> Callable[[str], str]:
     """Give the model the new tokens of each pivotal-tuned LoRA (`dreamlora.pivotal`; `replace`: over the vectors an
     earlier call installed); return the prompt rewrite that spells each one's token as them (the identity when no LoRA

@@ -258,12 +258,11 @@ def model_source_identity(model_cfg: Any) -> dict[str, str]:
 def base_weight_identity(base_weights: tuple[str, ...]) -> list[str]:
     """The LoRAs fused into a model, as a prior set records them: file name, scale and the first 16 hex digits of the
     file's SHA-256 (the same name retrained is another model)."""
-    from dreamlora.checkpoint import find_lora
     from dreamlora.config import lora_reference
-    from dreamlora.latent_cache import file_digest
+    from dreamlora.generate import base_weight_hashes
 
-    found = [lora_reference(item, flag="--base-weights") for item in base_weights]
-    return [f"{path.name}:{scale:g}:{file_digest(find_lora(path))[:16]}" for path, scale in found]
+    hashes = base_weight_hashes(base_weights)
+    return [f"{path.name}:{scale:g}:{hashes[item]}" for item, (path, scale) in zip(base_weights, (lora_reference(i, flag="--base-weights") for i in base_weights))]
 
 
 def find_class_problems(out_dir: Path, files: dict[int, str]) -> dict[int, str]:

@@ -65,7 +65,7 @@ def test_a_run_on_base_weights_samples_and_exports_on_them(tmp_path: Path, insta
     assert topped.exit_code == 2 and "base_weights" in _flat(topped.output)
 
     trained = runner.invoke(app, ["train", "--model", "tiny", "--instance", str(instance_dir), "--class", "dog", "--num-class-images", "2", "--max-steps", "1", "--base-weights", "runs/style:0.5",
-                                  "--set", "adapter.init=nonzero", "--set", "train.num_samples=0", "--out", "runs/subject"])  # fmt: skip
+                                  "--checkpoint-every", "1", "--set", "adapter.init=nonzero", "--set", "train.num_samples=0", "--out", "runs/subject"])  # fmt: skip
     assert trained.exit_code == 0, trained.output
     assert json.loads(Path("runs/subject/run.json").read_text())["base_weights"] == ["style:0.5"]
     generate = ["generate", "-p", "a photo of sks dog", "-n", "1", "--steps", "2", "--lora", "runs/subject"]
@@ -80,6 +80,23 @@ def test_a_run_on_base_weights_samples_and_exports_on_them(tmp_path: Path, insta
     assert merged.exit_code == 0 and "passed" in merged.output, merged.output
     lora = runner.invoke(app, ["export", "runs/subject", "--out", "subject.safetensors"])  # a LoRA file needs no base weights
     assert lora.exit_code == 0 and "passed" in lora.output, lora.output
+
+    # The style LoRA replaced after the run trained on it: generate and a merged export say so (run.json has its hash).
+    recorded = json.loads(Path("runs/subject/run.json").read_text())["base_weights_sha256"]
+    assert list(recorded) == ["runs/style:0.5"] and len(recorded["runs/style:0.5"]) == 16
+    from safetensors.torch import load_file, save_file
+
+    style_file = Path("runs/style/lora/pytorch_lora_weights.safetensors")
+    from dreamlora.lora import read_metadata
+
+    save_file({k: v * 2 for k, v in load_file(str(style_file)).items()}, str(style_file), metadata=read_metadata(style_file))
+    again = runner.invoke(app, [*generate, "--out", "after-change"])
+    assert again.exit_code == 0 and "base weights runs/style:0.5 changed since run runs/subject trained on them" in _flat(again.output), again.output
+    remerged = runner.invoke(app, ["export", "runs/subject", "--format", "merged", "--dtype", "fp32", "--out", "merged-2"])
+    assert remerged.exit_code == 0 and "changed since the run trained on them" in _flat(remerged.output), remerged.output
+    assert "changed since" not in _flat(from_run.output) and "changed since" not in _flat(merged.output)
+    resumed = runner.invoke(app, ["train", "--out", "runs/subject", "--resume", "--max-steps", "2"])
+    assert resumed.exit_code == 0 and "base weights runs/style:0.5 changed since the run started" in _flat(resumed.output), resumed.output
 
     missing = runner.invoke(app, ["train", "--model", "tiny", "--instance", str(instance_dir), "--max-steps", "1", "--base-weights", "nowhere.safetensors", "--out", "runs/x"])
     assert missing.exit_code == 2 and "'nowhere.safetensors' does not exist" in _flat(missing.output) and "Traceback" not in missing.output
