@@ -230,10 +230,12 @@ def inspect_path(path: Path) -> dict[str, Any]:
     problems = find_problems(fmt, family, modules, tensors, file_meta) if fmt != "unknown" else [
         "not a LoRA layout dreamlora knows (kohya lora_unet_/lora_te_ keys or diffusers unet./text_encoder. keys with lora_A/lora_B)"
     ]
+    hub = not path.exists()  # found by find_lora as a Hugging Face repo, in the HF cache
     return {
         "path": str(path),
-        "kind": "run" if run is not None else "file",
+        "kind": "run" if run is not None else ("hub" if hub else "file"),
         "lora_file": str(lora_file),
+        **({"hub_commit": lora_file.parts[lora_file.parts.index("snapshots") + 1]} if hub and "snapshots" in lora_file.parts else {}),
         "format": fmt,
         "family": family,
         "dtype": dtypes.most_common(1)[0][0] if dtypes else "none",

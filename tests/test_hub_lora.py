@@ -59,6 +59,7 @@ def hub_loras(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 def test_commands_read_a_hub_lora_from_the_cache(hub_loras: Path, instance_dir: Path) -> None:
     inspected = runner.invoke(app, ["inspect", "acme/sks-lora"])
     assert inspected.exit_code == 0 and "diffusers" in inspected.output, inspected.output
+    assert "kind hub" in said(inspected.output) and "hub_commit 0123456789abcdef0123456789abcdef01234567" in said(inspected.output)
     converted = runner.invoke(app, ["convert", "acme/sks-lora", "sks.safetensors", "--model", "tiny"])
     assert converted.exit_code == 0 and "passed" in converted.output, converted.output
     drawn = runner.invoke(app, ["generate", "--model", "tiny", "-p", "a photo of sks dog", "--lora", "acme/sks-lora:0.8", "-n", "1", "--steps", "1", "--out", "drawn"])
