@@ -534,6 +534,19 @@ class TrainConfig:
         own = self.loraplus_unet_lr_ratio if model == "unet" else self.loraplus_text_encoder_lr_ratio
         return float(own or self.loraplus_lr_ratio or 1.0)
 
+    @property
+    def optimizer_betas(self) -> tuple[float, float]:
+        """The betas the optimizer runs with: adam_beta1/adam_beta2 where set, else its own (Lion's 0.9/0.99, the others' 0.9/0.999)."""
+        default = (0.9, 0.99) if self.optimizer in ("lion", "lion8bit") else (0.9, 0.999)
+        return (self.adam_beta1 if self.adam_beta1 >= 0 else default[0], self.adam_beta2 if self.adam_beta2 >= 0 else default[1])
+
+    @property
+    def optimizer_weight_decay(self) -> float:
+        """The weight decay the optimizer runs with: weight_decay where set, else its own (Lion and Adafactor 0, the others 1e-2)."""
+        if self.weight_decay >= 0:
+            return self.weight_decay
+        return 0.0 if self.optimizer in ("lion", "lion8bit", "adafactor") else 1e-2
+
     def lr_scale(self, processes: int) -> float:
         """What every learning rate is multiplied by: with `scale_lr`, the images of one optimizer step (batch size x
         gradient accumulation x processes), as diffusers' --scale_lr; else 1."""

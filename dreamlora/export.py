@@ -543,11 +543,9 @@ OPTIMIZER_NAMES = {
 
 def optimizer_label(train: Any) -> str:
     """The optimizer as kohya's ss_optimizer names it: its class, and in brackets the arguments the run set."""
-    defaults = (0.9, 0.99) if train.optimizer in ("lion", "lion8bit") else (0.9, 0.999)
     args = [f"weight_decay={train.weight_decay:g}"] if train.weight_decay >= 0 else []
     if train.adam_beta1 >= 0 or train.adam_beta2 >= 0:
-        betas = (train.adam_beta1 if train.adam_beta1 >= 0 else defaults[0], train.adam_beta2 if train.adam_beta2 >= 0 else defaults[1])
-        args.append(f"betas=({betas[0]:g},{betas[1]:g})")
+        args.append("betas=({:g},{:g})".format(*train.optimizer_betas))
     if train.adam_epsilon:
         args.append(f"eps={train.adam_epsilon:g}")
     name = OPTIMIZER_NAMES[train.optimizer]

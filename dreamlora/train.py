@@ -22,7 +22,7 @@ import torch
 
 from dreamlora import __version__
 from dreamlora import checkpoint as ckpt
-from dreamlora.config import RunConfig, TrainConfig, lora_reference, replace, to_dict, to_toml
+from dreamlora.config import RunConfig, lora_reference, replace, to_dict, to_toml
 from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, latent_mask, learned_share, list_images, make_buckets, open_image, resize_and_crop, to_tensor, vary_caption
 from dreamlora.emphasis import plain_text, tokenize_weighted, weigh_context
 from dreamlora.errors import ConfigError, DreamloraError, TrainingError, TrainingInterrupted
@@ -587,7 +587,8 @@ def make_optimizer(
     """
     param_groups = _param_groups(groups, cfg, device, capturable, up_weights, lr_factors, lr_scale)
     name, train = cfg.train.optimizer, cfg.train
-    adam, lion = _settings(train, (0.9, 0.999), 1e-2), _settings(train, (0.9, 0.99), 0.0, eps=False)
+    lion = {"betas": train.optimizer_betas, "weight_decay": train.optimizer_weight_decay}
+    adam = {**lion, "eps": train.adam_epsilon or 1e-8}
     if name in ("adamw8bit", "paged_adamw8bit"):  # bitsandbytes' 8-bit AdamW; paged: its state can spill to CPU memory
         attribute = "optim.PagedAdamW8bit" if name == "paged_adamw8bit" else "optim.AdamW8bit"
         return _optional_optimizer("bitsandbytes", attribute, name, "bnb", "bitsandbytes")(param_groups, **adam)
@@ -597,8 +598,7 @@ def make_optimizer(
         from transformers.optimization import Adafactor
 
         # At the given rates, as kohya's guides set it for LoRA: no relative step size, no parameter scaling, no warm-up init.
-        decay = train.weight_decay if train.weight_decay >= 0 else 0.0
-        return Adafactor(param_groups, lr=cfg.train.lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=decay)
+        return Adafactor(param_groups, lr=cfg.train.lr, scale_parameter=False, relative_step=False, warmup_init=False, weight_decay=train.optimizer_weight_decay)
     if name == "adamw_schedulefree":
         # AdamW's betas, eps and weight decay as here; the warm-up is the schedule's (--warmup-steps ramps the rate it reads).
         return _optional_optimizer("schedulefree", "AdamWScheduleFree", name, "schedulefree", "schedulefree")(param_groups, **adam, warmup_steps=0)
@@ -612,15 +612,6 @@ def make_optimizer(
         with contextlib.redirect_stdout(io.StringIO()):  # it prints "Using decoupled weight decay" into the progress bar
             return prodigy(param_groups, **adam, decouple=True, use_bias_correction=True, safeguard_warmup=True)
     return torch.optim.AdamW(param_groups, **adam, fused=device.type == "cuda", capturable=capturable)
-
-
-def _settings(train: TrainConfig, betas: tuple[float, float], weight_decay: float, eps: bool = True) -> dict[str, Any]:
-    """An optimizer's betas, weight decay (and epsilon): the run's where set (`train.adam_beta1` ...), else these defaults."""
-    chosen = {
-        "betas": (train.adam_beta1 if train.adam_beta1 >= 0 else betas[0], train.adam_beta2 if train.adam_beta2 >= 0 else betas[1]),
-        "weight_decay": train.weight_decay if train.weight_decay >= 0 else weight_decay,
-    }
-    return {**chosen, "eps": train.adam_epsilon or 1e-8} if eps else chosen
 
 
 def _param_groups(
