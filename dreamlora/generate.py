@@ -263,10 +263,11 @@ def base_weight_hashes(base_weights: tuple[str, ...]) -> dict[str, str]:
     return {item: file_digest(find_lora(lora_reference(item, flag="--base-weights")[0]))[:16] for item in base_weights}
 
 
-def changed_base_weights(recorded: dict[str, str], base_weights: tuple[str, ...]) -> list[str]:
-    """The base-weights entries whose LoRA file is no longer the one `recorded` (a run's run.json) hashed."""
-    now = base_weight_hashes(tuple(item for item in base_weights if item in recorded))
-    return [item for item, digest in now.items() if digest != recorded[item]]
+def changed_base_weights(recorded: dict[str, str], base_weights: tuple[str, ...], now: dict[str, str] | None = None) -> list[str]:
+    """The base-weights entries whose LoRA file is no longer the one `recorded` (a run's run.json) hashed; `now`: their
+    hashes when the caller has them (else only the recorded entries are hashed)."""
+    now = now if now is not None else base_weight_hashes(tuple(item for item in base_weights if item in recorded))
+    return [item for item in base_weights if item in recorded and item in now and now[item] != recorded[item]]
 
 
 def install_embeddings(components: Components, loras: list[tuple[Path, float]], replace: bool = False) -> Callable[[str], str]:

@@ -262,7 +262,11 @@ def base_weight_identity(base_weights: tuple[str, ...]) -> list[str]:
     from dreamlora.generate import base_weight_hashes
 
     hashes = base_weight_hashes(base_weights)
-    return [f"{path.name}:{scale:g}:{hashes[item]}" for item, (path, scale) in zip(base_weights, (lora_reference(i, flag="--base-weights") for i in base_weights))]
+    identity = []
+    for item in base_weights:
+        path, scale = lora_reference(item, flag="--base-weights")
+        identity.append(f"{path.name}:{scale:g}:{hashes[item]}")
+    return identity
 
 
 def find_class_problems(out_dir: Path, files: dict[int, str]) -> dict[int, str]:

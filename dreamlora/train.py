@@ -26,7 +26,7 @@ from dreamlora.config import RunConfig, lora_reference, replace, to_dict, to_tom
 from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, latent_mask, learned_share, list_images, make_buckets, open_image, resize_and_crop, to_tensor, vary_caption
 from dreamlora.emphasis import plain_text, tokenize_weighted, weigh_context
 from dreamlora.errors import ConfigError, DreamloraError, TrainingError, TrainingInterrupted
-from dreamlora.generate import BASE_WEIGHTS_RECORD, base_weight_hashes
+from dreamlora.generate import BASE_WEIGHTS_RECORD, base_weight_hashes, changed_base_weights
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
 from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, block_lr_factors, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters, up_weight_flags
 from dreamlora.models import Components, PromptEmbeddings, apply_clip_skip, encode_prompts, load_model, public_model_ref, read_length, resolve_precision, select_attention, tokenize_all
@@ -1243,7 +1243,7 @@ class _Trainer:
             if recorded := _recorded_start(run_dir):
                 self.times["started_at"] = recorded  # a resumed run started when it first did
             fused_before = ckpt.read_run_info(run_dir).get(BASE_WEIGHTS_RECORD) or {}
-            if changed := [item for item, digest in self.dataset.get(BASE_WEIGHTS_RECORD, {}).items() if fused_before.get(item, digest) != digest]:
+            if changed := changed_base_weights(fused_before, cfg.model.base_weights, self.dataset.get(BASE_WEIGHTS_RECORD, {})):
                 log.warning("base weights %s changed since the run started: the rest of it trains on another base than its first steps", ", ".join(changed))
             check_resume_step(int(ckpt.load_checkpoint_state(self.resume_from)["step"]), cfg.train.max_steps, self.resume_from)
             with self.fp32_lora():
