@@ -765,27 +765,34 @@ def _write_embedding(out: Path, fmt: str, embedding: Embedding | None, notes: li
     return path
 
 
-def _write_card(out: Path, run_dir: Path, run: dict[str, Any], settings: RunConfig | None, cfg: ExportConfig, embedding: Path | None, notes: list[str]) -> None:
-    """README.md (model_card.py) and the run's base-vs-LoRA grid as samples.png, into the export folder."""
-    from dreamlora.model_card import CARD_FILE, PICTURE_FILE, last_readings, model_card
+def _card(run_dir: Path, run: dict[str, Any], settings: RunConfig | None, cfg: ExportConfig, embedding: Path | None, weight_name: str | None = None) -> tuple[str, Path | None]:
+    """The export's model card text (model_card.py) and the run's base-vs-LoRA grid it shows (None without one)."""
+    from dreamlora.model_card import last_readings, model_card
 
     grid = run_dir / "samples" / "final.png"
-    if grid.is_file():
+    found = grid if grid.is_file() else None
+    text = model_card(run, settings, cfg, cfg.format == "merged", found is not None, last_readings(run_dir / METRICS_FILE), embedding.name if embedding else None, weight_name)
+    return text, found
+
+
+def _write_card(out: Path, run_dir: Path, run: dict[str, Any], settings: RunConfig | None, cfg: ExportConfig, embedding: Path | None, notes: list[str]) -> None:
+    """README.md and the run's grid as samples.png, into the export folder."""
+    from dreamlora.model_card import CARD_FILE, PICTURE_FILE
+
+    text, grid = _card(run_dir, run, settings, cfg, embedding)
+    if grid is not None:
         shutil.copyfile(grid, out / PICTURE_FILE)
-    text = model_card(run, settings, cfg, cfg.format == "merged", grid.is_file(), last_readings(run_dir / METRICS_FILE), embedding.name if embedding else None)
     write_atomic(out / CARD_FILE, text.encode("utf-8"))
-    notes.append(f"model card {CARD_FILE}{' and ' + PICTURE_FILE if grid.is_file() else ''} in the folder (the Hugging Face Hub shows them)")
+    notes.append(f"model card {CARD_FILE}{' and ' + PICTURE_FILE if grid is not None else ''} in the folder (the Hugging Face Hub shows them)")
 
 
 def _hub_card(out: Path, run_dir: Path, run: dict[str, Any], settings: RunConfig | None, cfg: ExportConfig, embedding: Path | None) -> dict[str, bytes]:
     """The model card (and the run's grid) of a hub repo holding an exported file, which has no folder to keep them
     in: its code loads the file from the repo by name (`weight_name`)."""
-    from dreamlora.model_card import CARD_FILE, PICTURE_FILE, last_readings, model_card
+    from dreamlora.model_card import CARD_FILE, PICTURE_FILE
 
-    grid = run_dir / "samples" / "final.png"
-    readings = last_readings(run_dir / METRICS_FILE)
-    text = model_card(run, settings, cfg, cfg.format == "merged", grid.is_file(), readings, embedding.name if embedding else None, weight_name=out.name)
-    return {CARD_FILE: text.encode("utf-8"), **({PICTURE_FILE: grid.read_bytes()} if grid.is_file() else {})}
+    text, grid = _card(run_dir, run, settings, cfg, embedding, weight_name=out.name)
+    return {CARD_FILE: text.encode("utf-8"), **({PICTURE_FILE: grid.read_bytes()} if grid is not None else {})}
 
 
 def write_diffusers(folder: Path, modules: list[LoraModule], dtype: str) -> Path:
@@ -1059,16 +1066,17 @@ def _load_merged(path: Path, base: Any) -> dict[str, torch.nn.Module]:
 
 
 def _merged_components(
-    model_ref: str, lora_file: Path, scale: float, prediction_type: str = "auto", base_weights: tuple[str, ...] = (), load_options: dict[str, Any] | None = None
+    model_ref: str, lora_file: Path, modules: list[LoraModule], scale: float, prediction_type: str = "auto", base_weights: tuple[str, ...] = (),
+    load_options: dict[str, Any] | None = None,
 ) -> Any:
     """The base model (with the run's `base_weights` fused first, loaded with `load_options`: its VAE) with the LoRA
-    fused in at `scale` and the adapters removed; its scheduler predicts `prediction_type` (the run's: a model trained
+    (`lora_file`, read as `modules`, which must fit the base) fused in at `scale` and the adapters removed; its scheduler predicts `prediction_type` (the run's: a model trained
     as v-prediction is saved as one)."""
     from dreamlora.generate import fuse_base_weights
     from dreamlora.models import apply_prediction_type, build_pipeline, load_components
 
     components = load_components(model_ref, **(load_options or {}))
-    check_fits(components, modules_from_peft(*read_diffusers_lora(lora_file)), model_ref)
+    check_fits(components, modules, model_ref)
     fuse_base_weights(components, base_weights)
     apply_prediction_type(components, prediction_type)
     pipe = build_pipeline(components)
@@ -1079,15 +1087,15 @@ def _merged_components(
 
 
 def write_merged(
-    out: Path, model_ref: str, lora_file: Path, scale: float, dtype: str, single_file: bool, prediction_type: str = "auto", base_weights: tuple[str, ...] = (),
-    load_options: dict[str, Any] | None = None,
+    out: Path, model_ref: str, lora_file: Path, modules: list[LoraModule], scale: float, dtype: str, single_file: bool, prediction_type: str = "auto",
+    base_weights: tuple[str, ...] = (), load_options: dict[str, Any] | None = None,
 ) -> dict[str, int]:
     """A full pipeline folder (or one original-layout checkpoint file, marked `v_pred`/`ztsnr` as ComfyUI reads them
     when its scheduler says so) with the LoRA fused; returns tensor counts per part."""
     from dreamlora.models import build_pipeline
     from dreamlora.single_file import scheduler_markers
 
-    components = _merged_components(model_ref, lora_file, scale, prediction_type, base_weights, load_options)
+    components = _merged_components(model_ref, lora_file, modules, scale, prediction_type, base_weights, load_options)
     torch_dtype = DTYPES[dtype]
     for part in (components.unet, components.vae, *components.text_encoders.values()):
         part.to(torch_dtype)
@@ -1208,7 +1216,7 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
         counts = _count_modules(modules)
     else:
         options = base_load_options(settings, merged=True)
-        counts = write_merged(out, base_model_ref(run_dir, run), lora_file, cfg.scale, cfg.dtype, cfg.single_file, str(run.get("prediction_type") or "auto"), fused, options)
+        counts = write_merged(out, base_model_ref(run_dir, run), lora_file, modules, cfg.scale, cfg.dtype, cfg.single_file, str(run.get("prediction_type") or "auto"), fused, options)
         if options.get("vae"):
             notes.append(f"the merged model holds the VAE the run trained and sampled with ({public_model_ref(options['vae'])}), not the base model's own")
     emb_out = _write_embedding(out, cfg.format, embedding, notes)

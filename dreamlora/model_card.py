@@ -70,11 +70,11 @@ def model_card(
         body += [f"Author: {export.author}", ""]
     if picture:
         body += ["![Base model (upper rows) and this LoRA (lower rows) at the same seeds](samples.png)", ""]
-    body += ["## Use it with diffusers", "", "```python", "import torch", "from diffusers import AutoPipelineForText2Image", ""]
+    single_file = merged and weight_name  # one original-layout checkpoint: from_single_file reads it from the repo
+    pipeline_class = ("StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline") if single_file else "AutoPipelineForText2Image"
+    body += ["## Use it with diffusers", "", "```python", "import torch", f"from diffusers import {pipeline_class}", ""]
     here = _yaml_text(export.hub_repo) if export.hub_repo else '"PATH/TO/THIS/FOLDER"'  # pushed: loaded from the hub repo
-    if merged and weight_name:  # one original-layout checkpoint: from_single_file reads it from the repo
-        pipeline_class = "StableDiffusionXLPipeline" if family == "sdxl" else "StableDiffusionPipeline"
-        body[-2:] = [f"from diffusers import {pipeline_class}", ""]
+    if single_file:
         url = f"https://huggingface.co/{export.hub_repo}/blob/main/{weight_name}"
         body += [f'pipe = {pipeline_class}.from_single_file({_yaml_text(url)}, torch_dtype=torch.float16).to("cuda")']
     elif merged:
