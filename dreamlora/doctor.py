@@ -52,7 +52,7 @@ def _devices() -> list[dict[str, Any]]:
 def diagnose() -> Report:
     """Look at the machine; loads no model and writes nothing."""
     from dreamlora.latent_cache import cache_usage, default_cache_dir
-    from dreamlora.models import cache_root, hub_reachable, resolve_precision, xformers_works
+    from dreamlora.models import cache_root, hub_offline, hub_reachable, resolve_precision, xformers_works
     from dreamlora.single_file import converted_usage
 
     versions = {"dreamlora": _version("dreamlora"), "python": platform.python_version(), **{p: _version(p) for p in PACKAGES}}
@@ -67,7 +67,7 @@ def diagnose() -> Report:
         problems.append(f"no CUDA GPU: training runs on the CPU, minutes per step at 512 px{hint}; the built-in toy model trains in minutes")
     elif versions["xformers"] and not xformers:
         problems.append(f"xformers {versions['xformers']} is installed but its kernels do not run with this torch/CUDA build; PyTorch's SDPA is used instead (as fast on torch 2)")
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if hub_offline():
         hub = "offline (HF_HUB_OFFLINE)"
     else:
         hub = "reachable" if hub_reachable() else "unreachable"

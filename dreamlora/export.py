@@ -1274,7 +1274,7 @@ def _base_configs(base_model: str | None, sdxl_file: bool = False, load_options:
     from diffusers import UNet2DConditionModel
     from transformers import CLIPTextConfig
 
-    from dreamlora.models import detect_family, resolve_model_dir
+    from dreamlora.models import detect_family, file_options, resolve_model_dir
 
     encoder_names = ("text_encoder", "text_encoder_2")
     if base_model is None:
@@ -1288,7 +1288,7 @@ def _base_configs(base_model: str | None, sdxl_file: bool = False, load_options:
     else:
         options = load_options or {}
         source = resolve_model_dir(base_model, bool(options.get("allow_pickle")), str(options.get("single_file_config") or ""))
-        files = {"local_files_only": True, **({"revision": options["revision"]} if options.get("revision") else {})}
+        files = file_options(True, str(options.get("revision") or ""))
         try:
             unet_config = dict(UNet2DConditionModel.load_config(source, subfolder="unet", **files))
             te_configs = {

@@ -9,7 +9,6 @@ no export.
 from __future__ import annotations
 
 import logging
-import os
 from pathlib import Path
 
 from dreamlora.errors import DreamloraError, ExportError
@@ -26,7 +25,9 @@ def check_can_push(repo_id: str) -> None:
         validate_repo_id(repo_id)
     except ValueError as error:
         raise ExportError(f"--push-to-hub {repo_id!r} is not a hub repo id ({error}); pass OWNER/NAME, e.g. your-name/sks-dog-lora") from error
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes") or huggingface_hub.constants.HF_HUB_OFFLINE:
+    from dreamlora.models import hub_offline
+
+    if hub_offline() or huggingface_hub.constants.HF_HUB_OFFLINE:
         raise ExportError("--push-to-hub needs the Hugging Face hub, but HF_HUB_OFFLINE is set; unset it, or export without --push-to-hub and upload later with `hf upload`")
     if not huggingface_hub.get_token():
         raise ExportError("--push-to-hub needs a Hugging Face token with write access: run `hf auth login` or set HF_TOKEN, then export again")

@@ -439,9 +439,14 @@ def _check_weights_format(folder: Path, allow_pickle: bool) -> None:
             )
 
 
+def hub_offline() -> bool:
+    """Whether HF_HUB_OFFLINE switches the Hugging Face hub off (read now, not when huggingface_hub was imported)."""
+    return os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes")
+
+
 def hub_reachable() -> bool:
     """Whether the Hugging Face hub answers (never when HF_HUB_OFFLINE is set): offline, loading fails at once."""
-    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+    if hub_offline():
         return False
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
@@ -451,10 +456,15 @@ def hub_reachable() -> bool:
     return True
 
 
+def file_options(cache_only: bool, revision: str) -> dict[str, Any]:
+    """`from_pretrained`/`load_config` keywords for where a model's files are read from: the cache only, a hub revision."""
+    return {"local_files_only": cache_only, **({"revision": revision} if revision else {})}
+
+
 def _read_options(allow_pickle: bool, cache_only: bool, dtype: torch.dtype, variant: str, revision: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """`from_pretrained` keywords: where every part is read from (the cache only, a hub revision), and how weights are
     read (safetensors unless pickle is allowed, the dtype, the files' variant)."""
-    files = {"local_files_only": cache_only, **({"revision": revision} if revision else {})}
+    files = file_options(cache_only, revision)
     weights = {**files, "use_safetensors": None if allow_pickle else True, "dtype": dtype, **({"variant": variant} if variant else {})}
     return files, weights
 
