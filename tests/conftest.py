@@ -16,6 +16,14 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 @pytest.fixture(scope="session", autouse=True)
 def model_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny preset is built once per pytest run into a temporary cache."""
+    # diffusers and transformers give their loggers a stream handler on first use, bound to the sys.stderr of that
+    # moment: first used inside a CliRunner invocation, it would write to that invocation's closed stream ever after
+    # ("--- Logging error ---" in a later command's output). Configured here, before any invocation.
+    import diffusers.utils.logging
+    import transformers.utils.logging
+
+    diffusers.utils.logging.get_logger("diffusers")
+    transformers.utils.logging.get_logger("transformers")
     cache = Path(os.environ.get("DREAMLORA_TEST_CACHE") or tmp_path_factory.mktemp("cache"))
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("DREAMLORA_CACHE", str(cache))
