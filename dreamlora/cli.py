@@ -41,6 +41,8 @@ LoraFormat = Annotated[str, typer.Option("--to", help="a1111|diffusers")]
 LoraDtype = Annotated[str, typer.Option("--dtype", help="fp16|bf16|fp32")]
 SvdMethod = Annotated[str, typer.Option("--method", help="fixed (default), or per module from its singular values: sv_ratio, sv_fro, sv_cumulative (kohya's dynamic methods).")]
 SvdParam = Annotated[Optional[float], typer.Option("--param", help="sv_ratio: keep values within this factor of the largest (e.g. 10); sv_fro/sv_cumulative: the share to keep (e.g. 0.95).")]
+PushToHub = Annotated[Optional[str], typer.Option("--push-to-hub", metavar="OWNER/NAME", help="Then upload the export (with its model card) to this Hugging Face repo, created if missing (needs `hf auth login` or HF_TOKEN).")]
+Private = Annotated[bool, typer.Option("--private", help="--push-to-hub: create the repo private.")]
 AllowPickle = Annotated[bool, typer.Option("--allow-pickle", help="Load .bin/.ckpt/.pt model weights (pickle can run code: only for files you trust).")]
 
 
@@ -590,6 +592,8 @@ def train(
     prediction_type: PredictionType = None,
     base_weights: BaseWeights = None,
     allow_pickle: AllowPickle = False,
+    push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", metavar="OWNER/NAME", help="When training ends, export the LoRA in diffusers' format (exports/<run>-diffusers, with its model card) and upload it to this Hugging Face repo, created if missing (diffusers' --push_to_hub; needs `hf auth login` or HF_TOKEN). Checked before training starts.")] = None,
+    private: Private = False,
     config: ConfigPath = None,
     set_: SetOption = None,
     debug: Debug = False,
@@ -645,12 +649,46 @@ def train(
             from dreamlora.errors import ConfigError
 
             raise ConfigError(f"--init-lora '{init_lora}' does not exist; pass a run folder, or a diffusers or kohya/A1111 .safetensors LoRA")
+        _check_push(push_to_hub, private)  # before a prior set or a step costs anything
         if resume or resume_from:
-            _resume_training(Path(out_dir) if out_dir else None, resume_from, overrides, force)
+            result = _resume_training(Path(out_dir) if out_dir else None, resume_from, overrides, force)
         else:
-            _start_training(config, overrides)
+            result = _start_training(config, overrides)
+        if push_to_hub and result is not None:
+            _push_run(result.run_dir, push_to_hub, private)
 
     _run(debug, action)
+
+
+def _check_push(repo: str | None, private: bool) -> None:
+    """--push-to-hub can work (repo id, hub on, a token) and --private has a push to apply to: checked before any work."""
+    if private and not repo:
+        from dreamlora.errors import ConfigError
+
+        raise ConfigError("--private makes the repo --push-to-hub creates private; add --push-to-hub OWNER/NAME or drop --private")
+    if repo:
+        from dreamlora.hub import check_can_push
+
+        check_can_push(repo)
+
+
+def _push_run(run_dir: Path, repo: str, private: bool) -> None:
+    """`train --push-to-hub`: the finished run exported in diffusers' format (verified, with its model card), then
+    uploaded in one commit, as diffusers' script pushes its output folder. A failure leaves the run as it is and says
+    how to push it later."""
+    from dreamlora.config import ExportConfig
+    from dreamlora.errors import DreamloraError
+    from dreamlora.export import export_run
+    from dreamlora.hub import push_export
+
+    later = f"the trained run is kept at '{run_dir}'; push it later with `dreamlora export {run_dir} --format diffusers --push-to-hub {repo}`"
+    try:
+        result = export_run(run_dir, ExportConfig(format="diffusers", hub_repo=repo))
+    except DreamloraError as error:
+        raise type(error)(f"{error}\n{later}") from error
+    _render_export(result, "export for the hub")
+    url = push_export([result.path], repo, private, f"dreamlora LoRA trained as {Path(run_dir).name}")
+    console.print(f"pushed to the hub: [bold]{url}[/]")
 
 
 def _prompt_file_lines(path: Path) -> list[str]:
@@ -664,7 +702,7 @@ def _prompt_file_lines(path: Path) -> list[str]:
     return [line for _, line in lines]
 
 
-def _resume_training(out_dir: Path | None, resume_from: Path | None, overrides: dict[str, Any], force: bool) -> None:
+def _resume_training(out_dir: Path | None, resume_from: Path | None, overrides: dict[str, Any], force: bool) -> Any:
     """Continue a run from its last (or the given) checkpoint; settings that change the result need --force."""
     from dreamlora import train as training
     from dreamlora.checkpoint import load_checkpoint_state
@@ -682,10 +720,10 @@ def _resume_training(out_dir: Path | None, resume_from: Path | None, overrides: 
 
         raise ConfigError("resuming with settings that change the result:\n  " + "\n  ".join(changed) + "\nrerun without them, or add --force")
     console.print(f"resuming [bold]{run_dir}[/] from {checkpoint.name}")
-    _train_with_progress(training, cfg, run_dir=run_dir, resume_from=checkpoint)
+    return _train_with_progress(training, cfg, run_dir=run_dir, resume_from=checkpoint)
 
 
-def _start_training(config: Path | None, overrides: dict[str, Any]) -> None:
+def _start_training(config: Path | None, overrides: dict[str, Any]) -> Any:
     """A new run: the config file and flags, the prior set generated first when the class has none yet."""
     from dreamlora import train as training
     from dreamlora.config import LION_DEFAULT_LR, load_config, read_toml
@@ -711,10 +749,11 @@ def _start_training(config: Path | None, overrides: dict[str, Any]) -> None:
             console.print(f"no prior set for [bold]{cfg.prior.class_name}[/] yet: generating {cfg.prior.num_images} class images first")
         _prior_with_progress(cfg.prior, cfg.model, cfg.data.resolution)
         cfg, _ = training.resolve_data(cfg)
-    _train_with_progress(training, cfg)
+    return _train_with_progress(training, cfg)
 
 
-def _train_with_progress(training: Any, cfg: Any, **kwargs: Any) -> None:
+def _train_with_progress(training: Any, cfg: Any, **kwargs: Any) -> Any:
+    """Train with a progress bar and the summary; the main process returns the TrainResult, the others None."""
     with _progress() as progress:
         task = progress.add_task("training", total=cfg.train.max_steps, rate="", info="")
         drift, validation = [""], [""]
@@ -738,7 +777,7 @@ def _train_with_progress(training: Any, cfg: Any, **kwargs: Any) -> None:
 
         result = training.train(cfg, on_log=on_log, **kwargs)
     if not _is_main_process():
-        return  # under `accelerate launch`, the main process reports
+        return None  # under `accelerate launch`, the main process reports (and pushes)
     _summary("training finished", [
         ("run folder", result.run_dir), ("steps", result.steps), ("final loss", f"{result.final_loss:.4f}"),
         ("time", f"{result.seconds:.1f} s"), ("attention", result.attention), ("precision", result.precision),
@@ -752,6 +791,7 @@ def _train_with_progress(training: Any, cfg: Any, **kwargs: Any) -> None:
         f"next: [bold]dreamlora export {result.run_dir} --format a1111[/] (AUTOMATIC1111, ComfyUI, kohya tools), or try it: "
         f"[bold]dreamlora generate --lora {result.run_dir} -p \"{prompt}\" --compare[/]"
     )
+    return result
 
 
 def drift_figures(record: dict[str, Any]) -> str:
@@ -781,8 +821,8 @@ def export(
     description: Annotated[Optional[str], typer.Option(help="modelspec.description (a1111), or in the folder's model card.")] = None,
     license_: Annotated[Optional[str], typer.Option("--license", help="modelspec.license (a1111) or the model card's license, e.g. creativeml-openrail-m.")] = None,
     tags: Annotated[Optional[str], typer.Option(help="modelspec.tags (a1111) or more model-card tags, comma-separated.")] = None,
-    push_to_hub: Annotated[Optional[str], typer.Option("--push-to-hub", metavar="OWNER/NAME", help="Then upload the export (with its model card) to this Hugging Face repo, created if missing (needs `hf auth login` or HF_TOKEN).")] = None,
-    private: Annotated[bool, typer.Option("--private", help="--push-to-hub: create the repo private.")] = False,
+    push_to_hub: PushToHub = None,
+    private: Private = False,
     debug: Debug = False,
 ) -> None:
     """Export a run's LoRA for A1111/ComfyUI/kohya tools or diffusers."""
@@ -801,12 +841,7 @@ def export(
             format=fmt, dtype=dtype, out=out_path or "", scale=scale, single_file=single_file, verify=not no_verify, hub_repo=push_to_hub or "",
             **{k: v for k, v in published.items() if v is not None},
         )
-        if private and not push_to_hub:
-            raise ConfigError("--private makes the repo --push-to-hub creates private; add --push-to-hub OWNER/NAME or drop --private")
-        if push_to_hub:
-            from dreamlora.hub import check_can_push
-
-            check_can_push(push_to_hub)  # before anything is written
+        _check_push(push_to_hub, private)  # before anything is written
         run_dir = run_arg or run or latest_run()
         result = export_run(run_dir, cfg, step=step)
         _render_export(result)

@@ -117,3 +117,56 @@ def test_the_card_of_a_pushed_single_file_checkpoint_loads_it_with_from_single_f
     assert "from diffusers import StableDiffusionXLPipeline" in code and "AutoPipeline" not in code
     assert 'StableDiffusionXLPipeline.from_single_file("https://huggingface.co/me/m/blob/main/m.safetensors", torch_dtype=torch.float16)' in code
     compile(code, "card", "exec")  # valid Python
+
+
+TRAIN = ["train", "--model", "tiny", "--max-steps", "1", "--set", "train.num_samples=0", "--set", "adapter.init=nonzero"]
+
+
+def test_train_pushes_the_finished_run_as_a_diffusers_folder_in_one_commit(tmp_path: Path, instance_dir: Path, hub: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = runner.invoke(app, [*TRAIN, "--instance", str(instance_dir), "--out", "runs/sks", "--push-to-hub", "me/sks-dog", "--private"])
+    assert result.exit_code == 0, result.output
+    folder = tmp_path / "exports" / "sks-diffusers"  # written and verified as `export --format diffusers` would
+    assert hub["repos"] == [("me/sks-dog", {"private": True, "exist_ok": True})]
+    repo, paths, message, contents = hub["commits"][0]
+    assert (repo, paths) == ("me/sks-dog", ["README.md", "pytorch_lora_weights.safetensors"]) and "sks" in message
+    assert contents[1] == (folder / "pytorch_lora_weights.safetensors").read_bytes()
+    assert 'pipe.load_lora_weights("me/sks-dog")' in contents[0].decode()
+    from safetensors.torch import load_file
+
+    pushed, trained = load_file(folder / "pytorch_lora_weights.safetensors"), load_file(tmp_path / "runs" / "sks" / "lora" / "pytorch_lora_weights.safetensors")
+    assert pushed.keys() == trained.keys() and any(v.abs().max() > 0 for k, v in pushed.items() if "lora_B" in k or "lora.up" in k)
+    assert "https://huggingface.co/me/sks-dog/commit/abc" in said(result.output)
+
+
+@pytest.mark.parametrize("setup,args,message", [
+    ("no token", ["--push-to-hub", "me/sks"], "needs a Hugging Face token with write access"),
+    ("", ["--push-to-hub", "me/"], "'me/' is not a hub repo id"),
+    ("", ["--private"], "add --push-to-hub OWNER/NAME or drop --private"),
+])  # fmt: skip
+def test_train_checks_the_push_before_any_step_or_prior_image(tmp_path: Path, instance_dir: Path, hub: dict, monkeypatch: pytest.MonkeyPatch, setup: str, args: list, message: str) -> None:
+    import huggingface_hub
+
+    monkeypatch.chdir(tmp_path)
+    if setup == "no token":
+        monkeypatch.setattr(huggingface_hub, "get_token", lambda: None)
+    result = runner.invoke(app, [*TRAIN, "--instance", str(instance_dir), "--class", "dog", "--num-class-images", "2", *args])
+    assert result.exit_code == 2 and message in said(result.output) and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "priors").exists() and hub["repos"] == []
+
+
+def test_a_push_that_fails_after_training_keeps_the_run_and_says_how_to_push_it(tmp_path: Path, instance_dir: Path, hub: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    import httpx2
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "exports" / "sks-diffusers").mkdir(parents=True)  # the user's earlier export of that name: never overwritten
+    taken = runner.invoke(app, [*TRAIN, "--instance", str(instance_dir), "--out", "runs/sks", "--push-to-hub", "me/sks"])
+    assert taken.exit_code == 2 and "Traceback" not in taken.output, taken.output
+    assert "push it later with `dreamlora export runs/sks --format diffusers --push-to-hub me/sks`" in said(taken.output)
+    assert (tmp_path / "runs" / "sks" / "lora" / "pytorch_lora_weights.safetensors").is_file() and not any((tmp_path / "exports" / "sks-diffusers").iterdir())
+    assert hub["commits"] == []
+
+    hub["fail"] = httpx2.ConnectError("connection refused", request=httpx2.Request("POST", "https://huggingface.co/api/models/me/sks/commit/main"))
+    offline = runner.invoke(app, [*TRAIN, "--instance", str(instance_dir), "--out", "runs/sks2", "--push-to-hub", "me/sks"])
+    assert offline.exit_code == 1 and "the hub could not be reached" in said(offline.output) and "Traceback" not in offline.output, offline.output
+    assert (tmp_path / "runs" / "sks2" / "lora" / "pytorch_lora_weights.safetensors").is_file() and (tmp_path / "exports" / "sks2-diffusers" / "pytorch_lora_weights.safetensors").is_file()
