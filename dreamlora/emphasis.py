@@ -85,6 +85,9 @@ def weighted_tokens(tokenizer: Any, prompts: list[str], max_tokens: int = 0) -> 
     return window_ids(tokenizer, torch.tensor(all_ids), max_tokens), torch.tensor(all_weights)
 
 
+MEAN_FLOOR = 1e-3  # weigh_context rescales a prompt only when both of its means are at least this share of its RMS
+
+
 def weigh_context(encoded: PromptEmbeddings, weights: torch.Tensor | None) -> PromptEmbeddings:
     """A1111's emphasis on encoded prompts: each position's context scaled by its weight, then each prompt's context
     rescaled to its unweighted mean (SDXL's pooled embedding is not weighted). Differentiable, so training can use it."""
@@ -92,7 +95,12 @@ def weigh_context(encoded: PromptEmbeddings, weights: torch.Tensor | None) -> Pr
         return encoded
     context = encoded.context.float()
     weighted = context * weights.to(context.device, context.dtype)[..., None]
-    weighted = weighted * (context.mean(dim=(1, 2)) / weighted.mean(dim=(1, 2)))[:, None, None]
+    before, after = context.mean(dim=(1, 2)), weighted.mean(dim=(1, 2))
+    # A mean near zero beside the context's size (a text encoder whose final layer norm has no bias) makes the ratio
+    # noise, 0 or huge: that prompt keeps its weighted context unrescaled rather than being zeroed or blown up.
+    size = context.square().mean(dim=(1, 2)).sqrt()
+    defined = (before.abs() > MEAN_FLOOR * size) & (after.abs() > MEAN_FLOOR * size)
+    weighted = weighted * torch.where(defined, before / torch.where(defined, after, 1.0), 1.0)[:, None, None]
     return PromptEmbeddings(weighted.to(encoded.context.dtype), encoded.pooled)
 
 

@@ -59,6 +59,14 @@ def test_weighing_scales_each_token_then_restores_the_prompts_mean() -> None:
     assert weigh_context(PromptEmbeddings(context), None).context is context
 
 
+def test_a_prompt_whose_mean_is_zero_keeps_its_weighted_context_instead_of_being_zeroed() -> None:
+    context = torch.tensor([[[1.0, -1.0], [2.0, -2.0], [3.0, -3.0]], [[1.0, 2.0], [3.0, 4.0], [5.0, 6.0]]])  # prompt 0: mean 0
+    weights = torch.tensor([[1.0, 2.0, 1.0], [1.0, 2.0, 1.0]])
+    out = weigh_context(PromptEmbeddings(context), weights).context
+    assert torch.equal(out[0], context[0] * weights[0, :, None])  # A1111's ratio would be 0/0 here
+    assert torch.allclose(out[1].mean(), context[1].mean()) and not torch.allclose(out[1], context[1])  # the other prompt as before
+
+
 @pytest.mark.parametrize("model", ["tiny", "tiny-sdxl"])
 def test_gradients_reach_the_text_encoder_through_the_weights(model: str) -> None:
     components = load_components(model)
@@ -68,7 +76,9 @@ def test_gradients_reach_the_text_encoder_through_the_weights(model: str) -> Non
     context = weigh_context(encode_prompts(components, ids), weights).context
     plain = encode_prompts(components, tokenize_all(components, ["a photo of sks dog"])).context
     assert not torch.allclose(context, plain)
-    context.square().sum().backward()
+    # A fixed projection, not the sum of squares: after a final layer norm without bias every token's norm is fixed, so
+    # that sum has no gradient to find.
+    (context * torch.randn(context.shape, generator=torch.Generator().manual_seed(0))).sum().backward()
     grads = [p.grad for p in encoder.parameters() if p.grad is not None]
     assert grads and all(torch.isfinite(g).all() for g in grads) and any(g.abs().sum() > 0 for g in grads)
 
