@@ -68,11 +68,17 @@ def next_free_path(path: Path, suffix: str = "") -> Path:
     return free
 
 
+def refuse_existing_run(path: Path) -> None:
+    """An explicit run folder (--out) that is there already is never written into."""
+    if path.exists():
+        raise ConfigError(f"run folder '{path}' already exists and is never overwritten; choose another --out, or add --resume to continue it")
+
+
 def create_run_dir(path: Path, auto_named: bool) -> Path:
     """A new run folder. An explicit existing folder is refused; an automatic name gets the next free suffix."""
-    if path.exists():
-        if not auto_named:
-            raise ConfigError(f"run folder '{path}' already exists and is never overwritten; choose another --out, or add --resume to continue it")
+    if not auto_named:
+        refuse_existing_run(path)
+    elif path.exists():
         path = next_free_path(path)
     path.mkdir(parents=True)
     return path

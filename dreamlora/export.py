@@ -29,7 +29,7 @@ from dreamlora.config import ExportConfig, RunConfig, from_dict
 from dreamlora.errors import ConfigError, ExportError, ModelLoadError
 from dreamlora.models import public_model_ref
 from dreamlora.pivotal import bundle, embeddings_for, export_path, read_embeddings, save_embeddings, split_bundle, usage_note
-from dreamlora.lora import GROUPS, LORA_FILE, last_layer_marker, load_adapters, read_diffusers_lora, read_safetensors, save_diffusers_lora
+from dreamlora.lora import GROUPS, LORA_FILE, last_layer_marker, load_adapters, read_diffusers_lora, read_metadata, read_safetensors, save_diffusers_lora
 
 log = logging.getLogger(__name__)
 
@@ -1241,13 +1241,20 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
     return ExportResult(out, cfg.format, cfg.dtype, counts, report, notes, emb_out, hub_card)
 
 
-def _read_any_lora(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def lora_file(src: Path) -> Path:
+    """The safetensors LoRA file `src` names (a file, or a folder holding pytorch_lora_weights.safetensors), its header
+    read: a missing, pickled or damaged file is an ExportError naming it."""
     path = src / LORA_FILE if src.is_dir() else src
     if not path.is_file():
         raise ExportError(f"no LoRA file at '{src}'; pass a .safetensors LoRA or a folder holding {LORA_FILE}")
     if path.suffix != ".safetensors":
         raise ExportError(f"'{path}' is not a .safetensors file; dreamlora reads only safetensors LoRAs (pickle files can run code)")
-    tensors, metadata = read_safetensors(path)
+    read_metadata(path)
+    return path
+
+
+def _read_any_lora(src: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    tensors, metadata = read_safetensors(lora_file(src))
     return split_bundle(tensors)[0], metadata  # pivotal tuning's bundled embeddings are read by `pivotal.embeddings_for`
 
 

@@ -403,22 +403,35 @@ def resolve_model_dir(ref: str, allow_pickle: bool = False, single_file_config: 
         if not (TOY_MODEL_DIR / "model_index.json").is_file():
             raise ModelLoadError(f"the built-in toy model is missing from the package ({TOY_MODEL_DIR}); reinstall dreamlora")
         return TOY_MODEL_DIR
-    path = Path(ref).expanduser()
-    looks_local = path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref
-    if looks_local:
-        if not path.exists():
-            raise ModelLoadError(f"model folder '{ref}' does not exist; pass a diffusers folder (with model_index.json), a hub id, or `--model tiny`")
-        if path.is_file():
-            from dreamlora.single_file import SINGLE_FILE_SUFFIXES, converted_folder
+    path = check_local_model(ref)
+    if path is None:
+        return ref
+    if path.is_file():
+        from dreamlora.single_file import converted_folder
 
-            if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
-                raise ModelLoadError(f"model '{ref}' is a file but not a checkpoint; pass a diffusers folder (with model_index.json), a .safetensors checkpoint or a hub id")
-            return converted_folder(path, single_file_config)
-        if not (path / "model_index.json").is_file():
-            raise ModelLoadError(f"'{ref}' is not a diffusers model folder (no model_index.json); pass the folder that holds model_index.json, or `--model tiny`")
-        _check_weights_format(path, allow_pickle)
-        return path
-    return ref
+        return converted_folder(path, single_file_config)
+    _check_weights_format(path, allow_pickle)
+    return path
+
+
+def check_local_model(ref: str) -> Path | None:
+    """A model reference that names a local path: it exists, and is a diffusers folder or a checkpoint file (cheap, no
+    weights read). None for presets and hub ids."""
+    if ref in TINY_PRESETS or ref == "toy" or ref.startswith("random:"):
+        return None
+    path = Path(ref).expanduser()
+    if not (path.exists() or ref.startswith((".", "/", "~")) or ref.count("/") > 1 or "\\" in ref):
+        return None  # a hub id
+    if not path.exists():
+        raise ModelLoadError(f"model folder '{ref}' does not exist; pass a diffusers folder (with model_index.json), a hub id, or `--model tiny`")
+    if path.is_file():
+        from dreamlora.single_file import SINGLE_FILE_SUFFIXES
+
+        if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+            raise ModelLoadError(f"model '{ref}' is a file but not a checkpoint; pass a diffusers folder (with model_index.json), a .safetensors checkpoint or a hub id")
+    elif not (path / "model_index.json").is_file():
+        raise ModelLoadError(f"'{ref}' is not a diffusers model folder (no model_index.json); pass the folder that holds model_index.json, or `--model tiny`")
+    return path
 
 
 def _check_weights_format(folder: Path, allow_pickle: bool) -> None:
@@ -644,7 +657,7 @@ def _load_failure(ref: str, source: Path | str, error: Exception | None, variant
     at = f" --revision {revision}" if revision else ""
     return ModelLoadError(
         f"model {ref!r}{' at revision ' + repr(revision) if revision else ''} is not in the local cache and {reason}. Download it where there is network "
-        f"(`huggingface-cli download {ref}{at}`) and pass the local folder with --model PATH, set DREAMLORA_MODEL, "
+        f"(`hf download {ref}{at}`) and pass the local folder with --model PATH, set DREAMLORA_MODEL, "
         "or try the offline built-in model with --model tiny (or toy)"
     )
 

@@ -23,13 +23,13 @@ import torch
 from dreamlora import __version__
 from dreamlora import checkpoint as ckpt
 from dreamlora.config import RunConfig, lora_reference, replace, to_dict, to_toml
-from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, latent_mask, learned_share, list_images, make_buckets, open_image, resize_and_crop, to_tensor, vary_caption
+from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, latent_mask, learned_share, list_images, load_image, load_masks, make_buckets, open_image, resize_and_crop, to_tensor, vary_caption
 from dreamlora.emphasis import plain_text, tokenize_weighted, weigh_context
 from dreamlora.errors import ConfigError, DreamloraError, TrainingError, TrainingInterrupted
 from dreamlora.generate import BASE_WEIGHTS_RECORD, base_weight_hashes, changed_base_weights
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
 from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, block_lr_factors, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters, up_weight_flags
-from dreamlora.models import Components, PromptEmbeddings, apply_clip_skip, encode_prompts, load_model, public_model_ref, read_length, resolve_precision, select_attention, tokenize_all
+from dreamlora.models import Components, PromptEmbeddings, apply_clip_skip, check_local_model, encode_prompts, load_model, public_model_ref, read_length, resolve_precision, select_attention, tokenize_all
 from dreamlora.pivotal import EMBEDDINGS_FILE, PivotalEmbeddings, embeddings_for, placeholders, save_embeddings
 from dreamlora.prior import MANIFEST, model_source_identity, read_prior_set, safe_name
 from dreamlora.sampling import AugmentedLatents, class_indices, instance_plan, steps_per_epoch
@@ -255,6 +255,7 @@ def resolve_data(cfg: RunConfig, priors_root: Path = Path("priors")) -> tuple[Ru
         raise ConfigError("no instance folder; pass --instance ./photos (a folder of 3-20 photos of the subject)")
     instance_images = list_images(data.instance_dir, "instance")
     check_images(instance_images)  # a bad photo is named now, before a prior set or run folder is written
+    check_run_inputs(cfg, instance_images)
     if warning := few_photos_warning(len(instance_images.paths)):
         log.warning(warning)
     if data.token.lower() in COMMON_WORDS:
@@ -298,6 +299,21 @@ def resolve_data(cfg: RunConfig, priors_root: Path = Path("priors")) -> tuple[Ru
     if needs_prior and not prior.class_name:
         raise ConfigError("a prior set must be generated but no class name is known; pass --class NAME")
     return resolve_epochs(replace(cfg, data=data, prior=prior)), needs_prior
+
+
+def check_run_inputs(cfg: RunConfig, instance_images: Any) -> None:
+    """What would otherwise stop a new run only after the model has loaded (or a prior set was drawn), checked first:
+    a local --model that is not there, an --out folder that exists, the --mask-dir masks (one per photo, of its shape),
+    the --init-lora file."""
+    check_local_model(cfg.model.name)
+    if cfg.train.out:
+        ckpt.refuse_existing_run(Path(cfg.train.out))
+    if cfg.data.mask_dir:
+        load_masks(instance_images, cfg.data.mask_dir, [load_image(path).image.size for path in instance_images.paths])
+    if cfg.adapter.init_lora:
+        from dreamlora.export import lora_file
+
+        lora_file(ckpt.find_lora(Path(cfg.adapter.init_lora)))
 
 
 def resolve_epochs(cfg: RunConfig, processes: int | None = None) -> RunConfig:

@@ -102,6 +102,44 @@ def test_out_of_range_settings_exit_2(tmp_path: Path, instance_dir: Path, monkey
     assert _written(tmp_path) == []
 
 
+@pytest.mark.parametrize(
+    ("setup", "args", "message"),
+    [
+        pytest.param("model", ["--model", "./models/sd15"], "model folder './models/sd15' does not exist", id="model-missing"),
+        pytest.param("out", ["--out", "mine"], "run folder 'mine' already exists and is never overwritten", id="out-exists"),
+        pytest.param("", ["--masked-loss", "--mask-dir", "nowhere"], "mask folder 'nowhere' does not exist", id="mask-dir-missing"),
+        pytest.param("masks", ["--masked-loss", "--mask-dir", "masks"], "mask folder 'masks' has no mask for 1 of the", id="mask-missing"),
+        pytest.param("", ["--init-lora", "inputs"], "'inputs' does not exist" , id="init-lora-missing"),
+        pytest.param("pickle", ["--init-lora", "inputs/old.pt"], "'inputs/old.pt' is not a .safetensors file", id="init-lora-pickle"),
+        pytest.param("damaged", ["--init-lora", "inputs/cut.safetensors"], "'inputs/cut.safetensors' could not be read as safetensors", id="init-lora-damaged"),
+    ],
+)
+def test_inputs_training_would_trip_on_are_refused_before_a_prior_set_or_the_model(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch, setup: str, args: list[str], message: str) -> None:
+    """They used to be found only after the model loaded and the latents were encoded (or a prior set was drawn)."""
+    import dreamlora.train
+
+    monkeypatch.chdir(tmp_path)
+    if setup == "out":
+        (tmp_path / "mine").mkdir()
+        (tmp_path / "mine" / "keep.txt").write_text("mine")
+    if setup == "masks":
+        (tmp_path / "masks").mkdir()
+        for photo in sorted(instance_dir.glob("*.png"))[1:]:
+            Image.new("L", Image.open(photo).size, 255).save(tmp_path / "masks" / photo.name)
+    if setup in ("pickle", "damaged"):
+        (tmp_path / "inputs").mkdir()
+        (tmp_path / "inputs" / "old.pt").write_bytes(b"\x80\x04pickle")
+        (tmp_path / "inputs" / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
+    monkeypatch.setattr(dreamlora.train, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the input was checked"))
+    # A prior set to draw first would meet a missing model first: without --class, the training's own check is what counts.
+    first = [] if setup == "model" else ["--model", "tiny", "--class", "dog"]
+    result = runner.invoke(app, ["train", *first, "--instance", str(instance_dir), "--max-steps", "1", *args])
+    assert result.exit_code == 2 and shows(result.output, message) and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "priors").exists() and not (tmp_path / "runs").exists()
+    if setup == "out":
+        assert [p.name for p in (tmp_path / "mine").iterdir()] == ["keep.txt"]
+
+
 def test_export_of_a_run_without_weights_exits_2(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
     run_dir = tmp_path / "runs" / "empty"

@@ -81,7 +81,7 @@ def test_what_the_cache_lacks_and_a_revision_of_a_local_model_are_one_clear_mess
     ):
         result = runner.invoke(app, [*prior, *extra])
         assert result.exit_code == 2 and message in said(result.output) and "Traceback" not in result.output, result.output
-    assert "huggingface-cli download acme/tiny-sd --revision v2" in said(runner.invoke(app, [*prior, "--model", "acme/tiny-sd", "--revision", "v2"]).output)
+    assert "hf download acme/tiny-sd --revision v2" in said(runner.invoke(app, [*prior, "--model", "acme/tiny-sd", "--revision", "v2"]).output)
     assert not (tmp_path / "priors").exists() or not any((tmp_path / "priors").rglob("*.png"))
 
 
