@@ -988,9 +988,11 @@ def inspect(
         report.pop("adapter_metadata", None)
         run = report.pop("run", None) or {}
         readings = report.pop("readings", None) or {}
+        if lycoris := report.get("lycoris"):
+            report["lycoris"] = ", ".join(f"{kind} {n} modules" for kind, n in lycoris.items())
         rows = [(k, v) for k, v in report.items() if v not in (None, "", {})]
         for group, info in groups.items():
-            ranks = ", ".join(str(r) for r in info.get("ranks", []))
+            ranks = ", ".join(str(r) for r in info.get("ranks", [])) or "none (LyCORIS)"
             alphas = ", ".join(f"{a:g}" for a in info.get("alphas", []) if a is not None) or "missing"
             rows.append((group, f"{info.get('modules')} modules, rank {ranks}, alpha {alphas}"))
         for key in ("token", "class_name", "steps", "resolution", "model", "clip_skip", "prediction_type", "status"):

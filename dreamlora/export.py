@@ -29,7 +29,7 @@ from dreamlora.config import ExportConfig, RunConfig, from_dict
 from dreamlora.errors import ConfigError, ExportError, ModelLoadError
 from dreamlora.models import public_model_ref
 from dreamlora.pivotal import bundle, embeddings_for, export_path, read_embeddings, save_embeddings, split_bundle, usage_note
-from dreamlora.lora import GROUPS, LORA_FILE, last_layer_marker, load_adapters, read_diffusers_lora, read_metadata, read_safetensors, save_diffusers_lora
+from dreamlora.lora import GROUPS, LORA_FILE, last_layer_marker, load_adapters, lycoris_note, lycoris_types, read_diffusers_lora, read_keys, read_safetensors, save_diffusers_lora
 
 log = logging.getLogger(__name__)
 
@@ -305,13 +305,15 @@ def modules_from_kohya(
 ) -> tuple[list[LoraModule], list[str]]:
     """kohya/A1111/LyCORIS-LoCon tensors -> modules (missing alpha = rank, kohya's rule). Returns modules and notes."""
     notes: list[str] = []
+    if lycoris := lycoris_types(state_dict):
+        raise ExportError(f"this file is {lycoris_note(lycoris)}; dreamlora cannot convert it without changing what it does")
     names = sorted({key.split(".", 1)[0] for key in state_dict})
     modules, unknown, ldm_names = [], [], 0
     for name in names:
         down, up = state_dict.get(f"{name}.lora_down.weight"), state_dict.get(f"{name}.lora_up.weight")
         if down is None or up is None:
             extra = sorted(k for k in state_dict if k.startswith(name + "."))
-            raise ExportError(f"kohya module {name!r} lacks lora_down/lora_up weights (has {', '.join(extra)}); LoHa/LoKr and other LyCORIS types are not supported")
+            raise ExportError(f"kohya module {name!r} lacks lora_down/lora_up weights (has {', '.join(extra)}); pass a complete LoRA file")
         if f"{name}.lora_mid.weight" in state_dict:
             raise ExportError(f"kohya module {name!r} has a lora_mid (LoCon with CP decomposition), which cannot be converted; re-train without --network_args use_tucker")
         if f"{name}.dora_scale" in state_dict:
@@ -1243,13 +1245,14 @@ def export_run(run_dir: Path, cfg: ExportConfig, step: int | None = None, export
 
 def lora_file(src: Path) -> Path:
     """The safetensors LoRA file `src` names (a file, or a folder holding pytorch_lora_weights.safetensors), its header
-    read: a missing, pickled or damaged file is an ExportError naming it."""
+    read: a missing, pickled, damaged or LyCORIS (LoHa, LoKr, ...) file is an ExportError naming it."""
     path = src / LORA_FILE if src.is_dir() else src
     if not path.is_file():
         raise ExportError(f"no LoRA file at '{src}'; pass a .safetensors LoRA or a folder holding {LORA_FILE}")
     if path.suffix != ".safetensors":
         raise ExportError(f"'{path}' is not a .safetensors file; dreamlora reads only safetensors LoRAs (pickle files can run code)")
-    read_metadata(path)
+    if lycoris := lycoris_types(read_keys(path)):  # the header alone
+        raise ExportError(f"'{path}' is {lycoris_note(lycoris)}; dreamlora cannot read it without changing what it does")
     return path
 
 

@@ -13,7 +13,7 @@ from dreamlora.checkpoint import METRICS_FILE, RUN_INFO, find_lora, read_run_inf
 from dreamlora.model_card import last_readings
 from dreamlora.errors import ExportError
 from dreamlora.export import alphas_diffusers_misreads, is_kohya_key
-from dreamlora.lora import GROUPS, read_safetensors
+from dreamlora.lora import GROUPS, LYCORIS_SUFFIXES, lycoris_note, lycoris_types, read_safetensors
 from dreamlora.pivotal import embeddings_for, split_bundle
 
 CROSS_ATTENTION_FAMILIES = {768: "sd1", 1024: "sd2", 2048: "sdxl"}
@@ -44,6 +44,8 @@ def _kohya_modules(tensors: dict[str, torch.Tensor]) -> dict[str, dict[str, Any]
             entry["up"] = value
         elif kind == "alpha":
             entry["alpha"] = float(value.float().item())
+        elif kind in LYCORIS_SUFFIXES:
+            entry["lycoris"] = LYCORIS_SUFFIXES[kind]
     return modules
 
 
@@ -86,10 +88,10 @@ def _family(modules: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor]
 def _group_summary(modules: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     summary = {}
     for group in GROUPS:
-        members = [m for m in modules.values() if m["group"] == group and "down" in m]
+        members = [m for m in modules.values() if m["group"] == group and ("down" in m or "lycoris" in m)]
         if not members:
             continue
-        ranks = Counter(int(m["down"].shape[0]) for m in members)
+        ranks = Counter(int(m["down"].shape[0]) for m in members if "down" in m)  # a LyCORIS type's dimension is not a rank
         alphas = Counter(m.get("alpha") for m in members)
         summary[group] = {
             "modules": len(members),
@@ -112,7 +114,9 @@ def find_problems(fmt: str, family: str, modules: dict[str, dict[str, Any]], ten
         problems.append("every up weight is zero: the LoRA has no effect (untrained, or trained with a zero learning rate)")
     elif zero:
         problems.append(f"{len(zero)} of {len(ups)} modules have all-zero up weights (first: {zero[0]}); they do nothing")
-    incomplete = [name for name, m in modules.items() if "down" not in m or "up" not in m]
+    if lycoris := lycoris_types(tensors):
+        problems.append(lycoris_note(lycoris))
+    incomplete = [name for name, m in modules.items() if ("down" not in m or "up" not in m) and "lycoris" not in m]
     if incomplete:
         problems.append(f"{len(incomplete)} modules lack a down or up weight (first: {incomplete[0]}); consumers skip them")
     missing_alpha = [name for name, m in modules.items() if "alpha" not in m and "down" in m]
@@ -243,6 +247,7 @@ def inspect_path(path: Path) -> dict[str, Any]:
         "tensors": len(tensors),
         "unet_modules": groups.get("unet", {}).get("modules", 0),
         "text_encoder_modules": groups.get("text_encoder", {}).get("modules", 0),
+        **({"lycoris": lycoris} if (lycoris := lycoris_types(tensors)) else {}),
         **({"text_encoder_2_modules": groups["text_encoder_2"]["modules"]} if "text_encoder_2" in groups else {}),
         "embedding": _embedding_summary(lora_file, bool(bundled)),
         "groups": groups,

@@ -191,6 +191,38 @@ def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str
     return _open_safetensors(path, lambda handle: ({k: handle.get_tensor(k) for k in handle.keys()}, dict(handle.metadata() or {})))
 
 
+def read_keys(path: Path) -> list[str]:
+    """A safetensors file's tensor names alone (its tensors are not read)."""
+    return _open_safetensors(path, lambda handle: list(handle.keys()))
+
+
+# LyCORIS network types other than LoRA/LoCon (lora_down/lora_up), by the key suffixes only they write.
+LYCORIS_SUFFIXES = {
+    "hada_w1_a": "LoHa", "lokr_w1": "LoKr", "lokr_w1_a": "LoKr", "on_input": "IA3", "oft_blocks": "OFT", "oft_diag": "OFT",
+    "oft_R": "BOFT", "a1.weight": "GLoRA", "diff": "full", "w_norm": "norm",
+}
+
+
+def lycoris_types(keys: Any) -> dict[str, int]:
+    """How many kohya-named modules of each LyCORIS type other than LoRA/LoCon the keys hold ({} for none): LoHa, LoKr,
+    IA3, OFT, BOFT, GLoRA, full (weight differences) or norm."""
+    found: dict[str, set[str]] = {}
+    for key in keys:
+        module, _, suffix = key.partition(".")
+        if suffix in LYCORIS_SUFFIXES:
+            found.setdefault(LYCORIS_SUFFIXES[suffix], set()).add(module)
+    return {kind: len(modules) for kind, modules in sorted(found.items())}
+
+
+def lycoris_note(types: dict[str, int]) -> str:
+    """What a LyCORIS file of these types is, and who loads it."""
+    listed = ", ".join(f"{kind} ({n} module{'s' if n > 1 else ''})" for kind, n in types.items())
+    return (
+        f"a LyCORIS {listed} network, not a LoRA: AUTOMATIC1111, Forge and ComfyUI load it as it is; diffusers' "
+        "load_lora_weights and dreamlora's generate, convert, resize and merge read LoRA/LoCon (lora_down/lora_up) only"
+    )
+
+
 def read_metadata(path: Path) -> dict[str, str]:
     """A safetensors file's metadata alone (its tensors are not read)."""
     return _open_safetensors(path, lambda handle: dict(handle.metadata() or {}))

@@ -99,3 +99,50 @@ def test_flags_differing_alphas_and_zero_ups(exported):
 def test_missing_path(tmp_path):
     with pytest.raises(ExportError, match="does not exist"):
         inspect_path(tmp_path / "nope.safetensors")
+
+
+def _lycoris_files(folder: Path) -> dict[str, Path]:
+    """A LoHa and a LoKr file as LyCORIS writes them (kohya names, their own tensor suffixes), beside a plain LoRA module."""
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    g = torch.Generator().manual_seed(0)
+    loha = {f"{name}.hada_w1_a": torch.randn(32, 4, generator=g), f"{name}.hada_w1_b": torch.randn(4, 32, generator=g),
+            f"{name}.hada_w2_a": torch.randn(32, 4, generator=g), f"{name}.hada_w2_b": torch.randn(4, 32, generator=g), f"{name}.alpha": torch.tensor(4.0)}
+    lokr = {f"{name}.lokr_w1": torch.randn(4, 4, generator=g), f"{name}.lokr_w2": torch.randn(8, 8, generator=g),
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lokr_w1": torch.randn(4, 4, generator=g),
+            "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lokr_w2": torch.randn(8, 8, generator=g)}
+    files = {"loha": folder / "loha.safetensors", "lokr": folder / "lokr.safetensors"}
+    save_file(loha, files["loha"])
+    save_file(lokr, files["lokr"])
+    return files
+
+
+def test_lycoris_files_are_named_as_such_and_refused_by_what_cannot_read_them(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """LoHa/LoKr used to show as 'modules lack a down or up weight; consumers skip them' (A1111 and ComfyUI load them),
+    and generate passed diffusers' key-renaming error through."""
+    import re
+
+    from typer.testing import CliRunner
+
+    from dreamlora.cli import app
+
+    files = _lycoris_files(tmp_path)
+    loha, lokr = inspect_path(files["loha"]), inspect_path(files["lokr"])
+    assert loha["lycoris"] == {"LoHa": 1} and lokr["lycoris"] == {"LoKr": 2}
+    assert (lokr["unet_modules"], lokr["text_encoder_modules"]) == (1, 1)
+    for report in (loha, lokr):
+        assert not any("lack a down or up weight" in p for p in report["problems"])
+        assert any("LyCORIS" in p and "AUTOMATIC1111, Forge and ComfyUI load it" in p for p in report["problems"])
+
+    monkeypatch.chdir(tmp_path)
+    runner = CliRunner()
+    said = lambda output: re.sub(r"[\s│╭╮╰╯─]+", " ", output)  # noqa: E731
+    commands = {
+        "generate": ["generate", "--model", "tiny", "-p", "a photo", "--lora", str(files["loha"]), "-n", "1", "--steps", "1"],
+        "convert": ["convert", str(files["lokr"]), "out.safetensors", "--to", "a1111"],
+        "init-lora": ["train", "--model", "tiny", "--instance", str(instance_dir), "--init-lora", str(files["loha"]), "--max-steps", "1"],
+    }
+    for what, args in commands.items():
+        result = runner.invoke(app, args)
+        assert result.exit_code == 2 and "Traceback" not in result.output, (what, result.output)
+        assert "a LyCORIS Lo" in said(result.output) and "not a LoRA" in said(result.output), (what, result.output)
+    assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "runs").exists() and not any(tmp_path.glob("samples-out*"))
