@@ -72,13 +72,27 @@ def list_images(folder: Path | str, role: str) -> ImageFolder:
         with_images = sorted(p.name for p in root.iterdir() if p.is_dir() and any(f.suffix.lower() in readable for f in p.iterdir() if f.is_file()))
         if with_images:  # e.g. kohya's layout, img/10_sks dog/
             listed = ", ".join(f"'{root / name}'" for name in with_images[:3]) + (" ..." if len(with_images) > 3 else "")
-            raise DataError(f"{role} folder '{folder}' has no images itself, but its subfolders do: {listed}; pass the folder that holds the photos")
+            hint = kohya_folder_hint(root / with_images[0], role)
+            raise DataError(f"{role} folder '{folder}' has no images itself, but its subfolders do: {listed}; pass the folder that holds the photos{hint}")
         raise DataError(f"{role} folder '{folder}' has no images (.png, .jpg, .jpeg, .webp, .bmp, .gif, .tif, .avif); add 3-20 photos of the subject")
     if heif:
         log.warning("%s folder: %d HEIC photos skipped (%s); %s", role, len(heif), ", ".join(heif[:3]) + (" ..." if len(heif) > 3 else ""), HEIF_HINT)
     for note in skipped:
         log.info("%s folder: skipped %s", role, note)
     return ImageFolder(root, tuple(paths), tuple(skipped))
+
+
+def kohya_folder_hint(folder: Path, role: str) -> str:
+    """For a kohya-style dataset folder (`img/10_sks dog`: repeats, then the token and class; `reg/1_dog`), the
+    dreamlora flags that train as it would; "" for other names."""
+    match = re.fullmatch(r"(\d+)_(\S+)(?:\s+(.+))?", folder.name)
+    if not match:
+        return ""
+    repeats, first, rest = int(match.group(1)), match.group(2), match.group(3)
+    if role != "instance":
+        return f" (kohya's layout: --class-dir '{folder}')"
+    words = [f"--instance '{folder}'", *([f"--repeats {repeats}"] if repeats > 1 else []), f"--token {first}", *([f"--class '{rest}'" if " " in rest else f"--class {rest}"] if rest else [])]
+    return f" (kohya's layout, {repeats} repeats: {' '.join(words)})"
 
 
 @functools.cache

@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import pytest
@@ -7,7 +8,7 @@ from PIL import Image
 import numpy as np
 
 from dreamlora import data
-from dreamlora.data import ImageFolderDataset, batch_indices, collate_dreambooth, list_images, load_image, open_image
+from dreamlora.data import ImageFolderDataset, batch_indices, collate_dreambooth, kohya_folder_hint, list_images, load_image, open_image
 from dreamlora.errors import DataError
 
 
@@ -157,5 +158,12 @@ def test_kohya_caption_files_and_a_folder_of_subfolders(tmp_path: Path) -> None:
     assert folder.skipped == ()  # caption files are not reported as skipped non-images
     assert instance_prompts(folder, "sks", "a photo of sks dog") == ["sks dog on a sofa", "sks dog in the snow", "a photo of sks dog"]
     # kohya's parent folder (img/) holds no photos itself: the message names the subfolder to pass.
-    with pytest.raises(DataError, match=r"has no images itself, but its subfolders do: '.*10_sks dog'"):
+    with pytest.raises(DataError, match=r"has no images itself, but its subfolders do: '.*10_sks dog'") as raised:
         list_images(img, "instance")
+    assert f"(kohya's layout, 10 repeats: --instance '{photos}' --repeats 10 --token sks --class dog)" in str(raised.value)
+    shutil.copytree(photos, tmp_path / "reg" / "1_toy robot")
+    with pytest.raises(DataError) as raised:
+        list_images(tmp_path / "reg", "class")
+    assert f"(kohya's layout: --class-dir '{tmp_path / 'reg' / '1_toy robot'}')" in str(raised.value)
+    assert kohya_folder_hint(tmp_path / "reg" / "5_sks toy robot", "instance").endswith("--repeats 5 --token sks --class 'toy robot')")
+    assert kohya_folder_hint(photos.parent / "photos", "instance") == ""
