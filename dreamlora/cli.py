@@ -739,6 +739,10 @@ def _start_training(config: Path | None, overrides: dict[str, Any]) -> Any:
         overrides["train.lr"] = LION_DEFAULT_LR
         console.print(f"Lion: --lr {LION_DEFAULT_LR:g} (a third of AdamW's default: its steps are sign-sized; --lr to choose another)")
     cfg = load_config(config, overrides)
+    if cfg.train.out:  # a new run never writes into an existing folder: said now, not after a prior set and the model load
+        from dreamlora.checkpoint import refuse_existing_run
+
+        refuse_existing_run(Path(cfg.train.out))
     if "train.validation_images" in overrides and not cfg.train.validate_every:
         from dreamlora.errors import ConfigError
 

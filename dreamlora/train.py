@@ -303,11 +303,9 @@ def resolve_data(cfg: RunConfig, priors_root: Path = Path("priors")) -> tuple[Ru
 
 def check_run_inputs(cfg: RunConfig, instance_images: Any) -> None:
     """What would otherwise stop a new run only after the model has loaded (or a prior set was drawn), checked first:
-    a local --model that is not there, an --out folder that exists, the --mask-dir masks (one per photo, of its shape),
-    the --init-lora file."""
+    a local --model that is not there, the --mask-dir masks (one per photo, of its shape), the --init-lora file. (An
+    existing --out is the CLI's to refuse: a library caller resumes into it.)"""
     check_local_model(cfg.model.name)
-    if cfg.train.out:
-        ckpt.refuse_existing_run(Path(cfg.train.out))
     if cfg.data.mask_dir:
         load_masks(instance_images, cfg.data.mask_dir, [load_image(path).image.size for path in instance_images.paths])
     if cfg.adapter.init_lora:
