@@ -510,22 +510,31 @@ def load_vae(ref: str, dtype: torch.dtype = torch.float32, allow_pickle: bool = 
     """A replacement VAE (`--vae`): a VAE folder (config.json), a model folder with vae/, or a hub id (e.g. madebyollin/sdxl-vae-fp16-fix)."""
     from diffusers import AutoencoderKL
 
-    path = Path(ref).expanduser()
-    if path.is_file():
-        raise ModelLoadError(f"--vae '{ref}' is a single file; pass a diffusers VAE folder (with config.json) or a hub id such as madebyollin/sdxl-vae-fp16-fix")
-    if path.is_dir():
+    path = check_local_vae(ref)
+    if path is not None:
         subfolder = "vae" if (path / "vae" / "config.json").is_file() else None
-        if subfolder is None and not (path / "config.json").is_file():
-            raise ModelLoadError(f"--vae '{ref}' has no config.json (nor vae/config.json); pass a diffusers VAE folder")
         source: Path | str = path
-    elif ref.startswith((".", "/", "~")):
-        raise ModelLoadError(f"--vae folder '{ref}' does not exist; pass a diffusers VAE folder or a hub id")
     else:
         source, subfolder = ref, None
     try:
         return AutoencoderKL.from_pretrained(source, subfolder=subfolder, dtype=dtype, use_safetensors=None if allow_pickle else True, local_files_only=not isinstance(source, Path) and not hub_reachable())
     except (OSError, ValueError) as error:
         raise ModelLoadError(f"could not load the VAE {ref!r}: {error}; pass a local diffusers VAE folder with --vae PATH") from error
+
+
+def check_local_vae(ref: str) -> Path | None:
+    """A --vae that names a local path: a diffusers VAE folder (config.json) or a model folder with vae/ (cheap, no
+    weights read). None for a hub id."""
+    path = Path(ref).expanduser()
+    if path.is_file():
+        raise ModelLoadError(f"--vae '{ref}' is a single file; pass a diffusers VAE folder (with config.json) or a hub id such as madebyollin/sdxl-vae-fp16-fix")
+    if path.is_dir():
+        if not (path / "vae" / "config.json").is_file() and not (path / "config.json").is_file():
+            raise ModelLoadError(f"--vae '{ref}' has no config.json (nor vae/config.json); pass a diffusers VAE folder")
+        return path
+    if ref.startswith((".", "/", "~")):
+        raise ModelLoadError(f"--vae folder '{ref}' does not exist; pass a diffusers VAE folder or a hub id")
+    return None
 
 
 def vae_reference_identity(ref: str) -> str:

@@ -29,7 +29,7 @@ from dreamlora.errors import ConfigError, DreamloraError, TrainingError, Trainin
 from dreamlora.generate import BASE_WEIGHTS_RECORD, base_weight_hashes, changed_base_weights
 from dreamlora.latent_cache import LatentDiskCache, file_digest, open_latent_cache
 from dreamlora.lora import LORA_FILE, WeightNormLimiter, add_dropout_hooks, adapter_metadata, adapter_state_dicts, attach_adapters, block_lr_factors, load_adapters, load_initial_weights, save_diffusers_lora, trainable_parameters, up_weight_flags
-from dreamlora.models import Components, PromptEmbeddings, apply_clip_skip, check_local_model, encode_prompts, load_model, public_model_ref, read_length, resolve_precision, select_attention, tokenize_all
+from dreamlora.models import Components, PromptEmbeddings, apply_clip_skip, check_local_model, check_local_vae, encode_prompts, load_model, public_model_ref, read_length, resolve_precision, select_attention, tokenize_all
 from dreamlora.pivotal import EMBEDDINGS_FILE, PivotalEmbeddings, embeddings_for, placeholders, save_embeddings
 from dreamlora.prior import MANIFEST, model_source_identity, read_prior_set, safe_name
 from dreamlora.sampling import AugmentedLatents, class_indices, instance_plan, steps_per_epoch
@@ -303,14 +303,19 @@ def resolve_data(cfg: RunConfig, priors_root: Path = Path("priors")) -> tuple[Ru
 
 def check_run_inputs(cfg: RunConfig, instance_images: Any) -> None:
     """What would otherwise stop a new run only after the model has loaded (or a prior set was drawn), checked first:
-    a local --model that is not there, the --mask-dir masks (one per photo, of its shape), the --init-lora file. (An
-    existing --out is the CLI's to refuse: a library caller resumes into it.)"""
+    a local --model or --vae that is not there, a --base-weights or --init-lora file that is not a readable safetensors
+    LoRA, the --mask-dir masks (one per photo, of its shape). (An existing --out is the CLI's to refuse: a library
+    caller resumes into it.)"""
+    from dreamlora.export import lora_file
+
     check_local_model(cfg.model.name)
+    if cfg.model.vae:
+        check_local_vae(cfg.model.vae)
+    for item in cfg.model.base_weights:
+        lora_file(ckpt.find_lora(lora_reference(item, flag="--base-weights")[0]))
     if cfg.data.mask_dir:
         load_masks(instance_images, cfg.data.mask_dir, [load_image(path).image.size for path in instance_images.paths])
     if cfg.adapter.init_lora:
-        from dreamlora.export import lora_file
-
         lora_file(ckpt.find_lora(Path(cfg.adapter.init_lora)))
 
 

@@ -109,7 +109,11 @@ def test_out_of_range_settings_exit_2(tmp_path: Path, instance_dir: Path, monkey
         pytest.param("out", ["--out", "mine"], "run folder 'mine' already exists and is never overwritten", id="out-exists"),
         pytest.param("", ["--masked-loss", "--mask-dir", "nowhere"], "mask folder 'nowhere' does not exist", id="mask-dir-missing"),
         pytest.param("masks", ["--masked-loss", "--mask-dir", "masks"], "mask folder 'masks' has no mask for 1 of the", id="mask-missing"),
-        pytest.param("", ["--init-lora", "inputs"], "'inputs' does not exist" , id="init-lora-missing"),
+        pytest.param("", ["--init-lora", "inputs"], "'inputs' does not exist", id="init-lora-missing"),
+        pytest.param("", ["--base-weights", "style.safetensors:0.5"], "'style.safetensors' does not exist", id="base-weights-missing"),
+        pytest.param("pickle", ["--base-weights", "inputs/old.pt"], "'inputs/old.pt' is not a .safetensors file", id="base-weights-pickle"),
+        pytest.param("", ["--vae", "./vae-ft-mse"], "--vae folder './vae-ft-mse' does not exist", id="vae-missing"),
+        pytest.param("pickle", ["--vae", "inputs"], "--vae 'inputs' has no config.json", id="vae-not-a-vae"),
         pytest.param("pickle", ["--init-lora", "inputs/old.pt"], "'inputs/old.pt' is not a .safetensors file", id="init-lora-pickle"),
         pytest.param("damaged", ["--init-lora", "inputs/cut.safetensors"], "'inputs/cut.safetensors' could not be read as safetensors", id="init-lora-damaged"),
     ],
@@ -131,11 +135,12 @@ def test_inputs_training_would_trip_on_are_refused_before_a_prior_set_or_the_mod
         (tmp_path / "inputs" / "old.pt").write_bytes(b"\x80\x04pickle")
         (tmp_path / "inputs" / "cut.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{")
     monkeypatch.setattr(dreamlora.train, "load_model", lambda *a, **k: pytest.fail("the model was loaded before the input was checked"))
-    # A prior set to draw first would meet a missing model first: without --class, the training's own check is what counts.
-    first = [] if setup == "model" else ["--model", "tiny", "--class", "dog"]
-    result = runner.invoke(app, ["train", *first, "--instance", str(instance_dir), "--max-steps", "1", *args])
-    assert result.exit_code == 2 and shows(result.output, message) and "Traceback" not in result.output, result.output
-    assert not (tmp_path / "priors").exists() and not (tmp_path / "runs").exists()
+    # Without --class (straight to training) and with it (a prior set to draw first); a missing model stops both.
+    model = [] if setup == "model" else ["--model", "tiny"]
+    for first in ([], [] if setup == "model" else ["--class", "dog"]):
+        result = runner.invoke(app, ["train", *model, *first, "--instance", str(instance_dir), "--max-steps", "1", *args])
+        assert result.exit_code == 2 and shows(result.output, message) and "Traceback" not in result.output, result.output
+        assert not (tmp_path / "priors").exists() and not (tmp_path / "runs").exists()
     if setup == "out":
         assert [p.name for p in (tmp_path / "mine").iterdir()] == ["keep.txt"]
 
