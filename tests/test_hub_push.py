@@ -3,6 +3,7 @@ after the export is written. The hub is never reached: HfApi's two calls are rep
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 
@@ -170,3 +171,17 @@ def test_a_push_that_fails_after_training_keeps_the_run_and_says_how_to_push_it(
     offline = runner.invoke(app, [*TRAIN, "--instance", str(instance_dir), "--out", "runs/sks2", "--push-to-hub", "me/sks"])
     assert offline.exit_code == 1 and "the hub could not be reached" in said(offline.output) and "Traceback" not in offline.output, offline.output
     assert (tmp_path / "runs" / "sks2" / "lora" / "pytorch_lora_weights.safetensors").is_file() and (tmp_path / "exports" / "sks2-diffusers" / "pytorch_lora_weights.safetensors").is_file()
+
+
+def test_a_resumed_run_is_pushed_when_it_ends(tmp_path: Path, instance_dir: Path, hub: dict, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert runner.invoke(app, [*TRAIN, "--instance", str(instance_dir), "--out", "runs/sks", "--checkpoint-every", "1"]).exit_code == 0
+    assert hub["commits"] == []  # no --push-to-hub, no push
+    result = runner.invoke(app, ["train", "--resume", "--out", "runs/sks", "--max-steps", "2", "--push-to-hub", "me/sks"])
+    assert result.exit_code == 0, result.output
+    assert [c[0] for c in hub["commits"]] == ["me/sks"] and "runs/sks" not in hub["commits"][0][1]
+    from safetensors import safe_open
+
+    with safe_open(str(tmp_path / "exports" / "sks-diffusers" / "pytorch_lora_weights.safetensors"), "pt") as pushed:
+        assert json.loads(pushed.metadata()["lora_adapter_metadata"])  # the verified diffusers export, with its alphas
+    assert json.loads((tmp_path / "runs" / "sks" / "run.json").read_text())["steps"] == 2  # the resumed run's end, not step 1
