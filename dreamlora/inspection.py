@@ -79,10 +79,25 @@ def _family(modules: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor]
     if any(k.startswith("lora_te2_") or k.startswith("text_encoder_2.") for k in tensors):
         return "sdxl"
     for name, entry in modules.items():
-        if "attn2" in name and ("to_k" in name) and "down" in entry:
-            width = int(entry["down"].shape[1])
+        if "attn2" in name and ("to_k" in name) and (width := _in_features(name, entry, tensors)):
             return CROSS_ATTENTION_FAMILIES.get(width, f"unknown (cross-attention width {width})")
     return "unknown"
+
+
+def _in_features(name: str, entry: dict[str, Any], tensors: dict[str, torch.Tensor]) -> int | None:
+    """A module's input width: a LoRA's down weight, a LoHa's hada_w1_b, or a LoKr's Kronecker factors (in = c * d for
+    w1 (a, c) and w2 (b, d), each whole or as a product of two low-rank factors)."""
+    if "down" in entry:
+        return int(entry["down"].shape[1])
+    if (loha := tensors.get(f"{name}.hada_w1_b")) is not None:
+        return int(loha.shape[1])
+    widths = []
+    for factor in ("lokr_w1", "lokr_w2"):
+        whole, low = tensors.get(f"{name}.{factor}"), tensors.get(f"{name}.{factor}_b")
+        if whole is None and low is None:
+            return None
+        widths.append(int((whole if whole is not None else low).shape[1]))
+    return widths[0] * widths[1]
 
 
 def _group_summary(modules: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:

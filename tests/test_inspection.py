@@ -102,12 +102,18 @@ def test_missing_path(tmp_path):
 
 
 def _lycoris_files(folder: Path) -> dict[str, Path]:
-    """A LoHa and a LoKr file as LyCORIS writes them (kohya names, their own tensor suffixes), beside a plain LoRA module."""
+    """A LoHa and a LoKr file as LyCORIS writes them (kohya names, their own tensor suffixes; LoKr with a low-rank w2)."""
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
     g = torch.Generator().manual_seed(0)
-    loha = {f"{name}.hada_w1_a": torch.randn(32, 4, generator=g), f"{name}.hada_w1_b": torch.randn(4, 32, generator=g),
+    attn2 = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn2_to_k"
+    loha = {f"{attn2}.hada_w1_a": torch.randn(320, 4, generator=g), f"{attn2}.hada_w1_b": torch.randn(4, 768, generator=g),
+            f"{attn2}.hada_w2_a": torch.randn(320, 4, generator=g), f"{attn2}.hada_w2_b": torch.randn(4, 768, generator=g),
+            f"{name}.hada_w1_a": torch.randn(32, 4, generator=g), f"{name}.hada_w1_b": torch.randn(4, 32, generator=g),
             f"{name}.hada_w2_a": torch.randn(32, 4, generator=g), f"{name}.hada_w2_b": torch.randn(4, 32, generator=g), f"{name}.alpha": torch.tensor(4.0)}
     lokr = {f"{name}.lokr_w1": torch.randn(4, 4, generator=g), f"{name}.lokr_w2": torch.randn(8, 8, generator=g),
+            "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lokr_w1": torch.randn(8, 8, generator=g),  # out 8 x 8, in 8 x 96 = 768
+            "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lokr_w2_a": torch.randn(8, 2, generator=g),
+            "lora_unet_mid_block_attentions_0_transformer_blocks_0_attn2_to_k.lokr_w2_b": torch.randn(2, 96, generator=g),
             "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lokr_w1": torch.randn(4, 4, generator=g),
             "lora_te_text_model_encoder_layers_0_self_attn_q_proj.lokr_w2": torch.randn(8, 8, generator=g)}
     files = {"loha": folder / "loha.safetensors", "lokr": folder / "lokr.safetensors"}
@@ -127,8 +133,9 @@ def test_lycoris_files_are_named_as_such_and_refused_by_what_cannot_read_them(tm
 
     files = _lycoris_files(tmp_path)
     loha, lokr = inspect_path(files["loha"]), inspect_path(files["lokr"])
-    assert loha["lycoris"] == {"LoHa": 1} and lokr["lycoris"] == {"LoKr": 2}
-    assert (lokr["unet_modules"], lokr["text_encoder_modules"]) == (1, 1)
+    assert loha["lycoris"] == {"LoHa": 2} and lokr["lycoris"] == {"LoKr": 3}
+    assert (lokr["unet_modules"], lokr["text_encoder_modules"]) == (2, 1)
+    assert loha["family"] == lokr["family"] == "sd1"  # read from their attn2.to_k input widths (LoKr: 768 = 8 x 96)
     for report in (loha, lokr):
         assert not any("lack a down or up weight" in p for p in report["problems"])
         assert any("LyCORIS" in p and "AUTOMATIC1111, Forge and ComfyUI load it" in p for p in report["problems"])
