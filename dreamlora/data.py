@@ -244,9 +244,15 @@ def caption_prompt(caption: str, token: str) -> str:
     own, punctuation and emphasis brackets around it allowed: `sks,` `(sks:1.2)`) it is prefixed."""
     if "{token}" in caption:
         return caption.replace("{token}", token)
-    if re.search(rf"(?<![\w-]){re.escape(token)}(?![\w-])", caption):
+    if has_token(caption, token):
         return caption
     return f"{token}, {caption}"
+
+
+def has_token(prompt: str, token: str) -> bool:
+    """Whether `token` is a word of its own in `prompt` (punctuation and emphasis brackets around it allowed: `sks,`
+    `(sks:1.2)`; not inside another word)."""
+    return re.search(rf"(?<![\w-]){re.escape(token)}(?![\w-])", prompt) is not None
 
 
 def vary_caption(prompt: str, separator: str, keep: int, shuffle: bool, tag_dropout: float, generator: torch.Generator) -> str:

@@ -276,6 +276,21 @@ def test_a_common_word_as_token_is_warned(tmp_path: Path, instance_dir: Path, ca
     assert not any("common word" in r.getMessage() for r in caplog.records)
 
 
+def test_prompts_that_misplace_the_token_are_warned(tmp_path: Path, instance_dir: Path, class_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    def warnings(**extra: str) -> list[str]:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            _resolve(instance_dir, tmp_path, **{"data.class_dir": str(class_dir), "data.class_name": "dog", **extra})
+        return [r.getMessage() for r in caplog.records if "token 'sks'" in r.getMessage()]
+
+    assert warnings() == [] and warnings(**{"data.instance_prompt": "(sks:1.2) dog on a sofa"}) == []
+    assert warnings(**{"data.instance_prompt": "a photo of {token} dog", "data.class_prompt": "a photo of a dog"}) == []
+    missing = warnings(**{"data.instance_prompt": "a photo of a sksdog"})  # inside another word: not the token
+    assert len(missing) == 1 and "does not contain the token 'sks'" in missing[0] and "--instance-prompt 'a photo of sks dog'" in missing[0]
+    leaked = warnings(**{"data.class_prompt": "a photo of sks dog"})
+    assert len(leaked) == 1 and "the class prompt 'a photo of sks dog' contains the token 'sks'" in leaked[0] and "--class-prompt 'a photo of dog'" in leaked[0]
+
+
 def test_class_images_that_copy_instance_images_are_warned(tmp_path: Path, instance_dir: Path, class_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
     with caplog.at_level(logging.WARNING):
         _resolve(instance_dir, tmp_path, **{"data.class_dir": str(class_dir)})
