@@ -9,6 +9,7 @@ import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -253,6 +254,23 @@ def has_token(prompt: str, token: str) -> bool:
     """Whether `token` is a word of its own in `prompt` (punctuation and emphasis brackets around it allowed: `sks,`
     `(sks:1.2)`; not inside another word)."""
     return re.search(rf"(?<![\w-]){re.escape(token)}(?![\w-])", prompt) is not None
+
+
+def token_placement_problems(data: Any, with_prior: bool) -> list[str]:
+    """The token binds the subject only where it is written: an instance prompt without it teaches its plain words (the
+    class drifts to the subject), and a class prompt with it teaches the token the class images. `data` a DataConfig."""
+    problems, prompt, token, name = [], data.resolved_instance_prompt(), data.token, data.class_name or "dog"
+    if not has_token(prompt, token):
+        problems.append(
+            f"the instance prompt {prompt!r} does not contain the token {token!r}, so the photos are learned as its plain words (and the class with them); "
+            f"write the token where the subject is named, e.g. --instance-prompt 'a photo of {token} {name}' (photo captions get it prefixed)"
+        )
+    if with_prior and data.class_prompt and has_token(data.class_prompt, token):
+        problems.append(
+            f"the class prompt {data.class_prompt!r} contains the token {token!r}, so prior preservation teaches the token the class images instead of "
+            f"keeping it for the subject; give the class prompt without it, e.g. --class-prompt 'a photo of {name}'"
+        )
+    return problems
 
 
 def vary_caption(prompt: str, separator: str, keep: int, shuffle: bool, tag_dropout: float, generator: torch.Generator) -> str:

@@ -11,7 +11,7 @@ from pathlib import Path
 from PIL import Image, ImageDraw
 
 from dreamlora.config import RunConfig
-from dreamlora.data import IGNORED_NAMES, ImageFolder, caption_path, caption_prompt, few_photos_warning, learned_share, list_images, load_image, load_masks, make_buckets, nearest_bucket, read_caption, resize_and_crop_to
+from dreamlora.data import IGNORED_NAMES, ImageFolder, caption_path, caption_prompt, few_photos_warning, learned_share, list_images, load_image, load_masks, make_buckets, nearest_bucket, read_caption, resize_and_crop_to, token_placement_problems
 from dreamlora.emphasis import has_emphasis
 from dreamlora.errors import DataError
 from dreamlora.hygiene import NEAR_DUPLICATE_BITS, dhash, hamming, image_problem, near_duplicates
@@ -189,6 +189,7 @@ def build_dataset_report(cfg: RunConfig, vae_scale_factor: int = 8, sheet_path: 
     class_per_epoch = class_span(micro_batches, train.batch_size, data.class_ratio)[0] if klass else 0
     if warning := few_photos_warning(len(instance.images)):
         notes.append(warning)
+    notes += token_placement_problems(data, bool(data.class_dir))
     if not data.center_crop:
         notes.append("random crops: the contact sheet shows the centre crop; training sees other crops of the same scaled image")
     if data.color_jitter:

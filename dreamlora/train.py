@@ -23,7 +23,7 @@ import torch
 from dreamlora import __version__
 from dreamlora import checkpoint as ckpt
 from dreamlora.config import RunConfig, lora_reference, replace, to_dict, to_toml
-from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, has_token, instance_prompts, latent_mask, learned_share, list_images, load_image, load_masks, make_buckets, open_image, resize_and_crop, to_tensor, vary_caption
+from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, latent_mask, learned_share, list_images, load_image, load_masks, make_buckets, open_image, resize_and_crop, to_tensor, token_placement_problems, vary_caption
 from dreamlora.emphasis import plain_text, tokenize_weighted, weigh_context
 from dreamlora.errors import ConfigError, DreamloraError, TrainingError, TrainingInterrupted
 from dreamlora.generate import BASE_WEIGHTS_RECORD, base_weight_hashes, changed_base_weights
@@ -295,28 +295,12 @@ def resolve_data(cfg: RunConfig, priors_root: Path = Path("priors")) -> tuple[Ru
         if not class_prompt:
             raise ConfigError(f"class folder '{class_dir}' has no manifest.json; pass --class-prompt (e.g. 'a photo of dog')")
     data = replace(data, class_dir=class_dir, class_name=class_name, class_prompt=class_prompt)
-    _warn_token_placement(data, bool(class_dir))
+    for problem in token_placement_problems(data, bool(class_dir)):
+        log.warning("%s", problem)
     prior = replace(cfg.prior, class_name=cfg.prior.class_name or class_name, out=cfg.prior.out or class_dir)
     if needs_prior and not prior.class_name:
         raise ConfigError("a prior set must be generated but no class name is known; pass --class NAME")
     return resolve_epochs(replace(cfg, data=data, prior=prior)), needs_prior
-
-
-def _warn_token_placement(data: Any, with_prior: bool) -> None:
-    """The token binds the subject only where it is written: an instance prompt without it teaches its words (the class
-    drifts to the subject), and a class prompt with it teaches the token the class images."""
-    instance_prompt = data.resolved_instance_prompt()
-    if not has_token(instance_prompt, data.token):
-        log.warning(
-            "the instance prompt %r does not contain the token %r, so the photos are learned as its plain words (and the class with them); "
-            "write the token where the subject is named, e.g. --instance-prompt 'a photo of %s %s' (photo captions get it prefixed)",
-            instance_prompt, data.token, data.token, data.class_name or "dog",
-        )
-    if with_prior and data.class_prompt and has_token(data.class_prompt, data.token):
-        log.warning(
-            "the class prompt %r contains the token %r, so prior preservation teaches the token the class images instead of keeping it for the "
-            "subject; give the class prompt without it, e.g. --class-prompt 'a photo of %s'", data.class_prompt, data.token, data.class_name or "dog",
-        )
 
 
 def check_run_inputs(cfg: RunConfig, instance_images: Any) -> None:

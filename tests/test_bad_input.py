@@ -289,6 +289,12 @@ def test_prompts_that_misplace_the_token_are_warned(tmp_path: Path, instance_dir
     assert len(missing) == 1 and "does not contain the token 'sks'" in missing[0] and "--instance-prompt 'a photo of sks dog'" in missing[0]
     leaked = warnings(**{"data.class_prompt": "a photo of sks dog"})
     assert len(leaked) == 1 and "the class prompt 'a photo of sks dog' contains the token 'sks'" in leaked[0] and "--class-prompt 'a photo of dog'" in leaked[0]
+    # `dreamlora dataset` lists the same problems among its notes.
+    from dreamlora.dataset_report import build_dataset_report
+
+    overrides = {"model.name": "tiny", "data.instance_dir": str(instance_dir), "data.resolution": "32", "data.instance_prompt": "a photo of a dog"}
+    notes = build_dataset_report(load_config(None, overrides), sheet_path=tmp_path / "sheet.png").notes
+    assert sum("does not contain the token 'sks'" in note for note in notes) == 1
 
 
 def test_class_images_that_copy_instance_images_are_warned(tmp_path: Path, instance_dir: Path, class_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
