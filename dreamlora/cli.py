@@ -367,6 +367,8 @@ def dataset(
     class_dir: Annotated[Optional[str], typer.Option(help="Folder of class images to check too (e.g. priors/dog).")] = None,
     token: Annotated[Optional[str], typer.Option(help="Rare identifier for the subject (default sks).")] = None,
     class_name: Annotated[Optional[str], typer.Option("--class", help="Class word, for the default instance prompt.")] = None,
+    instance_prompt: Annotated[Optional[str], typer.Option(help="As train's (default 'a photo of <token> <class>'); checked for the token.")] = None,
+    class_prompt: Annotated[Optional[str], typer.Option(help="As train's (default: the prior set's prompt); checked for the token.")] = None,
     resolution: Annotated[Optional[int], typer.Option(help="Training size (default: the model's).")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Instance images per step.")] = None,
     gradient_accumulation: Annotated[Optional[int], typer.Option()] = None,
@@ -402,7 +404,7 @@ def dataset(
             raise ConfigError(f"two instance folders given ('{instance}' and --instance '{instance_option}'); pass one")
         cfg = load_config(config, _overrides(set_, {
             "data.instance_dir": instance or instance_option, "data.class_dir": class_dir, "data.token": token, "data.class_name": class_name,
-            "data.resolution": resolution, "train.batch_size": batch_size, "train.gradient_accumulation": gradient_accumulation,
+            "data.instance_prompt": instance_prompt, "data.class_prompt": class_prompt, "data.resolution": resolution, "train.batch_size": batch_size, "train.gradient_accumulation": gradient_accumulation,
             **_length_flags(max_steps, epochs), "data.center_crop": False if random_crop else None, "model.name": model,
             "model.revision": revision, "model.allow_pickle": True if allow_pickle else None,
             **_dataset_flags(no_captions, caption_dropout, repeats, class_ratio, buckets, color_jitter),
@@ -421,6 +423,11 @@ def dataset(
             if found is not None:
                 console.print(f"checking the prior set in [bold]{found}[/] too, as `train` would use it")
                 cfg = replace(cfg, data=replace(cfg.data, class_dir=str(found)))
+        from dreamlora.prior import MANIFEST, read_prior_set
+
+        if cfg.data.class_dir and not cfg.data.class_prompt and (Path(cfg.data.class_dir) / MANIFEST).is_file():
+
+            cfg = replace(cfg, data=replace(cfg.data, class_prompt=read_prior_set(Path(cfg.data.class_dir))["prompt"]))  # as train reads it
         native, factor = model_geometry(cfg.model.name, cfg.model.single_file_config, cfg.model.revision, cfg.model.allow_pickle)
         if not cfg.data.resolution:
             cfg = replace(cfg, data=replace(cfg.data, resolution=native))

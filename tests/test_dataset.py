@@ -362,6 +362,14 @@ def test_dataset_takes_instance_as_train_does_and_checks_the_prior_set_train_wou
     assert result.exit_code == 0 and "checking the prior set" not in result.output
     result = runner.invoke(app, ["dataset", str(instance_dir), "--instance", str(tmp_path / "other"), "--model", "tiny"])
     assert result.exit_code == 2 and "two instance folders given" in flat(result.output) and "Traceback" not in result.output
+    # The prompts train would use, checked for the token: the prior set's own prompt among them.
+    assert "token" not in flat(runner.invoke(app, ["dataset", str(instance_dir), "--model", "tiny"]).output)
+    manifest = json.loads((class_dir / "manifest.json").read_text())
+    (class_dir / "manifest.json").write_text(json.dumps({**manifest, "prompt": "a photo of sks dog"}))
+    result = runner.invoke(app, ["dataset", str(instance_dir), "--model", "tiny", "--instance-prompt", "a photo of my dog"])
+    assert result.exit_code == 0, result.output
+    assert "theinstanceprompt'aphotoofmydog'doesnotcontainthetoken'sks'" in flat(result.output).replace(" ", "")
+    assert "theclassprompt'aphotoofsksdog'containsthetoken'sks'" in flat(result.output).replace(" ", "")
 
 
 def test_fewer_than_three_photos_are_warned_about_in_train_and_dataset(tmp_path: Path, instance_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
