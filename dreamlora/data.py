@@ -256,6 +256,17 @@ def has_token(prompt: str, token: str) -> bool:
     return re.search(rf"(?<![\w-]){re.escape(token)}(?![\w-])", prompt) is not None
 
 
+def tag_frequency(prompts: list[str], separator: str = ",") -> dict[str, int]:
+    """How often each tag (a prompt's `separator`-separated parts, stripped) occurs across the prompts, as kohya counts
+    it for `ss_tag_frequency`, which Civitai and LoRA browsers show as the words a LoRA was trained on."""
+    counts: dict[str, int] = {}
+    for prompt in prompts:
+        for tag in (part.strip() for part in prompt.split(separator)):
+            if tag:
+                counts[tag] = counts.get(tag, 0) + 1
+    return dict(sorted(counts.items(), key=lambda item: (-item[1], item[0])))
+
+
 def token_placement_problems(data: Any, with_prior: bool) -> list[str]:
     """The token binds the subject only where it is written: an instance prompt without it teaches its plain words (the
     class drifts to the subject), and a class prompt with it teaches the token the class images. `data` a DataConfig."""

@@ -663,7 +663,7 @@ def a1111_metadata(run: dict[str, Any], modules: list[LoraModule], output_name: 
         "ss_clip_skip": str(run["clip_skip"]) if int(run.get("clip_skip", 1)) != 1 else "None",  # kohya writes None for the default
         "ss_output_name": output_name,
         "ss_training_comment": f"dreamlora DreamBooth LoRA; token: {token}; class: {class_name}; instance prompt: {run.get('instance_prompt', '')}",
-        "ss_tag_frequency": json.dumps({"instance": {run.get("instance_prompt") or f"{token} {class_name}".strip(): 1}}),
+        "ss_tag_frequency": json.dumps(run.get("tag_frequency") or {"instance": {run.get("instance_prompt") or f"{token} {class_name}".strip(): 1}}),
         "ss_network_args": json.dumps(network_args),
         "modelspec.sai_model_spec": "1.0.0",
         "modelspec.architecture": _modelspec_architecture(str(run.get("family", "sd1")), v_prediction),

@@ -23,7 +23,7 @@ import torch
 from dreamlora import __version__
 from dreamlora import checkpoint as ckpt
 from dreamlora.config import RunConfig, lora_reference, replace, to_dict, to_toml
-from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, latent_mask, learned_share, list_images, load_image, load_masks, make_buckets, open_image, resize_and_crop, to_tensor, token_placement_problems, vary_caption
+from dreamlora.data import ImageFolderDataset, check_images, duplicate_images, few_photos_warning, instance_prompts, latent_mask, learned_share, list_images, load_image, load_masks, make_buckets, open_image, resize_and_crop, tag_frequency, to_tensor, token_placement_problems, vary_caption
 from dreamlora.emphasis import plain_text, tokenize_weighted, weigh_context
 from dreamlora.errors import ConfigError, DreamloraError, TrainingError, TrainingInterrupted
 from dreamlora.generate import BASE_WEIGHTS_RECORD, base_weight_hashes, changed_base_weights
@@ -494,6 +494,7 @@ class DreamBoothBatches:
         self.data = data
         folder = list_images(data.instance_dir, "instance")
         captions = instance_prompts(folder, data.token, data.resolved_instance_prompt(), data.captions)
+        self.tag_frequency = {folder.root.name: tag_frequency(captions, data.caption_separator)}  # kohya's ss_tag_frequency
         instance = ImageFolderDataset(folder, data.resolved_instance_prompt(), data.resolution, "instance", data.center_crop, captions, data.masked_loss, data.mask_dir)
         if data.mask_dir and rank == 0:
             kept = [learned_share(mask) for mask in instance.alphas or []]
@@ -1253,6 +1254,7 @@ class _Trainer:
             "class_images": len(self.batches.sources[1]) if self.batches.with_prior else 0,
             "batches_per_epoch": plan.batches_per_epoch,
             "steps_per_epoch": steps_per_epoch(plan, accelerator.num_processes, cfg.train.gradient_accumulation),
+            "tag_frequency": self.batches.tag_frequency,
         }
         if self.batches.held_out is not None:
             self.dataset["validation_class_images"] = [path.name for path in self.batches.held_out.folder.paths]

@@ -48,3 +48,20 @@ def test_export_records_training_times_and_publishing_fields(tmp_path: Path, ins
     folder = runner.invoke(app, ["export", "runs/rex", "--format", "diffusers", "--out", "folder", "--title", "Rex", "--no-verify"])
     assert folder.exit_code == 0, folder.output
     assert "# Rex" in Path("folder/README.md").read_text()  # a folder's fields go into its model card
+
+
+def test_tag_frequency_counts_the_captions_tags_under_the_photo_folders_name(tmp_path: Path, instance_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """kohya's ss_tag_frequency (Civitai shows it as the words a LoRA was trained on): each caption's comma-separated tags
+    counted, keyed by the folder's name as ss_dataset_dirs is; it held only the default prompt before, whatever the captions."""
+    monkeypatch.chdir(tmp_path)
+    (instance_dir / "photo0.txt").write_text("sks dog, on a sofa, red collar")
+    (instance_dir / "photo1.txt").write_text("in the snow, sks dog")
+    (instance_dir / "photo2.txt").write_text("a red collar")  # the token is prefixed: "sks, a red collar"
+    result = runner.invoke(app, ["train", "--model", "tiny", "--instance", str(instance_dir), "--max-steps", "1", "--set", "train.num_samples=0", "--out", "runs/rex"])
+    assert result.exit_code == 0, result.output
+    assert runner.invoke(app, ["export", "runs/rex", "--out", "rex.safetensors", "--no-verify"]).exit_code == 0
+    _, meta = read_safetensors(tmp_path / "rex.safetensors")
+    assert json.loads(meta["ss_tag_frequency"]) == {
+        "dog": {"sks dog": 2, "a photo of sks": 1, "a red collar": 1, "in the snow": 1, "on a sofa": 1, "red collar": 1, "sks": 1},  # no --class: "a photo of sks"
+    }
+    assert json.loads(meta["ss_dataset_dirs"]).keys() == {"dog"}
