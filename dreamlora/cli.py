@@ -411,8 +411,9 @@ def dataset(
             "data.masked_loss": True if masked_loss or mask_dir else None, "data.mask_dir": mask_dir,
             "data.weighted_captions": True if weighted_captions else None,
         }))
+        from dreamlora.prior import MANIFEST, read_prior_set, safe_name
+
         if not cfg.data.class_dir:  # the class images `train` would use: priors/CLASS, or the only prior set
-            from dreamlora.prior import MANIFEST, safe_name
             from dreamlora.train import only_prior_set
 
             if cfg.data.class_name:
@@ -423,10 +424,7 @@ def dataset(
             if found is not None:
                 console.print(f"checking the prior set in [bold]{found}[/] too, as `train` would use it")
                 cfg = replace(cfg, data=replace(cfg.data, class_dir=str(found)))
-        from dreamlora.prior import MANIFEST, read_prior_set
-
         if cfg.data.class_dir and not cfg.data.class_prompt and (Path(cfg.data.class_dir) / MANIFEST).is_file():
-
             cfg = replace(cfg, data=replace(cfg.data, class_prompt=read_prior_set(Path(cfg.data.class_dir))["prompt"]))  # as train reads it
         native, factor = model_geometry(cfg.model.name, cfg.model.single_file_config, cfg.model.revision, cfg.model.allow_pickle)
         if not cfg.data.resolution:
