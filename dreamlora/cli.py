@@ -999,6 +999,8 @@ def inspect(
         readings = report.pop("readings", None) or {}
         if lycoris := report.get("lycoris"):
             report["lycoris"] = ", ".join(f"{kind} {n} modules" for kind, n in lycoris.items())
+        if words := report.get("trained_words"):
+            report["trained_words"] = ", ".join(f"{word} ({n})" for word, n in words)
         rows = [(k, v) for k, v in report.items() if v not in (None, "", {})]
         for group, info in groups.items():
             ranks = ", ".join(str(r) for r in info.get("ranks", [])) or "none (LyCORIS)"

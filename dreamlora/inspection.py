@@ -228,6 +228,21 @@ def _checkpoint_report(path: Path, tensors: dict[str, torch.Tensor], file_meta: 
     }
 
 
+def trained_words(file_meta: dict[str, str], limit: int = 10) -> list[tuple[str, int]]:
+    """The most frequent caption tags of kohya's `ss_tag_frequency` over all its folders (what Civitai lists as a LoRA's
+    trained words: where its trigger word is found), most frequent first; [] without it or when it does not parse."""
+    try:
+        frequency = json.loads(file_meta.get("ss_tag_frequency") or "{}")
+    except ValueError:
+        return []
+    counts: Counter[str] = Counter()
+    for tags in frequency.values() if isinstance(frequency, dict) else ():
+        for tag, count in tags.items() if isinstance(tags, dict) else ():
+            if isinstance(count, (int, float)):
+                counts[str(tag)] += int(count)
+    return counts.most_common(limit)
+
+
 def inspect_path(path: Path) -> dict[str, Any]:
     """Describe a run folder or a LoRA file (kohya/A1111 or diffusers); see the keys of the returned dict."""
     path = Path(path)
@@ -266,6 +281,7 @@ def inspect_path(path: Path) -> dict[str, Any]:
         **({"text_encoder_2_modules": groups["text_encoder_2"]["modules"]} if "text_encoder_2" in groups else {}),
         "embedding": _embedding_summary(lora_file, bool(bundled)),
         "groups": groups,
+        **({"trained_words": words} if (words := trained_words(file_meta)) else {}),
         "metadata": {k: v for k, v in file_meta.items() if k.startswith(("ss_", "sshs_", "modelspec.", "dreamlora_"))},
         "adapter_metadata": _adapter_summary(file_meta),
         "run": run,

@@ -153,3 +153,11 @@ def test_lycoris_files_are_named_as_such_and_refused_by_what_cannot_read_them(tm
         assert result.exit_code == 2 and "Traceback" not in result.output, (what, result.output)
         assert "a LyCORIS Lo" in said(result.output) and "not a LoRA" in said(result.output), (what, result.output)
     assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "runs").exists() and not any(tmp_path.glob("samples-out*"))
+
+
+def test_trained_words_sum_the_tag_frequency_over_folders_and_survive_bad_metadata() -> None:
+    from dreamlora.inspection import trained_words
+
+    assert trained_words({"ss_tag_frequency": json.dumps({"10_sks dog": {"sks dog": 2, "sofa": 1}, "5_sks dog": {"sofa": 2, "snow": 1}})}) == [("sofa", 3), ("sks dog", 2), ("snow", 1)]
+    assert trained_words({"ss_tag_frequency": "not json"}) == trained_words({"ss_tag_frequency": '["a"]'}) == trained_words({}) == []
+    assert trained_words({"ss_tag_frequency": json.dumps({"d": {"a": "many", "b": 1}})}) == [("b", 1)]

@@ -65,3 +65,9 @@ def test_tag_frequency_counts_the_captions_tags_under_the_photo_folders_name(tmp
         "dog": {"sks dog": 2, "a photo of sks": 1, "a red collar": 1, "in the snow": 1, "on a sofa": 1, "red collar": 1, "sks": 1},  # no --class: "a photo of sks"
     }
     assert json.loads(meta["ss_dataset_dirs"]).keys() == {"dog"}
+    # inspect lists them, most frequent first (the metadata row itself is cut short)
+    from dreamlora.inspection import inspect_path
+
+    assert inspect_path(tmp_path / "rex.safetensors")["trained_words"][:2] == [("sks dog", 2), ("a photo of sks", 1)]
+    shown = runner.invoke(app, ["inspect", "rex.safetensors"])
+    assert shown.exit_code == 0 and "sks dog (2), a photo of sks (1)" in re.sub(r"[\s│]+", " ", shown.output), shown.output
