@@ -1,5 +1,5 @@
 # make demo: the whole pipeline on the built-in toy model (about 4 minutes on CPU), ending with demo-out/demo.png.
-# make test: the test suite (CPU, about 28 minutes on two cores).
+# make test: the test suite (CPU, 20 to 30 minutes on two cores).
 PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
