@@ -305,8 +305,6 @@ def modules_from_kohya(
 ) -> tuple[list[LoraModule], list[str]]:
     """kohya/A1111/LyCORIS-LoCon tensors -> modules (missing alpha = rank, kohya's rule). Returns modules and notes."""
     notes: list[str] = []
-    if lycoris := lycoris_types(state_dict):
-        raise ExportError(f"this file is {lycoris_note(lycoris)}; dreamlora cannot convert it without changing what it does")
     names = sorted({key.split(".", 1)[0] for key in state_dict})
     modules, unknown, ldm_names = [], [], 0
     for name in names:

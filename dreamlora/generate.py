@@ -18,7 +18,6 @@ from PIL import Image, ImageDraw, ImageFont
 from dreamlora.checkpoint import find_lora, next_free_path, read_metrics
 from dreamlora.emphasis import pipeline_inputs
 from dreamlora.errors import ConfigError
-from dreamlora.lora import lycoris_note, lycoris_types, read_keys
 from dreamlora.models import Components, build_pipeline, default_guidance_rescale, sampler_from
 from dreamlora.prompts import PromptSpec, parse_prompt_line, setting_problems
 
@@ -200,14 +199,15 @@ def upscale_small(rows: list[list[Image.Image]], minimum: int = 128) -> list[lis
 def load_loras(pipeline: Any, loras: list[tuple[Path, float]]) -> None:
     """Load each LoRA (a run folder, a diffusers or an A1111 file) through diffusers' own loader at its scale."""
 
+    from dreamlora.export import lora_file
     from dreamlora.pivotal import lora_without_bundle
 
     names, scales = [], []
     for index, (path, scale) in enumerate(loras):
         file = find_lora(Path(path))
         name = f"lora{index}"
-        if file.suffix == ".safetensors" and (lycoris := lycoris_types(read_keys(file))):
-            raise ConfigError(f"LoRA '{path}' is {lycoris_note(lycoris)}; use it there")
+        if file.suffix == ".safetensors":
+            lora_file(file)  # the reader's gate: a damaged or LyCORIS file is named before diffusers' loader trips on it
         try:
             unbundled = lora_without_bundle(file)  # an A1111 file's bundled embedding goes in with install_embeddings
             pipeline.load_lora_weights(str(file) if unbundled is None else unbundled, adapter_name=name)
